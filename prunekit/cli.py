@@ -1,0 +1,113 @@
+"""`prunekit <command>`: one sub-command per stage. Errors the user can fix print as one line and exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from prunekit import PrunekitError, __version__
+
+
+def _common_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-pickle", action="store_true", help="accept .bin (pickle) weights, which can run code")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+
+
+def _surgery_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--streaming", dest="streaming", action="store_true", default=None,
+                      help="shard-by-shard surgery without building the model (default: automatic by size)")
+    mode.add_argument("--in-memory", dest="streaming", action="store_false", help="always build the model")
+    _common_model_flags(p)
+
+
+def cmd_inspect(args) -> None:
+    from prunekit.core import report
+    from prunekit.core.loading import resolve_model
+    info = report.describe(resolve_model(args.model, allow_pickle=args.allow_pickle))
+    print(json.dumps(info, indent=2) if args.json else report.format_inspect(info))
+
+
+def _print_surgery(result) -> None:
+    from prunekit.core import report
+    b, a = result.before["params"]["total"], result.after["params"]["total"]
+    print(report.compare_table(result.before, result.after))
+    print(f"params {b:,} -> {a:,} ({(b - a) / b * 100:.1f}% removed)"
+          f"{'  [streaming]' if result.streaming else ''}")
+    print(f"wrote {result.output}")
+
+
+def cmd_prune(args) -> None:
+    from prunekit.stages.prune import prune
+    _print_surgery(prune(args.model, args.out, args.drop_text, args.drop_vision, args.plan,
+                         overwrite=args.overwrite, streaming=args.streaming, allow_pickle=args.allow_pickle,
+                         trust_remote_code=args.trust_remote_code))
+
+
+def cmd_kv_cut(args) -> None:
+    from prunekit.stages.kv_cut import kv_cut
+    result = kv_cut(args.model, args.out, args.kv_heads, args.grouping, args.data, overwrite=args.overwrite,
+                    streaming=args.streaming, allow_pickle=args.allow_pickle,
+                    trust_remote_code=args.trust_remote_code)
+    b, a = (r["kv_cache_bytes_per_token_bf16"] for r in (result.before, result.after))
+    _print_surgery(result)
+    print(f"KV cache bytes/token (bf16): {b:,} -> {a:,} ({b / a:.1f}x smaller)")
+
+
+def cmd_demo(args) -> None:
+    from prunekit.stages.demo import demo
+    demo(args.model, args.out, overwrite=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunekit", description="Make language and vision-language models smaller.")
+    parser.add_argument("--version", action="version", version=f"prunekit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("inspect", help="family, layers, heads, parameters, KV-cache bytes per token")
+    p.add_argument("model", metavar="MODEL", help="HF directory, .gguf file, or alias (smollm2)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _common_model_flags(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("prune", help="remove text layers / vision blocks")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--drop-text", default=None, help="text layers to remove, e.g. 3,5-7")
+    p.add_argument("--drop-vision", default=None, help="vision blocks to remove, e.g. 10,11")
+    p.add_argument("--plan", default=None, help="plan.json from `prunekit knockout` (drop_text / drop_vision)")
+    _surgery_flags(p)
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("kv-cut", help="reduce the number of KV heads")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--kv-heads", type=int, required=True, help="new number of KV heads (1 = MQA)")
+    p.add_argument("--grouping", default="mean", choices=["mean", "similarity"],
+                   help="mean: average adjacent heads; similarity: group heads by K/V output similarity on --data")
+    p.add_argument("--data", default=None, help="calibration conversations (messages JSON/JSONL) for similarity")
+    _surgery_flags(p)
+    p.set_defaults(func=cmd_kv_cut)
+
+    p = sub.add_parser("demo", help="inspect -> prune -> kv-cut on the embedded default model")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("-o", "--out", default="prunekit-demo", help="directory for the demo's outputs")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except PrunekitError as e:
+        print(f"prunekit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"prunekit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The one table of model-family knowledge.
+
+Everything prunekit needs to know about a family lives in its `Adapter` entry: where decoder layers and vision
+blocks sit (as module paths and as checkpoint-key patterns), which config fields change when layers, blocks or KV
+heads go, and the attention projection layout. Surgery, streaming surgery, inspection and training read this table;
+nothing else in prunekit checks a model's family. Adding a family = adding one entry to `ADAPTERS`.
+
+Config edits work on the plain `config.json` dict so the same code serves in-memory and streaming surgery.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from prunekit import PrunekitError
+
+
+@dataclass(frozen=True)
+class Adapter:
+    family: str                       # the config's model_type
+    auto_class: str                   # transformers class used to load the full model
+    text_layers: str                  # module path of the decoder-layer ModuleList
+    text_key: str                     # regex over checkpoint keys: group 'idx' is the decoder layer index
+    vision_blocks: str | None = None  # module path of the vision-block ModuleList (VLMs)
+    vision_key: str | None = None     # regex over checkpoint keys: group 'idx' is the vision block index
+    vision_depth_field: str = "depth"
+    # vision-config lists of block indexes that must be renumbered when blocks go (e.g. Qwen2.5-VL full attention)
+    vision_index_fields: tuple[str, ...] = ()
+    # vision-config index lists whose blocks cannot be dropped (their outputs feed other modules)
+    vision_protected_fields: tuple[str, ...] = ()
+    # text layers whose index is meaningful to another module (Qwen3-VL injects deepstack features into the first
+    # len(deepstack_visual_indexes) layers), so dropping them would not equal skipping them
+    protected_text_layers_from: str | None = None
+    # text attention layout: separate q/k/v/o projections under `<layer>.self_attn`
+    attn_module: str = "self_attn"
+    q_proj: str = "q_proj"
+    k_proj: str = "k_proj"
+    v_proj: str = "v_proj"
+    o_proj: str = "o_proj"
+    fused_qkv: bool = False
+    vision_fused_qkv: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_vlm(self) -> bool:
+        return self.vision_blocks is not None
+
+    # ---- config access (dict-based) -------------------------------------------------------------------------
+    def text_configs(self, cfg: dict) -> list[dict]:
+        """The dicts holding text-model fields: `text_config` for VLMs (and the root too when an older
+        checkpoint keeps copies there), the root for text models."""
+        if not self.is_vlm:
+            return [cfg]
+        out = [cfg["text_config"]] if isinstance(cfg.get("text_config"), dict) else []
+        if "num_hidden_layers" in cfg or not out:
+            out.append(cfg)
+        return out
+
+    def text_config(self, cfg: dict) -> dict:
+        return self.text_configs(cfg)[0]
+
+    def vision_config(self, cfg: dict) -> dict | None:
+        return cfg.get("vision_config") if self.is_vlm else None
+
+    def num_text_layers(self, cfg: dict) -> int:
+        return int(self.text_config(cfg)["num_hidden_layers"])
+
+    def num_vision_blocks(self, cfg: dict) -> int:
+        vc = self.vision_config(cfg)
+        return int(vc[self.vision_depth_field]) if vc else 0
+
+    def attention_shape(self, cfg: dict) -> tuple[int, int, int]:
+        """(attention heads, KV heads, head_dim) of the text model."""
+        tc = self.text_config(cfg)
+        heads = int(tc["num_attention_heads"])
+        kv = int(tc.get("num_key_value_heads") or heads)
+        head_dim = int(tc.get("head_dim") or tc["hidden_size"] // heads)
+        return heads, kv, head_dim
+
+    def qkv_bias(self, cfg: dict) -> bool:
+        tc = self.text_config(cfg)
+        return bool(self.extra.get("qkv_bias", tc.get("attention_bias", False)))
+
+    def protected_text_layers(self, cfg: dict) -> set[int]:
+        if not self.protected_text_layers_from:
+            return set()
+        return set(range(len(self.vision_config(cfg).get(self.protected_text_layers_from) or [])))
+
+    # ---- config edits ---------------------------------------------------------------------------------------
+    def drop_text_layers_config(self, cfg: dict, kept: list[int]) -> None:
+        """Edit cfg in place so it describes a model keeping only the text layers `kept` (old indexes, sorted)."""
+        for tc in self.text_configs(cfg):
+            old_n = int(tc["num_hidden_layers"])
+            tc["num_hidden_layers"] = len(kept)
+            for key, value in list(tc.items()):  # per-layer lists (layer_types, ...) keep the surviving entries
+                if isinstance(value, list) and len(value) == old_n and key not in ("architectures",):
+                    tc[key] = [value[i] for i in kept]
+            if isinstance(tc.get("max_window_layers"), int):  # layers below it keep their attention kind
+                tc["max_window_layers"] = sum(1 for i in kept if i < tc["max_window_layers"])
+
+    def drop_vision_blocks_config(self, cfg: dict, kept: list[int]) -> None:
+        vc = self.vision_config(cfg)
+        vc[self.vision_depth_field] = len(kept)
+        new_index = {old: new for new, old in enumerate(kept)}
+        for key in self.vision_index_fields + self.vision_protected_fields:
+            if vc.get(key) is not None:
+                vc[key] = [new_index[i] for i in vc[key] if i in new_index]
+
+    def set_kv_heads_config(self, cfg: dict, kv_heads: int) -> None:
+        for tc in self.text_configs(cfg):
+            heads, _, head_dim = self.attention_shape(cfg)
+            tc["num_key_value_heads"] = kv_heads
+            tc["head_dim"] = head_dim  # pin it: some configs derive it and it must not change
+
+    # ---- checkpoint keys ------------------------------------------------------------------------------------
+    def match_text_layer(self, key: str) -> re.Match | None:
+        return re.match(self.text_key, key)
+
+    def match_vision_block(self, key: str) -> re.Match | None:
+        return re.match(self.vision_key, key) if self.vision_key else None
+
+
+# Decoder layers of text models and of VLM language models; keys with and without the `model.` prefix
+# (transformers 5 saves `model.language_model.layers.N`, older VLM checkpoints `model.layers.N`).
+_TEXT = r"^(?P<prefix>(?:model\.)?(?:language_model\.)?(?:model\.)?layers\.)(?P<idx>\d+)(?P<rest>\..*)$"
+_VISION = r"^(?P<prefix>(?:model\.)?visual\.blocks\.)(?P<idx>\d+)(?P<rest>\..*)$"
+
+_TEXT_COMMON = dict(auto_class="AutoModelForCausalLM", text_layers="model.layers", text_key=_TEXT)
+_VLM_COMMON = dict(text_layers="model.language_model.layers", text_key=_TEXT,
+                   vision_blocks="model.visual.blocks", vision_key=_VISION, vision_fused_qkv=True)
+
+ADAPTERS: dict[str, Adapter] = {a.family: a for a in [
+    Adapter("llama", **_TEXT_COMMON),
+    Adapter("mistral", **_TEXT_COMMON),
+    Adapter("qwen2", **_TEXT_COMMON, extra={"qkv_bias": True}),
+    Adapter("qwen3", **_TEXT_COMMON),
+    Adapter("qwen2_vl", auto_class="Qwen2VLForConditionalGeneration", **_VLM_COMMON, extra={"qkv_bias": True}),
+    Adapter("qwen2_5_vl", auto_class="Qwen2_5_VLForConditionalGeneration", **_VLM_COMMON,
+            vision_index_fields=("fullatt_block_indexes",), extra={"qkv_bias": True}),
+    Adapter("qwen3_vl", auto_class="Qwen3VLForConditionalGeneration", **_VLM_COMMON,
+            vision_protected_fields=("deepstack_visual_indexes",),
+            protected_text_layers_from="deepstack_visual_indexes"),
+]}
+
+
+def adapter_for(cfg: dict) -> Adapter:
+    """The adapter for a config dict; a one-line error naming the supported families otherwise."""
+    family = cfg.get("model_type")
+    if family not in ADAPTERS:
+        raise PrunekitError(f"model_type {family!r} is not supported; supported families: {', '.join(ADAPTERS)}")
+    return ADAPTERS[family]
+
+
+def get_module(model, path: str):
+    """Resolve a dotted module path such as 'model.language_model.layers'."""
+    obj = model
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj

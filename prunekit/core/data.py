@@ -1,0 +1,246 @@
+"""Conversation data in ms-swift's ``messages`` format: loading, tokenising, packing, collating.
+
+A row is ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
+"images": [path, ...] (optional), ...extra columns}``; image placeholders in content use
+ms-swift's ``<image>`` tag. Files are a JSON list or JSONL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from prunekit import PrunekitError
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(PrunekitError, ValueError):
+    """A data file or row is malformed; the message is one line naming the file (and row)."""
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _check_row(row: Any, base: Path) -> dict:
+    """Validate one row and return it with image paths made absolute; raises ValueError(msg)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected an object, got {type(row).__name__}")
+    msgs = row.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise ValueError("'messages' must be a non-empty list")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] must be an object, got {type(m).__name__}")
+        if m.get("role") not in ROLES:
+            raise ValueError(f"messages[{i}].role {m.get('role')!r} is not one of {'/'.join(ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{i}].content must be a string, got {type(m.get('content')).__name__}")
+        if m["role"] == "system" and i != 0:
+            raise ValueError(f"messages[{i}] is a system message; only messages[0] may be")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise ValueError("no assistant turn, so nothing to train on")
+    images = row.get("images")
+    if images is None:
+        return row
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise ValueError("'images' must be a list of path strings")
+    resolved = []
+    for i, p in enumerate(images):
+        full = (base / p).resolve()  # an absolute p stays as it is
+        if not full.is_file():
+            raise ValueError(f"images[{i}] {p!r} not found (looked at {full})")
+        resolved.append(str(full))
+    return {**row, "images": resolved}
+
+
+def load_messages(path: str | os.PathLike) -> list[dict]:
+    """Read and validate a JSON-list or JSONL file of conversation rows.
+
+    The format is sniffed from the content (a leading ``[`` means a JSON list), not the suffix.
+    Relative image paths are resolved against the data file's folder. Any problem raises
+    :class:`DataError` (a ``ValueError``) with a one-line message such as
+    ``train.json row 7: messages[2].role 'bot' is not one of system/user/assistant``; rows are
+    numbered from 1 (for JSONL, the row number is the line number).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"{path}: empty file")
+    if text.lstrip().startswith("["):
+        try:
+            numbered = list(enumerate(json.loads(text), 1))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    else:
+        numbered = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    numbered.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path} row {n}: invalid JSON: {e.msg}") from None
+    if not numbered:
+        raise DataError(f"{path}: no rows")
+    rows = []
+    for n, row in numbered:
+        try:
+            rows.append(_check_row(row, path.parent))
+        except ValueError as e:
+            raise DataError(f"{path} row {n}: {e}") from None
+    return rows
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_messages(path: str | os.PathLike, rows: Iterable[dict]) -> int:
+    """Write rows atomically (temp file in the same folder, then ``os.replace``) as JSONL, or as a
+    JSON list when the name ends in ``.json``. Returns the number of rows written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = list(rows)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            if path.suffix == ".json":
+                json.dump(rows, f, ensure_ascii=False, indent=1)
+            else:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return len(rows)
+
+
+# ----------------------------------------------------------------------------- tokenising
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> dict[str, list[int]]:
+    """Tokenise a conversation with the tokenizer's chat template; only assistant turns are labelled.
+
+    Each assistant turn's span is found by rendering prefixes as text: it starts where the
+    rendering of the preceding messages with ``add_generation_prompt=True`` ends, and ends where
+    the rendering including the turn ends, less trailing whitespace (so ChatML labels
+    ``content<|im_end|>`` but not the newline after it). The text is then tokenised segment by
+    segment, so the prompt/response boundary is tokenised exactly as at generation time (prompt
+    tokenised alone, response generated after it). Special tokens come from the template only
+    (``add_special_tokens=False``, as ``apply_chat_template`` does). Right-truncated to
+    ``max_length``. Returns lists ``input_ids`` and ``labels`` (``-100`` where unsupervised).
+    """
+    full = _render(tokenizer, messages)
+    cuts = [0]  # alternating boundaries: [prompt, response, prompt, response, ..., tail]
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        turn = _render(tokenizer, messages[: i + 1]).rstrip()
+        if not (full.startswith(prompt) and full.startswith(turn) and cuts[-1] <= len(prompt) <= len(turn)):
+            raise ValueError(
+                f"chat template does not render messages[{i}] as a prefix of the whole conversation; "
+                "cannot locate the assistant turn"
+            )
+        cuts += [len(prompt), len(turn)]
+    cuts.append(len(full))
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for k, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        if a == b:
+            continue
+        ids = tokenizer(full[a:b], add_special_tokens=False)["input_ids"]
+        input_ids += ids
+        labels += ids if k % 2 == 1 else [IGNORE_INDEX] * len(ids)
+    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def pack_sequences(samples: Sequence[dict], max_length: int) -> list[dict[str, list[int]]]:
+    """Greedily pack tokenised samples, in order, into rows of at most ``max_length`` tokens.
+
+    Each packed row has ``input_ids``, ``labels`` and ``position_ids`` that restart at 0 for every
+    sample: with those position ids, varlen attention (flash-attn, or transformers' own packed
+    detection with ``attention_mask=None, use_cache=False``) or :func:`packed_attention_mask` keeps samples from
+    attending to each other. Each sample's first label is set to -100 so the shifted loss never
+    asks the previous sample's last token to predict this sample's first token (that label is
+    never a target in the unpacked sample either, so per-sample losses are unchanged).
+    Samples longer than ``max_length`` are truncated.
+    """
+    packs: list[dict[str, list[int]]] = []
+    cur: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for s in samples:
+        ids = list(s["input_ids"])[:max_length]
+        labels = list(s["labels"])[: len(ids)]
+        if not ids:
+            continue
+        if len(cur["input_ids"]) + len(ids) > max_length:
+            packs.append(cur)
+            cur = {"input_ids": [], "labels": [], "position_ids": []}
+        cur["input_ids"] += ids
+        cur["labels"] += [IGNORE_INDEX] + [int(x) for x in labels[1:]]
+        cur["position_ids"] += range(len(ids))
+    if cur["input_ids"]:
+        packs.append(cur)
+    return packs
+
+
+def collate(batch: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of samples into ``[B, L]`` long tensors.
+
+    Unpacked samples get ``input_ids``, ``labels`` (padded with -100) and a 0/1 ``attention_mask``.
+    Packed samples (those with ``position_ids``) get ``position_ids`` instead of an attention
+    mask, padded with 0 so each pad token is its own one-token sequence. Pass them with
+    :func:`packed_attention_mask`, or with ``attention_mask=None`` and ``use_cache=False``:
+    transformers (5.x) then detects the packing from ``position_ids``, but silently does not when
+    a 2D attention mask is given or a KV cache exists (``use_cache`` defaults to True).
+    """
+    width = max(len(s["input_ids"]) for s in batch)
+    packed = "position_ids" in batch[0]
+
+    def pad(key: str, value: int) -> torch.Tensor:
+        return torch.tensor([list(s[key]) + [value] * (width - len(s[key])) for s in batch], dtype=torch.long)
+
+    out = {"input_ids": pad("input_ids", pad_id), "labels": pad("labels", IGNORE_INDEX)}
+    if packed:
+        out["position_ids"] = pad("position_ids", 0)
+    else:
+        out["attention_mask"] = torch.tensor(
+            [[1] * len(s["input_ids"]) + [0] * (width - len(s["input_ids"])) for s in batch], dtype=torch.long
+        )
+    return out
+
+
+def packed_attention_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Block-diagonal causal additive mask ``[B, 1, S, S]`` from packed ``position_ids`` ``[B, S]``.
+
+    A new sequence starts wherever a position is not the previous one plus 1 (the same rule as
+    transformers' ``find_packed_sequence_indices``). Allowed entries are 0, others ``finfo.min``.
+    transformers passes any 4D ``attention_mask`` through unchanged to the eager and sdpa
+    attention, where it is added to the scores; every row keeps its diagonal, so no row is
+    fully masked.
+    """
+    prev = torch.cat([position_ids[:, :1] - 1, position_ids[:, :-1]], dim=1)
+    seq = (position_ids != prev + 1).cumsum(-1)  # [B, S] sequence index of each token
+    s = position_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = (seq[:, :, None] == seq[:, None, :]) & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]

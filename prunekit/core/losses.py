@@ -1,0 +1,223 @@
+"""Training losses as pure torch functions.
+
+Every loss returns *sums* (plus token counts) rather than means, so that callers can
+weight correctly by tokens across micro-batches and data-parallel ranks:
+``mean = all_reduce(loss_sum) / all_reduce(n_tokens)``.
+
+Label convention (HF / ms-swift): ``labels`` has the shape of ``input_ids``; ``-100``
+marks tokens that are not supervised, and the logits at position ``t`` predict
+``labels[t + 1]`` (the shift is done here, not by the caller).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+LOSSES: dict[str, Callable] = {}
+
+
+def register_loss(name: str) -> Callable[[Callable], Callable]:
+    """Decorator: make a loss function available as ``get_loss(name)``."""
+
+    def deco(fn: Callable) -> Callable:
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} is already registered")
+        LOSSES[name] = fn
+        return fn
+
+    return deco
+
+
+def get_loss(name: str) -> Callable:
+    """Return the registered loss ``name``; unknown names give a one-line error."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(sorted(LOSSES))}") from None
+
+
+def _supervised_rows(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat row indices (into a ``[B*S, ...]`` view) of positions whose *next* label is supervised,
+    and those next labels."""
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be [batch, seq], got shape {tuple(labels.shape)}")
+    b, s = labels.shape
+    target = labels[:, 1:]
+    pos = (target != ignore_index).nonzero()  # [N, 2] of (batch, t) with t in [0, s-1)
+    return pos[:, 0] * s + pos[:, 1], target[pos[:, 0], pos[:, 1]]
+
+
+@register_loss("causal_lm")
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy over supervised tokens.
+
+    Args:
+        logits: ``[B, S, V]`` (any float dtype; the loss is computed in float32).
+        labels: ``[B, S]`` token ids, ``ignore_index`` where unsupervised.
+
+    Returns:
+        ``(loss_sum, n_tokens, n_correct)``: float32 scalar summed over supervised tokens, and
+        0-dim int64 tensors. ``n_correct / n_tokens`` is ms-swift's ``token_acc`` (argmax of the
+        shifted logits equals the label).
+    """
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on [batch, seq]")
+    rows, target = _supervised_rows(labels, ignore_index)
+    # Gather supervised rows first: unsupervised positions never get upcast to float32.
+    sel = logits.reshape(-1, logits.shape[-1])[rows].float()
+    loss_sum = F.cross_entropy(sel, target, reduction="sum")
+    n_correct = (sel.detach().argmax(-1) == target).sum()
+    return loss_sum, torch.tensor(len(rows), device=logits.device), n_correct
+
+
+def _ce_chunk(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = (h @ weight.T).float()
+    return F.cross_entropy(logits, target, reduction="sum"), (logits.detach().argmax(-1) == target).sum()
+
+
+@register_loss("chunked_causal_lm")
+def chunked_causal_lm_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 1024,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`causal_lm_loss` computed from final hidden states and the lm_head weight.
+
+    Logits are only ever built for ``chunk_size`` supervised positions at a time, and each chunk
+    is activation-checkpointed, so neither forward nor backward holds the full ``[B, S, V]``
+    logits. Assumes ``logits = hidden @ lm_head_weight.T`` (no bias, no softcapping).
+
+    Args:
+        hidden: ``[B, S, H]`` final (post-norm) hidden states.
+        lm_head_weight: ``[V, H]``.
+        labels: ``[B, S]``.
+    """
+    if hidden.shape[:2] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on [batch, seq]")
+    rows, target = _supervised_rows(labels, ignore_index)
+    h = hidden.reshape(-1, hidden.shape[-1])[rows]
+    loss_sum = hidden.new_zeros((), dtype=torch.float32)
+    n_correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+    use_ckpt = torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad)
+    for h_c, t_c in zip(h.split(chunk_size), target.split(chunk_size)):
+        if use_ckpt:
+            l_c, c_c = checkpoint(_ce_chunk, h_c, lm_head_weight, t_c, use_reentrant=False)
+        else:
+            l_c, c_c = _ce_chunk(h_c, lm_head_weight, t_c)
+        loss_sum = loss_sum + l_c
+        n_correct = n_correct + c_c
+    return loss_sum, torch.tensor(len(rows), device=hidden.device), n_correct
+
+
+def _gjsd_rows(s: torch.Tensor, t: torch.Tensor, beta: float, temperature: float, top_k: int | None) -> torch.Tensor:
+    """Summed generalized JSD for ``[N, V]`` student/teacher logit rows (same V), in float32."""
+    s = s.float() / temperature
+    t = t.float() / temperature
+    if top_k is not None:
+        # Teacher's top-k support; both distributions are renormalised over it by the log_softmax.
+        t, idx = t.topk(top_k, dim=-1)
+        s = s.gather(-1, idx)
+    ls, lt = s.log_softmax(-1), t.log_softmax(-1)
+    # F.kl_div(input=log q, target=log p, log_target=True) is KL(p || q): same calls as TRL's GKDTrainer.
+    if beta == 0:
+        return F.kl_div(ls, lt, reduction="sum", log_target=True)
+    if beta == 1:
+        return F.kl_div(lt, ls, reduction="sum", log_target=True)
+    lm = torch.logsumexp(torch.stack([ls + math.log(1 - beta), lt + math.log(beta)]), dim=0)
+    return beta * F.kl_div(lm, lt, reduction="sum", log_target=True) + (1 - beta) * F.kl_div(
+        lm, ls, reduction="sum", log_target=True
+    )
+
+
+class _ChunkedRowLoss(torch.autograd.Function):
+    """Sum of ``fn(student[rows_c], teacher[rows_c])`` over row chunks, with the gradient w.r.t.
+    ``student`` computed chunk by chunk during forward (the fused-loss trick): only one chunk's
+    float32 intermediates are alive at a time, plus one gradient buffer the size of ``student``."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, rows, chunk_size, fn):
+        grad = torch.zeros_like(student)
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        for r in rows.split(chunk_size):
+            with torch.enable_grad():
+                s = student[r].detach().requires_grad_()
+                loss = fn(s, teacher[r])
+                (g,) = torch.autograd.grad(loss, s)
+            grad[r] = g.to(grad.dtype)
+            total += loss.detach()
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out.to(grad.dtype), None, None, None, None
+
+
+@register_loss("generalized_jsd")
+def generalized_jsd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    chunk_size: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized Jensen-Shannon divergence for distillation (TRL ``GKDTrainer`` convention).
+
+    With ``p_s``/``p_t`` the student/teacher distributions at temperature ``temperature``:
+    ``beta=0`` is forward KL(p_t || p_s), ``beta=1`` reverse KL(p_s || p_t), and otherwise
+    ``beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)`` with ``m = beta * p_t + (1 - beta) * p_s``.
+
+    Only supervised positions count, with the causal shift (logits at ``t`` vs ``labels[t+1]``).
+    ``top_k`` keeps, per position, the teacher's top-k logits and the student's logits at the
+    same indices, and renormalises both over those k. Vocab sizes may differ (padded embedding
+    rows): both are truncated to ``min(Vs, Vt)``; the caller must check the tokenizers match.
+
+    Work is done ``chunk_size`` supervised rows at a time (all at once if None), so the float32
+    probability tensors of both models are never alive for the whole batch; the teacher gets no
+    gradient. Returns ``(loss_sum, n_tokens)``: a float32 scalar summed over supervised positions
+    and a 0-dim int64 tensor.
+    """
+    if student_logits.shape[:2] != labels.shape or teacher_logits.shape[:2] != labels.shape:
+        raise ValueError(
+            f"student {tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)} and labels "
+            f"{tuple(labels.shape)} disagree on [batch, seq]"
+        )
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    if top_k is not None and not 0 < top_k <= vocab:
+        raise ValueError(f"top_k must be in [1, {vocab}], got {top_k}")
+
+    rows, _ = _supervised_rows(labels, ignore_index)
+    # Views, not copies: [B*S, V] with the padded vocab tail sliced off.
+    student = student_logits.reshape(-1, student_logits.shape[-1])[:, :vocab]
+    teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])[:, :vocab]
+    n_tokens = torch.tensor(len(rows), device=student_logits.device)
+    chunk = chunk_size or max(len(rows), 1)
+
+    def fn(s, t):
+        return _gjsd_rows(s, t, beta, temperature, top_k)
+
+    if torch.is_grad_enabled() and student.requires_grad:
+        return _ChunkedRowLoss.apply(student, teacher, rows, chunk, fn), n_tokens
+    total = torch.zeros((), dtype=torch.float32, device=student.device)
+    for r in rows.split(chunk):
+        total += fn(student[r], teacher[r])
+    return total, n_tokens

@@ -1,0 +1,121 @@
+"""Model facts from checkpoint headers (no weights loaded): parameters per component, attention shape,
+KV-cache bytes per token; and plain-text tables."""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+from prunekit.core.adapters import Adapter, adapter_for
+from prunekit.core.loading import read_config
+
+BF16_BYTES = 2
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a .safetensors file: {name: {dtype, shape, data_offsets}} (+ __metadata__)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+def checkpoint_shapes(model_dir: Path) -> dict[str, list[int]]:
+    shapes = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        for k, v in safetensors_header(f).items():
+            if k != "__metadata__":
+                shapes[k] = v["shape"]
+    return shapes
+
+
+def component_params(adapter: Adapter, shapes: dict[str, list[int]]) -> dict[str, int]:
+    """Parameter counts per component: text layers, vision blocks, embeddings, lm_head, other vision, other."""
+    out = {"text_layers": 0, "vision_blocks": 0, "embeddings": 0, "lm_head": 0, "vision_other": 0, "other": 0}
+    for key, shape in shapes.items():
+        n = math.prod(shape)
+        if adapter.match_text_layer(key):
+            out["text_layers"] += n
+        elif adapter.match_vision_block(key):
+            out["vision_blocks"] += n
+        elif "embed_tokens" in key:
+            out["embeddings"] += n
+        elif key.startswith("lm_head"):
+            out["lm_head"] += n
+        elif ".visual." in f".{key}":
+            out["vision_other"] += n
+        else:
+            out["other"] += n
+    if not adapter.is_vlm:
+        del out["vision_blocks"], out["vision_other"]
+    out["total"] = sum(out.values())
+    return out
+
+
+def kv_cache_bytes_per_token(adapter: Adapter, cfg: dict, bytes_per_value: int = BF16_BYTES) -> int:
+    """K and V for every text layer, every KV head: 2 * layers * kv_heads * head_dim * bytes."""
+    _, kv, head_dim = adapter.attention_shape(cfg)
+    return 2 * adapter.num_text_layers(cfg) * kv * head_dim * bytes_per_value
+
+
+def describe(model_dir: Path) -> dict:
+    """Everything `prunekit inspect` shows, as a JSON-able dict."""
+    cfg = read_config(model_dir)
+    adapter = adapter_for(cfg)
+    heads, kv, head_dim = adapter.attention_shape(cfg)
+    info = {
+        "path": str(model_dir),
+        "family": adapter.family,
+        "text_layers": adapter.num_text_layers(cfg),
+        "vision_blocks": adapter.num_vision_blocks(cfg) if adapter.is_vlm else None,
+        "attention_heads": heads,
+        "kv_heads": kv,
+        "head_dim": head_dim,
+        "qkv_bias": adapter.qkv_bias(cfg),
+        "fused_qkv": adapter.fused_qkv,
+        "kv_cache_bytes_per_token_bf16": kv_cache_bytes_per_token(adapter, cfg),
+        "params": component_params(adapter, checkpoint_shapes(model_dir)),
+    }
+    if not adapter.is_vlm:
+        del info["vision_blocks"]
+    return info
+
+
+def human(n: float) -> str:
+    for unit in ("", "K", "M", "B", "T"):
+        if abs(n) < 1000:
+            return f"{n:.1f}{unit}" if unit else f"{int(n)}"
+        n /= 1000
+    return f"{n:.1f}P"
+
+
+def table(rows: list[list], header: list[str]) -> str:
+    """A fixed-width text table."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_inspect(info: dict) -> str:
+    rows = [["family", info["family"]], ["text layers", info["text_layers"]]]
+    if "vision_blocks" in info:
+        rows.append(["vision blocks", info["vision_blocks"]])
+    rows += [["attention heads", info["attention_heads"]], ["KV heads", info["kv_heads"]],
+             ["head_dim", info["head_dim"]], ["qkv bias", info["qkv_bias"]],
+             ["KV cache / token (bf16)", f"{info['kv_cache_bytes_per_token_bf16']:,} B"]]
+    rows += [[f"params: {k}", f"{v:,} ({human(v)})"] for k, v in info["params"].items()]
+    return f"{info['path']}\n" + table(rows, ["", "value"])
+
+
+def compare_table(before: dict, after: dict) -> str:
+    """Before/after table of two `describe` results."""
+    def pct(a, b):
+        return f"{(b - a) / a * 100:+.1f}%" if a else ""
+    keys = [("params", lambda d: d["params"]["total"]), ("text layers", lambda d: d["text_layers"]),
+            ("KV heads", lambda d: d["kv_heads"]), ("KV cache B/token (bf16)", lambda d: d["kv_cache_bytes_per_token_bf16"])]
+    if "vision_blocks" in before:
+        keys.insert(2, ("vision blocks", lambda d: d["vision_blocks"]))
+    rows = [[name, f"{get(before):,}", f"{get(after):,}", pct(get(before), get(after))] for name, get in keys]
+    return table(rows, ["", "before", "after", "change"])

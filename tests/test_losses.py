@@ -157,7 +157,9 @@ def test_generalized_jsd_chunked_equals_unchunked_with_grad(beta, top_k):
     assert g_chunk[..., 19:].abs().sum() == 0
     assert g_chunk[:, :-1][labels[:, 1:] == -100].abs().sum() == 0
     with torch.no_grad():
-        nograd, _ = generalized_jsd_loss(student, teacher, labels, beta=beta, top_k=top_k, temperature=1.5, chunk_size=4)
+        nograd, _ = generalized_jsd_loss(
+            student, teacher, labels, beta=beta, top_k=top_k, temperature=1.5, chunk_size=4
+        )
     torch.testing.assert_close(nograd.double(), ref.detach(), rtol=1e-5, atol=1e-5)
 
 

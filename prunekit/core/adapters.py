@@ -39,6 +39,8 @@ class Adapter:
     v_proj: str = "v_proj"
     o_proj: str = "o_proj"
     fused_qkv: bool = False
+    # the text config field the attention reads head_dim from; None = always hidden_size // heads (Qwen2-VL, 2.5-VL)
+    head_dim_field: str | None = "head_dim"
     vision_fused_qkv: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -75,7 +77,7 @@ class Adapter:
         tc = self.text_config(cfg)
         heads = int(tc["num_attention_heads"])
         kv = int(tc.get("num_key_value_heads") or heads)
-        head_dim = int(tc.get("head_dim") or tc["hidden_size"] // heads)
+        head_dim = int((self.head_dim_field and tc.get(self.head_dim_field)) or tc["hidden_size"] // heads)
         return heads, kv, head_dim
 
     def qkv_bias(self, cfg: dict) -> bool:
@@ -108,10 +110,11 @@ class Adapter:
                 vc[key] = [new_index[i] for i in vc[key] if i in new_index]
 
     def set_kv_heads_config(self, cfg: dict, kv_heads: int) -> None:
+        _, _, head_dim = self.attention_shape(cfg)
         for tc in self.text_configs(cfg):
-            heads, _, head_dim = self.attention_shape(cfg)
             tc["num_key_value_heads"] = kv_heads
-            tc["head_dim"] = head_dim  # pin it: some configs derive it and it must not change
+            if self.head_dim_field:
+                tc[self.head_dim_field] = head_dim  # pin it: a derived head_dim must not change with the heads
 
     # ---- checkpoint keys ------------------------------------------------------------------------------------
     def match_text_layer(self, key: str) -> re.Match | None:
@@ -135,8 +138,9 @@ ADAPTERS: dict[str, Adapter] = {a.family: a for a in [
     Adapter("mistral", **_TEXT_COMMON),
     Adapter("qwen2", **_TEXT_COMMON, extra={"qkv_bias": True}),
     Adapter("qwen3", **_TEXT_COMMON),
-    Adapter("qwen2_vl", auto_class="Qwen2VLForConditionalGeneration", **_VLM_COMMON, extra={"qkv_bias": True}),
-    Adapter("qwen2_5_vl", auto_class="Qwen2_5_VLForConditionalGeneration", **_VLM_COMMON,
+    Adapter("qwen2_vl", auto_class="Qwen2VLForConditionalGeneration", **_VLM_COMMON, head_dim_field=None,
+            extra={"qkv_bias": True}),
+    Adapter("qwen2_5_vl", auto_class="Qwen2_5_VLForConditionalGeneration", **_VLM_COMMON, head_dim_field=None,
             vision_index_fields=("fullatt_block_indexes",), extra={"qkv_bias": True}),
     Adapter("qwen3_vl", auto_class="Qwen3VLForConditionalGeneration", **_VLM_COMMON,
             vision_protected_fields=("deepstack_visual_indexes",),

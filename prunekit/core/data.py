@@ -178,8 +178,8 @@ def pack_sequences(samples: Sequence[dict], max_length: int) -> list[dict[str, l
 
     Each packed row has ``input_ids``, ``labels`` and ``position_ids`` that restart at 0 for every
     sample: with those position ids, varlen attention (flash-attn, or transformers' own packed
-    detection with ``attention_mask=None, use_cache=False``) or :func:`packed_attention_mask` keeps samples from
-    attending to each other. Each sample's first label is set to -100 so the shifted loss never
+    detection with ``attention_mask=None, use_cache=False``) or :func:`packed_attention_mask`
+    keeps samples from attending to each other. Each sample's first label is set to -100 so the shifted loss never
     asks the previous sample's last token to predict this sample's first token (that label is
     never a target in the unpacked sample either, so per-sample losses are unchanged).
     Samples longer than ``max_length`` are truncated.

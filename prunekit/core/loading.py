@@ -114,6 +114,14 @@ def load_model(model_dir: Path, dtype="float32", trust_remote_code: bool = False
     return model.to(device).eval(), adapter
 
 
+def model_from_config(config, dtype=None):
+    """A randomly initialised model of the adapter's class for a transformers config object."""
+    import transformers
+    cls = getattr(transformers, adapter_for(config.to_dict()).auto_class)
+    kw = {"dtype": dtype} if dtype is not None else {}
+    return cls.from_config(config, **kw) if cls.__name__.startswith("Auto") else cls._from_config(config, **kw)
+
+
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)

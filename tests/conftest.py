@@ -1,0 +1,108 @@
+"""Shared fixtures: tiny members of every supported family, built from config and saved as HF directories."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+VOCAB = 128
+IMAGE_TOKEN, VISION_START, VISION_END = 120, 121, 122
+TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=256, initializer_range=0.2,
+            tie_word_embeddings=False)
+MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}  # sums to head_dim / 2
+
+
+def tiny_config(family: str):
+    import transformers as tf
+    if family == "llama":
+        return tf.LlamaConfig(**TEXT)
+    if family == "mistral":
+        return tf.MistralConfig(**TEXT, sliding_window=None)
+    if family == "qwen2":  # sliding window on the upper layers, so layer_types is not uniform
+        return tf.Qwen2Config(**TEXT, use_sliding_window=True, sliding_window=6, max_window_layers=2)
+    if family == "qwen3":
+        return tf.Qwen3Config(**TEXT)
+    vlm_ids = dict(image_token_id=IMAGE_TOKEN, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+                   tie_word_embeddings=False)
+    text = {**TEXT, "rope_parameters": MROPE}
+    text.pop("tie_word_embeddings")
+    if family == "qwen2_vl":
+        vision = dict(depth=4, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.2)
+        return tf.Qwen2VLConfig(text_config=text, vision_config=vision, **vlm_ids)
+    if family == "qwen2_5_vl":
+        vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1, 3],
+                      initializer_range=0.2)
+        return tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **vlm_ids)
+    if family == "qwen3_vl":
+        vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                      deepstack_visual_indexes=[1], initializer_range=0.2)
+        return tf.Qwen3VLConfig(text_config=text, vision_config=vision, **vlm_ids)
+    raise ValueError(family)
+
+
+TEXT_FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+VLM_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+FAMILIES = TEXT_FAMILIES + VLM_FAMILIES
+
+
+def build_tiny(family: str, seed: int = 0):
+    from prunekit.core.loading import model_from_config
+    torch.manual_seed(seed)
+    config = tiny_config(family)
+    config._attn_implementation = "eager"
+    return model_from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """family -> directory of a saved tiny model (built once per session)."""
+    cache: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            d = tmp_path_factory.mktemp(f"tiny-{family}")
+            build_tiny(family).save_pretrained(d)
+            cache[family] = d
+        return cache[family]
+    return get
+
+
+def vlm_inputs(batch: int = 1, text_before: int = 5, text_after: int = 4, seed: int = 0) -> dict:
+    """Model inputs with one 8x8-pixel-grid image (4x4 patches -> 4 merged image tokens) between text tokens."""
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.tensor([[1, 4, 4]] * batch)
+    patches = int(grid[0].prod())
+    pixel_values = torch.randn(batch * patches, 3 * 2 * 4 * 4, generator=g)
+    n_image = patches // 4
+    ids = torch.cat([torch.randint(0, 100, (batch, text_before), generator=g),
+                     torch.full((batch, 1), VISION_START), torch.full((batch, n_image), IMAGE_TOKEN),
+                     torch.full((batch, 1), VISION_END), torch.randint(0, 100, (batch, text_after), generator=g)], 1)
+    mm = (ids == IMAGE_TOKEN).int()
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values,
+                image_grid_thw=grid, mm_token_type_ids=mm)
+
+
+def text_inputs(batch: int = 2, length: int = 12, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 100, (batch, length), generator=g)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+def tree_hash(path: Path) -> str:
+    """A hash of every file's name and bytes under `path` (to prove an input was not modified)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).rglob("*")):
+        h.update(str(f.relative_to(path)).encode())
+        if f.is_file():
+            h.update(f.read_bytes())
+    return h.hexdigest()

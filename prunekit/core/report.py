@@ -21,11 +21,18 @@ def safetensors_header(path: Path) -> dict:
 
 
 def checkpoint_shapes(model_dir: Path) -> dict[str, list[int]]:
+    """Tensor shapes from safetensors headers; for a pickle-only checkpoint (accepted with --allow-pickle), from
+    a weights-only, memory-mapped load."""
     shapes = {}
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         for k, v in safetensors_header(f).items():
             if k != "__metadata__":
                 shapes[k] = v["shape"]
+    if not shapes:
+        import torch
+        for f in sorted(Path(model_dir).glob("*.bin")):
+            shapes.update({k: list(t.shape) for k, t in
+                           torch.load(f, map_location="cpu", weights_only=True, mmap=True).items()})
     return shapes
 
 

@@ -66,7 +66,7 @@ def _write_shard(src: Path, dst: Path, surgery) -> dict[str, int]:
             _, tensor = surgery(key, _read_tensor(fin, header_len, info))
             data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
             assert data.nbytes == nbytes, f"{new_key}: surgery changed shape between passes"
-            fout.write(data.tobytes())
+            fout.write(data)  # the array's own buffer: tobytes() would copy the whole tensor again
             del tensor, data
     return {new_key: nbytes for _, _, new_key, nbytes in plan}
 

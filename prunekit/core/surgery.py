@@ -117,14 +117,14 @@ class KVCut:
     def __post_init__(self):
         heads, old_kv, head_dim = self.adapter.attention_shape(self.config)
         n = self.kv_heads
+        if n >= 1 and heads % n:
+            raise PrunekitError(f"--kv-heads: {n} does not divide the {heads} attention heads")
         if n < 1 or n > old_kv:
             raise PrunekitError(f"--kv-heads: {n} must be between 1 and the current {old_kv} KV heads")
-        if heads % n:
-            raise PrunekitError(f"--kv-heads: {n} does not divide the {heads} attention heads")
         if old_kv % n:
             raise PrunekitError(f"--kv-heads: {n} does not divide the current {old_kv} KV heads into equal groups")
         if n == old_kv:
-            raise PrunekitError(f"--kv-heads: the model already has {old_kv} KV heads")
+            raise PrunekitError(f"--kv-heads: {n} equals the current {old_kv} KV heads; nothing to cut")
         self.heads, self.old_kv, self.head_dim = heads, old_kv, head_dim
         self.group = old_kv // n
         self.new_config = copy.deepcopy(self.config)

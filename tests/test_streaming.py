@@ -7,7 +7,6 @@ bits), on the config fields surgery edits, and on the logits of the reloaded mod
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -199,3 +198,43 @@ def test_vlm_kv_cut_mean_streaming_matches_in_memory(vl_model, tmp_path):
     streamed, in_memory = _run_both(tmp_path, kv_cut, vl_model, kv_heads=1)
     _check(streamed, in_memory, vlm=True)
     assert _relevant(_config(streamed))["num_key_value_heads"] == 1
+
+
+# ---- memory ----------------------------------------------------------------------------------------------------
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+class _Identity:
+    """The smallest surgery: keep every tensor as is (what prune does to most of a checkpoint)."""
+    new_config = {"model_type": "qwen2"}
+
+    def __call__(self, key, tensor):
+        return key, tensor
+
+
+def test_streaming_peak_memory_is_about_one_tensor(tmp_path):
+    """Streaming holds one tensor at a time and writes it without another copy: the peak RSS grows by about the
+    largest tensor, not the shard and not twice the tensor (bench/surgery_memory.py measures the real-size case)."""
+    from safetensors.torch import save_file
+
+    from prunekit.core.streaming import apply_streaming
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS (Linux)
+    except OSError:
+        pytest.skip("cannot reset the peak RSS (/proc/self/clear_refs) here")
+    big = 64 * 2**20
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir(), dst.mkdir()
+    save_file({"big": torch.ones(big // 4), "small.a": torch.zeros(1000), "small.b": torch.zeros(10)},
+              str(src / "model-00001-of-00002.safetensors"))
+    save_file({"other": torch.ones(big // 8)}, str(src / "model-00002-of-00002.safetensors"))
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kib("VmRSS") * 1024
+    apply_streaming(src, dst, _Identity())
+    grew = _status_kib("VmHWM") * 1024 - before
+    assert grew < 1.5 * big, f"peak RSS grew by {grew / 2**20:.0f} MiB for a {big / 2**20:.0f} MiB tensor"
+    assert torch.equal(_tensors(dst)["big"], torch.ones(big // 4))

@@ -153,6 +153,9 @@ def write_atomically(out: Path, write_fn, overwrite: bool = False) -> Path:
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output should look like any other directory
     try:
         write_fn(tmp)
+        for f in tmp.rglob("*"):  # some writers create 0600 files; outputs must be readable like any checkpoint
+            if f.is_file():
+                f.chmod(0o666 & ~umask)
         if out.exists():
             if not overwrite and (not out.is_dir() or any(out.iterdir())):
                 raise PrunekitError(f"-o {out}: exists and is not empty (pass --overwrite to replace it)")

@@ -1,0 +1,109 @@
+"""Ray Train at the edge: launch the one training loop on N workers (DDP / FSDP2 / DeepSpeed), with checkpoints in
+RunConfig(storage_path, name), FailureConfig restarts, and resume when the same name runs again."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from prunekit import PrunekitError
+from prunekit.engine.reporting import RunLogger, crash_once
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to `address`, else to a running cluster, else start a local one (quietly)."""
+    import ray
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except Exception as e:
+            raise PrunekitError(f"ray.address {address}: cannot connect ({str(e).splitlines()[0][:200]})") from None
+        return
+    try:
+        ray.init(address="auto", log_to_driver=True)
+    except (ConnectionError, RuntimeError, ValueError):
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+class RayTrainReporter(RunLogger):
+    def restore(self) -> Path | None:
+        import ray.train
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        self._restore_tmp = tempfile.mkdtemp(prefix="prunekit-restore-")
+        return Path(ckpt.to_directory(self._restore_tmp))
+
+    def checkpoint(self, step: int, metrics: dict, write_fn, all_ranks: bool, final: bool) -> None:
+        import ray.train
+        with tempfile.TemporaryDirectory(prefix="prunekit-ckpt-") as tmp:
+            write_fn(Path(tmp))
+            has_files = any(Path(tmp).iterdir())
+            ckpt = ray.train.Checkpoint.from_directory(tmp) if has_files and (all_ranks or self.rank == 0) else None
+            ray.train.report({"step": step, **{k.replace("/", "_"): v for k, v in metrics.items()}},
+                             checkpoint=ckpt)
+
+    def maybe_crash(self, step: int) -> None:
+        crash_once(self.run_dir, step)
+
+
+def run_name(stage: str, cfg) -> str:
+    """Default run name: stable for the same stage + config, so re-running the same command resumes."""
+    if cfg.name:
+        return cfg.name
+    blob = json.dumps(cfg.model_dump(mode="json", exclude={"name", "overwrite", "test_crash_at_step"}),
+                      sort_keys=True)
+    return f"{stage}-{Path(str(cfg.model)).name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+
+
+def _worker(config: dict) -> None:
+    """Runs on every Ray Train worker: build the stage's model + objective, then the shared loop."""
+    import torch
+    import ray.train
+    from prunekit.config import STAGE_CONFIGS
+    from prunekit.engine.loop import train
+    from prunekit.stages.training import build_worker
+    cfg = STAGE_CONFIGS[config["stage"]](**config["cfg"])
+    device = ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model, objective, train_samples, val_samples, pad_id = build_worker(config["stage"], cfg, device)
+    reporter = RayTrainReporter(Path(config["run_dir"]), config["name"], cfg)
+    train(model, objective, cfg, train_samples, val_samples, pad_id, reporter, device=device)
+
+
+def launch(stage: str, cfg) -> tuple[Path, Path, str]:
+    """Fit on Ray Train; returns (final checkpoint dir with hf/, run dir, run name)."""
+    ensure_ray(cfg.ray.address)
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    name = run_name(stage, cfg)
+    storage = Path(cfg.storage_path).resolve()
+    run_dir = storage / name
+    resources = {"CPU": cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        resources["GPU"] = cfg.ray.gpus_per_worker
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"stage": stage, "cfg": cfg.model_dump(mode="json"), "run_dir": str(run_dir),
+                           "name": name},
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        run_config=RunConfig(name=name, storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise PrunekitError(f"{stage} run {name} failed: {str(result.error).splitlines()[0][:300]} "
+                            f"(logs and checkpoints in {run_dir}; re-run the same command to resume)")
+    if result.checkpoint is None:
+        raise PrunekitError(f"{stage} run {name} finished without a checkpoint")
+    final = Path(tempfile.mkdtemp(prefix="prunekit-final-"))
+    return Path(result.checkpoint.to_directory(str(final))), run_dir, name

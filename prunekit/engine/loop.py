@@ -1,0 +1,182 @@
+"""The one training loop SFT, distillation, LoRA and knockout trials share (RL learners reuse its pieces).
+
+It reads top to bottom: build data order -> restore -> for each step: micro-batches, token-weighted loss,
+backward, step, log, eval, checkpoint. Ray never appears here: a `Reporter` (local or Ray Train) receives metrics
+and checkpoints, and torch.distributed (set up by Ray Train or absent) carries the all-reduces.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from prunekit.core.data import collate
+from prunekit.engine.strategy import STRATEGIES, LossModule, all_reduce_sum, world
+
+TRAINER_STATE = "trainer_state.pt"
+MODEL_STATE = "model_state.pt"
+HF_DIR = "hf"
+
+
+@dataclass
+class DataOrder:
+    """A deterministic stream of sample indices: epoch e is a seeded permutation; position p in the stream is
+    sample order(p // n)[p % n]. Step s uses positions [s*G, (s+1)*G) for the global batch G, so a resumed run
+    continues exactly where it stopped and never replays data."""
+    n: int
+    seed: int
+
+    def __post_init__(self):
+        self._cache: dict[int, list[int]] = {}
+
+    def index(self, position: int) -> int:
+        epoch = position // self.n
+        if epoch not in self._cache:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._cache = {epoch: torch.randperm(self.n, generator=g).tolist()}
+        return self._cache[epoch][position % self.n]
+
+
+def step_microbatches(samples, order: DataOrder, step: int, batch: int, accum: int, rank: int, world_size: int):
+    """This rank's micro-batches (lists of samples) for `step`."""
+    global_batch = batch * accum * world_size
+    out = []
+    for m in range(accum):
+        start = step * global_batch + m * batch * world_size + rank * batch
+        out.append([samples[order.index(p)] for p in range(start, start + batch)])
+    return out
+
+
+def make_optimizer_factory(cfg):
+    def make(params):
+        params = [p for p in params if p.requires_grad]
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    return make
+
+
+def make_scheduler_factory(cfg, total_steps: int):
+    warmup = int(cfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if cfg.scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return max(0.0, 1 - progress) if cfg.scheduler == "linear" else 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def total_steps(cfg, n_samples: int, world_size: int) -> int:
+    if cfg.max_steps:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * n_samples / (cfg.batch_size * cfg.grad_accum * world_size)))
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate_distributed(strategy, objective, samples, pad_id: int, batch_size: int, device) -> dict:
+    """Eval loss / token_acc over the val samples, each rank taking every world_size-th batch; summed over ranks."""
+    rank, world_size = world()
+    model = strategy.model
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64)
+    batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+    for b in batches[rank::world_size]:
+        out = objective(model, _to(collate(b, pad_id), device))
+        sums += torch.tensor([float(out["loss_sum"]), float(out["n_tokens"]), float(out["n_correct"])],
+                             dtype=torch.float64)
+    sums = all_reduce_sum(sums.to(device)).cpu()
+    model.train(was_training)
+    n = max(sums[1].item(), 1)
+    return {"eval/loss": sums[0].item() / n, "eval/token_acc": sums[2].item() / n, "eval/tokens": int(sums[1])}
+
+
+def train(model, objective, cfg, train_samples, val_samples, pad_id: int, reporter, device=None) -> dict:
+    """Run the loop; returns the last metrics. `reporter.restore()` gives a checkpoint dir to resume from (or None)."""
+    rank, world_size = world()
+    device = device or torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    steps = total_steps(cfg, len(train_samples), world_size)
+    start_step, state = 0, None
+    resume_dir = reporter.restore()
+    if resume_dir is not None:  # model weights before wrapping, optimizer/scheduler state after
+        model.load_state_dict(torch.load(Path(resume_dir) / MODEL_STATE, map_location="cpu", weights_only=True))
+        state = torch.load(Path(resume_dir) / TRAINER_STATE, map_location="cpu", weights_only=False)
+        start_step = state["step"]
+    model.to(device).train()
+    strategy = STRATEGIES[cfg.ray.strategy](LossModule(model, objective), device, cfg)
+    strategy.setup(make_optimizer_factory(cfg), make_scheduler_factory(cfg, steps))
+    if state is not None:
+        strategy.load_trainer_state(state["strategy"], Path(resume_dir))
+    order = DataOrder(len(train_samples), cfg.seed)
+    reporter.start(start_step, steps)
+    if val_samples and start_step == 0:  # the step-0 baseline every curve is compared against
+        reporter.log(0, evaluate_distributed(strategy, objective, val_samples, pad_id, cfg.batch_size, device))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.bf16))
+    metrics: dict = {}
+    for step in range(start_step, steps):
+        t0 = time.time()
+        if cfg.test_crash_at_step is not None and step == cfg.test_crash_at_step:
+            reporter.maybe_crash(step)
+        micro = [_to(collate(mb, pad_id), device)
+                 for mb in step_microbatches(train_samples, order, step, cfg.batch_size, cfg.grad_accum, rank,
+                                             world_size)]
+        # token-weighted: every supervised token of the global batch counts once, whatever rank or micro-batch
+        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        global_tokens = all_reduce_sum(torch.tensor([float(local_tokens)], device=device)).item()
+        sums = torch.zeros(3, dtype=torch.float64)
+        for i, batch in enumerate(micro):
+            with strategy.no_sync(i < len(micro) - 1), autocast:
+                out = strategy.forward(batch)
+                # DDP/FSDP/ZeRO average gradients over ranks; scaling by world_size turns that into a sum
+                strategy.backward(out["loss_sum"] * world_size / max(global_tokens, 1.0))
+            sums += torch.tensor([float(out["loss_sum"]), float(out["n_tokens"]), float(out["n_correct"])],
+                                 dtype=torch.float64)
+        grad_norm = strategy.step()
+        sums = all_reduce_sum(sums.to(device)).cpu()
+        n = max(sums[1].item(), 1)
+        metrics = {"train/loss": sums[0].item() / n, "train/token_acc": sums[2].item() / n, "train/lr": strategy.lr(),
+                   "train/grad_norm": grad_norm, "train/tokens": int(sums[1]),
+                   "train/tokens_per_s": sums[1].item() / max(time.time() - t0, 1e-9)}
+        done = step + 1
+        if val_samples and (done % cfg.eval_interval == 0 or done == steps):
+            metrics.update(evaluate_distributed(strategy, objective, val_samples, pad_id, cfg.batch_size, device))
+        reporter.log(done, metrics)
+        if done % cfg.save_interval == 0 or done == steps:
+            _checkpoint(strategy, reporter, done, metrics, final=done == steps)
+    reporter.finish()
+    return metrics
+
+
+def _checkpoint(strategy, reporter, step: int, metrics: dict, final: bool) -> None:
+    """All ranks take part (full state dicts of FSDP/ZeRO-3 are collectives); rank 0 writes the model."""
+    rank, _ = world()
+    full_state = strategy.model_state_dict()
+    trainer_state = strategy.trainer_state()
+
+    def write(ckpt_dir: Path):
+        if rank == 0:
+            state = {k: v.detach().cpu().contiguous() for k, v in full_state.items()}
+            torch.save(state, ckpt_dir / MODEL_STATE)
+            torch.save({"step": step, "strategy": trainer_state, "metrics": metrics}, ckpt_dir / TRAINER_STATE)
+            (ckpt_dir / "metrics.json").write_text(json.dumps({"step": step, **metrics}))
+            if final:  # the deliverable: a plain HF directory (or a peft adapter directory for LoRA)
+                strategy.model.save_pretrained(ckpt_dir / HF_DIR, state_dict=state)
+        strategy.save_sharded(ckpt_dir)
+
+    reporter.checkpoint(step, metrics, write, all_ranks=strategy.all_ranks_write_checkpoint(), final=final)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,95 @@
+"""Where the loop's metrics and checkpoints go: JSONL + wandb + a progress bar on rank 0, and checkpoints either in
+a local run directory (`LocalReporter`) or through Ray Train (`prunekit.distributed.train.RayTrainReporter`)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from prunekit.engine.strategy import world
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def wandb_mode(mode: str) -> str:
+    if mode != "auto":
+        return mode
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+class RunLogger:
+    """Rank-0 logging: a JSONL line per logged step, wandb (offline without an API key), and a tqdm bar."""
+
+    def __init__(self, run_dir: Path, run_name: str, cfg):
+        self.run_dir, self.run_name, self.cfg = Path(run_dir), run_name, cfg
+        self.rank = world()[0]
+        self.bar = self.wandb = None
+
+    def start(self, start_step: int, total: int) -> None:
+        if self.rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / METRICS_FILE
+        if path.exists():  # a resumed run: drop lines logged after the checkpoint it resumes from
+            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+            path.write_text("".join(line + "\n" for line in keep))
+        mode = wandb_mode(self.cfg.wandb.mode)
+        if mode != "disabled":
+            import wandb
+            self.wandb = wandb.init(project=self.cfg.wandb.project, name=self.run_name, id=self.run_name,
+                                    resume="allow", mode=mode, dir=str(self.run_dir),
+                                    config=self.cfg.model_dump(mode="json"), reinit="finish_previous")
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=total, initial=start_step, desc=self.run_name, unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if self.rank != 0:
+            return
+        with open(self.run_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        if self.bar is not None:
+            self.bar.n = step
+            shown = {k.split("/")[-1] if k.startswith("train/") else k: v for k, v in metrics.items()
+                     if k in ("train/loss", "train/token_acc", "eval/loss", "eval/token_acc")}
+            self.bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, refresh=True)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class LocalReporter(RunLogger):
+    """Checkpoints under run_dir/checkpoints/step-N (atomic rename); resumes from the newest."""
+
+    def restore(self) -> Path | None:
+        ckpts = sorted((self.run_dir / "checkpoints").glob("step-*"))
+        return ckpts[-1] if ckpts else None
+
+    def checkpoint(self, step: int, metrics: dict, write_fn, all_ranks: bool, final: bool) -> None:
+        root = self.run_dir / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+        write_fn(tmp)
+        os.replace(tmp, root / f"step-{step:07d}")
+        for old in sorted(root.glob("step-*"))[:-2]:  # keep the last two
+            shutil.rmtree(old, ignore_errors=True)
+        self.last_checkpoint = root / f"step-{step:07d}"
+
+    def maybe_crash(self, step: int) -> None:
+        crash_once(self.run_dir, step)
+
+
+def crash_once(run_dir: Path, step: int) -> None:
+    """Test-only fault injection: the last rank dies the first time it reaches `step`."""
+    rank, world_size = world()
+    marker = Path(run_dir) / f".crashed-at-step-{step}"
+    if rank == world_size - 1 and not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("crashed")
+        os._exit(1)

@@ -1,0 +1,116 @@
+"""Recipes: `sft`, `distill`, `lora` — one validated config in, a plain HF directory (or adapter) out.
+
+Each reads: validate inputs on the driver (before any worker starts) -> launch the shared loop on Ray Train ->
+write the final model atomically with provenance. `build_worker` is what every Ray worker runs first.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from prunekit import PrunekitError
+from prunekit.core.data import load_messages, pack_sequences
+from prunekit.core.evaluate import tokenize_rows
+from prunekit.core.loading import (check_output_dir, copy_side_files, load_model, load_tokenizer, quiet_transformers,
+                                   read_provenance, resolve_model, write_atomically, write_provenance)
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    run_dir: Path
+    name: str
+    metrics: dict
+
+
+def _samples(tokenizer, path, cfg, limit=None):
+    rows = load_messages(path)
+    if limit:
+        rows = rows[:limit]
+    samples = tokenize_rows(tokenizer, rows, cfg.max_length)
+    samples = [s for s in samples if any(label != -100 for label in s["labels"][1:])]
+    return pack_sequences(samples, cfg.max_length) if cfg.packing else samples
+
+
+def build_worker(stage: str, cfg, device):
+    """Model (with LoRA for `lora`), objective, tokenized train/val samples and the pad id, on one worker."""
+    import torch
+    from prunekit.engine.objectives import DistillObjective, SFTObjective
+    with quiet_transformers():
+        model, _ = load_model(Path(cfg.model), dtype="float32", trust_remote_code=cfg.trust_remote_code)
+        tokenizer = load_tokenizer(Path(cfg.model), trust_remote_code=cfg.trust_remote_code)
+    if stage == "lora":
+        from prunekit.core.lora import apply_lora
+        model = apply_lora(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
+                           target_modules=cfg.target_modules)
+    if stage == "distill":
+        with quiet_transformers():
+            teacher, _ = load_model(Path(cfg.teacher), dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+                                    trust_remote_code=cfg.trust_remote_code)
+        objective = DistillObjective(teacher.to(device), beta=cfg.beta, temperature=cfg.temperature,
+                                     top_k=cfg.top_k, sft_alpha=cfg.sft_alpha, chunk_size=cfg.loss_chunk_size)
+    else:
+        objective = SFTObjective(chunk_size=cfg.loss_chunk_size)
+    train_samples = _samples(tokenizer, cfg.train, cfg)
+    val_samples = _samples(tokenizer, cfg.val, cfg, cfg.eval_max_samples) if cfg.val else []
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return model, objective, train_samples, val_samples, pad_id
+
+
+def validate(stage: str, cfg) -> None:
+    """Everything that can be checked before a worker starts: model, data, output, teacher tokenizer."""
+    cfg.model = str(resolve_model(cfg.model).resolve())
+    # workers run elsewhere (another cwd, maybe another node): hand them absolute paths
+    cfg.train, cfg.output_dir, cfg.storage_path = (Path(p).resolve() for p in (cfg.train, cfg.output_dir, cfg.storage_path))
+    cfg.val = Path(cfg.val).resolve() if cfg.val else None
+    load_messages(cfg.train)
+    if cfg.val is not None and not load_messages(cfg.val):
+        raise PrunekitError(f"val {cfg.val}: no rows")
+    check_output_dir(cfg.output_dir, [Path(cfg.model)], cfg.overwrite)
+    if stage == "distill":
+        from prunekit.engine.objectives import check_same_tokenizer
+        cfg.teacher = str(resolve_model(cfg.teacher).resolve())
+        with quiet_transformers():
+            check_same_tokenizer(load_tokenizer(Path(cfg.model)), load_tokenizer(Path(cfg.teacher)),
+                                 cfg.model, cfg.teacher)
+
+
+def run(stage: str, cfg) -> TrainResult:
+    from prunekit.distributed.train import launch
+    validate(stage, cfg)
+    final_ckpt, run_dir, name = launch(stage, cfg)
+    metrics = json.loads((final_ckpt / "metrics.json").read_text())
+    base = Path(cfg.model)
+
+    def write(tmp: Path):
+        for f in (final_ckpt / "hf").iterdir():
+            shutil.copy2(f, tmp / f.name)
+        copy_side_files(base, tmp)
+        if stage == "lora":  # the adapter points at its base by a relative path, never an absolute one
+            adapter_cfg = json.loads((tmp / "adapter_config.json").read_text())
+            adapter_cfg["base_model_name_or_path"] = os.path.relpath(base.resolve(), Path(cfg.output_dir).resolve())
+            (tmp / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
+        write_provenance(tmp, {"stage": stage, "parent": str(base), "run": str(run_dir),
+                               "config": cfg.model_dump(mode="json"), "metrics": metrics}, parent_dir=base)
+
+    out = write_atomically(Path(cfg.output_dir), write, overwrite=cfg.overwrite)
+    shutil.rmtree(final_ckpt, ignore_errors=True)
+    return TrainResult(out, run_dir, name, metrics)
+
+
+def sft(cfg) -> TrainResult:
+    return run("sft", cfg)
+
+
+def distill(cfg) -> TrainResult:
+    return run("distill", cfg)
+
+
+def lora(cfg) -> TrainResult:
+    return run("lora", cfg)
+
+
+__all__ = ["sft", "distill", "lora", "build_worker", "TrainResult", "read_provenance"]

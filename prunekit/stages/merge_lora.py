@@ -21,6 +21,27 @@ class MergeResult:
     provenance: dict
 
 
+def _adapter_keys(adapter_dir: Path) -> set[str] | None:
+    f = adapter_dir / ADAPTER_WEIGHTS
+    return {k for k in report.safetensors_header(f) if k != "__metadata__"} if f.is_file() else None
+
+
+def _check_keys(peft_model, adapter_dir: Path, base_dir: Path) -> None:
+    """Every adapter tensor must land on a base module and every LoRA module must get weights: peft silently drops
+    tensors for modules the base lacks (an adapter trained before layers were pruned) and only warns about the rest."""
+    from peft import get_peft_model_state_dict
+    saved = _adapter_keys(adapter_dir)
+    if saved is None:
+        return
+    expected = set(get_peft_model_state_dict(peft_model, save_embedding_layers=False))
+    unused, missing = sorted(saved - expected), sorted(expected - saved)
+    if unused or missing:
+        what = (f"{len(unused)} adapter tensors have no module in the base (e.g. {unused[0]})" if unused else
+                f"{len(missing)} LoRA tensors are missing from the adapter (e.g. {missing[0]})")
+        raise PrunekitError(f"ADAPTER {adapter_dir} does not fit base {base_dir}: {what}; was it trained on "
+                            f"another base?")
+
+
 def merge_lora(adapter_dir: str | Path, out: str | Path, base: str | Path | None = None, *, overwrite: bool = False,
                trust_remote_code: bool = False, allow_pickle: bool = False) -> MergeResult:
     """Load the base (its saved dtype), apply the adapter, merge_and_unload, write OUT atomically with the base's
@@ -49,10 +70,8 @@ def merge_lora(adapter_dir: str | Path, out: str | Path, base: str | Path | None
                     msg = " ".join(str(e).split())[:300]
                     raise PrunekitError(f"ADAPTER {adapter_dir} does not fit base {base_dir} "
                                         f"({type(e).__name__}: {msg})") from None
-            missing = [w for w in caught if "missing adapter keys" in str(w.message)]
-            if missing:
-                raise PrunekitError(f"ADAPTER {adapter_dir} does not fit base {base_dir}: the base has LoRA target "
-                                    f"modules the adapter has no weights for (trained on another base?)")
+            del caught  # peft warns about missing keys; the check below covers both directions
+            _check_keys(peft_model, adapter_dir, base_dir)
             if not hasattr(peft_model, "merge_and_unload"):
                 raise PrunekitError(f"ADAPTER {adapter_dir}: peft type {peft_cfg.get('peft_type')!r} cannot be merged")
             merged = peft_model.merge_and_unload()

@@ -56,6 +56,60 @@ def cmd_kv_cut(args) -> None:
     print(f"KV cache bytes/token (bf16): {b:,} -> {a:,} ({b / a:.1f}x smaller)")
 
 
+def _parse_set(items: list[str]) -> dict:
+    """--set key=value (YAML-typed values; dotted keys reach nested sections, e.g. ray.num_workers=2)."""
+    import yaml
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise PrunekitError(f"--set {item}: expected key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+TRAIN_FLAGS = [("--model", "model"), ("--train", "train"), ("--val", "val"), ("--output-dir", "output_dir"),
+               ("--name", "name"), ("--max-steps", "max_steps"), ("--num-workers", "ray.num_workers"),
+               ("--strategy", "ray.strategy"), ("--teacher", "teacher")]
+
+
+def cmd_train(args) -> None:
+    from prunekit.config import load_config
+    from prunekit.stages import training
+    overrides = {key: getattr(args, flag.lstrip("-").replace("-", "_"), None) for flag, key in TRAIN_FLAGS
+                 if hasattr(args, flag.lstrip("-").replace("-", "_"))}
+    if args.overwrite:
+        overrides["overwrite"] = True
+    overrides.update(_parse_set(args.set))
+    cfg = load_config(args.stage, args.config, overrides)
+    result = getattr(training, args.stage)(cfg)
+    m = result.metrics
+    shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("train/loss", "eval/loss", "eval/token_acc") if k in m)
+    print(f"{args.stage} finished at step {m.get('step')}: {shown}")
+    print(f"wrote {result.output}  (run: {result.run_dir})")
+
+
+def cmd_merge_lora(args) -> None:
+    from prunekit.stages.merge_lora import merge_lora
+    result = merge_lora(args.adapter, args.out, base=args.base, overwrite=args.overwrite,
+                        trust_remote_code=args.trust_remote_code)
+    print(f"wrote {result.output}")
+
+
+def cmd_data(args) -> None:
+    from prunekit.core import datasets
+    from pathlib import Path
+    out = Path(args.out)
+    val = Path(args.val) if args.val else out.with_name(out.stem.replace("train", "val") + out.suffix
+                                                        if "train" in out.stem else out.stem + ".val" + out.suffix)
+    if args.source == "chatterbot":
+        counts = datasets.chatterbot_to_messages(out, val_path=val, val_fraction=args.val_fraction)
+    else:
+        counts = datasets.easy_vqa_to_messages(out, val_path=val, limit=args.limit,
+                                               image_dir=out.parent / "images")
+    print(f"wrote {counts['train']} rows to {out} and {counts['val']} to {val}")
+
+
 def cmd_demo(args) -> None:
     from prunekit.stages.demo import demo
     demo(args.model, args.out, overwrite=True)
@@ -88,6 +142,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="calibration conversations (messages JSON/JSONL) for similarity")
     _surgery_flags(p)
     p.set_defaults(func=cmd_kv_cut)
+
+    for stage, text in (("sft", "recovery SFT on Ray Train"), ("distill", "full-logit distillation from a teacher"),
+                        ("lora", "LoRA fine-tuning (then `prunekit merge-lora`)")):
+        p = sub.add_parser(stage, help=text)
+        p.add_argument("--config", default=None, help="YAML config (flags override it)")
+        for flag, _ in TRAIN_FLAGS:
+            if flag != "--teacher" or stage == "distill":
+                p.add_argument(flag, default=None, type=int if flag in ("--max-steps", "--num-workers") else str)
+        p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. lr=2e-5")
+        p.set_defaults(func=cmd_train, stage=stage)
+
+    p = sub.add_parser("merge-lora", help="merge a LoRA adapter into a full model")
+    p.add_argument("adapter", metavar="ADAPTER")
+    p.add_argument("--base", default=None, help="base model (default: the adapter's, relative to the adapter)")
+    p.add_argument("-o", "--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=cmd_merge_lora)
+
+    p = sub.add_parser("data", help="convert offline datasets into messages JSONL")
+    p.add_argument("source", choices=["chatterbot", "easy-vqa"])
+    p.add_argument("-o", "--out", required=True, help="train file (.jsonl or .json)")
+    p.add_argument("--val", default=None, help="val file (default: next to OUT, 'train' -> 'val')")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--limit", type=int, default=None, help="easy-vqa: at most this many rows per split")
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("demo", help="inspect -> prune -> kv-cut on the embedded default model")
     p.add_argument("--model", default="smollm2")

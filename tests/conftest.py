@@ -106,3 +106,43 @@ def tree_hash(path: Path) -> str:
         if f.is_file():
             h.update(f.read_bytes())
     return h.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    from prunekit.core.loading import resolve_model
+    return resolve_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory, smollm2_dir):
+    """A tiny random llama that speaks SmolLM2's tokenizer and chat template (for fast training tests)."""
+    import shutil
+    import transformers
+    d = tmp_path_factory.mktemp("tiny-chat")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**TEXT, "vocab_size": 49152, "num_hidden_layers": 2,
+                                         "initializer_range": 0.02, "tie_word_embeddings": True})
+    transformers.LlamaForCausalLM(config).save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy2(smollm2_dir / f, d / f)
+    return d
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory):
+    """chatterbot conversations: (train.jsonl, val.jsonl)."""
+    from prunekit.core.datasets import chatterbot_to_messages
+    d = tmp_path_factory.mktemp("chat-data")
+    chatterbot_to_messages(d / "train.jsonl", val_path=d / "val.jsonl")
+    return d / "train.jsonl", d / "val.jsonl"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (a Ray Train fit costs ~40 s; starting Ray is extra)."""
+    import ray
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray

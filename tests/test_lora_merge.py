@@ -16,6 +16,7 @@ from prunekit.core.adapters import ADAPTERS
 from prunekit.core.loading import load_model, read_provenance
 from prunekit.core.lora import apply_lora, resolve_adapter_base, save_adapter
 from prunekit.stages.merge_lora import merge_lora
+from prunekit.stages.prune import prune
 
 
 def checkpoint(model_dir):
@@ -139,8 +140,10 @@ def test_adapter_finds_base_relative_after_moving(tiny_model_dir, tmp_path):
     one_line_error(merge_lora, adapter_dir, tmp_path / "m4", base=tmp_path / "nope", match="--base")
     one_line_error(merge_lora, adapter_dir, tmp_path / "m4", base=adapter_dir, match="config.json")
     one_line_error(merge_lora, adapter_dir, tmp_path / "m4", base=tiny_model_dir("qwen2_5_vl"), match="does not fit")
+    pruned = prune(str(base), tmp_path / "pruned", drop_text="2", streaming=False).output  # adapter has layer 3
+    one_line_error(merge_lora, adapter_dir, tmp_path / "m4", base=pruned, match="no module in the base")
     one_line_error(merge_lora, adapter_dir, adapter_dir / "out", match="must not be")
     one_line_error(merge_lora, adapter_dir, base / "out", match="must not be")
     one_line_error(merge_lora, adapter_dir, tmp_path / "merged", match="not empty")
     one_line_error(merge_lora, tmp_path / "alt", tmp_path / "m5", match="not an adapter")
-    assert not (tmp_path / "m4").exists()
+    assert not (tmp_path / "m4").exists() and not list(tmp_path.glob(".m4*"))  # failed merges leave nothing

@@ -62,15 +62,14 @@ def merge_lora(adapter_dir: str | Path, out: str | Path, base: str | Path | None
         copy_side_files(base_dir, tmp)
         with quiet_transformers():
             model, _ = load_model(base_dir, dtype="auto", trust_remote_code=trust_remote_code)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
+            with warnings.catch_warnings():  # _check_keys reports missing keys (and the unused ones peft skips)
+                warnings.filterwarnings("ignore", message="Found missing adapter keys")
                 try:
                     peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
                 except (RuntimeError, ValueError, KeyError) as e:  # shape mismatch, unknown modules, bad config
                     msg = " ".join(str(e).split())[:300]
                     raise PrunekitError(f"ADAPTER {adapter_dir} does not fit base {base_dir} "
                                         f"({type(e).__name__}: {msg})") from None
-            del caught  # peft warns about missing keys; the check below covers both directions
             _check_keys(peft_model, adapter_dir, base_dir)
             if not hasattr(peft_model, "merge_and_unload"):
                 raise PrunekitError(f"ADAPTER {adapter_dir}: peft type {peft_cfg.get('peft_type')!r} cannot be merged")

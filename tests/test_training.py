@@ -86,3 +86,22 @@ def test_teacher_with_another_tokenizer_is_refused_before_training(tiny_chat_mod
     with pytest.raises(PrunekitError, match="use different tokenizers"):
         training.distill(cfg)
     assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_lora_then_merge(ray_session, tiny_chat_model_dir, chat_data, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from prunekit.stages.merge_lora import merge_lora
+    result = training.lora(cfg_for("lora", tiny_chat_model_dir, chat_data, tmp_path, "lora", max_steps=2,
+                                   batch_size=2, eval_interval=2, save_interval=2, rank=4, alpha=8, lr=1e-2))
+    adapter_cfg = json.loads((result.output / "adapter_config.json").read_text())
+    assert not adapter_cfg["base_model_name_or_path"].startswith("/")  # relative to the adapter
+    merged = merge_lora(result.output, tmp_path / "merged").output
+    ids = torch.tensor([[1, 42, 7, 99, 5]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir)
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(base, result.output).eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merged)(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir)(ids).logits
+    assert (got - want).abs().max() <= 1e-4 and (got - plain).abs().max() > 1e-4  # trained, and merged exactly

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import FAMILIES, TEXT_FAMILIES, VLM_FAMILIES, build_tiny, text_inputs, vlm_inputs
+from conftest import FAMILIES, TEXT_FAMILIES, VLM_FAMILIES, text_inputs, vlm_inputs
 from prunekit.core.adapters import ADAPTERS, get_module
 from prunekit.core.loading import load_model
 from prunekit.core.surgery import KVCut, apply_to_model, kv_similarity_orders

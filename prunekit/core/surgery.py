@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from prunekit import PrunekitError
-from prunekit.core.adapters import Adapter
+from prunekit.core.adapters import Adapter, get_module
 
 
 def parse_index_list(spec: str | list[int] | None, flag: str) -> list[int]:
@@ -191,7 +191,6 @@ def group_heads_by_similarity(similarity: torch.Tensor, group: int) -> list[int]
 def kv_similarity_orders(model, adapter: Adapter, batches, kv_heads: int) -> dict[int, list[int]]:
     """Per text layer, a KV-head order for similarity grouping, from the K/V projection outputs on calibration
     batches (dicts of model inputs). Similarity of two heads = cosine of their flattened K outputs + of V."""
-    from prunekit.core.adapters import get_module
     _, old_kv, head_dim = adapter.attention_shape(model.config.to_dict())
     layers = get_module(model, adapter.text_layers)
     outputs: dict[tuple[int, str], list[torch.Tensor]] = {}

@@ -83,7 +83,7 @@ def _to(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate_distributed(strategy, objective, samples, pad_id: int, batch_size: int, device) -> dict:
+def evaluate_distributed(strategy, samples, pad_id: int, batch_size: int, device) -> dict:
     """Eval loss / token_acc over the val samples, each rank taking every world_size-th batch; summed over ranks."""
     rank, world_size = world()
     model = strategy.model
@@ -92,7 +92,7 @@ def evaluate_distributed(strategy, objective, samples, pad_id: int, batch_size: 
     sums = torch.zeros(3, dtype=torch.float64)
     batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     for b in batches[rank::world_size]:
-        out = objective(model, _to(collate(b, pad_id), device))
+        out = strategy.forward(_to(collate(b, pad_id), device))  # through the wrapper: FSDP unshards there
         sums += torch.tensor([float(out["loss_sum"]), float(out["n_tokens"]), float(out["n_correct"])],
                              dtype=torch.float64)
     sums = all_reduce_sum(sums.to(device)).cpu()
@@ -123,7 +123,7 @@ def train(model, objective, cfg, train_samples, val_samples, pad_id: int, report
     order = DataOrder(len(train_samples), cfg.seed)
     reporter.start(start_step, steps)
     if val_samples and start_step == 0:  # the step-0 baseline every curve is compared against
-        reporter.log(0, evaluate_distributed(strategy, objective, val_samples, pad_id, cfg.batch_size, device))
+        reporter.log(0, evaluate_distributed(strategy, val_samples, pad_id, cfg.batch_size, device))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.bf16))
     metrics: dict = {}
     for step in range(start_step, steps):
@@ -152,7 +152,7 @@ def train(model, objective, cfg, train_samples, val_samples, pad_id: int, report
                    "train/tokens_per_s": sums[1].item() / max(time.time() - t0, 1e-9)}
         done = step + 1
         if val_samples and (done % cfg.eval_interval == 0 or done == steps):
-            metrics.update(evaluate_distributed(strategy, objective, val_samples, pad_id, cfg.batch_size, device))
+            metrics.update(evaluate_distributed(strategy, val_samples, pad_id, cfg.batch_size, device))
         reporter.log(done, metrics)
         if done % cfg.save_interval == 0 or done == steps:
             _checkpoint(strategy, reporter, done, metrics, final=done == steps)

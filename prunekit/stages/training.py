@@ -15,7 +15,7 @@ from prunekit import PrunekitError
 from prunekit.core.data import load_messages, pack_sequences
 from prunekit.core.evaluate import tokenize_rows
 from prunekit.core.loading import (check_output_dir, copy_side_files, load_model, load_tokenizer, quiet_transformers,
-                                   read_provenance, resolve_model, write_atomically, write_provenance)
+                                   resolve_model, write_atomically, write_provenance)
 
 
 @dataclass
@@ -111,6 +111,3 @@ def distill(cfg) -> TrainResult:
 
 def lora(cfg) -> TrainResult:
     return run("lora", cfg)
-
-
-__all__ = ["sft", "distill", "lora", "build_worker", "TrainResult", "read_provenance"]

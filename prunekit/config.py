@@ -60,7 +60,9 @@ class TrainConfig(Strict):
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
-    bf16: bool = False
+    bf16: bool = False                        # bf16 autocast over fp32 weights
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: pure bf16 weights and optimizer
+    compile: bool = False                     # torch.compile each decoder layer (GPU)
     gradient_checkpointing: bool = False
     eval_interval: int = 50
     eval_max_samples: int | None = None

@@ -146,3 +146,91 @@ def ray_session():
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
+
+
+# ---- a tiny Qwen-VL chat model with a real (offline-built) processor -------------------------------------------
+
+VLM_SPECIAL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+# Qwen2-VL's template shape: ChatML, a default system turn, image items as <|vision_start|><|image_pad|><|vision_end|>
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' or 'image' in item or 'image_url' in item %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'video' or 'video' in item %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in item %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+VLM_PROCESSORS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
+
+
+def build_tiny_vlm_processor(tokenizer_dir):
+    """A Qwen2-VL processor from SmolLM2's tokenizer (plus the vision special tokens) and a small image processor:
+    patch 4, merge 2, temporal patch 2, 16x16..32x32 pixels, so a 64x64 easy-vqa image becomes a 32x32 image of
+    8x8 patches = 16 image tokens. Without torchvision (needed by the video processor) it has no video processor."""
+    import transformers as tf
+    from prunekit.core.vision_data import without_video
+    tok = tf.AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": VLM_SPECIAL_TOKENS})
+    kw = dict(patch_size=4, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 16 * 16, "longest_edge": 32 * 32})
+    if tf.is_torchvision_available():
+        return tf.Qwen2VLProcessor(tf.Qwen2VLImageProcessor(**kw), tok, tf.Qwen2VLVideoProcessor(**kw),
+                                   chat_template=QWEN_VL_CHAT_TEMPLATE)
+    return without_video(tf.Qwen2VLProcessor)(tf.Qwen2VLImageProcessorPil(**kw), tok,
+                                              chat_template=QWEN_VL_CHAT_TEMPLATE)
+
+
+def build_tiny_vlm_chat(family: str, out_dir: Path, tokenizer_dir) -> Path:
+    """A tiny random `family` VLM (tiny_config) speaking the processor's tokenizer, saved with the processor."""
+    import transformers as tf
+    from prunekit.core.loading import model_from_config
+    from prunekit.core.vision_data import without_video
+    processor = build_tiny_vlm_processor(tokenizer_dir)
+    if family != "qwen2_vl":  # same processor, saved under the family's own processor class
+        cls = getattr(tf, VLM_PROCESSORS[family])
+        processor = (cls(processor.image_processor, processor.tokenizer, processor.video_processor,
+                         chat_template=QWEN_VL_CHAT_TEMPLATE) if hasattr(processor, "video_processor")
+                     else without_video(cls)(processor.image_processor, processor.tokenizer,
+                                             chat_template=QWEN_VL_CHAT_TEMPLATE))
+    tok = processor.tokenizer
+    config = tiny_config(family)
+    config.text_config.vocab_size = len(tok)
+    config.text_config.bos_token_id = config.text_config.pad_token_id = None
+    config.text_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
+    for field, token in [("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
+                         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>")]:
+        setattr(config, field, tok.convert_tokens_to_ids(token))
+    torch.manual_seed(0)
+    config._attn_implementation = "eager"
+    model = model_from_config(config, dtype=torch.float32)
+    ip = processor.image_processor
+    width = 3 * ip.temporal_patch_size * ip.patch_size ** 2  # the processor's pixel_values rows
+    patch_in = model.model.visual.patch_embed.proj.weight[0].numel()
+    assert patch_in == width, f"vision patch embedding takes {patch_in} values per patch, the processor gives {width}"
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_chat_model_dir(tmp_path_factory, smollm2_dir):
+    """family -> directory of a tiny random VLM saved together with a working processor (SmolLM2 tokenizer)."""
+    cache: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            cache[family] = build_tiny_vlm_chat(family, tmp_path_factory.mktemp(f"tiny-vlm-chat-{family}"),
+                                                smollm2_dir)
+        return cache[family]
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_chat_dir(tiny_vlm_chat_model_dir):
+    """A tiny random Qwen2-VL with its processor (SmolLM2 tokenizer + vision tokens, small image processor)."""
+    return tiny_vlm_chat_model_dir("qwen2_vl")

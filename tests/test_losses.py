@@ -205,3 +205,26 @@ def test_registry():
     msg = str(err.value)
     assert "\n" not in msg
     assert "'grpo'" in msg and "causal_lm, chunked_causal_lm, generalized_jsd" in msg
+
+
+def test_chunked_jsd_from_hidden_equals_logits_version():
+    """The hidden-state KD (what distillation trains with) equals generalized_jsd_loss on full logits, with its
+    gradient, and its CE / accuracy equal causal_lm_loss; the teacher's vocab has 3 padding rows."""
+    from prunekit.core.losses import causal_lm_loss, chunked_generalized_jsd_loss, generalized_jsd_loss
+    g = torch.Generator().manual_seed(3)
+    b, s, h, v = 2, 7, 16, 40
+    hs = torch.randn(b, s, h, generator=g, requires_grad=True)
+    ws = torch.randn(v, h, generator=g, requires_grad=True)
+    ht, wt = torch.randn(b, s, 24, generator=g), torch.randn(v + 3, 24, generator=g)
+    labels = torch.randint(0, v, (b, s), generator=g)
+    labels[0, :3] = -100
+    for beta, top_k in ((0.0, None), (0.5, None), (1.0, 5)):
+        kd, ce, n, correct = chunked_generalized_jsd_loss(hs, ws, ht, wt, labels, beta=beta, temperature=2.0,
+                                                          top_k=top_k, chunk_size=3)
+        ref_kd, ref_n = generalized_jsd_loss(hs @ ws.T, ht @ wt.T, labels, beta=beta, temperature=2.0, top_k=top_k)
+        ref_ce, _, ref_correct = causal_lm_loss(hs @ ws.T, labels)
+        assert torch.allclose(kd, ref_kd, atol=1e-4) and int(n) == int(ref_n) and int(correct) == int(ref_correct)
+        assert torch.allclose(ce, ref_ce, atol=1e-4)
+        g1 = torch.autograd.grad(kd + 0.3 * ce, (hs, ws))
+        g2 = torch.autograd.grad(ref_kd + 0.3 * ref_ce, (hs, ws))
+        assert all(torch.allclose(a, c, atol=1e-4) for a, c in zip(g1, g2))

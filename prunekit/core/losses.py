@@ -221,3 +221,48 @@ def generalized_jsd_loss(
     for r in rows.split(chunk):
         total += fn(student[r], teacher[r])
     return total, n_tokens
+
+
+def _kd_chunk(h_s, w_s, h_t, w_t, target, vocab, beta, temperature, top_k):
+    s_logits = h_s @ w_s.T
+    with torch.no_grad():
+        t_logits = (h_t @ w_t.T)[:, :vocab]
+    kd = _gjsd_rows(s_logits[:, :vocab], t_logits, beta, temperature, top_k)
+    s32 = s_logits.float()
+    ce = F.cross_entropy(s32, target, reduction="sum")
+    return kd, ce, (s32.detach().argmax(-1) == target).sum()
+
+
+@register_loss("chunked_generalized_jsd")
+def chunked_generalized_jsd_loss(
+    student_hidden: torch.Tensor,
+    student_head: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_head: torch.Tensor,
+    labels: torch.Tensor,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    chunk_size: int = 1024,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`generalized_jsd_loss` (plus the student's cross-entropy and token_acc) from final hidden states
+    and lm_head weights: logits of both models exist only ``chunk_size`` supervised rows at a time, in forward
+    and (by recomputation) in backward. Returns ``(kd_sum, ce_sum, n_tokens, n_correct)``."""
+    rows, target = _supervised_rows(labels, ignore_index)
+    vocab = min(student_head.shape[0], teacher_head.shape[0])
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])[rows]
+    h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])[rows]
+    w_t = teacher_head.detach()
+    kd_sum = student_hidden.new_zeros((), dtype=torch.float32)
+    ce_sum = student_hidden.new_zeros((), dtype=torch.float32)
+    n_correct = torch.zeros((), dtype=torch.long, device=student_hidden.device)
+    grad = torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad)
+    args = (vocab, beta, temperature, top_k)
+    for hs, ht, tc in zip(h_s.split(chunk_size), h_t.split(chunk_size), target.split(chunk_size)):
+        if grad:
+            kd, ce, c = checkpoint(_kd_chunk, hs, student_head, ht, w_t, tc, *args, use_reentrant=False)
+        else:
+            kd, ce, c = _kd_chunk(hs, student_head, ht, w_t, tc, *args)
+        kd_sum, ce_sum, n_correct = kd_sum + kd, ce_sum + ce, n_correct + c
+    return kd_sum, ce_sum, torch.tensor(len(rows), device=student_hidden.device), n_correct

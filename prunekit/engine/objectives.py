@@ -9,7 +9,7 @@ import torch
 
 from prunekit import PrunekitError
 from prunekit.core.data import packed_attention_mask
-from prunekit.core.losses import chunked_causal_lm_loss, causal_lm_loss, generalized_jsd_loss
+from prunekit.core.losses import chunked_causal_lm_loss, chunked_generalized_jsd_loss
 
 
 def model_inputs(batch: dict, dtype=torch.float32) -> dict:
@@ -42,7 +42,8 @@ class SFTObjective:
 
 
 class DistillObjective:
-    """Generalized JSD between a frozen teacher and the student over assistant tokens, plus `sft_alpha` * CE."""
+    """Generalized JSD between a frozen teacher and the student over assistant tokens, plus `sft_alpha` * CE,
+    from both models' final hidden states: neither model's full B*S*V logits are ever built."""
 
     def __init__(self, teacher, beta: float = 0.5, temperature: float = 1.0, top_k: int | None = None,
                  sft_alpha: float = 0.0, chunk_size: int = 1024):
@@ -52,14 +53,14 @@ class DistillObjective:
 
     def __call__(self, model, batch: dict) -> dict:
         inputs = model_inputs(batch)
+        teacher_backbone, teacher_head = backbone_and_head(self.teacher)
         with torch.no_grad():
-            teacher_logits = self.teacher(**inputs, use_cache=False).logits
-        logits = model(**inputs, use_cache=False).logits
-        kd_sum, n_tokens = generalized_jsd_loss(logits, teacher_logits, batch["labels"], beta=self.beta,
-                                                temperature=self.temperature, top_k=self.top_k,
-                                                chunk_size=self.chunk_size)
-        del teacher_logits
-        ce_sum, _, n_correct = causal_lm_loss(logits, batch["labels"])
+            teacher_hidden = teacher_backbone(**inputs, use_cache=False).last_hidden_state
+        backbone, head = backbone_and_head(model)
+        hidden = backbone(**inputs, use_cache=False).last_hidden_state
+        kd_sum, ce_sum, n_tokens, n_correct = chunked_generalized_jsd_loss(
+            hidden, head.weight, teacher_hidden, teacher_head.weight, batch["labels"], beta=self.beta,
+            temperature=self.temperature, top_k=self.top_k, chunk_size=self.chunk_size)
         loss = kd_sum + self.sft_alpha * ce_sum if self.sft_alpha else kd_sum
         return {"loss_sum": loss, "n_tokens": n_tokens, "n_correct": n_correct,
                 "kd_sum": kd_sum.detach(), "ce_sum": ce_sum.detach()}

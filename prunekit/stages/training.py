@@ -50,6 +50,9 @@ def build_worker(stage: str, cfg, device):
         with quiet_transformers():
             teacher, _ = load_model(Path(cfg.teacher), dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
                                     trust_remote_code=cfg.trust_remote_code)
+        if cfg.compile:
+            from prunekit.engine.loop import compile_layers
+            compile_layers(teacher)
         objective = DistillObjective(teacher.to(device), beta=cfg.beta, temperature=cfg.temperature,
                                      top_k=cfg.top_k, sft_alpha=cfg.sft_alpha, chunk_size=cfg.loss_chunk_size)
     else:

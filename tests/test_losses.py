@@ -204,7 +204,7 @@ def test_registry():
         get_loss("grpo")
     msg = str(err.value)
     assert "\n" not in msg
-    assert "'grpo'" in msg and "causal_lm, chunked_causal_lm, generalized_jsd" in msg
+    assert "'grpo'" in msg and "causal_lm, chunked_causal_lm, chunked_generalized_jsd, generalized_jsd" in msg
 
 
 def test_chunked_jsd_from_hidden_equals_logits_version():
@@ -219,12 +219,16 @@ def test_chunked_jsd_from_hidden_equals_logits_version():
     labels = torch.randint(0, v, (b, s), generator=g)
     labels[0, :3] = -100
     for beta, top_k in ((0.0, None), (0.5, None), (1.0, 5)):
-        kd, ce, n, correct = chunked_generalized_jsd_loss(hs, ws, ht, wt, labels, beta=beta, temperature=2.0,
-                                                          top_k=top_k, chunk_size=3)
+        loss, kd, ce, n, correct = chunked_generalized_jsd_loss(hs, ws, ht, wt, labels, beta=beta, temperature=2.0,
+                                                                top_k=top_k, chunk_size=3, sft_alpha=0.3)
         ref_kd, ref_n = generalized_jsd_loss(hs @ ws.T, ht @ wt.T, labels, beta=beta, temperature=2.0, top_k=top_k)
         ref_ce, _, ref_correct = causal_lm_loss(hs @ ws.T, labels)
         assert torch.allclose(kd, ref_kd, atol=1e-4) and int(n) == int(ref_n) and int(correct) == int(ref_correct)
-        assert torch.allclose(ce, ref_ce, atol=1e-4)
-        g1 = torch.autograd.grad(kd + 0.3 * ce, (hs, ws))
-        g2 = torch.autograd.grad(ref_kd + 0.3 * ref_ce, (hs, ws))
+        assert torch.allclose(ce, ref_ce, atol=1e-4) and torch.allclose(loss, ref_kd + 0.3 * ref_ce, atol=1e-4)
+        g1 = torch.autograd.grad(2.0 * loss, (hs, ws))
+        g2 = torch.autograd.grad(2.0 * (ref_kd + 0.3 * ref_ce), (hs, ws))
         assert all(torch.allclose(a, c, atol=1e-4) for a, c in zip(g1, g2))
+        with torch.no_grad():  # the eval path (no autograd) gives the same numbers
+            e_loss, e_kd, *_ = chunked_generalized_jsd_loss(hs, ws, ht, wt, labels, beta=beta, temperature=2.0,
+                                                            top_k=top_k, chunk_size=3, sft_alpha=0.3)
+        assert torch.allclose(e_loss, loss) and torch.allclose(e_kd, kd)

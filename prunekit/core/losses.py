@@ -16,7 +16,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -79,11 +78,6 @@ def causal_lm_loss(
     return loss_sum, torch.tensor(len(rows), device=logits.device), n_correct
 
 
-def _ce_chunk(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = (h @ weight.T).float()
-    return F.cross_entropy(logits, target, reduction="sum"), (logits.detach().argmax(-1) == target).sum()
-
-
 @register_loss("chunked_causal_lm")
 def chunked_causal_lm_loss(
     hidden: torch.Tensor,
@@ -94,9 +88,9 @@ def chunked_causal_lm_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`causal_lm_loss` computed from final hidden states and the lm_head weight.
 
-    Logits are only ever built for ``chunk_size`` supervised positions at a time, and each chunk
-    is activation-checkpointed, so neither forward nor backward holds the full ``[B, S, V]``
-    logits. Assumes ``logits = hidden @ lm_head_weight.T`` (no bias, no softcapping).
+    Logits are only ever built for ``chunk_size`` supervised positions at a time, and the gradient
+    is formed chunk by chunk during forward (:class:`_FusedLinearLoss`), so neither pass holds the
+    full ``[B, S, V]`` logits and backward recomputes nothing. Assumes ``logits = hidden @ lm_head_weight.T`` (no bias, no softcapping).
 
     Args:
         hidden: ``[B, S, H]`` final (post-norm) hidden states.
@@ -107,17 +101,20 @@ def chunked_causal_lm_loss(
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on [batch, seq]")
     rows, target = _supervised_rows(labels, ignore_index)
     h = hidden.reshape(-1, hidden.shape[-1])[rows]
+    n_tokens = torch.tensor(len(rows), device=hidden.device)
+    if torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad):
+        loss_sum, n_correct = _FusedLinearLoss.apply(h, lm_head_weight, None, target, chunk_size, _ce_rows)
+        return loss_sum, n_tokens, n_correct
     loss_sum = hidden.new_zeros((), dtype=torch.float32)
     n_correct = torch.zeros((), dtype=torch.long, device=hidden.device)
-    use_ckpt = torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad)
     for h_c, t_c in zip(h.split(chunk_size), target.split(chunk_size)):
-        if use_ckpt:
-            l_c, c_c = checkpoint(_ce_chunk, h_c, lm_head_weight, t_c, use_reentrant=False)
-        else:
-            l_c, c_c = _ce_chunk(h_c, lm_head_weight, t_c)
-        loss_sum = loss_sum + l_c
-        n_correct = n_correct + c_c
-    return loss_sum, torch.tensor(len(rows), device=hidden.device), n_correct
+        l_c, c_c = _ce_rows((h_c @ lm_head_weight.T).float(), None, t_c)
+        loss_sum, n_correct = loss_sum + l_c, n_correct + c_c
+    return loss_sum, n_tokens, n_correct
+
+
+def _ce_rows(logits: torch.Tensor, _extra, target: torch.Tensor):
+    return F.cross_entropy(logits, target, reduction="sum"), (logits.detach().argmax(-1) == target).sum()
 
 
 def _gjsd_rows(s: torch.Tensor, t: torch.Tensor, beta: float, temperature: float, top_k: int | None) -> torch.Tensor:
@@ -223,14 +220,36 @@ def generalized_jsd_loss(
     return total, n_tokens
 
 
-def _kd_chunk(h_s, w_s, h_t, w_t, target, vocab, beta, temperature, top_k):
-    s_logits = h_s @ w_s.T
-    with torch.no_grad():
-        t_logits = (h_t @ w_t.T)[:, :vocab]
-    kd = _gjsd_rows(s_logits[:, :vocab], t_logits, beta, temperature, top_k)
-    s32 = s_logits.float()
-    ce = F.cross_entropy(s32, target, reduction="sum")
-    return kd, ce, (s32.detach().argmax(-1) == target).sum()
+class _FusedLinearLoss(torch.autograd.Function):
+    """sum over row chunks of `row_loss(h_c @ W.T, extra_c, target_c)`, with d/dh and d/dW computed chunk by chunk
+    inside forward (the fused linear-loss trick): no B*S*V logits are kept, and nothing is recomputed in backward.
+    `row_loss` returns (loss to differentiate, *detached extras)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, extra, target, chunk_size, row_loss):
+        grad_h = torch.zeros_like(h)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        total, parts = torch.zeros((), dtype=torch.float32, device=h.device), None
+        extras = extra.split(chunk_size) if extra is not None else [None] * len(range(0, len(h), chunk_size))
+        for h_c, e_c, t_c, start in zip(h.split(chunk_size), extras, target.split(chunk_size),
+                                        range(0, len(h), chunk_size)):
+            with torch.enable_grad():
+                logits = (h_c @ weight.T).float().requires_grad_()
+                loss, *rest = row_loss(logits, e_c, t_c)
+                (g,) = torch.autograd.grad(loss, logits)
+            g = g.to(h.dtype)
+            grad_h[start:start + len(h_c)] = g @ weight
+            grad_w += (g.T @ h_c).float()
+            total += loss.detach()
+            parts = rest if parts is None else [p + r for p, r in zip(parts, rest)]
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        ctx.mark_non_differentiable(*parts)
+        return (total, *parts)
+
+    @staticmethod
+    def backward(ctx, grad_total, *_):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_total.to(grad_h.dtype), grad_w * grad_total.to(grad_w.dtype), None, None, None, None
 
 
 @register_loss("chunked_generalized_jsd")
@@ -244,25 +263,35 @@ def chunked_generalized_jsd_loss(
     temperature: float = 1.0,
     top_k: int | None = None,
     chunk_size: int = 1024,
+    sft_alpha: float = 0.0,
     ignore_index: int = IGNORE_INDEX,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`generalized_jsd_loss` (plus the student's cross-entropy and token_acc) from final hidden states
-    and lm_head weights: logits of both models exist only ``chunk_size`` supervised rows at a time, in forward
-    and (by recomputation) in backward. Returns ``(kd_sum, ce_sum, n_tokens, n_correct)``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`generalized_jsd_loss` + ``sft_alpha`` * the student's cross-entropy, from final hidden states and
+    lm_head weights: both models' logits exist only ``chunk_size`` supervised rows at a time, and the student's
+    gradient is formed chunk by chunk in forward. Returns ``(loss_sum, kd_sum, ce_sum, n_tokens, n_correct)``
+    where loss_sum = kd_sum + sft_alpha * ce_sum is the differentiable one."""
     rows, target = _supervised_rows(labels, ignore_index)
     vocab = min(student_head.shape[0], teacher_head.shape[0])
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])[rows]
-    h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])[rows]
+    with torch.no_grad():  # teacher logits: one chunk at a time too, never all rows
+        h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[rows]
     w_t = teacher_head.detach()
-    kd_sum = student_hidden.new_zeros((), dtype=torch.float32)
-    ce_sum = student_hidden.new_zeros((), dtype=torch.float32)
-    n_correct = torch.zeros((), dtype=torch.long, device=student_hidden.device)
-    grad = torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad)
-    args = (vocab, beta, temperature, top_k)
-    for hs, ht, tc in zip(h_s.split(chunk_size), h_t.split(chunk_size), target.split(chunk_size)):
-        if grad:
-            kd, ce, c = checkpoint(_kd_chunk, hs, student_head, ht, w_t, tc, *args, use_reentrant=False)
-        else:
-            kd, ce, c = _kd_chunk(hs, student_head, ht, w_t, tc, *args)
-        kd_sum, ce_sum, n_correct = kd_sum + kd, ce_sum + ce, n_correct + c
-    return kd_sum, ce_sum, torch.tensor(len(rows), device=student_hidden.device), n_correct
+
+    def row_loss(s_logits, h_t_c, t_c):
+        with torch.no_grad():
+            t_logits = (h_t_c @ w_t.T)[:, :vocab]
+        kd = _gjsd_rows(s_logits[:, :vocab], t_logits, beta, temperature, top_k)
+        ce = F.cross_entropy(s_logits, t_c, reduction="sum")
+        correct = (s_logits.detach().argmax(-1) == t_c).sum()
+        return kd + sft_alpha * ce, kd.detach(), ce.detach(), correct
+
+    n_tokens = torch.tensor(len(rows), device=student_hidden.device)
+    if torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad):
+        loss, kd, ce, correct = _FusedLinearLoss.apply(h_s, student_head, h_t, target, chunk_size, row_loss)
+        return loss, kd, ce, n_tokens, correct
+    loss = kd = ce = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+    correct = torch.zeros((), dtype=torch.long, device=student_hidden.device)
+    for h_c, ht_c, t_c in zip(h_s.split(chunk_size), h_t.split(chunk_size), target.split(chunk_size)):
+        l_c, k_c, c_c, n_c = row_loss((h_c @ student_head.T).float(), ht_c, t_c)
+        loss, kd, ce, correct = loss + l_c, kd + k_c, ce + c_c, correct + n_c
+    return loss, kd, ce, n_tokens, correct

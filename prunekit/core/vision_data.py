@@ -24,7 +24,8 @@ IMAGE_TAG = "<image>"  # ms-swift's placeholder in message content
 
 
 def without_video(cls):
-    """`cls` (a Qwen-VL style processor) without its video processor, which needs torchvision to even load."""
+    """Processor class `cls` (Qwen-VL style) without its video processor: that one needs torchvision even to
+    load, and images never use it. The class keeps `cls`'s name, so what it saves loads as `cls`."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         # ProcessorMixin pairs positional sub-processors with this signature's names, so the None is dropped
@@ -51,7 +52,8 @@ def load_processor(model_dir, trust_remote_code: bool = False):
     """The model directory's processor (``AutoProcessor``), which must handle images.
 
     Without torchvision, transformers cannot load a Qwen-VL processor at all (its video processor requires
-    it); images don't need it, so the same processor class is then built without the video processor.
+    it), nor one saved without a video processor; images need neither, so the same processor class is then
+    loaded without its video processor.
     """
     import transformers
     model_dir = Path(model_dir)
@@ -61,11 +63,15 @@ def load_processor(model_dir, trust_remote_code: bool = False):
                             "VLM's processor saved in the model directory")
     try:
         processor = transformers.AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    except ImportError as e:
+    except (ImportError, OSError) as e:  # no torchvision, or a directory saved without a video processor
         name = _processor_class_name(model_dir)
-        if "torchvision" not in str(e).lower() or not name or not hasattr(transformers, name):
+        cls = getattr(transformers, name, None) if name else None
+        if cls is None or "video_processor" not in cls.get_attributes():
             raise
-        processor = without_video(getattr(transformers, name)).from_pretrained(model_dir)
+        try:
+            processor = without_video(cls).from_pretrained(model_dir)
+        except Exception:
+            raise e from None
     if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
         raise PrunekitError(f"{model_dir}: {type(processor).__name__} is not an image processor with a tokenizer")
     return processor
@@ -200,9 +206,11 @@ def needs_processor(row: dict) -> bool:
     return bool(row.get("images")) or any(IMAGE_TAG in m["content"] for m in row["messages"])
 
 
-def tokenize_rows_vlm(tokenizer, rows: list[dict], max_length: int, model_dir, trust_remote_code: bool = False):
-    """Tokenise rows for a VLM: rows with images through the model's processor (loaded only if some row has
-    images), the others as text with ``tokenize_conversation``."""
+def tokenize_rows_vlm(tokenizer, rows: list[dict], max_length: int, model_dir, trust_remote_code: bool = False,
+                      source: str | Path = "") -> list[dict]:
+    """Tokenise rows for a VLM: rows with images through ``model_dir``'s processor (loaded only if some row has
+    images), the others as text with ``tokenize_conversation``. Errors name ``source`` (the data file) and the
+    row number, from 1."""
     from prunekit.core.data import tokenize_conversation
     processor = None
     samples = []
@@ -215,7 +223,7 @@ def tokenize_rows_vlm(tokenizer, rows: list[dict], max_length: int, model_dir, t
         try:
             samples.append(tokenize_vlm_conversation(processor, row["messages"], row.get("images") or [], max_length))
         except DataError as e:
-            raise DataError(f"row {n}: {e}") from None
+            raise DataError(f"{source} row {n}: {e}" if source else f"row {n}: {e}") from None
     return samples
 
 

@@ -58,12 +58,10 @@ class DistillObjective:
             teacher_hidden = teacher_backbone(**inputs, use_cache=False).last_hidden_state
         backbone, head = backbone_and_head(model)
         hidden = backbone(**inputs, use_cache=False).last_hidden_state
-        kd_sum, ce_sum, n_tokens, n_correct = chunked_generalized_jsd_loss(
+        loss, kd_sum, ce_sum, n_tokens, n_correct = chunked_generalized_jsd_loss(
             hidden, head.weight, teacher_hidden, teacher_head.weight, batch["labels"], beta=self.beta,
-            temperature=self.temperature, top_k=self.top_k, chunk_size=self.chunk_size)
-        loss = kd_sum + self.sft_alpha * ce_sum if self.sft_alpha else kd_sum
-        return {"loss_sum": loss, "n_tokens": n_tokens, "n_correct": n_correct,
-                "kd_sum": kd_sum.detach(), "ce_sum": ce_sum.detach()}
+            temperature=self.temperature, top_k=self.top_k, chunk_size=self.chunk_size, sft_alpha=self.sft_alpha)
+        return {"loss_sum": loss, "n_tokens": n_tokens, "n_correct": n_correct, "kd_sum": kd_sum, "ce_sum": ce_sum}
 
 
 def check_same_tokenizer(student_tok, teacher_tok, student: str, teacher: str) -> None:

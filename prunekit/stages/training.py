@@ -26,11 +26,17 @@ class TrainResult:
     metrics: dict
 
 
-def _samples(tokenizer, path, cfg, limit=None):
+def _samples(tokenizer, path, cfg, limit=None, is_vlm=False):
     rows = load_messages(path)
     if limit:
         rows = rows[:limit]
-    samples = tokenize_rows(tokenizer, rows, cfg.max_length)
+    if is_vlm:  # rows with images go through the model's processor
+        from prunekit.core.vision_data import tokenize_rows_vlm
+        samples = tokenize_rows_vlm(tokenizer, rows, cfg.max_length, cfg.model, cfg.trust_remote_code, source=path)
+        if cfg.packing and any("pixel_values" in s for s in samples):
+            raise PrunekitError(f"{path}: packing does not support image rows; set packing: false")
+    else:
+        samples = tokenize_rows(tokenizer, rows, cfg.max_length)
     samples = [s for s in samples if any(label != -100 for label in s["labels"][1:])]
     return pack_sequences(samples, cfg.max_length) if cfg.packing else samples
 
@@ -40,7 +46,7 @@ def build_worker(stage: str, cfg, device):
     import torch
     from prunekit.engine.objectives import DistillObjective, SFTObjective
     with quiet_transformers():
-        model, _ = load_model(Path(cfg.model), dtype="float32", trust_remote_code=cfg.trust_remote_code)
+        model, adapter = load_model(Path(cfg.model), dtype="float32", trust_remote_code=cfg.trust_remote_code)
         tokenizer = load_tokenizer(Path(cfg.model), trust_remote_code=cfg.trust_remote_code)
     if stage == "lora":
         from prunekit.core.lora import apply_lora
@@ -57,8 +63,8 @@ def build_worker(stage: str, cfg, device):
                                      top_k=cfg.top_k, sft_alpha=cfg.sft_alpha, chunk_size=cfg.loss_chunk_size)
     else:
         objective = SFTObjective(chunk_size=cfg.loss_chunk_size)
-    train_samples = _samples(tokenizer, cfg.train, cfg)
-    val_samples = _samples(tokenizer, cfg.val, cfg, cfg.eval_max_samples) if cfg.val else []
+    train_samples = _samples(tokenizer, cfg.train, cfg, is_vlm=adapter.is_vlm)
+    val_samples = _samples(tokenizer, cfg.val, cfg, cfg.eval_max_samples, is_vlm=adapter.is_vlm) if cfg.val else []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return model, objective, train_samples, val_samples, pad_id
 

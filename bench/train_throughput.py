@@ -81,7 +81,19 @@ def run_prunekit(args, distill: bool = False) -> dict:
     reporter.checkpoint = lambda *a, **k: None  # measure training steps, not checkpoint I/O
     data = samples(args.batch * world_size * args.steps, args.seq, STUDENT["vocab_size"])
     torch.cuda.synchronize()
-    train(model, objective, cfg, data, [], 0, reporter, device=device)
+    if args.profile:  # a kernel table of the steady state: where the step time goes
+        from torch.profiler import ProfilerActivity, profile, schedule
+        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                       schedule=schedule(wait=args.warmup, warmup=1, active=3))
+        log = reporter.log
+        reporter.log = lambda step, metrics: (log(step, metrics), prof.step())
+        with prof:
+            train(model, objective, cfg, data, [], 0, reporter, device=device)
+        if rank == 0:
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60),
+                  file=sys.stderr)
+    else:
+        train(model, objective, cfg, data, [], 0, reporter, device=device)
     lines = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()] if rank == 0 else []
     if rank != 0:
         return {}
@@ -184,6 +196,7 @@ def main():
     p.add_argument("--chunk", type=int, default=4096)
     p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--profile", action="store_true", help="print a kernel-time table of 3 steady-state steps")
     p.add_argument("--out", default="bench/results/train_throughput.json")
     args = p.parse_args()
     if args.all:

@@ -166,7 +166,7 @@ QWEN_VL_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-VLM_PROCESSORS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
+VLM_PROCESSORS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
 
 
 def build_tiny_vlm_processor(tokenizer_dir):
@@ -177,7 +177,8 @@ def build_tiny_vlm_processor(tokenizer_dir):
     from prunekit.core.vision_data import without_video
     tok = tf.AutoTokenizer.from_pretrained(tokenizer_dir)
     tok.add_special_tokens({"additional_special_tokens": VLM_SPECIAL_TOKENS})
-    kw = dict(patch_size=4, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 16 * 16, "longest_edge": 32 * 32})
+    kw = dict(patch_size=4, merge_size=2, temporal_patch_size=2,
+              size={"shortest_edge": 16 * 16, "longest_edge": 32 * 32})
     if tf.is_torchvision_available():
         return tf.Qwen2VLProcessor(tf.Qwen2VLImageProcessor(**kw), tok, tf.Qwen2VLVideoProcessor(**kw),
                                    chat_template=QWEN_VL_CHAT_TEMPLATE)

@@ -61,17 +61,24 @@ def load_processor(model_dir, trust_remote_code: bool = False):
     if not any((model_dir / f).is_file() for f in files):
         raise PrunekitError(f"{model_dir}: no processor files ({' / '.join(files)}); an image dataset needs the "
                             "VLM's processor saved in the model directory")
+    name = _processor_class_name(model_dir)
+    cls = getattr(transformers, name, None) if name else None
+    has_video = cls is not None and "video_processor" in cls.get_attributes()
+    if has_video and not transformers.is_torchvision_available():  # AutoProcessor would fail: don't even try
+        return _check_processor(without_video(cls).from_pretrained(model_dir), model_dir)
     try:
         processor = transformers.AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    except (ImportError, OSError) as e:  # no torchvision, or a directory saved without a video processor
-        name = _processor_class_name(model_dir)
-        cls = getattr(transformers, name, None) if name else None
-        if cls is None or "video_processor" not in cls.get_attributes():
+    except OSError as e:  # e.g. a directory saved without a video processor
+        if not has_video:
             raise
         try:
             processor = without_video(cls).from_pretrained(model_dir)
         except Exception:
             raise e from None
+    return _check_processor(processor, model_dir)
+
+
+def _check_processor(processor, model_dir: Path):
     if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
         raise PrunekitError(f"{model_dir}: {type(processor).__name__} is not an image processor with a tokenizer")
     return processor
@@ -129,7 +136,7 @@ def tokenize_vlm_conversation(processor, messages: list[dict], image_paths: Sequ
     image tokens) and, when there are images, ``pixel_values`` ``[n_patches, D]`` and ``image_grid_thw``
     ``[n_images, 3]`` tensors. Problems raise :class:`DataError` with a one-line message.
     """
-    paths = [str(p) for p in image_paths]
+    paths = [str(p) for p in image_paths or []]
     n_tags = 0
     for i, m in enumerate(messages):
         tags = m["content"].count(IMAGE_TAG)

@@ -18,6 +18,8 @@ import torch
 from prunekit.core.data import collate
 from prunekit.engine.strategy import STRATEGIES, LossModule, all_reduce_sum, world
 
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizer threads + forked workers deadlock
+
 TRAINER_STATE = "trainer_state.pt"
 MODEL_STATE = "model_state.pt"
 HF_DIR = "hf"
@@ -193,5 +195,3 @@ def _checkpoint(strategy, reporter, step: int, metrics: dict, final: bool) -> No
 
     reporter.checkpoint(step, metrics, write, all_ranks=strategy.all_ranks_write_checkpoint(), final=final)
 
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

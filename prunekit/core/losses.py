@@ -103,18 +103,40 @@ def chunked_causal_lm_loss(
     h = hidden.reshape(-1, hidden.shape[-1])[rows]
     n_tokens = torch.tensor(len(rows), device=hidden.device)
     if torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad):
-        loss_sum, n_correct = _FusedLinearLoss.apply(h, lm_head_weight, None, target, chunk_size, _ce_rows)
+        loss_sum, n_correct = _FusedLinearLoss.apply(h, lm_head_weight, None, target, chunk_size,
+                                                     _fast(_ce_rows, h.is_cuda))
         return loss_sum, n_tokens, n_correct
     loss_sum = hidden.new_zeros((), dtype=torch.float32)
     n_correct = torch.zeros((), dtype=torch.long, device=hidden.device)
     for h_c, t_c in zip(h.split(chunk_size), target.split(chunk_size)):
-        l_c, c_c = _ce_rows((h_c @ lm_head_weight.T).float(), None, t_c)
+        logits = (h_c @ lm_head_weight.T).float()
+        l_c, c_c = F.cross_entropy(logits, t_c, reduction="sum"), (logits.argmax(-1) == t_c).sum()
         loss_sum, n_correct = loss_sum + l_c, n_correct + c_c
     return loss_sum, n_tokens, n_correct
 
 
 def _ce_rows(logits: torch.Tensor, _extra, target: torch.Tensor):
-    return F.cross_entropy(logits, target, reduction="sum"), (logits.detach().argmax(-1) == target).sum()
+    """Summed cross-entropy of ``[N, V]`` logit rows, its gradient w.r.t. the logits (in the logits' dtype) and
+    the number of argmax hits, from closed forms (softmax - onehot) rather than autograd: one pass over the rows
+    for max/logsumexp/argmax and one to write the gradient once compiled."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    picked = x.gather(-1, target[:, None]).squeeze(-1)
+    grad = torch.exp(x - lse[:, None]) - F.one_hot(target, x.shape[-1]).to(x.dtype)
+    return (lse - picked).sum(), grad.to(logits.dtype), (x.argmax(-1) == target).sum()
+
+
+def _autograd_rows(fn: Callable) -> Callable:
+    """Wrap a row loss ``fn(logits, extra, target) -> (loss, *extras)`` into the ``(loss, grad, *extras)`` form
+    :class:`_FusedLinearLoss` takes, the gradient coming from autograd."""
+
+    def rows(logits, extra, target):
+        with torch.enable_grad():
+            x = logits.detach().requires_grad_()
+            loss, *rest = fn(x, extra, target)
+            (g,) = torch.autograd.grad(loss, x)
+        return (loss.detach(), g.to(logits.dtype), *rest)
+    return rows
 
 
 def _gjsd_rows(s: torch.Tensor, t: torch.Tensor, beta: float, temperature: float, top_k: int | None) -> torch.Tensor:
@@ -137,17 +159,25 @@ def _gjsd_rows(s: torch.Tensor, t: torch.Tensor, beta: float, temperature: float
     )
 
 
+def _kd_ce_rows(s_logits, t_logits, target, vocab: int, beta: float, temperature: float, top_k, sft_alpha: float):
+    """(kd + sft_alpha * ce, kd, ce, argmax hits) of student/teacher logit rows, all from one float32 upcast."""
+    s = s_logits.float()
+    kd = _gjsd_rows(s[:, :vocab], t_logits, beta, temperature, top_k)
+    ce = F.cross_entropy(s, target, reduction="sum")
+    return kd + sft_alpha * ce, kd.detach(), ce.detach(), (s.detach().argmax(-1) == target).sum()
+
+
 _COMPILED: dict = {}
 
 
-def _gjsd_rows_fast(on_gpu: bool):
-    """_gjsd_rows, torch.compile'd on GPU: its half-dozen elementwise passes over [rows, vocab] fuse into a few
-    kernels (they dominate the KD step otherwise). Eager elsewhere."""
+def _fast(fn: Callable, on_gpu: bool) -> Callable:
+    """``fn`` torch.compile'd on GPU: the half-dozen elementwise passes over [rows, vocab] of a row loss fuse into
+    a few kernels (they dominate the loss otherwise). Eager elsewhere."""
     if not on_gpu:
-        return _gjsd_rows
-    if "gjsd" not in _COMPILED:
-        _COMPILED["gjsd"] = torch.compile(_gjsd_rows, dynamic=True)
-    return _COMPILED["gjsd"]
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
 
 
 class _ChunkedRowLoss(torch.autograd.Function):
@@ -236,7 +266,7 @@ def generalized_jsd_loss(
 class _FusedLinearLoss(torch.autograd.Function):
     """sum over row chunks of `row_loss(h_c @ W.T, extra_c, target_c)`, with d/dh and d/dW computed chunk by chunk
     inside forward (the fused linear-loss trick): no B*S*V logits are kept, and nothing is recomputed in backward.
-    `row_loss` returns (loss to differentiate, *detached extras)."""
+    `row_loss` returns (loss, d loss / d logits, *detached extras)."""
 
     @staticmethod
     def forward(ctx, h, weight, extra, target, chunk_size, row_loss):
@@ -246,10 +276,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         extras = extra.split(chunk_size) if extra is not None else [None] * len(range(0, len(h), chunk_size))
         for h_c, e_c, t_c, start in zip(h.split(chunk_size), extras, target.split(chunk_size),
                                         range(0, len(h), chunk_size)):
-            with torch.enable_grad():
-                logits = (h_c @ weight.T).float().requires_grad_()
-                loss, *rest = row_loss(logits, e_c, t_c)
-                (g,) = torch.autograd.grad(loss, logits)
+            loss, g, *rest = row_loss(h_c @ weight.T, e_c, t_c)
             g = g.to(h.dtype)
             grad_h[start:start + len(h_c)] = g @ weight
             grad_w += (g.T @ h_c).float()
@@ -290,21 +317,126 @@ def chunked_generalized_jsd_loss(
         h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[rows]
     w_t = teacher_head.detach()
 
-    def row_loss(s_logits, h_t_c, t_c):
+    def kd_rows(s_logits, h_t_c, t_c):
         with torch.no_grad():
             t_logits = (h_t_c @ w_t.T)[:, :vocab]
-        kd = _gjsd_rows_fast(s_logits.is_cuda)(s_logits[:, :vocab], t_logits, beta, temperature, top_k)
-        ce = F.cross_entropy(s_logits, t_c, reduction="sum")
-        correct = (s_logits.detach().argmax(-1) == t_c).sum()
-        return kd + sft_alpha * ce, kd.detach(), ce.detach(), correct
+        return _fast(_kd_ce_rows, s_logits.is_cuda)(s_logits, t_logits, t_c, vocab, beta, temperature, top_k,
+                                                    sft_alpha)
 
     n_tokens = torch.tensor(len(rows), device=student_hidden.device)
     if torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad):
-        loss, kd, ce, correct = _FusedLinearLoss.apply(h_s, student_head, h_t, target, chunk_size, row_loss)
+        loss, kd, ce, correct = _FusedLinearLoss.apply(h_s, student_head, h_t, target, chunk_size,
+                                                       _autograd_rows(kd_rows))
         return loss, kd, ce, n_tokens, correct
+    loss = kd = ce = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+    correct = torch.zeros((), dtype=torch.long, device=student_hidden.device)
+    for h_c, ht_c, t_c in zip(h_s.split(chunk_size), h_t.split(chunk_size), target.split(chunk_size)):
+        l_c, k_c, c_c, n_c = kd_rows(h_c @ student_head.T, ht_c, t_c)
+        loss, kd, ce, correct = loss + l_c, kd + k_c, ce + c_c, correct + n_c
+    return loss, kd, ce, n_tokens, correct
     loss = kd = ce = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
     correct = torch.zeros((), dtype=torch.long, device=student_hidden.device)
     for h_c, ht_c, t_c in zip(h_s.split(chunk_size), h_t.split(chunk_size), target.split(chunk_size)):
         l_c, k_c, c_c, n_c = row_loss((h_c @ student_head.T).float(), ht_c, t_c)
         loss, kd, ce, correct = loss + l_c, kd + k_c, ce + c_c, correct + n_c
     return loss, kd, ce, n_tokens, correct
+
+
+# ---- RL policy losses (GRPO, GSPO) --------------------------------------------------------------------------------
+
+AGGREGATIONS = ("grpo", "dapo", "dr_grpo")
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    level: str = "token",
+    eps: float = 0.2,
+    eps_high: float | None = None,
+    aggregation: str = "grpo",
+    max_len: int | None = None,
+    ref_logp: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped policy-gradient loss of GRPO (``level="token"``) or GSPO (``level="sequence"``) as a sum.
+
+    Args:
+        logp, old_logp: ``[B, T]`` log-probabilities of the sampled response tokens under the current policy and
+            the policy that generated them (positions where ``mask`` is 0 are ignored).
+        advantages: ``[B]`` one advantage per response.
+        mask: ``[B, T]`` 1 on response tokens.
+        level: ``token``: ratio r_t = exp(logp_t - old_logp_t) clipped per token (GRPO/PPO).
+            ``sequence``: s = exp(mean_t(logp_t - old_logp_t)), the length-normalised sequence ratio, clipped per
+            response (GSPO); every token of a response then carries its response's loss.
+        eps, eps_high: the ratio is clipped to [1 - eps, 1 + eps_high] (eps_high defaults to eps).
+        aggregation: ``grpo``: mean over responses of the per-response token mean; ``dapo``: mean over all tokens;
+            ``dr_grpo``: token sum / (responses * max_len) (a constant normaliser; max_len defaults to T).
+        ref_logp, kl_beta: adds ``kl_beta`` * k3-KL(policy || reference) per token when both are given.
+
+    Returns:
+        ``(loss_sum, normaliser, stats)``: the loss is ``loss_sum / normaliser``; both are sums over this batch so
+        callers can add them over micro-batches and ranks first. ``stats`` holds detached sums: ``clipped`` and
+        ``clip_count`` (tokens for GRPO, responses for GSPO), ``kl_sum``, ``n_tokens``, ``ratio_sum``.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
+    if level not in ("token", "sequence"):
+        raise ValueError(f"level must be 'token' or 'sequence', got {level!r}")
+    eps_high = eps if eps_high is None else eps_high
+    mask = mask.to(logp.dtype)
+    adv = advantages.to(logp.dtype)
+    lengths = mask.sum(1)
+    log_ratio = (logp - old_logp) * mask
+    if level == "token":
+        ratio = torch.exp(log_ratio)
+        unclipped = -adv[:, None] * ratio
+        clipped = -adv[:, None] * ratio.clamp(1 - eps, 1 + eps_high)
+        token_loss = torch.maximum(unclipped, clipped)
+        is_clipped = ((clipped > unclipped).to(logp.dtype) * mask).sum()
+        clip_count = lengths.sum()
+        ratio_sum = (ratio.detach() * mask).sum()
+    else:
+        seq_ratio = torch.exp(log_ratio.sum(1) / lengths.clamp(min=1))
+        unclipped = -adv * seq_ratio
+        clipped = -adv * seq_ratio.clamp(1 - eps, 1 + eps_high)
+        seq_loss = torch.maximum(unclipped, clipped)
+        token_loss = seq_loss[:, None].expand_as(mask)
+        has_tokens = (lengths > 0).to(logp.dtype)
+        is_clipped = ((clipped > unclipped).to(logp.dtype) * has_tokens).sum()
+        clip_count = has_tokens.sum()
+        ratio_sum = (seq_ratio.detach() * has_tokens).sum()
+    kl_sum = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    if ref_logp is not None and kl_beta:
+        delta = (ref_logp - logp) * mask
+        kl = (torch.exp(delta) - delta - 1) * mask  # k3 estimator: unbiased, always >= 0
+        token_loss = token_loss + kl_beta * kl
+        kl_sum = kl.detach().sum()
+    masked = token_loss * mask
+    if aggregation == "grpo":
+        loss_sum = (masked.sum(1) / lengths.clamp(min=1)).sum()
+        normaliser = (lengths > 0).sum().to(logp.dtype)
+    elif aggregation == "dapo":
+        loss_sum, normaliser = masked.sum(), lengths.sum()
+    else:
+        loss_sum = masked.sum()
+        normaliser = torch.tensor(float(mask.shape[0] * (max_len or mask.shape[1])), dtype=logp.dtype,
+                                  device=logp.device)
+    stats = {"clipped": is_clipped.detach(), "clip_count": clip_count.detach(), "kl_sum": kl_sum,
+             "n_tokens": lengths.sum().detach(), "ratio_sum": ratio_sum}
+    return loss_sum, normaliser, stats
+
+
+@register_loss("grpo")
+def grpo_loss(logp, old_logp, advantages, mask, eps: float = 0.2, eps_high: float | None = None, **kw):
+    """GRPO: token-level clipped ratio (see :func:`policy_loss`)."""
+    return policy_loss(logp, old_logp, advantages, mask, level="token", eps=eps, eps_high=eps_high, **kw)
+
+
+@register_loss("gspo")
+def gspo_loss(logp, old_logp, advantages, mask, eps: float = 3e-4, eps_high: float | None = 4e-4, **kw):
+    """GSPO: sequence-level, length-normalised ratio clipped to [1 - 3e-4, 1 + 4e-4] by default."""
+    return policy_loss(logp, old_logp, advantages, mask, level="sequence", eps=eps, eps_high=eps_high, **kw)
+

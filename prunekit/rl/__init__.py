@@ -1,0 +1,1 @@
+"""Reinforcement learning with verifiable rewards: rollout actors, rewards, advantages, the RL driver."""

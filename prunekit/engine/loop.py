@@ -115,17 +115,12 @@ def evaluate_distributed(strategy, samples, pad_id: int, batch_size: int, device
     return {"eval/loss": sums[0].item() / n, "eval/token_acc": sums[2].item() / n, "eval/tokens": int(sums[1])}
 
 
-def train(model, objective, cfg, train_samples, val_samples, pad_id: int, reporter, device=None) -> dict:
-    """Run the loop; returns the last metrics. `reporter.restore()` gives a checkpoint dir to resume from (or None)."""
-    rank, world_size = world()
-    device = device or torch.device("cpu")
-    torch.manual_seed(cfg.seed)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    steps = total_steps(cfg, len(train_samples), world_size)
+def setup_strategy(model, objective, cfg, scheduler_steps: int, reporter, device) -> tuple:
+    """Restore the newest checkpoint `reporter` has (model weights before wrapping, optimizer/scheduler state
+    after), cast, compile and wrap: returns (strategy, the step to start from). Shared with the RL learners."""
     start_step, state = 0, None
     resume_dir = reporter.restore()
-    if resume_dir is not None:  # model weights before wrapping, optimizer/scheduler state after
+    if resume_dir is not None:
         model.load_state_dict(torch.load(Path(resume_dir) / MODEL_STATE, map_location="cpu", weights_only=True))
         state = torch.load(Path(resume_dir) / TRAINER_STATE, map_location="cpu", weights_only=False)
         start_step = state["step"]
@@ -135,9 +130,21 @@ def train(model, objective, cfg, train_samples, val_samples, pad_id: int, report
     if cfg.compile:
         compile_layers(model)
     strategy = STRATEGIES[cfg.ray.strategy](LossModule(model, objective), device, cfg)
-    strategy.setup(make_optimizer_factory(cfg), make_scheduler_factory(cfg, steps))
+    strategy.setup(make_optimizer_factory(cfg), make_scheduler_factory(cfg, scheduler_steps))
     if state is not None:
         strategy.load_trainer_state(state["strategy"], Path(resume_dir))
+    return strategy, start_step
+
+
+def train(model, objective, cfg, train_samples, val_samples, pad_id: int, reporter, device=None) -> dict:
+    """Run the loop; returns the last metrics. `reporter.restore()` gives a checkpoint dir to resume from (or None)."""
+    rank, world_size = world()
+    device = device or torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    steps = total_steps(cfg, len(train_samples), world_size)
+    strategy, start_step = setup_strategy(model, objective, cfg, steps, reporter, device)
     order = DataOrder(len(train_samples), cfg.seed)
     reporter.start(start_step, steps)
     if val_samples and start_step == 0:  # the step-0 baseline every curve is compared against

@@ -92,6 +92,9 @@ class DistillConfig(TrainConfig):
     temperature: float = 1.0
     sft_alpha: float = 0.0                    # weight of the plain cross-entropy mixed into the KD loss
     top_k: int | None = None                  # keep only the teacher's top-k logits
+    # same_gpu: teacher beside the student; own_gpu: each worker takes 2 GPUs (ray.gpus_per_worker: 2) and the
+    # teacher's forward runs on the second, concurrently with the student's step
+    teacher_placement: Literal["same_gpu", "own_gpu"] = "same_gpu"
 
     @field_validator("beta")
     @classmethod
@@ -110,6 +113,168 @@ class LoraTrainConfig(TrainConfig):
 
 
 STAGE_CONFIGS = {"sft": TrainConfig, "distill": DistillConfig, "lora": LoraTrainConfig}
+
+
+class RewardSpec(Strict):
+    fn: str                                   # built-in name, path/to/file.py:function or package.module:function
+    weight: float = 1.0
+    name: str | None = None                   # metric name (default: the function's name)
+    kwargs: dict = {}                         # passed to the function (e.g. column: answer)
+
+
+class RLAlgorithmConfig(Strict):
+    name: Literal["grpo", "gspo"] = "grpo"
+    eps: float | None = None                  # clip 1 - eps (default: grpo 0.2, gspo 3e-4)
+    eps_high: float | None = None             # clip 1 + eps_high (default: grpo eps, gspo 4e-4)
+    aggregation: Literal["grpo", "dapo", "dr_grpo"] = "grpo"  # per-response mean | token mean | constant normaliser
+    advantage_scale: Literal["group", "batch", "none"] = "group"
+    kl_beta: float = 0.0                      # k3 KL to the frozen initial model
+    epochs: int = 1                           # passes over each generation batch
+    mini_batches: int = 1                     # optimizer steps per pass
+    micro_batch_size: int = 8                 # responses per forward on each learner
+
+    def clip(self) -> tuple[float, float]:
+        eps = self.eps if self.eps is not None else (0.2 if self.name == "grpo" else 3e-4)
+        high = self.eps_high if self.eps_high is not None else (eps if self.name == "grpo" else 4e-4)
+        return eps, high
+
+
+class RolloutConfig(Strict):
+    backend: Literal["auto", "vllm", "transformers"] = "auto"  # auto: vLLM where installed and supported
+    num_actors: int = 1
+    n: int = 8                                # samples per prompt (the group)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    cpus_per_actor: float = 1
+    gpus_per_actor: float = 0                 # 0: CPU; 1: own GPU; < 1 shares a GPU (e.g. with a learner)
+    gpu_memory_utilization: float = 0.4       # vLLM on GPU
+    max_model_len: int = 1024                 # vLLM
+    batch_size: int = 64                      # transformers: sequences per generate call
+    fast: bool | None = None                  # transformers: static KV cache + compiled decode (default: on GPU)
+
+
+class RLConfig(Strict):
+    """`prunekit rl`: rollout actors generate, rewards score, learners (the training engine) update."""
+    model: str
+    prompts: Path                             # JSONL/JSON rows: `prompt` (text or messages) + columns for rewards
+    prompt_column: str = "prompt"
+    system_prompt: str | None = None
+    max_prompt_length: int = 512
+    output_dir: Path
+    name: str | None = None
+    storage_path: Path = Path("runs")
+    max_steps: int = 100                      # generation batches
+    prompts_per_step: int = 8
+    rewards: list[RewardSpec]
+    algorithm: RLAlgorithmConfig = RLAlgorithmConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    lr: float = 1e-6
+    scheduler: Literal["cosine", "linear", "constant"] = "constant"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    bf16: bool = False
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    save_interval: int = 50
+    seed: int = 0
+    loss_chunk_size: int = 1024
+    trust_remote_code: bool = False
+    overwrite: bool = False
+    ray: RayConfig = RayConfig()              # learners: num_workers, strategy (ddp | fsdp), use_gpu, ...
+    wandb: WandbConfig = WandbConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        for key in ("max_steps", "prompts_per_step", "save_interval", "max_prompt_length"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1")
+        for key in ("n", "max_new_tokens", "num_actors", "batch_size"):
+            if getattr(self.rollout, key) < 1:
+                raise ValueError(f"rollout.{key} must be >= 1")
+        for key in ("epochs", "mini_batches", "micro_batch_size"):
+            if getattr(self.algorithm, key) < 1:
+                raise ValueError(f"algorithm.{key} must be >= 1")
+        if self.ray.strategy == "deepspeed":
+            raise ValueError("ray.strategy: the RL learners support ddp and fsdp")
+        samples = self.prompts_per_step * self.rollout.n
+        parts = self.ray.num_workers * self.algorithm.mini_batches
+        if samples % parts:
+            raise ValueError(f"prompts_per_step * rollout.n = {samples} must split evenly over ray.num_workers * "
+                             f"algorithm.mini_batches = {parts}")
+        if not self.rewards:
+            raise ValueError("rewards: at least one reward is needed")
+        return self
+
+
+STAGE_CONFIGS["rl"] = RLConfig
+
+
+class KnockoutCandidates(Strict):
+    text: str | int | list[int] | None = "all"      # text layers: all | "3,5-7" | [3, 5] | null
+    vision: str | int | list[int] | None = None     # vision blocks, same forms
+    group_size: int | list[int] = 1                 # 2: runs of 2 consecutive layers; [1, 2]: singles and pairs
+    groups: list[str] = []                          # extra candidates: "text:4-5", "vision:0,1", "text:3+vision:1"
+
+    @field_validator("group_size")
+    @classmethod
+    def _sizes(cls, v):
+        sizes = [v] if isinstance(v, int) else v
+        if not sizes or any(s < 1 for s in sizes):
+            raise ValueError("must be >= 1")
+        return sizes
+
+
+class KnockoutTune(Strict):
+    """Ray Tune: one trial per candidate (one process; several share a GPU with a fractional gpus_per_trial)."""
+    cpus_per_trial: float = 1
+    gpus_per_trial: float = 0                 # 0: CPU trials; 0.25 packs four small trials on one GPU
+    max_concurrent_trials: int | None = None  # None: as many as the resources allow
+    asha: bool = False                        # ASHA early stopping on eval loss (key layers stop early)
+    asha_grace_steps: int = 10
+    asha_reduction_factor: int = 2
+    max_trials: int | None = None             # run at most this many unfinished trials now; the rest next time
+    reuse_actors: bool = True                 # one process runs trial after trial (imports and CUDA init once)
+
+
+class KnockoutConfig(TrainConfig):
+    """`prunekit knockout`: per candidate, remove it, run a short SFT through the training engine, evaluate."""
+    output_dir: Path                          # the report directory
+    max_steps: int | None = 50
+    eval_interval: int = 10
+    save_interval: int = 10 ** 9              # trials keep no checkpoints
+    log_interval: int = 5                     # report to Ray Tune every this many steps (and at every eval)
+    candidates: KnockoutCandidates = KnockoutCandidates()
+    tune: KnockoutTune = KnockoutTune()
+    free_ratio: float = 0.95                  # verdict free: final token_acc >= this x baseline
+    recoverable_ratio: float = 0.90           # verdict recoverable: >= this x baseline; key below
+    spike_window: float = 0.25                # early-spike flag: the first this fraction of steps ...
+    spike_margin: float = 0.25                # ... train loss on average more than this above the baseline's
+    max_params_fraction: float = 0.25         # plan budget
+    max_layers: int = 10
+    importance: bool = True                   # training-free scores beside the knockout (one extra Ray task)
+    importance_samples: int = 32
+    test_fail_candidates: list[str] = []      # test-only: these trials raise (error reporting tests)
+
+    @model_validator(mode="after")
+    def _knockout(self):
+        if self.ray.num_workers != 1 or self.ray.strategy != "ddp" or self.ray.use_gpu:
+            raise ValueError("ray: a knockout trial is one process; set its resources with tune.cpus_per_trial / "
+                             "tune.gpus_per_trial")
+        if self.max_steps is None:
+            raise ValueError("max_steps: a knockout trial needs a step count")
+        if not 0 < self.max_params_fraction <= 1 or self.max_layers < 1:
+            raise ValueError("max_params_fraction must be in (0, 1] and max_layers >= 1")
+        if not 0 < self.recoverable_ratio <= self.free_ratio:
+            raise ValueError("need 0 < recoverable_ratio <= free_ratio")
+        if self.tune.cpus_per_trial <= 0 or self.tune.gpus_per_trial < 0:
+            raise ValueError("tune.cpus_per_trial must be > 0 and tune.gpus_per_trial >= 0")
+        return self
+
+
+STAGE_CONFIGS["knockout"] = KnockoutConfig
 
 
 def _set_dotted(d: dict, dotted: str, value) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -13,21 +12,9 @@ from prunekit.engine.reporting import RunLogger, crash_once
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to `address`, else to a running cluster, else start a local one (quietly)."""
-    import ray
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    if address:
-        try:
-            ray.init(address=address, log_to_driver=True)
-        except Exception as e:
-            raise PrunekitError(f"ray.address {address}: cannot connect ({str(e).splitlines()[0][:200]})") from None
-        return
-    try:
-        ray.init(address="auto", log_to_driver=True)
-    except (ConnectionError, RuntimeError, ValueError):
-        ray.init(include_dashboard=False, log_to_driver=True)
+    """Connect to `address`, else to this process's cluster, else start a local one (see distributed.cluster)."""
+    from prunekit.distributed.cluster import connect
+    connect(address)
 
 
 class RayTrainReporter(RunLogger):
@@ -72,7 +59,10 @@ def _worker(config: dict) -> None:
     device = ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    model, objective, train_samples, val_samples, pad_id = build_worker(config["stage"], cfg, device)
+    teacher_device = None
+    if getattr(cfg, "teacher_placement", "same_gpu") == "own_gpu":  # the worker holds 2 GPUs: the teacher takes the 2nd
+        teacher_device = ray.train.torch.get_devices()[1]
+    model, objective, train_samples, val_samples, pad_id = build_worker(config["stage"], cfg, device, teacher_device)
     reporter = RayTrainReporter(Path(config["run_dir"]), config["name"], cfg)
     train(model, objective, cfg, train_samples, val_samples, pad_id, reporter, device=device)
 

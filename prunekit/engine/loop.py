@@ -93,7 +93,14 @@ def total_steps(cfg, n_samples: int, world_size: int) -> int:
 
 
 def _to(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
+    """Host batch -> device. An all-ones attention mask (no padding) is dropped: the model then runs plain causal
+    attention (flash kernels, no mask check that would sync the GPU)."""
+    mask = batch.get("attention_mask")
+    if mask is not None and "pixel_values" not in batch and bool(mask.all()):
+        batch = {k: v for k, v in batch.items() if k != "attention_mask"}
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -150,16 +157,20 @@ def train(model, objective, cfg, train_samples, val_samples, pad_id: int, report
     if val_samples and start_step == 0:  # the step-0 baseline every curve is compared against
         reporter.log(0, evaluate_distributed(strategy, val_samples, pad_id, cfg.batch_size, device))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.bf16) and cfg.param_dtype != "bfloat16")
+    def host_batches(step: int) -> list[dict]:
+        return [collate(mb, pad_id) for mb in step_microbatches(train_samples, order, step, cfg.batch_size,
+                                                                cfg.grad_accum, rank, world_size)]
+
     metrics: dict = {}
+    micro = host_batches(start_step) if start_step < steps else []
     for step in range(start_step, steps):
         t0 = time.time()
         if cfg.test_crash_at_step is not None and step == cfg.test_crash_at_step:
             reporter.maybe_crash(step)
-        micro = [collate(mb, pad_id) for mb in step_microbatches(train_samples, order, step, cfg.batch_size,
-                                                                 cfg.grad_accum, rank, world_size)]
         # token-weighted: every supervised token of the global batch counts once, whatever rank or micro-batch
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)  # on the host: no sync
-        global_tokens = all_reduce_sum(torch.tensor([float(local_tokens)], device=device)).item()
+        global_tokens = local_tokens if world_size == 1 else all_reduce_sum(
+            torch.tensor([float(local_tokens)], device=device)).item()
         sums = torch.zeros(3, dtype=torch.float64, device=device)
         for i, batch in enumerate(micro):
             with strategy.no_sync(i < len(micro) - 1), autocast:
@@ -169,6 +180,9 @@ def train(model, objective, cfg, train_samples, val_samples, pad_id: int, report
             sums += torch.stack([out["loss_sum"].detach().double(), out["n_tokens"].double(),
                                  out["n_correct"].double()])
         grad_norm = strategy.step()
+        # the next step's batches are built on the host while the GPU still works through this step's queue
+        micro = host_batches(step + 1) if step + 1 < steps else []
+        grad_norm = float(grad_norm)
         sums = all_reduce_sum(sums).cpu()
         n = max(sums[1].item(), 1)
         metrics = {"train/loss": sums[0].item() / n, "train/token_acc": sums[2].item() / n, "train/lr": strategy.lr(),

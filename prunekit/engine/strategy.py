@@ -53,7 +53,8 @@ class Strategy:
         if world()[1] > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.wrapped = DDP(self.module, device_ids=ids)
+            # grads live in the all-reduce buckets: no copy in and out of them every step
+            self.wrapped = DDP(self.module, device_ids=ids, gradient_as_bucket_view=True)
         self.optimizer = make_optimizer(self.module.parameters())
         self.scheduler = make_scheduler(self.optimizer)
 
@@ -66,14 +67,15 @@ class Strategy:
     def backward(self, loss):
         loss.backward()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
+        """Clip, step, zero; returns the pre-clip gradient norm as a tensor (reading it would wait for the GPU)."""
         params = [p for p in self.module.parameters() if p.grad is not None]
         clip = self.cfg.grad_clip or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.tensor(0.0)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -164,9 +166,9 @@ class DeepSpeedStrategy(Strategy):
         self.wrapped.backward(loss, scale_wrt_gas=False)  # the loss is already normalised by the step's tokens
         self.wrapped.step()  # a no-op until the accumulation boundary
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         norm = self.wrapped.get_global_grad_norm()
-        return float(norm) if norm is not None else 0.0
+        return torch.as_tensor(float(norm) if norm is not None else 0.0)
 
     def model_state_dict(self) -> dict:
         if self.cfg.ray.zero_stage == 3:

@@ -41,8 +41,9 @@ def _samples(tokenizer, path, cfg, limit=None, is_vlm=False):
     return pack_sequences(samples, cfg.max_length) if cfg.packing else samples
 
 
-def build_worker(stage: str, cfg, device):
-    """Model (with LoRA for `lora`), objective, tokenized train/val samples and the pad id, on one worker."""
+def build_worker(stage: str, cfg, device, teacher_device=None):
+    """Model (with LoRA for `lora`), objective, tokenized train/val samples and the pad id, on one worker.
+    The distillation teacher goes to `teacher_device` (default: the student's)."""
     import torch
     from prunekit.engine.objectives import DistillObjective, SFTObjective
     with quiet_transformers():
@@ -59,7 +60,7 @@ def build_worker(stage: str, cfg, device):
         if cfg.compile:
             from prunekit.engine.loop import compile_layers
             compile_layers(teacher)
-        objective = DistillObjective(teacher.to(device), beta=cfg.beta, temperature=cfg.temperature,
+        objective = DistillObjective(teacher.to(teacher_device or device), beta=cfg.beta, temperature=cfg.temperature,
                                      top_k=cfg.top_k, sft_alpha=cfg.sft_alpha, chunk_size=cfg.loss_chunk_size)
     else:
         objective = SFTObjective(chunk_size=cfg.loss_chunk_size)
@@ -81,6 +82,8 @@ def validate(stage: str, cfg) -> None:
     check_output_dir(cfg.output_dir, [Path(cfg.model)], cfg.overwrite)
     if stage == "distill":
         from prunekit.engine.objectives import check_same_tokenizer
+        if cfg.teacher_placement == "own_gpu" and not (cfg.ray.use_gpu and cfg.ray.gpus_per_worker >= 2):
+            raise PrunekitError("teacher_placement: own_gpu needs ray.use_gpu: true and ray.gpus_per_worker: 2")
         cfg.teacher = str(resolve_model(cfg.teacher).resolve())
         with quiet_transformers():
             check_same_tokenizer(load_tokenizer(Path(cfg.model)), load_tokenizer(Path(cfg.teacher)),

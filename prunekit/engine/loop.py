@@ -157,6 +157,7 @@ def train(model, objective, cfg, train_samples, val_samples, pad_id: int, report
     if val_samples and start_step == 0:  # the step-0 baseline every curve is compared against
         reporter.log(0, evaluate_distributed(strategy, val_samples, pad_id, cfg.batch_size, device))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.bf16) and cfg.param_dtype != "bfloat16")
+
     def host_batches(step: int) -> list[dict]:
         return [collate(mb, pad_id) for mb in step_microbatches(train_samples, order, step, cfg.batch_size,
                                                                 cfg.grad_accum, rank, world_size)]

@@ -115,6 +115,42 @@ def cmd_demo(args) -> None:
     demo(args.model, args.out, overwrite=True)
 
 
+def cmd_importance(args) -> None:
+    from prunekit.stages.importance import importance
+    from prunekit.core.surgery import parse_index_list
+    result = importance(args.model, args.data, args.out, samples=args.samples, max_length=args.max_length,
+                        batch_size=args.batch_size, angular_n=tuple(parse_index_list(args.angular_n, "--angular-n")),
+                        nll=not args.no_nll, device=args.device, overwrite=args.overwrite,
+                        trust_remote_code=args.trust_remote_code)
+    for component in ("text", "vision"):
+        scores = result.scores.get(component)
+        if scores:
+            order = scores["least_important_first"]
+            print(f"{component}: least important first by " + "; ".join(f"{m}: {v[:6]}" for m, v in order.items()))
+    print(f"wrote {result.output}")
+
+
+KNOCKOUT_FLAGS = [("--model", "model"), ("--train", "train"), ("--val", "val"), ("--output-dir", "output_dir"),
+                  ("--name", "name"), ("--max-steps", "max_steps"), ("--storage-path", "storage_path")]
+
+
+def cmd_knockout(args) -> None:
+    from prunekit.config import load_config
+    from prunekit.stages.knockout import knockout
+    overrides = {key: getattr(args, flag.lstrip("-").replace("-", "_")) for flag, key in KNOCKOUT_FLAGS}
+    if args.overwrite:
+        overrides["overwrite"] = True
+    overrides.update(_parse_set(args.set))
+    result = knockout(load_config("knockout", args.config, overrides), resume=args.resume)
+    counts = {v: sum(1 for r in result.rows if r.get("verdict") == v) for v in ("free", "recoverable", "key")}
+    print(f"knockout {result.name}: ran {len(result.ran)} trial(s) now; verdicts {counts}; "
+          f"{len(result.errors)} error(s); plan drops text {result.plan['drop_text']} vision "
+          f"{result.plan['drop_vision']} ({result.plan['params_fraction']:.1%} of the parameters)")
+    for cid, msg in result.errors.items():
+        print(f"  error {cid}: {msg.splitlines()[0][:200] if msg else 'failed'}")
+    print(f"wrote {result.output}  (run: {result.run_dir})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunekit", description="Make language and vision-language models smaller.")
     parser.add_argument("--version", action="version", version=f"prunekit {__version__}")
@@ -174,6 +210,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2")
     p.add_argument("-o", "--out", default="prunekit-demo", help="directory for the demo's outputs")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("importance", help="training-free layer importance (block influence, angular, NLL-drop)")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--data", required=True, help="calibration conversations (messages JSON/JSONL, images for VLMs)")
+    p.add_argument("-o", "--out", required=True, help="output directory: importance.json + one PNG per metric")
+    p.add_argument("--samples", type=int, default=32, help="calibration conversations to use")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--angular-n", default="1,2", help="block sizes for the angular distance, e.g. 1,2,4")
+    p.add_argument("--no-nll", action="store_true", help="skip NLL-drop (one forward pass per layer)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=cmd_importance)
+
+    p = sub.add_parser("knockout", help="knockout sweep on Ray Tune: remove each candidate, short SFT, eval")
+    p.add_argument("--config", default=None, help="YAML config (flags override it), e.g. recipes/knockout.yaml")
+    for flag, _ in KNOCKOUT_FLAGS:
+        p.add_argument(flag, default=None, type=int if flag == "--max-steps" else str)
+    p.add_argument("--resume", action="store_true", help="continue the sweep of this name (run unfinished trials)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty report directory")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. tune.gpus_per_trial=0.5")
+    p.set_defaults(func=cmd_knockout)
     return parser
 
 

@@ -215,7 +215,7 @@ STAGE_CONFIGS["rl"] = RLConfig
 class KnockoutCandidates(Strict):
     text: str | int | list[int] | None = "all"      # text layers: all | "3,5-7" | [3, 5] | null
     vision: str | int | list[int] | None = None     # vision blocks, same forms
-    group_size: int | list[int] = 1                 # 2: runs of 2 consecutive layers; [1, 2]: singles and pairs
+    group_size: int | list[int] = [1]               # 2: runs of 2 consecutive layers; [1, 2]: singles and pairs
     groups: list[str] = []                          # extra candidates: "text:4-5", "vision:0,1", "text:3+vision:1"
 
     @field_validator("group_size")

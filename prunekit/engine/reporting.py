@@ -21,6 +21,7 @@ def wandb_mode(mode: str) -> str:
 
 class RunLogger:
     """Rank-0 logging: a JSONL line per logged step, wandb (offline without an API key), and a tqdm bar."""
+    progress_bar = True  # off where many runs share one console (knockout trials)
 
     def __init__(self, run_dir: Path, run_name: str, cfg):
         self.run_dir, self.run_name, self.cfg = Path(run_dir), run_name, cfg
@@ -41,6 +42,8 @@ class RunLogger:
             self.wandb = wandb.init(project=self.cfg.wandb.project, name=self.run_name, id=self.run_name,
                                     resume="allow", mode=mode, dir=str(self.run_dir),
                                     config=self.cfg.model_dump(mode="json"), reinit="finish_previous")
+        if not self.progress_bar:
+            return
         from tqdm.auto import tqdm
         self.bar = tqdm(total=total, initial=start_step, desc=self.run_name, unit="step", dynamic_ncols=True)
 

@@ -1,0 +1,225 @@
+"""Ray Tune at the edge of the knockout: one trial per candidate, the base weights and tokenized data put into the
+object store once, per-trial resources (CPUs, a GPU or a fraction of one), max_concurrent_trials, optional ASHA.
+
+Trials report every few steps through `tune.report`; a driver-side callback keeps each trial's curve and writes
+`trials/<candidate>/result.json` the moment the trial ends (`error.json` if it failed), so an interrupted sweep
+keeps everything that finished and the next run of the same name starts only the rest.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from prunekit.distributed.train import ensure_ray
+from prunekit.engine.reporting import RunLogger, crash_once
+
+# metrics a trial forwards to Tune (names without "/": Tune flattens nested keys on "/")
+FORWARD = {"train/loss": "train_loss", "train/token_acc": "train_token_acc", "train/lr": "train_lr",
+           "train/tokens_per_s": "train_tokens_per_s", "eval/loss": "eval_loss", "eval/token_acc": "eval_token_acc"}
+
+
+class TuneTrialReporter(RunLogger):
+    """The engine's reporter inside a Tune trial: JSONL + wandb (per trial) locally, and every `log_interval`
+    steps (and at every eval) one `tune.report` carrying the train losses of the steps since the last one."""
+    progress_bar = False  # many trials share one console
+
+    def __init__(self, run_dir: Path, run_name: str, cfg, total_steps: int):
+        super().__init__(run_dir, run_name, cfg)
+        self.total = total_steps
+        self.pending_losses: list[list] = []
+        self.last_eval: dict = {}
+
+    def restore(self):
+        return None  # a trial is short: an interrupted one starts again
+
+    def start(self, start_step: int, total: int) -> None:
+        (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)  # an earlier, unfinished attempt's lines
+        super().start(start_step, total)
+
+    def log(self, step: int, metrics: dict) -> None:
+        from ray import tune
+        super().log(step, metrics)
+        if "train/loss" in metrics:
+            self.pending_losses.append([step, metrics["train/loss"]])
+        fresh_eval = "eval/loss" in metrics
+        if fresh_eval:
+            self.last_eval = {FORWARD[k]: metrics[k] for k in ("eval/loss", "eval/token_acc")}
+        if fresh_eval or step % self.cfg.log_interval == 0 or step == self.total:
+            out = {"step": step, "fresh_eval": fresh_eval, "train_losses": self.pending_losses, **self.last_eval}
+            out.update({FORWARD[k]: v for k, v in metrics.items() if k in FORWARD and not k.startswith("eval/")})
+            tune.report(out)
+            self.pending_losses = []
+
+    def checkpoint(self, step, metrics, write_fn, all_ranks, final) -> None:
+        pass  # trials keep no checkpoints
+
+    def maybe_crash(self, step: int) -> None:
+        crash_once(self.run_dir, step)
+
+
+def _trial(config: dict, shared: list) -> None:
+    """A Tune trial: pull the shared base from the object store and run one knockout trial in this process."""
+    import ray
+    import torch
+    from ray import tune
+    from prunekit.config import KnockoutConfig
+    from prunekit.core.plan import Candidate
+    from prunekit.stages.knockout import run_trial, trial_dir
+    t0 = time.time()
+    payload = ray.get(shared[0])
+    cfg = KnockoutConfig(**payload["cfg"])
+    candidate = Candidate.parse(config["candidate"])
+    torch.set_num_threads(max(1, int(cfg.tune.cpus_per_trial)))
+    device = torch.device("cuda", 0) if cfg.tune.gpus_per_trial > 0 else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    base = ray.get(payload["base"])
+    run_dir = trial_dir(Path(payload["run_dir"]), candidate)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    reporter = TuneTrialReporter(run_dir, f"{payload['name']}-{candidate.dirname}", cfg, cfg.max_steps)
+    fetched = time.time()
+    metrics = run_trial(cfg, base, candidate, reporter, device)
+    tune.report({"step": cfg.max_steps, "final": True, "fresh_eval": False, "train_losses": [],
+                 **reporter.last_eval, "fetch_s": fetched - t0, "setup_s": metrics["time/setup_s"],
+                 "train_s": metrics["time/train_s"], "trial_s": time.time() - t0})
+    del base, payload
+
+
+def _importance_task(shared: list, angular_n: tuple[int, ...], samples: int, use_gpu: bool) -> dict:
+    import ray
+    import torch
+    from prunekit.core.adapters import adapter_for
+    from prunekit.core.plan import Candidate
+    from prunekit.stages.importance import compute_importance
+    from prunekit.stages.knockout import build_trial_model
+    payload = ray.get(shared[0])
+    base = ray.get(payload["base"])
+    device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+    model = build_trial_model(base, Candidate(), device).eval()
+    scores = compute_importance(model, adapter_for(base["config"]), base["val"][:samples], base["pad_id"],
+                                batch_size=4, angular_n=angular_n, device=device)
+    return scores
+
+
+class SweepBookkeeper:
+    """Driver-side Tune callback: collect each trial's reports; on completion write its result.json atomically."""
+
+    def __init__(self, run_dir: Path, total_steps: int):
+        from ray import tune
+
+        class _Callback(tune.Callback):
+            def on_trial_result(cb, iteration, trials, trial, result, **info):
+                self._result(trial, result)
+
+            def on_trial_complete(cb, iteration, trials, trial, **info):
+                self._complete(trial)
+
+            def on_trial_error(cb, iteration, trials, trial, **info):
+                self._error(trial)
+        self.callback = _Callback()
+        self.run_dir, self.total = run_dir, total_steps
+        self.records: dict[str, list[dict]] = {}
+        self.ran: list[str] = []
+        self.errors: dict[str, str] = {}
+
+    def _dir(self, cid: str) -> Path:
+        from prunekit.core.plan import Candidate
+        from prunekit.stages.knockout import trial_dir
+        d = trial_dir(self.run_dir, Candidate.parse(cid))
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def _result(self, trial, result: dict) -> None:
+        self.records.setdefault(trial.config["candidate"], []).append(
+            {k: result[k] for k in ("step", "fresh_eval", "train_losses", "eval_loss", "eval_token_acc", "final",
+                                    "fetch_s", "setup_s", "train_s", "trial_s") if k in result})
+
+    def _complete(self, trial) -> None:
+        cid = trial.config["candidate"]
+        records = self.records.get(cid, [])
+        train_loss = {str(s): v for r in records for s, v in r.get("train_losses", [])}
+        evals = {str(r["step"]): {"eval/loss": r["eval_loss"], "eval/token_acc": r["eval_token_acc"]}
+                 for r in records if r.get("fresh_eval")}
+        final_rec = next((r for r in records if r.get("final")), None)
+        last_step = max([r["step"] for r in records if not r.get("final")] or [0])
+        last_eval = evals[max(evals, key=int)] if evals else {}
+        last_train = train_loss[max(train_loss, key=int)] if train_loss else None
+        result = {"candidate": cid, "status": "done" if final_rec else "stopped_early", "steps": last_step,
+                  "final": {**last_eval, "train/loss": last_train}, "step0": evals.get("0", {}),
+                  "train_loss": train_loss, "eval": evals,
+                  "timing": {k: final_rec[k] for k in ("fetch_s", "setup_s", "train_s", "trial_s")} if final_rec else {}}
+        d = self._dir(cid)
+        tmp = d / f".{cid.replace(':', '_')}.tmp"
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, d / "result.json")
+        (d / "error.json").unlink(missing_ok=True)
+        self.ran.append(cid)
+
+    def _error(self, trial) -> None:
+        cid = trial.config["candidate"]
+        message = _trial_error(trial)
+        (self._dir(cid) / "error.json").write_text(json.dumps({"candidate": cid, "error": message}, indent=2) + "\n")
+        self.errors[cid] = message
+        self.ran.append(cid)
+
+
+def _trial_error(trial) -> str:
+    """The last line of the trial's exception (its traceback stays in Tune's trial directory)."""
+    text = ""
+    for attr in ("error_file", "pickled_error_file"):
+        path = getattr(trial, attr, None)
+        if path and attr == "error_file" and Path(path).is_file():
+            text = Path(path).read_text()
+            break
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "trial failed (see the Tune trial directory)"
+
+
+def run_sweep(cfg, sweep, pending: list, base: dict, want_importance: bool) -> tuple[list[str], dict[str, str]]:
+    """Run `pending` candidates as Tune trials (and the importance task); returns (candidates run, errors)."""
+    import ray
+    from ray import tune
+    ensure_ray(cfg.ray.address)
+    base_ref = ray.put(base)
+    payload_ref = ray.put({"base": base_ref, "cfg": cfg.model_dump(mode="json"), "run_dir": str(sweep.run_dir),
+                           "name": sweep.name})
+    shared = [payload_ref]
+    use_gpu = cfg.tune.gpus_per_trial > 0
+    importance_ref = None
+    if want_importance:
+        task = ray.remote(num_cpus=cfg.tune.cpus_per_trial, num_gpus=cfg.tune.gpus_per_trial)(_importance_task)
+        sizes = sorted({len(c.text) for c in sweep.candidates if c.text} | {len(c.vision) for c in sweep.candidates
+                                                                             if c.vision} | {1})
+        importance_ref = task.remote(shared, tuple(sizes), cfg.importance_samples, use_gpu)
+    book = SweepBookkeeper(sweep.run_dir, cfg.max_steps)
+    if pending:
+        resources = {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}
+        trainable = tune.with_resources(tune.with_parameters(_trial, shared=shared), resources)
+        scheduler = None
+        if cfg.tune.asha:
+            from ray.tune.schedulers import ASHAScheduler
+            scheduler = ASHAScheduler(time_attr="step", metric="eval_loss", mode="min", max_t=cfg.max_steps,
+                                      grace_period=cfg.tune.asha_grace_steps,
+                                      reduction_factor=cfg.tune.asha_reduction_factor)
+        tune_root = sweep.run_dir / "tune"
+        attempt = len(list(tune_root.glob("attempt-*"))) if tune_root.is_dir() else 0
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"candidate": tune.grid_search([c.id for c in pending])},
+            tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=cfg.tune.max_concurrent_trials,
+                                        reuse_actors=cfg.tune.reuse_actors),
+            run_config=tune.RunConfig(name=f"attempt-{attempt}", storage_path=str(tune_root),
+                                      callbacks=[book.callback], verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+        tuner.fit()
+    if importance_ref is not None:
+        try:
+            scores = ray.get(importance_ref)
+            (sweep.run_dir / "importance.json").write_text(json.dumps(scores, indent=2) + "\n")
+        except Exception as e:  # scores are a bonus beside the knockout: report, do not fail the sweep
+            book.errors["importance"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    del base_ref, payload_ref
+    return book.ran, book.errors

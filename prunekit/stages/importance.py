@@ -1,0 +1,114 @@
+"""Recipe: `prunekit importance MODEL --data FILE -o DIR` — training-free scores for every text layer and vision
+block, as importance.json plus one PNG per metric.
+
+Reads: validate -> load the model and tokenize the calibration conversations once -> block influence and angular
+distance (one pass), NLL-drop (one pass per layer, same model) -> write DIR atomically.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+from prunekit import PrunekitError
+from prunekit.core.loading import (check_output_dir, load_model, load_tokenizer, quiet_transformers, resolve_model,
+                                   write_atomically)
+
+METRIC_TITLES = {"block_influence": "block influence (1 - cos(h_in, h_out))",
+                 "angular_distance": "angular distance of {n} consecutive layers (arccos(cos)/pi)",
+                 "nll_drop": "NLL-drop: calibration NLL with the layer skipped - full model's"}
+
+
+@dataclass
+class ImportanceResult:
+    output: Path
+    scores: dict
+
+
+def calibration_samples(tokenizer, data: str | Path, model_dir: Path, is_vlm: bool, limit: int, max_length: int,
+                        trust_remote_code: bool = False) -> list[dict]:
+    """Tokenized conversations with assistant labels (image rows through the processor for VLMs)."""
+    from prunekit.stages.training import _samples
+    cfg = SimpleNamespace(max_length=max_length, packing=False, model=str(model_dir), trust_remote_code=trust_remote_code)
+    samples = _samples(tokenizer, Path(data), cfg, limit, is_vlm=is_vlm)
+    if not samples:
+        raise PrunekitError(f"--data {data}: no conversation with assistant tokens")
+    return samples
+
+
+def compute_importance(model, adapter, samples: list[dict], pad_id: int, batch_size: int = 4,
+                       angular_n: tuple[int, ...] = (1, 2), nll: bool = True, device=None) -> dict:
+    """{"text": {metric: [...]}, "vision": {...}} (vision only for VLMs with image rows), plus per-metric orders
+    from least to most important."""
+    import torch
+    from prunekit.core.data import collate
+    from prunekit.core.importance import layer_scores
+    device = device or torch.device("cpu")
+    batches = [{k: v.to(device) for k, v in collate(samples[i:i + batch_size], pad_id).items()}
+               for i in range(0, len(samples), batch_size)]
+    out: dict = {}
+    for component in ["text"] + (["vision"] if adapter.is_vlm else []):
+        scores = layer_scores(model, adapter, batches, component, angular_n, nll=nll)
+        if not scores:
+            continue
+        scores["least_important_first"] = {m: sorted(range(len(v)), key=lambda i, v=v: v[i])
+                                           for m, v in scores.items() if isinstance(v, list)}
+        out[component] = scores
+    return out
+
+
+def plot_scores(scores: dict, out_dir: Path) -> list[Path]:
+    """One bar chart per component and metric: <component>_<metric>.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    paths = []
+    for component, metrics in scores.items():
+        for metric, values in metrics.items():
+            if not isinstance(values, list) or not values:
+                continue
+            base = "angular_distance" if metric.startswith("angular_distance") else metric
+            title = METRIC_TITLES.get(base, metric).format(n=metric.rsplit("_n", 1)[-1])
+            lowest = set(sorted(range(len(values)), key=lambda i: values[i])[:max(1, len(values) // 5)])
+            fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(values) + 2), 3.5))
+            ax.bar(range(len(values)), values, color=["tab:green" if i in lowest else "tab:blue"
+                                                      for i in range(len(values))])
+            ax.set_xlabel(("first " if base == "angular_distance" else "") +
+                          ("text layer" if component == "text" else "vision block"))
+            ax.set_ylabel(metric)
+            ax.set_title(f"{component}: {title}\n(green: least important fifth)", fontsize=9)
+            ax.set_xticks(range(len(values)))
+            ax.tick_params(axis="x", labelsize=7)
+            fig.tight_layout()
+            path = Path(out_dir) / f"{component}_{metric}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            paths.append(path)
+    return paths
+
+
+def importance(model: str, data: str | Path, out: str | Path, *, samples: int = 32, max_length: int = 256,
+               batch_size: int = 4, angular_n: tuple[int, ...] = (1, 2), nll: bool = True, device: str = "cpu",
+               overwrite: bool = False, trust_remote_code: bool = False) -> ImportanceResult:
+    import torch
+    path = resolve_model(model)
+    out = check_output_dir(Path(out), [path], overwrite)
+    if samples < 1 or batch_size < 1 or any(n < 1 for n in angular_n):
+        raise PrunekitError("--samples, --batch-size and --angular-n must be >= 1")
+    with quiet_transformers():
+        model_obj, adapter = load_model(path, dtype="float32", trust_remote_code=trust_remote_code, device=device)
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    calib = calibration_samples(tokenizer, data, path, adapter.is_vlm, samples, max_length, trust_remote_code)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    scores = compute_importance(model_obj, adapter, calib, pad_id, batch_size, tuple(angular_n), nll,
+                                torch.device(device))
+    record = {"model": str(path), "data": str(Path(data).resolve()), "samples": len(calib),
+              "higher_is_more_important": True, **scores}
+
+    def write(tmp: Path):
+        (tmp / "importance.json").write_text(json.dumps(record, indent=2) + "\n")
+        plot_scores(scores, tmp)
+
+    write_atomically(out, write, overwrite=overwrite)
+    return ImportanceResult(out, record)

@@ -1,0 +1,504 @@
+"""Recipe: `prunekit knockout --config knockout.yaml` — which layers can go, measured.
+
+Reads top to bottom: validate everything before any trial (model, data, candidates, budget, output) -> load the
+base weights and tokenize the data once -> run the trials that are not finished yet on Ray Tune (each: remove the
+candidate -> short SFT through the training engine -> eval loss / token_acc, curve reported every few steps), with
+training-free importance as one more Ray task -> read every finished trial back from the run directory -> verdicts,
+Spearman correlations, the plan under the budget -> the report directory, written atomically.
+
+Run state lives in `storage_path/<name>/`: `sweep.json` (the settings a trial result depends on),
+`trials/<candidate>/result.json` for every finished trial (`error.json` for a failed one), `importance.json`, and
+Ray Tune's own experiment directories under `tune/`. Re-running the same name (or `--resume`) runs only the trials
+without a result.json.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prunekit import PrunekitError
+from prunekit.core import report
+from prunekit.core.adapters import adapter_for
+from prunekit.core.data import load_messages
+from prunekit.core.loading import (check_output_dir, load_model, load_tokenizer, quiet_transformers, read_config,
+                                   resolve_model, write_atomically, write_provenance)
+from prunekit.core.plan import (BASELINE, Candidate, check_budget, early_excess, expand_candidates, make_plan,
+                                spearman, verdict)
+from prunekit.core.surgery import LayerDrop
+
+SWEEP_FILE = "sweep.json"
+RESULT_FILE = "result.json"
+ERROR_FILE = "error.json"
+# settings that do not change what a trial measures: they may differ between the runs of one sweep
+NOT_TRIAL_SETTINGS = {"name", "overwrite", "output_dir", "storage_path", "candidates", "tune", "free_ratio",
+                      "recoverable_ratio", "spike_window", "spike_margin", "max_params_fraction", "max_layers",
+                      "importance", "importance_samples", "wandb", "test_fail_candidates", "test_crash_at_step"}
+
+
+@dataclass
+class Sweep:
+    cfg: object
+    name: str
+    run_dir: Path
+    candidates: list[Candidate]              # baseline first
+    params_total: int
+    params_removed: dict[str, int]
+    n_text: int
+    n_vision: int
+
+
+@dataclass
+class KnockoutResult:
+    output: Path
+    run_dir: Path
+    name: str
+    rows: list[dict]
+    plan: dict
+    ran: list[str] = field(default_factory=list)       # candidates whose trials ran in this call
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+# ---- validation (before any trial) -----------------------------------------------------------------------------
+
+def trial_settings(cfg) -> dict:
+    return cfg.model_dump(mode="json", exclude=NOT_TRIAL_SETTINGS)
+
+
+def sweep_name(cfg) -> str:
+    if cfg.name:
+        return cfg.name
+    blob = json.dumps(trial_settings(cfg), sort_keys=True)
+    return f"knockout-{Path(str(cfg.model)).name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+
+
+def _check_report_dir(out: Path, model: Path, name: str, overwrite: bool) -> None:
+    """The report directory may be replaced when it is this sweep's own earlier report."""
+    previous = out / "results.json"
+    if previous.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(previous.read_text()).get("run") == name:
+                overwrite = True
+    check_output_dir(out, [model], overwrite)
+
+
+def validate(cfg, resume: bool = False) -> Sweep:
+    cfg.model = str(resolve_model(cfg.model).resolve())
+    cfg.train, cfg.output_dir, cfg.storage_path = (Path(p).resolve() for p in (cfg.train, cfg.output_dir,
+                                                                               cfg.storage_path))
+    if cfg.val is None:
+        raise PrunekitError("val: a knockout needs a validation set (token_acc is measured on it)")
+    cfg.val = Path(cfg.val).resolve()
+    load_messages(cfg.train)
+    if not load_messages(cfg.val):
+        raise PrunekitError(f"val {cfg.val}: no rows")
+    model_dir = Path(cfg.model)
+    config = read_config(model_dir)
+    adapter = adapter_for(config)
+    n_text, n_vision = adapter.num_text_layers(config), adapter.num_vision_blocks(config)
+    c = cfg.candidates
+    candidates = expand_candidates(c.text, c.vision, c.group_size, c.groups, n_text, n_vision)
+    for fail in cfg.test_fail_candidates:
+        Candidate.parse(fail, "test_fail_candidates")
+    # every candidate must be a legal surgery (protected layers, not every layer): check the config edit now
+    shapes = report.checkpoint_shapes(model_dir)
+    params_total = report.describe(model_dir)["params"]["total"]
+    params_removed = {BASELINE: 0}
+    for cand in candidates:
+        try:
+            surgery = LayerDrop(adapter, config, list(cand.text), list(cand.vision))
+        except PrunekitError as e:
+            msg = str(e).replace("--drop-text: ", "").replace("--drop-vision: ", "")
+            raise PrunekitError(f"candidates: {cand.id}: {msg}") from None
+        params_removed[cand.id] = sum(_numel(s) for k, s in shapes.items() if surgery(k, None) is None)
+    check_budget(candidates, params_removed, params_total, cfg.max_params_fraction, cfg.max_layers)
+    name = sweep_name(cfg)
+    run_dir = cfg.storage_path / name
+    settings = trial_settings(cfg)
+    state = run_dir / SWEEP_FILE
+    if resume and not state.is_file():
+        raise PrunekitError(f"--resume: no sweep named {name} in {cfg.storage_path}")
+    if state.is_file():
+        before = json.loads(state.read_text())["trial_settings"]
+        diff = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
+        if diff:
+            k = diff[0]
+            raise PrunekitError(f"name {name}: that sweep in {cfg.storage_path} ran with {k}: {before.get(k)!r}, "
+                                f"this config has {settings.get(k)!r}; its trials cannot be reused (pick another "
+                                f"name)")
+    _check_report_dir(cfg.output_dir, model_dir, name, cfg.overwrite)
+    return Sweep(cfg, name, run_dir, [Candidate()] + candidates, params_total, params_removed, n_text, n_vision)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+# ---- shared base: loaded once by the driver --------------------------------------------------------------------
+
+def load_shared_base(cfg) -> dict:
+    """Everything a trial needs that is the same for all of them: the base weights (numpy arrays, so trials on one
+    node read them from the Ray object store without copies), the model class and config, and the tokenized data."""
+    import torch
+    from prunekit.stages.training import _samples
+    model_dir = Path(cfg.model)
+    with quiet_transformers():
+        model, adapter = load_model(model_dir, dtype="float32", trust_remote_code=cfg.trust_remote_code)
+        tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
+    weights, dtypes = {}, {}
+    seen = {}
+    for key, t in model.state_dict().items():
+        if t.data_ptr() in seen:  # tied weights travel once
+            dtypes[key] = ("tied", seen[t.data_ptr()])
+            continue
+        seen[t.data_ptr()] = key
+        t = t.detach().cpu().contiguous()
+        dtypes[key] = str(t.dtype).removeprefix("torch.")
+        weights[key] = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+    train_samples = _samples(tokenizer, cfg.train, cfg, is_vlm=adapter.is_vlm)
+    val_samples = _samples(tokenizer, cfg.val, cfg, cfg.eval_max_samples, is_vlm=adapter.is_vlm)
+    if not train_samples:
+        raise PrunekitError(f"train {cfg.train}: no conversation with assistant tokens")
+    if not val_samples:
+        raise PrunekitError(f"val {cfg.val}: no conversation with assistant tokens")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return {"model_cls": type(model), "config_cls": type(model.config), "config": model.config.to_dict(),
+            "weights": weights, "dtypes": dtypes, "train": train_samples, "val": val_samples, "pad_id": pad_id}
+
+
+@contextlib.contextmanager
+def _no_init():
+    """Skip random initialisation of models whose weights are loaded right after."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        yield
+
+
+def build_trial_model(base: dict, candidate: Candidate, device):
+    """The base model without the candidate's layers, on `device`, from the shared weights (never from disk).
+    Layer removal is the same surgery `prunekit prune` applies (LayerDrop + apply_to_model)."""
+    import torch
+    from prunekit.core.surgery import apply_to_model
+    writable = torch.device(device).type == "cpu"  # object-store memory is read-only: CPU training needs a copy
+    tensors = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": nothing writes to it
+        for key, kind in base["dtypes"].items():
+            if isinstance(kind, (tuple, list)):
+                continue
+            t = torch.from_numpy(base["weights"][key])
+            t = t.view(torch.bfloat16) if kind == "bfloat16" else t
+            tensors[key] = t.clone() if writable else t
+    for key, kind in base["dtypes"].items():
+        if isinstance(kind, (tuple, list)):
+            tensors[key] = tensors[kind[1]]
+    config = base["config_cls"].from_dict(base["config"])
+    with _no_init():
+        model = base["model_cls"](config)
+        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+        if [k for k in missing if not k.endswith("lm_head.weight")] or unexpected:
+            raise RuntimeError(f"shared weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        if getattr(model.config, "tie_word_embeddings", False) or getattr(
+                getattr(model.config, "text_config", None), "tie_word_embeddings", False):
+            model.tie_weights()
+        if candidate.size:
+            adapter = adapter_for(base["config"])
+            model = apply_to_model(model, LayerDrop(adapter, base["config"], list(candidate.text),
+                                                    list(candidate.vision)))
+    return model.to(device)
+
+
+def run_trial(cfg, base: dict, candidate: Candidate, reporter, device) -> dict:
+    """One knockout trial in this process: build the candidate's model, short SFT with the one training engine,
+    eval at step 0, every eval_interval steps and at the end. Returns the last metrics plus timings."""
+    from prunekit.engine.loop import train
+    from prunekit.engine.objectives import SFTObjective
+    if candidate.id in cfg.test_fail_candidates:
+        raise RuntimeError(f"test_fail_candidates: trial {candidate.id} fails on purpose")
+    t0 = time.time()
+    model = build_trial_model(base, candidate, device)
+    t1 = time.time()
+    metrics = train(model, SFTObjective(chunk_size=cfg.loss_chunk_size), cfg, base["train"], base["val"],
+                    base["pad_id"], reporter, device=device)
+    return {**metrics, "time/setup_s": t1 - t0, "time/train_s": time.time() - t1}
+
+
+# ---- the recipe ------------------------------------------------------------------------------------------------
+
+def trial_dir(run_dir: Path, candidate: Candidate) -> Path:
+    return run_dir / "trials" / candidate.dirname
+
+
+def finished(run_dir: Path, candidate: Candidate) -> bool:
+    return (trial_dir(run_dir, candidate) / RESULT_FILE).is_file()
+
+
+def knockout(cfg, resume: bool = False) -> KnockoutResult:
+    from prunekit.distributed.tune import run_sweep
+    sweep = validate(cfg, resume)
+    run_dir = sweep.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / SWEEP_FILE).write_text(json.dumps({"name": sweep.name, "trial_settings": trial_settings(cfg)},
+                                                 indent=2) + "\n")
+    pending = [c for c in sweep.candidates if not finished(run_dir, c)]
+    if cfg.tune.max_trials is not None:
+        pending = pending[:cfg.tune.max_trials]
+    want_importance = cfg.importance and not (run_dir / "importance.json").is_file()
+    ran, errors = [], {}
+    if pending or want_importance:
+        print(f"knockout {sweep.name}: {len(sweep.candidates) - len([c for c in sweep.candidates if not finished(run_dir, c)])}"
+              f" of {len(sweep.candidates)} trials already finished; running {len(pending)}", flush=True)
+        base = load_shared_base(cfg)
+        ran, errors = run_sweep(cfg, sweep, pending, base, want_importance)
+    return write_report(sweep, ran, errors)
+
+
+def read_trials(sweep: Sweep) -> tuple[dict[str, dict], dict[str, str]]:
+    results, errors = {}, {}
+    for c in sweep.candidates:
+        d = trial_dir(sweep.run_dir, c)
+        if (d / RESULT_FILE).is_file():
+            results[c.id] = json.loads((d / RESULT_FILE).read_text())
+        elif (d / ERROR_FILE).is_file():
+            errors[c.id] = json.loads((d / ERROR_FILE).read_text()).get("error", "failed")
+    return results, errors
+
+
+def _candidate_scores(cand: Candidate, importance: dict) -> dict:
+    """Training-free scores of a candidate: the sum over its layers (block influence, NLL-drop), and the angular
+    distance of its run of consecutive layers when it is one (else the sum of single-layer distances)."""
+    out = {}
+    parts = [("text", cand.text), ("vision", cand.vision)]
+    for metric in ("block_influence", "nll_drop", "angular_distance"):
+        total, ok = 0.0, True
+        for kind, idx in parts:
+            if not idx:
+                continue
+            scores = importance.get(kind, {})
+            if metric == "angular_distance":
+                consecutive = list(idx) == list(range(idx[0], idx[0] + len(idx)))
+                block = scores.get(f"angular_distance_n{len(idx)}") if consecutive else None
+                if block is not None:
+                    total += block[idx[0]]
+                    continue
+                values = scores.get("angular_distance_n1")
+            else:
+                values = scores.get(metric)
+            if values is None:
+                ok = False
+                break
+            total += sum(values[i] for i in idx)
+        if ok and cand.size:
+            out[metric] = total
+    return out
+
+
+def analyse(sweep: Sweep, results: dict, errors: dict, importance: dict) -> list[dict]:
+    cfg = sweep.cfg
+    base = results.get(BASELINE)
+    base_acc = base["final"].get("eval/token_acc") if base else None
+    base_curve = {int(s): v for s, v in base["train_loss"].items()} if base else {}
+    rows = []
+    for cand in sweep.candidates:
+        row = {"id": cand.id, "kind": cand.kind, "text": list(cand.text), "vision": list(cand.vision),
+               "size": cand.size, "params_removed": sweep.params_removed[cand.id],
+               "params_fraction": sweep.params_removed[cand.id] / sweep.params_total}
+        res = results.get(cand.id)
+        if res is None:
+            row.update(status="error" if cand.id in errors else "pending", verdict=None, ratio=None,
+                       error=errors.get(cand.id))
+            rows.append(row)
+            continue
+        final = res["final"]
+        acc = final.get("eval/token_acc")
+        ratio = acc / base_acc if acc is not None and base_acc else None
+        acc0 = res.get("step0", {}).get("eval/token_acc")
+        base0 = base.get("step0", {}).get("eval/token_acc") if base else None
+        excess = (early_excess({int(s): v for s, v in res["train_loss"].items()}, base_curve, cfg.max_steps,
+                               cfg.spike_window) if cand.size and base else None)
+        row.update(status=res["status"], eval_loss=final.get("eval/loss"), eval_token_acc=acc, ratio=ratio,
+                   ratio_step0=acc0 / base0 if acc0 is not None and base0 else None, early_excess=excess,
+                   early_spike=bool(excess is not None and excess > cfg.spike_margin), steps=res.get("steps"),
+                   verdict=(None if not cand.size or ratio is None else
+                            verdict(ratio, excess, cfg.free_ratio, cfg.recoverable_ratio, cfg.spike_margin)),
+                   **_candidate_scores(cand, importance))
+        rows.append(row)
+    return rows
+
+
+def correlations(rows: list[dict]) -> dict:
+    """Spearman(score, knockout token_acc ratio) per training-free metric, over all candidates and per kind. A
+    useful score is strongly negative: the more important a layer looks, the lower its ratio."""
+    out = {}
+    done = [r for r in rows if r.get("ratio") is not None and r["size"]]
+    for metric in ("block_influence", "angular_distance", "nll_drop"):
+        for kind in ("all", "text", "vision"):
+            sel = [r for r in done if metric in r and (kind == "all" or r["kind"] == kind)]
+            rho = spearman([r[metric] for r in sel], [r["ratio"] for r in sel])
+            if rho is not None:
+                out[f"{metric}/{kind}"] = {"rho": rho, "n": len(sel)}
+    return out
+
+
+CSV_COLUMNS = ["id", "kind", "status", "verdict", "ratio", "eval_token_acc", "eval_loss", "ratio_step0",
+               "early_excess", "early_spike", "params_removed", "params_fraction", "block_influence",
+               "angular_distance", "nll_drop", "steps", "error"]
+
+
+def _fmt(v, digits=4):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def write_report(sweep: Sweep, ran: list[str], errors_now: dict[str, str]) -> KnockoutResult:
+    cfg = sweep.cfg
+    results, errors = read_trials(sweep)
+    errors = {**errors, **errors_now}
+    imp_path = sweep.run_dir / "importance.json"
+    importance = json.loads(imp_path.read_text()) if imp_path.is_file() else {}
+    rows = analyse(sweep, results, errors, importance)
+    plan = make_plan([r for r in rows if r["size"]], sweep.params_total, sweep.n_text, sweep.n_vision,
+                     cfg.max_params_fraction, cfg.max_layers)
+    plan = {**plan, "model": cfg.model, "run": sweep.name}
+    corr = correlations(rows)
+    curves = {cid: {"train_loss": r["train_loss"], "eval": r.get("eval", {})} for cid, r in results.items()}
+    record = {"run": sweep.name, "model": cfg.model, "run_dir": str(sweep.run_dir), "baseline": results.get(BASELINE, {}).get("final"),
+              "trials": len(sweep.candidates), "finished": len(results), "errors": errors, "rows": rows,
+              "correlations": corr, "plan": plan, "curves": curves}
+
+    def write(tmp: Path):
+        (tmp / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(r.get(k), 6) for k in CSV_COLUMNS})
+        (tmp / "results.csv").write_text(buf.getvalue())
+        (tmp / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+        (tmp / "summary.md").write_text(summary_markdown(sweep, rows, corr, plan, errors, results))
+        plot_report(tmp, rows, curves, cfg)
+        if importance:
+            from prunekit.stages.importance import plot_scores
+            (tmp / "importance.json").write_text(json.dumps(importance, indent=2) + "\n")
+            plot_scores({k: v for k, v in importance.items() if k in ("text", "vision")}, tmp)
+        write_provenance(tmp, {"stage": "knockout", "parent": cfg.model, "run": str(sweep.run_dir),
+                               "config": cfg.model_dump(mode="json")})
+
+    out = write_atomically(Path(cfg.output_dir), write, overwrite=True)
+    return KnockoutResult(out, sweep.run_dir, sweep.name, rows, plan, ran, errors)
+
+
+def summary_markdown(sweep: Sweep, rows: list[dict], corr: dict, plan: dict, errors: dict, results: dict) -> str:
+    cfg = sweep.cfg
+    base = results.get(BASELINE, {}).get("final", {})
+    lines = [f"# Knockout: {Path(cfg.model).name} ({sweep.name})", "",
+             f"{len(results)} of {len(sweep.candidates)} trials finished; each: remove the candidate, "
+             f"{cfg.max_steps} SFT steps (lr {cfg.lr}, batch {cfg.batch_size}), eval on {cfg.val.name}.",
+             f"Baseline (nothing removed): eval token_acc {_fmt(base.get('eval/token_acc'))}, "
+             f"eval loss {_fmt(base.get('eval/loss'))}.", "",
+             f"Verdicts: **free** token_acc >= {cfg.free_ratio:.0%} of the baseline's, **recoverable** >= "
+             f"{cfg.recoverable_ratio:.0%}, **key** below that or with an early loss spike (train loss over the "
+             f"first {cfg.spike_window:.0%} of the steps on average more than {cfg.spike_margin:.0%} above the "
+             f"baseline's at the same steps).", "",
+             "| candidate | verdict | acc ratio | ratio at step 0 | eval loss | early excess | params removed "
+             "| block infl. | angular | NLL-drop |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if not r["size"]:
+            continue
+        v = r["verdict"] or r["status"]
+        lines.append(f"| {r['id']} | {v}{' (spike)' if r.get('early_spike') else ''} | {_fmt(r.get('ratio'), 3)} "
+                     f"| {_fmt(r.get('ratio_step0'), 3)} | {_fmt(r.get('eval_loss'), 3)} "
+                     f"| {_fmt(r.get('early_excess'), 3)} | {r['params_fraction']:.2%} "
+                     f"| {_fmt(r.get('block_influence'), 4)} | {_fmt(r.get('angular_distance'), 4)} "
+                     f"| {_fmt(r.get('nll_drop'), 4)} |")
+    lines += ["", "## Training-free scores vs knockout", "",
+              "Spearman correlation between each score and the token_acc ratio (a useful score is strongly "
+              "negative: layers that look important lose more accuracy when removed).", ""]
+    if corr:
+        lines += ["| score | candidates | Spearman rho | n |", "|---|---|---|---|"]
+        lines += [f"| {k.split('/')[0]} | {k.split('/')[1]} | {v['rho']:+.3f} | {v['n']} |" for k, v in corr.items()]
+    else:
+        lines.append("(not enough finished trials with scores)")
+    lines += ["", "## Suggested plan", "",
+              f"Budget: at most {cfg.max_params_fraction:.0%} of the parameters and {cfg.max_layers} layers; "
+              f"candidates with verdict free or recoverable, best ratio first, no overlaps. Layers that are free "
+              f"one at a time need not be free together: run recovery SFT on the pruned model.", ""]
+    if plan["order"]:
+        lines += [f"{i + 1}. {p['id']} ({p['verdict']}, ratio {p['ratio']:.3f}, {p['params_removed']:,} params)"
+                  for i, p in enumerate(plan["order"])]
+    else:
+        lines.append("Nothing qualifies.")
+    lines += ["", f"Removes text layers {plan['drop_text']} and vision blocks {plan['drop_vision']}: "
+                  f"{plan['params_removed']:,} of {plan['params_total']:,} parameters ({plan['params_fraction']:.1%}).",
+              "", f"Apply: `prunekit prune {cfg.model} --plan plan.json -o OUT`"]
+    if errors:
+        lines += ["", "## Errored trials (re-run the same command to retry them)", ""]
+        lines += [f"- {cid}: {msg.splitlines()[0][:300] if msg else 'failed'}" for cid, msg in errors.items()]
+    pending = [r["id"] for r in rows if r["status"] == "pending"]
+    if pending:
+        lines += ["", f"Not run yet: {', '.join(pending)} (re-run the same command to run them)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(out_dir: Path, rows: list[dict], curves: dict, cfg) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colors = {"free": "tab:green", "recoverable": "tab:orange", "key": "tab:red", None: "lightgrey"}
+    groups = {"text": [r for r in rows if r["kind"] == "text" and r["size"] == 1],
+              "vision": [r for r in rows if r["kind"] == "vision" and r["size"] == 1],
+              "groups": [r for r in rows if r["size"] > 1 or r["kind"] == "mixed"]}
+    for kind, sel in groups.items():
+        if not sel:
+            continue
+        fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(sel) + 2), 3.8))
+        labels = [str((r["text"] or r["vision"])[0]) if kind != "groups" else r["id"] for r in sel]
+        ax.bar(range(len(sel)), [r.get("ratio") or 0 for r in sel], color=[colors[r.get("verdict")] for r in sel])
+        ax.axhline(cfg.free_ratio, color="tab:green", ls="--", lw=0.8)
+        ax.axhline(cfg.recoverable_ratio, color="tab:orange", ls="--", lw=0.8)
+        ax.set_xticks(range(len(sel)), labels, rotation=90 if kind == "groups" else 0, fontsize=7)
+        ax.set_xlabel({"text": "text layer removed", "vision": "vision block removed", "groups": "candidate"}[kind])
+        ax.set_ylabel("eval token_acc / baseline")
+        ratios = [r.get("ratio") or 1 for r in sel]
+        ax.set_ylim(max(0, min(ratios + [cfg.recoverable_ratio]) - 0.05), max(ratios + [1.0]) + 0.05)
+        ax.set_title(f"knockout after {cfg.max_steps} SFT steps (green free, orange recoverable, red key)", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"ratio_{kind}.png", dpi=110)
+        plt.close(fig)
+    verdicts = {r["id"]: r.get("verdict") for r in rows}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for cid, curve in curves.items():
+        key = verdicts.get(cid) == "key"
+        style = (dict(color="black", lw=2, zorder=3, label="baseline") if cid == BASELINE else
+                 dict(color="tab:red", lw=1.2, alpha=0.9, zorder=2, label=cid) if key else
+                 dict(color="grey", lw=0.7, alpha=0.5, zorder=1))
+        train = sorted((int(s), v) for s, v in curve["train_loss"].items())
+        ev = sorted((int(s), v["eval/loss"]) for s, v in curve["eval"].items() if "eval/loss" in v)
+        if train:
+            axes[0].plot(*zip(*train), **style)
+        if ev:
+            axes[1].plot(*zip(*ev), marker="o", ms=2, **style)
+    for ax, title in zip(axes, ("train loss", "eval loss")):
+        ax.set_xlabel("step")
+        ax.set_title(f"{title} (black baseline, red key candidates)", fontsize=9)
+        handles, labels = ax.get_legend_handles_labels()
+        if handles and len(handles) <= 12:
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss_curves.png", dpi=110)
+    plt.close(fig)

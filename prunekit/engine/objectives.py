@@ -131,3 +131,48 @@ class RLObjective:
             eps_high=self.eps_high, aggregation=self.aggregation, max_len=self.max_len,
             ref_logp=batch.get("ref_logp"), kl_beta=self.kl_beta)
         return {"loss_sum": loss_sum, "normaliser": normaliser, **stats}
+
+
+def response_logprobs(model, batch: dict, temperature: float = 1.0, chunk_size: int = 1024) -> torch.Tensor:
+    """``[B, S]`` log p(token t | tokens < t) with logits / temperature at the positions ``response_mask`` marks
+    (0 elsewhere); logits exist only for those rows, ``chunk_size`` rows at a time."""
+    backbone, head = backbone_and_head(model)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    hidden = backbone(**inputs, use_cache=False).last_hidden_state
+    target_mask = batch["response_mask"][:, 1:].bool()
+    pos = target_mask.nonzero()
+    rows = hidden[:, :-1][pos[:, 0], pos[:, 1]]
+    targets = batch["input_ids"][:, 1:][pos[:, 0], pos[:, 1]]
+    pieces = []
+    for h, t in zip(rows.split(chunk_size), targets.split(chunk_size)):
+        logits = (h @ head.weight.T).float() / temperature
+        pieces.append(torch.log_softmax(logits, -1).gather(-1, t[:, None])[:, 0])
+    flat = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    out = torch.zeros(batch["input_ids"].shape, dtype=torch.float32, device=hidden.device)
+    return out.index_put((pos[:, 0], pos[:, 1] + 1), flat)
+
+
+class RLObjective:
+    """GRPO / GSPO policy loss of one micro-batch of sampled responses (prompt + response token rows with
+    ``response_mask``, ``old_logp``, ``advantages`` and optionally ``ref_logp``). Returns sums: ``loss_sum`` over
+    ``normaliser`` (responses, tokens, or responses * max_len by aggregation) is the micro-batch's loss."""
+
+    def __init__(self, algorithm: str = "grpo", eps: float = 0.2, eps_high: float | None = None,
+                 aggregation: str = "grpo", max_len: int | None = None, kl_beta: float = 0.0,
+                 temperature: float = 1.0, chunk_size: int = 1024):
+        from prunekit.core.losses import policy_loss
+        self.policy_loss = policy_loss
+        self.level = {"grpo": "token", "gspo": "sequence"}[algorithm]
+        self.eps, self.eps_high, self.aggregation, self.max_len = eps, eps_high, aggregation, max_len
+        self.kl_beta, self.temperature, self.chunk_size = kl_beta, temperature, chunk_size
+
+    def __call__(self, model, batch: dict) -> dict:
+        logp = response_logprobs(model, batch, self.temperature, self.chunk_size)
+        if batch.get("logp_only"):  # the old policy's log-probs, through the strategy's wrapper
+            return {"logp": logp}
+        mask = batch["response_mask"]
+        loss_sum, normaliser, stats = self.policy_loss(
+            logp, batch["old_logp"], batch["advantages"], mask, level=self.level, eps=self.eps,
+            eps_high=self.eps_high, aggregation=self.aggregation, max_len=self.max_len,
+            ref_logp=batch.get("ref_logp"), kl_beta=self.kl_beta)
+        return {"loss_sum": loss_sum, "normaliser": normaliser, **stats}

@@ -1,0 +1,195 @@
+"""An RL learner rank: the training engine's strategy (DDP / FSDP2, gloo on CPU) around the policy, updated with
+the GRPO/GSPO objective on the samples the driver hands it. The driver runs one `Learner` per rank as a Ray actor;
+ranks join one torch.distributed group, so gradients are all-reduced exactly as in SFT.
+
+Per generation batch: the current weights' log-probs (the "old" policy: the rollout actors hold the same version)
+and, with a KL penalty, the frozen reference's; then `epochs` x `mini_batches` optimizer steps, each normalised by
+the global (all-rank) count its aggregation calls for.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from prunekit.engine.reporting import LocalReporter
+
+
+class LearnerCheckpoints(LocalReporter):
+    """Rank 0 writes checkpoints (atomic rename under run_dir/checkpoints); other ranks only join the collectives
+    that gather full state dicts."""
+
+    def checkpoint(self, step, metrics, write_fn, all_ranks, final):
+        if self.rank == 0:
+            return super().checkpoint(step, metrics, write_fn, all_ranks, final)
+        with tempfile.TemporaryDirectory(prefix="prunekit-rl-rank-") as tmp:
+            write_fn(Path(tmp))
+
+
+def collate_rl(samples: list[dict], pad_id: int) -> dict:
+    """Samples (prompt_ids, completion_ids, advantage, [rollout_logp, old_logp, ref_logp]) -> right-padded tensors;
+    per-token values are aligned with the token they score (position t = log p(token t | < t))."""
+    width = max(len(s["prompt_ids"]) + len(s["completion_ids"]) for s in samples)
+    b = len(samples)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((b, width), dtype=torch.long)
+    resp = torch.zeros((b, width), dtype=torch.float32)
+    per_token = {k: torch.zeros((b, width), dtype=torch.float32) for k in ("rollout_logp", "old_logp", "ref_logp")
+                 if k in samples[0]}
+    for i, s in enumerate(samples):
+        p, c = len(s["prompt_ids"]), len(s["completion_ids"])
+        ids[i, :p + c] = torch.tensor(s["prompt_ids"] + s["completion_ids"])
+        attn[i, :p + c] = 1
+        resp[i, p:p + c] = 1
+        for k, t in per_token.items():
+            t[i, p:p + c] = torch.tensor(s[k], dtype=torch.float32)
+    batch = {"input_ids": ids, "attention_mask": attn, "response_mask": resp,
+             "advantages": torch.tensor([float(s["advantage"]) for s in samples]), **per_token}
+    return batch
+
+
+def normaliser(samples: list[dict], aggregation: str, max_len: int) -> float:
+    """What the aggregation divides the loss sum by, counted on the host (no device sync)."""
+    if aggregation == "dapo":
+        return float(sum(len(s["completion_ids"]) for s in samples))
+    n = sum(1 for s in samples if s["completion_ids"])
+    return float(n * max_len) if aggregation == "dr_grpo" else float(n)
+
+
+class Learner:
+    """One rank. Built in two calls so every rank can be told rank 0's address first: `address()` on rank 0, then
+    `setup(addr, port)` on all ranks at once (they meet in init_process_group)."""
+
+    def __init__(self, cfg: dict, rank: int, world_size: int, run_dir: str, run_name: str):
+        self.raw_cfg, self.rank, self.world_size, self.run_dir, self.run_name = cfg, rank, world_size, run_dir, run_name
+
+    def address(self) -> tuple[str, int]:
+        import socket
+        import ray
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        """Join the process group, build model + objective + strategy, restore the newest checkpoint; returns the
+        step to start from."""
+        from prunekit.config import RLConfig
+        from prunekit.core.loading import load_model, load_tokenizer, quiet_transformers
+        from prunekit.engine.loop import setup_strategy
+        from prunekit.engine.objectives import RLObjective
+        self.cfg = cfg = RLConfig(**self.raw_cfg)
+        rank, world_size, run_dir, run_name = self.rank, self.world_size, self.run_dir, self.run_name
+        torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+        if world_size > 1:
+            import torch.distributed as dist
+            os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+            dist.init_process_group("nccl" if cfg.ray.use_gpu else "gloo", rank=rank, world_size=world_size)
+        self.device = torch.device("cuda", 0) if cfg.ray.use_gpu else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        torch.manual_seed(cfg.seed)
+        with quiet_transformers():
+            model, _ = load_model(Path(cfg.model), dtype="float32", trust_remote_code=cfg.trust_remote_code)
+            tok = load_tokenizer(Path(cfg.model), trust_remote_code=cfg.trust_remote_code)
+            self.reference = None
+            if cfg.algorithm.kl_beta:
+                ref, _ = load_model(Path(cfg.model), dtype="float32", trust_remote_code=cfg.trust_remote_code)
+                self.reference = ref.to(self.device).eval().requires_grad_(False)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        algo = cfg.algorithm
+        eps, eps_high = algo.clip()
+        self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+        self.objective = RLObjective(algo.name, eps, eps_high, algo.aggregation, max_len=cfg.rollout.max_new_tokens,
+                                     kl_beta=algo.kl_beta, temperature=self.temperature,
+                                     chunk_size=cfg.loss_chunk_size)
+        self.reporter = LearnerCheckpoints(Path(run_dir), run_name, cfg)
+        optimizer_steps = cfg.max_steps * algo.epochs * algo.mini_batches
+        self.strategy, self.start_step = setup_strategy(model, self.objective, cfg, optimizer_steps, self.reporter,
+                                                        self.device)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                       enabled=bool(cfg.bf16) and cfg.param_dtype != "bfloat16")
+        return self.start_step
+
+    def _micro(self, samples: list[dict]) -> list[dict]:
+        size = self.cfg.algorithm.micro_batch_size
+        return [collate_rl(samples[i:i + size], self.pad_id) for i in range(0, len(samples), size)]
+
+    def _to(self, batch: dict) -> dict:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def _logprobs(self, samples: list[dict]) -> tuple[list[list[float]], list[list[float]] | None]:
+        """Old (current weights, through the strategy's wrapper: FSDP unshards there) and reference log-probs."""
+        from prunekit.engine.objectives import response_logprobs
+        old, ref = [], [] if self.reference is not None else None
+        for start in range(0, len(samples), self.cfg.algorithm.micro_batch_size):
+            chunk = samples[start:start + self.cfg.algorithm.micro_batch_size]
+            batch = self._to(collate_rl(chunk, self.pad_id))
+            with self.autocast:
+                lp = self.strategy.forward({**batch, "logp_only": True})["logp"].float().cpu()
+                rlp = response_logprobs(self.reference, batch, self.temperature).cpu() if ref is not None else None
+            for i, s in enumerate(chunk):
+                p, c = len(s["prompt_ids"]), len(s["completion_ids"])
+                old.append(lp[i, p:p + c].tolist())
+                if ref is not None:
+                    ref.append(rlp[i, p:p + c].tolist())
+        return old, ref
+
+    def update(self, parts: list[list[dict]]) -> dict:
+        """parts[m]: this rank's share of mini-batch m. Returns summed statistics (the driver adds the ranks)."""
+        from prunekit.engine.strategy import all_reduce_sum
+        algo, strategy = self.cfg.algorithm, self.strategy
+        flat = [s for part in parts for s in part]
+        old, ref = self._logprobs(flat)
+        it = iter(range(len(flat)))
+        for part in parts:
+            for s in part:
+                i = next(it)
+                s["old_logp"] = old[i]
+                if ref is not None:
+                    s["ref_logp"] = ref[i]
+        mismatch = sum(abs(a - b) for s in flat for a, b in zip(s["old_logp"], s.get("rollout_logp", s["old_logp"])))
+        stats = torch.zeros(9, dtype=torch.float64)
+        for _ in range(algo.epochs):
+            for part in parts:
+                local = normaliser(part, algo.aggregation, self.cfg.rollout.max_new_tokens)
+                total = all_reduce_sum(torch.tensor([local], dtype=torch.float64, device=self.device)).item()
+                micro = self._micro(part)
+                step_loss = 0.0
+                for i, batch in enumerate(micro):
+                    with strategy.no_sync(i < len(micro) - 1), self.autocast:
+                        out = strategy.forward(self._to(batch))
+                        # DDP/FSDP average gradients over ranks; * world_size turns that into the global sum
+                        strategy.backward(out["loss_sum"] * self.world_size / max(total, 1e-9))
+                    step_loss += float(out["loss_sum"].detach())
+                    stats[2:7] += torch.tensor([float(out[k]) for k in ("clipped", "clip_count", "kl_sum",
+                                                                        "n_tokens", "ratio_sum")], dtype=torch.float64)
+                grad_norm = float(strategy.step())
+                stats[0] += step_loss / max(total, 1e-9)  # this rank's share of the step's loss
+                stats[1] += grad_norm
+                stats[7] += 1
+        stats[8] = mismatch
+        n_old_tokens = sum(len(s["completion_ids"]) for s in flat)
+        return {"stats": stats.tolist(), "old_tokens": n_old_tokens, "lr": strategy.lr()}
+
+    def weights(self, dtype: str | None = None):
+        """The full state dict for the rollout actors (a collective under FSDP: every rank calls it); rank 0 puts it
+        in Ray's object store once and returns [ref] (a list, so Ray does not resolve it on the way back)."""
+        state = self.strategy.model_state_dict()
+        if self.rank != 0:
+            return None
+        import ray
+        cast = getattr(torch, dtype) if dtype else None
+        state = {k: (v.detach().to("cpu", cast) if cast is not None and v.is_floating_point() else v.detach().cpu())
+                 for k, v in state.items()}
+        return [ray.put(state)]
+
+    def checkpoint(self, step: int, metrics: dict, final: bool) -> str | None:
+        from prunekit.engine.loop import _checkpoint
+        _checkpoint(self.strategy, self.reporter, step, metrics, final)
+        return str(self.reporter.last_checkpoint) if self.rank == 0 else None

@@ -1,0 +1,64 @@
+"""RL prompt datasets: JSON/JSONL rows with a prompt (text or chat messages) and any other columns, which the
+rewards receive (e.g. `answer`). Prompts go through the model's chat template with the generation prompt added."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from prunekit import PrunekitError
+
+
+def read_rows(path: Path, prompt_column: str) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise PrunekitError(f"prompts {path}: not found")
+    text = path.read_text()
+    try:
+        rows = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines()
+                                                                 if line.strip()]
+    except json.JSONDecodeError as e:
+        raise PrunekitError(f"prompts {path}: line {e.lineno}: not JSON ({e.msg})") from None
+    if not rows:
+        raise PrunekitError(f"prompts {path}: no rows")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or prompt_column not in row:
+            raise PrunekitError(f"prompts {path}: row {i + 1}: expected an object with a {prompt_column!r} field")
+        p = row[prompt_column]
+        ok = isinstance(p, str) or (isinstance(p, list) and p and all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in p))
+        if not ok:
+            raise PrunekitError(f"prompts {path}: row {i + 1}: {prompt_column} must be text or a list of "
+                                "{role, content} messages")
+    return rows
+
+
+def prompt_token_ids(tokenizer, prompt, system_prompt: str | None = None) -> list[int]:
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer("\n".join(m["content"] for m in messages))["input_ids"])
+
+
+def tokenize_prompts(tokenizer, rows: list[dict], prompt_column: str, system_prompt: str | None, max_length: int,
+                     source: Path) -> list[list[int]]:
+    out = []
+    for i, row in enumerate(rows):
+        ids = prompt_token_ids(tokenizer, row[prompt_column], system_prompt)
+        if len(ids) > max_length:
+            raise PrunekitError(f"prompts {source}: row {i + 1}: {len(ids)} tokens > max_prompt_length {max_length}")
+        out.append(ids)
+    return out
+
+
+def addition_rows(n: int, seed: int = 0, low: int = 10, high: int = 99) -> list[dict]:
+    """Two-number addition prompts with the answer column exact_match checks."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(low, high), rng.randint(low, high)
+        rows.append({"prompt": f"What is {a} + {b}? Reply with only the number.", "answer": str(a + b)})
+    return rows

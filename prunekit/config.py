@@ -92,6 +92,9 @@ class DistillConfig(TrainConfig):
     temperature: float = 1.0
     sft_alpha: float = 0.0                    # weight of the plain cross-entropy mixed into the KD loss
     top_k: int | None = None                  # keep only the teacher's top-k logits
+    # same_gpu: teacher beside the student; own_gpu: each worker takes 2 GPUs (ray.gpus_per_worker: 2) and the
+    # teacher's forward runs on the second, concurrently with the student's step
+    teacher_placement: Literal["same_gpu", "own_gpu"] = "same_gpu"
 
     @field_validator("beta")
     @classmethod
@@ -207,6 +210,71 @@ class RLConfig(Strict):
 
 
 STAGE_CONFIGS["rl"] = RLConfig
+
+
+class KnockoutCandidates(Strict):
+    text: str | int | list[int] | None = "all"      # text layers: all | "3,5-7" | [3, 5] | null
+    vision: str | int | list[int] | None = None     # vision blocks, same forms
+    group_size: int | list[int] = [1]               # 2: runs of 2 consecutive layers; [1, 2]: singles and pairs
+    groups: list[str] = []                          # extra candidates: "text:4-5", "vision:0,1", "text:3+vision:1"
+
+    @field_validator("group_size")
+    @classmethod
+    def _sizes(cls, v):
+        sizes = [v] if isinstance(v, int) else v
+        if not sizes or any(s < 1 for s in sizes):
+            raise ValueError("must be >= 1")
+        return sizes
+
+
+class KnockoutTune(Strict):
+    """Ray Tune: one trial per candidate (one process; several share a GPU with a fractional gpus_per_trial)."""
+    cpus_per_trial: float = 1
+    gpus_per_trial: float = 0                 # 0: CPU trials; 0.25 packs four small trials on one GPU
+    max_concurrent_trials: int | None = None  # None: as many as the resources allow
+    asha: bool = False                        # ASHA early stopping on eval loss (key layers stop early)
+    asha_grace_steps: int = 10
+    asha_reduction_factor: int = 2
+    max_trials: int | None = None             # run at most this many unfinished trials now; the rest next time
+    reuse_actors: bool = True                 # one process runs trial after trial (imports and CUDA init once)
+
+
+class KnockoutConfig(TrainConfig):
+    """`prunekit knockout`: per candidate, remove it, run a short SFT through the training engine, evaluate."""
+    output_dir: Path                          # the report directory
+    max_steps: int | None = 50
+    eval_interval: int = 10
+    save_interval: int = 10 ** 9              # trials keep no checkpoints
+    log_interval: int = 5                     # report to Ray Tune every this many steps (and at every eval)
+    candidates: KnockoutCandidates = KnockoutCandidates()
+    tune: KnockoutTune = KnockoutTune()
+    free_ratio: float = 0.95                  # verdict free: final token_acc >= this x baseline
+    recoverable_ratio: float = 0.90           # verdict recoverable: >= this x baseline; key below
+    spike_window: float = 0.25                # early-spike flag: the first this fraction of steps ...
+    spike_margin: float = 0.25                # ... train loss on average more than this above the baseline's
+    max_params_fraction: float = 0.25         # plan budget
+    max_layers: int = 10
+    importance: bool = True                   # training-free scores beside the knockout (one extra Ray task)
+    importance_samples: int = 32
+    test_fail_candidates: list[str] = []      # test-only: these trials raise (error reporting tests)
+
+    @model_validator(mode="after")
+    def _knockout(self):
+        if self.ray.num_workers != 1 or self.ray.strategy != "ddp" or self.ray.use_gpu:
+            raise ValueError("ray: a knockout trial is one process; set its resources with tune.cpus_per_trial / "
+                             "tune.gpus_per_trial")
+        if self.max_steps is None:
+            raise ValueError("max_steps: a knockout trial needs a step count")
+        if not 0 < self.max_params_fraction <= 1 or self.max_layers < 1:
+            raise ValueError("max_params_fraction must be in (0, 1] and max_layers >= 1")
+        if not 0 < self.recoverable_ratio <= self.free_ratio:
+            raise ValueError("need 0 < recoverable_ratio <= free_ratio")
+        if self.tune.cpus_per_trial <= 0 or self.tune.gpus_per_trial < 0:
+            raise ValueError("tune.cpus_per_trial must be > 0 and tune.gpus_per_trial >= 0")
+        return self
+
+
+STAGE_CONFIGS["knockout"] = KnockoutConfig
 
 
 def _set_dotted(d: dict, dotted: str, value) -> None:

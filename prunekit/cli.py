@@ -151,6 +151,25 @@ def cmd_knockout(args) -> None:
     print(f"wrote {result.output}  (run: {result.run_dir})")
 
 
+RL_FLAGS = [("--model", "model"), ("--prompts", "prompts"), ("--output-dir", "output_dir"), ("--name", "name"),
+            ("--max-steps", "max_steps"), ("--num-workers", "ray.num_workers"), ("--algorithm", "algorithm.name"),
+            ("--backend", "rollout.backend")]
+
+
+def cmd_rl(args) -> None:
+    from prunekit.config import load_config
+    from prunekit.stages.rl import rl
+    overrides = {key: getattr(args, flag.lstrip("-").replace("-", "_")) for flag, key in RL_FLAGS}
+    if args.overwrite:
+        overrides["overwrite"] = True
+    overrides.update(_parse_set(args.set))
+    result = rl(load_config("rl", args.config, overrides))
+    m = result.metrics
+    shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("reward/total/mean", "train/kl", "response/length_mean") if k in m)
+    print(f"rl finished at step {m.get('step', '?')}: {shown}")
+    print(f"wrote {result.output}  (run: {result.run_dir})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunekit", description="Make language and vision-language models smaller.")
     parser.add_argument("--version", action="version", version=f"prunekit {__version__}")
@@ -232,6 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty report directory")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. tune.gpus_per_trial=0.5")
     p.set_defaults(func=cmd_knockout)
+    p = sub.add_parser("rl", help="RL with GRPO / GSPO: rollout actors, rewards, learners on Ray")
+    p.add_argument("--config", default=None, help="YAML config (flags override it), e.g. recipes/rl.yaml")
+    for flag, _ in RL_FLAGS:
+        p.add_argument(flag, default=None, type=int if flag in ("--max-steps", "--num-workers") else str)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. rollout.n=16")
+    p.set_defaults(func=cmd_rl)
     return parser
 
 

@@ -1,0 +1,95 @@
+"""Connecting to Ray, in one place: every stage, CLI command and `ray_jobs/` entry point goes through `connect`.
+
+Order: an explicit address (a recipe's `ray.address`, `--address`) -> the cluster this process belongs to (RAY_ADDRESS,
+which `ray job submit` sets for the job's driver, or the last `ray start` on this machine) -> a new local instance.
+Unlike `ray.init(address="auto")`, this never attaches to some other process's private `ray.init()` instance that
+happens to run on the same machine.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from urllib.parse import urlsplit
+
+from prunekit import PrunekitError
+
+PROBE_TIMEOUT_S = 5.0
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """'host:port' or 'ray://host:port' -> (host, port); None when there is no port to probe."""
+    parts = urlsplit(address if "://" in address else f"gcs://{address}")
+    try:
+        return (parts.hostname, parts.port) if parts.hostname and parts.port else None
+    except ValueError:
+        return None
+
+
+def probe(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Fail fast, with one line, when nothing listens at `address` (ray.init itself retries for minutes)."""
+    if address.startswith(("http://", "https://")):
+        raise PrunekitError(f"ray address {address}: that is the dashboard / job API (use it with `ray job submit`); "
+                            f"give the cluster address host:6379 or ray://host:10001")
+    hp = _host_port(address)
+    if hp is None:
+        raise PrunekitError(f"ray address {address}: expected host:port or ray://host:port")
+    try:
+        socket.create_connection(hp, timeout=timeout_s).close()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise PrunekitError(f"ray address {address}: nothing answers at {hp[0]}:{hp[1]} ({reason}); is the cluster "
+                            f"up, and is the address (or SSH tunnel / port-forward) right?") from None
+
+
+def existing_cluster_address() -> str | None:
+    """The address of the cluster this process belongs to: RAY_ADDRESS, else the last `ray start` on this machine."""
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if env and env not in ("auto", "local"):
+        return env
+    from ray._common.utils import get_ray_address_file
+    try:
+        with open(get_ray_address_file(None)) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def connect(address: str | None = None) -> str:
+    """Make sure this process is connected to Ray; returns the address it joined ('local' for a new instance)."""
+    import ray
+    if ray.is_initialized():
+        return "connected"
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    wants_cluster = address == "auto" or os.environ.get("RAY_ADDRESS", "").strip() not in ("", "local")
+    if address and address != "auto":
+        target = address
+    else:
+        target = existing_cluster_address()
+        if target is None and wants_cluster:
+            raise PrunekitError("ray address auto: no running Ray cluster found (no `ray start` on this machine)")
+    if target:
+        try:
+            probe(target)
+        except PrunekitError:
+            if address or wants_cluster:
+                raise  # a cluster was asked for: a dead one is an error
+            print(f"prunekit: the last `ray start` cluster ({target}) does not answer; starting a local Ray",
+                  file=sys.stderr)
+        else:
+            try:
+                ray.init(address=target, log_to_driver=True)
+            except Exception as e:  # ray raises ConnectionError, RuntimeError, TimeoutError, ... here
+                raise PrunekitError(f"ray address {target}: cannot connect ({str(e).splitlines()[0][:200]})") from None
+            return target
+    os.environ.pop("RAY_ADDRESS", None)  # "local": ray.init must start an instance, not look for one
+    ray.init(include_dashboard=False, log_to_driver=True)
+    return "local"
+
+
+def describe_cluster() -> str:
+    """One line: nodes, CPUs, GPUs of the connected cluster."""
+    import ray
+    res = ray.cluster_resources()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    return f"{nodes} node(s), {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs"

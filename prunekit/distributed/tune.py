@@ -80,27 +80,36 @@ def _trial(config: dict, shared: list) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     reporter = TuneTrialReporter(run_dir, f"{payload['name']}-{candidate.dirname}", cfg, cfg.max_steps)
     fetched = time.time()
-    metrics = run_trial(cfg, base, candidate, reporter, device)
+    extra = {}
+
+    def importance(model):  # the baseline trial has the base model built already: score it before training
+        model.eval()
+        extra["importance_json"] = json.dumps(_importance(model, base, payload["importance"], device))
+    want = candidate.size == 0 and payload.get("importance")
+    metrics = run_trial(cfg, base, candidate, reporter, device, before_training=importance if want else None)
     tune.report({"step": cfg.max_steps, "final": True, "fresh_eval": False, "train_losses": [],
                  **reporter.last_eval, "fetch_s": fetched - t0, "setup_s": metrics["time/setup_s"],
-                 "train_s": metrics["time/train_s"], "trial_s": time.time() - t0})
+                 "train_s": metrics["time/train_s"], "trial_s": time.time() - t0, **extra})
     del base, payload
 
 
-def _importance_task(shared: list, angular_n: tuple[int, ...], samples: int, use_gpu: bool) -> dict:
+def _importance(model, base: dict, spec: dict, device) -> dict:
+    from prunekit.core.adapters import adapter_for
+    from prunekit.stages.importance import compute_importance
+    return compute_importance(model, adapter_for(base["config"]), base["val"][:spec["samples"]], base["pad_id"],
+                              batch_size=4, angular_n=tuple(spec["angular_n"]), device=device)
+
+
+def _importance_task(shared: list, use_gpu: bool) -> dict:
+    """Importance when the baseline trial does not run (it finished in an earlier run)."""
     import ray
     import torch
-    from prunekit.core.adapters import adapter_for
     from prunekit.core.plan import Candidate
-    from prunekit.stages.importance import compute_importance
     from prunekit.stages.knockout import build_trial_model
     payload = ray.get(shared[0])
     base = ray.get(payload["base"])
     device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
-    model = build_trial_model(base, Candidate(), device).eval()
-    scores = compute_importance(model, adapter_for(base["config"]), base["val"][:samples], base["pad_id"],
-                                batch_size=4, angular_n=angular_n, device=device)
-    return scores
+    return _importance(build_trial_model(base, Candidate(), device).eval(), base, payload["importance"], device)
 
 
 class SweepBookkeeper:
@@ -134,7 +143,7 @@ class SweepBookkeeper:
     def _result(self, trial, result: dict) -> None:
         self.records.setdefault(trial.config["candidate"], []).append(
             {k: result[k] for k in ("step", "fresh_eval", "train_losses", "eval_loss", "eval_token_acc", "final",
-                                    "fetch_s", "setup_s", "train_s", "trial_s") if k in result})
+                                    "fetch_s", "setup_s", "train_s", "trial_s", "importance_json") if k in result})
 
     def _complete(self, trial) -> None:
         cid = trial.config["candidate"]
@@ -154,6 +163,9 @@ class SweepBookkeeper:
         tmp = d / f".{cid.replace(':', '_')}.tmp"
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         os.replace(tmp, d / "result.json")
+        if final_rec and "importance_json" in final_rec:
+            (self.run_dir / "importance.json").write_text(
+                json.dumps(json.loads(final_rec["importance_json"]), indent=2) + "\n")
         (d / "error.json").unlink(missing_ok=True)
         self.ran.append(cid)
 
@@ -182,17 +194,19 @@ def run_sweep(cfg, sweep, pending: list, base: dict, want_importance: bool) -> t
     import ray
     from ray import tune
     ensure_ray(cfg.ray.address)
+    from prunekit.core.plan import BASELINE
     base_ref = ray.put(base)
+    sizes = sorted({len(c.text) for c in sweep.candidates if c.text} | {len(c.vision) for c in sweep.candidates
+                                                                         if c.vision} | {1})
+    spec = {"samples": cfg.importance_samples, "angular_n": sizes} if want_importance else None
     payload_ref = ray.put({"base": base_ref, "cfg": cfg.model_dump(mode="json"), "run_dir": str(sweep.run_dir),
-                           "name": sweep.name})
+                           "name": sweep.name, "importance": spec})
     shared = [payload_ref]
     use_gpu = cfg.tune.gpus_per_trial > 0
     importance_ref = None
-    if want_importance:
+    if want_importance and BASELINE not in [c.id for c in pending]:
         task = ray.remote(num_cpus=cfg.tune.cpus_per_trial, num_gpus=cfg.tune.gpus_per_trial)(_importance_task)
-        sizes = sorted({len(c.text) for c in sweep.candidates if c.text} | {len(c.vision) for c in sweep.candidates
-                                                                             if c.vision} | {1})
-        importance_ref = task.remote(shared, tuple(sizes), cfg.importance_samples, use_gpu)
+        importance_ref = task.remote(shared, use_gpu)
     book = SweepBookkeeper(sweep.run_dir, cfg.max_steps)
     if pending:
         resources = {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}

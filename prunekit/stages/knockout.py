@@ -220,9 +220,10 @@ def build_trial_model(base: dict, candidate: Candidate, device):
     return model.to(device)
 
 
-def run_trial(cfg, base: dict, candidate: Candidate, reporter, device) -> dict:
+def run_trial(cfg, base: dict, candidate: Candidate, reporter, device, before_training=None) -> dict:
     """One knockout trial in this process: build the candidate's model, short SFT with the one training engine,
-    eval at step 0, every eval_interval steps and at the end. Returns the last metrics plus timings."""
+    eval at step 0, every eval_interval steps and at the end. Returns the last metrics plus timings.
+    `before_training(model)` sees the built model first (the baseline trial computes importance there)."""
     from prunekit.engine.loop import train
     from prunekit.engine.objectives import SFTObjective
     if candidate.id in cfg.test_fail_candidates:
@@ -230,9 +231,12 @@ def run_trial(cfg, base: dict, candidate: Candidate, reporter, device) -> dict:
     t0 = time.time()
     model = build_trial_model(base, candidate, device)
     t1 = time.time()
+    if before_training is not None:
+        before_training(model)
+    t2 = time.time()
     metrics = train(model, SFTObjective(chunk_size=cfg.loss_chunk_size), cfg, base["train"], base["val"],
                     base["pad_id"], reporter, device=device)
-    return {**metrics, "time/setup_s": t1 - t0, "time/train_s": time.time() - t1}
+    return {**metrics, "time/setup_s": t1 - t0, "time/train_s": time.time() - t2}
 
 
 # ---- the recipe ------------------------------------------------------------------------------------------------

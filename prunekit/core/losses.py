@@ -126,19 +126,6 @@ def _ce_rows(logits: torch.Tensor, _extra, target: torch.Tensor):
     return (lse - picked).sum(), grad.to(logits.dtype), (x.argmax(-1) == target).sum()
 
 
-def _autograd_rows(fn: Callable) -> Callable:
-    """Wrap a row loss ``fn(logits, extra, target) -> (loss, *extras)`` into the ``(loss, grad, *extras)`` form
-    :class:`_FusedLinearLoss` takes, the gradient coming from autograd."""
-
-    def rows(logits, extra, target):
-        with torch.enable_grad():
-            x = logits.detach().requires_grad_()
-            loss, *rest = fn(x, extra, target)
-            (g,) = torch.autograd.grad(loss, x)
-        return (loss.detach(), g.to(logits.dtype), *rest)
-    return rows
-
-
 def _gjsd_rows(s: torch.Tensor, t: torch.Tensor, beta: float, temperature: float, top_k: int | None) -> torch.Tensor:
     """Summed generalized JSD for ``[N, V]`` student/teacher logit rows (same V), in float32."""
     s = s.float() / temperature
@@ -159,12 +146,44 @@ def _gjsd_rows(s: torch.Tensor, t: torch.Tensor, beta: float, temperature: float
     )
 
 
-def _kd_ce_rows(s_logits, t_logits, target, vocab: int, beta: float, temperature: float, top_k, sft_alpha: float):
-    """(kd + sft_alpha * ce, kd, ce, argmax hits) of student/teacher logit rows, all from one float32 upcast."""
-    s = s_logits.float()
-    kd = _gjsd_rows(s[:, :vocab], t_logits, beta, temperature, top_k)
-    ce = F.cross_entropy(s, target, reduction="sum")
-    return kd + sft_alpha * ce, kd.detach(), ce.detach(), (s.detach().argmax(-1) == target).sum()
+def _kd_ce_rows(s_logits, t_logits, target, beta: float, temperature: float, top_k, sft_alpha: float):
+    """KD rows in closed form (no autograd): ``(kd + sft_alpha * ce, d/d s_logits, kd, ce, argmax hits)`` for
+    student logits ``[N, Vs]`` and teacher logits ``[N, V]`` (V <= Vs; the student's padded tail gets no KD).
+
+    With s = z / T and g = dL/d log p_s, the softmax chain rule gives dL/dz = p_s * (g - sum(p_s * g)) / T, where
+    g = (1 - beta) * (log p_s - log m) for the mixture m = beta p_t + (1 - beta) p_s (the beta * p_t * log m
+    terms cancel), g = log p_s - log p_t for beta = 1, and dL/dz = (p_s - p_t) / T for beta = 0 (forward KL)."""
+    z = s_logits.float()
+    vocab = t_logits.shape[-1]
+    s, t = z[:, :vocab] / temperature, t_logits.float() / temperature
+    idx = None
+    if top_k is not None:  # the teacher's top-k support; both renormalised over it
+        t, idx = t.topk(top_k, dim=-1)
+        s = s.gather(-1, idx)
+    ls, lt = s.log_softmax(-1), t.log_softmax(-1)
+    ps, pt = ls.exp(), lt.exp()
+    if beta == 0:
+        kd = (pt * (lt - ls)).sum()
+        g_s = ps - pt
+    else:
+        if beta == 1:
+            d, coef, kd = ls - lt, 1.0, None
+        else:
+            lm = torch.logaddexp(ls + math.log(1 - beta), lt + math.log(beta))
+            d, coef = ls - lm, 1 - beta
+            kd = beta * (pt * (lt - lm)).sum()
+        kd_s = (ps * d).sum()
+        kd = kd_s if kd is None else kd + (1 - beta) * kd_s
+        g_s = coef * ps * (d - (ps * d).sum(-1, keepdim=True))
+    g_s = g_s / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    ce = (lse - z.gather(-1, target[:, None]).squeeze(-1)).sum()
+    grad = sft_alpha * (torch.exp(z - lse[:, None]) - F.one_hot(target, z.shape[-1]).to(z.dtype))
+    if idx is not None:
+        grad = grad.scatter_add(-1, idx, g_s)
+    else:
+        grad = torch.cat([grad[:, :vocab] + g_s, grad[:, vocab:]], dim=-1)
+    return kd + sft_alpha * ce, grad.to(s_logits.dtype), kd, ce, (z.argmax(-1) == target).sum()
 
 
 _COMPILED: dict = {}
@@ -271,7 +290,9 @@ class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, extra, target, chunk_size, row_loss):
         grad_h = torch.zeros_like(h)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        # several chunks' weight gradients are summed in float32; a single chunk's is used as it comes
+        single = len(h) <= chunk_size
+        grad_w = torch.zeros_like(weight, dtype=weight.dtype if single else torch.float32)
         total, parts = torch.zeros((), dtype=torch.float32, device=h.device), None
         extras = extra.split(chunk_size) if extra is not None else [None] * len(range(0, len(h), chunk_size))
         for h_c, e_c, t_c, start in zip(h.split(chunk_size), extras, target.split(chunk_size),
@@ -279,7 +300,10 @@ class _FusedLinearLoss(torch.autograd.Function):
             loss, g, *rest = row_loss(h_c @ weight.T, e_c, t_c)
             g = g.to(h.dtype)
             grad_h[start:start + len(h_c)] = g @ weight
-            grad_w += (g.T @ h_c).float()
+            if single:
+                grad_w = g.T @ h_c
+            else:
+                grad_w += (g.T @ h_c).float()
             total += loss.detach()
             parts = rest if parts is None else [p + r for p, r in zip(parts, rest)]
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
@@ -318,16 +342,19 @@ def chunked_generalized_jsd_loss(
     w_t = teacher_head.detach()
 
     def kd_rows(s_logits, h_t_c, t_c):
-        with torch.no_grad():
-            t_logits = (h_t_c @ w_t.T)[:, :vocab]
-        return _fast(_kd_ce_rows, s_logits.is_cuda)(s_logits, t_logits, t_c, vocab, beta, temperature, top_k,
-                                                    sft_alpha)
+        t_logits = (h_t_c @ w_t.T)[:, :vocab]
+        return _fast(_kd_ce_rows, s_logits.is_cuda)(s_logits, t_logits, t_c, beta, temperature, top_k, sft_alpha)
 
     n_tokens = torch.tensor(len(rows), device=student_hidden.device)
     if torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad):
-        loss, kd, ce, correct = _FusedLinearLoss.apply(h_s, student_head, h_t, target, chunk_size,
-                                                       _autograd_rows(kd_rows))
+        loss, kd, ce, correct = _FusedLinearLoss.apply(h_s, student_head, h_t, target, chunk_size, kd_rows)
         return loss, kd, ce, n_tokens, correct
+    loss = kd = ce = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+    correct = torch.zeros((), dtype=torch.long, device=student_hidden.device)
+    for h_c, ht_c, t_c in zip(h_s.split(chunk_size), h_t.split(chunk_size), target.split(chunk_size)):
+        l_c, _, k_c, c_c, n_c = kd_rows(h_c @ student_head.T, ht_c, t_c)
+        loss, kd, ce, correct = loss + l_c, kd + k_c, ce + c_c, correct + n_c
+    return loss, kd, ce, n_tokens, correct
     loss = kd = ce = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
     correct = torch.zeros((), dtype=torch.long, device=student_hidden.device)
     for h_c, ht_c, t_c in zip(h_s.split(chunk_size), h_t.split(chunk_size), target.split(chunk_size)):

@@ -162,41 +162,101 @@ def train(model, objective, cfg, train_samples, val_samples, pad_id: int, report
         return [collate(mb, pad_id) for mb in step_microbatches(train_samples, order, step, cfg.batch_size,
                                                                 cfg.grad_accum, rank, world_size)]
 
+    def global_tokens(batches: list[dict]) -> float:
+        """Supervised tokens of the whole global batch, counted on the host (over gloo): no GPU sync."""
+        local = float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
+        return host_all_reduce_sum(local, host_group)
+
+    host_group = make_host_group()
     metrics: dict = {}
+    pending = None  # the last step's metrics, read back one step later (see _HostCopy)
+    last_read = time.time()
+
+    def read_metrics(done: int, copy: "_HostCopy", lr: float) -> dict:
+        nonlocal last_read
+        sums, grad_norm = copy.wait()
+        now, n = time.time(), max(sums[1].item(), 1)
+        step_metrics = {"train/loss": sums[0].item() / n, "train/token_acc": sums[2].item() / n, "train/lr": lr,
+                        "train/grad_norm": grad_norm.item(), "train/tokens": int(sums[1]),
+                        "train/tokens_per_s": sums[1].item() / max(now - last_read, 1e-9)}
+        last_read = now
+        return step_metrics
+
     micro = host_batches(start_step) if start_step < steps else []
+    tokens = global_tokens(micro) if micro else 0.0
     for step in range(start_step, steps):
-        t0 = time.time()
         if cfg.test_crash_at_step is not None and step == cfg.test_crash_at_step:
             reporter.maybe_crash(step)
-        # token-weighted: every supervised token of the global batch counts once, whatever rank or micro-batch
-        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)  # on the host: no sync
-        global_tokens = local_tokens if world_size == 1 else all_reduce_sum(
-            torch.tensor([float(local_tokens)], device=device)).item()
         sums = torch.zeros(3, dtype=torch.float64, device=device)
         for i, batch in enumerate(micro):
             with strategy.no_sync(i < len(micro) - 1), autocast:
                 out = strategy.forward(_to(batch, device))
                 # DDP/FSDP/ZeRO average gradients over ranks; scaling by world_size turns that into a sum
-                strategy.backward(out["loss_sum"] * world_size / max(global_tokens, 1.0))
+                strategy.backward(out["loss_sum"] * world_size / max(tokens, 1.0))
             sums += torch.stack([out["loss_sum"].detach().double(), out["n_tokens"].double(),
                                  out["n_correct"].double()])
         grad_norm = strategy.step()
-        # the next step's batches are built on the host while the GPU still works through this step's queue
+        lr = strategy.lr()
+        copy = _HostCopy([all_reduce_sum(sums), grad_norm])
+        # While the GPU works through this step: build the next step's batches, then log the previous step
+        # (waiting only for that one). Reading this step's numbers now would leave the GPU idle meanwhile.
         micro = host_batches(step + 1) if step + 1 < steps else []
-        grad_norm = float(grad_norm)
-        sums = all_reduce_sum(sums).cpu()
-        n = max(sums[1].item(), 1)
-        metrics = {"train/loss": sums[0].item() / n, "train/token_acc": sums[2].item() / n, "train/lr": strategy.lr(),
-                   "train/grad_norm": grad_norm, "train/tokens": int(sums[1]),
-                   "train/tokens_per_s": sums[1].item() / max(time.time() - t0, 1e-9)}
+        tokens = global_tokens(micro) if micro else 0.0
+        if pending is not None:
+            metrics = read_metrics(*pending)
+            reporter.log(pending[0], metrics)
         done = step + 1
-        if val_samples and (done % cfg.eval_interval == 0 or done == steps):
-            metrics.update(evaluate_distributed(strategy, val_samples, pad_id, cfg.batch_size, device))
-        reporter.log(done, metrics)
-        if done % cfg.save_interval == 0 or done == steps:
-            _checkpoint(strategy, reporter, done, metrics, final=done == steps)
+        pending = (done, copy, lr)
+        evaluate_now = val_samples and (done % cfg.eval_interval == 0 or done == steps)
+        save_now = done % cfg.save_interval == 0 or done == steps
+        if evaluate_now or save_now:
+            metrics, pending = read_metrics(*pending), None
+            if evaluate_now:
+                metrics.update(evaluate_distributed(strategy, val_samples, pad_id, cfg.batch_size, device))
+            reporter.log(done, metrics)
+            if save_now:
+                _checkpoint(strategy, reporter, done, metrics, final=done == steps)
     reporter.finish()
     return metrics
+
+
+class _HostCopy:
+    """Device tensors copied to pinned host memory without blocking; `wait()` blocks only until this copy is
+    done, not for work queued after it."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        tensors = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in tensors]  # FSDP2 DTensor norms
+        tensors = [torch.as_tensor(t).detach() for t in tensors]
+        self.event = None
+        if tensors[0].is_cuda:
+            self.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                         for t in tensors]
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = [t.cpu() for t in tensors]
+
+    def wait(self) -> list[torch.Tensor]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host
+
+
+def make_host_group():
+    """A gloo process group for small host-side all-reduces when the main one is NCCL (None: use the default)."""
+    import torch.distributed as dist
+    if world()[1] > 1 and dist.get_backend() != "gloo":
+        return dist.new_group(backend="gloo")
+    return None
+
+
+def host_all_reduce_sum(value: float, group) -> float:
+    if world()[1] == 1:
+        return value
+    import torch.distributed as dist
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t.item()
 
 
 def _checkpoint(strategy, reporter, step: int, metrics: dict, final: bool) -> None:

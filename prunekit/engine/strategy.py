@@ -54,7 +54,8 @@ class Strategy:
             from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [self.device.index] if self.device.type == "cuda" else None
             # grads live in the all-reduce buckets: no copy in and out of them every step
-            self.wrapped = DDP(self.module, device_ids=ids, gradient_as_bucket_view=True)
+            # and no buffer broadcast every forward (an LLM's buffers, e.g. rotary tables, never diverge)
+            self.wrapped = DDP(self.module, device_ids=ids, gradient_as_bucket_view=True, broadcast_buffers=False)
         self.optimizer = make_optimizer(self.module.parameters())
         self.scheduler = make_scheduler(self.optimizer)
 

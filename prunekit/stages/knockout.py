@@ -262,9 +262,13 @@ def knockout(cfg, resume: bool = False) -> KnockoutResult:
     want_importance = cfg.importance and not (run_dir / "importance.json").is_file()
     ran, errors = [], {}
     if pending or want_importance:
-        print(f"knockout {sweep.name}: {len(sweep.candidates) - len([c for c in sweep.candidates if not finished(run_dir, c)])}"
-              f" of {len(sweep.candidates)} trials already finished; running {len(pending)}", flush=True)
+        done = sum(finished(run_dir, c) for c in sweep.candidates)
+        print(f"knockout {sweep.name}: {done} of {len(sweep.candidates)} trials already finished; running "
+              f"{len(pending)}", flush=True)
+        t0 = time.time()
         base = load_shared_base(cfg)
+        print(f"base weights and data loaded once in {time.time() - t0:.1f}s (trials read them from the Ray object "
+              f"store)", flush=True)
         ran, errors = run_sweep(cfg, sweep, pending, base, want_importance)
     return write_report(sweep, ran, errors)
 

@@ -51,16 +51,36 @@ class DistillObjective:
         self.beta, self.temperature, self.top_k = beta, temperature, top_k
         self.sft_alpha, self.chunk_size = sft_alpha, chunk_size
         self._teacher_head_copy = None
+        self._ahead: dict = {}  # teacher hidden states already queued for coming batches (see prefetch)
+
+    def _teacher_hidden(self, batch: dict):
+        teacher_backbone, teacher_head = backbone_and_head(self.teacher)
+        teacher_device = teacher_head.weight.device
+        with torch.no_grad():
+            inputs = {k: v.to(teacher_device, non_blocking=True) for k, v in model_inputs(batch).items()}
+            return teacher_backbone(**inputs, use_cache=False).last_hidden_state
+
+    @staticmethod
+    def _key(batch: dict):
+        ids = batch["input_ids"]
+        return ids.device, ids.data_ptr(), tuple(ids.shape)
+
+    def prefetch(self, batch: dict) -> None:
+        """Queue the teacher's forward for a coming (device) batch now. With the teacher on its own GPU it then
+        runs while the student is still busy with the current step, instead of the student waiting for it."""
+        if self.teacher_on_own_device(batch["input_ids"].device):
+            self._ahead[self._key(batch)] = self._teacher_hidden(batch)
+
+    def teacher_on_own_device(self, student_device) -> bool:
+        return backbone_and_head(self.teacher)[1].weight.device != student_device
 
     def __call__(self, model, batch: dict) -> dict:
         inputs = model_inputs(batch)
-        teacher_backbone, teacher_head = backbone_and_head(self.teacher)
-        # A teacher on its own GPU runs concurrently with the student's forward: its kernels are queued first,
-        # and its hidden states are only waited for when the loss needs them.
+        _, teacher_head = backbone_and_head(self.teacher)
         teacher_device = teacher_head.weight.device
-        with torch.no_grad():
-            teacher_inputs = {k: v.to(teacher_device, non_blocking=True) for k, v in inputs.items()}
-            teacher_hidden = teacher_backbone(**teacher_inputs, use_cache=False).last_hidden_state
+        teacher_hidden = self._ahead.pop(self._key(batch), None)
+        if teacher_hidden is None:  # queued before the student's forward: on its own GPU the two overlap
+            teacher_hidden = self._teacher_hidden(batch)
         backbone, head = backbone_and_head(model)
         hidden = backbone(**inputs, use_cache=False).last_hidden_state
         teacher_weight = teacher_head.weight

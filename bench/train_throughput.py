@@ -78,10 +78,6 @@ def run_prunekit(args, distill: bool = False) -> dict:
         "max_length": args.seq, "bf16": True, "param_dtype": args.param_dtype, "compile": args.compile, "lr": 1e-5, "save_interval": 10 ** 9, "eval_interval": 10 ** 9,
         "wandb.mode": "disabled", "ray.num_workers": world_size, "ray.use_gpu": True,
         **({"teacher": "bench"} if distill else {})})
-    if args.compile_scope == "model":  # A/B: one compiled region for the whole backbone instead of one per layer
-        cfg.compile = False
-        model.to(torch.bfloat16 if args.param_dtype == "bfloat16" else torch.float32)
-        model.model.compile()
     reporter = LocalReporter(Path(tmp), "bench", cfg)
     reporter.checkpoint = lambda *a, **k: None  # measure training steps, not checkpoint I/O
     data = samples(args.batch * world_size * args.steps, args.seq, STUDENT["vocab_size"])
@@ -205,10 +201,9 @@ def main():
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--chunk", type=int, default=4096)
+    p.add_argument("--chunk", type=int, default=16384)
     p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--compile-scope", default="layers", choices=["layers", "model"])
     p.add_argument("--teacher-gpu", type=int, default=None, help="distill: put the teacher on this GPU index")
     p.add_argument("--only", default="", help="--all: comma-separated subset of the runs")
     p.add_argument("--profile", action="store_true", help="print a kernel-time table of 3 steady-state steps")

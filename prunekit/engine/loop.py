@@ -95,8 +95,6 @@ def total_steps(cfg, n_samples: int, world_size: int) -> int:
 def _to(batch: dict, device) -> dict:
     """Host batch -> device. An all-ones attention mask (no padding) is dropped: the model then runs plain causal
     attention (flash kernels, no mask check that would sync the GPU)."""
-    if all(v.device.type == device.type and v.device.index in (None, device.index) for v in batch.values()):
-        return batch  # already there (moved early, see the prefetch in train)
     mask = batch.get("attention_mask")
     if mask is not None and "pixel_values" not in batch and bool(mask.all()):
         batch = {k: v for k, v in batch.items() if k != "attention_mask"}
@@ -205,9 +203,8 @@ def train(model, objective, cfg, train_samples, val_samples, pad_id: int, report
         micro = host_batches(step + 1) if step + 1 < steps else []
         tokens = global_tokens(micro) if micro else 0.0
         if hasattr(objective, "prefetch"):  # e.g. a teacher on its own GPU starts on the next step's batches now
-            micro = [_to(b, device) for b in micro]
             for b in micro:
-                objective.prefetch(b)
+                objective.prefetch(b, device)
         if pending is not None:
             metrics = read_metrics(*pending)
             reporter.log(pending[0], metrics)

@@ -51,6 +51,41 @@ class DistillObjective:
         self.beta, self.temperature, self.top_k = beta, temperature, top_k
         self.sft_alpha, self.chunk_size = sft_alpha, chunk_size
         self._teacher_head_copy = None
+        self._ahead: list = []  # (input_ids shape, teacher hidden) queued for the coming training batches
+
+    def _teacher_hidden(self, batch: dict):
+        teacher_backbone, teacher_head = backbone_and_head(self.teacher)
+        device = teacher_head.weight.device
+        with torch.no_grad():
+            inputs = {k: (v.pin_memory() if v.device.type == "cpu" and device.type == "cuda" else v).to(
+                device, non_blocking=True) for k, v in model_inputs(batch).items()}
+            return teacher_backbone(**inputs, use_cache=False).last_hidden_state
+
+    def prefetch(self, host_batch: dict, student_device) -> None:
+        """Queue the teacher's forward for the next training batch (still on the host) now. With the teacher on
+        its own GPU it then runs while the student is still busy with the current step; the inputs go straight
+        from the host to the teacher's GPU, never behind the student's queue."""
+        if backbone_and_head(self.teacher)[1].weight.device != student_device:
+            self._ahead.append((tuple(host_batch["input_ids"].shape), self._teacher_hidden(host_batch)))
+
+    def __call__(self, model, batch: dict) -> dict:
+        backbone, head = backbone_and_head(model)
+        hidden = backbone(**model_inputs(batch), use_cache=False).last_hidden_state
+        loss_sum, n_tokens, n_correct = chunked_causal_lm_loss(hidden, head.weight, batch["labels"],
+                                                               chunk_size=self.chunk_size)
+        return {"loss_sum": loss_sum, "n_tokens": n_tokens, "n_correct": n_correct}
+
+
+class DistillObjective:
+    """Generalized JSD between a frozen teacher and the student over assistant tokens, plus `sft_alpha` * CE,
+    from both models' final hidden states: neither model's full B*S*V logits are ever built."""
+
+    def __init__(self, teacher, beta: float = 0.5, temperature: float = 1.0, top_k: int | None = None,
+                 sft_alpha: float = 0.0, chunk_size: int = 1024):
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.beta, self.temperature, self.top_k = beta, temperature, top_k
+        self.sft_alpha, self.chunk_size = sft_alpha, chunk_size
+        self._teacher_head_copy = None
         self._ahead: dict = {}  # teacher hidden states already queued for coming batches (see prefetch)
 
     def _teacher_hidden(self, batch: dict):
@@ -78,8 +113,12 @@ class DistillObjective:
         inputs = model_inputs(batch)
         _, teacher_head = backbone_and_head(self.teacher)
         teacher_device = teacher_head.weight.device
-        teacher_hidden = self._ahead.pop(self._key(batch), None)
-        if teacher_hidden is None:  # queued before the student's forward: on its own GPU the two overlap
+        teacher_hidden = None
+        if model.training and self._ahead:  # training batches come in the order they were prefetched
+            shape, teacher_hidden = self._ahead.pop(0)
+            if shape != tuple(batch["input_ids"].shape):
+                self._ahead, teacher_hidden = [], None
+        if teacher_hidden is None:  # queued before the student's forward: on its own GPU the two still overlap
             teacher_hidden = self._teacher_hidden(batch)
         backbone, head = backbone_and_head(model)
         hidden = backbone(**inputs, use_cache=False).last_hidden_state

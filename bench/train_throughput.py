@@ -76,7 +76,7 @@ def run_prunekit(args, distill: bool = False) -> dict:
     cfg = load_config(stage, None, {
         "model": "bench", "train": "bench", "output_dir": tmp, "max_steps": args.steps, "batch_size": args.batch,
         "max_length": args.seq, "bf16": True, "param_dtype": args.param_dtype, "compile": args.compile, "lr": 1e-5, "save_interval": 10 ** 9, "eval_interval": 10 ** 9,
-        "wandb.mode": "disabled", "ray.num_workers": world_size, "ray.use_gpu": True,
+        "wandb.mode": "disabled", "ray.num_workers": world_size, "ray.use_gpu": True, "ray.strategy": args.strategy,
         **({"teacher": "bench"} if distill else {})})
     reporter = LocalReporter(Path(tmp), "bench", cfg)
     reporter.checkpoint = lambda *a, **k: None  # measure training steps, not checkpoint I/O
@@ -155,12 +155,16 @@ def run_all(args) -> None:
             ("prunekit_1gpu", me + ["prunekit"], one),
             ("prunekit_1gpu_bf16_compiled", me + ["prunekit"] + fast, one),
             ("prunekit_distill_1gpu_bf16_compiled", me + ["distill"] + fast, one)]
+    def torchrun(n: int, strategy: str):
+        return ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), str(here), "--mode",
+                 "prunekit", "--strategy", strategy] + fast, {"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(n)))})
     if n_gpus >= 2:
         plan.append(("prunekit_distill_teacher_own_gpu_bf16_compiled", me + ["distill", "--teacher-gpu", "1"] + fast,
                      {"CUDA_VISIBLE_DEVICES": "0,1"}))
-        plan.append(("prunekit_2gpu_bf16_compiled", [sys.executable, "-m", "torch.distributed.run",
-                                                     "--nproc_per_node", "2", str(here), "--mode", "prunekit"] + fast,
-                     {"CUDA_VISIBLE_DEVICES": "0,1"}))
+    for n in (2, 4, 8):  # data-parallel scaling: DDP and FSDP2 on every GPU count the box has
+        if n_gpus >= n:
+            plan.append((f"prunekit_{n}gpu_bf16_compiled", *torchrun(n, "ddp")))
+            plan.append((f"prunekit_{n}gpu_fsdp_bf16_compiled", *torchrun(n, "fsdp")))
     if args.only:
         plan = [x for x in plan if x[0] in args.only.split(",")]
     for name, cmd, env in plan:
@@ -168,6 +172,10 @@ def run_all(args) -> None:
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         results[name] = json.loads(line[-1][7:]) if line else {"error": proc.stderr[-1500:]}
         print(name, results[name], flush=True)
+        write_results(args, n_gpus, results)
+
+
+def write_results(args, n_gpus: int, results: dict) -> None:
     r = results
     def ratio(a, b, key="tokens_per_s"):
         return r[a][key] / r[b][key] if key in r.get(a, {}) and key in r.get(b, {}) else None
@@ -178,6 +186,11 @@ def run_all(args) -> None:
                                                 "step_seconds"),
               "distill_teacher_own_gpu_vs_sft_step_time": ratio("prunekit_distill_teacher_own_gpu_bf16_compiled",
                                                                 "prunekit_1gpu_bf16_compiled", "step_seconds")}
+    for n in (2, 4, 8):  # parallel efficiency: n-GPU tokens/s over n x the 1-GPU (DDP) tokens/s
+        for strategy, name in (("ddp", f"prunekit_{n}gpu_bf16_compiled"), ("fsdp", f"prunekit_{n}gpu_fsdp_bf16_compiled")):
+            speedup = ratio(name, "prunekit_1gpu_bf16_compiled")
+            if speedup is not None:
+                ratios[f"{strategy}_{n}gpu_efficiency"] = speedup / n
     goals = {"prunekit_vs_hf_trainer": ">= 1.8", "two_vs_one_gpu": ">= 1.9", "distill_vs_sft_step_time": "<= 1.6",
              "distill_teacher_own_gpu_vs_sft_step_time": "<= 1.6"}
     out = {"benchmark": "train_throughput", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -190,7 +203,6 @@ def run_all(args) -> None:
            "results": results, "ratios": ratios, "goals": goals}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out, indent=2))
 
 
 def main():
@@ -204,6 +216,7 @@ def main():
     p.add_argument("--chunk", type=int, default=16384)
     p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"])
     p.add_argument("--teacher-gpu", type=int, default=None, help="distill: put the teacher on this GPU index")
     p.add_argument("--only", default="", help="--all: comma-separated subset of the runs")
     p.add_argument("--profile", action="store_true", help="print a kernel-time table of 3 steady-state steps")

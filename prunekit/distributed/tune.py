@@ -12,12 +12,24 @@ import os
 import time
 from pathlib import Path
 
+from ray.tune.schedulers import AsyncHyperBandScheduler
+
+from prunekit.core.plan import BASELINE
 from prunekit.distributed.train import ensure_ray
 from prunekit.engine.reporting import RunLogger, crash_once
 
 # metrics a trial forwards to Tune (names without "/": Tune flattens nested keys on "/")
 FORWARD = {"train/loss": "train_loss", "train/token_acc": "train_token_acc", "train/lr": "train_lr",
            "train/tokens_per_s": "train_tokens_per_s", "eval/loss": "eval_loss", "eval/token_acc": "eval_token_acc"}
+
+
+class BaselineKeepingASHA(AsyncHyperBandScheduler):
+    """ASHA over the candidates; the baseline always runs to the end (every verdict is measured against it)."""
+
+    def on_trial_result(self, tune_controller, trial, result):
+        if trial.config.get("candidate") == BASELINE:
+            return self.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
 
 
 class TuneTrialReporter(RunLogger):
@@ -51,6 +63,13 @@ class TuneTrialReporter(RunLogger):
             out.update({FORWARD[k]: v for k, v in metrics.items() if k in FORWARD and not k.startswith("eval/")})
             tune.report(out)
             self.pending_losses = []
+
+    def finish(self) -> None:
+        used_wandb = self.wandb is not None
+        super().finish()
+        if used_wandb:  # stop wandb's service now: Ray ends trial processes abruptly, which it reports noisily
+            import wandb
+            wandb.teardown()
 
     def checkpoint(self, step, metrics, write_fn, all_ranks, final) -> None:
         pass  # trials keep no checkpoints
@@ -155,7 +174,8 @@ class SweepBookkeeper:
         last_step = max([r["step"] for r in records if not r.get("final")] or [0])
         last_eval = evals[max(evals, key=int)] if evals else {}
         last_train = train_loss[max(train_loss, key=int)] if train_loss else None
-        result = {"candidate": cid, "status": "done" if final_rec else "stopped_early", "steps": last_step,
+        status = "done" if final_rec or last_step >= self.total else "stopped_early"  # ASHA stops trials early
+        result = {"candidate": cid, "status": status, "steps": last_step,
                   "final": {**last_eval, "train/loss": last_train}, "step0": evals.get("0", {}),
                   "train_loss": train_loss, "eval": evals,
                   "timing": {k: final_rec[k] for k in ("fetch_s", "setup_s", "train_s", "trial_s")} if final_rec else {}}
@@ -194,7 +214,6 @@ def run_sweep(cfg, sweep, pending: list, base: dict, want_importance: bool) -> t
     import ray
     from ray import tune
     ensure_ray(cfg.ray.address)
-    from prunekit.core.plan import BASELINE
     base_ref = ray.put(base)
     sizes = sorted({len(c.text) for c in sweep.candidates if c.text} | {len(c.vision) for c in sweep.candidates
                                                                          if c.vision} | {1})
@@ -213,10 +232,9 @@ def run_sweep(cfg, sweep, pending: list, base: dict, want_importance: bool) -> t
         trainable = tune.with_resources(tune.with_parameters(_trial, shared=shared), resources)
         scheduler = None
         if cfg.tune.asha:
-            from ray.tune.schedulers import ASHAScheduler
-            scheduler = ASHAScheduler(time_attr="step", metric="eval_loss", mode="min", max_t=cfg.max_steps,
-                                      grace_period=cfg.tune.asha_grace_steps,
-                                      reduction_factor=cfg.tune.asha_reduction_factor)
+            scheduler = BaselineKeepingASHA(time_attr="step", metric="eval_loss", mode="min", max_t=cfg.max_steps,
+                                            grace_period=cfg.tune.asha_grace_steps,
+                                            reduction_factor=cfg.tune.asha_reduction_factor, stop_last_trials=False)
         tune_root = sweep.run_dir / "tune"
         attempt = len(list(tune_root.glob("attempt-*"))) if tune_root.is_dir() else 0
         tuner = tune.Tuner(

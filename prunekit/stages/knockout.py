@@ -331,7 +331,11 @@ def analyse(sweep: Sweep, results: dict, errors: dict, importance: dict) -> list
             continue
         final = res["final"]
         acc = final.get("eval/token_acc")
-        ratio = acc / base_acc if acc is not None and base_acc else None
+        # against the baseline at the same step: a trial ASHA stopped early is compared like with like
+        last_eval = max(res.get("eval", {}), key=int, default=None)
+        base_same = (base.get("eval", {}).get(last_eval, {}).get("eval/token_acc", base_acc)
+                     if base and last_eval is not None else base_acc)
+        ratio = acc / base_same if acc is not None and base_same else None
         acc0 = res.get("step0", {}).get("eval/token_acc")
         base0 = base.get("step0", {}).get("eval/token_acc") if base else None
         excess = (early_excess({int(s): v for s, v in res["train_loss"].items()}, base_curve, cfg.max_steps,

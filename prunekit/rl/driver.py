@@ -55,6 +55,20 @@ def _split(items: list, parts: int) -> list[list]:
     return [items[i * size:(i + 1) * size] for i in range(parts)]
 
 
+def push_weights(learners, actors, version: int, dtype: str | None) -> float:
+    """Every learner rank gives its state (a collective under FSDP); rank 0's packed copy goes once into the object
+    store and every actor loads it and moves to `version`. Returns the wall time of the whole sync."""
+    import ray
+    t0 = time.perf_counter()
+    refs = ray.get([lr.weights.remote(dtype) for lr in learners])
+    state_ref = refs[0][0]
+    acks = ray.get([a.update_weights.remote(state_ref, version) for a in actors])
+    del state_ref, refs
+    if any(a["version"] != version for a in acks):
+        raise PrunekitError(f"weight sync to version {version} failed: actors report {acks}")
+    return time.perf_counter() - t0
+
+
 class RLRun:
     def __init__(self, cfg, rows: list[dict], prompt_ids: list[list[int]], tokenizer, rewards, run_dir: Path,
                  name: str):
@@ -96,16 +110,9 @@ class RLRun:
     def sync(self, version: int) -> float:
         """Learner weights -> every rollout actor; returns seconds. The actors refuse to generate on any other
         version afterwards."""
-        import ray
-        t0 = time.perf_counter()
-        refs = ray.get([lr.weights.remote(self.sync_dtype) for lr in self.learners])
-        state_ref = refs[0][0]
-        acks = ray.get([a.update_weights.remote(state_ref, version) for a in self.actors])
-        del state_ref, refs
-        if any(a["version"] != version for a in acks):
-            raise PrunekitError(f"weight sync to version {version} failed: actors report {acks}")
+        seconds = push_weights(self.learners, self.actors, version, self.sync_dtype)
         self.version = version
-        return time.perf_counter() - t0
+        return seconds
 
     def stop(self) -> None:
         import ray

@@ -178,16 +178,14 @@ class Learner:
         return {"stats": stats.tolist(), "old_tokens": n_old_tokens, "lr": strategy.lr()}
 
     def weights(self, dtype: str | None = None):
-        """The full state dict for the rollout actors (a collective under FSDP: every rank calls it); rank 0 puts it
-        in Ray's object store once and returns [ref] (a list, so Ray does not resolve it on the way back)."""
+        """The full state dict for the rollout actors (a collective under FSDP: every rank calls it); rank 0 packs it
+        into one buffer in Ray's object store and returns [ref] (a list, so Ray does not resolve it on the way)."""
         state = self.strategy.model_state_dict()
         if self.rank != 0:
             return None
         import ray
-        cast = getattr(torch, dtype) if dtype else None
-        state = {k: (v.detach().to("cpu", cast) if cast is not None and v.is_floating_point() else v.detach().cpu())
-                 for k, v in state.items()}
-        return [ray.put(state)]
+        from prunekit.rl.rollout import pack_state
+        return [ray.put(pack_state(state, getattr(torch, dtype) if dtype else None))]
 
     def checkpoint(self, step: int, metrics: dict, final: bool) -> str | None:
         from prunekit.engine.loop import _checkpoint

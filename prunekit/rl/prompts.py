@@ -54,11 +54,22 @@ def tokenize_prompts(tokenizer, rows: list[dict], prompt_column: str, system_pro
     return out
 
 
-def addition_rows(n: int, seed: int = 0, low: int = 10, high: int = 99) -> list[dict]:
-    """Two-number addition prompts with the answer column exact_match checks."""
+FEW_SHOT = [("12 + 7", "19"), ("31 + 25", "56")]
+
+
+def addition_rows(n: int, seed: int = 0, low: int = 10, high: int = 99, few_shot: bool = False) -> list[dict]:
+    """Two-number addition prompts with the `answer` column exact_match checks. few_shot: the prompt is a chat
+    with two solved examples first, which shows a small model the answer format (just the number)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         a, b = rng.randint(low, high), rng.randint(low, high)
-        rows.append({"prompt": f"What is {a} + {b}? Reply with only the number.", "answer": str(a + b)})
+        question = f"What is {a} + {b}?"
+        if few_shot:
+            prompt = [m for q, ans in FEW_SHOT for m in ({"role": "user", "content": f"What is {q}?"},
+                                                          {"role": "assistant", "content": ans})]
+            prompt.append({"role": "user", "content": question})
+        else:
+            prompt = question + " Reply with only the number."
+        rows.append({"prompt": prompt, "answer": str(a + b)})
     return rows

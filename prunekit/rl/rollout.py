@@ -102,6 +102,32 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
     return out
 
 
+def pack_state(state: dict, dtype: torch.dtype | None = None) -> dict:
+    """A state dict as ONE contiguous byte buffer (a numpy array, which Ray's object store hands to every reader
+    without a copy) plus an index: one device->host copy on the learner, one host->device copy per actor."""
+    index, chunks, offset = [], [], 0
+    for name, t in state.items():
+        t = t.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        raw = t.contiguous().reshape(-1).view(torch.uint8)
+        pad = -raw.numel() % 16  # keep every tensor aligned for the dtype view on the way back
+        chunks += [raw] + ([raw.new_zeros(pad)] if pad else [])
+        index.append((name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, raw.numel()))
+        offset += raw.numel() + pad
+    buffer = torch.cat(chunks).cpu().numpy() if chunks else torch.zeros(0, dtype=torch.uint8).numpy()
+    return {"buffer": buffer, "index": index}
+
+
+def unpack_state(packed: dict, device="cpu") -> dict:
+    import warnings
+    with warnings.catch_warnings():  # the object store's buffer is read-only; we only read it
+        warnings.simplefilter("ignore", UserWarning)
+        buf = torch.from_numpy(packed["buffer"])
+    buf = buf.to(device, non_blocking=False)
+    return {name: buf[off:off + n].view(getattr(torch, dt)).view(shape) for name, dt, shape, off, n in packed["index"]}
+
+
 class TransformersRollout:
     name = "transformers"
 
@@ -238,6 +264,7 @@ class RolloutActor:
             torch.set_num_threads(threads)
         if device == "cuda":
             torch.cuda.set_device(0)  # Ray gives each actor its own visible GPU
+        self.device = "cuda" if device == "cuda" else "cpu"
         self.backend = make_backend(backend, model_dir, device=device, **kw)
         self.version = version
 
@@ -256,9 +283,12 @@ class RolloutActor:
                 "tokens": sum(len(s["completion_ids"]) for s in samples)}
 
     def update_weights(self, state: dict, version: int) -> dict:
+        """`state`: a state dict or `pack_state`'s packed form."""
         if version <= self.version:
             raise StaleWeights(f"weights version {version} is not newer than the actor's {self.version}")
         t0 = time.perf_counter()
+        if "buffer" in state and "index" in state:
+            state = unpack_state(state, self.device)
         self.backend.load_weights(state)
         self.version = version
         return {"version": version, "seconds": time.perf_counter() - t0}

@@ -109,25 +109,37 @@ def test_reward_for_target_sequence_rises(ray_session, tiny_rl_model, word_promp
     assert (result.output / "model.safetensors").is_file() and (result.output / "tokenizer.json").is_file()
 
 
-def test_raising_reward_names_itself_and_keeps_checkpoints(ray_session, tiny_rl_model, word_prompts, tmp_path):
+def test_raising_reward_names_itself_keeps_checkpoints_and_the_rerun_resumes(ray_session, tiny_rl_model,
+                                                                              word_prompts, tmp_path):
     from prunekit.stages.rl import rl
     reward_file = tmp_path / "flaky.py"
-    reward_file.write_text(TARGET_REWARD + textwrap.dedent('''
+    marker = tmp_path / "raised-once"
+    reward_file.write_text(TARGET_REWARD + textwrap.dedent(f'''
+        import pathlib
         CALLS = []
         def flaky(completions, prompts, **columns):
             CALLS.append(1)
-            if len(CALLS) == 3:
+            marker = pathlib.Path({str(marker)!r})
+            if len(CALLS) == 3 and not marker.exists():  # the third step of the first run only
+                marker.write_text("raised")
                 raise KeyError("no such field")
             return [0.0] * len(completions)
     '''))
     cfg = rl_cfg(tiny_rl_model, word_prompts, tmp_path, "flaky", reward_file, max_steps=5, save_interval=1,
                  rewards=[{"fn": f"{reward_file}:target_tokens"}, {"fn": f"{reward_file}:flaky", "weight": 0.5}])
     with pytest.raises(RewardError, match=r"reward flaky raised KeyError: 'no such field' \(scoring samples 0\.\.255"):
-        rl(cfg)
+        rl(cfg.model_copy(deep=True))
     run_dir = tmp_path / "runs" / "flaky"
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-0000001", "step-0000002"]
-    assert [x["step"] for x in lines(run_dir)] == [1, 2]
+    first = lines(run_dir)
+    assert [x["step"] for x in first] == [1, 2]
     assert not (tmp_path / "out-flaky").exists()
+    # the same command again resumes after step 2: nothing checkpointed is lost, nothing is redone
+    result = rl(cfg.model_copy(deep=True))
+    again = lines(run_dir)
+    assert [x["step"] for x in again] == [1, 2, 3, 4, 5]
+    assert again[:2] == first
+    assert (result.output / "model.safetensors").is_file()
 
 
 def test_reward_loading_and_validation(tmp_path):

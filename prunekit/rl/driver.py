@@ -149,7 +149,8 @@ class RLRun:
     def score(self, samples: list[dict]) -> tuple[list[float], dict]:
         prompts = [self.rows[s["row"]][self.cfg.prompt_column] for s in samples]
         completions = [self.tok.decode(s["completion_ids"], skip_special_tokens=True) for s in samples]
-        columns = {k: [self.rows[s["row"]].get(k) for s in samples] for k in self.rows[0] if k != self.cfg.prompt_column}
+        names = dict.fromkeys(k for s in samples for k in self.rows[s["row"]] if k != self.cfg.prompt_column)
+        columns = {k: [self.rows[s["row"]].get(k) for s in samples] for k in names}
         columns["completion_ids"] = [s["completion_ids"] for s in samples]
         totals, per_reward = score(self.rewards, completions, prompts, columns)
         return totals, per_reward

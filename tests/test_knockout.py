@@ -34,7 +34,7 @@ def chat4_dir(tmp_path_factory, tiny_chat_model_dir):
 
 
 def ko_config(model, train, val, tmp_path, **over):
-    base = {"model": str(model), "train": str(train), "val": str(val), "output_dir": str(tmp_path / "report"),
+    base = {"model": str(model), "train": str(train), "val": val and str(val), "output_dir": str(tmp_path / "report"),
             "storage_path": str(tmp_path / "runs"), "name": "sweep", "max_steps": STEPS, "max_length": 64,
             "batch_size": 4, "eval_interval": 2, "log_interval": 1, "eval_max_samples": 16, "lr": 1e-3,
             "warmup_ratio": 0.0, "scheduler": "constant", "wandb.mode": "disabled", "importance_samples": 8,
@@ -157,15 +157,15 @@ def test_candidates_expand_and_parse():
 def test_bad_input_fails_before_any_trial(chat4_dir, chat_data, tmp_path):
     train, val = chat_data
 
-    def err(**over):
+    def err(val_file=val, **over):
         with pytest.raises(PrunekitError) as e:
-            validate(ko_config(chat4_dir, train, val, tmp_path, **over))
+            validate(ko_config(chat4_dir, train, val_file, tmp_path, **over))
         assert "\n" not in str(e.value)
         return str(e.value)
-    assert "val: a knockout needs a validation set" in err(val=None)
+    assert "val: a knockout needs a validation set" in err(None)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    assert "no rows" in err(val=str(empty))
+    assert "empty.jsonl: empty file" in err(empty)
     assert "candidates.text: 7 is out of range (the model has 4: 0-3)" in err(**{"candidates.text": "2,7"})
     assert "candidates.vision: the model has no vision blocks" in err(**{"candidates.vision": "all"})
     assert "candidates.groups" in err(**{"candidates.groups": ["layer:3"]})

@@ -112,7 +112,7 @@ def cmd_data(args) -> None:
 
 def cmd_demo(args) -> None:
     from prunekit.stages.demo import demo
-    demo(args.model, args.out, overwrite=True)
+    demo(args.model, args.out, overwrite=args.fresh)
 
 
 def cmd_importance(args) -> None:
@@ -170,6 +170,19 @@ def cmd_rl(args) -> None:
     print(f"wrote {result.output}  (run: {result.run_dir})")
 
 
+def cmd_pipeline(args) -> None:
+    from prunekit.config import load_config
+    from prunekit.stages.pipeline import pipeline
+    if (args.recipe is None) == (args.config is None):
+        raise PrunekitError("give the recipe once: `prunekit pipeline RECIPE.yaml` or `--config RECIPE.yaml`")
+    recipe = args.recipe or args.config
+    overrides = _parse_set(args.set)
+    if args.address:
+        overrides["ray.address"] = args.address
+    result = pipeline(load_config("pipeline", recipe, overrides), where=recipe, redo=args.redo)
+    print(f"pipeline {result.status}: final model {result.final_model}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunekit", description="Make language and vision-language models smaller.")
     parser.add_argument("--version", action="version", version=f"prunekit {__version__}")
@@ -225,9 +238,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="easy-vqa: at most this many rows per split")
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("demo", help="inspect -> prune -> kv-cut on the embedded default model")
+    p = sub.add_parser("pipeline", help="rounds of knockout -> prune -> sft -> distill until a target size, then "
+                                        "kv-cut / LoRA / RL; resumable")
+    p.add_argument("recipe", nargs="?", metavar="RECIPE", help="pipeline recipe (YAML)")
+    p.add_argument("--config", default=None, help="the recipe, as a flag (what `ray_jobs/pipeline.py` passes)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any recipe key, e.g. target.params_fraction=0.6")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: this job's cluster, else local)")
+    p.add_argument("--redo", default=None, metavar="STAGE_ID",
+                   help="run this finished stage (e.g. r1-3-sft) and every later one again")
+    p.set_defaults(func=cmd_pipeline)
+    p = sub.add_parser("demo", help="a small pipeline on the embedded default model: importance -> knockout -> "
+                                    "prune -> sft -> distill -> kv-cut -> sft, with a summary table")
     p.add_argument("--model", default="smollm2")
     p.add_argument("-o", "--out", default="prunekit-demo", help="directory for the demo's outputs")
+    p.add_argument("--fresh", action="store_true", help="start over instead of resuming an earlier demo run")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("importance", help="training-free layer importance (block influence, angular, NLL-drop)")
     p.add_argument("model", metavar="MODEL")

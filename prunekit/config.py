@@ -277,6 +277,92 @@ class KnockoutConfig(TrainConfig):
 STAGE_CONFIGS["knockout"] = KnockoutConfig
 
 
+# ---- pipeline ----------------------------------------------------------------------------------------------------
+
+class ImportanceStageConfig(Strict):
+    """Pipeline stage `importance`: training-free layer scores on the current model (calibration: the train set)."""
+    samples: int = 32
+    max_length: int = 256
+    metric: str = "block_influence"           # which score ranks the layers (and the knockout candidates)
+    nll: bool = True                          # also compute NLL-drop (one forward pass per layer)
+    keep_first_last: bool = True              # an importance-only plan never removes the first / last text layer
+
+
+class PruneStageConfig(Strict):
+    """Pipeline stage `prune`: applies the round's plan (knockout, else importance), within the guardrails."""
+    streaming: bool | None = None
+
+
+class KVCutStageConfig(Strict):
+    kv_heads: int
+    grouping: Literal["mean", "similarity"] = "mean"
+    samples: int = 64                         # calibration conversations from the train set (similarity)
+    streaming: bool | None = None
+
+
+class MergeStageConfig(Strict):
+    pass
+
+
+# Which stages may appear where. `knockout` also accepts the pipeline key `importance_candidates: N` (sweep only the
+# N least important layers of the round's `importance` stage).
+ROUND_STAGES = ("importance", "knockout", "prune", "sft", "distill")
+FINISH_STAGES = ("kv_cut", "sft", "distill", "lora", "merge_lora", "rl")
+PIPELINE_OWNED_KEYS = ("model", "output_dir", "overwrite", "name", "storage_path")
+
+
+class PipelineTarget(Strict):
+    params: int | None = None                 # stop the rounds once the model has at most this many parameters
+    params_fraction: float | None = None      # ... or at most this fraction of the original's
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.params is None) == (self.params_fraction is None):
+            raise ValueError("give exactly one of target.params and target.params_fraction")
+        if self.params is not None and self.params < 1:
+            raise ValueError("target.params must be >= 1")
+        if self.params_fraction is not None and not 0 < self.params_fraction < 1:
+            raise ValueError("target.params_fraction must be in (0, 1)")
+        return self
+
+
+class PipelineConfig(Strict):
+    """`prunekit pipeline recipe.yaml`: rounds of (knockout -> prune -> sft -> distill) until the target size, then
+    the finishing stages; every stage's output under output_dir, progress in output_dir/pipeline_state.json."""
+    model: str
+    train: Path
+    val: Path
+    output_dir: Path
+    name: str | None = None                   # prefix of the Ray Train / Tune run names (default: output_dir's name)
+    target: PipelineTarget
+    max_rounds: int = 4
+    max_params_fraction: float = 0.25         # guardrail: at most this fraction of a round's input removed per round
+    max_layers: int = 10                      # guardrail: at most this many layers removed per round
+    min_token_acc_ratio: float = 0.9          # stop when recovery ends below this x the original's eval token_acc
+    rounds: list[str | dict[str, dict]] = ["knockout", "prune", "sft", "distill"]
+    finish: list[str | dict[str, dict]] = []
+    stages: dict[str, dict] = {}              # default settings per stage name; an entry {sft: {...}} overrides them
+    eval_samples: int = 64                    # val conversations every stage's output is evaluated on
+    eval_max_length: int = 256
+    storage_path: Path | None = None          # checkpoints and sweep trials (default: output_dir/runs)
+    trust_remote_code: bool = False
+    ray: RayConfig = RayConfig()
+    wandb: WandbConfig = WandbConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.max_rounds < 1 or self.eval_samples < 1 or self.eval_max_length < 1:
+            raise ValueError("max_rounds, eval_samples and eval_max_length must be >= 1")
+        if not 0 < self.max_params_fraction <= 1 or self.max_layers < 1:
+            raise ValueError("max_params_fraction must be in (0, 1] and max_layers >= 1")
+        if not 0 <= self.min_token_acc_ratio <= 1:
+            raise ValueError("min_token_acc_ratio must be in [0, 1]")
+        return self
+
+
+STAGE_CONFIGS["pipeline"] = PipelineConfig
+
+
 def _set_dotted(d: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
     for k in keys[:-1]:
@@ -305,5 +391,5 @@ def load_config(stage: str, path: str | Path | None = None, overrides: dict | No
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"]) or "config"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         raise PrunekitError(f"{where}: {loc}: {msg}") from None

@@ -6,6 +6,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the uploaded working dir's prunekit comes first
 
-from prunekit.distributed.jobs import main  # noqa: E402
+from prunekit.distributed.jobs import main
 
 sys.exit(main("knockout"))

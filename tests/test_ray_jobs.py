@@ -69,7 +69,8 @@ def ray_head():
 
 def _ray_cli(args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
     """The `ray` CLI in a subprocess: it reads the auth token from the env, as a user's shell would."""
-    return subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=120, **kw)
+    return subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=120, check=False,
+                          **kw)
 
 
 def _submit_and_wait(head: dict, entrypoint: list[str], timeout_s: int = 600) -> tuple[str, str]:

@@ -1,24 +1,48 @@
-"""Recipe: the one-command demo on the embedded default model (SmolLM2-135M-Instruct, chatterbot data).
+"""Recipe: the one-command demo — a small pipeline on the embedded default model (SmolLM2-135M-Instruct, chatterbot
+data, local Ray), sized for 2 CPU cores.
 
-inspect -> training-free layer importance -> prune the least important layers -> KV-cut 3 -> 1 (MQA, heads grouped
-by similarity), with eval loss / token_acc and a sample answer at every step. No recovery training yet: the numbers
-show what surgery alone costs, which recovery SFT and distillation then win back.
+data -> inspect -> the pipeline recipe below: importance (block influence) -> a short knockout sweep over the least
+important layers (Ray Tune) -> prune the plan -> short recovery SFT -> distillation from the original -> KV-cut to
+1 KV head (MQA) -> short SFT -> the summary table, plus a sample answer from the original and the final model.
+The recipe is written to OUT/recipe.yaml: `prunekit pipeline OUT/recipe.yaml` runs (or resumes) the same thing.
 """
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
+import yaml
+
 from prunekit.core import report
 from prunekit.core.datasets import chatterbot_to_messages
-from prunekit.core.data import load_messages
-from prunekit.core.evaluate import evaluate, greedy_reply, tokenize_rows
-from prunekit.core.importance import block_influence
-from prunekit.core.loading import load_model, load_tokenizer, quiet_transformers, resolve_model
-from prunekit.stages.kv_cut import kv_cut
-from prunekit.stages.prune import prune
+from prunekit.core.loading import quiet_transformers, resolve_model
 
 QUESTION = "What is the capital of France?"
+TRAIN = {"max_length": 128, "batch_size": 8, "lr": 1.0e-4, "warmup_ratio": 0.0, "eval_max_samples": 32,
+         "save_interval": 1000}
+
+# SmolLM2-135M has 30 layers of ~3.5M parameters next to 28M of (tied) embeddings: removing 3 interior layers
+# reaches 93% of the parameters in one round.
+DEMO_RECIPE = {
+    "target": {"params_fraction": 0.93},
+    "max_rounds": 1,
+    "min_token_acc_ratio": 0.5,     # short CPU-sized recovery; real runs keep the default 0.9
+    "rounds": ["importance", {"knockout": {"importance_candidates": 4}}, "prune", "sft", "distill"],
+    "finish": ["kv_cut", "sft"],
+    "stages": {
+        "importance": {"samples": 16, "max_length": 128, "nll": False},
+        "knockout": {**TRAIN, "max_steps": 3, "eval_interval": 3, "log_interval": 1, "eval_max_samples": 16,
+                     "importance": False, "free_ratio": 0.9, "recoverable_ratio": 0.8,
+                     "tune": {"max_concurrent_trials": 2}},
+        "sft": {**TRAIN, "max_steps": 20, "eval_interval": 20},
+        "distill": {**TRAIN, "max_steps": 15, "eval_interval": 15},
+        "kv_cut": {"kv_heads": 1, "grouping": "similarity", "samples": 32},
+    },
+    "eval_samples": 48,
+    "eval_max_length": 128,
+    "wandb": {"mode": "disabled"},
+}
 
 
 def _step(title: str) -> float:
@@ -26,71 +50,41 @@ def _step(title: str) -> float:
     return time.time()
 
 
-def _measure(path: Path, samples, name: str) -> dict:
+def _reply(path: Path) -> str:
+    from prunekit.core.evaluate import greedy_reply
+    from prunekit.core.loading import load_model, load_tokenizer
     with quiet_transformers():
         model, _ = load_model(path)
         tokenizer = load_tokenizer(path)
-    metrics = evaluate(model, samples, tokenizer.pad_token_id or 0)
-    reply = greedy_reply(model, tokenizer, QUESTION)
-    info = report.describe(path)
-    print(f"{name}: eval loss {metrics['loss']:.3f}, token_acc {metrics['token_acc']:.3f}  |  Q: {QUESTION}  A: {reply!r}")
-    return {"name": name, "info": info, **metrics, "reply": reply}
+    return greedy_reply(model, tokenizer, QUESTION)
 
 
-def demo(model: str = "smollm2", out: str | Path = "prunekit-demo", n_drop: int = 4, n_eval: int = 64,
-         overwrite: bool = True) -> list[dict]:
+def demo(model: str = "smollm2", out: str | Path = "prunekit-demo", overwrite: bool = False):
+    from prunekit.config import load_config
+    from prunekit.stages.pipeline import pipeline
     start = time.time()
     out = Path(out).resolve()
     t = _step("data: chatterbot-corpus English Q/A -> messages JSONL")
     counts = chatterbot_to_messages(out / "data" / "train.jsonl", val_path=out / "data" / "val.jsonl")
     print(f"{counts['train']} train / {counts['val']} val conversations in {out / 'data'} ({time.time() - t:.0f}s)")
 
-    t = _step(f"inspect {model}")
+    _step(f"inspect {model}")
     base = resolve_model(model)
     print(report.format_inspect(report.describe(base)))
-    with quiet_transformers():
-        tokenizer = load_tokenizer(base)
-    val_rows = load_messages(out / "data" / "val.jsonl")[:n_eval]
-    samples = tokenize_rows(tokenizer, val_rows, max_length=256)
-    rows = [_measure(base, samples, "original")]
 
-    t = _step("importance: block influence (1 - cos(h_in, h_out)) on 32 validation conversations")
-    with quiet_transformers():
-        model_obj, adapter = load_model(base)
-    batches = [{"input_ids": __import__("torch").tensor([s["input_ids"]])} for s in samples[:32]]
-    scores = block_influence(model_obj, adapter, batches)
-    n_layers = len(scores)
-    # the first and last layers are almost always key layers; rank the interior ones
-    ranked = sorted(range(1, n_layers - 1), key=lambda i: scores[i])
-    drop = sorted(ranked[:n_drop])
-    print("layer  " + " ".join(f"{i:>5}" for i in range(n_layers)))
-    print("score  " + " ".join(f"{s:5.3f}" for s in scores))
-    print(f"least important interior layers: {drop} ({time.time() - t:.0f}s)")
-    del model_obj
+    recipe = {"model": model, "train": str(out / "data" / "train.jsonl"), "val": str(out / "data" / "val.jsonl"),
+              "output_dir": str(out / "pipeline"), **DEMO_RECIPE}
+    recipe_path = out / "recipe.yaml"
+    recipe_path.write_text("# written by `prunekit demo`; run or resume it with `prunekit pipeline " +
+                           f"{recipe_path}`\n" + yaml.safe_dump(recipe, sort_keys=False))
+    if overwrite and (out / "pipeline").exists():
+        shutil.rmtree(out / "pipeline")
+    _step(f"pipeline {recipe_path}: importance -> knockout -> prune -> sft -> distill -> kv-cut -> sft")
+    result = pipeline(load_config("pipeline", recipe_path), where=str(recipe_path))
 
-    t = _step(f"prune text layers {drop}")
-    pruned = prune(str(base), out / "pruned", drop_text=drop, overwrite=overwrite)
-    print(report.compare_table(pruned.before, pruned.after))
-    rows.append(_measure(pruned.output, samples, "pruned"))
-
-    t = _step("kv-cut: 3 KV heads -> 1 (MQA), heads grouped by K/V similarity on the training data")
-    cut = kv_cut(str(pruned.output), out / "pruned-kv1", kv_heads=1, grouping="similarity",
-                 data=out / "data" / "train.jsonl", overwrite=overwrite, max_samples=32)
-    print(report.compare_table(cut.before, cut.after))
-    rows.append(_measure(cut.output, samples, "pruned + kv-cut"))
-
-    _step("summary (no recovery training yet: `prunekit sft` / `distill` heal these numbers)")
-    first = rows[0]
-    table_rows = []
-    for r in rows:
-        info = r["info"]
-        table_rows.append([r["name"], f"{info['params']['total'] / 1e6:.1f}M",
-                           f"{info['params']['total'] / first['info']['params']['total'] * 100:.0f}%",
-                           info["text_layers"], info["kv_heads"], f"{info['kv_cache_bytes_per_token_bf16']:,}",
-                           f"{r['loss']:.3f}", f"{r['token_acc']:.3f}",
-                           f"{r['token_acc'] / first['token_acc'] * 100:.0f}%"])
-    print(report.table(table_rows, ["model", "params", "size", "layers", "KV heads", "KV B/token",
-                                    "eval loss", "token_acc", "acc vs orig"]))
-    print(f"\noutputs: {out / 'pruned'}, {out / 'pruned-kv1'}  (plain HF directories with prunekit.json)")
+    _step("sample answers")
+    print(f"Q: {QUESTION}\n  original: {_reply(base)!r}\n  final:    {_reply(result.final_model)!r}")
+    print(f"\noutputs: every stage under {out / 'pipeline'} (plain HF directories with prunekit.json); "
+          f"summary.md / summary.png there; final model {result.final_model}")
     print(f"demo finished in {time.time() - start:.0f}s")
-    return rows
+    return result

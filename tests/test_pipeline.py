@@ -1,0 +1,205 @@
+"""`prunekit pipeline`: rounds until the target, finishing stages, the state file (a failed stage, then resume, then
+nothing left to do), the summary, the guardrails, and bad input as one-line errors."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from prunekit import PrunekitError
+from prunekit.cli import main
+from prunekit.config import load_config
+from prunekit.stages import pipeline as pl
+
+
+@pytest.fixture(scope="module")
+def chat4(tmp_path_factory, tiny_chat_model_dir):
+    """A 4-layer tiny llama with SmolLM2's tokenizer: room for two rounds of one layer each."""
+    import transformers
+    from conftest import TEXT
+    d = tmp_path_factory.mktemp("pipeline-chat4")
+    torch.manual_seed(2)
+    config = transformers.LlamaConfig(**{**TEXT, "vocab_size": 49152, "num_hidden_layers": 4,
+                                         "initializer_range": 0.02, "tie_word_embeddings": True})
+    transformers.LlamaForCausalLM(config).save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy2(tiny_chat_model_dir / f, d / f)
+    return d
+
+
+SFT = {"max_steps": 2, "max_length": 64, "batch_size": 2, "eval_interval": 2, "save_interval": 2,
+       "eval_max_samples": 8, "lr": 1.0e-3}
+
+
+def recipe(model, chat_data, out, **over) -> dict:
+    train, val = chat_data
+    layer = pl.text_layer_params(model)[0]
+    base = {"model": str(model), "train": str(train), "val": str(val), "output_dir": str(out),
+            # 1.5 layers' worth: with max_layers 1 per round, reaching it takes two rounds
+            "target": {"params": pl.model_facts(model)["params"] - int(1.5 * layer)},
+            "max_layers": 1, "min_token_acc_ratio": 0.0,
+            "rounds": ["importance", "prune", "sft"], "finish": [{"kv_cut": {"kv_heads": 1}}],
+            "stages": {"importance": {"samples": 8, "max_length": 64, "nll": False}, "sft": SFT},
+            "eval_samples": 8, "eval_max_length": 64, "wandb": {"mode": "disabled"}}
+    return {**base, **over}
+
+
+def write(tmp_path, cfg: dict, name="recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_rounds_until_target_then_finish_resumable(ray_session, chat4, chat_data, tmp_path, monkeypatch, capsys):
+    from prunekit.stages import training
+    out = tmp_path / "out"
+    path = write(tmp_path, recipe(chat4, chat_data, out))
+    real_sft = training.sft
+
+    # run 1: the first SFT fails -> one-line error; the stages before it stay finished
+    def broken(cfg):
+        raise PrunekitError("simulated worker loss")
+    monkeypatch.setattr(training, "sft", broken)
+    assert main(["pipeline", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stage r1-3-sft (sft) failed: simulated worker loss" in err[0]
+    state = json.loads((out / pl.STATE_FILE).read_text())
+    assert [s["id"] for s in state["stages"]] == ["r1-1-importance", "r1-2-prune"]
+    assert state["status"].startswith("failed")
+
+    # run 2: continues at r1-3-sft; two rounds of one layer reach the target, then the KV cut
+    monkeypatch.setattr(training, "sft", real_sft)
+    calls = []
+    monkeypatch.setattr(pl.Runner, "_importance", _counting(pl.Runner._importance, calls))
+    assert main(["pipeline", str(path)]) == 0
+    assert calls == ["r2-1-importance"]       # round 1's importance was not recomputed
+    state = json.loads((out / pl.STATE_FILE).read_text())
+    ids = [s["id"] for s in state["stages"]]
+    assert ids == ["r1-1-importance", "r1-2-prune", "r1-3-sft", "r2-1-importance", "r2-2-prune", "r2-3-sft",
+                   "f-1-kv_cut"]
+    assert state["status"] == "done"
+    by_id = {s["id"]: s for s in state["stages"]}
+    # each round dropped the least important interior layer of its own input
+    for rnd, layers_in in ((1, 4), (2, 3)):
+        imp, prune = by_id[f"r{rnd}-1-importance"], by_id[f"r{rnd}-2-prune"]
+        assert prune["drop_text"] == [imp["least_important_first"][0]]
+        assert 0 < prune["drop_text"][0] < layers_in - 1
+        assert prune["input"] == (str(chat4) if rnd == 1 else by_id["r1-3-sft"]["output"])
+    final = by_id["f-1-kv_cut"]
+    assert final["facts"]["text_layers"] == 2 and final["facts"]["kv_heads"] == 1
+    target = recipe(chat4, chat_data, out)["target"]["params"]
+    assert by_id["r2-3-sft"]["facts"]["params"] <= target < by_id["r1-3-sft"]["facts"]["params"]
+    # every output is a plain HF directory whose provenance chains back to the original
+    prov = json.loads((out / "f-1-kv_cut" / "prunekit.json").read_text())
+    assert prov["stage"] == "kv_cut" and prov["parent"] == by_id["r2-3-sft"]["output"]
+    # the summary: one row per model, the table printed, the plot written
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["id"] for r in summary["rows"]] == ["original", "r1-2-prune", "r1-3-sft", "r2-2-prune", "r2-3-sft",
+                                                  "f-1-kv_cut"]
+    assert summary["final_model"] == str(out / "f-1-kv_cut")
+    assert (out / "summary.png").stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    assert "KV B/token" in printed and "f-1-kv_cut" in printed and "pipeline done" in printed
+
+    # run 3: everything is finished -> no stage runs again
+    for stage in ("_importance", "_prune", "_sft", "_kv_cut"):
+        monkeypatch.setattr(pl.Runner, stage, _forbidden)
+    assert main(["pipeline", str(path)]) == 0
+    assert json.loads((out / pl.STATE_FILE).read_text())["stages"] == state["stages"]
+
+    # --redo forgets a stage and everything after it
+    monkeypatch.setattr(pl.Runner, "_kv_cut", _REAL_KV_CUT)
+    assert main(["pipeline", str(path), "--redo", "f-1-kv_cut"]) == 0
+    assert [s["id"] for s in json.loads((out / pl.STATE_FILE).read_text())["stages"]] == ids
+
+
+_REAL_KV_CUT = pl.Runner._kv_cut
+
+
+def _counting(fn, calls):
+    def wrapper(self, stage_id, *a, **kw):
+        calls.append(stage_id)
+        return fn(self, stage_id, *a, **kw)
+    return wrapper
+
+
+def _forbidden(self, stage_id, *a, **kw):
+    raise AssertionError(f"{stage_id} ran again")
+
+
+def _rec(params, acc, rid="x"):
+    return {"id": rid, "output": rid, "facts": {"params": params}, "eval": {"token_acc": acc}}
+
+
+def test_recovery_guardrail_stops_below_min_ratio():
+    cfg = load_config("pipeline", None, {"model": "m", "train": "t", "val": "v", "output_dir": "o",
+                                         "target.params_fraction": 0.5, "min_token_acc_ratio": 0.9})
+    pl.check_recovery(cfg, _rec(100, 0.50), _rec(80, 0.45), "after round 1")  # exactly 0.9: passes
+    with pytest.raises(pl.PipelineStopped, match=r"after round 2: eval token_acc 0.4000 is 0.800 of the original's "
+                                                 r"0.5000, below min_token_acc_ratio 0.9"):
+        pl.check_recovery(cfg, _rec(100, 0.50), _rec(80, 0.40), "after round 2")
+
+
+def test_plan_respects_guardrails_and_stops_at_the_target(tmp_path):
+    """Knockout plan best first: skip what exceeds max_params_fraction / max_layers, stop once the target is met."""
+    cfg = load_config("pipeline", None, {"model": "m", "train": "t", "val": "v", "output_dir": "o",
+                                         "target.params": 1, "max_params_fraction": 0.35, "max_layers": 3})
+    state = pl.State(tmp_path / pl.STATE_FILE, {"model": "m", "original": None, "status": "running", "stages": [
+        {"id": "r1-1-knockout", "stage": "knockout", "round": 1, "output": "ko", "plan": {"order": [
+            {"id": "text:7", "params_removed": 10}, {"id": "text:3-4", "params_removed": 30},   # 10 + 30 > 35% of 100
+            {"id": "text:5", "params_removed": 10}, {"id": "text:9", "params_removed": 10},
+            {"id": "text:2", "params_removed": 10}]}}]})
+    runner = pl.Runner(cfg, state, tmp_path, tmp_path, "t")
+    current = _rec(100, 1.0)
+    assert runner._plan(1, current, target=1) == ([5, 7, 9], [], ["text:7", "text:5", "text:9"])  # max_layers 3
+    assert runner._plan(1, current, target=85) == ([5, 7], [], ["text:7", "text:5"])  # 80 <= 85: stop there
+
+
+def _err(argv, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_bad_recipes_are_one_line_errors(chat4, chat_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    good = recipe(chat4, chat_data, out)
+
+    def bad(**over):
+        return _err(["pipeline", str(write(tmp_path, {**good, **over}, "bad.yaml"))], capsys)
+    assert "rounds[1]: unknown stage 'pune'" in bad(rounds=["importance", "pune", "sft"])
+    assert "rounds[2]: kv_cut cannot run in rounds" in bad(rounds=["importance", "prune", "kv_cut"])
+    assert "rounds[2].sft.max_stepz: unknown key" in bad(rounds=["importance", "prune", {"sft": {"max_stepz": 3}}])
+    assert "rounds[2].sft.max_stepz: unknown key" in bad(stages={"sft": {"max_stepz": 3}})
+    assert "stages.rlhf: unknown stage" in bad(stages={"rlhf": {}})
+    assert "rounds[1].prune.model: set by the pipeline" in bad(rounds=["importance", {"prune": {"model": "x"}}])
+    assert "rounds[0]: prune needs a plan" in bad(rounds=["prune", "sft"])
+    assert "finish[0]: lora must be followed by merge_lora" in bad(finish=[{"lora": {"max_steps": 1}}])
+    assert "rounds[0].knockout.importance_candidates: needs an `importance` stage" in bad(
+        rounds=[{"knockout": {"importance_candidates": 2}}, "prune"])
+    assert "bad.yaml: colour: unknown key" in bad(colour="red")
+    assert "target: give exactly one of target.params and target.params_fraction" in bad(target={})
+    assert "target already met" in bad(target={"params": 10 ** 9})
+    # a cluster address that does not answer: fails fast, before any stage
+    assert "nothing answers at 127.0.0.1:9" in bad(ray={"address": "127.0.0.1:9"})
+    assert not out.exists()
+
+
+def test_rayjob_manifest_entrypoint_is_a_valid_pipeline_invocation():
+    """The KubeRay RayJob's --set flags apply to recipes/pipeline.yaml, and the recipe passes check_recipe."""
+    import shlex
+    from pathlib import Path
+    from prunekit.cli import _parse_set
+    root = Path(__file__).resolve().parents[1]
+    job = yaml.safe_load((root / "cluster" / "kuberay" / "rayjob.yaml").read_text())
+    words = shlex.split(job["spec"]["entrypoint"])
+    sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+    cfg = load_config("pipeline", root / words[words.index("--config") + 1], _parse_set(sets))
+    rounds, finish = pl.check_recipe(cfg)
+    assert cfg.ray.use_gpu and str(cfg.output_dir).startswith("/mnt/prunekit")
+    assert [s for s, _ in rounds][:3] == ["importance", "knockout", "prune"]

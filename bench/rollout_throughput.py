@@ -240,7 +240,9 @@ def sync_time(args, workdir: Path, on_gpu: bool, smollm2_dir: Path) -> dict:
     shape = dict(QWEN_05B_SHAPE, num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=2,
                  num_key_value_heads=1, vocab_size=1024) if args.smoke else QWEN_05B_SHAPE
     model_dir = save_random(shape, workdir / "qwen-0.5b-shaped", None, family="qwen2")
-    res = {"num_gpus": 1 if on_gpu else 0, "num_cpus": 1}
+    # a GPU each when there are enough; on a 1-GPU box the learner side and the actor share it
+    share = on_gpu and torch.cuda.device_count() < 2
+    res = {"num_gpus": (0.5 if share else 1) if on_gpu else 0, "num_cpus": 1}
     device = "cuda" if on_gpu else "cpu"
     dtype = "bfloat16" if on_gpu else "float32"
     source = ray.remote(**res)(SyncSource).remote(str(model_dir), device)

@@ -88,8 +88,10 @@ def test_reward_for_target_sequence_rises(ray_session, tiny_rl_model, word_promp
     from prunekit.stages.rl import rl
     reward_file = tmp_path / "my_rewards.py"
     reward_file.write_text(TARGET_REWARD)
+    # GRPO also carries a (small) KL penalty to the initial model: the reference path runs and is reported
+    extra = {"kl_beta": 0.001} if algorithm == "grpo" else {}
     result = rl(rl_cfg(tiny_rl_model, word_prompts, tmp_path, algorithm, reward_file,
-                       algorithm={"name": algorithm}))
+                       algorithm={"name": algorithm, **extra}))
     m = lines(result.run_dir)
     assert [x["step"] for x in m] == list(range(1, 21))
     rewards = [x["reward/total/mean"] for x in m]
@@ -102,6 +104,8 @@ def test_reward_for_target_sequence_rises(ray_session, tiny_rl_model, word_promp
         assert set(x) >= {"reward/target_tokens/mean", "reward/target_tokens/std", "advantage/std",
                           "train/clip_frac", "train/kl", "response/length_mean"}
     assert all("sync/seconds" in x for x in m[:-1])
+    if algorithm == "grpo":
+        assert m[0]["train/kl"] >= 0 and m[-1]["train/kl"] > 0  # the policy moved away from the reference
     if algorithm == "gspo":  # later mini-batches run on a moved policy: the 3e-4 band clips some responses
         assert max(x["train/clip_frac"] for x in m) > 0
     prov = json.loads((result.output / "prunekit.json").read_text())

@@ -146,13 +146,10 @@ class Learner:
         algo, strategy = self.cfg.algorithm, self.strategy
         flat = [s for part in parts for s in part]
         old, ref = self._logprobs(flat)
-        it = iter(range(len(flat)))
-        for part in parts:
-            for s in part:
-                i = next(it)
-                s["old_logp"] = old[i]
-                if ref is not None:
-                    s["ref_logp"] = ref[i]
+        for i, s in enumerate(flat):  # the same dicts as in `parts`
+            s["old_logp"] = old[i]
+            if ref is not None:
+                s["ref_logp"] = ref[i]
         mismatch = sum(abs(a - b) for s in flat for a, b in zip(s["old_logp"], s.get("rollout_logp", s["old_logp"])))
         stats = torch.zeros(9, dtype=torch.float64)
         for _ in range(algo.epochs):

@@ -66,8 +66,8 @@ def vllm_supported(model_dir: Path, device: str) -> str | None:
     return None
 
 
-def _trim(ids: list[int], eos: set[int], pad: int | None = None) -> list[int]:
-    """Up to and including the first EOS; drop padding after it."""
+def _trim(ids: list[int], eos: set[int]) -> list[int]:
+    """Up to and including the first EOS (generate pads finished rows after it)."""
     out = []
     for t in ids:
         out.append(t)

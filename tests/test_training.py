@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from prunekit import PrunekitError
 from prunekit.config import load_config
@@ -110,3 +111,28 @@ def test_lora_then_merge(ray_session, tiny_chat_model_dir, chat_data, tmp_path):
         got = AutoModelForCausalLM.from_pretrained(merged)(ids).logits
         plain = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir)(ids).logits
     assert (got - want).abs().max() <= 1e-4 and (got - plain).abs().max() > 1e-4  # trained, and merged exactly
+
+
+def test_distill_teacher_prefetch_is_consumed_in_order_by_training_batches_only():
+    """A teacher forward queued ahead (what a teacher on its own GPU does) gives the same loss as computing it in
+    the step; eval batches never take a queued result, and a batch of another shape discards the queue."""
+    from conftest import build_tiny
+    from prunekit.core.data import collate
+    from prunekit.engine.objectives import DistillObjective
+    student, teacher = build_tiny("llama", seed=0), build_tiny("llama", seed=1)
+    g = torch.Generator().manual_seed(0)
+    samples = [{"input_ids": x, "labels": x} for x in torch.randint(3, 100, (4, 9), generator=g).tolist()]
+    batch = collate(samples, pad_id=0)
+    other = collate(samples[:2], pad_id=0)
+    objective = DistillObjective(teacher, beta=0.5)
+    direct = objective(student.train(), batch)["loss_sum"]
+    elsewhere = torch.device("cpu", 0)  # != the teacher's "cpu": stands in for a teacher on another GPU
+    objective.prefetch(batch, elsewhere)
+    assert len(objective._ahead) == 1
+    objective(student.eval(), batch)  # eval: the queued result stays for the training batch
+    assert len(objective._ahead) == 1
+    queued = objective(student.train(), batch)["loss_sum"]
+    assert not objective._ahead and torch.allclose(queued, direct)
+    objective.prefetch(batch, elsewhere)
+    mismatched = objective(student.train(), other)["loss_sum"]  # wrong shape: recomputed, queue dropped
+    assert not objective._ahead and torch.allclose(mismatched, objective(student.train(), other)["loss_sum"])

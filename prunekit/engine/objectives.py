@@ -69,47 +69,6 @@ class DistillObjective:
             self._ahead.append((tuple(host_batch["input_ids"].shape), self._teacher_hidden(host_batch)))
 
     def __call__(self, model, batch: dict) -> dict:
-        backbone, head = backbone_and_head(model)
-        hidden = backbone(**model_inputs(batch), use_cache=False).last_hidden_state
-        loss_sum, n_tokens, n_correct = chunked_causal_lm_loss(hidden, head.weight, batch["labels"],
-                                                               chunk_size=self.chunk_size)
-        return {"loss_sum": loss_sum, "n_tokens": n_tokens, "n_correct": n_correct}
-
-
-class DistillObjective:
-    """Generalized JSD between a frozen teacher and the student over assistant tokens, plus `sft_alpha` * CE,
-    from both models' final hidden states: neither model's full B*S*V logits are ever built."""
-
-    def __init__(self, teacher, beta: float = 0.5, temperature: float = 1.0, top_k: int | None = None,
-                 sft_alpha: float = 0.0, chunk_size: int = 1024):
-        self.teacher = teacher.eval().requires_grad_(False)
-        self.beta, self.temperature, self.top_k = beta, temperature, top_k
-        self.sft_alpha, self.chunk_size = sft_alpha, chunk_size
-        self._teacher_head_copy = None
-        self._ahead: dict = {}  # teacher hidden states already queued for coming batches (see prefetch)
-
-    def _teacher_hidden(self, batch: dict):
-        teacher_backbone, teacher_head = backbone_and_head(self.teacher)
-        teacher_device = teacher_head.weight.device
-        with torch.no_grad():
-            inputs = {k: v.to(teacher_device, non_blocking=True) for k, v in model_inputs(batch).items()}
-            return teacher_backbone(**inputs, use_cache=False).last_hidden_state
-
-    @staticmethod
-    def _key(batch: dict):
-        ids = batch["input_ids"]
-        return ids.device, ids.data_ptr(), tuple(ids.shape)
-
-    def prefetch(self, batch: dict) -> None:
-        """Queue the teacher's forward for a coming (device) batch now. With the teacher on its own GPU it then
-        runs while the student is still busy with the current step, instead of the student waiting for it."""
-        if self.teacher_on_own_device(batch["input_ids"].device):
-            self._ahead[self._key(batch)] = self._teacher_hidden(batch)
-
-    def teacher_on_own_device(self, student_device) -> bool:
-        return backbone_and_head(self.teacher)[1].weight.device != student_device
-
-    def __call__(self, model, batch: dict) -> dict:
         inputs = model_inputs(batch)
         _, teacher_head = backbone_and_head(self.teacher)
         teacher_device = teacher_head.weight.device

@@ -115,8 +115,14 @@ def pack_state(state: dict, dtype: torch.dtype | None = None) -> dict:
         chunks += [raw] + ([raw.new_zeros(pad)] if pad else [])
         index.append((name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, raw.numel()))
         offset += raw.numel() + pad
-    buffer = torch.cat(chunks).cpu().numpy() if chunks else torch.zeros(0, dtype=torch.uint8).numpy()
-    return {"buffer": buffer, "index": index}
+    if not chunks:
+        return {"buffer": torch.zeros(0, dtype=torch.uint8).numpy(), "index": index}
+    flat = torch.cat(chunks)
+    if flat.is_cuda:  # pinned host memory: the device->host copy runs at full PCIe speed
+        host = torch.empty(flat.numel(), dtype=torch.uint8, pin_memory=True)
+        host.copy_(flat)
+        flat = host
+    return {"buffer": flat.numpy(), "index": index}
 
 
 def unpack_state(packed: dict, device="cpu") -> dict:

@@ -213,3 +213,26 @@ def test_vllm_rollout_actor_matches_transformers_and_takes_new_weights(ray_sessi
         ray.kill(actor)
     assert not math.isnan(got["seconds"])
     assert StaleWeights.__mro__[1] is PrunekitError
+
+
+def test_learner_and_rollout_score_the_same_tokens_and_weights_pack_exactly(tiny_rl_model):
+    """The learner's log-probs (right-padded prompt + response rows, hidden states -> head) equal the rollout's
+    teacher-forced ones at every response token; a packed state dict comes back bit-identical."""
+    from transformers import AutoModelForCausalLM
+    from prunekit.engine.objectives import response_logprobs
+    from prunekit.rl.learner import collate_rl
+    from prunekit.rl.rollout import completion_logprobs, pack_state, unpack_state
+    model = AutoModelForCausalLM.from_pretrained(tiny_rl_model).eval()
+    prompts, completions = [[5, 9, 13, 2], [40, 2], [7, 8, 9, 10, 11, 2]], [[3, 4, 1], [17], [20, 21, 22, 23]]
+    want = completion_logprobs(model, prompts, completions, temperature=0.7, pad_id=0)
+    batch = collate_rl([{"prompt_ids": p, "completion_ids": c, "advantage": 0.0}
+                        for p, c in zip(prompts, completions)], pad_id=0)
+    with torch.no_grad():
+        got = response_logprobs(model, batch, temperature=0.7)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        assert got[i, len(p):len(p) + len(c)].tolist() == pytest.approx(want[i], abs=1e-5)
+        assert got[i, :len(p)].abs().sum() == 0 and got[i, len(p) + len(c):].abs().sum() == 0
+    state = model.state_dict()
+    back = unpack_state(pack_state(state))
+    assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in state.items())
+    assert all(v.dtype == torch.bfloat16 for v in unpack_state(pack_state(state, torch.bfloat16)).values())

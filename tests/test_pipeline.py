@@ -194,12 +194,24 @@ def test_rayjob_manifest_entrypoint_is_a_valid_pipeline_invocation():
     """The KubeRay RayJob's --set flags apply to recipes/pipeline.yaml, and the recipe passes check_recipe."""
     import shlex
     from pathlib import Path
+
     from prunekit.cli import _parse_set
     root = Path(__file__).resolve().parents[1]
     job = yaml.safe_load((root / "cluster" / "kuberay" / "rayjob.yaml").read_text())
     words = shlex.split(job["spec"]["entrypoint"])
     sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
     cfg = load_config("pipeline", root / words[words.index("--config") + 1], _parse_set(sets))
-    rounds, finish = pl.check_recipe(cfg)
+    rounds, _ = pl.check_recipe(cfg)
     assert cfg.ray.use_gpu and str(cfg.output_dir).startswith("/mnt/prunekit")
     assert [s for s, _ in rounds][:3] == ["importance", "knockout", "prune"]
+
+
+def test_demo_recipe_is_a_valid_pipeline_recipe(tmp_path):
+    """`prunekit demo` is a pipeline run: its recipe passes the same checks (the run itself is the README's first
+    command, timed there)."""
+    from prunekit.stages.demo import DEMO_RECIPE
+    cfg = load_config("pipeline", None, {"model": "smollm2", "train": "t.jsonl", "val": "v.jsonl",
+                                         "output_dir": str(tmp_path), **DEMO_RECIPE})
+    rounds, finish = pl.check_recipe(cfg)
+    assert [s for s, _ in rounds] == ["importance", "knockout", "prune", "sft", "distill"]
+    assert [s for s, _ in finish] == ["kv_cut"]

@@ -69,8 +69,8 @@ def ray_head():
 
 def _ray_cli(args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
     """The `ray` CLI in a subprocess: it reads the auth token from the env, as a user's shell would."""
-    return subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=120, check=False,
-                          **kw)
+    return subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=120,
+                          check=False, **kw)
 
 
 def _submit_and_wait(head: dict, entrypoint: list[str], timeout_s: int = 600) -> tuple[str, str]:
@@ -86,7 +86,7 @@ def _submit_and_wait(head: dict, entrypoint: list[str], timeout_s: int = 600) ->
             "while not (s := c.get_job_status(sys.argv[2])).is_terminal() and time.time() < end: time.sleep(2)\n"
             "print(s.value)")
     status = subprocess.run([sys.executable, "-c", wait, head["dashboard"], sid, str(timeout_s)], env=head["env"],
-                            capture_output=True, text=True, timeout=timeout_s + 60).stdout.strip()
+                            capture_output=True, text=True, timeout=timeout_s + 60, check=False).stdout.strip()
     return status, _ray_cli(["job", "logs", sid, "--address", head["dashboard"]], head["env"]).stdout
 
 
@@ -115,7 +115,7 @@ def test_ray_job_submit_runs_a_knockout_on_a_real_head(ray_head, tmp_path, tiny_
 def test_job_entry_point_fails_in_one_line_when_the_cluster_does_not_answer(tmp_path):
     (port,) = _free_ports(1)  # nothing listens there
     out = subprocess.run([sys.executable, "ray_jobs/sft.py", "--address", f"127.0.0.1:{port}", "--config", "x.yaml"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and f"nothing answers at 127.0.0.1:{port}" in lines[0], out.stderr

@@ -26,8 +26,16 @@ from types import SimpleNamespace
 from pydantic import ValidationError
 
 from prunekit import PrunekitError
-from prunekit.config import (FINISH_STAGES, PIPELINE_OWNED_KEYS, ROUND_STAGES, STAGE_CONFIGS, ImportanceStageConfig,
-                             KVCutStageConfig, MergeStageConfig, PruneStageConfig)
+from prunekit.config import (
+    FINISH_STAGES,
+    PIPELINE_OWNED_KEYS,
+    ROUND_STAGES,
+    STAGE_CONFIGS,
+    ImportanceStageConfig,
+    KVCutStageConfig,
+    MergeStageConfig,
+    PruneStageConfig,
+)
 from prunekit.core import report
 from prunekit.core.data import load_messages
 from prunekit.core.loading import quiet_transformers, resolve_model
@@ -201,7 +209,7 @@ class State:
         self.path, self.data = path, data
 
     @classmethod
-    def open(cls, out: Path, model: str) -> "State":
+    def open(cls, out: Path, model: str) -> State:
         path = out / STATE_FILE
         if path.is_file():
             try:
@@ -222,7 +230,7 @@ class State:
         return {r["id"]: r for r in self.data["stages"]}
 
     def save(self) -> None:
-        self.data["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self.data["updated"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.data, indent=2) + "\n")
         os.replace(tmp, self.path)  # a crash mid-write never leaves a half state file

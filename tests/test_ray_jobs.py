@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,12 +74,23 @@ def _ray_cli(args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
                           check=False, **kw)
 
 
-def _submit_and_wait(head: dict, entrypoint: list[str], timeout_s: int = 600) -> tuple[str, str]:
+def _working_dir(tmp_path) -> Path:
+    """The checkout as git sees it (tracked + untracked, minus ignored files), so local clutter never rides along."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    wd = tmp_path / "working_dir"
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():
+            (wd / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, wd / rel)
+    return wd
+
+
+def _submit_and_wait(head: dict, entrypoint: list[str], working_dir: Path, timeout_s: int = 600) -> tuple[str, str]:
     sid = f"prunekit-test-{uuid.uuid4().hex[:8]}"
-    runtime_env = {"excludes": [".venv", ".whl", ".git", "runs", "prunekit-demo", "wandb"]}
     out = _ray_cli(["job", "submit", "--address", head["dashboard"], "--submission-id", sid, "--working-dir", ".",
-                    "--runtime-env-json", json.dumps(runtime_env), "--no-wait", "--", *entrypoint],
-                   head["env"], cwd=ROOT)
+                    "--no-wait", "--", *entrypoint], head["env"], cwd=working_dir)
     assert out.returncode == 0, out.stdout + out.stderr
     # wait in one subprocess (token auth is configured from its env, as in a user's shell)
     wait = ("import sys, time\nfrom ray.job_submission import JobSubmissionClient\n"
@@ -100,7 +112,8 @@ def test_ray_job_submit_runs_a_knockout_on_a_real_head(ray_head, tmp_path, tiny_
            "tune": {"max_concurrent_trials": 2}, "wandb": {"mode": "disabled"}}
     recipe = tmp_path / "knockout.yaml"
     recipe.write_text(yaml.safe_dump(cfg))
-    status, logs = _submit_and_wait(ray_head, ["python", "ray_jobs/knockout.py", "--config", str(recipe)])
+    status, logs = _submit_and_wait(ray_head, ["python", "ray_jobs/knockout.py", "--config", str(recipe)],
+                                    _working_dir(tmp_path))
     assert status == "SUCCEEDED", logs[-3000:]
     # the driver joined the job's cluster (the head we started), not a new local instance
     assert re.search(rf"Ray at [\d.]+:{ray_head['gcs_port']}: 1 node", logs), logs[-3000:]

@@ -59,6 +59,8 @@ def connect(address: str | None = None) -> str:
     """Make sure this process is connected to Ray; returns the address it joined ('local' for a new instance)."""
     import ray
     if ray.is_initialized():
+        if address and address != "auto":
+            probe(address)  # an address that does not answer is an error even inside a connected process
         return "connected"
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     wants_cluster = address == "auto" or os.environ.get("RAY_ADDRESS", "").strip() not in ("", "local")

@@ -318,7 +318,8 @@ def main() -> int:
     out_path = Path(args.out if not args.smoke else str(Path(args.out).with_suffix(".smoke.json")))
     results = json.loads(out_path.read_text()) if out_path.is_file() else {}
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
-            "cpus": os.cpu_count(), "torch": torch.__version__}
+            "cpus": os.cpu_count(), "torch": torch.__version__,
+            "load_average_1m_at_start": round(os.getloadavg()[0], 2)}  # other work on the box skews CPU figures
     import transformers
     meta["transformers"] = transformers.__version__
     with tempfile.TemporaryDirectory(prefix="rollout-bench-") as tmp:

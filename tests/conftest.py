@@ -114,19 +114,23 @@ def smollm2_dir():
     return resolve_model("smollm2")
 
 
-@pytest.fixture(scope="session")
-def tiny_chat_model_dir(tmp_path_factory, smollm2_dir):
-    """A tiny random llama that speaks SmolLM2's tokenizer and chat template (for fast training tests)."""
+def save_tiny_chat_model(d: Path, tokenizer_dir: Path, layers: int, seed: int) -> Path:
+    """A tiny random llama with `layers` layers that speaks SmolLM2's tokenizer and chat template, saved to `d`."""
     import shutil
     import transformers
-    d = tmp_path_factory.mktemp("tiny-chat")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(**{**TEXT, "vocab_size": 49152, "num_hidden_layers": 2,
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(**{**TEXT, "vocab_size": 49152, "num_hidden_layers": layers,
                                          "initializer_range": 0.02, "tie_word_embeddings": True})
     transformers.LlamaForCausalLM(config).save_pretrained(d)
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy2(smollm2_dir / f, d / f)
+        shutil.copy2(tokenizer_dir / f, d / f)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory, smollm2_dir):
+    """A 2-layer tiny chat model (for fast training tests)."""
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"), smollm2_dir, layers=2, seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 
 import pytest
 import torch
@@ -21,16 +20,8 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def chat4_dir(tmp_path_factory, tiny_chat_model_dir):
     """A 4-layer tiny llama with SmolLM2's tokenizer (the shared tiny chat model has 2 layers)."""
-    import transformers
-    from conftest import TEXT
-    d = tmp_path_factory.mktemp("chat4")
-    torch.manual_seed(1)
-    config = transformers.LlamaConfig(**{**TEXT, "vocab_size": 49152, "num_hidden_layers": 4,
-                                         "initializer_range": 0.02, "tie_word_embeddings": True})
-    transformers.LlamaForCausalLM(config).save_pretrained(d)
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy2(tiny_chat_model_dir / f, d / f)
-    return d
+    from conftest import save_tiny_chat_model
+    return save_tiny_chat_model(tmp_path_factory.mktemp("chat4"), tiny_chat_model_dir, layers=4, seed=1)
 
 
 def ko_config(model, train, val, tmp_path, **over):

@@ -3,10 +3,8 @@ nothing left to do), the summary, the guardrails, and bad input as one-line erro
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
-import torch
 import yaml
 
 from prunekit import PrunekitError
@@ -18,16 +16,8 @@ from prunekit.stages import pipeline as pl
 @pytest.fixture(scope="module")
 def chat4(tmp_path_factory, tiny_chat_model_dir):
     """A 4-layer tiny llama with SmolLM2's tokenizer: room for two rounds of one layer each."""
-    import transformers
-    from conftest import TEXT
-    d = tmp_path_factory.mktemp("pipeline-chat4")
-    torch.manual_seed(2)
-    config = transformers.LlamaConfig(**{**TEXT, "vocab_size": 49152, "num_hidden_layers": 4,
-                                         "initializer_range": 0.02, "tie_word_embeddings": True})
-    transformers.LlamaForCausalLM(config).save_pretrained(d)
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy2(tiny_chat_model_dir / f, d / f)
-    return d
+    from conftest import save_tiny_chat_model
+    return save_tiny_chat_model(tmp_path_factory.mktemp("pipeline-chat4"), tiny_chat_model_dir, layers=4, seed=2)
 
 
 SFT = {"max_steps": 2, "max_length": 64, "batch_size": 2, "eval_interval": 2, "save_interval": 2,

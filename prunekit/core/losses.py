@@ -355,18 +355,6 @@ def chunked_generalized_jsd_loss(
         l_c, _, k_c, c_c, n_c = kd_rows(h_c @ student_head.T, ht_c, t_c)
         loss, kd, ce, correct = loss + l_c, kd + k_c, ce + c_c, correct + n_c
     return loss, kd, ce, n_tokens, correct
-    loss = kd = ce = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
-    correct = torch.zeros((), dtype=torch.long, device=student_hidden.device)
-    for h_c, ht_c, t_c in zip(h_s.split(chunk_size), h_t.split(chunk_size), target.split(chunk_size)):
-        l_c, k_c, c_c, n_c = kd_rows(h_c @ student_head.T, ht_c, t_c)
-        loss, kd, ce, correct = loss + l_c, kd + k_c, ce + c_c, correct + n_c
-    return loss, kd, ce, n_tokens, correct
-    loss = kd = ce = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
-    correct = torch.zeros((), dtype=torch.long, device=student_hidden.device)
-    for h_c, ht_c, t_c in zip(h_s.split(chunk_size), h_t.split(chunk_size), target.split(chunk_size)):
-        l_c, k_c, c_c, n_c = row_loss((h_c @ student_head.T).float(), ht_c, t_c)
-        loss, kd, ce, correct = loss + l_c, kd + k_c, ce + c_c, correct + n_c
-    return loss, kd, ce, n_tokens, correct
 
 
 # ---- RL policy losses (GRPO, GSPO) --------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def _trial(config: dict, shared: list) -> None:
     tune.report({"step": cfg.max_steps, "final": True, "fresh_eval": False, "train_losses": [],
                  **reporter.last_eval, "fetch_s": fetched - t0, "setup_s": metrics["time/setup_s"],
                  "train_s": metrics["time/train_s"], "trial_s": time.time() - t0, **extra})
-    del base, payload
+
 
 
 def _importance(model, base: dict, spec: dict, device) -> dict:

@@ -92,12 +92,18 @@ def total_steps(cfg, n_samples: int, world_size: int) -> int:
     return max(1, math.ceil(cfg.epochs * n_samples / (cfg.batch_size * cfg.grad_accum * world_size)))
 
 
-def _to(batch: dict, device) -> dict:
-    """Host batch -> device. An all-ones attention mask (no padding) is dropped: the model then runs plain causal
-    attention (flash kernels, no mask check that would sync the GPU)."""
+def lm_batch(samples, pad_id: int) -> dict:
+    """Collate samples for the LM objectives. An all-ones attention mask (no padding) is dropped: the model then
+    runs plain causal attention (flash kernels, no mask check that would sync the GPU)."""
+    batch = collate(samples, pad_id)
     mask = batch.get("attention_mask")
     if mask is not None and "pixel_values" not in batch and bool(mask.all()):
-        batch = {k: v for k, v in batch.items() if k != "attention_mask"}
+        del batch["attention_mask"]
+    return batch
+
+
+def _to(batch: dict, device) -> dict:
+    """Host batch -> device (through pinned memory on GPUs: the copy does not block the host)."""
     if device.type != "cuda":
         return {k: v.to(device) for k, v in batch.items()}
     return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
@@ -113,7 +119,7 @@ def evaluate_distributed(strategy, samples, pad_id: int, batch_size: int, device
     sums = torch.zeros(3, dtype=torch.float64)
     batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     for b in batches[rank::world_size]:
-        out = strategy.forward(_to(collate(b, pad_id), device))  # through the wrapper: FSDP unshards there
+        out = strategy.forward(_to(lm_batch(b, pad_id), device))  # through the wrapper: FSDP unshards there
         sums += torch.tensor([float(out["loss_sum"]), float(out["n_tokens"]), float(out["n_correct"])],
                              dtype=torch.float64)
     sums = all_reduce_sum(sums.to(device)).cpu()
@@ -159,7 +165,7 @@ def train(model, objective, cfg, train_samples, val_samples, pad_id: int, report
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.bf16) and cfg.param_dtype != "bfloat16")
 
     def host_batches(step: int) -> list[dict]:
-        return [collate(mb, pad_id) for mb in step_microbatches(train_samples, order, step, cfg.batch_size,
+        return [lm_batch(mb, pad_id) for mb in step_microbatches(train_samples, order, step, cfg.batch_size,
                                                                 cfg.grad_accum, rank, world_size)]
 
     def global_tokens(batches: list[dict]) -> float:
@@ -187,15 +193,7 @@ def train(model, objective, cfg, train_samples, val_samples, pad_id: int, report
     for step in range(start_step, steps):
         if cfg.test_crash_at_step is not None and step == cfg.test_crash_at_step:
             reporter.maybe_crash(step)
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
-        for i, batch in enumerate(micro):
-            with strategy.no_sync(i < len(micro) - 1), autocast:
-                out = strategy.forward(_to(batch, device))
-                # DDP/FSDP/ZeRO average gradients over ranks; scaling by world_size turns that into a sum
-                strategy.backward(out["loss_sum"] * world_size / max(tokens, 1.0))
-            sums += torch.stack([out["loss_sum"].detach().double(), out["n_tokens"].double(),
-                                 out["n_correct"].double()])
-        grad_norm = strategy.step()
+        sums, grad_norm = accumulate_and_step(strategy, micro, tokens, autocast, device)
         lr = strategy.lr()
         copy = _HostCopy([all_reduce_sum(sums), grad_norm])
         # While the GPU works through this step: build the next step's batches, then log the previous step
@@ -218,9 +216,27 @@ def train(model, objective, cfg, train_samples, val_samples, pad_id: int, report
                 metrics.update(evaluate_distributed(strategy, val_samples, pad_id, cfg.batch_size, device))
             reporter.log(done, metrics)
             if save_now:
-                _checkpoint(strategy, reporter, done, metrics, final=done == steps)
+                write_checkpoint(strategy, reporter, done, metrics, final=done == steps)
     reporter.finish()
     return metrics
+
+
+def accumulate_and_step(strategy, micro_batches: list[dict], normaliser: float, autocast, device,
+                        stats=("loss_sum", "n_tokens", "n_correct")) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over micro-batches (SFT, distillation, knockout trials and RL learners all step here):
+    each micro-batch's summed loss is divided by `normaliser`, the whole global batch's count (tokens, or what an
+    RL aggregation divides by), so every unit weighs the same whatever rank or micro-batch it sits in; gradients
+    are synced on the last micro-batch only. Returns the summed `stats` of the objective's outputs (on the device)
+    and the pre-clip gradient norm (a tensor: reading either waits for the GPU)."""
+    world_size = world()[1]
+    sums = torch.zeros(len(stats), dtype=torch.float64, device=device)
+    for i, batch in enumerate(micro_batches):
+        with strategy.no_sync(i < len(micro_batches) - 1), autocast:
+            out = strategy.forward(_to(batch, device))
+            # DDP/FSDP/ZeRO average gradients over ranks; scaling by world_size turns that into a sum
+            strategy.backward(out["loss_sum"] * world_size / max(normaliser, 1e-9))
+        sums += torch.stack([torch.as_tensor(out[k]).detach().to(device, torch.float64) for k in stats])
+    return sums, strategy.step()
 
 
 class _HostCopy:
@@ -262,7 +278,7 @@ def host_all_reduce_sum(value: float, group) -> float:
     return t.item()
 
 
-def _checkpoint(strategy, reporter, step: int, metrics: dict, final: bool) -> None:
+def write_checkpoint(strategy, reporter, step: int, metrics: dict, final: bool) -> None:
     """All ranks take part (full state dicts of FSDP/ZeRO-3 are collectives); rank 0 writes the model."""
     rank, _ = world()
     full_state = strategy.model_state_dict()

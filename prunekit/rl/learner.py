@@ -17,6 +17,10 @@ import torch
 from prunekit.engine.reporting import LocalReporter
 
 
+# what one optimizer step sums from the RL objective's outputs (stats[0] and stats[2:7] of `Learner.update`)
+STEP_STATS = ("loss_sum", "clipped", "clip_count", "kl_sum", "n_tokens", "ratio_sum")
+
+
 class LearnerCheckpoints(LocalReporter):
     """Rank 0 writes checkpoints (atomic rename under run_dir/checkpoints); other ranks only join the collectives
     that gather full state dicts."""
@@ -142,6 +146,7 @@ class Learner:
 
     def update(self, parts: list[list[dict]]) -> dict:
         """parts[m]: this rank's share of mini-batch m. Returns summed statistics (the driver adds the ranks)."""
+        from prunekit.engine.loop import accumulate_and_step
         from prunekit.engine.strategy import all_reduce_sum
         algo, strategy = self.cfg.algorithm, self.strategy
         flat = [s for part in parts for s in part]
@@ -156,19 +161,12 @@ class Learner:
             for part in parts:
                 local = normaliser(part, algo.aggregation, self.cfg.rollout.max_new_tokens)
                 total = all_reduce_sum(torch.tensor([local], dtype=torch.float64, device=self.device)).item()
-                micro = self._micro(part)
-                step_loss = 0.0
-                for i, batch in enumerate(micro):
-                    with strategy.no_sync(i < len(micro) - 1), self.autocast:
-                        out = strategy.forward(self._to(batch))
-                        # DDP/FSDP average gradients over ranks; * world_size turns that into the global sum
-                        strategy.backward(out["loss_sum"] * self.world_size / max(total, 1e-9))
-                    step_loss += float(out["loss_sum"].detach())
-                    stats[2:7] += torch.tensor([float(out[k]) for k in ("clipped", "clip_count", "kl_sum",
-                                                                        "n_tokens", "ratio_sum")], dtype=torch.float64)
-                grad_norm = float(strategy.step())
-                stats[0] += step_loss / max(total, 1e-9)  # this rank's share of the step's loss
-                stats[1] += grad_norm
+                sums, grad_norm = accumulate_and_step(strategy, self._micro(part), total, self.autocast, self.device,
+                                                      stats=STEP_STATS)
+                sums = sums.cpu()
+                stats[0] += sums[0] / max(total, 1e-9)  # this rank's share of the step's loss
+                stats[1] += float(grad_norm)
+                stats[2:7] += sums[1:]
                 stats[7] += 1
         stats[8] = mismatch
         n_old_tokens = sum(len(s["completion_ids"]) for s in flat)
@@ -185,6 +183,6 @@ class Learner:
         return [ray.put(pack_state(state, getattr(torch, dtype) if dtype else None))]
 
     def checkpoint(self, step: int, metrics: dict, final: bool) -> str | None:
-        from prunekit.engine.loop import _checkpoint
-        _checkpoint(self.strategy, self.reporter, step, metrics, final)
+        from prunekit.engine.loop import write_checkpoint
+        write_checkpoint(self.strategy, self.reporter, step, metrics, final)
         return str(self.reporter.last_checkpoint) if self.rank == 0 else None

@@ -85,7 +85,9 @@ def connect(address: str | None = None) -> str:
                 raise PrunekitError(f"ray address {target}: cannot connect ({str(e).splitlines()[0][:200]})") from None
             return target
     os.environ.pop("RAY_ADDRESS", None)  # "local": ray.init must start an instance, not look for one
-    ray.init(include_dashboard=False, log_to_driver=True)
+    # the dashboard serves the State API Ray Train polls (without it its cleaner actor warns every few seconds);
+    # it listens on 127.0.0.1 only
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
     return "local"
 
 

@@ -61,6 +61,13 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_session, tiny_chat_mo
     assert (run_dir / ".crashed-at-step-2").exists()  # the worker really died once
     steps = [m["step"] for m in metrics_lines(run_dir)]
     assert steps == [0, 1, 2, 3, 4]  # resumed at step 2: nothing lost, nothing replayed
+    # the final checkpoint holds the deliverable only (no second weight copy, no optimizer state) ...
+    final = max(run_dir.glob("checkpoint_*/"), key=lambda d: json.loads((d / "metrics.json").read_text())["step"])
+    assert sorted(p.name for p in final.iterdir()) == ["hf", "metrics.json", "trainer_state.pt"]
+    # ... and re-running the finished run trains nothing and gives the same model
+    again = training.sft(cfg.model_copy(update={"overwrite": True, "test_crash_at_step": None}))
+    assert [m["step"] for m in metrics_lines(again.run_dir)] == steps
+    assert (again.output / "model.safetensors").read_bytes() == (final / "hf" / "model.safetensors").read_bytes()
     clean = training.sft(cfg_for("sft", tiny_chat_model_dir, chat_data, tmp_path, "clean", max_steps=4,
                                  batch_size=2, eval_interval=4, save_interval=4))
     for x, y in zip(metrics_lines(run_dir)[1:], metrics_lines(clean.run_dir)[1:]):

@@ -21,10 +21,7 @@ class RayTrainReporter(RunLogger):
     def restore(self) -> Path | None:
         import ray.train
         ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return None
-        self._restore_tmp = tempfile.mkdtemp(prefix="prunekit-restore-")
-        return Path(ckpt.to_directory(self._restore_tmp))
+        return None if ckpt is None else local_checkpoint_dir(ckpt)
 
     def checkpoint(self, step: int, metrics: dict, write_fn, all_ranks: bool, final: bool) -> None:
         import ray.train
@@ -95,5 +92,13 @@ def launch(stage: str, cfg) -> tuple[Path, Path, str]:
                             f"(logs and checkpoints in {run_dir}; re-run the same command to resume)")
     if result.checkpoint is None:
         raise PrunekitError(f"{stage} run {name} finished without a checkpoint")
-    final = Path(tempfile.mkdtemp(prefix="prunekit-final-"))
-    return Path(result.checkpoint.to_directory(str(final))), run_dir, name
+    return local_checkpoint_dir(result.checkpoint), run_dir, name
+
+
+def local_checkpoint_dir(ckpt) -> Path:
+    """The checkpoint's own directory when it is on a local or shared filesystem (no copy: a checkpoint holds
+    gigabytes); a download into a temp dir only for remote storage (s3://, gs://)."""
+    import pyarrow.fs
+    if isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem) and Path(ckpt.path).is_dir():
+        return Path(ckpt.path)
+    return Path(ckpt.to_directory(tempfile.mkdtemp(prefix="prunekit-ckpt-")))

@@ -134,9 +134,12 @@ def setup_strategy(model, objective, cfg, scheduler_steps: int, reporter, device
     start_step, state = 0, None
     resume_dir = reporter.restore()
     if resume_dir is not None:
-        model.load_state_dict(torch.load(Path(resume_dir) / MODEL_STATE, map_location="cpu", weights_only=True))
         state = torch.load(Path(resume_dir) / TRAINER_STATE, map_location="cpu", weights_only=False)
         start_step = state["step"]
+        if state.get("final"):  # a finished run: nothing is left to train (its deliverable is hf/)
+            state = None
+        else:
+            model.load_state_dict(torch.load(Path(resume_dir) / MODEL_STATE, map_location="cpu", weights_only=True))
     if cfg.param_dtype == "bfloat16":  # pure bf16 (no fp32 master copy): less memory traffic, no autocast casts
         model.to(torch.bfloat16)
     model.to(device).train()
@@ -279,20 +282,26 @@ def host_all_reduce_sum(value: float, group) -> float:
 
 
 def write_checkpoint(strategy, reporter, step: int, metrics: dict, final: bool) -> None:
-    """All ranks take part (full state dicts of FSDP/ZeRO-3 are collectives); rank 0 writes the model."""
+    """All ranks take part (full state dicts of FSDP/ZeRO-3 are collectives); rank 0 writes the model.
+    A step checkpoint holds what resuming needs (weights + optimizer/scheduler state, DeepSpeed shards); the final
+    one holds only the deliverable, a plain HF directory (a peft adapter directory for LoRA): a finished run
+    resumes to nothing, so a second weight copy and the optimizer state (2x the weights) would only fill disks."""
     rank, _ = world()
     full_state = strategy.model_state_dict()
-    trainer_state = strategy.trainer_state()
+    trainer_state = None if final else strategy.trainer_state()
 
     def write(ckpt_dir: Path):
         if rank == 0:
             state = {k: v.detach().cpu().contiguous() for k, v in full_state.items()}
-            torch.save(state, ckpt_dir / MODEL_STATE)
-            torch.save({"step": step, "strategy": trainer_state, "metrics": metrics}, ckpt_dir / TRAINER_STATE)
-            (ckpt_dir / "metrics.json").write_text(json.dumps({"step": step, **metrics}))
-            if final:  # the deliverable: a plain HF directory (or a peft adapter directory for LoRA)
+            if final:
                 strategy.model.save_pretrained(ckpt_dir / HF_DIR, state_dict=state)
-        strategy.save_sharded(ckpt_dir)
+            else:
+                torch.save(state, ckpt_dir / MODEL_STATE)
+            torch.save({"step": step, "strategy": trainer_state, "metrics": metrics, "final": final},
+                       ckpt_dir / TRAINER_STATE)
+            (ckpt_dir / "metrics.json").write_text(json.dumps({"step": step, **metrics}))
+        if not final:
+            strategy.save_sharded(ckpt_dir)
 
     reporter.checkpoint(step, metrics, write, all_ranks=strategy.all_ranks_write_checkpoint(), final=final)
 

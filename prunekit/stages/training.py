@@ -109,7 +109,8 @@ def run(stage: str, cfg) -> TrainResult:
                                "config": cfg.model_dump(mode="json"), "metrics": metrics}, parent_dir=base)
 
     out = write_atomically(Path(cfg.output_dir), write, overwrite=cfg.overwrite)
-    shutil.rmtree(final_ckpt, ignore_errors=True)
+    if not final_ckpt.resolve().is_relative_to(run_dir.resolve()):  # a download from remote storage
+        shutil.rmtree(final_ckpt, ignore_errors=True)
     return TrainResult(out, run_dir, name, metrics)
 
 

@@ -31,12 +31,32 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+def _free_port_range(n: int) -> int:
+    """First port of n consecutive free ports below Linux's ephemeral range (32768+), where the single ports from
+    _free_ports come from: the two can never overlap."""
+    for start in range(20000, 32768 - n, n):
+        try:
+            socks = []
+            for port in range(start, start + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return start
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports in 20000-32767")
+
+
 @pytest.fixture
 def ray_head():
     """A Ray head of our own: every port chosen free on loopback, its own temp dir (so it is nobody's "last `ray
     start`"), run with --block so stopping it means signalling the one process we started (never `ray stop`, which
     would stop every Ray on the machine)."""
-    gcs, dash, client, nm, om, agent_http, agent_grpc, metrics, rt_env, w0 = _free_ports(10)
+    gcs, dash, client, nm, om, agent_http, agent_grpc, metrics, rt_env = _free_ports(9)
+    w0 = _free_port_range(201)
     temp = tempfile.mkdtemp(prefix="pkray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     # token authentication on, with a token of its own: every client below must present it
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_DEDUP_LOGS": "0",

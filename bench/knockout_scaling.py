@@ -2,7 +2,7 @@
 through `prunekit knockout` (Ray Tune, base weights shared through the object store, fractional GPUs per trial),
 against the original way: one fresh Python process per trial, in sequence, each loading the model from disk.
 
-    python bench/knockout_scaling.py --gpus 1,2,4 [--gpu-fraction 0.25] [--model qwen0.5b|smollm2] [--steps 30]
+    python bench/knockout_scaling.py --gpus 1,2,4 [--gpu-fraction 0.25] [--model qwen0.5b|smollm2] [--steps 100]
     python bench/knockout_scaling.py --smoke        # CPU, tiny model, ~1-2 minutes: checks the code path only
 
 Every configuration runs in its own process (a fresh Ray cluster seeing only its GPUs). Model `qwen0.5b`: a
@@ -198,7 +198,8 @@ def main() -> None:
     p.add_argument("--cpus-per-trial", type=float, default=1)
     p.add_argument("--model", default="qwen0.5b", choices=["qwen0.5b", "smollm2", "tiny"])
     p.add_argument("--layers", default="all", help="text layers to knock out (all, or e.g. 0-7)")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=100,
+                   help="SFT steps per trial (the recipe's 100: with 30 the fixed per-trial costs hid the GPU work)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--eval-samples", type=int, default=64)

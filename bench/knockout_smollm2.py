@@ -1,6 +1,7 @@
 """The real knockout run: SmolLM2-135M-Instruct, all 30 text layers, chatterbot data, on Ray Tune.
 
     python bench/knockout_smollm2.py --gpus 1 --gpu-fraction 0.25        # GPU box: 4 trials per GPU
+    python bench/knockout_smollm2.py --gpus 0 --steps 20 --eval-samples 64   # 2-core CPU: ~45 min
     python bench/knockout_smollm2.py --cpu-test                          # CPU check: 3 layers, 4 steps
 
 It is `prunekit knockout --config recipes/knockout.yaml` with the data made first and the report written to
@@ -24,6 +25,7 @@ def main() -> None:
     p.add_argument("--gpu-fraction", type=float, default=0.25, help="GPU per trial")
     p.add_argument("--steps", type=int, default=None, help="SFT steps per trial (default: the recipe's)")
     p.add_argument("--layers", default="all")
+    p.add_argument("--eval-samples", type=int, default=None, help="val conversations per eval (default: the recipe's)")
     p.add_argument("--asha", action="store_true", help="ASHA early stopping of hopeless candidates")
     p.add_argument("--cpu-test", action="store_true", help="3 layers, 4 steps, small eval, CPU: checks the path")
     p.add_argument("--workdir", default="/tmp/prunekit-knockout-smollm2")
@@ -46,7 +48,7 @@ def main() -> None:
     overrides = {"model": "smollm2", "train": str(train), "val": str(val), "output_dir": str(out),
                  "storage_path": str(work / "runs"), "candidates.text": args.layers, "overwrite": True,
                  "tune.gpus_per_trial": args.gpu_fraction if gpus else 0, "bf16": bool(gpus),
-                 "tune.asha": args.asha, "max_steps": args.steps}
+                 "tune.asha": args.asha, "max_steps": args.steps, "eval_max_samples": args.eval_samples}
     if args.cpu_test:
         overrides.update({"name": "knockout-smollm2-cpu-test", "max_steps": args.steps or 4, "eval_interval": 2,
                           "log_interval": 1, "eval_max_samples": 16, "max_length": 128, "batch_size": 4,

@@ -241,7 +241,8 @@ def run_sweep(cfg, sweep, pending: list, base: dict, want_importance: bool) -> t
             trainable,
             param_space={"candidate": tune.grid_search([c.id for c in pending])},
             tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=cfg.tune.max_concurrent_trials,
-                                        reuse_actors=cfg.tune.reuse_actors),
+                                        reuse_actors=use_gpu if cfg.tune.reuse_actors is None
+                                        else cfg.tune.reuse_actors),
             run_config=tune.RunConfig(name=f"attempt-{attempt}", storage_path=str(tune_root),
                                       callbacks=[book.callback], verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=0)),

@@ -140,6 +140,14 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(x == y for x, y in zip(a, b)) / len(a)
 
 
+def prefix_agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Mean fraction of each pair's tokens before the first difference (1.0: identical)."""
+    def common(x, y):
+        n = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+        return n / max(len(x), len(y), 1)
+    return round(sum(common(x, y) for x, y in zip(a, b)) / len(a), 4)
+
+
 # ---- CPU ----------------------------------------------------------------------------------------------------------
 def cpu_section(args, workdir: Path) -> dict:
     from prunekit.rl.rollout import TransformersRollout, VLLMRollout, completion_logprobs
@@ -198,11 +206,21 @@ def fast_vs_plain(args, model_dir: Path, tok, device: str) -> dict:
     f = time_generate(fast, prompts, max_new, repeats=1 if args.smoke else 2)
     del fast
     log(f"plain {p['tokens_per_s']} tokens/s, fast {f['tokens_per_s']} tokens/s")
-    return {"prompts": n, "max_new_tokens": max_new, "batch": batch, "dtype": dtype,
-            "plain": {k: p[k] for k in ("seconds", "tokens", "tokens_per_s")},
-            "fast": {k: f[k] for k in ("seconds", "tokens", "tokens_per_s")}, "fast_warmup_s": round(warm, 1),
-            "greedy_agreement": agreement(p["ids"], f["ids"]),
-            "speedup": round(f["tokens_per_s"] / p["tokens_per_s"], 2), "goal": 3.0}
+    out = {"prompts": n, "max_new_tokens": max_new, "batch": batch, "dtype": dtype,
+           "plain": {k: p[k] for k in ("seconds", "tokens", "tokens_per_s")},
+           "fast": {k: f[k] for k in ("seconds", "tokens", "tokens_per_s")}, "fast_warmup_s": round(warm, 1),
+           "greedy_agreement": agreement(p["ids"], f["ids"]),
+           "greedy_prefix_agreement": prefix_agreement(p["ids"], f["ids"]),
+           "speedup": round(f["tokens_per_s"] / p["tokens_per_s"], 2), "goal": 3.0}
+    if dtype != "float32":  # bf16 rounding flips near-tied argmaxes; in fp32 the two paths must agree
+        k = min(64, n)
+        ids = [time_generate(TransformersRollout(model_dir, device=device, batch_size=k, fast=fast_path,
+                                                 dtype="float32", pad_id=tok.pad_token_id), prompts[:k], max_new)["ids"]
+               for fast_path in (False, True)]
+        out["float32_check"] = {"prompts": k, "greedy_agreement": agreement(*ids),
+                                "greedy_prefix_agreement": prefix_agreement(*ids)}
+        log(f"float32: fast and plain agree on {out['float32_check']['greedy_agreement']:.0%} of {k} sequences")
+    return out
 
 
 def scale_actors(args, model_dir: Path, tok, on_gpu: bool) -> dict:

@@ -72,6 +72,9 @@ class TrainConfig(Strict):
     loss_chunk_size: int = 1024               # rows of the sequence per cross-entropy chunk (no full B*S*V logits)
     trust_remote_code: bool = False
     overwrite: bool = False
+    # ray: Ray Train workers (any number, any node); local: one worker in this process, no Ray (a single GPU or
+    # CPU box, or one without Ray installed); checkpoints and resume work the same way
+    launcher: Literal["ray", "local"] = "ray"
     ray: RayConfig = RayConfig()
     wandb: WandbConfig = WandbConfig()
     test_crash_at_step: int | None = None     # test-only: a worker dies once at this step (fault-tolerance tests)
@@ -81,6 +84,8 @@ class TrainConfig(Strict):
         for key in ("batch_size", "grad_accum", "max_length", "eval_interval", "save_interval", "log_interval"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1")
+        if self.launcher == "local" and self.ray.num_workers != 1:
+            raise ValueError("launcher: local runs one worker in this process; set ray.num_workers: 1 or launcher: ray")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("max_steps must be >= 1")
         return self

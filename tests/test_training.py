@@ -143,3 +143,72 @@ def test_distill_teacher_prefetch_is_consumed_in_order_by_training_batches_only(
     objective.prefetch(batch, elsewhere)
     mismatched = objective(student.train(), other)["loss_sum"]  # wrong shape: recomputed, queue dropped
     assert not objective._ahead and torch.allclose(mismatched, objective(student.train(), other)["loss_sum"])
+
+
+def test_tied_embeddings_stay_tied_when_the_state_comes_back_as_copies(tiny_chat_model_dir, tmp_path):
+    """The GPU path's bug on CPU: a device -> host copy (or FSDP's full state dict) hands save_pretrained two
+    tensors for the tied embedding and head; the output must still hold one, load with the same parameter count,
+    and give the trained model's logits."""
+    from types import SimpleNamespace
+    from prunekit.core import report
+    from prunekit.core.loading import load_model
+    from prunekit.engine.loop import HF_DIR, write_checkpoint
+    from prunekit.engine.reporting import LocalReporter
+    model, _ = load_model(tiny_chat_model_dir)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():  # "training" moved the shared matrix
+        model.model.embed_tokens.weight.mul_(1.5)
+    copies = {k: v.clone() for k, v in model.state_dict().items()}  # what .cpu() of CUDA tensors gives
+    assert copies["lm_head.weight"].data_ptr() != copies["model.embed_tokens.weight"].data_ptr()
+    strategy = SimpleNamespace(model=model, model_state_dict=lambda: copies, trainer_state=lambda: None,
+                               save_sharded=lambda d: None, all_ranks_write_checkpoint=lambda: False)
+    reporter = LocalReporter(tmp_path / "run", "tie", SimpleNamespace())
+    write_checkpoint(strategy, reporter, 1, {}, final=True)
+    out = reporter.last_checkpoint / HF_DIR
+    shapes = report.checkpoint_shapes(out)
+    assert "lm_head.weight" not in shapes and len(shapes) == len(report.checkpoint_shapes(tiny_chat_model_dir))
+    reloaded, _ = load_model(out)
+    assert reloaded.num_parameters() == model.num_parameters() == report.describe(out)["params"]["total"]
+    ids = torch.tensor([[1, 5, 9, 200, 7]])
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_parameter_count_ignores_a_head_the_tie_overrides(tiny_chat_model_dir, tmp_path):
+    """A file that holds a separate lm_head while config.json ties it (what the GPU path used to write) counts what
+    transformers loads, and a training stage refuses to pass such an output off as the model."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    from prunekit.core import report
+    from prunekit.core.loading import load_model
+    from prunekit.stages.training import check_same_model
+    bad = tmp_path / "untied"
+    shutil.copytree(tiny_chat_model_dir, bad)
+    state = load_file(bad / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    model, _ = load_model(bad)
+    assert report.describe(bad)["params"]["total"] == model.num_parameters()
+    with pytest.raises(PrunekitError, match="separate lm_head tensor"):
+        check_same_model(tiny_chat_model_dir, bad)
+    check_same_model(tiny_chat_model_dir, tiny_chat_model_dir)
+
+
+def test_local_launcher_trains_in_process_and_resumes_to_nothing(tiny_chat_model_dir, chat_data, tmp_path):
+    """launcher: local runs the same loop without Ray: the same run directory layout, a loadable output with the
+    input's parameter count, and re-running the finished run trains nothing and writes the same weights."""
+    from safetensors.torch import load_file
+    from prunekit.core import report
+    cfg = cfg_for("distill", tiny_chat_model_dir, chat_data, tmp_path, "local", max_steps=3, batch_size=2,
+                  eval_interval=3, save_interval=2, launcher="local", teacher=str(tiny_chat_model_dir))
+    first = training.distill(cfg)
+    assert [m["step"] for m in metrics_lines(first.run_dir)] == [0, 1, 2, 3]
+    assert report.describe(first.output)["params"] == report.describe(tiny_chat_model_dir)["params"]
+    again = training.distill(cfg_for("distill", tiny_chat_model_dir, chat_data, tmp_path, "local", max_steps=3,
+                                     batch_size=2, eval_interval=3, save_interval=2, launcher="local",
+                                     teacher=str(tiny_chat_model_dir), output_dir=str(tmp_path / "again")))
+    assert [m["step"] for m in metrics_lines(again.run_dir)] == [0, 1, 2, 3]  # nothing trained twice
+    a, b = load_file(first.output / "model.safetensors"), load_file(again.output / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(PrunekitError, match="launcher: local runs one worker"):
+        cfg_for("sft", tiny_chat_model_dir, chat_data, tmp_path, "x", launcher="local", **{"ray.num_workers": 2})

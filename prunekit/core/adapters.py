@@ -84,6 +84,13 @@ class Adapter:
         tc = self.text_config(cfg)
         return bool(self.extra.get("qkv_bias", tc.get("attention_bias", False)))
 
+    def ties_embeddings(self, cfg: dict) -> bool:
+        """Whether the LM head shares the input embedding's weight (transformers reads the flag at the root;
+        VLM checkpoints may keep it only in text_config)."""
+        if "tie_word_embeddings" in cfg:
+            return bool(cfg["tie_word_embeddings"])
+        return bool(self.text_config(cfg).get("tie_word_embeddings", False))
+
     def protected_text_layers(self, cfg: dict) -> set[int]:
         if not self.protected_text_layers_from:
             return set()

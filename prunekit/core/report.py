@@ -36,11 +36,15 @@ def checkpoint_shapes(model_dir: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def component_params(adapter: Adapter, shapes: dict[str, list[int]]) -> dict[str, int]:
-    """Parameter counts per component: text layers, vision blocks, embeddings, lm_head, other vision, other."""
+def component_params(adapter: Adapter, shapes: dict[str, list[int]], tied: bool = False) -> dict[str, int]:
+    """Parameter counts per component: text layers, vision blocks, embeddings, lm_head, other vision, other.
+    With `tied` (the config ties the LM head to the embedding) an `lm_head` tensor in the file counts nothing:
+    transformers loads the model with one shared matrix, and the counts are what `num_parameters()` reports."""
     out = {"text_layers": 0, "vision_blocks": 0, "embeddings": 0, "lm_head": 0, "vision_other": 0, "other": 0}
     for key, shape in shapes.items():
         n = math.prod(shape)
+        if tied and key.startswith("lm_head"):
+            continue
         if adapter.match_text_layer(key):
             out["text_layers"] += n
         elif adapter.match_vision_block(key):
@@ -81,7 +85,8 @@ def describe(model_dir: Path) -> dict:
         "qkv_bias": adapter.qkv_bias(cfg),
         "fused_qkv": adapter.fused_qkv,
         "kv_cache_bytes_per_token_bf16": kv_cache_bytes_per_token(adapter, cfg),
-        "params": component_params(adapter, checkpoint_shapes(model_dir)),
+        "tied_embeddings": adapter.ties_embeddings(cfg),
+        "params": component_params(adapter, checkpoint_shapes(model_dir), tied=adapter.ties_embeddings(cfg)),
     }
     if not adapter.is_vlm:
         del info["vision_blocks"]

@@ -240,6 +240,6 @@ def apply_to_model(model, surgery):
     missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
     if missing or unexpected:
         raise RuntimeError(f"surgery produced mismatched weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if getattr(config, "tie_word_embeddings", False) or getattr(getattr(config, "text_config", None), "tie_word_embeddings", False):
+    if surgery.adapter.ties_embeddings(surgery.new_config):
         new_model.tie_weights()
     return new_model.eval()

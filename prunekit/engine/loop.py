@@ -242,6 +242,29 @@ def accumulate_and_step(strategy, micro_batches: list[dict], normaliser: float, 
     return sums, strategy.step()
 
 
+def host_state_dict(model, state: dict) -> dict:
+    """The state on the host, with tied weights still one tensor. Copying to the host (GPU -> CPU, FSDP's full
+    state dict, ZeRO-3's consolidation) turns the embedding and a tied LM head into two tensors; save_pretrained
+    finds ties by storage, so it would then write both: a file 28M parameters bigger than the model (SmolLM2)
+    whose head transformers ignores on load. Every name the model gives one parameter maps to one host tensor."""
+    host: dict = {}
+    by_device_storage: dict = {}
+    for k, v in state.items():
+        v = v.detach()
+        key = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+        if key not in by_device_storage:
+            by_device_storage[key] = v.cpu().contiguous()
+        host[k] = by_device_storage[key]
+    aliases: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    for names in aliases.values():
+        present = [n for n in names if n in host]
+        for n in present[1:]:
+            host[n] = host[present[0]]
+    return host
+
+
 class _HostCopy:
     """Device tensors copied to pinned host memory without blocking; `wait()` blocks only until this copy is
     done, not for work queued after it."""
@@ -292,7 +315,7 @@ def write_checkpoint(strategy, reporter, step: int, metrics: dict, final: bool) 
 
     def write(ckpt_dir: Path):
         if rank == 0:
-            state = {k: v.detach().cpu().contiguous() for k, v in full_state.items()}
+            state = host_state_dict(strategy.model, full_state)
             if final:
                 strategy.model.save_pretrained(ckpt_dir / HF_DIR, state_dict=state)
             else:

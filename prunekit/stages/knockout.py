@@ -210,8 +210,7 @@ def build_trial_model(base: dict, candidate: Candidate, device):
         missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
         if [k for k in missing if not k.endswith("lm_head.weight")] or unexpected:
             raise RuntimeError(f"shared weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        if getattr(model.config, "tie_word_embeddings", False) or getattr(
-                getattr(model.config, "text_config", None), "tie_word_embeddings", False):
+        if adapter_for(base["config"]).ties_embeddings(base["config"]):
             model.tie_weights()
         if candidate.size:
             adapter = adapter_for(base["config"])

@@ -90,10 +90,36 @@ def validate(stage: str, cfg) -> None:
                                  cfg.model, cfg.teacher)
 
 
+def run_in_process(stage: str, cfg) -> tuple[Path, Path, str]:
+    """`launcher: local`: the one training loop as a single worker in this process (no Ray), with the same run
+    names, checkpoints and resume as a Ray Train run. Returns (final checkpoint dir with hf/, run dir, run name)."""
+    import torch
+    from prunekit.distributed.train import run_name
+    from prunekit.engine.loop import train
+    from prunekit.engine.reporting import LocalReporter
+    name = run_name(stage, cfg)
+    run_dir = Path(cfg.storage_path).resolve() / name
+    device = torch.device("cuda" if cfg.ray.use_gpu else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PrunekitError("ray.use_gpu: true but this process sees no GPU (launcher: local)")
+    model, objective, train_samples, val_samples, pad_id = build_worker(stage, cfg, device)
+    if not train_samples:
+        raise PrunekitError(f"train {cfg.train}: no row has a supervised token within max_length {cfg.max_length}")
+    reporter = LocalReporter(run_dir, name, cfg)
+    train(model, objective, cfg, train_samples, val_samples, pad_id, reporter, device=device)
+    final = reporter.restore()
+    if final is None or not (final / "hf").is_dir():
+        raise PrunekitError(f"{stage} run {name} finished without a final checkpoint (in {run_dir})")
+    return final, run_dir, name
+
+
 def run(stage: str, cfg) -> TrainResult:
-    from prunekit.distributed.train import launch
     validate(stage, cfg)
-    final_ckpt, run_dir, name = launch(stage, cfg)
+    if cfg.launcher == "local":
+        final_ckpt, run_dir, name = run_in_process(stage, cfg)
+    else:
+        from prunekit.distributed.train import launch
+        final_ckpt, run_dir, name = launch(stage, cfg)
     metrics = json.loads((final_ckpt / "metrics.json").read_text())
     base = Path(cfg.model)
 
@@ -105,6 +131,8 @@ def run(stage: str, cfg) -> TrainResult:
             adapter_cfg = json.loads((tmp / "adapter_config.json").read_text())
             adapter_cfg["base_model_name_or_path"] = os.path.relpath(base.resolve(), Path(cfg.output_dir).resolve())
             (tmp / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
+        if stage != "lora":
+            check_same_model(base, tmp)
         write_provenance(tmp, {"stage": stage, "parent": str(base), "run": str(run_dir),
                                "config": cfg.model_dump(mode="json"), "metrics": metrics}, parent_dir=base)
 
@@ -112,6 +140,23 @@ def run(stage: str, cfg) -> TrainResult:
     if not final_ckpt.resolve().is_relative_to(run_dir.resolve()):  # a download from remote storage
         shutil.rmtree(final_ckpt, ignore_errors=True)
     return TrainResult(out, run_dir, name, metrics)
+
+
+def check_same_model(base: Path, trained: Path) -> None:
+    """Recovery never changes what a model is: the trained output has the input's parameter count (as
+    transformers counts it) and tie flag, and no tensor the loaded model would ignore."""
+    from prunekit.core import report
+    before, after = report.describe(base), report.describe(trained)
+    problems = []
+    if after["params"]["total"] != before["params"]["total"]:
+        problems.append(f"{after['params']['total']:,} parameters, the input {before['params']['total']:,}")
+    if after["tied_embeddings"] != before["tied_embeddings"]:
+        problems.append(f"tie_word_embeddings {after['tied_embeddings']}, the input {before['tied_embeddings']}")
+    if after["tied_embeddings"] and any(k.startswith("lm_head") for k in report.checkpoint_shapes(trained)):
+        problems.append("a separate lm_head tensor although the embeddings are tied")
+    if problems:
+        raise PrunekitError(f"the trained model differs from its input {base}: {'; '.join(problems)} "
+                            f"(nothing written)")
 
 
 def sft(cfg) -> TrainResult:

@@ -296,8 +296,10 @@ class ImportanceStageConfig(Strict):
 
 
 class PruneStageConfig(Strict):
-    """Pipeline stage `prune`: applies the round's plan (knockout, else importance), within the guardrails."""
+    """Pipeline stage `prune`: applies the round's plan (knockout, else importance, else `plan`: a knockout report's
+    plan.json made earlier for the same model), within the guardrails."""
     streaming: bool | None = None
+    plan: Path | None = None
 
 
 class KVCutStageConfig(Strict):
@@ -353,6 +355,7 @@ class PipelineConfig(Strict):
     eval_max_length: int = 256
     storage_path: Path | None = None          # checkpoints and sweep trials (default: output_dir/runs)
     trust_remote_code: bool = False
+    launcher: Literal["ray", "local"] = "ray"  # local: training stages and measurements in this process, no Ray
     ray: RayConfig = RayConfig()
     wandb: WandbConfig = WandbConfig()
 

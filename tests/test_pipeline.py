@@ -205,3 +205,30 @@ def test_demo_recipe_is_a_valid_pipeline_recipe(tmp_path):
     rounds, finish = pl.check_recipe(cfg)
     assert [s for s, _ in rounds] == ["importance", "knockout", "prune", "sft", "distill"]
     assert [s for s, _ in finish] == ["kv_cut"]
+
+
+def test_local_pipeline_prunes_a_given_plan_without_ray(chat4, chat_data, tmp_path):
+    """launcher: local runs every stage in this process (no Ray): a knockout plan.json made earlier is pruned in
+    round 1, the finish stages recover it, and parameter counts are what transformers loads."""
+    from prunekit.core.loading import load_model
+    layer = pl.text_layer_params(chat4)[0]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"drop_text": [1, 2], "order": [{"id": "text:2", "params_removed": layer},
+                                                               {"id": "text:1", "params_removed": layer}]}))
+    out = tmp_path / "out"
+    cfg = recipe(chat4, chat_data, out, launcher="local", rounds=[{"prune": {"plan": str(plan)}}, "distill"],
+                 target={"params": pl.model_facts(chat4)["params"] - int(1.5 * layer)}, max_layers=2,
+                 finish=[{"kv_cut": {"kv_heads": 1}}, "distill"], stages={"distill": SFT})
+    assert main(["pipeline", str(write(tmp_path, cfg))]) == 0
+    state = json.loads((out / pl.STATE_FILE).read_text())
+    assert [r["id"] for r in state["stages"]] == ["r1-1-prune", "r1-2-distill", "f-1-kv_cut", "f-2-distill"]
+    assert state["stages"][0]["drop_text"] == [1, 2]
+    final = state["stages"][-1]
+    model, _ = load_model(final["output"])
+    assert final["facts"]["params"] == model.num_parameters() and final["facts"]["kv_heads"] == 1
+    assert "r1-2-distill" in (out / "summary.md").read_text()
+    bad = recipe(chat4, chat_data, tmp_path / "bad", launcher="local", rounds=["importance", "knockout", "prune"])
+    with pytest.raises(PrunekitError, match="knockout runs on Ray; it cannot run with launcher: local"):
+        pl.check_recipe(load_config("pipeline", None, bad))
+    with pytest.raises(PrunekitError, match="prune.plan: .*nope.json: no such file"):
+        pl.check_recipe(load_config("pipeline", None, {**bad, "rounds": [{"prune": {"plan": "nope.json"}}]}))

@@ -84,6 +84,8 @@ def _stage_config(stage: str, settings: dict, cfg, *, model: str, out: Path, nam
         base.update(train=str(cfg.train), val=str(cfg.val))
     if stage in ("sft", "distill", "lora", "rl"):
         base["ray"] = cfg.ray.model_dump()
+    if stage in ("sft", "distill", "lora"):
+        base["launcher"] = cfg.launcher
     if stage == "distill":
         base["teacher"] = cfg.model           # distil from the original unless the recipe names a teacher
     if stage == "knockout" and cfg.ray.use_gpu and "gpus_per_trial" not in settings.get("tune", {}):
@@ -136,8 +138,13 @@ def check_recipe(cfg, where: str = "recipe") -> tuple[list[tuple[str, dict]], li
     if "prune" not in names:
         raise PrunekitError(f"{where}: rounds: a round must prune (add `prune` after `knockout` or `importance`)")
     for i, (stage, settings) in enumerate(rounds):
-        if stage == "prune" and not {"knockout", "importance"} & set(names[:i]):
-            raise PrunekitError(f"{where}: rounds[{i}]: prune needs a plan: put `knockout` or `importance` before it")
+        if stage == "prune" and not {"knockout", "importance"} & set(names[:i]) and not settings.get("plan"):
+            raise PrunekitError(f"{where}: rounds[{i}]: prune needs a plan: put `knockout` or `importance` before it, "
+                                f"or give prune a knockout report's `plan: plan.json`")
+        if stage == "prune" and settings.get("plan") and not Path(settings["plan"]).is_file():
+            raise PrunekitError(f"{where}: rounds[{i}].prune.plan: {settings['plan']}: no such file")
+        if stage in ("knockout", "rl") and cfg.launcher == "local":
+            raise PrunekitError(f"{where}: rounds[{i}]: {stage} runs on Ray; it cannot run with launcher: local")
         if stage == "knockout" and settings.get("importance_candidates") is not None:
             n = settings["importance_candidates"]
             if not isinstance(n, int) or n < 1:
@@ -259,6 +266,8 @@ class Runner:
     def on_worker(self, fn, *args, **kwargs):
         """Model-sized work (eval, importance): in-process on CPU pipelines; on a GPU worker for GPU pipelines (the
         driver may sit on a CPU-only head node)."""
+        if self.cfg.launcher == "local":
+            return fn(*args, device="cuda" if self.cfg.ray.use_gpu else "cpu", **kwargs)
         if not self.cfg.ray.use_gpu:
             return fn(*args, **kwargs)
         import ray
@@ -347,14 +356,18 @@ class Runner:
         verdicts = {r["id"]: r.get("verdict") for r in result.rows}
         return {"output": str(result.output), "plan": result.plan, "verdicts": verdicts}
 
-    def _plan(self, rnd: int, current: dict, target: int) -> tuple[list[int], list[int], list[str]]:
+    def _plan(self, rnd: int, current: dict, target: int,
+              plan_file: Path | None = None) -> tuple[list[int], list[int], list[str]]:
         """The layers this round removes: the round's knockout plan (best first), else the importance order (least
         important first), taken while the guardrails allow and only until the target is reached."""
         from prunekit.core.plan import Candidate
         params = current["facts"]["params"]
         ko = self.round_record(rnd, "knockout")
-        if ko is not None:
-            order = [(Candidate.parse(e["id"], "plan"), e["params_removed"]) for e in ko["plan"]["order"]]
+        plan = ko["plan"] if ko is not None else None
+        if plan is None and plan_file is not None:
+            plan = read_plan(plan_file, current["output"])
+        if plan is not None:
+            order = [(Candidate.parse(e["id"], "plan"), e["params_removed"]) for e in plan["order"]]
             order = [(c.text, c.vision, p, c.id) for c, p in order]
         else:
             per_layer = text_layer_params(Path(current["output"]))
@@ -377,9 +390,13 @@ class Runner:
     def _prune(self, stage_id, settings, rnd, current, target, out):
         from prunekit.stages.prune import prune
         s = self._config("prune", settings, stage_id, current, out)
-        text, vision, chosen = self._plan(rnd, current, target)
+        if s.plan is not None and rnd > 1 and not (self.round_record(rnd, "knockout")
+                                                   or self.round_record(rnd, "importance")):
+            raise PipelineStopped(f"round {rnd}: prune.plan {s.plan} was made for the original model and applies "
+                                  f"to round 1 only; add `importance` or `knockout` to the rounds to go further")
+        text, vision, chosen = self._plan(rnd, current, target, s.plan if rnd == 1 else None)
         if not text and not vision:
-            src = "knockout" if self.round_record(rnd, "knockout") else "importance"
+            src = "knockout" if self.round_record(rnd, "knockout") else "importance" if s.plan is None else str(s.plan)
             raise PipelineStopped(f"round {rnd}: the {src} plan removes nothing within max_params_fraction "
                                   f"{self.cfg.max_params_fraction} / max_layers {self.cfg.max_layers} (no free or "
                                   f"recoverable candidate); the target is not reachable with these settings")
@@ -427,6 +444,28 @@ class Runner:
         result = rl(self._config("rl", settings, stage_id, current, out))
         return {"output": str(result.output), "run": str(result.run_dir),
                 "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
+
+
+def read_plan(path: Path, model: str) -> dict:
+    """A knockout report's plan.json, checked against the model it is applied to (layer count)."""
+    from prunekit.core.loading import read_config
+    from prunekit.core.adapters import adapter_for
+    try:
+        plan = json.loads(Path(path).read_text())
+        order = plan["order"]
+        ids = [(e["id"], int(e["params_removed"])) for e in order]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PrunekitError(f"prune.plan {path}: not a knockout plan.json ({type(e).__name__}: {e})") from None
+    from prunekit.core.plan import Candidate
+    cfg = read_config(Path(model))
+    layers = adapter_for(cfg).num_text_layers(cfg)
+    if not ids:
+        raise PrunekitError(f"prune.plan {path}: the plan removes nothing")
+    for cid, _ in ids:
+        beyond = [i for i in Candidate.parse(cid, f"prune.plan {path}").text if i >= layers]
+        if beyond:
+            raise PrunekitError(f"prune.plan {path}: {cid} is beyond the {layers} text layers of {model}")
+    return plan
 
 
 def _describe(rec: dict) -> str:
@@ -543,7 +582,8 @@ def pipeline(cfg, where: str = "recipe", redo: str | None = None) -> PipelineRes
         raise PrunekitError(f"{where}: target already met: {cfg.model} has {o_params:,} parameters <= target "
                             f"{target:,}; nothing to prune")
     state = State.open(out, cfg.model)
-    connect(cfg.ray.address)  # an address that does not answer fails here, before anything is written
+    if cfg.launcher == "ray":
+        connect(cfg.ray.address)  # an address that does not answer fails here, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     if redo:
         print(f"redo: forgetting {', '.join(state.redo(redo))}", flush=True)

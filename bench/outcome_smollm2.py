@@ -1,0 +1,330 @@
+"""The outcome benchmark (issue 12): how much of SmolLM2-135M-Instruct survives prunekit, measured on held-out text.
+
+SmolLM2-135M-Instruct -> 9 of its 30 layers removed (the committed knockout plan: >= 25% of the decoder-layer
+parameters) and KV heads 3 -> 1, recovered by distillation from the original on a corpus the original wrote itself
+(`prunekit data generate`), end to end on one GPU: `recipes/outcome.yaml` run by `prunekit pipeline` with
+`launcher: local`. Every model is measured on held-out general English text (the general eval split, never trained
+on) and on the chat val (chatterbot, never trained on here).
+
+Phases, each resumable (re-running the same command continues; a call killed at a time limit loses nothing that
+finished): data (chatterbot + general text files; `--prepare` writes them here for an offline box) -> corpus
+(teacher-sampled) -> pipeline -> compare_data (the pruned model distilled for `--compare-steps` steps on each
+recovery data source: chatterbot, the shipped general text, the teacher corpus) -> compare_kv (mean, similarity and
+calibrated KV cuts of the recovered model: right after the cut and after `--compare-steps` distillation steps) ->
+report: bench/results/outcome_smollm2.json + .png. The 20-minute goal counts data + corpus + pipeline.
+
+    python bench/outcome_smollm2.py --prepare --data .gpu/data            # here: the data files, for the GPU box
+    python bench/outcome_smollm2.py --gpu --data .gpu/data --out /root/outcome   # there (resumes)
+    python bench/outcome_smollm2.py --smoke                               # CPU check of every phase, tiny sizes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results"
+PHASES = ("corpus", "pipeline", "compare_data", "compare_kv")
+
+
+class Clock:
+    """Wall time per phase across calls: a phase's seconds are saved every few seconds, so a call killed at its
+    time limit still counts the time it spent."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {"phases": {}, "done": [], "calls": 0}
+        self.data["calls"] += 1
+        self.phase, self.t0, self.base = None, 0.0, 0.0
+        self._save()
+        threading.Thread(target=self._beat, daemon=True).start()
+
+    def _save(self):
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)
+
+    def _beat(self):
+        while True:
+            time.sleep(5)
+            if self.phase:
+                self.data["phases"][self.phase] = self.base + time.time() - self.t0
+                self._save()
+
+    def run(self, phase: str, fn):
+        if phase in self.data["done"]:
+            print(f"== {phase}: done earlier ({self.data['phases'][phase]:.0f}s)", flush=True)
+            return
+        print(f"\n== {phase}", flush=True)
+        self.phase, self.t0, self.base = phase, time.time(), self.data["phases"].get(phase, 0.0)
+        fn()
+        self.data["phases"][phase] = self.base + time.time() - self.t0
+        self.data["done"].append(phase)
+        self.phase = None
+        self._save()
+        print(f"== {phase} finished ({self.data['phases'][phase]:.0f}s in all)", flush=True)
+
+
+def prepare_data(data: Path) -> None:
+    from prunekit.core.datasets import chatterbot_to_messages
+    from prunekit.core.text import general_text
+    data.mkdir(parents=True, exist_ok=True)
+    if not (data / "val.jsonl").is_file():
+        chatterbot_to_messages(data / "chat-train.jsonl", val_path=data / "val.jsonl")
+    if not (data / "general-eval.jsonl").is_file():
+        general_text(data / "general-train.jsonl", data / "general-eval.jsonl")
+
+
+def measure(model: str, data: Path, args) -> dict:
+    from prunekit.stages.evaluate import evaluate_file
+    from prunekit.stages.pipeline import model_facts
+    dev = "cuda" if args.gpu else "cpu"
+    gen = evaluate_file(model, data / "general-eval.jsonl", args.eval_text_samples, 512, device=dev)
+    chat = evaluate_file(model, data / "val.jsonl", args.eval_samples, 512, device=dev)
+    return {"facts": model_facts(Path(model)), "eval_text": gen, "eval": chat}
+
+
+def distill(model: str, train: Path, data: Path, out: Path, name: str, steps: int, args) -> str:
+    """One distillation run from the original with the recipe's distill settings, in this process."""
+    import yaml
+    from prunekit.config import load_config
+    from prunekit.core.loading import resolve_model
+    from prunekit.stages import training
+    settings = yaml.safe_load((ROOT / "recipes" / "outcome.yaml").read_text())["stages"]["distill"]
+    cfg = load_config("distill", None, {**settings, **sizes(args)["distill"], "model": model, "teacher": str(
+        resolve_model("smollm2")), "train": str(train), "val": str(data / "val.jsonl"), "output_dir": str(out),
+        "name": name, "storage_path": str(out.parent / "runs"), "max_steps": steps, "launcher": "local",
+        "overwrite": True, "ray.use_gpu": args.gpu, "wandb.mode": "disabled"})
+    return str(training.distill(cfg).output)
+
+
+def sizes(args) -> dict:
+    """The recipe as written on a GPU; tiny on --smoke (a CPU check of the code path, not a measurement)."""
+    if not args.smoke:
+        return {"distill": {}, "pipeline": {}, "kv": {}}
+    small = {"max_length": 64, "batch_size": 2, "bf16": False, "compile": False, "eval_interval": 2,
+             "save_interval": 2, "eval_max_samples": 4, "loss_chunk_size": 1024}
+    return {"distill": small,
+            "pipeline": {"stages.distill": small, "rounds": [{"prune": {"plan": str(args.plan)}},
+                                                             {"distill": {"max_steps": 2}}],
+                         "finish": [{"kv_cut": {"kv_heads": 1, "grouping": "similarity", "calibrate": True,
+                                                "samples": 4}}, {"distill": {"max_steps": 2}}],
+                         "eval_samples": 4, "eval_text_samples": 4},
+            "kv": {"samples": 4}}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="every phase on CPU with tiny sizes (writes *_smoke.json)")
+    ap.add_argument("--prepare", action="store_true", help="only write the data files to --data")
+    ap.add_argument("--data", type=Path, default=None, help="data files (default OUT/data)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "outcome")
+    ap.add_argument("--rows", type=int, default=16384, help="teacher-sampled corpus rows")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--plan", type=Path, default=ROOT / "bench" / "results" / "knockout_smollm2" / "plan.json")
+    ap.add_argument("--compare-steps", type=int, default=300)
+    ap.add_argument("--eval-samples", type=int, default=128, help="chat val rows per measurement")
+    ap.add_argument("--eval-text-samples", type=int, default=None, help="general-text rows (default: all)")
+    ap.add_argument("--skip", default="", help="comma-separated phases to skip (e.g. compare_kv)")
+    args = ap.parse_args(argv)
+    data = (args.data or args.out / "data").resolve()
+    if args.prepare:
+        prepare_data(data)
+        print(f"data files in {data}: {', '.join(sorted(p.name for p in data.glob('*.jsonl')))}")
+        return 0
+    if args.smoke:
+        args.rows, args.max_new_tokens, args.compare_steps = 8, 16, 2
+        args.eval_samples, args.eval_text_samples = 4, 4
+        args.out = args.out.with_name(args.out.name + "-smoke")
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    prepare_data(data)
+    from prunekit.core.loading import resolve_model
+    original = str(resolve_model("smollm2"))
+    clock = Clock(out / "bench_state.json")
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+
+    def save():
+        tmp = results_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, results_path)
+
+    corpus = out / "teacher.jsonl"
+
+    def make_corpus():
+        from prunekit.rl.corpus import generate_corpus
+        results["corpus"] = generate_corpus(
+            "smollm2", corpus, prompts=data / "chat-train.jsonl", seed_prompts=True, rows=args.rows,
+            max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=0.95, backend="transformers",
+            device="cuda" if args.gpu else "cpu", dtype="bfloat16" if args.gpu else "float32",
+            progress=True)
+        save()
+
+    def run_pipeline():
+        import yaml
+        from prunekit.config import load_config
+        from prunekit.stages.pipeline import pipeline
+        recipe = yaml.safe_load((ROOT / "recipes" / "outcome.yaml").read_text())
+        recipe.update(model=original, train=str(corpus), val=str(data / "val.jsonl"),
+                      eval_text=str(data / "general-eval.jsonl"), output_dir=str(out / "pipeline"))
+        recipe["rounds"][0]["prune"]["plan"] = str(args.plan)
+        recipe["ray"]["use_gpu"] = args.gpu
+        recipe["eval_samples"] = args.eval_samples
+        if args.eval_text_samples:
+            recipe["eval_text_samples"] = args.eval_text_samples
+        overrides = sizes(args)["pipeline"]
+        for key, value in overrides.items():
+            if key == "stages.distill":
+                recipe["stages"]["distill"].update(value)
+            else:
+                recipe[key] = value
+        path = out / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        result = pipeline(load_config("pipeline", path), where=str(path))
+        state = json.loads((out / "pipeline" / "pipeline_state.json").read_text())
+        results["pipeline"] = {"status": result.status, "original": state["original"], "stages": state["stages"]}
+        save()
+
+    def stage_output(stage_id: str) -> str:
+        return next(s["output"] for s in results["pipeline"]["stages"] if s["id"] == stage_id)
+
+    def compare_data():
+        """The pruned model, the same distillation budget, three recovery data sources."""
+        sources = {"chatterbot": data / "chat-train.jsonl", "general_text": data / "general-train.jsonl",
+                   "teacher_sampled": corpus}
+        runs = results.setdefault("compare_data", {})
+        for label, train in sources.items():
+            if label in runs:
+                continue
+            model = distill(stage_output("r1-1-prune"), train, data, out / "compare" / f"data-{label}",
+                            f"data-{label}", args.compare_steps, args)
+            runs[label] = {"steps": args.compare_steps, "train": str(train), **measure(model, data, args)}
+            save()
+
+    def compare_kv():
+        """KV heads 3 -> 1 on the recovered 21-layer model: mean, similarity and calibrated, right after the cut and
+        after the same short distillation."""
+        from prunekit.stages.kv_cut import kv_cut
+        cuts = {"mean": ("mean", False), "similarity": ("similarity", False),
+                "similarity+calibrated": ("similarity", True)}
+        runs = results.setdefault("compare_kv", {})
+        base = stage_output("r1-2-distill")
+        for label, (grouping, calibrate) in cuts.items():
+            if label in runs:
+                continue
+            cut = out / "compare" / f"kv-{label}"
+            kv_cut(base, cut, 1, grouping, data=str(corpus), overwrite=True, calibrate=calibrate,
+                   max_samples=sizes(args)["kv"].get("samples", 256), device="cuda" if args.gpu else "cpu")
+            after = distill(str(cut), corpus, data, out / "compare" / f"kv-{label}-distill", f"kv-{label}",
+                            args.compare_steps, args)
+            runs[label] = {"cut": measure(str(cut), data, args), "steps": args.compare_steps,
+                           "distilled": measure(after, data, args)}
+            save()
+
+    skip = set(filter(None, args.skip.split(",")))
+    for phase, fn in (("corpus", make_corpus), ("pipeline", run_pipeline), ("compare_data", compare_data),
+                      ("compare_kv", compare_kv)):
+        if phase not in skip:
+            clock.run(phase, fn)
+    results["minutes"] = {k: round(v / 60, 2) for k, v in clock.data["phases"].items()}
+    results["calls"] = clock.data["calls"]
+    save()
+    name = "outcome_smollm2_smoke" if args.smoke else "outcome_smollm2"
+    write_report(results, args, RESULTS / f"{name}.json")
+    return 0
+
+
+def write_report(results: dict, args, path: Path) -> None:
+    """Per stage: parameters, KV bytes/token, general-text and chat-val token_acc (and % of the original), NLL,
+    minutes; the data-source and KV-cut comparisons; the goals."""
+    import platform
+    import torch
+    pipe = results.get("pipeline")
+    if not pipe:
+        return
+    o = pipe["original"]
+
+    def row(rec):
+        f, t, c = rec["facts"], rec.get("eval_text"), rec["eval"]
+        return {"params": f["params"], "layers": f["text_layers"], "kv_heads": f["kv_heads"],
+                "kv_bytes_per_token": f["kv_bytes_per_token"],
+                "general_text": {"token_acc": t["token_acc"], "nll": t["loss"],
+                                 "vs_original": t["token_acc"] / o["eval_text"]["token_acc"]},
+                "chat_val": {"token_acc": c["token_acc"], "nll": c["loss"],
+                             "vs_original": c["token_acc"] / o["eval"]["token_acc"]},
+                "minutes": round(rec.get("time_s", 0) / 60, 2)}
+
+    stages = {"original": row(o)} | {r["id"]: row(r) for r in pipe["stages"] if "facts" in r}
+    final = list(stages.values())[-1]
+    end_to_end = sum(results["minutes"].get(k, 0) for k in ("corpus", "pipeline"))
+    report = {
+        "date": time.strftime("%Y-%m-%d"), "machine": torch.cuda.get_device_name(0) if args.gpu else platform.processor(),
+        "command": "python bench/outcome_smollm2.py" + (" --gpu" if args.gpu else " --smoke"),
+        "recipe": "recipes/outcome.yaml", "status": pipe["status"], "corpus": results.get("corpus"),
+        "stages": stages, "minutes": results["minutes"], "end_to_end_minutes": round(end_to_end, 2),
+        "calls": results["calls"],
+        "goals": {"general_text_vs_original >= 0.90 (aim 0.95)": final["general_text"]["vs_original"],
+                  "chat_val_vs_original >= 0.95": final["chat_val"]["vs_original"],
+                  "end_to_end_minutes <= 20": end_to_end},
+        "compare_data": {k: {"steps": v["steps"], **{m: row(v)[m] for m in ("general_text", "chat_val")}}
+                         for k, v in results.get("compare_data", {}).items()},
+        "compare_kv": {k: {"steps": v["steps"], "after_cut": {m: row(v["cut"])[m] for m in ("general_text", "chat_val")},
+                           "after_distill": {m: row(v["distilled"])[m] for m in ("general_text", "chat_val")}}
+                       for k, v in results.get("compare_kv", {}).items()},
+    }
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    plot(report, path.with_suffix(".png"))
+    print(json.dumps({k: report[k] for k in ("goals", "end_to_end_minutes", "status")}, indent=1))
+    print(f"wrote {path} (+ .png)")
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(report["stages"])
+    x = range(len(names))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    ax = axes[0]
+    for key, label, color in (("general_text", "general English text (held out)", "tab:blue"),
+                              ("chat_val", "chat val", "tab:green")):
+        ax.plot(x, [100 * report["stages"][n][key]["vs_original"] for n in names], marker="o", label=label,
+                color=color)
+    ax.axhline(90, ls="--", color="gray", lw=0.8)
+    ax.set_title("token_acc, % of the original", fontsize=10)
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    ax.bar(x, [report["stages"][n]["params"] / 1e6 for n in names], color="tab:gray")
+    ax2 = ax.twinx()
+    ax2.plot(x, [report["stages"][n]["kv_bytes_per_token"] for n in names], marker="s", color="tab:orange")
+    ax.set_title("parameters (M, bars) and KV bytes/token (line)", fontsize=10)
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax = axes[2]
+    groups = [("data: " + k, v) for k, v in report["compare_data"].items()] + \
+             [("kv " + k + " cut", {"general_text": v["after_cut"]["general_text"]})
+              for k, v in report["compare_kv"].items()] + \
+             [("kv " + k + " +distill", v["after_distill"]) for k, v in report["compare_kv"].items()]
+    if groups:
+        ax.barh(range(len(groups)), [100 * g[1]["general_text"]["vs_original"] for g in groups], color="tab:blue")
+        ax.set_yticks(range(len(groups)))
+        ax.set_yticklabels([g[0] for g in groups], fontsize=8)
+        ax.set_title("comparisons: general-text token_acc, % of original", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

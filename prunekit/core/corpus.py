@@ -138,10 +138,12 @@ class CorpusFile:
         self.settings = settings
         self.ids: set[str] = set()
         self.answers: dict[int, set[str]] = {}
-        self.tokens: list[int] = []
+        self.tokens: list[int] = []       # completion tokens per row, in file order
+        self.token_total = 0
         self.finishes: list[str] = []
-        self.history: dict = {}
+        self.history: dict = {}           # the sidecar of an earlier run of the same corpus
         self.repaired_bytes = 0
+        self._recorded = False            # this run's settings are in the sidecar
 
     def check(self) -> None:
         """Validate an existing corpus against these settings without changing anything."""
@@ -181,6 +183,7 @@ class CorpusFile:
             self.ids.add(row_id)
             self.answers.setdefault(prompt_of(row_id), set()).add(answer_key(answer))
             self.tokens.append(tokens)
+            self.token_total += tokens
             self.finishes.append(finish)
         if len(complete) < len(data):  # a crash mid-write: drop the partial line so every row is whole
             self.repaired_bytes = len(data) - len(complete)
@@ -193,8 +196,9 @@ class CorpusFile:
         """Write whole rows with one write() and fsync; the first write records the settings first."""
         if not rows:
             return
-        if not self.sidecar.is_file():
-            self.write_sidecar({})
+        if not self._recorded:  # the settings go on record before the first row they made
+            self.write_sidecar({k: v for k, v in self.history.items() if k != "settings"})
+            self._recorded = True
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         try:
@@ -207,6 +211,7 @@ class CorpusFile:
         for r in rows:
             self.ids.add(r["id"])
             self.tokens.append(r["tokens"])
+            self.token_total += r["tokens"]
             self.finishes.append(r["finish"])
 
     def write_sidecar(self, stats: dict) -> None:

@@ -27,7 +27,8 @@ CONCEPTS = [
 
 ACTIVITIES = [
     "learn to cook simple meals", "start running", "save money each month", "learn a new language",
-    "grow tomatoes on a balcony", "write a good resume", "prepare for a job interview", "make new friends in a new city",
+    "grow tomatoes on a balcony", "write a good resume", "prepare for a job interview",
+    "make new friends in a new city",
     "improve my sleep", "organize my closet", "start a small business", "learn to play the guitar",
     "take better photos with my phone", "plan a trip on a budget", "bake bread at home", "keep a houseplant alive",
     "study for an exam", "give a presentation", "stop procrastinating", "learn to program in Python",

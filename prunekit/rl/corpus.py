@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prunekit import PrunekitError
-from prunekit.core.corpus import (CorpusFile, answer_key, dedup_prompts, file_sha256, length_stats, read_prompt_file)
+from prunekit.core.corpus import (CorpusFile, answer_key, dedup_prompts, file_sha256, length_stats, read_prompt_file,
+                                  row_answer)
 from prunekit.rl.rollout import Sampling, eos_ids, make_backend
 
 DEFAULT_BATCH = {"cuda": 512, "cpu": 16}
@@ -161,14 +162,9 @@ def generate_corpus(teacher: str | Path, out: str | Path, prompts: str | Path | 
                     yield p, k
             k += 1
 
-    def written_rows() -> int:
-        return len(corpus.tokens)
-
-    def written_tokens() -> int:
-        return sum(corpus.tokens)
-
     def finished() -> bool:
-        return (rows is not None and written_rows() >= rows) or (tokens is not None and written_tokens() >= tokens)
+        return (rows is not None and len(corpus.tokens) >= rows) or (tokens is not None and
+                                                                      corpus.token_total >= tokens)
 
     stats_run = {"generated_rows": 0, "generated_tokens": 0, "duplicates_dropped": 0, "empty_dropped": 0,
                  "kept_rows": 0, "repaired_torn_bytes": corpus.repaired_bytes, "prompts": len(items),
@@ -183,7 +179,8 @@ def generate_corpus(teacher: str | Path, out: str | Path, prompts: str | Path | 
         max_model_len = min(limit, -(-longest // 64) * 64)
         pool = (pool or InProcess()).start(backend, teacher_dir, device, batch_size=batch, dtype=dtype, eos=eos,
                                             pad_id=pad, max_model_len=max_model_len, max_num_seqs=batch, seed=seed,
-                                            gpu_memory_utilization=gpu_memory_utilization)
+                                            gpu_memory_utilization=gpu_memory_utilization,
+                                            enforce_eager=device != "cuda")  # CUDA graphs: no weight reloads here
         stats_run["backend"], stats_run["workers"], stats_run["device"] = pool.backend_name, pool.workers, device
         stats_run["load_seconds"] = round(time.perf_counter() - t_start, 2)
         try:
@@ -202,7 +199,7 @@ def generate_corpus(teacher: str | Path, out: str | Path, prompts: str | Path | 
              "empty_dropped": sum(r.get("empty_dropped", 0) for r in runs),
              "tokens_per_s": stats_run["tokens_per_s"], "complete": finished() or max_passes is not None,
              "target": {"rows": rows, "tokens": tokens}, "source": source, "runs": runs}
-    if written_rows():
+    if corpus.tokens:
         corpus.write_sidecar(stats)
     return {"output": str(corpus.path), **stats}
 
@@ -215,78 +212,78 @@ def _run(pool, corpus: CorpusFile, units, prompt_ids, items, tok, eos, source, s
     eos = set(eos)
     inflight = {"rows": 0}
     stalled = {"samples": 0}  # samples in a row that added nothing: a teacher that only repeats itself stops
-    total = rows or tokens
-    bar = tqdm(total=total, initial=min(len(corpus.tokens) if rows or not tokens else sum(corpus.tokens), total or 0),
-               unit="row" if rows or not tokens else "tok", desc="generate", dynamic_ncols=True, disable=not progress)
+    stall_limit = len(prompt_ids) * n * 2
+    by_tokens = tokens is not None
+    total = tokens if by_tokens else rows
+    done = corpus.token_total if by_tokens else len(corpus.tokens)
+    bar = tqdm(total=total, initial=min(done, total) if total else done, unit="tok" if by_tokens else "row",
+               desc="generate", dynamic_ncols=True, disable=not progress)
 
     def next_job() -> Job | None:
-        if finished() or stalled["samples"] > len(prompt_ids) * n * 2:
+        if finished() or stalled["samples"] > stall_limit:
             return None
         want = batch
         if rows is not None:
             want = min(want, rows - len(corpus.tokens) - inflight["rows"])
-        elif tokens is not None:
-            mean = sum(corpus.tokens) / len(corpus.tokens) if corpus.tokens else sampling.max_new_tokens / 2
-            want = min(want, math.ceil((tokens - sum(corpus.tokens) - inflight["rows"] * mean) / max(mean, 1)))
+        elif by_tokens:  # rows still needed, guessed from the mean answer length so far
+            mean = corpus.token_total / len(corpus.tokens) if corpus.tokens else sampling.max_new_tokens / 2
+            want = min(want, math.ceil((tokens - corpus.token_total) / max(mean, 1)) - inflight["rows"])
         if want <= 0:
             return None
         chunk = list(itertools.islice(units, max(1, want // n)))  # whole units; the last may overshoot a little
         if not chunk:
             return None
+        # vLLM: no per-request seed (one generator per request turns its sampler into a Python loop); its engine is
+        # seeded instead. transformers: a seed that depends only on the work, so a chunk is reproducible.
         p0, k0 = chunk[0]
         job_seed = None if pool.backend_name == "vllm" else sampling.seed * 1_000_003 + k0 * 7919 + p0
-        # vLLM: no per-request seed (one generator per request would make sampling a Python loop); its engine is
-        # seeded instead. transformers: a seed that depends only on the work, so a resumed chunk is reproducible.
-        job = Job(chunk, [prompt_ids[p] for p, _ in chunk], Sampling(n, sampling.temperature, sampling.top_p,
-                                                                     sampling.max_new_tokens, job_seed, False))
+        job = Job(chunk, [prompt_ids[p] for p, _ in chunk],
+                  Sampling(n, sampling.temperature, sampling.top_p, sampling.max_new_tokens, job_seed, False))
         inflight["rows"] += job.rows
         return job
 
     def on_result(job: Job, samples: list[dict]) -> None:
         inflight["rows"] -= job.rows
-        out = []
+        out, out_tokens = [], 0
         for u, (p, k) in enumerate(job.units):
             for j in range(n):
                 ids = list(samples[u * n + j]["completion_ids"])
                 stats_run["generated_rows"] += 1
                 stats_run["generated_tokens"] += len(ids)
                 row_id = f"{p}:{k * n + j}"
-                if row_id in corpus.ids or finished_with(out):
+                if row_id in corpus.ids:
                     continue
+                if (rows is not None and len(corpus.tokens) + len(out) >= rows) or (
+                        by_tokens and corpus.token_total + out_tokens >= tokens):
+                    continue  # the target is met: the rest of the chunk is not needed
                 row = _row(items[p], ids, eos, tok, sampling.max_new_tokens, row_id, source)
                 if row is None:
                     stats_run["empty_dropped"] += 1
                     continue
-                key = answer_key(row["messages"][-1]["content"] if "messages" in row else row["text"])
                 seen = corpus.answers.setdefault(p, set())
+                key = answer_key(row_answer(row))
                 if key in seen:
                     stats_run["duplicates_dropped"] += 1
                     continue
                 seen.add(key)
                 out.append(row)
+                out_tokens += row["tokens"]
         corpus.append(out)
         stats_run["kept_rows"] += len(out)
         stalled["samples"] = 0 if out else stalled["samples"] + job.rows
-        bar.update(len(out) if rows or not tokens else sum(r["tokens"] for r in out))
+        bar.update(out_tokens if by_tokens else len(out))
         bar.set_postfix(dropped=stats_run["duplicates_dropped"] + stats_run["empty_dropped"], refresh=False)
-
-    def finished_with(pending: list[dict]) -> bool:
-        """The target is met by the written rows plus the ones this job has kept so far."""
-        if rows is not None:
-            return len(corpus.tokens) + len(pending) >= rows
-        if tokens is not None:
-            return sum(corpus.tokens) + sum(r["tokens"] for r in pending) >= tokens
-        return False
 
     try:
         pool.run(next_job, on_result)
     finally:
         bar.close()
-    if stalled["samples"] > len(prompt_ids) * n * 2:
+    if stalled["samples"] > stall_limit:
         stats_run["stopped"] = "the teacher repeated earlier answers for two passes' worth of samples"
 
 
-def _row(prompt: dict, ids: list[int], eos: set[int], tok, max_new_tokens: int, row_id: str, source: str) -> dict | None:
+def _row(prompt: dict, ids: list[int], eos: set[int], tok, max_new_tokens: int, row_id: str,
+         source: str) -> dict | None:
     """One corpus row, or None for an empty answer. `finish` is "length" when the answer was cut at
     max_new_tokens (kept: the text is still the teacher's; a trainer can filter on it)."""
     stopped = bool(ids) and ids[-1] in eos

@@ -96,9 +96,29 @@ def cmd_merge_lora(args) -> None:
     print(f"wrote {result.output}")
 
 
+def cmd_data_generate(args) -> None:
+    from prunekit.stages.generate import generate
+    if args.model is None:
+        raise PrunekitError("data generate: --model TEACHER is required")
+    stats = generate(args.model, args.out, actors=args.actors, address=args.address, prompts=args.prompts,
+                     seed_prompts=args.seed_prompts, rows=args.rows, tokens=args.tokens,
+                     n_per_prompt=args.n_per_prompt, temperature=args.temperature, top_p=args.top_p,
+                     max_new_tokens=args.max_new_tokens, seed=args.seed, backend=args.backend, device=args.device,
+                     batch_size=args.batch_size)
+    run = stats["runs"][-1] if stats.get("runs") else {}
+    print(f"{stats.get('rows', 0):,} rows, {stats.get('tokens', 0):,} completion tokens in {stats['output']} "
+          f"(mean {stats.get('mean_tokens', 0)}, median {stats.get('median_tokens', 0)}, p90 "
+          f"{stats.get('p90_tokens', 0)} tokens; {stats.get('hit_max_new_tokens', 0):.1%} hit --max-new-tokens; "
+          f"{stats.get('duplicates_dropped', 0)} duplicates and {stats.get('empty_dropped', 0)} empty answers "
+          f"dropped; this run {run.get('kept_rows', 0)} new rows, {run.get('tokens_per_s', 0)} tokens/s)")
+    print(f"wrote {stats['output']} and {stats['output']}.stats.json")
+
+
 def cmd_data(args) -> None:
     from prunekit.core import datasets
     from pathlib import Path
+    if args.source == "generate":
+        return cmd_data_generate(args)
     out = Path(args.out)
     val = Path(args.val) if args.val else out.with_name(out.stem.replace("train", "val") + out.suffix
                                                         if "train" in out.stem else out.stem + ".val" + out.suffix)
@@ -230,12 +250,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=cmd_merge_lora)
 
-    p = sub.add_parser("data", help="convert offline datasets into messages JSONL")
-    p.add_argument("source", choices=["chatterbot", "easy-vqa"])
-    p.add_argument("-o", "--out", required=True, help="train file (.jsonl or .json)")
+    p = sub.add_parser("data", help="convert offline datasets into messages JSONL; `generate`: sample a corpus "
+                                    "from a teacher model")
+    p.add_argument("source", choices=["chatterbot", "easy-vqa", "generate"])
+    p.add_argument("-o", "--out", required=True, help="train file (.jsonl or .json); generate: the corpus .jsonl")
     p.add_argument("--val", default=None, help="val file (default: next to OUT, 'train' -> 'val')")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--limit", type=int, default=None, help="easy-vqa: at most this many rows per split")
+    g = p.add_argument_group("generate (teacher-sampled corpus; re-running the same command resumes)")
+    g.add_argument("--model", default=None, metavar="TEACHER", help="the model to sample from (HF dir, .gguf, alias)")
+    g.add_argument("--prompts", default=None, metavar="FILE",
+                   help="messages rows (each user turn is a prompt) or {\"text\"} rows (continued raw)")
+    g.add_argument("--seed-prompts", nargs="?", type=int, const=True, default=None, metavar="N",
+                   help="use the built-in diverse prompts (the first N); the default without --prompts")
+    g.add_argument("--rows", type=int, default=None, help="stop when the corpus has this many rows")
+    g.add_argument("--tokens", type=int, default=None, help="... or this many completion tokens")
+    g.add_argument("--n-per-prompt", type=int, default=1, help="samples per prompt per pass")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=None, help="rows per generation batch (default 512 GPU, 16 CPU)")
+    g.add_argument("--backend", default="auto", choices=["auto", "vllm", "transformers"])
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--actors", type=int, default=0,
+                   help="Ray rollout actors, one GPU each (0: generate in this process, no Ray)")
+    g.add_argument("--address", default=None, help="Ray cluster address (default: this job's cluster, else local)")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("pipeline", help="rounds of knockout -> prune -> sft -> distill until a target size, then "

@@ -34,7 +34,10 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
-    seed: int = 0
+    # None: no per-request seed (vLLM then samples the whole batch at once instead of one generator per request;
+    # the engine's own seed still fixes the run)
+    seed: int | None = 0
+    logprobs: bool = True  # corpus generation needs only the tokens: skips transformers' teacher-forced pass
 
 
 def eos_ids(model_dir: Path, tokenizer=None) -> list[int]:
@@ -162,11 +165,14 @@ class TransformersRollout:
         order = sorted(range(len(expanded)), key=lambda i: len(expanded[i])) if self.fast else range(len(expanded))
         order = list(order)
         completions: list[list[int] | None] = [None] * len(expanded)
-        torch.manual_seed(sampling.seed)
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             for i, c in zip(idx, self._generate_batch([expanded[i] for i in idx], sampling)):
                 completions[i] = c
+        if not sampling.logprobs:
+            return [{"completion_ids": c, "logprobs": None} for c in completions]
         logprobs = completion_logprobs(self.model, expanded, completions, sampling.temperature, self.pad_id,
                                        batch_size=self.batch_size)
         return [{"completion_ids": c, "logprobs": lp} for c, lp in zip(completions, logprobs)]
@@ -230,15 +236,16 @@ class VLLMRollout:
         greedy = sampling.temperature <= 0
         params = self._vllm.SamplingParams(
             n=sampling.n, temperature=0.0 if greedy else sampling.temperature, top_p=sampling.top_p,
-            max_tokens=sampling.max_new_tokens, seed=sampling.seed, logprobs=0, detokenize=False,
+            max_tokens=sampling.max_new_tokens, seed=sampling.seed, logprobs=0 if sampling.logprobs else None,
+            detokenize=False,
             stop_token_ids=self.eos or None)
         results = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         out = []
         for r in results:
             for c in r.outputs:
                 ids = list(c.token_ids)
-                out.append({"completion_ids": ids,
-                            "logprobs": [float(step[t].logprob) for step, t in zip(c.logprobs, ids)]})
+                out.append({"completion_ids": ids, "logprobs": [float(step[t].logprob) for step, t in
+                                                                zip(c.logprobs, ids)] if sampling.logprobs else None})
         return out
 
     def close(self) -> None:

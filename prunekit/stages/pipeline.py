@@ -472,7 +472,7 @@ def in_domain_ids(state: State) -> set[str]:
     ids, trained = set(), False
     for r in state.data["stages"]:
         trained = trained or r["stage"] in TRAIN_STAGES
-        if trained:
+        if trained and r["stage"] in MODEL_STAGES:
             ids.add(r["id"])
     return ids
 

@@ -1,10 +1,11 @@
 """Recipe: `prunekit pipeline recipe.yaml` — the whole workflow, repeated until the model is small enough.
 
 Reads top to bottom: check the recipe (stage names, every stage's settings, the order) -> join Ray -> measure the
-original (parameters, KV-cache bytes/token, eval token_acc on the val set) -> rounds of the `rounds` stages
-(default knockout -> prune -> sft -> distill) until the target size, each round removing at most
-`max_params_fraction` of its input's parameters and `max_layers` layers, stopping when recovery ends below
-`min_token_acc_ratio` of the original's token_acc -> the `finish` stages (kv_cut, sft, lora -> merge_lora, rl) ->
+original (parameters, KV-cache bytes/token, token_acc on the chat val set and on the held-out general text
+`eval_text`) -> rounds of the `rounds` stages (default knockout -> prune -> sft -> distill) until the target size,
+each round removing at most `max_params_fraction` of its input's parameters and `max_layers` layers, stopping when
+recovery ends below `min_token_acc_ratio` of the original's token_acc (general text when measured: the chat val is
+what recovery trains on) -> the `finish` stages (kv_cut, sft, lora -> merge_lora, rl) ->
 a summary table, summary.json and summary.png across stages.
 
 Every stage is the stage's own function (`prunekit.stages.*`); this module only decides what runs on which model.

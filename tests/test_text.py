@@ -93,3 +93,16 @@ def test_eval_command_on_text_and_messages(tiny_chat_model_dir, chat_data, tmp_p
     assert "data file not found" in capsys.readouterr().err
     with pytest.raises(DataError):
         text.chunk_text("x", 0)
+
+
+def test_kv_cut_calibration_reads_text_rows_without_chat_template(tiny_chat_model_dir, tmp_path):
+    from prunekit.core.data import save_messages
+    from prunekit.core.loading import load_tokenizer
+    from prunekit.stages.kv_cut import calibration_batches
+    tok = load_tokenizer(tiny_chat_model_dir)
+    save_messages(tmp_path / "c.jsonl", [{"text": "Plain news prose."},
+                                         {"messages": [{"role": "user", "content": "hi"},
+                                                       {"role": "assistant", "content": "hello"}]}])
+    plain, chat = list(calibration_batches(tok, tmp_path / "c.jsonl"))
+    assert plain["input_ids"][0].tolist() == tok("Plain news prose.")["input_ids"]
+    assert "<|im_start|>" in tok.decode(chat["input_ids"][0])

@@ -123,7 +123,8 @@ def _cmd_data_text(args) -> None:
         return
     counts = text.text_files_to_rows(args.files, args.out, val_path=args.val, val_fraction=args.val_fraction,
                                      chunk_chars=args.chunk_chars)
-    print(f"wrote {counts['train']} text rows to {args.out}" + (f" and {counts['val']} to {args.val}" if args.val else ""))
+    print(f"wrote {counts['train']} text rows to {args.out}" +
+          (f" and {counts['val']} to {args.val}" if args.val else ""))
 
 
 def cmd_eval(args) -> None:

@@ -153,8 +153,8 @@ def test_distill_on_text_rows_mixed_with_chat_packed(ray_session, tiny_chat_mode
     mixed = load_messages(tmp_path / "text-train.jsonl")[:24] + load_messages(chat_data[0])[:24]
     save_messages(tmp_path / "mixed.jsonl", mixed)
     data = (tmp_path / "mixed.jsonl", tmp_path / "text-eval.jsonl")
-    result = training.distill(cfg_for("distill", tiny_chat_model_dir, data, tmp_path, "text", teacher=str(tiny_chat_model_dir),
-                                      max_steps=2, batch_size=2, eval_interval=2, save_interval=2, packing=True,
+    result = training.distill(cfg_for("distill", tiny_chat_model_dir, data, tmp_path, "text",
+                                      teacher=str(tiny_chat_model_dir), max_steps=2, batch_size=2, eval_interval=2, save_interval=2, packing=True,
                                       eval_max_samples=4))
     lines = metrics_lines(result.run_dir)
     assert [m["step"] for m in lines] == [0, 1, 2] and all(m["train/tokens"] > 0 for m in lines[1:])

@@ -119,6 +119,8 @@ def cmd_data(args) -> None:
     from pathlib import Path
     if args.source == "generate":
         return cmd_data_generate(args)
+    if args.source in ("text", "general"):
+        return _cmd_data_text(args)
     out = Path(args.out)
     val = Path(args.val) if args.val else out.with_name(out.stem.replace("train", "val") + out.suffix
                                                         if "train" in out.stem else out.stem + ".val" + out.suffix)
@@ -128,6 +130,31 @@ def cmd_data(args) -> None:
         counts = datasets.easy_vqa_to_messages(out, val_path=val, limit=args.limit,
                                                image_dir=out.parent / "images")
     print(f"wrote {counts['train']} rows to {out} and {counts['val']} to {val}")
+
+
+def _cmd_data_text(args) -> None:
+    from prunekit.core import text
+    if args.source == "general":
+        if args.files:
+            raise PrunekitError("data general: takes no FILE arguments (did you mean `prunekit data text`?)")
+        counts = text.general_text(args.out, args.eval, chunk_chars=args.chunk_chars)
+        print(f"wrote {counts['train']} text rows to {args.out}" +
+              (f" and {counts['eval']} held-out eval rows to {args.eval}" if args.eval else ""))
+        return
+    counts = text.text_files_to_rows(args.files, args.out, val_path=args.val, val_fraction=args.val_fraction,
+                                     chunk_chars=args.chunk_chars)
+    print(f"wrote {counts['train']} text rows to {args.out}" +
+          (f" and {counts['val']} to {args.val}" if args.val else ""))
+
+
+def cmd_eval(args) -> None:
+    from prunekit.stages.evaluate import evaluate_file
+    m = evaluate_file(args.model, args.data, args.max_samples, args.max_length, args.trust_remote_code, args.device)
+    if args.json:
+        print(json.dumps(m))
+    else:
+        print(f"{args.data}: {m['rows']} rows, {m['tokens']:,} tokens: loss {m['loss']:.4f}, ppl {m['ppl']:.2f}, "
+              f"token_acc {m['token_acc']:.4f}")
 
 
 def cmd_demo(args) -> None:
@@ -250,13 +277,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=cmd_merge_lora)
 
-    p = sub.add_parser("data", help="convert offline datasets into messages JSONL; `generate`: sample a corpus "
-                                    "from a teacher model")
-    p.add_argument("source", choices=["chatterbot", "easy-vqa", "generate"])
+    p = sub.add_parser("data", help="convert offline datasets into messages JSONL, text into {text} rows; "
+                                    "`generate`: sample a corpus from a teacher model")
+    p.add_argument("source", choices=["chatterbot", "easy-vqa", "text", "general", "generate"],
+                   help="text: chunk the UTF-8 FILEs; general: the built-in general English text (train + --eval); "
+                        "generate: a teacher-sampled corpus")
+    p.add_argument("files", nargs="*", metavar="FILE", help="text: raw UTF-8 text files")
     p.add_argument("-o", "--out", required=True, help="train file (.jsonl or .json); generate: the corpus .jsonl")
-    p.add_argument("--val", default=None, help="val file (default: next to OUT, 'train' -> 'val')")
+    p.add_argument("--val", default=None, help="val file (default: next to OUT, 'train' -> 'val'; text: none)")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--limit", type=int, default=None, help="easy-vqa: at most this many rows per split")
+    p.add_argument("--chunk-chars", type=int, default=2000, help="text, general: at most this many characters a row")
+    p.add_argument("--eval", default=None, help="general: the held-out eval split (never in OUT)")
     g = p.add_argument_group("generate (teacher-sampled corpus; re-running the same command resumes)")
     g.add_argument("--model", default=None, metavar="TEACHER", help="the model to sample from (HF dir, .gguf, alias)")
     g.add_argument("--prompts", default=None, metavar="FILE",
@@ -277,6 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray rollout actors, one GPU each (0: generate in this process, no Ray)")
     g.add_argument("--address", default=None, help="Ray cluster address (default: this job's cluster, else local)")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("eval", help="loss, perplexity and token_acc of a model on messages or text rows")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--data", required=True, help="messages and/or {text} rows (JSON/JSONL)")
+    p.add_argument("--max-samples", type=int, default=None, help="the first N rows (default: all)")
+    p.add_argument("--max-length", type=int, default=512, help="tokens per row (longer rows are truncated)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("pipeline", help="rounds of knockout -> prune -> sft -> distill until a target size, then "
                                         "kv-cut / LoRA / RL; resumable")

@@ -353,6 +353,10 @@ class PipelineConfig(Strict):
     stages: dict[str, dict] = {}              # default settings per stage name; an entry {sft: {...}} overrides them
     eval_samples: int = 64                    # val conversations every stage's output is evaluated on
     eval_max_length: int = 256
+    # held-out general text every model is also measured on (text or messages rows); "general": the built-in eval
+    # split (`prunekit data general`), null: none. When set, the round guardrail uses its token_acc ratio.
+    eval_text: str | None = "general"
+    eval_text_samples: int | None = None      # rows of eval_text to use (default: all)
     storage_path: Path | None = None          # checkpoints and sweep trials (default: output_dir/runs)
     trust_remote_code: bool = False
     launcher: Literal["ray", "local"] = "ray"  # local: training stages and measurements in this process, no Ray
@@ -363,6 +367,8 @@ class PipelineConfig(Strict):
     def _check(self):
         if self.max_rounds < 1 or self.eval_samples < 1 or self.eval_max_length < 1:
             raise ValueError("max_rounds, eval_samples and eval_max_length must be >= 1")
+        if self.eval_text_samples is not None and self.eval_text_samples < 1:
+            raise ValueError("eval_text_samples must be >= 1")
         if not 0 < self.max_params_fraction <= 1 or self.max_layers < 1:
             raise ValueError("max_params_fraction must be in (0, 1] and max_layers >= 1")
         if not 0 <= self.min_token_acc_ratio <= 1:

@@ -320,3 +320,61 @@ def test_easy_vqa_conversion(tmp_path):
     rows = load_messages(tmp_path / "all.json")
     assert len({r["images"][0] for r in rows}) > 100
     assert all(Path(r["images"][0]).is_file() for r in rows)
+
+
+# ----------------------------------------------------------------------------- plain-text rows
+
+TEXT = {"text": "The quick brown fox jumps over the lazy dog. It was not amused."}
+
+
+@pytest.mark.parametrize(
+    "bad,expected",
+    [
+        ({"text": ""}, "row 2: 'text' is empty"),
+        ({"text": 5}, "row 2: 'text' must be a string, got int"),
+        ({**TEXT, **GOOD}, "row 2: a row has 'messages' or 'text', not both"),
+        ({**TEXT, "images": ["a.png"]}, "row 2: 'images' need a 'messages' row"),
+    ],
+)
+def test_bad_text_rows_name_file_and_row(tmp_path, bad, expected):
+    path = _write(tmp_path / "mixed.jsonl", "\n".join(json.dumps(r) for r in [TEXT, bad]))
+    with pytest.raises(DataError) as err:
+        load_messages(path)
+    assert str(err.value).startswith(f"{path} {expected}") and "\n" not in str(err.value)
+
+
+def test_text_and_messages_rows_mix_in_one_file(tmp_path):
+    rows = [TEXT, GOOD, {**TEXT, "source": "x"}]
+    save_messages(tmp_path / "mixed.json", rows)
+    assert load_messages(tmp_path / "mixed.json") == rows
+
+
+def test_text_row_labels_every_token_without_chat_template(tokenizer):
+    from prunekit.core.data import tokenize_row
+    s = tokenize_row(tokenizer, TEXT, max_length=512)
+    assert s["input_ids"] == tokenizer(TEXT["text"])["input_ids"] == s["labels"]   # the tokenizer's own specials
+    assert tokenizer.decode(s["input_ids"]) == TEXT["text"] and "<|im_start|>" not in tokenizer.decode(s["input_ids"])
+    assert tokenize_row(tokenizer, TEXT, max_length=4) == {"input_ids": s["input_ids"][:4], "labels": s["labels"][:4]}
+    # a conversation row still labels only the assistant turn
+    conv = tokenize_row(tokenizer, GOOD, max_length=512)
+    assert conv == tokenize_conversation(tokenizer, GOOD["messages"], 512) and IGNORE in conv["labels"]
+
+
+IGNORE = -100
+
+
+def test_text_rows_pack_with_conversations(tokenizer):
+    from prunekit.core.data import tokenize_row
+    rows = [TEXT, GOOD, {"text": "A second paragraph of plain text, also trained on in full."}]
+    samples = [tokenize_row(tokenizer, r, 512) for r in rows]
+    packs = pack_sequences(samples, max_length=512)
+    assert len(packs) == 1
+    p = packs[0]
+    at = 0
+    for s in samples:  # each sample keeps its labels (first one masked) and restarts its positions
+        n = len(s["input_ids"])
+        assert p["input_ids"][at:at + n] == s["input_ids"] and p["position_ids"][at:at + n] == list(range(n))
+        assert p["labels"][at:at + n] == [IGNORE] + s["labels"][1:]
+        at += n
+    text_labels = p["labels"][:len(samples[0]["input_ids"])]
+    assert sum(x != IGNORE for x in text_labels) == len(samples[0]["input_ids"]) - 1   # every token but the first

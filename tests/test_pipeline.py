@@ -3,6 +3,7 @@ nothing left to do), the summary, the guardrails, and bad input as one-line erro
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import yaml
@@ -33,7 +34,7 @@ def recipe(model, chat_data, out, **over) -> dict:
             "max_layers": 1, "min_token_acc_ratio": 0.0,
             "rounds": ["importance", "prune", "sft"], "finish": [{"kv_cut": {"kv_heads": 1}}],
             "stages": {"importance": {"samples": 8, "max_length": 64, "nll": False}, "sft": SFT},
-            "eval_samples": 8, "eval_max_length": 64, "wandb": {"mode": "disabled"}}
+            "eval_samples": 8, "eval_max_length": 64, "eval_text_samples": 8, "wandb": {"mode": "disabled"}}
     return {**base, **over}
 
 
@@ -92,8 +93,18 @@ def test_rounds_until_target_then_finish_resumable(ray_session, chat4, chat_data
                                                   "f-1-kv_cut"]
     assert summary["final_model"] == str(out / "f-1-kv_cut")
     assert (out / "summary.png").stat().st_size > 10_000
+    # every model is also measured on the built-in held-out general text (eval_text defaults to it)
+    assert summary["eval_text"].endswith("-eval.jsonl")
+    for row in summary["rows"]:
+        t = row["eval_text"]
+        assert t["tokens"] > 0 and 0 <= t["token_acc"] <= 1 and t["ppl"] == pytest.approx(math.exp(t["loss"]))
+    # the chat val is in-domain from the first SFT on: its ratio there is not recovery
+    assert summary["in_domain"] == ["f-1-kv_cut", "r1-3-sft", "r2-2-prune", "r2-3-sft"]
+    md = (out / "summary.md").read_text()
+    assert "text acc" in md and "in-domain" in md and "held-out general text" in md
     printed = capsys.readouterr().out
     assert "KV B/token" in printed and "f-1-kv_cut" in printed and "pipeline done" in printed
+    assert "general text loss" in printed and "text vs orig" in printed
 
     # run 3: everything is finished -> no stage runs again
     for stage in ("_importance", "_prune", "_sft", "_kv_cut"):
@@ -121,17 +132,22 @@ def _forbidden(self, stage_id, *a, **kw):
     raise AssertionError(f"{stage_id} ran again")
 
 
-def _rec(params, acc, rid="x"):
-    return {"id": rid, "output": rid, "facts": {"params": params}, "eval": {"token_acc": acc}}
+def _rec(params, acc, rid="x", text_acc=None):
+    rec = {"id": rid, "output": rid, "facts": {"params": params}, "eval": {"token_acc": acc}}
+    return rec if text_acc is None else {**rec, "eval_text": {"token_acc": text_acc}}
 
 
 def test_recovery_guardrail_stops_below_min_ratio():
     cfg = load_config("pipeline", None, {"model": "m", "train": "t", "val": "v", "output_dir": "o",
                                          "target.params_fraction": 0.5, "min_token_acc_ratio": 0.9})
     pl.check_recovery(cfg, _rec(100, 0.50), _rec(80, 0.45), "after round 1")  # exactly 0.9: passes
-    with pytest.raises(pl.PipelineStopped, match=r"after round 2: eval token_acc 0.4000 is 0.800 of the original's "
-                                                 r"0.5000, below min_token_acc_ratio 0.9"):
+    with pytest.raises(pl.PipelineStopped, match=r"after round 2: chat val token_acc 0.4000 is 0.800 of the "
+                                                 r"original's 0.5000, below min_token_acc_ratio 0.9"):
         pl.check_recovery(cfg, _rec(100, 0.50), _rec(80, 0.40), "after round 2")
+    # with general text measured, its ratio decides: an in-domain chat val of 140% does not hide the damage
+    with pytest.raises(pl.PipelineStopped, match=r"general-text token_acc 0.1500 is 0.500 of the original's 0.3000"):
+        pl.check_recovery(cfg, _rec(100, 0.50, text_acc=0.30), _rec(80, 0.70, text_acc=0.15), "after round 1")
+    pl.check_recovery(cfg, _rec(100, 0.50, text_acc=0.30), _rec(80, 0.30, text_acc=0.29), "after round 1")
 
 
 def test_plan_respects_guardrails_and_stops_at_the_target(tmp_path):

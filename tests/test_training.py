@@ -212,3 +212,28 @@ def test_local_launcher_trains_in_process_and_resumes_to_nothing(tiny_chat_model
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(PrunekitError, match="launcher: local runs one worker"):
         cfg_for("sft", tiny_chat_model_dir, chat_data, tmp_path, "x", launcher="local", **{"ray.num_workers": 2})
+
+
+def test_distill_on_text_rows_mixed_with_chat_packed(tiny_chat_model_dir, chat_data, tmp_path):
+    """Plain-text rows train beside messages rows in one file (every token supervised, packed) and as the val."""
+    from prunekit.core.data import load_messages, save_messages
+    from prunekit.core.text import general_text
+    general_text(tmp_path / "text-train.jsonl", tmp_path / "text-eval.jsonl")
+    mixed = load_messages(tmp_path / "text-train.jsonl")[:24] + load_messages(chat_data[0])[:24]
+    save_messages(tmp_path / "mixed.jsonl", mixed)
+    data = (tmp_path / "mixed.jsonl", tmp_path / "text-eval.jsonl")
+    result = training.distill(cfg_for("distill", tiny_chat_model_dir, data, tmp_path, "text",
+                                      teacher=str(tiny_chat_model_dir), max_steps=2, batch_size=2, eval_interval=2,
+                                      save_interval=2, packing=True, eval_max_samples=4, launcher="local"))
+    lines = metrics_lines(result.run_dir)
+    assert [m["step"] for m in lines] == [0, 1, 2] and all(m["train/tokens"] > 0 for m in lines[1:])
+    assert lines[-1]["eval/loss"] < 20 and (result.output / "model.safetensors").is_file()
+    # what the workers trained on: text rows are supervised on every token but each sample's first, and packed
+    from types import SimpleNamespace
+    from prunekit.core.loading import load_tokenizer
+    ns = SimpleNamespace(max_length=64, packing=True, model=str(tiny_chat_model_dir), trust_remote_code=False)
+    packs = training._samples(load_tokenizer(tiny_chat_model_dir), data[1], ns)
+    for p in packs:
+        samples_in_pack = p["position_ids"].count(0)
+        assert sum(x != -100 for x in p["labels"]) == len(p["input_ids"]) - samples_in_pack
+    assert sum(p["position_ids"].count(0) for p in packs) == len(load_messages(data[1]))   # nothing dropped

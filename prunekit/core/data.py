@@ -1,8 +1,10 @@
-"""Conversation data in ms-swift's ``messages`` format: loading, tokenising, packing, collating.
+"""Training data rows: loading, tokenising, packing, collating.
 
-A row is ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
-"images": [path, ...] (optional), ...extra columns}``; image placeholders in content use
-ms-swift's ``<image>`` tag. Files are a JSON list or JSONL.
+A row is either a conversation in ms-swift's ``messages`` format, ``{"messages": [{"role":
+"system"|"user"|"assistant", "content": str}, ...], "images": [path, ...] (optional), ...extra
+columns}`` (image placeholders in content use ms-swift's ``<image>`` tag; only assistant turns are
+trained on), or plain text, ``{"text": str, ...extra columns}`` (every token is trained on). Both
+kinds may be mixed in one file. Files are a JSON list or JSONL.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ def _check_row(row: Any, base: Path) -> dict:
     """Validate one row and return it with image paths made absolute; raises ValueError(msg)."""
     if not isinstance(row, dict):
         raise ValueError(f"expected an object, got {type(row).__name__}")
+    if "text" in row:
+        return _check_text_row(row)
     msgs = row.get("messages")
     if not isinstance(msgs, list) or not msgs:
-        raise ValueError("'messages' must be a non-empty list")
+        raise ValueError("'messages' must be a non-empty list (or give a plain-text row: {\"text\": ...})")
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise ValueError(f"messages[{i}] must be an object, got {type(m).__name__}")
@@ -60,8 +64,24 @@ def _check_row(row: Any, base: Path) -> dict:
     return {**row, "images": resolved}
 
 
+def _check_text_row(row: dict) -> dict:
+    if "messages" in row:
+        raise ValueError("a row has 'messages' or 'text', not both")
+    if "images" in row:
+        raise ValueError("'images' need a 'messages' row; a 'text' row is text only")
+    if not isinstance(row["text"], str):
+        raise ValueError(f"'text' must be a string, got {type(row['text']).__name__}")
+    if not row["text"].strip():
+        raise ValueError("'text' is empty, so nothing to train on")
+    return row
+
+
+def is_text_row(row: dict) -> bool:
+    return "text" in row
+
+
 def load_messages(path: str | os.PathLike) -> list[dict]:
-    """Read and validate a JSON-list or JSONL file of conversation rows.
+    """Read and validate a JSON-list or JSONL file of conversation and/or plain-text rows.
 
     The format is sniffed from the content (a leading ``[`` means a JSON list), not the suffix.
     Relative image paths are resolved against the data file's folder. Any problem raises
@@ -131,6 +151,20 @@ def save_messages(path: str | os.PathLike, rows: Iterable[dict]) -> int:
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def tokenize_text(tokenizer, text: str, max_length: int) -> dict[str, list[int]]:
+    """Tokenise a plain-text row; every token is labelled. Special tokens (BOS/EOS) are added as the tokenizer does
+    for plain text (``add_special_tokens=True``); no chat template. Right-truncated to ``max_length``."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"][:max_length]
+    return {"input_ids": list(ids), "labels": list(ids)}
+
+
+def tokenize_row(tokenizer, row: dict, max_length: int) -> dict[str, list[int]]:
+    """A validated row (see :func:`load_messages`): plain text or a conversation."""
+    if is_text_row(row):
+        return tokenize_text(tokenizer, row["text"], max_length)
+    return tokenize_conversation(tokenizer, row["messages"], max_length)
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> dict[str, list[int]]:

@@ -1,14 +1,15 @@
-"""Evaluation on messages data: loss and ms-swift token_acc over assistant tokens, token-weighted."""
+"""Evaluation on messages or text rows: loss and ms-swift token_acc over supervised tokens (assistant turns, or
+every token of a text row), token-weighted."""
 from __future__ import annotations
 
 import torch
 
-from prunekit.core.data import collate, tokenize_conversation
+from prunekit.core.data import collate, tokenize_row
 from prunekit.core.losses import causal_lm_loss
 
 
 def tokenize_rows(tokenizer, rows: list[dict], max_length: int = 512) -> list[dict]:
-    return [tokenize_conversation(tokenizer, row["messages"], max_length) for row in rows]
+    return [tokenize_row(tokenizer, row, max_length) for row in rows]
 
 
 @torch.no_grad()

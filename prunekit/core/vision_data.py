@@ -210,20 +210,22 @@ def tokenize_vlm_conversation(processor, messages: list[dict], image_paths: Sequ
 
 def needs_processor(row: dict) -> bool:
     """Whether a row has images (or ``<image>`` tags, which then must be matched by images)."""
+    if "text" in row:  # plain-text rows carry no images
+        return False
     return bool(row.get("images")) or any(IMAGE_TAG in m["content"] for m in row["messages"])
 
 
 def tokenize_rows_vlm(tokenizer, rows: list[dict], max_length: int, model_dir, trust_remote_code: bool = False,
                       source: str | Path = "") -> list[dict]:
     """Tokenise rows for a VLM: rows with images through ``model_dir``'s processor (loaded only if some row has
-    images), the others as text with ``tokenize_conversation``. Errors name ``source`` (the data file) and the
+    images), the others (conversations or plain text) with ``tokenize_row``. Errors name ``source`` (the data file) and the
     row number, from 1."""
-    from prunekit.core.data import tokenize_conversation
+    from prunekit.core.data import tokenize_row
     processor = None
     samples = []
     for n, row in enumerate(rows, 1):
         if not needs_processor(row):
-            samples.append(tokenize_conversation(tokenizer, row["messages"], max_length))
+            samples.append(tokenize_row(tokenizer, row, max_length))
             continue
         if processor is None:
             processor = load_processor(model_dir, trust_remote_code=trust_remote_code)

@@ -3,7 +3,7 @@ data, local Ray), sized for 2 CPU cores.
 
 data -> inspect -> the pipeline recipe below: importance (block influence) -> a short knockout sweep over the least
 important layers (Ray Tune) -> prune the plan -> short recovery SFT -> distillation from the original -> KV-cut to
-1 KV head (MQA) -> the summary table, plus a sample answer from the original, the recovered and the cut model. The
+1 KV head (MQA) -> the summary table (chat val and held-out general text), plus a sample answer from the original, the recovered and the cut model. The
 KV cut is shown as surgery alone: merging SmolLM2's 3 KV heads into 1 costs almost all token accuracy until a long
 recovery SFT (`prunekit sft`), which does not fit a CPU demo.
 The recipe is written to OUT/recipe.yaml: `prunekit pipeline OUT/recipe.yaml` runs (or resumes) the same thing.
@@ -43,6 +43,8 @@ DEMO_RECIPE = {
     },
     "eval_samples": 32,
     "eval_max_length": 128,
+    "eval_text": "general",         # the held-out general English text: recovery that is not just chat fit
+    "eval_text_samples": 32,        # of its ~220 rows: a CPU-sized look
     "wandb": {"mode": "disabled"},
 }
 

@@ -167,9 +167,9 @@ def load_shared_base(cfg) -> dict:
     train_samples = _samples(tokenizer, cfg.train, cfg, is_vlm=adapter.is_vlm)
     val_samples = _samples(tokenizer, cfg.val, cfg, cfg.eval_max_samples, is_vlm=adapter.is_vlm)
     if not train_samples:
-        raise PrunekitError(f"train {cfg.train}: no conversation with assistant tokens")
+        raise PrunekitError(f"train {cfg.train}: no row with supervised tokens (assistant turns or text)")
     if not val_samples:
-        raise PrunekitError(f"val {cfg.val}: no conversation with assistant tokens")
+        raise PrunekitError(f"val {cfg.val}: no row with supervised tokens (assistant turns or text)")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return {"model_cls": type(model), "config_cls": type(model.config), "config": model.config.to_dict(),
             "weights": weights, "dtypes": dtypes, "train": train_samples, "val": val_samples, "pad_id": pad_id}

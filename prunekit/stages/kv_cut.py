@@ -12,11 +12,12 @@ GROUPINGS = ("mean", "similarity")
 
 
 def calibration_batches(tokenizer, data: str | Path, max_samples: int = 64, max_length: int = 256):
-    """Chat-templated conversations from a messages JSON/JSONL file, one sample per batch (no padding)."""
-    from prunekit.core.data import load_messages
+    """Chat-templated conversations or plain text rows from a JSON/JSONL file, one sample per batch (no padding)."""
+    from prunekit.core.data import is_text_row, load_messages
     rows = load_messages(data)[:max_samples]
     for row in rows:
-        text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        # a text row is calibrated on as training reads it: no chat template
+        text = row["text"] if is_text_row(row) else tokenizer.apply_chat_template(row["messages"], tokenize=False)
         ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
         yield {"input_ids": ids}
 

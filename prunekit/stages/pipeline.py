@@ -1,10 +1,11 @@
 """Recipe: `prunekit pipeline recipe.yaml` — the whole workflow, repeated until the model is small enough.
 
 Reads top to bottom: check the recipe (stage names, every stage's settings, the order) -> join Ray -> measure the
-original (parameters, KV-cache bytes/token, eval token_acc on the val set) -> rounds of the `rounds` stages
-(default knockout -> prune -> sft -> distill) until the target size, each round removing at most
-`max_params_fraction` of its input's parameters and `max_layers` layers, stopping when recovery ends below
-`min_token_acc_ratio` of the original's token_acc -> the `finish` stages (kv_cut, sft, lora -> merge_lora, rl) ->
+original (parameters, KV-cache bytes/token, token_acc on the chat val set and on the held-out general text
+`eval_text`) -> rounds of the `rounds` stages (default knockout -> prune -> sft -> distill) until the target size,
+each round removing at most `max_params_fraction` of its input's parameters and `max_layers` layers, stopping when
+recovery ends below `min_token_acc_ratio` of the original's token_acc (general text when measured: the chat val is
+what recovery trains on) -> the `finish` stages (kv_cut, sft, lora -> merge_lora, rl) ->
 a summary table, summary.json and summary.png across stages.
 
 Every stage is the stage's own function (`prunekit.stages.*`); this module only decides what runs on which model.
@@ -21,7 +22,6 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 from pydantic import ValidationError
 
@@ -164,23 +164,13 @@ def check_recipe(cfg, where: str = "recipe") -> tuple[list[tuple[str, dict]], li
 
 # ---- measurements ----------------------------------------------------------------------------------------------
 
-def evaluate_model(path: str, val: str, samples: int, max_length: int, trust_remote_code: bool = False,
+def evaluate_model(path: str, val: str, samples: int | None, max_length: int, trust_remote_code: bool = False,
                    device: str = "cpu") -> dict:
-    """Eval loss and token_acc of a model directory on the first `samples` val conversations (the same rows and the
-    same definition for every stage, so the summary compares like with like)."""
-    from prunekit.core.evaluate import evaluate
-    from prunekit.core.loading import load_model, load_tokenizer
-    from prunekit.stages.training import _samples
-    with quiet_transformers():
-        model, adapter = load_model(Path(path), trust_remote_code=trust_remote_code, device=device)
-        tokenizer = load_tokenizer(Path(path), trust_remote_code=trust_remote_code)
-    ns = SimpleNamespace(max_length=max_length, packing=False, model=str(path), trust_remote_code=trust_remote_code)
-    rows = _samples(tokenizer, Path(val), ns, samples, is_vlm=adapter.is_vlm)
-    if not rows:
-        raise PrunekitError(f"val {val}: no conversation with assistant tokens to evaluate on")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    m = evaluate(model, rows, pad_id)
-    return {"loss": m["loss"], "token_acc": m["token_acc"], "tokens": m["tokens"]}
+    """Eval loss, perplexity and token_acc of a model directory on the first `samples` rows of `val` (the same rows
+    and the same definition for every stage, so the summary compares like with like)."""
+    from prunekit.stages.evaluate import evaluate_file
+    m = evaluate_file(path, val, samples, max_length, trust_remote_code, device)
+    return {k: m[k] for k in ("loss", "ppl", "token_acc", "tokens")}
 
 
 def model_facts(path: Path) -> dict:
@@ -274,10 +264,15 @@ class Runner:
         return ray.get(ray.remote(num_gpus=1, num_cpus=1)(fn).remote(*args, device="cuda", **kwargs))
 
     def measure(self, path: Path) -> dict:
+        """Facts, the chat val ("eval") and, with eval_text, the held-out general text ("eval_text")."""
         c = self.cfg
         ev = self.on_worker(evaluate_model, str(path), str(c.val), c.eval_samples, c.eval_max_length,
                             c.trust_remote_code)
-        return {"facts": model_facts(path), "eval": ev}
+        record = {"facts": model_facts(path), "eval": ev}
+        if c.eval_text is not None:
+            record["eval_text"] = self.on_worker(evaluate_model, str(path), str(c.eval_text), c.eval_text_samples,
+                                                 c.eval_max_length, c.trust_remote_code)
+        return record
 
     def original(self) -> dict:
         if self.state.data["original"] is None:
@@ -286,6 +281,9 @@ class Runner:
                                            **self.measure(Path(self.cfg.model))}
             self.state.save()
         rec = self.state.data["original"]
+        if self.cfg.eval_text is not None and "eval_text" not in rec:  # a state from before eval_text
+            rec.update(self.measure(Path(self.cfg.model)))
+            self.state.save()
         print(_describe(rec), flush=True)
         return rec
 
@@ -470,18 +468,25 @@ def read_plan(path: Path, model: str) -> dict:
 
 def _describe(rec: dict) -> str:
     f, e = rec["facts"], rec["eval"]
+    text = rec.get("eval_text")
+    general = (f"; general text loss {text['loss']:.3f} (ppl {text['ppl']:.1f}), token_acc {text['token_acc']:.3f}"
+               if text else "")
     return (f"{rec['id']}: {f['params']:,} params, {f['text_layers']} layers, {f['kv_heads']} KV heads, "
-            f"{f['kv_bytes_per_token']:,} KV B/token; eval loss {e['loss']:.3f}, token_acc {e['token_acc']:.3f}")
+            f"{f['kv_bytes_per_token']:,} KV B/token; chat val loss {e['loss']:.3f}, token_acc {e['token_acc']:.3f}"
+            f"{general}")
 
 
 def recovery_shortfall(cfg, original: dict, current: dict) -> str | None:
-    """None when the current model's eval token_acc is at least min_token_acc_ratio x the original's."""
-    base = original["eval"]["token_acc"]
-    acc = current["eval"]["token_acc"]
+    """None when the current model's token_acc is at least min_token_acc_ratio x the original's: on the general
+    text when both were measured on it (the chat val may be the training distribution), else on the chat val."""
+    key, name = ("eval_text", "general-text") if "eval_text" in original and "eval_text" in current else \
+        ("eval", "chat val")
+    base = original[key]["token_acc"]
+    acc = current[key]["token_acc"]
     ratio = acc / base if base else 1.0
     if ratio >= cfg.min_token_acc_ratio:
         return None
-    return (f"eval token_acc {acc:.4f} is {ratio:.3f} of the original's {base:.4f}, below min_token_acc_ratio "
+    return (f"{name} token_acc {acc:.4f} is {ratio:.3f} of the original's {base:.4f}, below min_token_acc_ratio "
             f"{cfg.min_token_acc_ratio}")
 
 
@@ -501,23 +506,46 @@ def summary_rows(state: State) -> list[dict]:
     return [r for r in recs if r]
 
 
+def in_domain_ids(state: State) -> set[str]:
+    """Models trained (sft, distill, lora) on the recipe's data at or before their stage: their chat val is the
+    training distribution, so its ratio to the original is in-domain fit, not recovery."""
+    ids, trained = set(), False
+    for r in state.data["stages"]:
+        trained = trained or r["stage"] in TRAIN_STAGES
+        if trained and r["stage"] in MODEL_STAGES:
+            ids.add(r["id"])
+    return ids
+
+
+def _ratio(value: float, base: float) -> str:
+    return f"{value / base * 100:.0f}%" if base else "-"
+
+
 def summary_table(state: State, out: Path) -> str:
     rows = summary_rows(state)
     if not rows:
         return ""
     o = rows[0]
+    in_domain = in_domain_ids(state)
     lines = []
     for r in rows:
-        f, e = r["facts"], r["eval"]
+        f, e, t, ot = r["facts"], r["eval"], r.get("eval_text"), o.get("eval_text")
         out_path = Path(r["output"])
         shown = out_path.relative_to(out) if out_path.is_relative_to(out) else out_path.name
+        chat_ratio = _ratio(e["token_acc"], o["eval"]["token_acc"]) + (" in-domain" if r["id"] in in_domain else "")
+        general = ([f"{t['loss']:.3f}", f"{t['ppl']:.1f}", f"{t['token_acc']:.3f}",
+                    _ratio(t["token_acc"], ot["token_acc"]) if ot else "-"] if t else ["-"] * 4)
         lines.append([r["id"], f"{f['params'] / 1e6:.2f}M", f"{f['params'] / o['facts']['params'] * 100:.0f}%",
                       f["text_layers"], f["kv_heads"], f"{f['kv_bytes_per_token']:,}", f"{e['loss']:.3f}",
-                      f"{e['token_acc']:.3f}",
-                      f"{e['token_acc'] / o['eval']['token_acc'] * 100:.0f}%" if o["eval"]["token_acc"] else "-",
-                      str(shown)])
-    return report.table(lines, ["stage", "params", "size", "layers", "KV heads", "KV B/token", "eval loss",
-                                "token_acc", "acc vs orig", "output"])
+                      f"{e['token_acc']:.3f}", chat_ratio, *general, str(shown)])
+    return report.table(lines, ["stage", "params", "size", "layers", "KV heads", "KV B/token", "chat loss",
+                                "chat acc", "chat vs orig", "text loss", "text ppl", "text acc", "text vs orig",
+                                "output"])
+
+
+SUMMARY_NOTE = ("chat: the val set (`val`); \"in-domain\" marks models trained on that distribution, where a ratio "
+                "near or over 100% is fit to the training data, not recovery. text: the held-out general text "
+                "(`eval_text`), never trained on; the round guardrail uses its token_acc ratio when it is set.")
 
 
 def plot_summary(state: State, path: Path) -> Path:
@@ -527,12 +555,22 @@ def plot_summary(state: State, path: Path) -> Path:
     rows = summary_rows(state)
     labels = [r["id"] for r in rows]
     x = list(range(len(rows)))
-    panels = [("parameters (M)", [r["facts"]["params"] / 1e6 for r in rows], "tab:blue"),
-              ("KV cache bytes / token (bf16)", [r["facts"]["kv_bytes_per_token"] for r in rows], "tab:orange"),
-              ("eval token_acc", [r["eval"]["token_acc"] for r in rows], "tab:green")]
+    # a panel is (title, [(label, values, color), ...]); token_acc shows the chat val and the general text together
+    panels = [("parameters (M)", [(None, [r["facts"]["params"] / 1e6 for r in rows], "tab:blue")]),
+              ("KV cache bytes / token (bf16)", [(None, [r["facts"]["kv_bytes_per_token"] for r in rows],
+                                                  "tab:orange")]),
+              ("token_acc", [("chat val (in-domain once trained)", [r["eval"]["token_acc"] for r in rows],
+                              "tab:green")])]
+    if any("eval_text" in r for r in rows):
+        panels[2][1].append(("general text (held out)",
+                             [r["eval_text"]["token_acc"] if "eval_text" in r else float("nan") for r in rows],
+                             "tab:purple"))
     fig, axes = plt.subplots(1, 3, figsize=(min(18, max(12, 1.4 * len(rows))), 4))
-    for ax, (title, values, color) in zip(axes, panels):
-        ax.plot(x, values, marker="o", color=color)
+    for ax, (title, lines) in zip(axes, panels):
+        for label, values, color in lines:
+            ax.plot(x, values, marker="o", color=color, label=label)
+        if len(lines) > 1:
+            ax.legend(fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.set_xticks(x)
         ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
@@ -548,7 +586,7 @@ def write_summary(state: State, out: Path, final: str | None) -> Path:
     stages = state.data["stages"]
     reports = [f"- {r['id']}: {r['stage']} report in {r['output']}" for r in stages if r["stage"] not in MODEL_STAGES]
     md = [f"# prunekit pipeline: {state.data['model']}", "", f"status: {state.data['status']}", "",
-          "```", table, "```", ""]
+          "```", table, "```", "", SUMMARY_NOTE, ""]
     if reports:
         md += ["reports:", *reports, ""]
     if final:
@@ -556,6 +594,8 @@ def write_summary(state: State, out: Path, final: str | None) -> Path:
     md += ["![summary](summary.png)", ""]
     (out / "summary.md").write_text("\n".join(md))
     (out / "summary.json").write_text(json.dumps({"status": state.data["status"], "final_model": final,
+                                                  "eval_text": state.data.get("eval_text"),
+                                                  "in_domain": sorted(in_domain_ids(state)),
                                                   "rows": summary_rows(state), "stages": stages}, indent=2) + "\n")
     if summary_rows(state):
         plot_summary(state, out / "summary.png")
@@ -572,6 +612,12 @@ def pipeline(cfg, where: str = "recipe", redo: str | None = None) -> PipelineRes
     load_messages(cfg.train)
     if not load_messages(cfg.val):
         raise PrunekitError(f"val {cfg.val}: no rows")
+    if cfg.eval_text == "general":
+        from prunekit.core.text import general_eval_file
+        cfg.eval_text = str(general_eval_file())
+    elif cfg.eval_text is not None:
+        cfg.eval_text = str(Path(cfg.eval_text).resolve())
+        load_messages(cfg.eval_text)
     out = cfg.output_dir
     if out == Path(cfg.model) or Path(cfg.model).is_relative_to(out):
         raise PrunekitError(f"output_dir {out}: would hold the input model; pick another directory")
@@ -587,6 +633,7 @@ def pipeline(cfg, where: str = "recipe", redo: str | None = None) -> PipelineRes
     out.mkdir(parents=True, exist_ok=True)
     if redo:
         print(f"redo: forgetting {', '.join(state.redo(redo))}", flush=True)
+    state.data["eval_text"] = cfg.eval_text
     runner = Runner(cfg, state, out, storage, cfg.name or out.name)
     original = runner.original()
     print(f"target: at most {target:,} parameters ({target / o_params:.0%} of the original); per round at most "

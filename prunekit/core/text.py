@@ -1,0 +1,153 @@
+"""Plain-text rows (``{"text": ...}``) from raw text: chunking files, and the built-in general English text.
+
+The built-in corpus is the Lee news corpus shipped as test data inside the ``gensim`` wheel (LGPL-2.1; 343 unique
+English news articles from the Australian Broadcasting Corporation, collected by Lee, Pincombe & Welsh, 2005, ~80k
+SmolLM2 tokens). It is split by article: a fixed, seeded set of ``GENERAL_EVAL_DOCS`` articles is the held-out eval
+split (never written to the train split), the rest is the train split. Nothing is imported from gensim: its files
+are read directly.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+from pathlib import Path
+
+from prunekit.core.data import DataError, save_messages
+
+DEFAULT_CHUNK_CHARS = 2000      # ~420 SmolLM2 tokens of English prose (4.8 chars/token): fits a 512-token row
+GENERAL_EVAL_DOCS = 200         # articles in the eval split (217 rows, ~46k SmolLM2 tokens)
+GENERAL_SOURCE = "gensim-lee-news"
+GENERAL_VERSION = "lee-v1"      # bump when the split rule changes: names the cached eval file
+_LEE_FILES = ("lee_background.cor", "lee.cor")
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
+
+
+# ----------------------------------------------------------------------------- chunking
+
+def _split_long(piece: str, limit: int, pattern: re.Pattern) -> list[str]:
+    """Split `piece` at `pattern` matches into parts of at most `limit` characters (a part with no match inside
+    the limit is cut at whitespace, and a single over-long word hard)."""
+    parts, start = [], 0
+    while len(piece) - start > limit:
+        window = piece[start:start + limit + 1]
+        cuts = [m.end() for m in pattern.finditer(window) if m.end() <= limit] or \
+               [m.end() for m in re.finditer(r"\s+", window) if m.end() <= limit]
+        end = start + (cuts[-1] if cuts and cuts[-1] > 0 else limit)
+        parts.append(piece[start:end].strip())
+        start = end
+    parts.append(piece[start:].strip())
+    return [p for p in parts if p]
+
+
+def chunk_text(text: str, chunk_chars: int = DEFAULT_CHUNK_CHARS) -> list[str]:
+    """Chunks of at most `chunk_chars` characters at paragraph boundaries (blank lines), else sentence boundaries.
+
+    Lines inside a paragraph are joined with spaces (hard-wrapped prose reads as the sentence it is); paragraphs
+    of one chunk are joined with a blank line. A paragraph longer than a chunk is split at sentence ends."""
+    if chunk_chars < 1:
+        raise DataError(f"--chunk-chars must be >= 1, got {chunk_chars}")
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
+    pieces = [s for p in paragraphs if p for s in _split_long(p, chunk_chars, _SENTENCE_END)]
+    chunks, current = [], ""
+    for piece in pieces:
+        joined = f"{current}\n\n{piece}" if current else piece
+        if len(joined) <= chunk_chars:
+            current = joined
+        else:
+            chunks.append(current)
+            current = piece
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """A UTF-8 text file's content; one-line DataError for a missing, non-UTF-8 or empty file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: text file not found")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    if not text.strip():
+        raise DataError(f"{path}: empty file")
+    return text
+
+
+def _split_val(rows: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    if not 0 < val_fraction < 1:
+        raise DataError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[:max(1, round(len(rows) * val_fraction))])
+    return ([r for k, r in enumerate(rows) if k not in val_idx], [r for k, r in enumerate(rows) if k in val_idx])
+
+
+def text_files_to_rows(files: list[str | os.PathLike], out_path: str | os.PathLike,
+                       val_path: str | os.PathLike | None = None, val_fraction: float = 0.1,
+                       chunk_chars: int = DEFAULT_CHUNK_CHARS, seed: int = 0) -> dict[str, int]:
+    """`prunekit data text`: chunk UTF-8 text files into ``{"text", "source", "id"}`` rows. Every file is read and
+    checked before anything is written; each output is written atomically. Returns ``{"train": n, "val": m}``."""
+    if not files:
+        raise DataError("data text: give at least one text file")
+    rows = []
+    for f in files:
+        chunks = chunk_text(read_text_file(f), chunk_chars)
+        rows += [{"text": c, "source": Path(f).name, "id": f"{Path(f).name}:{k}"} for k, c in enumerate(chunks)]
+    val: list[dict] = []
+    if val_path is not None:
+        if len(rows) < 2:
+            raise DataError(f"{files[0]}: one chunk only, nothing left to train on after a val split")
+        rows, val = _split_val(rows, val_fraction, seed)
+        save_messages(val_path, val)
+    save_messages(out_path, rows)
+    return {"train": len(rows), "val": len(val)}
+
+
+# ----------------------------------------------------------------------------- the built-in general text
+
+def general_documents() -> list[str]:
+    """The Lee news articles (one per line in gensim's test data), unique, in a fixed order (by content hash)."""
+    from prunekit.core.datasets import _package_dir
+    data_dir = _package_dir("gensim", "gensim") / "test" / "test_data"
+    docs = set()
+    for name in _LEE_FILES:
+        path = data_dir / name
+        if not path.is_file():
+            raise DataError(f"{path}: not found; gensim's wheel ships it (pip install gensim==4.4.0)")
+        # the files are cp1252 (a few pound signs), not UTF-8
+        docs |= {" ".join(line.split()) for line in path.read_bytes().decode("cp1252").splitlines() if line.strip()}
+    return sorted(docs, key=lambda d: hashlib.sha256(d.encode()).hexdigest())
+
+
+def general_text(out_path: str | os.PathLike | None, eval_path: str | os.PathLike | None,
+                 chunk_chars: int = DEFAULT_CHUNK_CHARS, eval_docs: int = GENERAL_EVAL_DOCS) -> dict[str, int]:
+    """`prunekit data general`: the train split to `out_path`, the held-out eval split to `eval_path` (either may
+    be None). Split by article with a fixed seed, so the same articles are always held out."""
+    docs = general_documents()
+    order = list(range(len(docs)))
+    random.Random(0).shuffle(order)
+    held_out = set(order[:eval_docs])
+    splits: dict[str, list[dict]] = {"train": [], "eval": []}
+    for k, doc in enumerate(docs):
+        split = "eval" if k in held_out else "train"
+        splits[split] += [{"text": c, "source": GENERAL_SOURCE, "id": f"lee:{k}:{j}"}
+                          for j, c in enumerate(chunk_text(doc, chunk_chars))]
+    if eval_path is not None:
+        save_messages(eval_path, splits["eval"])
+    if out_path is not None:
+        save_messages(out_path, splits["train"])
+    return {split: len(rows) for split, rows in splits.items()}
+
+
+def general_eval_file() -> Path:
+    """The built-in eval split in the prunekit cache, written on first use (the pipeline's default `eval_text`)."""
+    from prunekit.core.loading import cache_dir
+    path = cache_dir() / "general-text" / f"{GENERAL_VERSION}-eval.jsonl"
+    if not path.is_file():
+        general_text(None, path)
+    return path

@@ -1,0 +1,108 @@
+"""Plain text -> {"text"} rows: chunking, `prunekit data text` (bad input writes nothing), the built-in general
+English text (deterministic, train and eval disjoint), the pipeline's default eval file, `prunekit eval`."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from prunekit.cli import main
+from prunekit.core.data import DataError, load_messages
+from prunekit.core import text
+
+PROSE = ("First paragraph, first sentence. Second sentence here! A third one?\n"
+         "This line is hard-wrapped\ninto the paragraph.\n\n"
+         "Second paragraph is short.\n\n\n" + "Long sentence number %d goes on for a while. " * 40)
+
+
+def test_chunks_respect_the_limit_and_keep_every_word():
+    for limit in (60, 200, 5000):
+        chunks = text.chunk_text(PROSE % tuple(range(40)), limit)
+        assert all(0 < len(c) <= limit for c in chunks)
+        assert " ".join(" ".join(chunks).split()) == " ".join((PROSE % tuple(range(40))).split())
+    small = text.chunk_text(PROSE % tuple(range(40)), 200)
+    assert small[0] == ("First paragraph, first sentence. Second sentence here! A third one? This line is "
+                        "hard-wrapped into the paragraph.\n\nSecond paragraph is short.")
+    assert all(c.endswith(".") for c in small)      # long paragraphs split at sentence ends
+    assert text.chunk_text("x" * 25, 10) == ["x" * 10, "x" * 10, "x" * 5]   # no boundary at all: a hard cut
+
+
+def test_data_text_writes_rows_and_a_val_split(tmp_path, capsys):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(PROSE % tuple(range(40)), encoding="utf-8")
+    b.write_text("\ufeffA file with a byte-order mark. Ünïcödé is fine.\n", encoding="utf-8")
+    out, val = tmp_path / "out.jsonl", tmp_path / "val.jsonl"
+    assert main(["data", "text", str(a), str(b), "-o", str(out), "--val", str(val), "--val-fraction", "0.25",
+                 "--chunk-chars", "300"]) == 0
+    train_rows, val_rows = load_messages(out), load_messages(val)
+    assert all(set(r) == {"text", "source", "id"} and len(r["text"]) <= 300 for r in train_rows + val_rows)
+    assert len(val_rows) == round(len(train_rows + val_rows) * 0.25)
+    assert {r["id"] for r in train_rows}.isdisjoint(r["id"] for r in val_rows)
+    assert any(r["text"] == "A file with a byte-order mark. Ünïcödé is fine." for r in train_rows + val_rows)
+    assert "text rows to" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content,expected", [(b"caf\xe9 au lait\n", "not UTF-8 text (byte 0xe9 at offset 3)"),
+                                              (b" \n\n \t\n", "empty file")])
+def test_data_text_bad_file_is_one_line_and_writes_nothing(tmp_path, capsys, content, expected):
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
+    good.write_text("Fine text. " * 50, encoding="utf-8")
+    bad.write_bytes(content)
+    out_dir = tmp_path / "out"
+    rc = main(["data", "text", str(good), str(bad), "-o", str(out_dir / "t.jsonl"), "--val", str(out_dir / "v.jsonl")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"prunekit data: error: {bad}: {expected}"]
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_general_text_is_deterministic_and_eval_is_held_out(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        assert main(["data", "general", "-o", str(d / "train.jsonl"), "--eval", str(d / "eval.jsonl")]) == 0
+    for name in ("train.jsonl", "eval.jsonl"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    train, held = load_messages(a / "train.jsonl"), load_messages(a / "eval.jsonl")
+    doc = lambda r: r["id"].rsplit(":", 1)[0]   # noqa: E731  lee:<article>:<chunk>
+    assert {doc(r) for r in train}.isdisjoint(doc(r) for r in held)          # split by article
+    assert {r["text"] for r in train}.isdisjoint(r["text"] for r in held)
+    assert len({doc(r) for r in held}) == text.GENERAL_EVAL_DOCS and 200 <= len(held) <= 400
+    assert all(len(r["text"]) <= text.DEFAULT_CHUNK_CHARS for r in train + held)
+    assert 150_000 <= sum(len(r["text"]) for r in held) <= 600_000           # ~50k SmolLM2 tokens
+    assert "Afghanistan" in " ".join(r["text"] for r in held + train)        # real English news prose
+
+
+def test_pipeline_default_eval_file_is_the_eval_split(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
+    path = text.general_eval_file()
+    assert path.is_relative_to(tmp_path / "cache") and text.general_eval_file() == path
+    text.general_text(None, tmp_path / "eval.jsonl")
+    assert path.read_bytes() == (tmp_path / "eval.jsonl").read_bytes()
+
+
+def test_eval_command_on_text_and_messages(tiny_chat_model_dir, chat_data, tmp_path, capsys):
+    rows = tmp_path / "t.jsonl"
+    text.general_text(None, rows)
+    assert main(["eval", str(tiny_chat_model_dir), "--data", str(rows), "--max-samples", "4", "--max-length", "32",
+                 "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["rows"] == 4 and m["tokens"] == 4 * 31 and m["ppl"] == pytest.approx(math.exp(m["loss"]))
+    assert main(["eval", str(tiny_chat_model_dir), "--data", str(chat_data[1]), "--max-samples", "4"]) == 0
+    assert "token_acc" in capsys.readouterr().out
+    assert main(["eval", str(tiny_chat_model_dir), "--data", str(tmp_path / "nope.jsonl")]) == 2
+    assert "data file not found" in capsys.readouterr().err
+    with pytest.raises(DataError):
+        text.chunk_text("x", 0)
+
+
+def test_kv_cut_calibration_reads_text_rows_without_chat_template(tiny_chat_model_dir, tmp_path):
+    from prunekit.core.data import save_messages
+    from prunekit.core.loading import load_tokenizer
+    from prunekit.stages.kv_cut import calibration_batches
+    tok = load_tokenizer(tiny_chat_model_dir)
+    save_messages(tmp_path / "c.jsonl", [{"text": "Plain news prose."},
+                                         {"messages": [{"role": "user", "content": "hi"},
+                                                       {"role": "assistant", "content": "hello"}]}])
+    plain, chat = list(calibration_batches(tok, tmp_path / "c.jsonl"))
+    assert plain["input_ids"][0].tolist() == tok("Plain news prose.")["input_ids"]
+    assert "<|im_start|>" in tok.decode(chat["input_ids"][0])

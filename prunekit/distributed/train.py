@@ -20,8 +20,17 @@ def ensure_ray(address: str | None = None) -> None:
 class RayTrainReporter(RunLogger):
     def restore(self) -> Path | None:
         import ray.train
+        from prunekit.engine.manifest import newest_intact
         ckpt = ray.train.get_checkpoint()
-        return None if ckpt is None else local_checkpoint_dir(ckpt)
+        if ckpt is None:
+            return None
+        latest = local_checkpoint_dir(ckpt)
+        # Ray resumes from the last reported checkpoint; a damaged one falls back to the newest intact sibling
+        older = sorted((d for d in latest.parent.glob("checkpoint_*") if d.is_dir() and d != latest
+                        and (d / "metrics.json").is_file()), key=_checkpoint_step, reverse=True)
+        if not latest.resolve().is_relative_to(self.run_dir.resolve()):
+            older = []  # a download from remote storage: no siblings to fall back to
+        return newest_intact([latest] + older, self.run_dir, warn=self.rank == 0)
 
     def checkpoint(self, step: int, metrics: dict, write_fn, all_ranks: bool, final: bool) -> None:
         import ray.train
@@ -34,6 +43,13 @@ class RayTrainReporter(RunLogger):
 
     def maybe_crash(self, step: int) -> None:
         crash_once(self.run_dir, step)
+
+
+def _checkpoint_step(ckpt_dir: Path) -> int:
+    try:
+        return int(json.loads((ckpt_dir / "metrics.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
 
 
 def run_name(stage: str, cfg) -> str:

@@ -120,12 +120,15 @@ def run(stage: str, cfg) -> TrainResult:
     else:
         from prunekit.distributed.train import launch
         final_ckpt, run_dir, name = launch(stage, cfg)
-    metrics = json.loads((final_ckpt / "metrics.json").read_text())
+    from prunekit.engine.manifest import copy_verified
+    try:
+        metrics = json.loads((final_ckpt / "metrics.json").read_text())
+    except (OSError, ValueError) as e:
+        raise PrunekitError(f"checkpoint {final_ckpt} is damaged (metrics.json: {e}); nothing written") from None
     base = Path(cfg.model)
 
     def write(tmp: Path):
-        for f in (final_ckpt / "hf").iterdir():
-            shutil.copy2(f, tmp / f.name)
+        copy_verified(final_ckpt, "hf", tmp)  # against the sizes and hashes recorded when it was written
         copy_side_files(base, tmp)
         if stage == "lora":  # the adapter points at its base by a relative path, never an absolute one
             adapter_cfg = json.loads((tmp / "adapter_config.json").read_text())

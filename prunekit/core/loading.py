@@ -59,14 +59,19 @@ def resolve_model(spec: str | os.PathLike, allow_pickle: bool = False) -> Path:
                                 f"convert to safetensors or pass --allow-pickle")
         if not list(path.glob("*.bin")):
             raise PrunekitError(f"MODEL {spec}: no weights (*.safetensors) in the directory")
+    from prunekit.core.checks import check_model_dir
+    check_model_dir(path)  # config.json against the weights' headers, before anything believes it
     return path
 
 
 def read_config(model_dir: Path) -> dict:
     try:
-        return json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PrunekitError(f"{model_dir}/config.json: cannot read ({e})") from None
+    if not isinstance(cfg, dict):
+        raise PrunekitError(f"{model_dir}/config.json: expected a JSON object of settings, got {type(cfg).__name__}")
+    return cfg
 
 
 def convert_gguf(gguf_path: Path) -> Path:

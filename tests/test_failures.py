@@ -1,0 +1,200 @@
+"""Failures a user meets (issue 16): each ends in one line and the right exit code, and leaves nothing half-written."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from prunekit.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_lines(err: str) -> list[str]:
+    """stderr without progress-bar redraws."""
+    return [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "it/s]" not in line
+            and "s/it]" not in line and "step/s]" not in line and "s/step]" not in line and "|" not in line]
+
+
+def sft_args(model, data, tmp_path, out, *extra):
+    train, val = data
+    return ["sft", "--model", model, "--train", train, "--val", val, "--output-dir", tmp_path / out, "--name", "run",
+            "--max-steps", 2, "--set", "batch_size=2", "--set", "max_length=32", "--set", "launcher=local",
+            "--set", "wandb.mode=disabled", "--set", f"storage_path={tmp_path / 'runs'}", *extra]
+
+
+# ---- 1. a damaged checkpoint is never copied out as success ----------------------------------------------------
+
+def test_damaged_final_checkpoint_falls_back_to_the_previous_one(tiny_chat_model_dir, chat_data, tmp_path, capsys):
+    from prunekit.core.loading import load_model
+    code, _, err = run_cli(capsys, *sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out1", "--set", "save_interval=1"))
+    assert code == 0, err
+    ckpts = tmp_path / "runs" / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000001", "step-0000002"]
+    manifest = json.loads((ckpts / "step-0000002" / "manifest.json").read_text())["files"]
+    weights = ckpts / "step-0000002" / "hf" / "model.safetensors"
+    assert manifest["hf/model.safetensors"]["size"] == weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(1000)
+    code, out, err = run_cli(capsys, *sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out2", "--set", "save_interval=1"))
+    assert code == 0, err
+    warnings = [line for line in error_lines(err) if "warning" in line]
+    assert warnings == [f"prunekit: warning: checkpoint {ckpts / 'step-0000002'} is damaged (hf/model.safetensors is "
+                        f"1,000 bytes, {manifest['hf/model.safetensors']['size']:,} when written); resuming from "
+                        f"step-0000001"], err
+    assert "wrote" in out and "Traceback" not in err
+    load_model(tmp_path / "out2")  # the step-2 model again, retrained from step 1
+    lines = [json.loads(x)["step"] for x in (tmp_path / "runs" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [1, 2]  # step 2 once: the resumed run dropped nothing it kept and logged step 2 again
+
+
+def test_damaged_only_checkpoint_fails_with_one_line(tiny_chat_model_dir, chat_data, tmp_path, capsys):
+    code, _, err = run_cli(capsys, *sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out1"))
+    assert code == 0, err
+    final = tmp_path / "runs" / "run" / "checkpoints" / "step-0000002"
+    with open(final / "hf" / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    code, out, err = run_cli(capsys, *sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out2"))
+    assert code == 2 and error_lines(err) == [
+        f"prunekit sft: error: checkpoint {final} is damaged (hf/model.safetensors is 1,000 bytes, "
+        f"{json.loads((final / 'manifest.json').read_text())['files']['hf/model.safetensors']['size']:,} when "
+        f"written) and no earlier checkpoint is intact; delete {tmp_path / 'runs' / 'run'} (or pick another run "
+        f"name) to start over"], err
+    assert not (tmp_path / "out2").exists() and not list(tmp_path.glob(".out2*"))
+
+
+def test_copy_out_verifies_against_the_manifest(tiny_chat_model_dir, tmp_path):
+    from prunekit import PrunekitError
+    from prunekit.engine.manifest import checkpoint_problem, copy_verified, write_manifest
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_chat_model_dir, ckpt / "hf")
+    (ckpt / "metrics.json").write_text("{}")
+    write_manifest(ckpt)
+    assert checkpoint_problem(ckpt) is None
+    (tmp_path / "a").mkdir()
+    copy_verified(ckpt, "hf", tmp_path / "a")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (ckpt / "hf" / "model.safetensors").read_bytes()
+    data = bytearray((ckpt / "hf" / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    (ckpt / "hf" / "model.safetensors").write_bytes(bytes(data))
+    assert checkpoint_problem(ckpt) == "hf/model.safetensors does not match the sha256 recorded when it was written"
+    (tmp_path / "b").mkdir()
+    with pytest.raises(PrunekitError, match="hf/model.safetensors does not match the sha256"):
+        copy_verified(ckpt, "hf", tmp_path / "b")
+    # a checkpoint written before manifests: its safetensors headers are checked
+    (ckpt / "manifest.json").unlink()
+    with open(ckpt / "hf" / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    assert "hf/model.safetensors is 1,000 bytes" in checkpoint_problem(ckpt)
+
+
+# ---- 2 / 11. config.json against the weights ---------------------------------------------------------------------
+
+@pytest.fixture
+def llama_copy(tiny_model_dir, tmp_path):
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llama"), d)
+    return d
+
+
+def edit_config(model_dir, text_key=None, **changes):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    (cfg[text_key] if text_key else cfg).update(changes)
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+
+
+MISMATCHES = [
+    ({"num_hidden_layers": 6}, "config.json says 6 text layers, the weights hold 4"),
+    ({"num_hidden_layers": 2}, "config.json says 2 text layers, the weights hold 4"),
+    ({"hidden_size": 32}, "config.json says hidden_size 32, the weights' model.embed_tokens.weight has 64 columns"),
+    ({"vocab_size": 256}, "config.json says vocab_size 256, the weights' model.embed_tokens.weight has 128 rows"),
+    ({"num_key_value_heads": 4}, "config.json says num_key_value_heads 4 x head_dim 16 = 64, the weights' "
+                                 "model.layers.0.self_attn.k_proj.weight has 32 rows (2 heads)"),
+]
+
+
+@pytest.mark.parametrize("changes,message", MISMATCHES)
+def test_config_that_disagrees_with_the_weights_is_one_line(changes, message, llama_copy, tmp_path, capsys):
+    from conftest import tree_hash
+    edit_config(llama_copy, **changes)
+    before = tree_hash(llama_copy)
+    code, _, err = run_cli(capsys, "inspect", llama_copy)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    for mode in ("--streaming", "--in-memory"):
+        code, _, err = run_cli(capsys, "prune", llama_copy, "--drop-text", "1", "-o", tmp_path / "out", mode)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+    code, _, err = run_cli(capsys, "kv-cut", llama_copy, "--kv-heads", "1", "-o", tmp_path / "out")
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert tree_hash(llama_copy) == before and not (tmp_path / "out").exists()
+
+
+def test_training_refuses_a_config_that_disagrees_with_the_weights(tiny_chat_model_dir, chat_data, tmp_path, capsys):
+    model = tmp_path / "chat"
+    shutil.copytree(tiny_chat_model_dir, model)
+    edit_config(model, num_hidden_layers=3)
+    code, _, err = run_cli(capsys, *sft_args(model, chat_data, tmp_path, "out"))
+    assert code == 2 and error_lines(err) == [
+        f"prunekit sft: error: MODEL {model}: config.json says 3 text layers, the weights hold 2 "
+        f"(config.json and the weights disagree; nothing done)"], err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
+def test_vlm_vision_depth_that_disagrees_with_the_weights(tiny_model_dir, tmp_path, capsys):
+    d = tmp_path / "vlm"
+    shutil.copytree(tiny_model_dir("qwen2_vl"), d)
+    edit_config(d, "vision_config", depth=6)
+    capsys.readouterr()  # the fixture's own output
+    code, _, err = run_cli(capsys, "inspect", d)
+    assert code == 2 and "config.json says 6 vision blocks, the weights hold 4" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[]", "config.json: expected a JSON object of settings, got list"),
+    ('"llama"', "config.json: expected a JSON object of settings, got str"),
+    ('{"model_type": "llama"}', "config.json: no num_hidden_layers"),
+    ('{"model_type": "llama", "num_hidden_layers": "4", "num_attention_heads": 4, "hidden_size": 64}',
+     "config.json: num_hidden_layers: '4' is not a positive integer"),
+    ('{"num_hidden_layers": 4}', "model_type None is not supported"),
+])
+def test_config_json_of_the_wrong_shape_is_one_line(text, message, llama_copy, tmp_path, capsys):
+    (llama_copy / "config.json").write_text(text)
+    for argv in (["inspect", llama_copy], ["prune", llama_copy, "--drop-text", "1", "-o", tmp_path / "out"]):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+# ---- 3. Ctrl-C during a knockout sweep ---------------------------------------------------------------------------
+
+def test_ctrl_c_during_knockout_exits_130_without_a_plan(ray_session, tiny_chat_model_dir, chat_data, tmp_path,
+                                                          capsys):
+    import os
+    import signal
+    import threading
+    import time
+    train, val = chat_data
+    run_dir = tmp_path / "runs" / "ko"
+    first = run_dir / "trials" / "baseline" / "result.json"
+
+    def interrupt_after_the_first_trial():
+        deadline = time.time() + 300
+        while not first.is_file() and time.time() < deadline:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends the driver
+    threading.Thread(target=interrupt_after_the_first_trial, daemon=True).start()
+    code, out, err = run_cli(capsys, "knockout", "--model", tiny_chat_model_dir, "--train", train, "--val", val,
+                             "--output-dir", tmp_path / "report", "--name", "ko", "--max-steps", 30,
+                             "--storage-path", tmp_path / "runs", "--set", "batch_size=2", "--set", "max_length=64",
+                             "--set", "eval_interval=30", "--set", "eval_max_samples=4", "--set", "importance=false",
+                             "--set", "tune.max_concurrent_trials=1", "--set", "wandb.mode=disabled")
+    assert code == 130, err
+    assert error_lines(err)[-1] == (
+        f"prunekit knockout: interrupted (1 of 3 trials finished, kept in {run_dir}; no report or plan written from "
+        f"a partial sweep (re-run the same command to run the rest))"), err
+    assert first.is_file() and not (run_dir / "trials" / "text_0" / "result.json").exists()
+    assert not (tmp_path / "report").exists() and "plan" not in out

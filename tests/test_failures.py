@@ -22,8 +22,8 @@ def error_lines(err: str) -> list[str]:
 
 
 def sft_args(model, data, tmp_path, out, *extra):
-    train, val = data
-    return ["sft", "--model", model, "--train", train, "--val", val, "--output-dir", tmp_path / out, "--name", "run",
+    train, _ = data  # no val: at max_length 32 no val row keeps an assistant token (a warning line)
+    return ["sft", "--model", model, "--train", train, "--output-dir", tmp_path / out, "--name", "run",
             "--max-steps", 2, "--set", "batch_size=2", "--set", "max_length=32", "--set", "launcher=local",
             "--set", "wandb.mode=disabled", "--set", f"storage_path={tmp_path / 'runs'}", *extra]
 
@@ -198,3 +198,20 @@ def test_ctrl_c_during_knockout_exits_130_without_a_plan(ray_session, tiny_chat_
         f"a partial sweep (re-run the same command to run the rest))"], err
     assert first.is_file() and not (run_dir / "trials" / "text_0" / "result.json").exists()
     assert not (tmp_path / "report").exists() and "plan" not in out
+
+
+# ---- 9. no supervised token after truncation ---------------------------------------------------------------------
+
+def test_training_data_without_supervised_tokens_fails_before_launch(tiny_chat_model_dir, tmp_path, capsys):
+    train = tmp_path / "long.jsonl"
+    long = " ".join(["a very long question"] * 40)
+    train.write_text("".join(json.dumps({"messages": [{"role": "user", "content": long},
+                                                      {"role": "assistant", "content": "ok"}]}) + "\n"
+                             for _ in range(3)))
+    code, _, err = run_cli(capsys, "sft", "--model", tiny_chat_model_dir, "--train", train, "--output-dir",
+                           tmp_path / "out", "--max-steps", 2, "--set", "max_length=32",
+                           "--set", f"storage_path={tmp_path / 'runs'}")  # launcher: ray, yet nothing starts
+    assert code == 2 and error_lines(err) == [
+        f"prunekit sft: error: train {train}: no row keeps an assistant token within max_length 32 (every prompt is "
+        f"longer); raise max_length or shorten the prompts"], err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()

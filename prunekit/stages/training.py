@@ -41,6 +41,36 @@ def _samples(tokenizer, path, cfg, limit=None, is_vlm=False):
     return pack_sequences(samples, cfg.max_length) if cfg.packing else samples
 
 
+def check_supervised(cfg, train_rows: list, val_rows: list | None) -> None:
+    """On the driver, before any worker starts: some training row must keep an assistant token within max_length
+    after truncation (stops at the first that does); a val set without one only warns (no eval then)."""
+    import sys
+    from prunekit.core.adapters import adapter_for
+    from prunekit.core.loading import read_config
+    is_vlm = adapter_for(read_config(Path(cfg.model))).is_vlm
+    with quiet_transformers():
+        tokenizer = load_tokenizer(Path(cfg.model), trust_remote_code=cfg.trust_remote_code)
+
+    def supervised(rows, path) -> bool:
+        for i in range(0, len(rows), 64):
+            chunk = rows[i:i + 64]
+            if is_vlm:
+                from prunekit.core.vision_data import tokenize_rows_vlm
+                samples = tokenize_rows_vlm(tokenizer, chunk, cfg.max_length, cfg.model, cfg.trust_remote_code,
+                                            source=path)
+            else:
+                samples = tokenize_rows(tokenizer, chunk, cfg.max_length)
+            if any(any(label != -100 for label in s["labels"][1:]) for s in samples):
+                return True
+        return False
+    if not supervised(train_rows, cfg.train):
+        raise PrunekitError(f"train {cfg.train}: no row keeps an assistant token within max_length {cfg.max_length} "
+                            f"(every prompt is longer); raise max_length or shorten the prompts")
+    if val_rows and not supervised(val_rows[:cfg.eval_max_samples] if cfg.eval_max_samples else val_rows, cfg.val):
+        print(f"prunekit: warning: val {cfg.val}: no row keeps an assistant token within max_length "
+              f"{cfg.max_length}; the run is not evaluated", file=sys.stderr, flush=True)
+
+
 def build_worker(stage: str, cfg, device, teacher_device=None):
     """Model (with LoRA for `lora`), objective, tokenized train/val samples and the pad id, on one worker.
     The distillation teacher goes to `teacher_device` (default: the student's)."""
@@ -76,9 +106,11 @@ def validate(stage: str, cfg) -> None:
     # workers run elsewhere (another cwd, maybe another node): hand them absolute paths
     cfg.train, cfg.output_dir, cfg.storage_path = (Path(p).resolve() for p in (cfg.train, cfg.output_dir, cfg.storage_path))
     cfg.val = Path(cfg.val).resolve() if cfg.val else None
-    load_messages(cfg.train)
-    if cfg.val is not None and not load_messages(cfg.val):
+    train_rows = load_messages(cfg.train)
+    val_rows = load_messages(cfg.val) if cfg.val is not None else None
+    if val_rows is not None and not val_rows:
         raise PrunekitError(f"val {cfg.val}: no rows")
+    check_supervised(cfg, train_rows, val_rows)
     check_output_dir(cfg.output_dir, [Path(cfg.model)], cfg.overwrite)
     if stage == "distill":
         from prunekit.engine.objectives import check_same_tokenizer

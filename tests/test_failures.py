@@ -215,3 +215,39 @@ def test_training_data_without_supervised_tokens_fails_before_launch(tiny_chat_m
         f"prunekit sft: error: train {train}: no row keeps an assistant token within max_length 32 (every prompt is "
         f"longer); raise max_length or shorten the prompts"], err
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
+# ---- 8. what a worker would only find out after Ray started; a worker's exception ----------------------------------
+
+@pytest.mark.parametrize("setting,message", [
+    ("lr=-1", "lr must be a finite number > 0, got -1.0"), ("lr=.nan", "lr must be a finite number > 0, got nan"),
+    ("lr=0", "lr must be a finite number > 0, got 0.0"), ("warmup_ratio=2", "warmup_ratio must be in [0, 1], got 2.0"),
+    ("weight_decay=-0.1", "weight_decay must be a finite number >= 0"), ("grad_clip=0", "grad_clip must be a finite"),
+])
+def test_bad_optimizer_settings_fail_before_ray(setting, message, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "sft", "--model", "smollm2", "--train", tmp_path / "t.jsonl", "--output-dir",
+                           tmp_path / "out", "--set", setting)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_a_worker_exception_is_one_line_naming_the_cause(ray_session, tiny_chat_model_dir, chat_data, tmp_path,
+                                                         capsys):
+    """On Ray Train: a worker that raises (here: the only checkpoint of the run is damaged, found on restore) ends
+    in one line naming the cause, not a WorkerGroupError traceback; nothing is written."""
+    argv = sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out1")
+    argv[argv.index("launcher=local")] = "launcher=ray"
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    run_dir = tmp_path / "runs" / "run"
+    (final,) = [d for d in run_dir.glob("checkpoint_*") if (d / "hf").is_dir()]
+    assert (final / "manifest.json").is_file()
+    with open(final / "hf" / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    argv[argv.index(tmp_path / "out1")] = tmp_path / "out2"
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2, err
+    assert error_lines(err)[-1].startswith(
+        f"prunekit sft: error: sft run run failed: checkpoint {final} is damaged (hf/model.safetensors is 1,000 "
+        f"bytes, "), err
+    assert "Traceback" not in err and "WorkerGroupError" not in err
+    assert not (tmp_path / "out2").exists()

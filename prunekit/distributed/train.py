@@ -102,13 +102,39 @@ def launch(stage: str, cfg) -> tuple[Path, Path, str]:
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise PrunekitError(f"{stage} run {name} failed: {str(result.error).splitlines()[0][:300]} "
-                            f"(logs and checkpoints in {run_dir}; re-run the same command to resume)")
+    try:
+        result = trainer.fit()
+        error = result.error
+    except (KeyboardInterrupt, PrunekitError):
+        raise
+    except Exception as e:  # Ray Train >= 2.50 raises WorkerGroupError / ControllerError from fit()
+        error = e
+    if error is not None:
+        raise PrunekitError(f"{stage} run {name} failed: {failure_cause(error)} "
+                            f"(logs and checkpoints in {run_dir}; re-run the same command to resume)") from None
     if result.checkpoint is None:
         raise PrunekitError(f"{stage} run {name} finished without a checkpoint")
     return local_checkpoint_dir(result.checkpoint), run_dir, name
+
+
+def failure_cause(error: BaseException) -> str:
+    """One line naming what went wrong in a failed fit: the first failed worker's own exception (unwrapped from
+    Ray's task-error and worker-group wrappers), a PrunekitError's message as it is."""
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        error = failures[min(failures)]
+    elif isinstance(getattr(error, "controller_failure", None), BaseException):
+        error = error.controller_failure
+    for _ in range(8):  # RayTaskError(cause=...) and friends
+        cause = getattr(error, "cause", None)
+        if not isinstance(cause, BaseException) or cause is error:
+            break
+        error = cause
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if isinstance(error, PrunekitError):
+        return lines[0] if lines else type(error).__name__
+    text = next((line for line in lines if not line.startswith(("Traceback", "File ", "^", "~"))), "")
+    return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
 
 
 def local_checkpoint_dir(ckpt) -> Path:

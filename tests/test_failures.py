@@ -32,7 +32,8 @@ def sft_args(model, data, tmp_path, out, *extra):
 
 def test_damaged_final_checkpoint_falls_back_to_the_previous_one(tiny_chat_model_dir, chat_data, tmp_path, capsys):
     from prunekit.core.loading import load_model
-    code, _, err = run_cli(capsys, *sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out1", "--set", "save_interval=1"))
+    code, _, err = run_cli(capsys, *sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out1", "--set",
+                                             "save_interval=1"))
     assert code == 0, err
     ckpts = tmp_path / "runs" / "run" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000001", "step-0000002"]
@@ -41,7 +42,8 @@ def test_damaged_final_checkpoint_falls_back_to_the_previous_one(tiny_chat_model
     assert manifest["hf/model.safetensors"]["size"] == weights.stat().st_size
     with open(weights, "r+b") as f:
         f.truncate(1000)
-    code, out, err = run_cli(capsys, *sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out2", "--set", "save_interval=1"))
+    code, out, err = run_cli(capsys, *sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out2", "--set",
+                                               "save_interval=1"))
     assert code == 0, err
     warnings = [line for line in error_lines(err) if "warning" in line]
     assert warnings == [f"prunekit: warning: checkpoint {ckpts / 'step-0000002'} is damaged (hf/model.safetensors is "
@@ -251,3 +253,37 @@ def test_a_worker_exception_is_one_line_naming_the_cause(ray_session, tiny_chat_
         f"bytes, "), err
     assert "Traceback" not in err and "WorkerGroupError" not in err
     assert not (tmp_path / "out2").exists()
+
+
+# ---- 10. an unwritable output location -----------------------------------------------------------------------------
+
+@pytest.fixture
+def immutable_dir(tmp_path):
+    """A directory nobody (root included) may create entries in; skipped where chattr +i is not allowed."""
+    import subprocess
+    d = tmp_path / "immutable"
+    d.mkdir()
+    if subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not permitted here")
+    yield d
+    subprocess.run(["chattr", "-i", str(d)], capture_output=True)
+
+
+def test_unwritable_output_fails_before_any_work(llama_copy, tiny_chat_model_dir, chat_data, immutable_dir, tmp_path,
+                                                 capsys):
+    (tmp_path / "a-file").write_text("x")
+    cases = [(immutable_dir / "out", f"cannot write there (Operation not permitted: {immutable_dir})"),
+             (tmp_path / "a-file" / "out", f"cannot write there ({tmp_path / 'a-file'} is not a directory)"),
+             ("/proc/prunekit-out", "cannot write there (No such file or directory: /proc)")]
+    for out, message in cases:
+        code, _, err = run_cli(capsys, "prune", llama_copy, "--drop-text", "1", "-o", out)
+        assert code == 2 and err == f"prunekit prune: error: -o {out}: {message}\n", err
+    for flag, value, message in [("--output-dir", immutable_dir / "out", f"-o {immutable_dir / 'out'}: cannot write"),
+                                 ("--set", f"storage_path={immutable_dir}", f"storage_path {immutable_dir}: cannot")]:
+        argv = sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out")
+        at = argv.index(flag) + 1 if flag == "--output-dir" else argv.index(f"storage_path={tmp_path / 'runs'}")
+        argv[at] = value
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and message in err and len(error_lines(err)) == 1, err
+        assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+    assert not list(immutable_dir.iterdir())

@@ -96,9 +96,9 @@ def _mismatches(adapter, cfg: dict, shapes: dict[str, list[int]]) -> list[str]:
                 continue
             out_features = shapes[key][0]
             if out_features != n_heads * head_dim:
-                got = f"{out_features / head_dim:g}" if out_features % head_dim == 0 else f"{out_features / head_dim:.2f}"
-                problems.append(f"config.json says {field} {n_heads} x head_dim {head_dim} = {n_heads * head_dim}, the weights' "
-                                f"{key} has {out_features} rows ({got} heads)")
+                got = f"{out_features / head_dim:.2f}".removesuffix(".00")
+                problems.append(f"config.json says {field} {n_heads} x head_dim {head_dim} = {n_heads * head_dim}, "
+                                f"the weights' {key} has {out_features} rows ({got} heads)")
     return problems
 
 

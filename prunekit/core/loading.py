@@ -144,7 +144,25 @@ def check_output_dir(out: Path, inputs: list[Path], overwrite: bool) -> Path:
             raise PrunekitError(f"-o {out}: the output must not contain the input directory ({inp})")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise PrunekitError(f"-o {out}: exists and is not empty (pass --overwrite to replace it)")
+    check_writable(out, "-o")
     return out
+
+
+def check_writable(out: Path, flag: str = "-o", inside: bool = False) -> None:
+    """Before any work: create and remove a temp dir where `write_atomically` will create one (beside OUT, or in
+    its nearest existing ancestor when the parents are still to be made; in OUT itself with `inside`). A read-only
+    mount, an immutable or foreign directory, /proc or a parent that is a file is one line now, not a traceback
+    after training."""
+    out = Path(out).expanduser().resolve()
+    where = out if inside else out.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise PrunekitError(f"{flag} {out}: cannot write there ({where} is not a directory)")
+    try:
+        shutil.rmtree(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=where))
+    except OSError as e:
+        raise PrunekitError(f"{flag} {out}: cannot write there ({e.strerror or type(e).__name__}: {where})") from None
 
 
 def write_atomically(out: Path, write_fn, overwrite: bool = False) -> Path:

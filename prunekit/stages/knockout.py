@@ -27,8 +27,8 @@ from prunekit import PrunekitError
 from prunekit.core import report
 from prunekit.core.adapters import adapter_for
 from prunekit.core.data import load_messages
-from prunekit.core.loading import (check_output_dir, load_model, load_tokenizer, quiet_transformers, read_config,
-                                   resolve_model, write_atomically, write_provenance)
+from prunekit.core.loading import (check_output_dir, check_writable, load_model, load_tokenizer, quiet_transformers,
+                                   read_config, resolve_model, write_atomically, write_provenance)
 from prunekit.core.plan import (BASELINE, Candidate, check_budget, early_excess, expand_candidates, make_plan,
                                 spearman, verdict)
 from prunekit.core.surgery import LayerDrop
@@ -133,6 +133,7 @@ def validate(cfg, resume: bool = False) -> Sweep:
                                 f"this config has {settings.get(k)!r}; its trials cannot be reused (pick another "
                                 f"name)")
     _check_report_dir(cfg.output_dir, model_dir, name, cfg.overwrite)
+    check_writable(cfg.storage_path, "storage_path", inside=True)
     return Sweep(cfg, name, run_dir, [Candidate()] + candidates, params_total, params_removed, n_text, n_vision)
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from prunekit import PrunekitError
 from prunekit.core.data import load_messages, pack_sequences
 from prunekit.core.evaluate import tokenize_rows
-from prunekit.core.loading import (check_output_dir, copy_side_files, load_model, load_tokenizer, quiet_transformers,
-                                   resolve_model, write_atomically, write_provenance)
+from prunekit.core.loading import (check_output_dir, check_writable, copy_side_files, load_model, load_tokenizer,
+                                   quiet_transformers, resolve_model, write_atomically, write_provenance)
 
 
 @dataclass
@@ -112,6 +112,7 @@ def validate(stage: str, cfg) -> None:
         raise PrunekitError(f"val {cfg.val}: no rows")
     check_supervised(cfg, train_rows, val_rows)
     check_output_dir(cfg.output_dir, [Path(cfg.model)], cfg.overwrite)
+    check_writable(cfg.storage_path, "storage_path", inside=True)  # run directories and checkpoints go there
     if stage == "distill":
         from prunekit.engine.objectives import check_same_tokenizer
         if cfg.teacher_placement == "own_gpu" and not (cfg.ray.use_gpu and cfg.ray.gpus_per_worker >= 2):

@@ -287,3 +287,30 @@ def test_unwritable_output_fails_before_any_work(llama_copy, tiny_chat_model_dir
         assert code == 2 and message in err and len(error_lines(err)) == 1, err
         assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
     assert not list(immutable_dir.iterdir())
+
+
+# ---- 13. a knockout that fails before any trial does not claim its name ----------------------------------------------
+
+def test_knockout_that_fails_before_its_trials_does_not_claim_the_name(tiny_chat_model_dir, chat_data, tmp_path):
+    from prunekit import PrunekitError
+    from prunekit.config import load_config
+    from prunekit.stages.knockout import knockout, validate
+    train, val = chat_data
+
+    def cfg(**over):
+        return load_config("knockout", None, {
+            "model": str(tiny_chat_model_dir), "train": str(train), "val": str(val), "name": "ko",
+            "output_dir": str(tmp_path / "report"), "storage_path": str(tmp_path / "runs"), "max_steps": 2,
+            "batch_size": 2, "wandb.mode": "disabled", **over})
+    with pytest.raises(PrunekitError, match="no conversation with assistant tokens"):
+        knockout(cfg(max_length=32, eval_max_samples=4))  # no val row fits in 32 tokens: found after validation
+    assert not (tmp_path / "runs" / "ko" / "sweep.json").exists() and not (tmp_path / "report").exists()
+    validate(cfg(max_length=64, eval_max_samples=8))  # the corrected config may use the name
+    # a name claimed by a run whose trials never started binds nothing either
+    (tmp_path / "runs" / "ko").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "runs" / "ko" / "sweep.json").write_text(json.dumps({"name": "ko", "trial_settings": {"lr": 1}}))
+    validate(cfg(max_length=64))
+    (tmp_path / "runs" / "ko" / "trials" / "baseline").mkdir(parents=True)
+    (tmp_path / "runs" / "ko" / "trials" / "baseline" / "result.json").write_text("{}")
+    with pytest.raises(PrunekitError, match="its trials cannot be reused"):
+        validate(cfg(max_length=64))

@@ -124,7 +124,8 @@ def validate(cfg, resume: bool = False) -> Sweep:
     state = run_dir / SWEEP_FILE
     if resume and not state.is_file():
         raise PrunekitError(f"--resume: no sweep named {name} in {cfg.storage_path}")
-    if state.is_file():
+    ran_before = any(p.name in (RESULT_FILE, ERROR_FILE) for p in (run_dir / "trials").glob("*/*"))
+    if state.is_file() and ran_before:  # a claimed name whose trials never ran binds nothing
         before = json.loads(state.read_text())["trial_settings"]
         diff = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
         if diff:
@@ -253,9 +254,11 @@ def knockout(cfg, resume: bool = False) -> KnockoutResult:
     from prunekit.distributed.tune import run_sweep
     sweep = validate(cfg, resume)
     run_dir = sweep.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / SWEEP_FILE).write_text(json.dumps({"name": sweep.name, "trial_settings": trial_settings(cfg)},
-                                                 indent=2) + "\n")
+
+    def claim():  # only once everything that can fail before a trial has passed (data tokenized, model loaded)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / SWEEP_FILE).write_text(json.dumps({"name": sweep.name, "trial_settings": trial_settings(cfg)},
+                                                     indent=2) + "\n")
     pending = [c for c in sweep.candidates if not finished(run_dir, c)]
     if cfg.tune.max_trials is not None:
         pending = pending[:cfg.tune.max_trials]
@@ -269,7 +272,10 @@ def knockout(cfg, resume: bool = False) -> KnockoutResult:
         base = load_shared_base(cfg)
         print(f"base weights and data loaded once in {time.time() - t0:.1f}s (trials read them from the Ray object "
               f"store)", flush=True)
+        claim()
         ran, errors = run_sweep(cfg, sweep, pending, base, want_importance)
+    else:
+        claim()
     return write_report(sweep, ran, errors)
 
 

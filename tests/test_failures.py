@@ -314,3 +314,37 @@ def test_knockout_that_fails_before_its_trials_does_not_claim_the_name(tiny_chat
     (tmp_path / "runs" / "ko" / "trials" / "baseline" / "result.json").write_text("{}")
     with pytest.raises(PrunekitError, match="its trials cannot be reused"):
         validate(cfg(max_length=64))
+
+
+# ---- 16. minor -----------------------------------------------------------------------------------------------------
+
+def test_a_pretty_printed_json_object_is_not_called_invalid_json(tmp_path):
+    from prunekit.core.data import DataError, load_messages
+    f = tmp_path / "one.json"
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}, indent=2))
+    with pytest.raises(DataError) as e:
+        load_messages(f)
+    assert str(e.value) == f"{f}: one JSON object, not rows: give a JSON list of rows or JSONL (one row per line)"
+    f.write_text('{"messages": [\n  oops')
+    with pytest.raises(DataError, match="row 1: invalid JSON"):
+        load_messages(f)
+
+
+def test_all_empty_assistant_replies_warn(tiny_chat_model_dir, tmp_path, capsys):
+    train = tmp_path / "empty-replies.jsonl"
+    train.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                      {"role": "assistant", "content": ""}]}) + "\n"
+                             for i in range(4)))
+    code, _, err = run_cli(capsys, *sft_args(tiny_chat_model_dir, (train, None), tmp_path, "out", "--set",
+                                             "max_length=64"))  # the default system prompt alone is ~30 tokens
+    assert code == 0, err
+    assert [line for line in error_lines(err) if "warning" in line] == [
+        f"prunekit: warning: train {train}: every assistant reply is empty; the model only learns to end its turn"]
+
+
+def test_provenance_records_a_symlinked_parent_as_an_absolute_path(llama_copy, tmp_path, capsys, monkeypatch):
+    (tmp_path / "link").symlink_to("model")  # a relative symlink
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "prune", "link", "--drop-text", "1", "-o", "out")
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "prunekit.json").read_text())["parent"] == str(llama_copy.resolve())

@@ -209,6 +209,9 @@ def read_provenance(model_dir: Path) -> dict | None:
 
 def write_provenance(out_dir: Path, record: dict, parent_dir: Path | None = None) -> dict:
     """Write prunekit.json: this step's record plus the parent's history, so lineage survives every stage."""
+    parent = record.get("parent")
+    if isinstance(parent, str) and parent and Path(parent).expanduser().exists():  # absolute, symlinks resolved
+        record = {**record, "parent": str(Path(parent).expanduser().resolve())}
     history = []
     if parent_dir is not None:
         parent = read_provenance(parent_dir)

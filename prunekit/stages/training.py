@@ -63,6 +63,13 @@ def check_supervised(cfg, train_rows: list, val_rows: list | None) -> None:
             if any(any(label != -100 for label in s["labels"][1:]) for s in samples):
                 return True
         return False
+    def text(content) -> str:
+        items = content if isinstance(content, list) else [content]
+        return "".join(i if isinstance(i, str) else str(i.get("text") or "") if isinstance(i, dict) else ""
+                       for i in items).strip()
+    if not any(text(m.get("content")) for r in train_rows for m in r["messages"] if m.get("role") == "assistant"):
+        print(f"prunekit: warning: train {cfg.train}: every assistant reply is empty; the model only learns to end "
+              f"its turn", file=sys.stderr, flush=True)
     if not supervised(train_rows, cfg.train):
         raise PrunekitError(f"train {cfg.train}: no row keeps an assistant token within max_length {cfg.max_length} "
                             f"(every prompt is longer); raise max_length or shorten the prompts")

@@ -52,22 +52,25 @@ def check_supervised(cfg, train_rows: list, val_rows: list | None) -> None:
         tokenizer = load_tokenizer(Path(cfg.model), trust_remote_code=cfg.trust_remote_code)
 
     def supervised(rows, path) -> bool:
-        for i in range(0, len(rows), 64):
-            chunk = rows[i:i + 64]
-            if is_vlm:
+        done, end = 0, 64
+        while done < len(rows):  # rows[done:end], end doubling: usually the first few rows answer
+            if is_vlm:  # a prefix from row 1, so an error names the right row
                 from prunekit.core.vision_data import tokenize_rows_vlm
-                samples = tokenize_rows_vlm(tokenizer, chunk, cfg.max_length, cfg.model, cfg.trust_remote_code,
-                                            source=path)
+                samples = tokenize_rows_vlm(tokenizer, rows[:end], cfg.max_length, cfg.model, cfg.trust_remote_code,
+                                            source=path)[done:]
             else:
-                samples = tokenize_rows(tokenizer, chunk, cfg.max_length)
+                samples = tokenize_rows(tokenizer, rows[done:end], cfg.max_length)
             if any(any(label != -100 for label in s["labels"][1:]) for s in samples):
                 return True
+            done, end = end, end * 2
         return False
     def text(content) -> str:
         items = content if isinstance(content, list) else [content]
         return "".join(i if isinstance(i, str) else str(i.get("text") or "") if isinstance(i, dict) else ""
                        for i in items).strip()
-    if not any(text(m.get("content")) for r in train_rows for m in r["messages"] if m.get("role") == "assistant"):
+    replies = [m.get("content") for r in train_rows for m in (r.get("messages") or [])
+               if m.get("role") == "assistant"]
+    if all("messages" in r for r in train_rows) and not any(text(c) for c in replies):
         print(f"prunekit: warning: train {cfg.train}: every assistant reply is empty; the model only learns to end "
               f"its turn", file=sys.stderr, flush=True)
     if not supervised(train_rows, cfg.train):

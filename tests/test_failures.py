@@ -251,6 +251,7 @@ def test_a_worker_exception_is_one_line_naming_the_cause(ray_session, tiny_chat_
     assert error_lines(err)[-1].startswith(
         f"prunekit sft: error: sft run run failed: checkpoint {final} is damaged (hf/model.safetensors is 1,000 "
         f"bytes, "), err
+    assert error_lines(err)[-1].endswith("(or pick another run name) to start over")  # no "re-run to resume"
     assert "Traceback" not in err and "WorkerGroupError" not in err
     assert not (tmp_path / "out2").exists()
 

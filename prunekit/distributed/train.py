@@ -110,11 +110,16 @@ def launch(stage: str, cfg) -> tuple[Path, Path, str]:
     except Exception as e:  # Ray Train >= 2.50 raises WorkerGroupError / ControllerError from fit()
         error = e
     if error is not None:
-        raise PrunekitError(f"{stage} run {name} failed: {failure_cause(error)} "
-                            f"(logs and checkpoints in {run_dir}; re-run the same command to resume)") from None
+        cause = failure_cause(error)
+        hint = "" if cause.startswith(PRUNEKIT_CAUSE) else \
+            f" (logs and checkpoints in {run_dir}; re-run the same command to resume)"
+        raise PrunekitError(f"{stage} run {name} failed: {cause.removeprefix(PRUNEKIT_CAUSE)}{hint}") from None
     if result.checkpoint is None:
         raise PrunekitError(f"{stage} run {name} finished without a checkpoint")
     return local_checkpoint_dir(result.checkpoint), run_dir, name
+
+
+PRUNEKIT_CAUSE = "\0prunekit:"  # marks a cause that is a PrunekitError (its message already says what to do)
 
 
 def failure_cause(error: BaseException) -> str:
@@ -131,8 +136,8 @@ def failure_cause(error: BaseException) -> str:
             break
         error = cause
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if isinstance(error, PrunekitError):
-        return lines[0] if lines else type(error).__name__
+    if isinstance(error, PrunekitError):  # says itself what to do
+        return PRUNEKIT_CAUSE + (lines[0] if lines else type(error).__name__)
     text = next((line for line in lines if not line.startswith(("Traceback", "File ", "^", "~"))), "")
     return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
 

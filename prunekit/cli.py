@@ -375,8 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     except PrunekitError as e:
         print(f"prunekit {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"prunekit {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"prunekit {args.command}: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr)
         return 130
     return 0
 

@@ -5,6 +5,7 @@ and the key.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -88,7 +89,22 @@ class TrainConfig(Strict):
             raise ValueError("launcher: local runs one worker in this process; set ray.num_workers: 1 or launcher: ray")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("max_steps must be >= 1")
+        check_optimizer_settings(self)
+        if not math.isfinite(self.epochs) or self.epochs <= 0:
+            raise ValueError(f"epochs must be a finite number > 0, got {self.epochs}")
         return self
+
+
+def check_optimizer_settings(cfg) -> None:
+    """What a worker would only find out after Ray started (AdamW raises on a negative lr, a NaN trains NaNs)."""
+    if not math.isfinite(cfg.lr) or cfg.lr <= 0:
+        raise ValueError(f"lr must be a finite number > 0, got {cfg.lr}")
+    if not math.isfinite(cfg.weight_decay) or cfg.weight_decay < 0:
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {cfg.weight_decay}")
+    if not 0 <= cfg.warmup_ratio <= 1:  # also false for NaN
+        raise ValueError(f"warmup_ratio must be in [0, 1], got {cfg.warmup_ratio}")
+    if cfg.grad_clip is not None and not (math.isfinite(cfg.grad_clip) and cfg.grad_clip > 0):
+        raise ValueError(f"grad_clip must be a finite number > 0 or null, got {cfg.grad_clip}")
 
 
 class DistillConfig(TrainConfig):
@@ -106,6 +122,13 @@ class DistillConfig(TrainConfig):
     def _beta(cls, v):
         if not 0 <= v <= 1:
             raise ValueError("must be in [0, 1]")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v):
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError("must be a finite number > 0")
         return v
 
 
@@ -196,6 +219,7 @@ class RLConfig(Strict):
         for key in ("max_steps", "prompts_per_step", "save_interval", "max_prompt_length"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1")
+        check_optimizer_settings(self)
         for key in ("n", "max_new_tokens", "num_actors", "batch_size"):
             if getattr(self.rollout, key) < 1:
                 raise ValueError(f"rollout.{key} must be >= 1")

@@ -63,7 +63,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_session, tiny_chat_mo
     assert steps == [0, 1, 2, 3, 4]  # resumed at step 2: nothing lost, nothing replayed
     # the final checkpoint holds the deliverable only (no second weight copy, no optimizer state) ...
     final = max(run_dir.glob("checkpoint_*/"), key=lambda d: json.loads((d / "metrics.json").read_text())["step"])
-    assert sorted(p.name for p in final.iterdir()) == ["hf", "metrics.json", "trainer_state.pt"]
+    assert sorted(p.name for p in final.iterdir()) == ["hf", "manifest.json", "metrics.json", "trainer_state.pt"]
     # ... and re-running the finished run trains nothing and gives the same model
     again = training.sft(cfg.model_copy(update={"overwrite": True, "test_crash_at_step": None}))
     assert [m["step"] for m in metrics_lines(again.run_dir)] == steps

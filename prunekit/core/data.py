@@ -107,6 +107,14 @@ def load_messages(path: str | os.PathLike) -> list[dict]:
                 try:
                     numbered.append((n, json.loads(line)))
                 except json.JSONDecodeError as e:
+                    if not numbered and text.lstrip().startswith("{"):  # one pretty-printed object?
+                        try:
+                            json.loads(text)
+                        except json.JSONDecodeError:
+                            pass
+                        else:
+                            raise DataError(f"{path}: one JSON object, not rows: give a JSON list of rows or JSONL "
+                                            f"(one row per line)") from None
                     raise DataError(f"{path} row {n}: invalid JSON: {e.msg}") from None
     if not numbered:
         raise DataError(f"{path}: no rows")

@@ -59,14 +59,19 @@ def resolve_model(spec: str | os.PathLike, allow_pickle: bool = False) -> Path:
                                 f"convert to safetensors or pass --allow-pickle")
         if not list(path.glob("*.bin")):
             raise PrunekitError(f"MODEL {spec}: no weights (*.safetensors) in the directory")
+    from prunekit.core.checks import check_model_dir
+    check_model_dir(path)  # config.json against the weights' headers, before anything believes it
     return path
 
 
 def read_config(model_dir: Path) -> dict:
     try:
-        return json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PrunekitError(f"{model_dir}/config.json: cannot read ({e})") from None
+    if not isinstance(cfg, dict):
+        raise PrunekitError(f"{model_dir}/config.json: expected a JSON object of settings, got {type(cfg).__name__}")
+    return cfg
 
 
 def convert_gguf(gguf_path: Path) -> Path:
@@ -139,7 +144,25 @@ def check_output_dir(out: Path, inputs: list[Path], overwrite: bool) -> Path:
             raise PrunekitError(f"-o {out}: the output must not contain the input directory ({inp})")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise PrunekitError(f"-o {out}: exists and is not empty (pass --overwrite to replace it)")
+    check_writable(out, "-o")
     return out
+
+
+def check_writable(out: Path, flag: str = "-o", inside: bool = False) -> None:
+    """Before any work: create and remove a temp dir where `write_atomically` will create one (beside OUT, or in
+    its nearest existing ancestor when the parents are still to be made; in OUT itself with `inside`). A read-only
+    mount, an immutable or foreign directory, /proc or a parent that is a file is one line now, not a traceback
+    after training."""
+    out = Path(out).expanduser().resolve()
+    where = out if inside else out.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise PrunekitError(f"{flag} {out}: cannot write there ({where} is not a directory)")
+    try:
+        shutil.rmtree(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=where))
+    except OSError as e:
+        raise PrunekitError(f"{flag} {out}: cannot write there ({e.strerror or type(e).__name__}: {where})") from None
 
 
 def write_atomically(out: Path, write_fn, overwrite: bool = False) -> Path:
@@ -186,6 +209,9 @@ def read_provenance(model_dir: Path) -> dict | None:
 
 def write_provenance(out_dir: Path, record: dict, parent_dir: Path | None = None) -> dict:
     """Write prunekit.json: this step's record plus the parent's history, so lineage survives every stage."""
+    parent = record.get("parent")
+    if isinstance(parent, str) and parent and Path(parent).expanduser().exists():  # absolute, symlinks resolved
+        record = {**record, "parent": str(Path(parent).expanduser().resolve())}
     history = []
     if parent_dir is not None:
         parent = read_provenance(parent_dir)

@@ -20,8 +20,17 @@ def ensure_ray(address: str | None = None) -> None:
 class RayTrainReporter(RunLogger):
     def restore(self) -> Path | None:
         import ray.train
+        from prunekit.engine.manifest import newest_intact
         ckpt = ray.train.get_checkpoint()
-        return None if ckpt is None else local_checkpoint_dir(ckpt)
+        if ckpt is None:
+            return None
+        latest = local_checkpoint_dir(ckpt)
+        # Ray resumes from the last reported checkpoint; a damaged one falls back to the newest intact sibling
+        older = sorted((d for d in latest.parent.glob("checkpoint_*") if d.is_dir() and d != latest
+                        and (d / "metrics.json").is_file()), key=_checkpoint_step, reverse=True)
+        if not latest.resolve().is_relative_to(self.run_dir.resolve()):
+            older = []  # a download from remote storage: no siblings to fall back to
+        return newest_intact([latest] + older, self.run_dir, warn=self.rank == 0)
 
     def checkpoint(self, step: int, metrics: dict, write_fn, all_ranks: bool, final: bool) -> None:
         import ray.train
@@ -34,6 +43,13 @@ class RayTrainReporter(RunLogger):
 
     def maybe_crash(self, step: int) -> None:
         crash_once(self.run_dir, step)
+
+
+def _checkpoint_step(ckpt_dir: Path) -> int:
+    try:
+        return int(json.loads((ckpt_dir / "metrics.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
 
 
 def run_name(stage: str, cfg) -> str:
@@ -86,13 +102,44 @@ def launch(stage: str, cfg) -> tuple[Path, Path, str]:
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise PrunekitError(f"{stage} run {name} failed: {str(result.error).splitlines()[0][:300]} "
-                            f"(logs and checkpoints in {run_dir}; re-run the same command to resume)")
+    try:
+        result = trainer.fit()
+        error = result.error
+    except (KeyboardInterrupt, PrunekitError):
+        raise
+    except Exception as e:  # Ray Train >= 2.50 raises WorkerGroupError / ControllerError from fit()
+        error = e
+    if error is not None:
+        cause = failure_cause(error)
+        hint = "" if cause.startswith(PRUNEKIT_CAUSE) else \
+            f" (logs and checkpoints in {run_dir}; re-run the same command to resume)"
+        raise PrunekitError(f"{stage} run {name} failed: {cause.removeprefix(PRUNEKIT_CAUSE)}{hint}") from None
     if result.checkpoint is None:
         raise PrunekitError(f"{stage} run {name} finished without a checkpoint")
     return local_checkpoint_dir(result.checkpoint), run_dir, name
+
+
+PRUNEKIT_CAUSE = "\0prunekit:"  # marks a cause that is a PrunekitError (its message already says what to do)
+
+
+def failure_cause(error: BaseException) -> str:
+    """One line naming what went wrong in a failed fit: the first failed worker's own exception (unwrapped from
+    Ray's task-error and worker-group wrappers), a PrunekitError's message as it is."""
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        error = failures[min(failures)]
+    elif isinstance(getattr(error, "controller_failure", None), BaseException):
+        error = error.controller_failure
+    for _ in range(8):  # RayTaskError(cause=...) and friends
+        cause = getattr(error, "cause", None)
+        if not isinstance(cause, BaseException) or cause is error:
+            break
+        error = cause
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if isinstance(error, PrunekitError):  # says itself what to do
+        return PRUNEKIT_CAUSE + (lines[0] if lines else type(error).__name__)
+    text = next((line for line in lines if not line.startswith(("Traceback", "File ", "^", "~"))), "")
+    return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
 
 
 def local_checkpoint_dir(ckpt) -> Path:

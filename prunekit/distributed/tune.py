@@ -7,8 +7,11 @@ keeps everything that finished and the next run of the same name starts only the
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -131,6 +134,46 @@ def _importance_task(shared: list, use_gpu: bool) -> dict:
     return _importance(build_trial_model(base, Candidate(), device).eval(), base, payload["importance"], device)
 
 
+class _StopOnSignal:
+    """Ctrl-C (SIGINT) during a sweep: Tune stops every trial, then the driver reports the sweep as interrupted
+    (exit 130) instead of finishing it. Tune's own SIGINT handler would end the run as if it had completed; it is
+    switched off while this one is installed. A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        from ray import tune
+
+        class _Stopper(tune.Stopper):
+            def __call__(st, trial_id, result):
+                return False
+
+            def stop_all(st):
+                return self.signum is not None
+        self.stopper = _Stopper()
+        self.signum = None
+        self._previous = None
+
+    def __enter__(self):
+        self._env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+        if threading.current_thread() is threading.main_thread():
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signal.SIGINT, self._previous)  # a second Ctrl-C does not wait for the trials to stop
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            if self._env is None:
+                os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+            else:
+                os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self._env
+        return False
+
+
 class SweepBookkeeper:
     """Driver-side Tune callback: collect each trial's reports; on completion write its result.json atomically."""
 
@@ -151,6 +194,7 @@ class SweepBookkeeper:
         self.records: dict[str, list[dict]] = {}
         self.ran: list[str] = []
         self.errors: dict[str, str] = {}
+        self.stopping = lambda: False  # an interrupted sweep: trials Tune stops are not finished
 
     def _dir(self, cid: str) -> Path:
         from prunekit.core.plan import Candidate
@@ -174,6 +218,8 @@ class SweepBookkeeper:
         last_step = max([r["step"] for r in records if not r.get("final")] or [0])
         last_eval = evals[max(evals, key=int)] if evals else {}
         last_train = train_loss[max(train_loss, key=int)] if train_loss else None
+        if not final_rec and last_step < self.total and self.stopping():
+            return  # stopped by an interrupt, not by ASHA: it stays pending and runs again next time
         status = "done" if final_rec or last_step >= self.total else "stopped_early"  # ASHA stops trials early
         result = {"candidate": cid, "status": status, "steps": last_step,
                   "final": {**last_eval, "train/loss": last_train}, "step0": evals.get("0", {}),
@@ -227,6 +273,8 @@ def run_sweep(cfg, sweep, pending: list, base: dict, want_importance: bool) -> t
         task = ray.remote(num_cpus=cfg.tune.cpus_per_trial, num_gpus=cfg.tune.gpus_per_trial)(_importance_task)
         importance_ref = task.remote(shared, use_gpu)
     book = SweepBookkeeper(sweep.run_dir, cfg.max_steps)
+    interrupt = _StopOnSignal()
+    book.stopping = lambda: interrupt.signum is not None
     if pending:
         resources = {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}
         trainable = tune.with_resources(tune.with_parameters(_trial, shared=shared), resources)
@@ -244,10 +292,20 @@ def run_sweep(cfg, sweep, pending: list, base: dict, want_importance: bool) -> t
                                         reuse_actors=use_gpu if cfg.tune.reuse_actors is None
                                         else cfg.tune.reuse_actors),
             run_config=tune.RunConfig(name=f"attempt-{attempt}", storage_path=str(tune_root),
-                                      callbacks=[book.callback], verbose=0,
+                                      callbacks=[book.callback], verbose=0, stop=interrupt.stopper,
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
-        tuner.fit()
+        with interrupt:
+            tuner.fit()
+    if interrupt.signum is not None:
+        if importance_ref is not None:
+            with contextlib.suppress(Exception):
+                ray.cancel(importance_ref, force=True)
+        from prunekit.stages.knockout import trial_dir
+        done = sum((trial_dir(sweep.run_dir, c) / "result.json").is_file() for c in sweep.candidates)
+        raise KeyboardInterrupt(f"{done} of {len(sweep.candidates)} trials finished, kept in {sweep.run_dir}; no "
+                                f"report or plan written from a partial sweep (re-run the same command to run the "
+                                f"rest)")
     if importance_ref is not None:
         try:
             scores = ray.get(importance_ref)

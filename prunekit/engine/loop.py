@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from prunekit.core.data import collate
+from prunekit.engine.manifest import write_manifest
 from prunekit.engine.strategy import STRATEGIES, LossModule, all_reduce_sum, world
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizer threads + forked workers deadlock
@@ -325,6 +326,7 @@ def write_checkpoint(strategy, reporter, step: int, metrics: dict, final: bool) 
             (ckpt_dir / "metrics.json").write_text(json.dumps({"step": step, **metrics}))
         if not final:
             strategy.save_sharded(ckpt_dir)
+        write_manifest(ckpt_dir, rank)  # last: each file's size and sha256, checked before resuming or copying out
 
     reporter.checkpoint(step, metrics, write, all_ranks=strategy.all_ranks_write_checkpoint(), final=final)
 

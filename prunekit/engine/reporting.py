@@ -71,15 +71,22 @@ class LocalReporter(RunLogger):
     """Checkpoints under run_dir/checkpoints/step-N (atomic rename); resumes from the newest."""
 
     def restore(self) -> Path | None:
-        ckpts = sorted((self.run_dir / "checkpoints").glob("step-*"))
-        return ckpts[-1] if ckpts else None
+        """The newest intact checkpoint (a damaged newer one is skipped with a warning; see engine.manifest)."""
+        from prunekit.engine.manifest import newest_intact
+        ckpts = sorted((self.run_dir / "checkpoints").glob("step-*"), reverse=True)
+        return newest_intact(ckpts, self.run_dir, warn=self.rank == 0)
 
     def checkpoint(self, step: int, metrics: dict, write_fn, all_ranks: bool, final: bool) -> None:
         root = self.run_dir / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
         write_fn(tmp)
-        os.replace(tmp, root / f"step-{step:07d}")
+        target = root / f"step-{step:07d}"
+        if target.exists():  # a damaged checkpoint of this step, skipped on restore: the new one replaces it
+            trash = Path(tempfile.mkdtemp(prefix=".old-", dir=root))
+            os.replace(target, trash / target.name)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, target)
         for old in sorted(root.glob("step-*"))[:-2]:  # keep the last two
             shutil.rmtree(old, ignore_errors=True)
         self.last_checkpoint = root / f"step-{step:07d}"

@@ -27,8 +27,8 @@ from prunekit import PrunekitError
 from prunekit.core import report
 from prunekit.core.adapters import adapter_for
 from prunekit.core.data import load_messages
-from prunekit.core.loading import (check_output_dir, load_model, load_tokenizer, quiet_transformers, read_config,
-                                   resolve_model, write_atomically, write_provenance)
+from prunekit.core.loading import (check_output_dir, check_writable, load_model, load_tokenizer, quiet_transformers,
+                                   read_config, resolve_model, write_atomically, write_provenance)
 from prunekit.core.plan import (BASELINE, Candidate, check_budget, early_excess, expand_candidates, make_plan,
                                 spearman, verdict)
 from prunekit.core.surgery import LayerDrop
@@ -124,7 +124,8 @@ def validate(cfg, resume: bool = False) -> Sweep:
     state = run_dir / SWEEP_FILE
     if resume and not state.is_file():
         raise PrunekitError(f"--resume: no sweep named {name} in {cfg.storage_path}")
-    if state.is_file():
+    ran_before = any(p.name in (RESULT_FILE, ERROR_FILE) for p in (run_dir / "trials").glob("*/*"))
+    if state.is_file() and ran_before:  # a claimed name whose trials never ran binds nothing
         before = json.loads(state.read_text())["trial_settings"]
         diff = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
         if diff:
@@ -133,6 +134,7 @@ def validate(cfg, resume: bool = False) -> Sweep:
                                 f"this config has {settings.get(k)!r}; its trials cannot be reused (pick another "
                                 f"name)")
     _check_report_dir(cfg.output_dir, model_dir, name, cfg.overwrite)
+    check_writable(cfg.storage_path, "storage_path", inside=True)
     return Sweep(cfg, name, run_dir, [Candidate()] + candidates, params_total, params_removed, n_text, n_vision)
 
 
@@ -252,9 +254,11 @@ def knockout(cfg, resume: bool = False) -> KnockoutResult:
     from prunekit.distributed.tune import run_sweep
     sweep = validate(cfg, resume)
     run_dir = sweep.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / SWEEP_FILE).write_text(json.dumps({"name": sweep.name, "trial_settings": trial_settings(cfg)},
-                                                 indent=2) + "\n")
+
+    def claim():  # only once everything that can fail before a trial has passed (data tokenized, model loaded)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / SWEEP_FILE).write_text(json.dumps({"name": sweep.name, "trial_settings": trial_settings(cfg)},
+                                                     indent=2) + "\n")
     pending = [c for c in sweep.candidates if not finished(run_dir, c)]
     if cfg.tune.max_trials is not None:
         pending = pending[:cfg.tune.max_trials]
@@ -268,7 +272,10 @@ def knockout(cfg, resume: bool = False) -> KnockoutResult:
         base = load_shared_base(cfg)
         print(f"base weights and data loaded once in {time.time() - t0:.1f}s (trials read them from the Ray object "
               f"store)", flush=True)
+        claim()
         ran, errors = run_sweep(cfg, sweep, pending, base, want_importance)
+    else:
+        claim()
     return write_report(sweep, ran, errors)
 
 

@@ -622,6 +622,9 @@ def pipeline(cfg, where: str = "recipe", redo: str | None = None) -> PipelineRes
     if out == Path(cfg.model) or Path(cfg.model).is_relative_to(out):
         raise PrunekitError(f"output_dir {out}: would hold the input model; pick another directory")
     storage = Path(cfg.storage_path).resolve() if cfg.storage_path else out / "runs"
+    from prunekit.core.loading import check_writable
+    check_writable(out, "output_dir", inside=True)
+    check_writable(storage, "storage_path", inside=True)
     o_params = model_facts(Path(cfg.model))["params"]
     target = cfg.target.params if cfg.target.params is not None else int(cfg.target.params_fraction * o_params)
     if o_params <= target:

@@ -7,7 +7,6 @@ with provenance. Re-running the same command resumes from the newest checkpoint.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,8 +63,8 @@ def rl(cfg) -> RLResult:
     base = Path(cfg.model)
 
     def write(tmp: Path):
-        for f in (final_ckpt / HF_DIR).iterdir():
-            shutil.copy2(f, tmp / f.name)
+        from prunekit.engine.manifest import copy_verified
+        copy_verified(final_ckpt, HF_DIR, tmp)  # against the sizes and hashes recorded when it was written
         copy_side_files(base, tmp)
         write_provenance(tmp, {"stage": "rl", "parent": str(base), "run": str(run_dir),
                                "algorithm": cfg.algorithm.name, "rewards": [r.model_dump() for r in cfg.rewards],

@@ -14,8 +14,8 @@ from pathlib import Path
 from prunekit import PrunekitError
 from prunekit.core.data import load_messages, pack_sequences
 from prunekit.core.evaluate import tokenize_rows
-from prunekit.core.loading import (check_output_dir, copy_side_files, load_model, load_tokenizer, quiet_transformers,
-                                   resolve_model, write_atomically, write_provenance)
+from prunekit.core.loading import (check_output_dir, check_writable, copy_side_files, load_model, load_tokenizer,
+                                   quiet_transformers, resolve_model, write_atomically, write_provenance)
 
 
 @dataclass
@@ -39,6 +39,46 @@ def _samples(tokenizer, path, cfg, limit=None, is_vlm=False):
         samples = tokenize_rows(tokenizer, rows, cfg.max_length)
     samples = [s for s in samples if any(label != -100 for label in s["labels"][1:])]
     return pack_sequences(samples, cfg.max_length) if cfg.packing else samples
+
+
+def check_supervised(cfg, train_rows: list, val_rows: list | None) -> None:
+    """On the driver, before any worker starts: some training row must keep an assistant token within max_length
+    after truncation (stops at the first that does); a val set without one only warns (no eval then)."""
+    import sys
+    from prunekit.core.adapters import adapter_for
+    from prunekit.core.loading import read_config
+    is_vlm = adapter_for(read_config(Path(cfg.model))).is_vlm
+    with quiet_transformers():
+        tokenizer = load_tokenizer(Path(cfg.model), trust_remote_code=cfg.trust_remote_code)
+
+    def supervised(rows, path) -> bool:
+        done, end = 0, 64
+        while done < len(rows):  # rows[done:end], end doubling: usually the first few rows answer
+            if is_vlm:  # a prefix from row 1, so an error names the right row
+                from prunekit.core.vision_data import tokenize_rows_vlm
+                samples = tokenize_rows_vlm(tokenizer, rows[:end], cfg.max_length, cfg.model, cfg.trust_remote_code,
+                                            source=path)[done:]
+            else:
+                samples = tokenize_rows(tokenizer, rows[done:end], cfg.max_length)
+            if any(any(label != -100 for label in s["labels"][1:]) for s in samples):
+                return True
+            done, end = end, end * 2
+        return False
+    def text(content) -> str:
+        items = content if isinstance(content, list) else [content]
+        return "".join(i if isinstance(i, str) else str(i.get("text") or "") if isinstance(i, dict) else ""
+                       for i in items).strip()
+    replies = [m.get("content") for r in train_rows for m in (r.get("messages") or [])
+               if m.get("role") == "assistant"]
+    if all("messages" in r for r in train_rows) and not any(text(c) for c in replies):
+        print(f"prunekit: warning: train {cfg.train}: every assistant reply is empty; the model only learns to end "
+              f"its turn", file=sys.stderr, flush=True)
+    if not supervised(train_rows, cfg.train):
+        raise PrunekitError(f"train {cfg.train}: no row keeps an assistant token within max_length {cfg.max_length} "
+                            f"(every prompt is longer); raise max_length or shorten the prompts")
+    if val_rows and not supervised(val_rows[:cfg.eval_max_samples] if cfg.eval_max_samples else val_rows, cfg.val):
+        print(f"prunekit: warning: val {cfg.val}: no row keeps an assistant token within max_length "
+              f"{cfg.max_length}; the run is not evaluated", file=sys.stderr, flush=True)
 
 
 def build_worker(stage: str, cfg, device, teacher_device=None):
@@ -76,10 +116,13 @@ def validate(stage: str, cfg) -> None:
     # workers run elsewhere (another cwd, maybe another node): hand them absolute paths
     cfg.train, cfg.output_dir, cfg.storage_path = (Path(p).resolve() for p in (cfg.train, cfg.output_dir, cfg.storage_path))
     cfg.val = Path(cfg.val).resolve() if cfg.val else None
-    load_messages(cfg.train)
-    if cfg.val is not None and not load_messages(cfg.val):
+    train_rows = load_messages(cfg.train)
+    val_rows = load_messages(cfg.val) if cfg.val is not None else None
+    if val_rows is not None and not val_rows:
         raise PrunekitError(f"val {cfg.val}: no rows")
+    check_supervised(cfg, train_rows, val_rows)
     check_output_dir(cfg.output_dir, [Path(cfg.model)], cfg.overwrite)
+    check_writable(cfg.storage_path, "storage_path", inside=True)  # run directories and checkpoints go there
     if stage == "distill":
         from prunekit.engine.objectives import check_same_tokenizer
         if cfg.teacher_placement == "own_gpu" and not (cfg.ray.use_gpu and cfg.ray.gpus_per_worker >= 2):
@@ -120,12 +163,15 @@ def run(stage: str, cfg) -> TrainResult:
     else:
         from prunekit.distributed.train import launch
         final_ckpt, run_dir, name = launch(stage, cfg)
-    metrics = json.loads((final_ckpt / "metrics.json").read_text())
+    from prunekit.engine.manifest import copy_verified
+    try:
+        metrics = json.loads((final_ckpt / "metrics.json").read_text())
+    except (OSError, ValueError) as e:
+        raise PrunekitError(f"checkpoint {final_ckpt} is damaged (metrics.json: {e}); nothing written") from None
     base = Path(cfg.model)
 
     def write(tmp: Path):
-        for f in (final_ckpt / "hf").iterdir():
-            shutil.copy2(f, tmp / f.name)
+        copy_verified(final_ckpt, "hf", tmp)  # against the sizes and hashes recorded when it was written
         copy_side_files(base, tmp)
         if stage == "lora":  # the adapter points at its base by a relative path, never an absolute one
             adapter_cfg = json.loads((tmp / "adapter_config.json").read_text())

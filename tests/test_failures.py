@@ -1,0 +1,351 @@
+"""Failures a user meets (issue 16): each ends in one line and the right exit code, and leaves nothing half-written."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from prunekit.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_lines(err: str) -> list[str]:
+    """stderr without progress-bar redraws."""
+    return [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "it/s]" not in line
+            and "s/it]" not in line and "step/s]" not in line and "s/step]" not in line and "|" not in line]
+
+
+def sft_args(model, data, tmp_path, out, *extra):
+    train, _ = data  # no val: at max_length 32 no val row keeps an assistant token (a warning line)
+    return ["sft", "--model", model, "--train", train, "--output-dir", tmp_path / out, "--name", "run",
+            "--max-steps", 2, "--set", "batch_size=2", "--set", "max_length=32", "--set", "launcher=local",
+            "--set", "wandb.mode=disabled", "--set", f"storage_path={tmp_path / 'runs'}", *extra]
+
+
+# ---- 1. a damaged checkpoint is never copied out as success ----------------------------------------------------
+
+def test_damaged_final_checkpoint_falls_back_to_the_previous_one(tiny_chat_model_dir, chat_data, tmp_path, capsys):
+    from prunekit.core.loading import load_model
+    code, _, err = run_cli(capsys, *sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out1", "--set",
+                                             "save_interval=1"))
+    assert code == 0, err
+    ckpts = tmp_path / "runs" / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000001", "step-0000002"]
+    manifest = json.loads((ckpts / "step-0000002" / "manifest.json").read_text())["files"]
+    weights = ckpts / "step-0000002" / "hf" / "model.safetensors"
+    assert manifest["hf/model.safetensors"]["size"] == weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(1000)
+    code, out, err = run_cli(capsys, *sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out2", "--set",
+                                               "save_interval=1"))
+    assert code == 0, err
+    warnings = [line for line in error_lines(err) if "warning" in line]
+    assert warnings == [f"prunekit: warning: checkpoint {ckpts / 'step-0000002'} is damaged (hf/model.safetensors is "
+                        f"1,000 bytes, {manifest['hf/model.safetensors']['size']:,} when written); resuming from "
+                        f"step-0000001"], err
+    assert "wrote" in out and "Traceback" not in err
+    load_model(tmp_path / "out2")  # the step-2 model again, retrained from step 1
+    lines = [json.loads(x)["step"] for x in (tmp_path / "runs" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [1, 2]  # step 2 once: the resumed run dropped nothing it kept and logged step 2 again
+
+
+def test_damaged_only_checkpoint_fails_with_one_line(tiny_chat_model_dir, chat_data, tmp_path, capsys):
+    code, _, err = run_cli(capsys, *sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out1"))
+    assert code == 0, err
+    final = tmp_path / "runs" / "run" / "checkpoints" / "step-0000002"
+    with open(final / "hf" / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    code, out, err = run_cli(capsys, *sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out2"))
+    assert code == 2 and error_lines(err) == [
+        f"prunekit sft: error: checkpoint {final} is damaged (hf/model.safetensors is 1,000 bytes, "
+        f"{json.loads((final / 'manifest.json').read_text())['files']['hf/model.safetensors']['size']:,} when "
+        f"written) and no earlier checkpoint is intact; delete {tmp_path / 'runs' / 'run'} (or pick another run "
+        f"name) to start over"], err
+    assert not (tmp_path / "out2").exists() and not list(tmp_path.glob(".out2*"))
+
+
+def test_copy_out_verifies_against_the_manifest(tiny_chat_model_dir, tmp_path):
+    from prunekit import PrunekitError
+    from prunekit.engine.manifest import checkpoint_problem, copy_verified, write_manifest
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_chat_model_dir, ckpt / "hf")
+    (ckpt / "metrics.json").write_text("{}")
+    write_manifest(ckpt)
+    assert checkpoint_problem(ckpt) is None
+    (tmp_path / "a").mkdir()
+    copy_verified(ckpt, "hf", tmp_path / "a")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (ckpt / "hf" / "model.safetensors").read_bytes()
+    data = bytearray((ckpt / "hf" / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    (ckpt / "hf" / "model.safetensors").write_bytes(bytes(data))
+    assert checkpoint_problem(ckpt) == "hf/model.safetensors does not match the sha256 recorded when it was written"
+    (tmp_path / "b").mkdir()
+    with pytest.raises(PrunekitError, match="hf/model.safetensors does not match the sha256"):
+        copy_verified(ckpt, "hf", tmp_path / "b")
+    # a checkpoint written before manifests: its safetensors headers are checked
+    (ckpt / "manifest.json").unlink()
+    with open(ckpt / "hf" / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    assert "hf/model.safetensors is 1,000 bytes" in checkpoint_problem(ckpt)
+
+
+# ---- 2 / 11. config.json against the weights ---------------------------------------------------------------------
+
+@pytest.fixture
+def llama_copy(tiny_model_dir, tmp_path):
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llama"), d)
+    return d
+
+
+def edit_config(model_dir, text_key=None, **changes):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    (cfg[text_key] if text_key else cfg).update(changes)
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+
+
+MISMATCHES = [
+    ({"num_hidden_layers": 6}, "config.json says 6 text layers, the weights hold 4"),
+    ({"num_hidden_layers": 2}, "config.json says 2 text layers, the weights hold 4"),
+    ({"hidden_size": 32}, "config.json says hidden_size 32, the weights' model.embed_tokens.weight has 64 columns"),
+    ({"vocab_size": 256}, "config.json says vocab_size 256, the weights' model.embed_tokens.weight has 128 rows"),
+    ({"num_key_value_heads": 4}, "config.json says num_key_value_heads 4 x head_dim 16 = 64, the weights' "
+                                 "model.layers.0.self_attn.k_proj.weight has 32 rows (2 heads)"),
+]
+
+
+@pytest.mark.parametrize("changes,message", MISMATCHES)
+def test_config_that_disagrees_with_the_weights_is_one_line(changes, message, llama_copy, tmp_path, capsys):
+    from conftest import tree_hash
+    edit_config(llama_copy, **changes)
+    before = tree_hash(llama_copy)
+    code, _, err = run_cli(capsys, "inspect", llama_copy)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    for mode in ("--streaming", "--in-memory"):
+        code, _, err = run_cli(capsys, "prune", llama_copy, "--drop-text", "1", "-o", tmp_path / "out", mode)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+    code, _, err = run_cli(capsys, "kv-cut", llama_copy, "--kv-heads", "1", "-o", tmp_path / "out")
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert tree_hash(llama_copy) == before and not (tmp_path / "out").exists()
+
+
+def test_training_refuses_a_config_that_disagrees_with_the_weights(tiny_chat_model_dir, chat_data, tmp_path, capsys):
+    model = tmp_path / "chat"
+    shutil.copytree(tiny_chat_model_dir, model)
+    edit_config(model, num_hidden_layers=3)
+    code, _, err = run_cli(capsys, *sft_args(model, chat_data, tmp_path, "out"))
+    assert code == 2 and error_lines(err) == [
+        f"prunekit sft: error: MODEL {model}: config.json says 3 text layers, the weights hold 2 "
+        f"(config.json and the weights disagree; nothing done)"], err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
+def test_vlm_vision_depth_that_disagrees_with_the_weights(tiny_model_dir, tmp_path, capsys):
+    d = tmp_path / "vlm"
+    shutil.copytree(tiny_model_dir("qwen2_vl"), d)
+    edit_config(d, "vision_config", depth=6)
+    capsys.readouterr()  # the fixture's own output
+    code, _, err = run_cli(capsys, "inspect", d)
+    assert code == 2 and "config.json says 6 vision blocks, the weights hold 4" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[]", "config.json: expected a JSON object of settings, got list"),
+    ('"llama"', "config.json: expected a JSON object of settings, got str"),
+    ('{"model_type": "llama"}', "config.json: no num_hidden_layers"),
+    ('{"model_type": "llama", "num_hidden_layers": "4", "num_attention_heads": 4, "hidden_size": 64}',
+     "config.json: num_hidden_layers: '4' is not a positive integer"),
+    ('{"num_hidden_layers": 4}', "model_type None is not supported"),
+])
+def test_config_json_of_the_wrong_shape_is_one_line(text, message, llama_copy, tmp_path, capsys):
+    (llama_copy / "config.json").write_text(text)
+    for argv in (["inspect", llama_copy], ["prune", llama_copy, "--drop-text", "1", "-o", tmp_path / "out"]):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+# ---- 3. Ctrl-C during a knockout sweep ---------------------------------------------------------------------------
+
+def test_ctrl_c_during_knockout_exits_130_without_a_plan(ray_session, tiny_chat_model_dir, chat_data, tmp_path,
+                                                          capsys):
+    import os
+    import signal
+    import threading
+    import time
+    train, val = chat_data
+    run_dir = tmp_path / "runs" / "ko"
+    first = run_dir / "trials" / "baseline" / "result.json"
+
+    def interrupt_after_the_first_trial():
+        deadline = time.time() + 300
+        while not first.is_file() and time.time() < deadline:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends the driver
+    threading.Thread(target=interrupt_after_the_first_trial, daemon=True).start()
+    code, out, err = run_cli(capsys, "knockout", "--model", tiny_chat_model_dir, "--train", train, "--val", val,
+                             "--output-dir", tmp_path / "report", "--name", "ko", "--max-steps", 30,
+                             "--storage-path", tmp_path / "runs", "--set", "batch_size=2", "--set", "max_length=64",
+                             "--set", "eval_interval=30", "--set", "eval_max_samples=4", "--set", "importance=false",
+                             "--set", "tune.max_concurrent_trials=1", "--set", "wandb.mode=disabled")
+    assert code == 130, err
+    assert error_lines(err) == [
+        f"prunekit knockout: interrupted (1 of 3 trials finished, kept in {run_dir}; no report or plan written from "
+        f"a partial sweep (re-run the same command to run the rest))"], err
+    assert first.is_file() and not (run_dir / "trials" / "text_0" / "result.json").exists()
+    assert not (tmp_path / "report").exists() and "plan" not in out
+
+
+# ---- 9. no supervised token after truncation ---------------------------------------------------------------------
+
+def test_training_data_without_supervised_tokens_fails_before_launch(tiny_chat_model_dir, tmp_path, capsys):
+    train = tmp_path / "long.jsonl"
+    long = " ".join(["a very long question"] * 40)
+    train.write_text("".join(json.dumps({"messages": [{"role": "user", "content": long},
+                                                      {"role": "assistant", "content": "ok"}]}) + "\n"
+                             for _ in range(3)))
+    code, _, err = run_cli(capsys, "sft", "--model", tiny_chat_model_dir, "--train", train, "--output-dir",
+                           tmp_path / "out", "--max-steps", 2, "--set", "max_length=32",
+                           "--set", f"storage_path={tmp_path / 'runs'}")  # launcher: ray, yet nothing starts
+    assert code == 2 and error_lines(err) == [
+        f"prunekit sft: error: train {train}: no row keeps an assistant token within max_length 32 (every prompt is "
+        f"longer); raise max_length or shorten the prompts"], err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
+# ---- 8. what a worker would only find out after Ray started; a worker's exception ----------------------------------
+
+@pytest.mark.parametrize("setting,message", [
+    ("lr=-1", "lr must be a finite number > 0, got -1.0"), ("lr=.nan", "lr must be a finite number > 0, got nan"),
+    ("lr=0", "lr must be a finite number > 0, got 0.0"), ("warmup_ratio=2", "warmup_ratio must be in [0, 1], got 2.0"),
+    ("weight_decay=-0.1", "weight_decay must be a finite number >= 0"), ("grad_clip=0", "grad_clip must be a finite"),
+])
+def test_bad_optimizer_settings_fail_before_ray(setting, message, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "sft", "--model", "smollm2", "--train", tmp_path / "t.jsonl", "--output-dir",
+                           tmp_path / "out", "--set", setting)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_a_worker_exception_is_one_line_naming_the_cause(ray_session, tiny_chat_model_dir, chat_data, tmp_path,
+                                                         capsys):
+    """On Ray Train: a worker that raises (here: the only checkpoint of the run is damaged, found on restore) ends
+    in one line naming the cause, not a WorkerGroupError traceback; nothing is written."""
+    argv = sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out1")
+    argv[argv.index("launcher=local")] = "launcher=ray"
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    run_dir = tmp_path / "runs" / "run"
+    (final,) = [d for d in run_dir.glob("checkpoint_*") if (d / "hf").is_dir()]
+    assert (final / "manifest.json").is_file()
+    with open(final / "hf" / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    argv[argv.index(tmp_path / "out1")] = tmp_path / "out2"
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2, err
+    assert error_lines(err)[-1].startswith(
+        f"prunekit sft: error: sft run run failed: checkpoint {final} is damaged (hf/model.safetensors is 1,000 "
+        f"bytes, "), err
+    assert error_lines(err)[-1].endswith("(or pick another run name) to start over")  # no "re-run to resume"
+    assert "Traceback" not in err and "WorkerGroupError" not in err
+    assert not (tmp_path / "out2").exists()
+
+
+# ---- 10. an unwritable output location -----------------------------------------------------------------------------
+
+@pytest.fixture
+def immutable_dir(tmp_path):
+    """A directory nobody (root included) may create entries in; skipped where chattr +i is not allowed."""
+    import subprocess
+    d = tmp_path / "immutable"
+    d.mkdir()
+    if subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not permitted here")
+    yield d
+    subprocess.run(["chattr", "-i", str(d)], capture_output=True)
+
+
+def test_unwritable_output_fails_before_any_work(llama_copy, tiny_chat_model_dir, chat_data, immutable_dir, tmp_path,
+                                                 capsys):
+    (tmp_path / "a-file").write_text("x")
+    cases = [(immutable_dir / "out", f"cannot write there (Operation not permitted: {immutable_dir})"),
+             (tmp_path / "a-file" / "out", f"cannot write there ({tmp_path / 'a-file'} is not a directory)"),
+             ("/proc/prunekit-out", "cannot write there (No such file or directory: /proc)")]
+    for out, message in cases:
+        code, _, err = run_cli(capsys, "prune", llama_copy, "--drop-text", "1", "-o", out)
+        assert code == 2 and err == f"prunekit prune: error: -o {out}: {message}\n", err
+    for flag, value, message in [("--output-dir", immutable_dir / "out", f"-o {immutable_dir / 'out'}: cannot write"),
+                                 ("--set", f"storage_path={immutable_dir}", f"storage_path {immutable_dir}: cannot")]:
+        argv = sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out")
+        at = argv.index(flag) + 1 if flag == "--output-dir" else argv.index(f"storage_path={tmp_path / 'runs'}")
+        argv[at] = value
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and message in err and len(error_lines(err)) == 1, err
+        assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+    assert not list(immutable_dir.iterdir())
+
+
+# ---- 13. a knockout that fails before any trial does not claim its name ----------------------------------------------
+
+def test_knockout_that_fails_before_its_trials_does_not_claim_the_name(tiny_chat_model_dir, chat_data, tmp_path):
+    from prunekit import PrunekitError
+    from prunekit.config import load_config
+    from prunekit.stages.knockout import knockout, validate
+    train, val = chat_data
+
+    def cfg(**over):
+        return load_config("knockout", None, {
+            "model": str(tiny_chat_model_dir), "train": str(train), "val": str(val), "name": "ko",
+            "output_dir": str(tmp_path / "report"), "storage_path": str(tmp_path / "runs"), "max_steps": 2,
+            "batch_size": 2, "wandb.mode": "disabled", **over})
+    with pytest.raises(PrunekitError, match="no conversation with assistant tokens"):
+        knockout(cfg(max_length=32, eval_max_samples=4))  # no val row fits in 32 tokens: found after validation
+    assert not (tmp_path / "runs" / "ko" / "sweep.json").exists() and not (tmp_path / "report").exists()
+    validate(cfg(max_length=64, eval_max_samples=8))  # the corrected config may use the name
+    # a name claimed by a run whose trials never started binds nothing either
+    (tmp_path / "runs" / "ko").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "runs" / "ko" / "sweep.json").write_text(json.dumps({"name": "ko", "trial_settings": {"lr": 1}}))
+    validate(cfg(max_length=64))
+    (tmp_path / "runs" / "ko" / "trials" / "baseline").mkdir(parents=True)
+    (tmp_path / "runs" / "ko" / "trials" / "baseline" / "result.json").write_text("{}")
+    with pytest.raises(PrunekitError, match="its trials cannot be reused"):
+        validate(cfg(max_length=64))
+
+
+# ---- 16. minor -----------------------------------------------------------------------------------------------------
+
+def test_a_pretty_printed_json_object_is_not_called_invalid_json(tmp_path):
+    from prunekit.core.data import DataError, load_messages
+    f = tmp_path / "one.json"
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}, indent=2))
+    with pytest.raises(DataError) as e:
+        load_messages(f)
+    assert str(e.value) == f"{f}: one JSON object, not rows: give a JSON list of rows or JSONL (one row per line)"
+    f.write_text('{"messages": [\n  oops')
+    with pytest.raises(DataError, match="row 1: invalid JSON"):
+        load_messages(f)
+
+
+def test_all_empty_assistant_replies_warn(tiny_chat_model_dir, tmp_path, capsys):
+    train = tmp_path / "empty-replies.jsonl"
+    train.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                      {"role": "assistant", "content": ""}]}) + "\n"
+                             for i in range(4)))
+    code, _, err = run_cli(capsys, *sft_args(tiny_chat_model_dir, (train, None), tmp_path, "out", "--set",
+                                             "max_length=64"))  # the default system prompt alone is ~30 tokens
+    assert code == 0, err
+    assert [line for line in error_lines(err) if "warning" in line] == [
+        f"prunekit: warning: train {train}: every assistant reply is empty; the model only learns to end its turn"]
+
+
+def test_provenance_records_a_symlinked_parent_as_an_absolute_path(llama_copy, tmp_path, capsys, monkeypatch):
+    (tmp_path / "link").symlink_to("model")  # a relative symlink
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "prune", "link", "--drop-text", "1", "-o", "out")
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "prunekit.json").read_text())["parent"] == str(llama_copy.resolve())

@@ -303,7 +303,7 @@ def test_knockout_that_fails_before_its_trials_does_not_claim_the_name(tiny_chat
             "model": str(tiny_chat_model_dir), "train": str(train), "val": str(val), "name": "ko",
             "output_dir": str(tmp_path / "report"), "storage_path": str(tmp_path / "runs"), "max_steps": 2,
             "batch_size": 2, "wandb.mode": "disabled", **over})
-    with pytest.raises(PrunekitError, match="no conversation with assistant tokens"):
+    with pytest.raises(PrunekitError, match="no row with supervised tokens"):
         knockout(cfg(max_length=32, eval_max_samples=4))  # no val row fits in 32 tokens: found after validation
     assert not (tmp_path / "runs" / "ko" / "sweep.json").exists() and not (tmp_path / "report").exists()
     validate(cfg(max_length=64, eval_max_samples=8))  # the corrected config may use the name

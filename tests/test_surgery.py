@@ -147,3 +147,58 @@ def test_kv_cut_stage_writes_config_and_provenance(tiny_model_dir, tmp_path):
     model, _ = load_model(result.output)
     assert model.config.num_key_value_heads == 1
     assert model(**text_inputs()).logits.isfinite().all()
+
+
+# ---- calibrated KV cut ---------------------------------------------------------------------------------------------
+
+def calibration_batches_for(family, seeds=(1, 2, 3)):
+    """Right-padded random-token batches (the tiny models' calibration distribution)."""
+    batches = []
+    for seed in seeds:
+        b = text_inputs(batch=4, length=48, seed=seed)
+        b["attention_mask"][0, 30:] = 0   # one padded row per batch
+        batches.append(b)
+    return batches
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES + ["qwen2_5_vl"])
+def test_calibrated_kv_cut_of_identical_heads_is_exact(family):
+    from prunekit.core.kv_calibration import CalibrationSettings, calibrate_kv_cut
+    model = kv_family_model(family)
+    adapter = ADAPTERS[family]
+    make_groups_identical(model, adapter, [(0, 1), (2, 3)])
+    inputs = inputs_for(family)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    cut = apply_to_model(model, KVCut(adapter, model.config.to_dict(), 2))
+    record = calibrate_kv_cut(model, cut, adapter, calibration_batches_for(family), CalibrationSettings(steps=5))
+    assert all(layer["relative_error_after"] <= 1e-10 for layer in record["layers"])
+    with torch.no_grad():
+        assert (model(**inputs).logits - ref).abs().max().item() == 0   # the original is untouched
+        assert (cut(**inputs).logits - ref).abs().max().item() <= 1e-5
+
+
+def heldout_kl(original, cut, inputs) -> float:
+    with torch.no_grad():
+        p, q = (m(**inputs).logits.float().log_softmax(-1) for m in (original, cut))
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("family,grouping", [("llama", "mean"), ("qwen2", "similarity"), ("qwen3", "mean")])
+def test_calibrated_kv_cut_beats_mean_pooling_on_random_heads(family, grouping):
+    from prunekit.core.kv_calibration import CalibrationSettings, attention_output_errors, calibrate_kv_cut
+    model = kv_family_model(family)
+    adapter = ADAPTERS[family]
+    cfg = model.config.to_dict()
+    calib, heldout = calibration_batches_for(family, seeds=range(1, 9)), [text_inputs(batch=4, length=48, seed=20)]
+    orders = kv_similarity_orders(model, adapter, calib, kv_heads=2) if grouping == "similarity" else None
+    surgery = KVCut(adapter, cfg, 2, head_order=orders)
+    pooled, calibrated = apply_to_model(model, surgery), apply_to_model(model, surgery)
+    query_orders = {i: surgery.query_head_order(i) for i in range(4)}
+    record = calibrate_kv_cut(model, calibrated, adapter, calib, CalibrationSettings(steps=30),
+                              query_orders=query_orders)
+    assert all(layer["mse_after"] < layer["mse_before"] for layer in record["layers"])
+    pooled_errors = attention_output_errors(model, pooled, adapter, heldout)
+    calibrated_errors = attention_output_errors(model, calibrated, adapter, heldout)
+    assert sum(calibrated_errors) < sum(pooled_errors)
+    assert heldout_kl(model, calibrated, heldout[0]) < heldout_kl(model, pooled, heldout[0])

@@ -113,6 +113,7 @@ class KVCut:
     config: dict
     kv_heads: int
     head_order: dict[int, list[int]] | None = None
+    calibration: dict | None = None   # set by prunekit.core.kv_calibration (recorded in the provenance)
 
     def __post_init__(self):
         heads, old_kv, head_dim = self.adapter.attention_shape(self.config)
@@ -160,6 +161,14 @@ class KVCut:
         merged = heads.float().reshape(self.kv_heads, self.group, self.head_dim, *t.shape[1:]).mean(1)
         return merged.to(t.dtype).reshape(self.kv_heads * self.head_dim, *t.shape[1:]).contiguous()
 
+    def query_head_order(self, layer: int) -> list[int] | None:
+        """For each query head of the cut layer, the original query head it is (None: unchanged order)."""
+        order = self._order(layer)
+        if order is None:
+            return None
+        q_per_kv = self.heads // self.old_kv
+        return [kv * q_per_kv + j for kv in order for j in range(q_per_kv)]
+
     def _permute_heads(self, t: torch.Tensor, order: list[int], dim: int) -> torch.Tensor:
         q_per_kv = self.heads // self.old_kv
         q_order = [kv * q_per_kv + j for kv in order for j in range(q_per_kv)]
@@ -167,9 +176,12 @@ class KVCut:
         return t.index_select(dim, rows).contiguous()
 
     def provenance(self) -> dict:
-        return {"operation": "kv_cut", "kv_heads": {"before": self.old_kv, "after": self.kv_heads},
-                "grouping": "similarity" if self.head_order else "mean",
-                "head_order": {str(k): v for k, v in (self.head_order or {}).items()}}
+        record = {"operation": "kv_cut", "kv_heads": {"before": self.old_kv, "after": self.kv_heads},
+                  "grouping": "similarity" if self.head_order else "mean",
+                  "head_order": {str(k): v for k, v in (self.head_order or {}).items()}}
+        if self.calibration is not None:
+            record["calibration"] = self.calibration
+        return record
 
 
 def group_heads_by_similarity(similarity: torch.Tensor, group: int) -> list[int]:

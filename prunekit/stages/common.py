@@ -37,10 +37,11 @@ class SurgeryInput:
 
 def write_surgery_output(src: SurgeryInput, surgery, out: str | Path, *, overwrite: bool = False,
                          streaming: bool | None = None, trust_remote_code: bool = False,
-                         model=None, stage: str) -> SurgeryResult:
+                         model=None, built=None, stage: str) -> SurgeryResult:
     """Apply `surgery` to the input checkpoint and write OUT atomically (temp dir, then rename).
 
-    streaming=None decides by checkpoint size. `model` may pass an already-loaded input model (in-memory path)."""
+    streaming=None decides by checkpoint size. `model` may pass an already-loaded input model (in-memory path),
+    `built` the output model already built from it (e.g. a calibrated KV cut) to save as is."""
     out = check_output_dir(Path(out), [src.path], overwrite)
     if streaming is None:
         streaming = model is None and streaming_surgery.should_stream(src.path)
@@ -56,7 +57,7 @@ def write_surgery_output(src: SurgeryInput, surgery, out: str | Path, *, overwri
             with quiet_transformers():
                 loaded = model if model is not None else load_model(src.path, dtype="auto",
                                                                    trust_remote_code=trust_remote_code)[0]
-                apply_to_model(loaded, surgery).save_pretrained(tmp)
+                (built if built is not None else apply_to_model(loaded, surgery)).save_pretrained(tmp)
         after_tmp = report.describe(tmp)
         write_provenance(tmp, {
             "stage": stage, "parent": str(src.path), **surgery.provenance(), "streaming": streaming,

@@ -1,11 +1,13 @@
-"""Recipe: reduce the text model's KV heads (GQA conversion), optionally grouping heads by similarity."""
+"""Recipe: reduce the text model's KV heads (GQA conversion), optionally grouping heads by similarity and
+calibrating the merged heads layer by layer on data (`prunekit.core.kv_calibration`)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from prunekit import PrunekitError
-from prunekit.core.loading import load_model, load_tokenizer, quiet_transformers
-from prunekit.core.surgery import KVCut, kv_similarity_orders
+from prunekit.core.loading import check_output_dir, load_model, load_tokenizer, quiet_transformers
+from prunekit.core.kv_calibration import CalibrationSettings, calibrate_kv_cut
+from prunekit.core.surgery import KVCut, apply_to_model, kv_similarity_orders
 from prunekit.stages.common import SurgeryInput, SurgeryResult, write_surgery_output
 
 GROUPINGS = ("mean", "similarity")
@@ -22,14 +24,39 @@ def calibration_batches(tokenizer, data: str | Path, max_samples: int = 64, max_
         yield {"input_ids": ids}
 
 
+def padded_calibration_batches(tokenizer, data: str | Path, max_samples: int = 64, max_length: int = 256,
+                                batch_size: int = 8) -> list[dict]:
+    """Chat-templated conversations spread evenly over a messages file, right-padded into batches of similar
+    length (input_ids + attention_mask)."""
+    from prunekit.core.data import collate, load_messages, tokenize_conversation
+    rows = load_messages(data)
+    rows = rows[:: max(1, len(rows) // max_samples)][:max_samples]
+    samples = sorted((tokenize_conversation(tokenizer, r["messages"], max_length) for r in rows),
+                     key=lambda s: len(s["input_ids"]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = []
+    for i in range(0, len(samples), batch_size):
+        batch = collate(samples[i:i + batch_size], pad)
+        batch.pop("labels")
+        batches.append(batch)
+    return batches
+
+
 def kv_cut(model: str, out: str | Path, kv_heads: int, grouping: str = "mean", data: str | Path | None = None, *,
            overwrite: bool = False, streaming: bool | None = None, allow_pickle: bool = False,
-           trust_remote_code: bool = False, max_samples: int = 64) -> SurgeryResult:
+           trust_remote_code: bool = False, max_samples: int = 64, calibrate: bool = False,
+           calibration: CalibrationSettings | None = None) -> SurgeryResult:
+    """`calibrate`: fit the merged K/V projections (and o_proj) layer by layer on `data` so every layer's attention
+    output matches the original's; `calibration` sets steps / lr / o_proj refit / ridge."""
     if grouping not in GROUPINGS:
         raise PrunekitError(f"--grouping: {grouping!r} is not one of {', '.join(GROUPINGS)}")
     src = SurgeryInput.open(model, allow_pickle=allow_pickle)
     KVCut(src.adapter, src.config, kv_heads)  # validate the head counts before any loading
-    if grouping == "mean":
+    if calibrate and data is None:
+        raise PrunekitError("--calibrate needs calibration data: --data FILE (messages JSON/JSONL)")
+    if calibrate and streaming:
+        raise PrunekitError("--calibrate runs the model on --data, so it cannot stream; drop --streaming")
+    if grouping == "mean" and not calibrate:
         surgery = KVCut(src.adapter, src.config, kv_heads)
         return write_surgery_output(src, surgery, out, overwrite=overwrite, streaming=streaming,
                                     trust_remote_code=trust_remote_code, stage="kv_cut")
@@ -37,10 +64,20 @@ def kv_cut(model: str, out: str | Path, kv_heads: int, grouping: str = "mean", d
         raise PrunekitError("--grouping similarity needs calibration data: --data FILE (messages JSON/JSONL)")
     if streaming:
         raise PrunekitError("--grouping similarity runs the model on --data, so it cannot stream; use --grouping mean")
+    check_output_dir(Path(out), [src.path], overwrite)  # refuse a bad OUT before minutes of calibration
     with quiet_transformers():
         loaded, adapter = load_model(src.path, dtype="auto", trust_remote_code=trust_remote_code)
         tokenizer = load_tokenizer(src.path, trust_remote_code=trust_remote_code)
-    orders = kv_similarity_orders(loaded, adapter, calibration_batches(tokenizer, data, max_samples), kv_heads)
+    orders = None
+    if grouping == "similarity":
+        orders = kv_similarity_orders(loaded, adapter, calibration_batches(tokenizer, data, max_samples), kv_heads)
     surgery = KVCut(src.adapter, src.config, kv_heads, head_order=orders)
-    return write_surgery_output(src, surgery, out, overwrite=overwrite, streaming=False, model=loaded,
+    built = None
+    if calibrate:
+        built = apply_to_model(loaded, surgery)
+        query_orders = {i: surgery.query_head_order(i) for i in range(adapter.num_text_layers(src.config))}
+        surgery.calibration = calibrate_kv_cut(loaded, built, adapter,
+                                               padded_calibration_batches(tokenizer, data, max_samples),
+                                               calibration, query_orders=query_orders)
+    return write_surgery_output(src, surgery, out, overwrite=overwrite, streaming=False, model=loaded, built=built,
                                 trust_remote_code=trust_remote_code, stage="kv_cut")

@@ -1,0 +1,347 @@
+"""Calibrate a KV cut layer by layer so each layer's attention output matches the original's.
+
+Grouping (mean or similarity) only decides which heads share a merged K/V projection; averaging their weights is
+what matching the merged head's K/V *outputs* gives (the least-squares W of sum_h ||X(W_h - W)||² is the mean), and
+that ignores how the queries use the keys. Here the target is the attention module's output instead:
+
+1. Teacher forcing: one pass of the original model (eager attention) records every attention module's inputs
+   (normed hidden states, rotary embeddings, the 4D mask with padding), so layers are calibrated independently.
+2. Values, closed form: given the cut model's own attention probabilities P_h, each query head's context is
+   P_h X W_v — linear in W_v — so the V weights (and bias) of a merged head are the least-squares fit of the
+   original contexts of all query heads in its group, stacked.
+3. Keys (and values) jointly: a short Adam fit of the attention output (after o_proj) to the original's, through
+   the layer's own attention forward (RoPE, q_norm/k_norm, GQA, sliding windows stay the model's own code), fp32.
+4. o_proj, closed form: least squares from the cut model's contexts to the original attention output.
+
+Every solve is a ridge regression toward the current weights, so directions the calibration data does not see keep
+their merged values. Every fourth calibration batch is held out of the fits and judges each step (the ridge strength
+of each solve, the Adam iterate kept, whether the layer changes at all), so calibration cannot make a layer worse on
+data it did not fit; chat data with a shared system prompt has far fewer distinct tokens than it seems, and plain
+least squares overfits it badly. A layer whose merged heads already reproduce the output (identical heads) is left
+as it is: the calibrated cut of identical heads is exact.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+
+from prunekit import PrunekitError
+from prunekit.core.adapters import Adapter, get_module
+
+EXACT_RELATIVE_ERROR = 1e-10   # a layer whose cut already reproduces the output this well is left alone
+
+
+@dataclass
+class CalibrationSettings:
+    steps: int = 200               # Adam steps of the joint K/V fit per layer (0: closed-form solves only)
+    lr: float = 1e-3
+    refit_o_proj: bool = True      # least-squares o_proj to the original attention output (same parameter count)
+    # ridge strengths toward the current weights (relative to the mean Gram diagonal) tried by every least-squares
+    # solve; the held-out calibration batches pick one, or keep the current weights
+    ridges: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
+
+
+@dataclass
+class _Batch:
+    hidden: torch.Tensor           # [B, T, hidden] fp32: the attention module's input
+    kwargs: dict                   # the rest of its call (position embeddings, mask, ...), fp32
+    tokens: torch.Tensor           # [B, T] bool: real tokens (padding is excluded from every loss and solve)
+
+
+def _to_fp32(value):
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_fp32(v) for v in value)
+    return value
+
+
+@contextlib.contextmanager
+def eager_attention(model):
+    """Run `model` with eager attention: its masks are then additive 4D tensors and its attention modules return
+    their probabilities, both of which calibration needs."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
+
+
+@torch.no_grad()
+def capture_attention_inputs(model, adapter: Adapter, batches: list[dict]) -> list[list[_Batch]]:
+    """One teacher-forced pass of the original model: per text layer, the inputs of its attention module for
+    every batch (dicts with input_ids and attention_mask)."""
+    layers = get_module(model, adapter.text_layers)
+    captured: list[list[_Batch]] = [[] for _ in layers]
+    tokens: list[torch.Tensor] = []
+
+    def recorder(i):
+        def hook(_module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            kwargs.update(past_key_values=None, use_cache=False)
+            captured[i].append(_Batch(hidden.detach().float(), _to_fp32(kwargs), tokens[-1]))
+        return hook
+
+    hooks = [getattr(layer, adapter.attn_module).register_forward_pre_hook(recorder(i), with_kwargs=True)
+             for i, layer in enumerate(layers)]
+    try:
+        with eager_attention(model):
+            for batch in batches:
+                tokens.append(batch["attention_mask"].bool())
+                model(**batch, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not batches or not sum(int(t.sum()) for t in tokens):
+        raise PrunekitError("--data: the calibration data produced no tokens")
+    return captured
+
+
+def _fp32_eager_copy(attn):
+    module = copy.deepcopy(attn).float().eval()
+    module.config._attn_implementation = "eager"   # the copy owns its config copy; the model is not touched
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def _forward(attn, batch: _Batch, contexts: list | None = None):
+    """(attention output after o_proj, attention probabilities); `contexts` collects o_proj's input if given."""
+    hook = None
+    if contexts is not None:
+        hook = attn.o_proj.register_forward_pre_hook(lambda _m, args: contexts.append(args[0].detach()))
+    try:
+        out, probs = attn(batch.hidden, **batch.kwargs)[:2]
+    finally:
+        if hook is not None:
+            hook.remove()
+    return out, probs
+
+
+def _squared_error(outputs, targets, data: list[_Batch]) -> float:
+    return sum(float(((o - y)[b.tokens] ** 2).sum()) for o, y, b in zip(outputs, targets, data))
+
+
+@dataclass
+class _Problem:
+    """One layer's calibration: the original's attention outputs and contexts (o_proj inputs, in the cut model's
+    query-head order) on the captured inputs; `fit` batches fit the weights, `check` batches (held out from the
+    fit) judge every step, so a solve or an Adam iterate that only memorises the calibration tokens is refused."""
+    data: list[_Batch]
+    targets: list[torch.Tensor]
+    contexts: list[torch.Tensor]
+    fit: list[int]
+    check: list[int]
+
+    def error(self, cut, which: list[int]) -> float:
+        with torch.no_grad():
+            return sum(float(((_forward(cut, self.data[i])[0] - self.targets[i])[self.data[i].tokens] ** 2).sum())
+                       for i in which)
+
+    def energy(self, which: list[int]) -> float:
+        return max(sum(float((self.targets[i][self.data[i].tokens] ** 2).sum()) for i in which), 1e-30)
+
+
+def _split(n: int) -> tuple[list[int], list[int]]:
+    """(fit, check) batch indexes: every 4th batch checks (the batches are sorted by length, so both splits see
+    short and long conversations); a single batch both fits and checks."""
+    if n == 1:
+        return [0], [0]
+    check = [i for i in range(n) if i % 4 == 3] or [n - 1]
+    return [i for i in range(n) if i not in check], check
+
+
+def _ridge_toward(gram: torch.Tensor, cross: torch.Tensor, current: torch.Tensor, ridge: float) -> torch.Tensor:
+    """argmin_W ||A W - Y||² + lam ||W - current||² from A^T A (`gram`) and A^T Y (`cross`), in float64: where the
+    data says nothing W stays at `current`, and a `current` that already fits exactly does not move."""
+    lam = ridge * float(gram.diagonal().mean()) + 1e-12
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    return current + torch.linalg.solve(gram + lam * eye, cross - gram @ current)
+
+
+def _linear_as_matrix(linear: torch.nn.Linear) -> torch.Tensor:
+    """The Linear as an [in (+1 for a bias), out] float64 matrix (y = [x 1] M)."""
+    m = linear.weight.T.double()
+    return torch.cat([m, linear.bias.double()[None]]) if linear.bias is not None else m
+
+
+def _set_linear_from_matrix(linear: torch.nn.Linear, m: torch.Tensor) -> None:
+    n_in = linear.weight.shape[1]
+    linear.weight.data.copy_(m[:n_in].T)
+    if linear.bias is not None:
+        linear.bias.data.copy_(m[n_in])
+
+
+def _with_ones(x: torch.Tensor, bias: bool) -> torch.Tensor:
+    return torch.cat([x, torch.ones_like(x[..., :1])], -1) if bias else x
+
+
+def _keep_best_on_check(cut, linear: torch.nn.Linear, candidates: list[torch.Tensor], problem: _Problem) -> None:
+    """Set `linear` to the candidate with the lowest held-out error; candidate 0 is the current weights."""
+    errors = []
+    for m in candidates:
+        _set_linear_from_matrix(linear, m)
+        errors.append(problem.error(cut, problem.check))
+    _set_linear_from_matrix(linear, candidates[min(range(len(errors)), key=errors.__getitem__)])
+
+
+@torch.no_grad()
+def _solve_values(cut, problem: _Problem, heads: int, kv_heads: int, head_dim: int, ridges) -> None:
+    """Least-squares V of every merged head for the cut model's own attention probabilities: for the query heads
+    h of group g, P_h [X 1] W_g ≈ the original context of h, stacked over heads and real tokens."""
+    per_group = heads // kv_heads
+    bias = cut.v_proj.bias is not None
+    n = cut.v_proj.weight.shape[1] + bias
+    grams = torch.zeros(kv_heads, n, n, dtype=torch.float64)
+    crosses = torch.zeros(kv_heads, n, head_dim, dtype=torch.float64)
+    for i in problem.fit:
+        batch = problem.data[i]
+        _, probs = _forward(cut, batch)
+        x = _with_ones(batch.hidden, bias)                                             # [B, T, n]
+        target = problem.contexts[i].reshape(*batch.hidden.shape[:2], heads, head_dim)  # [B, T, H, hd]
+        for h in range(heads):
+            a = (probs[:, h] @ x)[batch.tokens].double()                               # [tokens, n]
+            grams[h // per_group] += a.T @ a
+            crosses[h // per_group] += a.T @ target[:, :, h][batch.tokens].double()
+    current = _linear_as_matrix(cut.v_proj)
+    candidates = [current] + [
+        torch.cat([_ridge_toward(grams[g], crosses[g], current[:, g * head_dim:(g + 1) * head_dim], r)
+                   for g in range(kv_heads)], 1) for r in ridges]
+    _keep_best_on_check(cut, cut.v_proj, candidates, problem)
+
+
+@torch.no_grad()
+def _solve_output_projection(cut, problem: _Problem, ridges) -> None:
+    """Least-squares o_proj from the cut model's contexts to the original attention output."""
+    bias = cut.o_proj.bias is not None
+    gram = cross = 0
+    for i in problem.fit:
+        contexts: list[torch.Tensor] = []
+        _forward(cut, problem.data[i], contexts)
+        tokens = problem.data[i].tokens
+        a = _with_ones(contexts[0], bias)[tokens].double()
+        gram, cross = gram + a.T @ a, cross + a.T @ problem.targets[i][tokens].double()
+    current = _linear_as_matrix(cut.o_proj)
+    _keep_best_on_check(cut, cut.o_proj, [current] + [_ridge_toward(gram, cross, current, r) for r in ridges],
+                        problem)
+
+
+def _fit_keys_and_values(cut, problem: _Problem, settings: CalibrationSettings) -> None:
+    """Adam on the K and V projections (weights and biases) for the relative attention-output error on the fit
+    batches; keeps the iterate with the lowest held-out error, the starting one included."""
+    params = [p for lin in (cut.k_proj, cut.v_proj) for p in lin.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=settings.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / settings.steps, 1.0))))
+    energy = problem.energy(problem.fit)
+    best_error, best = math.inf, None
+    for step in range(settings.steps + 1):   # the last pass only judges the final iterate
+        check_error = problem.error(cut, problem.check)
+        if check_error < best_error:
+            best_error, best = check_error, [p.detach().clone() for p in params]
+        if step == settings.steps:
+            break
+        optimizer.zero_grad(set_to_none=True)
+        for i in problem.fit:
+            out, _ = _forward(cut, problem.data[i])
+            (((out - problem.targets[i])[problem.data[i].tokens] ** 2).sum() / energy).backward()
+        optimizer.step()
+        schedule.step()
+    with torch.no_grad():
+        for p, b in zip(params, best):
+            p.copy_(b)
+            p.requires_grad_(False)
+
+
+def _replace_parameters(dst: torch.nn.Module, src: torch.nn.Module) -> None:
+    """New Parameters (in dst's dtype) rather than in-place copies: the cut model built by apply_to_model shares
+    the tensors it did not change (o_proj, q_proj) with the original, which must stay intact."""
+    for name, p in src.named_parameters(recurse=False):
+        old = getattr(dst, name)
+        setattr(dst, name, torch.nn.Parameter(p.detach().to(old.dtype).clone(), requires_grad=old.requires_grad))
+
+
+def calibrate_layer(original_attn, cut_attn, data: list[_Batch], *, heads: int, kv_heads: int, head_dim: int,
+                    query_order: list[int] | None, settings: CalibrationSettings) -> dict:
+    """Calibrate one cut attention module in place against the original; returns its output errors."""
+    orig, cut = _fp32_eager_copy(original_attn), _fp32_eager_copy(cut_attn)
+    targets, contexts = [], []
+    with torch.no_grad():
+        for batch in data:
+            targets.append(_forward(orig, batch, contexts)[0])
+    if query_order is not None:   # the cut model's query heads are permuted (similarity grouping)
+        columns = torch.arange(heads * head_dim).reshape(heads, head_dim)[query_order].reshape(-1)
+        contexts = [c.index_select(-1, columns) for c in contexts]
+    problem = _Problem(data, targets, contexts, *_split(len(data)))
+    every = list(range(len(data)))
+    before, check_before = problem.error(cut, every), problem.error(cut, problem.check)
+    after, check_after = before, check_before
+    if before / problem.energy(every) > EXACT_RELATIVE_ERROR:
+        _solve_values(cut, problem, heads, kv_heads, head_dim, settings.ridges)
+        if settings.steps > 0:
+            _fit_keys_and_values(cut, problem, settings)
+        if settings.refit_o_proj:
+            _solve_output_projection(cut, problem, settings.ridges)
+        after, check_after = problem.error(cut, every), problem.error(cut, problem.check)
+        if check_after < check_before:
+            for name in ("k_proj", "v_proj", "o_proj"):
+                _replace_parameters(getattr(cut_attn, name), getattr(cut, name))
+        else:
+            after, check_after = before, check_before
+    n = sum(int(b.tokens.sum()) for b in data) * targets[0].shape[-1]
+    energy, check_energy = problem.energy(every), problem.energy(problem.check)
+    return {"mse_before": before / n, "mse_after": after / n,
+            "relative_error_before": before / energy, "relative_error_after": after / energy,
+            "check_relative_error_before": check_before / check_energy,
+            "check_relative_error_after": check_after / check_energy}
+
+
+@torch.no_grad()
+def attention_output_errors(original, cut, adapter: Adapter, batches: list[dict]) -> list[float]:
+    """Per text layer, the relative error ||cut - original||² / ||original||² of the attention output (after
+    o_proj, so query-head permutations do not matter) on `batches`, each layer fed the original model's inputs
+    (teacher forcing)."""
+    captured = capture_attention_inputs(original, adapter, batches)
+    errors = []
+    for o_layer, c_layer, data in zip(get_module(original, adapter.text_layers), get_module(cut, adapter.text_layers),
+                                      captured):
+        orig = _fp32_eager_copy(getattr(o_layer, adapter.attn_module))
+        cut_attn = _fp32_eager_copy(getattr(c_layer, adapter.attn_module))
+        targets = [_forward(orig, b)[0] for b in data]
+        energy = max(sum(float((y[b.tokens] ** 2).sum()) for y, b in zip(targets, data)), 1e-30)
+        errors.append(_squared_error([_forward(cut_attn, b)[0] for b in data], targets, data) / energy)
+    return errors
+
+
+def calibrate_kv_cut(original, cut, adapter: Adapter, batches: list[dict], settings: CalibrationSettings | None = None,
+                     query_orders: dict[int, list[int]] | None = None, progress=None) -> dict:
+    """Calibrate every text layer of `cut` (the KV-cut model built from `original`) in place on `batches`
+    (dicts with input_ids and attention_mask; right padding is fine). `query_orders[layer]` lists, for each query
+    head of the cut model, the original query head it came from (similarity grouping). Returns the provenance
+    record: samples, tokens, settings and per-layer attention-output MSE before/after."""
+    settings = settings or CalibrationSettings()
+    heads, kv_heads, head_dim = adapter.attention_shape(cut.config.to_dict())
+    captured = capture_attention_inputs(original, adapter, batches)
+    original_layers = get_module(original, adapter.text_layers)
+    cut_layers = get_module(cut, adapter.text_layers)
+    per_layer = []
+    for i, (o_layer, c_layer) in enumerate(zip(original_layers, cut_layers)):
+        stats = calibrate_layer(getattr(o_layer, adapter.attn_module), getattr(c_layer, adapter.attn_module),
+                                captured[i], heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                                query_order=(query_orders or {}).get(i), settings=settings)
+        per_layer.append({"layer": i, **stats})
+        captured[i] = []   # free this layer's inputs
+        if progress is not None:
+            progress(i, stats)
+    return {"samples": sum(int(b["input_ids"].shape[0]) for b in batches),
+            "tokens": sum(int(b["attention_mask"].sum()) for b in batches),
+            "steps": settings.steps, "lr": settings.lr, "refit_o_proj": settings.refit_o_proj,
+            "ridges": list(settings.ridges), "layers": per_layer}

@@ -234,8 +234,9 @@ def _solve_output_projection(cut, problem: _Problem, ridges) -> None:
 
 
 def _fit_projections(cut, problem: _Problem, settings: CalibrationSettings) -> None:
-    """Adam on the Q (with `fit_queries`), K and V projections (weights and biases) for the relative attention-output error on the fit
-    batches; keeps the iterate with the lowest held-out error, the starting one included."""
+    """Adam on the Q (with `fit_queries`), K and V projections (weights and biases) for the relative
+    attention-output error on the fit batches; keeps the iterate with the lowest held-out error, the starting one
+    included."""
     fitted = (cut.q_proj, cut.k_proj, cut.v_proj) if settings.fit_queries else (cut.k_proj, cut.v_proj)
     params = [p for lin in fitted for p in lin.parameters()]
     for p in params:
@@ -345,5 +346,5 @@ def calibrate_kv_cut(original, cut, adapter: Adapter, batches: list[dict], setti
             progress(i, stats)
     return {"samples": sum(int(b["input_ids"].shape[0]) for b in batches),
             "tokens": sum(int(b["attention_mask"].sum()) for b in batches),
-            "steps": settings.steps, "lr": settings.lr, "fit_queries": settings.fit_queries, "refit_o_proj": settings.refit_o_proj,
-            "ridges": list(settings.ridges), "layers": per_layer}
+            "steps": settings.steps, "lr": settings.lr, "fit_queries": settings.fit_queries,
+            "refit_o_proj": settings.refit_o_proj, "ridges": list(settings.ridges), "layers": per_layer}

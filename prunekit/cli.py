@@ -48,9 +48,11 @@ def cmd_prune(args) -> None:
 
 def cmd_kv_cut(args) -> None:
     from prunekit.stages.kv_cut import kv_cut
+    from prunekit.core.kv_calibration import CalibrationSettings
     result = kv_cut(args.model, args.out, args.kv_heads, args.grouping, args.data, overwrite=args.overwrite,
                     streaming=args.streaming, allow_pickle=args.allow_pickle,
-                    trust_remote_code=args.trust_remote_code)
+                    trust_remote_code=args.trust_remote_code, max_samples=args.samples, calibrate=args.calibrate,
+                    calibration=CalibrationSettings(steps=args.calibration_steps))
     b, a = (r["kv_cache_bytes_per_token_bf16"] for r in (result.before, result.after))
     _print_surgery(result)
     print(f"KV cache bytes/token (bf16): {b:,} -> {a:,} ({b / a:.1f}x smaller)")
@@ -255,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grouping", default="mean", choices=["mean", "similarity"],
                    help="mean: average adjacent heads; similarity: group heads by K/V output similarity on --data")
     p.add_argument("--data", default=None, help="calibration conversations (messages JSON/JSONL) for similarity")
+    p.add_argument("--calibrate", action="store_true",
+                   help="fit the merged heads layer by layer on --data so each layer's attention output matches")
+    p.add_argument("--samples", type=int, default=64, help="calibration conversations taken from --data")
+    p.add_argument("--calibration-steps", type=int, default=200, help="Adam steps per layer of --calibrate")
     _surgery_flags(p)
     p.set_defaults(func=cmd_kv_cut)
 

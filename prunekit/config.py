@@ -329,7 +329,9 @@ class PruneStageConfig(Strict):
 class KVCutStageConfig(Strict):
     kv_heads: int
     grouping: Literal["mean", "similarity"] = "mean"
-    samples: int = 64                         # calibration conversations from the train set (similarity)
+    samples: int = 64                         # calibration conversations from the train set (similarity, calibrate)
+    calibrate: bool = False                   # fit the merged heads layer by layer (prunekit.core.kv_calibration)
+    calibration_steps: int = 200              # Adam steps per layer of the calibration fit
     streaming: bool | None = None
 
 

@@ -159,3 +159,20 @@ def test_prune_with_plan(tiny_model_dir, tmp_path, capsys):
     prov = json.loads((tmp_path / "out" / "prunekit.json").read_text())
     assert prov["removed"] == {"text_layers": [2], "vision_blocks": [0, 3]}
     assert prov["params"]["after"] < prov["params"]["before"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    ([], "--calibrate needs calibration data: --data FILE"),
+    (["--data", "DATA", "--streaming"], "--calibrate runs the model on --data, so it cannot stream"),
+    (["--data", "DATA", "--samples", "0"], "--samples: 0 must be at least 1"),
+])
+def test_bad_calibrate_arguments(flags, message, llama_copy, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    before = tree_hash(llama_copy)
+    flags = [str(data) if f == "DATA" else f for f in flags]
+    code, _, err = run_cli(capsys, "kv-cut", llama_copy, "--kv-heads", 1, "--calibrate", *flags,
+                           "-o", tmp_path / "out")
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert tree_hash(llama_copy) == before and not (tmp_path / "out").exists()

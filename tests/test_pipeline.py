@@ -248,3 +248,16 @@ def test_local_pipeline_prunes_a_given_plan_without_ray(chat4, chat_data, tmp_pa
         pl.check_recipe(load_config("pipeline", None, bad))
     with pytest.raises(PrunekitError, match="prune.plan: .*nope.json: no such file"):
         pl.check_recipe(load_config("pipeline", None, {**bad, "rounds": [{"prune": {"plan": "nope.json"}}]}))
+
+
+def test_kv_cut_stage_calibrates_on_the_train_set(tiny_chat_model_dir, chat_data, tmp_path):
+    from types import SimpleNamespace
+    from prunekit.config import KVCutStageConfig
+    runner = SimpleNamespace(cfg=SimpleNamespace(train=chat_data[0], trust_remote_code=False),
+                             _config=lambda stage, settings, *_: KVCutStageConfig(**settings))
+    settings = {"kv_heads": 1, "calibrate": True, "samples": 8, "calibration_steps": 2}
+    record = pl.Runner._kv_cut(runner, "f-1-kv_cut", settings, None, {"output": str(tiny_chat_model_dir)}, None,
+                               tmp_path / "out")
+    assert record["calibrate"] is True and record["grouping"] == "mean"
+    calibration = json.loads((tmp_path / "out" / "prunekit.json").read_text())["calibration"]
+    assert calibration["samples"] == 8 and calibration["steps"] == 2 and len(calibration["layers"]) == 2

@@ -202,3 +202,23 @@ def test_calibrated_kv_cut_beats_mean_pooling_on_random_heads(family, grouping):
     calibrated_errors = attention_output_errors(model, calibrated, adapter, heldout)
     assert sum(calibrated_errors) < sum(pooled_errors)
     assert heldout_kl(model, calibrated, heldout[0]) < heldout_kl(model, pooled, heldout[0])
+
+
+def test_calibrated_kv_cut_stage_loads_and_generates_the_same_with_and_without_cache(tiny_chat_model_dir, chat_data,
+                                                                                    tmp_path):
+    import transformers
+    from prunekit.core.kv_calibration import CalibrationSettings
+    train, _ = chat_data
+    result = kv_cut(str(tiny_chat_model_dir), tmp_path / "out", kv_heads=1, grouping="similarity", data=train,
+                    max_samples=16, calibrate=True, calibration=CalibrationSettings(steps=3))
+    calibration = result.provenance["calibration"]
+    assert calibration["samples"] == 16 and calibration["tokens"] > 16 and calibration["steps"] == 3
+    assert len(calibration["layers"]) == 2
+    assert all(layer["mse_after"] <= layer["mse_before"] for layer in calibration["layers"])
+    assert result.provenance["grouping"] == "similarity"
+    model = transformers.AutoModelForCausalLM.from_pretrained(result.output).eval()
+    assert model.config.num_key_value_heads == 1
+    inputs = text_inputs()
+    ref_seq, ref_logits = generate_logits(model, inputs, use_cache=False)
+    seq, logits = generate_logits(model, inputs, use_cache=True)
+    assert torch.equal(ref_seq, seq) and (ref_logits - logits).abs().max().item() <= 1e-4

@@ -56,6 +56,10 @@ def kv_cut(model: str, out: str | Path, kv_heads: int, grouping: str = "mean", d
         raise PrunekitError("--calibrate needs calibration data: --data FILE (messages JSON/JSONL)")
     if calibrate and streaming:
         raise PrunekitError("--calibrate runs the model on --data, so it cannot stream; drop --streaming")
+    if max_samples < 1:
+        raise PrunekitError(f"--samples: {max_samples} must be at least 1")
+    if calibrate and calibration is not None and calibration.steps < 0:
+        raise PrunekitError(f"--calibration-steps: {calibration.steps} must be 0 or more")
     if grouping == "mean" and not calibrate:
         surgery = KVCut(src.adapter, src.config, kv_heads)
         return write_surgery_output(src, surgery, out, overwrite=overwrite, streaming=streaming,

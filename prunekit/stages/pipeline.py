@@ -429,10 +429,13 @@ class Runner:
     def _kv_cut(self, stage_id, settings, rnd, current, target, out):
         from prunekit.stages.kv_cut import kv_cut
         s = self._config("kv_cut", settings, stage_id, current, out)
-        data = str(self.cfg.train) if s.grouping == "similarity" else None
+        from prunekit.core.kv_calibration import CalibrationSettings
+        data = str(self.cfg.train) if s.grouping == "similarity" or s.calibrate else None
         result = kv_cut(current["output"], out, s.kv_heads, s.grouping, data, overwrite=True, streaming=s.streaming,
-                        trust_remote_code=self.cfg.trust_remote_code, max_samples=s.samples)
-        return {"output": str(result.output), "kv_heads": s.kv_heads, "grouping": s.grouping}
+                        trust_remote_code=self.cfg.trust_remote_code, max_samples=s.samples, calibrate=s.calibrate,
+                        calibration=CalibrationSettings(steps=s.calibration_steps))
+        return {"output": str(result.output), "kv_heads": s.kv_heads, "grouping": s.grouping,
+                "calibrate": s.calibrate}
 
     def _rl(self, stage_id, settings, rnd, current, target, out):
         try:

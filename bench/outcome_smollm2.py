@@ -10,7 +10,8 @@ Phases, each resumable (re-running the same command continues; a call killed at 
 finished): data (chatterbot + general text files; `--prepare` writes them here for an offline box) -> corpus
 (teacher-sampled) -> pipeline -> compare_data (the pruned model distilled for `--compare-steps` steps on each
 recovery data source: chatterbot, the shipped general text, the teacher corpus) -> compare_kv (mean, similarity and
-calibrated KV cuts of the recovered model: right after the cut and after `--compare-steps` distillation steps) ->
+calibrated KV cuts of the recovered model — for 3 -> 1 similarity grouping equals the mean — right after the cut
+and after `--compare-steps` distillation steps) ->
 report: bench/results/outcome_smollm2.json + .png. The 20-minute goal counts data + corpus + pipeline.
 
     python bench/outcome_smollm2.py --prepare --data .gpu/data            # here: the data files, for the GPU box
@@ -108,16 +109,16 @@ def distill(model: str, train: Path, data: Path, out: Path, name: str, steps: in
 def sizes(args) -> dict:
     """The recipe as written on a GPU; tiny on --smoke (a CPU check of the code path, not a measurement)."""
     if not args.smoke:
-        return {"distill": {}, "pipeline": {}, "kv": {}}
+        return {"distill": {}, "pipeline": {}, "kv": {}}  # compare_kv: the recipe's kv_cut settings
     small = {"max_length": 64, "batch_size": 2, "bf16": False, "compile": False, "eval_interval": 2,
              "save_interval": 2, "eval_max_samples": 4, "loss_chunk_size": 1024}
     return {"distill": small,
             "pipeline": {"stages.distill": small, "rounds": [{"prune": {"plan": str(args.plan)}},
                                                              {"distill": {"max_steps": 2}}],
                          "finish": [{"kv_cut": {"kv_heads": 1, "grouping": "similarity", "calibrate": True,
-                                                "samples": 4}}, {"distill": {"max_steps": 2}}],
+                                                "samples": 4, "calibration_steps": 2}}, {"distill": {"max_steps": 2}}],
                          "eval_samples": 4, "eval_text_samples": 4},
-            "kv": {"samples": 4}}
+            "kv": {"samples": 4, "calibration_steps": 2}}
 
 
 def main(argv=None) -> int:
@@ -213,9 +214,15 @@ def main(argv=None) -> int:
     def compare_kv():
         """KV heads 3 -> 1 on the recovered 21-layer model: mean, similarity and calibrated, right after the cut and
         after the same short distillation."""
+        import yaml
+        from prunekit.core.kv_calibration import CalibrationSettings
         from prunekit.stages.kv_cut import kv_cut
-        cuts = {"mean": ("mean", False), "similarity": ("similarity", False),
-                "similarity+calibrated": ("similarity", True)}
+        recipe_cut = next(e["kv_cut"] for e in yaml.safe_load((ROOT / "recipes" / "outcome.yaml").read_text())[
+            "finish"] if isinstance(e, dict) and "kv_cut" in e)
+        kv = {"samples": recipe_cut.get("samples", 64), "calibration_steps": recipe_cut.get("calibration_steps", 200),
+              **sizes(args)["kv"]}
+        # 3 -> 1 merges every KV head of a layer into one group, where similarity grouping is the mean
+        cuts = {"mean": ("mean", False), "mean+calibrated": ("mean", True)}
         runs = results.setdefault("compare_kv", {})
         base = stage_output("r1-2-distill")
         for label, (grouping, calibrate) in cuts.items():
@@ -223,7 +230,8 @@ def main(argv=None) -> int:
                 continue
             cut = out / "compare" / f"kv-{label}"
             kv_cut(base, cut, 1, grouping, data=str(corpus), overwrite=True, calibrate=calibrate,
-                   max_samples=sizes(args)["kv"].get("samples", 256), device="cuda" if args.gpu else "cpu")
+                   max_samples=kv["samples"], calibration=CalibrationSettings(steps=kv["calibration_steps"]),
+                   device="cuda" if args.gpu else "cpu")
             after = distill(str(cut), corpus, data, out / "compare" / f"kv-{label}-distill", f"kv-{label}",
                             args.compare_steps, args)
             runs[label] = {"cut": measure(str(cut), data, args), "steps": args.compare_steps,

@@ -162,7 +162,7 @@ def _ridge_toward(gram: torch.Tensor, cross: torch.Tensor, current: torch.Tensor
     """argmin_W ||A W - Y||² + lam ||W - current||² from A^T A (`gram`) and A^T Y (`cross`), in float64: where the
     data says nothing W stays at `current`, and a `current` that already fits exactly does not move."""
     lam = ridge * float(gram.diagonal().mean()) + 1e-12
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     return current + torch.linalg.solve(gram + lam * eye, cross - gram @ current)
 
 
@@ -199,8 +199,9 @@ def _solve_values(cut, problem: _Problem, heads: int, kv_heads: int, head_dim: i
     per_group = heads // kv_heads
     bias = cut.v_proj.bias is not None
     n = cut.v_proj.weight.shape[1] + bias
-    grams = torch.zeros(kv_heads, n, n, dtype=torch.float64)
-    crosses = torch.zeros(kv_heads, n, head_dim, dtype=torch.float64)
+    device = cut.v_proj.weight.device
+    grams = torch.zeros(kv_heads, n, n, dtype=torch.float64, device=device)
+    crosses = torch.zeros(kv_heads, n, head_dim, dtype=torch.float64, device=device)
     for i in problem.fit:
         batch = problem.data[i]
         _, probs = _forward(cut, batch)
@@ -281,7 +282,8 @@ def calibrate_layer(original_attn, cut_attn, data: list[_Batch], *, heads: int, 
         for batch in data:
             targets.append(_forward(orig, batch, contexts)[0])
     if query_order is not None:   # the cut model's query heads are permuted (similarity grouping)
-        columns = torch.arange(heads * head_dim).reshape(heads, head_dim)[query_order].reshape(-1)
+        columns = torch.arange(heads * head_dim).reshape(heads, head_dim)[query_order].reshape(-1).to(
+            contexts[0].device)
         contexts = [c.index_select(-1, columns) for c in contexts]
     problem = _Problem(data, targets, contexts, *_split(len(data)))
     every = list(range(len(data)))

@@ -211,7 +211,7 @@ def kv_similarity_orders(model, adapter: Adapter, batches, kv_heads: int) -> dic
         attn = getattr(layer, adapter.attn_module)
         for name in (adapter.k_proj, adapter.v_proj):
             def hook(_m, _inp, out, key=(i, name)):
-                outputs.setdefault(key, []).append(out.detach().float().reshape(-1, old_kv, head_dim))
+                outputs.setdefault(key, []).append(out.detach().float().reshape(-1, old_kv, head_dim).cpu())
             hooks.append(getattr(attn, name).register_forward_hook(hook))
     try:
         for batch in batches:

@@ -45,9 +45,10 @@ def padded_calibration_batches(tokenizer, data: str | Path, max_samples: int = 6
 def kv_cut(model: str, out: str | Path, kv_heads: int, grouping: str = "mean", data: str | Path | None = None, *,
            overwrite: bool = False, streaming: bool | None = None, allow_pickle: bool = False,
            trust_remote_code: bool = False, max_samples: int = 64, calibrate: bool = False,
-           calibration: CalibrationSettings | None = None) -> SurgeryResult:
+           calibration: CalibrationSettings | None = None, device: str = "cpu") -> SurgeryResult:
     """`calibrate`: fit the merged K/V projections (and o_proj) layer by layer on `data` so every layer's attention
-    output matches the original's; `calibration` sets steps / lr / o_proj refit / ridge."""
+    output matches the original's; `calibration` sets steps / lr / o_proj refit / ridge. `device` runs the
+    similarity pass and the calibration there (e.g. cuda); the output is written from the host."""
     if grouping not in GROUPINGS:
         raise PrunekitError(f"--grouping: {grouping!r} is not one of {', '.join(GROUPINGS)}")
     src = SurgeryInput.open(model, allow_pickle=allow_pickle)
@@ -72,16 +73,21 @@ def kv_cut(model: str, out: str | Path, kv_heads: int, grouping: str = "mean", d
     with quiet_transformers():
         loaded, adapter = load_model(src.path, dtype="auto", trust_remote_code=trust_remote_code)
         tokenizer = load_tokenizer(src.path, trust_remote_code=trust_remote_code)
+    loaded.to(device)
     orders = None
     if grouping == "similarity":
-        orders = kv_similarity_orders(loaded, adapter, calibration_batches(tokenizer, data, max_samples), kv_heads)
+        orders = kv_similarity_orders(loaded, adapter, ({k: v.to(device) for k, v in b.items()} for b in
+                                                        calibration_batches(tokenizer, data, max_samples)), kv_heads)
     surgery = KVCut(src.adapter, src.config, kv_heads, head_order=orders)
     built = None
     if calibrate:
-        built = apply_to_model(loaded, surgery)
+        built = apply_to_model(loaded, surgery).to(device)
         query_orders = {i: surgery.query_head_order(i) for i in range(adapter.num_text_layers(src.config))}
-        surgery.calibration = calibrate_kv_cut(loaded, built, adapter,
-                                               padded_calibration_batches(tokenizer, data, max_samples),
-                                               calibration, query_orders=query_orders)
+        batches = [{k: v.to(device) for k, v in b.items()}
+                   for b in padded_calibration_batches(tokenizer, data, max_samples)]
+        surgery.calibration = calibrate_kv_cut(loaded, built, adapter, batches, calibration,
+                                               query_orders=query_orders)
+        built.to("cpu")
+    loaded.to("cpu")
     return write_surgery_output(src, surgery, out, overwrite=overwrite, streaming=False, model=loaded, built=built,
                                 trust_remote_code=trust_remote_code, stage="kv_cut")

@@ -433,7 +433,8 @@ class Runner:
         data = str(self.cfg.train) if s.grouping == "similarity" or s.calibrate else None
         result = kv_cut(current["output"], out, s.kv_heads, s.grouping, data, overwrite=True, streaming=s.streaming,
                         trust_remote_code=self.cfg.trust_remote_code, max_samples=s.samples, calibrate=s.calibrate,
-                        calibration=CalibrationSettings(steps=s.calibration_steps))
+                        calibration=CalibrationSettings(steps=s.calibration_steps),
+                        device="cuda" if self.cfg.ray.use_gpu and self.cfg.launcher == "local" else "cpu")
         return {"output": str(result.output), "kv_heads": s.kv_heads, "grouping": s.grouping,
                 "calibrate": s.calibrate}
 

@@ -162,7 +162,7 @@ def _ridge_toward(gram: torch.Tensor, cross: torch.Tensor, current: torch.Tensor
     """argmin_W ||A W - Y||² + lam ||W - current||² from A^T A (`gram`) and A^T Y (`cross`), in float64: where the
     data says nothing W stays at `current`, and a `current` that already fits exactly does not move."""
     lam = ridge * float(gram.diagonal().mean()) + 1e-12
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     return current + torch.linalg.solve(gram + lam * eye, cross - gram @ current)
 
 
@@ -199,8 +199,9 @@ def _solve_values(cut, problem: _Problem, heads: int, kv_heads: int, head_dim: i
     per_group = heads // kv_heads
     bias = cut.v_proj.bias is not None
     n = cut.v_proj.weight.shape[1] + bias
-    grams = torch.zeros(kv_heads, n, n, dtype=torch.float64)
-    crosses = torch.zeros(kv_heads, n, head_dim, dtype=torch.float64)
+    device = problem.data[0].hidden.device
+    grams = torch.zeros(kv_heads, n, n, dtype=torch.float64, device=device)
+    crosses = torch.zeros(kv_heads, n, head_dim, dtype=torch.float64, device=device)
     for i in problem.fit:
         batch = problem.data[i]
         _, probs = _forward(cut, batch)

@@ -117,7 +117,7 @@ def sizes(args) -> dict:
                                                              {"distill": {"max_steps": 2}}],
                          "finish": [{"kv_cut": {"kv_heads": 1, "grouping": "similarity", "calibrate": True,
                                                 "samples": 4, "calibration_steps": 2}}, {"distill": {"max_steps": 2}}],
-                         "eval_samples": 4, "eval_text_samples": 4},
+                         "eval_samples": 4, "eval_text_samples": 4, "min_token_acc_ratio": 0.0},
             "kv": {"samples": 4, "calibration_steps": 2}}
 
 

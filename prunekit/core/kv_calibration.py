@@ -199,7 +199,7 @@ def _solve_values(cut, problem: _Problem, heads: int, kv_heads: int, head_dim: i
     per_group = heads // kv_heads
     bias = cut.v_proj.bias is not None
     n = cut.v_proj.weight.shape[1] + bias
-    device = cut.v_proj.weight.device
+    device = problem.data[0].hidden.device
     grams = torch.zeros(kv_heads, n, n, dtype=torch.float64, device=device)
     crosses = torch.zeros(kv_heads, n, head_dim, dtype=torch.float64, device=device)
     for i in problem.fit:

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 PHASES = ("corpus", "pipeline", "compare_data", "compare_kv")
+FALLBACKS = [{"compile": False}, {"compile": False, "packing": False}, {"compile": False, "packing": False, "beta": 0.5}]
 
 
 class Clock:
@@ -99,6 +100,7 @@ def distill(model: str, train: Path, data: Path, out: Path, name: str, steps: in
     from prunekit.core.loading import resolve_model
     from prunekit.stages import training
     settings = yaml.safe_load((ROOT / "recipes" / "outcome.yaml").read_text())["stages"]["distill"]
+    settings.update(args.fallback)
     cfg = load_config("distill", None, {**settings, **sizes(args)["distill"], "model": model, "teacher": str(
         resolve_model("smollm2")), "train": str(train), "val": str(data / "val.jsonl"), "output_dir": str(out),
         "name": name, "storage_path": str(out.parent / "runs"), "max_steps": steps, "launcher": "local",
@@ -135,7 +137,19 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-samples", type=int, default=128, help="chat val rows per measurement")
     ap.add_argument("--eval-text-samples", type=int, default=None, help="general-text rows (default: all)")
     ap.add_argument("--skip", default="", help="comma-separated phases to skip (e.g. compare_kv)")
+    ap.add_argument("--report-only", type=Path, default=None, metavar="RESULTS_JSON",
+                    help="write the report from a run's results.json (e.g. one fetched from a GPU box)")
+    ap.add_argument("--machine", default=None, help="with --report-only: the machine the run was on")
     args = ap.parse_args(argv)
+    if args.report_only:
+        results = json.loads(args.report_only.read_text())
+        clock_file = args.report_only.parent / "bench_state.json"  # its phase times are saved every few seconds
+        if clock_file.is_file():
+            clock = json.loads(clock_file.read_text())
+            results["minutes"] = {k: round(v / 60, 2) for k, v in clock["phases"].items()}
+            results["calls"] = clock["calls"]
+        write_report(results, args, RESULTS / "outcome_smollm2.json")
+        return 0
     data = (args.data or args.out / "data").resolve()
     if args.prepare:
         prepare_data(data)
@@ -155,6 +169,8 @@ def main(argv=None) -> int:
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
 
     def save():
+        results["minutes"] = {k: round(v / 60, 2) for k, v in clock.data["phases"].items()}
+        results["calls"] = clock.data["calls"]
         tmp = results_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=1))
         os.replace(tmp, results_path)
@@ -188,9 +204,27 @@ def main(argv=None) -> int:
                 recipe["stages"]["distill"].update(value)
             else:
                 recipe[key] = value
-        path = out / "recipe.yaml"
-        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        result = pipeline(load_config("pipeline", path), where=str(path))
+        # a GPU run whose loss turns NaN stops at once (engine/loop.check_finite); then the next, more
+        # conservative distill setting is tried on the same stage (recorded in the results)
+        from prunekit import PrunekitError
+        attempts = [{}] + FALLBACKS
+        start = attempts.index(args.fallback) if args.fallback in attempts else 0
+        for fallback in attempts[start:]:
+            args.fallback = fallback
+            recipe["stages"]["distill"].update(fallback)
+            path = out / "recipe.yaml"
+            path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+            try:
+                result = pipeline(load_config("pipeline", path), where=str(path))
+                break
+            except PrunekitError as e:
+                if not (" is nan at step" in str(e) or " is inf at step" in str(e)) or fallback == attempts[-1]:
+                    raise
+                results.setdefault("non_finite", []).append({"settings": fallback, "error": str(e)[:300]})
+                results["fallback"] = attempts[attempts.index(fallback) + 1]
+                save()
+                print(f"non-finite loss with {fallback or 'the recipe settings'}; next: {results['fallback']}",
+                      flush=True)
         state = json.loads((out / "pipeline" / "pipeline_state.json").read_text())
         results["pipeline"] = {"status": result.status, "original": state["original"], "stages": state["stages"]}
         save()
@@ -238,13 +272,12 @@ def main(argv=None) -> int:
                            "distilled": measure(after, data, args)}
             save()
 
+    args.fallback = results.get("fallback", {})
     skip = set(filter(None, args.skip.split(",")))
     for phase, fn in (("corpus", make_corpus), ("pipeline", run_pipeline), ("compare_data", compare_data),
                       ("compare_kv", compare_kv)):
         if phase not in skip:
             clock.run(phase, fn)
-    results["minutes"] = {k: round(v / 60, 2) for k, v in clock.data["phases"].items()}
-    results["calls"] = clock.data["calls"]
     save()
     name = "outcome_smollm2_smoke" if args.smoke else "outcome_smollm2"
     write_report(results, args, RESULTS / f"{name}.json")
@@ -259,6 +292,8 @@ def write_report(results: dict, args, path: Path) -> None:
     pipe = results.get("pipeline")
     if not pipe:
         return
+    results.setdefault("minutes", {})
+    results.setdefault("calls", 1)
     o = pipe["original"]
 
     def row(rec):
@@ -275,9 +310,11 @@ def write_report(results: dict, args, path: Path) -> None:
     final = list(stages.values())[-1]
     end_to_end = sum(results["minutes"].get(k, 0) for k in ("corpus", "pipeline"))
     report = {
-        "date": time.strftime("%Y-%m-%d"), "machine": torch.cuda.get_device_name(0) if args.gpu else platform.processor(),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": args.machine or (torch.cuda.get_device_name(0) if args.gpu else platform.processor()),
         "command": "python bench/outcome_smollm2.py" + (" --gpu" if args.gpu else " --smoke"),
         "recipe": "recipes/outcome.yaml", "status": pipe["status"], "corpus": results.get("corpus"),
+        "distill_settings_changed": results.get("fallback") or None, "non_finite": results.get("non_finite"),
         "stages": stages, "minutes": results["minutes"], "end_to_end_minutes": round(end_to_end, 2),
         "calls": results["calls"],
         "goals": {"general_text_vs_original >= 0.90 (aim 0.95)": final["general_text"]["vs_original"],

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from prunekit import PrunekitError
 from prunekit.core.data import collate
 from prunekit.engine.manifest import write_manifest
 from prunekit.engine.strategy import STRATEGIES, LossModule, all_reduce_sum, world
@@ -165,7 +166,9 @@ def train(model, objective, cfg, train_samples, val_samples, pad_id: int, report
     order = DataOrder(len(train_samples), cfg.seed)
     reporter.start(start_step, steps)
     if val_samples and start_step == 0:  # the step-0 baseline every curve is compared against
-        reporter.log(0, evaluate_distributed(strategy, val_samples, pad_id, cfg.batch_size, device))
+        baseline = evaluate_distributed(strategy, val_samples, pad_id, cfg.batch_size, device)
+        reporter.log(0, baseline)
+        check_finite(baseline, ("eval/loss",), 0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.bf16) and cfg.param_dtype != "bfloat16")
 
     def host_batches(step: int) -> list[dict]:
@@ -190,6 +193,7 @@ def train(model, objective, cfg, train_samples, val_samples, pad_id: int, report
                         "train/grad_norm": grad_norm.item(), "train/tokens": int(sums[1]),
                         "train/tokens_per_s": sums[1].item() / max(now - last_read, 1e-9)}
         last_read = now
+        check_finite(step_metrics, ("train/loss", "train/grad_norm"), done)
         return step_metrics
 
     micro = host_batches(start_step) if start_step < steps else []
@@ -223,6 +227,19 @@ def train(model, objective, cfg, train_samples, val_samples, pad_id: int, report
                 write_checkpoint(strategy, reporter, done, metrics, final=done == steps)
     reporter.finish()
     return metrics
+
+
+class NonFiniteLoss(PrunekitError):
+    """The loss became NaN/inf: training stops before a checkpoint holds the broken weights."""
+
+
+def check_finite(metrics: dict, keys: tuple[str, ...], step: int) -> None:
+    """A NaN/inf loss or gradient norm stops the run at once (a step's numbers are read before the next checkpoint
+    is written, so no checkpoint holds the weights it produced)."""
+    for key in keys:
+        if not math.isfinite(metrics[key]):
+            raise NonFiniteLoss(f"{key} is {metrics[key]} at step {step}: training stopped before a checkpoint holds "
+                                f"such weights (look at lr, precision (bf16 / param_dtype), compile, the data)")
 
 
 def accumulate_and_step(strategy, micro_batches: list[dict], normaliser: float, autocast, device,

@@ -140,6 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--report-only", type=Path, default=None, metavar="RESULTS_JSON",
                     help="write the report from a run's results.json (e.g. one fetched from a GPU box)")
     ap.add_argument("--machine", default=None, help="with --report-only: the machine the run was on")
+    ap.add_argument("--not-run-reason", default=None, help="with --report-only: why phases are missing")
     args = ap.parse_args(argv)
     if args.report_only:
         results = json.loads(args.report_only.read_text())
@@ -273,6 +274,7 @@ def main(argv=None) -> int:
             save()
 
     args.fallback = results.get("fallback", {})
+    results["command"] = "python bench/outcome_smollm2.py " + " ".join(argv if argv is not None else sys.argv[1:])
     skip = set(filter(None, args.skip.split(",")))
     for phase, fn in (("corpus", make_corpus), ("pipeline", run_pipeline), ("compare_data", compare_data),
                       ("compare_kv", compare_kv)):
@@ -312,7 +314,7 @@ def write_report(results: dict, args, path: Path) -> None:
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": args.machine or (torch.cuda.get_device_name(0) if args.gpu else platform.processor()),
-        "command": "python bench/outcome_smollm2.py" + (" --gpu" if args.gpu else " --smoke"),
+        "command": results.get("command") or "python bench/outcome_smollm2.py" + (" --gpu" if args.gpu else " --smoke"),
         "recipe": "recipes/outcome.yaml", "status": pipe["status"], "corpus": results.get("corpus"),
         "distill_settings_changed": results.get("fallback") or None, "non_finite": results.get("non_finite"),
         "stages": stages, "minutes": results["minutes"], "end_to_end_minutes": round(end_to_end, 2),
@@ -326,6 +328,9 @@ def write_report(results: dict, args, path: Path) -> None:
                            "after_distill": {m: row(v["distilled"])[m] for m in ("general_text", "chat_val")}}
                        for k, v in results.get("compare_kv", {}).items()},
     }
+    missing = [p for p in PHASES if p not in results or (p != "corpus" and not results[p])]
+    if missing:
+        report["not_run"] = {p: getattr(args, "not_run_reason", None) or "not run" for p in missing}
     path.write_text(json.dumps(report, indent=1) + "\n")
     plot(report, path.with_suffix(".png"))
     print(json.dumps({k: report[k] for k in ("goals", "end_to_end_minutes", "status")}, indent=1))
@@ -361,7 +366,10 @@ def plot(report: dict, path: Path) -> None:
              [("kv " + k + " cut", {"general_text": v["after_cut"]["general_text"]})
               for k, v in report["compare_kv"].items()] + \
              [("kv " + k + " +distill", v["after_distill"]) for k, v in report["compare_kv"].items()]
-    if groups:
+    if not groups:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "comparisons not run\n(see the JSON's not_run)", ha="center", va="center", fontsize=10)
+    else:
         ax.barh(range(len(groups)), [100 * g[1]["general_text"]["vs_original"] for g in groups], color="tab:blue")
         ax.set_yticks(range(len(groups)))
         ax.set_yticklabels([g[0] for g in groups], fontsize=8)

@@ -251,3 +251,31 @@ def test_a_non_finite_loss_stops_the_run_before_a_checkpoint_holds_it(tiny_chat_
         state = torch.load(ckpt / "model_state.pt", weights_only=True)
         assert all(torch.isfinite(v).all() for v in state.values())
     assert not (tmp_path / "out-nan").exists()
+
+
+def test_packed_masks_come_in_the_dtype_each_model_computes_in(tiny_chat_model_dir, chat_data):
+    """A packed batch's additive 4D mask is built in the dtype of the attention that reads it: bf16 for a bf16
+    teacher, bf16 for an fp32 student under bf16 autocast, fp32 otherwise (sdpa takes the mask as it is)."""
+    from types import SimpleNamespace
+    from prunekit.core.loading import load_model, load_tokenizer
+    from prunekit.engine.loop import lm_batch
+    from prunekit.engine.objectives import DistillObjective
+    student, _ = load_model(tiny_chat_model_dir)
+    teacher, _ = load_model(tiny_chat_model_dir, dtype=torch.bfloat16)
+    ns = SimpleNamespace(max_length=64, packing=True, model=str(tiny_chat_model_dir), trust_remote_code=False)
+    batch = lm_batch(training._samples(load_tokenizer(tiny_chat_model_dir), chat_data[1], ns, 16)[:2], 0)
+    seen = {}
+
+    def spy(name):
+        def hook(_module, args, kwargs):
+            seen[name] = kwargs["attention_mask"].dtype
+        return hook
+    student.model.register_forward_pre_hook(spy("student"), with_kwargs=True)
+    teacher.model.register_forward_pre_hook(spy("teacher"), with_kwargs=True)
+    objective = DistillObjective(teacher)
+    with torch.no_grad():
+        assert torch.isfinite(objective(student.eval(), batch)["loss_sum"])
+        assert seen == {"student": torch.float32, "teacher": torch.bfloat16}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.isfinite(objective(student.eval(), batch)["loss_sum"])
+        assert seen == {"student": torch.bfloat16, "teacher": torch.bfloat16}

@@ -12,9 +12,18 @@ from prunekit.core.data import packed_attention_mask
 from prunekit.core.losses import chunked_causal_lm_loss, chunked_generalized_jsd_loss
 
 
+def compute_dtype(model) -> torch.dtype:
+    """The dtype `model`'s attention computes in here: autocast's where it is on, else the weights'."""
+    param = next(model.parameters())
+    if torch.is_autocast_enabled(param.device.type):
+        return torch.get_autocast_dtype(param.device.type)
+    return param.dtype
+
+
 def model_inputs(batch: dict, dtype=torch.float32) -> dict:
-    """Model kwargs of a collated batch: packed batches get a block-diagonal 4D mask (no attention across
-    samples); labels stay out (the objectives compute the loss themselves)."""
+    """Model kwargs of a collated batch: packed batches get a block-diagonal additive 4D mask (no attention across
+    samples) in `dtype`, the dtype the attention computes in (sdpa takes the mask as it is: a float32 mask beside
+    bf16 queries is a mismatch); labels stay out (the objectives compute the loss themselves)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if "position_ids" in inputs and "attention_mask" not in inputs:
         inputs["attention_mask"] = packed_attention_mask(inputs["position_ids"], dtype=dtype)
@@ -35,7 +44,7 @@ class SFTObjective:
 
     def __call__(self, model, batch: dict) -> dict:
         backbone, head = backbone_and_head(model)
-        hidden = backbone(**model_inputs(batch), use_cache=False).last_hidden_state
+        hidden = backbone(**model_inputs(batch, compute_dtype(model)), use_cache=False).last_hidden_state
         loss_sum, n_tokens, n_correct = chunked_causal_lm_loss(hidden, head.weight, batch["labels"],
                                                                chunk_size=self.chunk_size)
         return {"loss_sum": loss_sum, "n_tokens": n_tokens, "n_correct": n_correct}
@@ -58,7 +67,7 @@ class DistillObjective:
         device = teacher_head.weight.device
         with torch.no_grad():
             inputs = {k: (v.pin_memory() if v.device.type == "cpu" and device.type == "cuda" else v).to(
-                device, non_blocking=True) for k, v in model_inputs(batch).items()}
+                device, non_blocking=True) for k, v in model_inputs(batch, compute_dtype(self.teacher)).items()}
             return teacher_backbone(**inputs, use_cache=False).last_hidden_state
 
     def prefetch(self, host_batch: dict, student_device) -> None:
@@ -69,7 +78,7 @@ class DistillObjective:
             self._ahead.append((tuple(host_batch["input_ids"].shape), self._teacher_hidden(host_batch)))
 
     def __call__(self, model, batch: dict) -> dict:
-        inputs = model_inputs(batch)
+        inputs = model_inputs(batch, compute_dtype(model))
         _, teacher_head = backbone_and_head(self.teacher)
         teacher_device = teacher_head.weight.device
         teacher_hidden = None

@@ -349,3 +349,21 @@ def test_provenance_records_a_symlinked_parent_as_an_absolute_path(llama_copy, t
     code, _, err = run_cli(capsys, "prune", "link", "--drop-text", "1", "-o", "out")
     assert code == 0, err
     assert json.loads((tmp_path / "out" / "prunekit.json").read_text())["parent"] == str(llama_copy.resolve())
+
+
+# ---- 14. image rows on a text-only model -----------------------------------------------------------------------
+
+def test_image_rows_on_a_text_only_model_are_one_line(tiny_chat_model_dir, tmp_path, capsys):
+    from PIL import Image
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]},
+            {"messages": [{"role": "user", "content": "<image>what is it?"}, {"role": "assistant", "content": "a box"}],
+             "images": [str(image)]}]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = run_cli(capsys, *sft_args(tiny_chat_model_dir, (train, None), tmp_path, "out"))
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1, err
+    assert f"{train} row 2: has images, but" in lines[0] and "text-only model" in lines[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prunekit import PrunekitError
+from prunekit.core.adapters import adapter_for
 from prunekit.core.data import load_messages, pack_sequences
 from prunekit.core.evaluate import tokenize_rows
 from prunekit.core.loading import (check_output_dir, check_writable, copy_side_files, load_model, load_tokenizer,
-                                   quiet_transformers, resolve_model, write_atomically, write_provenance)
+                                   quiet_transformers, read_config, resolve_model, write_atomically,
+                                   write_provenance)
 
 
 @dataclass
@@ -30,6 +32,8 @@ def _samples(tokenizer, path, cfg, limit=None, is_vlm=False):
     rows = load_messages(path)
     if limit:
         rows = rows[:limit]
+    if not is_vlm:
+        check_no_images(rows, path, cfg.model)
     if is_vlm:  # rows with images go through the model's processor
         from prunekit.core.vision_data import tokenize_rows_vlm
         samples = tokenize_rows_vlm(tokenizer, rows, cfg.max_length, cfg.model, cfg.trust_remote_code, source=path)
@@ -41,12 +45,18 @@ def _samples(tokenizer, path, cfg, limit=None, is_vlm=False):
     return pack_sequences(samples, cfg.max_length) if cfg.packing else samples
 
 
+def check_no_images(rows: list, path, model) -> None:
+    """A text-only model cannot see images: rows that carry them would train on their `<image>` tags as text."""
+    for n, row in enumerate(rows, 1):
+        if row.get("images"):
+            raise PrunekitError(f"{path} row {n}: has images, but {model} is a text-only model (drop the images "
+                                f"from the data or train a vision-language model)")
+
+
 def check_supervised(cfg, train_rows: list, val_rows: list | None) -> None:
     """On the driver, before any worker starts: some training row must keep an assistant token within max_length
     after truncation (stops at the first that does); a val set without one only warns (no eval then)."""
     import sys
-    from prunekit.core.adapters import adapter_for
-    from prunekit.core.loading import read_config
     is_vlm = adapter_for(read_config(Path(cfg.model))).is_vlm
     with quiet_transformers():
         tokenizer = load_tokenizer(Path(cfg.model), trust_remote_code=cfg.trust_remote_code)
@@ -120,6 +130,9 @@ def validate(stage: str, cfg) -> None:
     val_rows = load_messages(cfg.val) if cfg.val is not None else None
     if val_rows is not None and not val_rows:
         raise PrunekitError(f"val {cfg.val}: no rows")
+    if not adapter_for(read_config(Path(cfg.model))).is_vlm:
+        check_no_images(train_rows, cfg.train, cfg.model)
+        check_no_images(val_rows or [], cfg.val, cfg.model)
     check_supervised(cfg, train_rows, val_rows)
     check_output_dir(cfg.output_dir, [Path(cfg.model)], cfg.overwrite)
     check_writable(cfg.storage_path, "storage_path", inside=True)  # run directories and checkpoints go there

@@ -247,7 +247,7 @@ def main(argv=None) -> int:
             save()
 
     def compare_kv():
-        """KV heads 3 -> 1 on the recovered 21-layer model: mean, similarity and calibrated, right after the cut and
+        """KV heads 3 -> 1 on the recovered 21-layer model: mean (= similarity here) and calibrated, right after the cut and
         after the same short distillation."""
         import yaml
         from prunekit.core.kv_calibration import CalibrationSettings

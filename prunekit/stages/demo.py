@@ -3,9 +3,10 @@ data, local Ray), sized for 2 CPU cores.
 
 data -> inspect -> the pipeline recipe below: importance (block influence) -> a short knockout sweep over the least
 important layers (Ray Tune) -> prune the plan -> short recovery SFT -> distillation from the original -> KV-cut to
-1 KV head (MQA) -> the summary table (chat val and held-out general text), plus a sample answer from the original, the recovered and the cut model. The
-KV cut is shown as surgery alone: merging SmolLM2's 3 KV heads into 1 costs almost all token accuracy until a long
-recovery SFT (`prunekit sft`), which does not fit a CPU demo.
+1 KV head (MQA), calibrated layer by layer on 16 train conversations -> the summary table (chat val and held-out
+general text), plus a sample answer from the original, the recovered and the cut model. The KV cut gets no recovery
+training here: merging SmolLM2's 3 KV heads into 1 costs almost all token accuracy, the calibration brings back a
+part of it, and the distillation that heals the rest (recipes/outcome.yaml) does not fit a CPU demo.
 The recipe is written to OUT/recipe.yaml: `prunekit pipeline OUT/recipe.yaml` runs (or resumes) the same thing.
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ DEMO_RECIPE = {
                      "tune": {"max_concurrent_trials": 2}},
         "sft": {**TRAIN, "max_steps": 15, "eval_interval": 15},
         "distill": {**TRAIN, "max_steps": 10, "eval_interval": 10},
-        "kv_cut": {"kv_heads": 1, "grouping": "similarity", "samples": 32},
+        "kv_cut": {"kv_heads": 1, "grouping": "similarity", "samples": 16, "calibrate": True, "calibration_steps": 30},
     },
     "eval_samples": 32,
     "eval_max_length": 128,
@@ -90,7 +91,7 @@ def demo(model: str = "smollm2", out: str | Path = "prunekit-demo", overwrite: b
     recovered = [r for r in result.stages if r["stage"] in ("sft", "distill")][-1]
     print(f"Q: {QUESTION}")
     for label, path in (("original", base), (f"{recovered['id']} (pruned + recovered)", recovered["output"]),
-                        (f"{Path(result.final_model).name} (+ KV cut, no recovery yet)", result.final_model)):
+                        (f"{Path(result.final_model).name} (+ KV cut, calibrated, no training yet)", result.final_model)):
         print(f"  {label}: {_reply(Path(path))!r}", flush=True)
     print(f"\noutputs: every stage under {out / 'pipeline'} (plain HF directories with prunekit.json); "
           f"summary.md / summary.png there; final model {result.final_model}")

@@ -13,13 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-transformers = pytest.importorskip("transformers")
-from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config,  # noqa: E402
-                          Qwen2ForCausalLM)
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
 
-from prunekit.core.streaming import INDEX  # noqa: E402
-from prunekit.stages.kv_cut import kv_cut  # noqa: E402
-from prunekit.stages.prune import prune  # noqa: E402
+from prunekit.core.streaming import INDEX
+from prunekit.stages.kv_cut import kv_cut
+from prunekit.stages.prune import prune
 
 VOCAB = 128
 SHARD = "40KB"  # the tiny models are ~0.5-1 MB: many shards, several tensors per shard, some tensors alone

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from prunekit import PrunekitError
+from prunekit.core.data import read_json_rows
 
 ROLES = ("system", "user", "assistant")
 
@@ -28,30 +29,8 @@ ROLES = ("system", "user", "assistant")
 # ----------------------------------------------------------------------------- prompts in
 
 def _parse_rows(path: Path) -> list[tuple[int, object]]:
-    """(row number, parsed JSON) for a JSON-list or JSONL file; one-line errors naming the file."""
-    if not path.is_file():
-        raise PrunekitError(f"--prompts {path}: file not found")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise PrunekitError(f"--prompts {path}: not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise PrunekitError(f"--prompts {path}: cannot read ({e.strerror or e})") from None
-    if not text.strip():
-        raise PrunekitError(f"--prompts {path}: empty file")
-    if text.lstrip().startswith("["):
-        try:
-            return list(enumerate(json.loads(text), 1))
-        except json.JSONDecodeError as e:
-            raise PrunekitError(f"--prompts {path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise PrunekitError(f"--prompts {path} row {n}: invalid JSON: {e.msg}") from None
-    return rows
+    """(row number, parsed JSON) of a prompt file; one-line errors naming the flag and the file."""
+    return read_json_rows(path, label="--prompts ", missing="file not found")
 
 
 def _user_turn_prompts(messages, where: str) -> list[list[dict]]:

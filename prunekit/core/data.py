@@ -80,6 +80,43 @@ def is_text_row(row: dict) -> bool:
     return "text" in row
 
 
+def read_json_rows(path: Path, label: str = "", missing: str = "data file not found") -> list[tuple[int, object]]:
+    """(row number, parsed JSON) of a JSON-list or JSONL file (sniffed from the content, not the suffix; a JSONL
+    row's number is its line). One-line DataErrors start with `label` + the path."""
+    at = f"{label}{path}"
+    if not path.is_file():
+        raise DataError(f"{at}: {missing}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{at}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{at}: cannot read ({e.strerror or e})") from None
+    if not text.strip():
+        raise DataError(f"{at}: empty file")
+    if text.lstrip().startswith("["):
+        try:
+            return list(enumerate(json.loads(text), 1))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{at}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    numbered = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                numbered.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                if not numbered and text.lstrip().startswith("{"):  # one pretty-printed object?
+                    try:
+                        json.loads(text)
+                    except json.JSONDecodeError:
+                        pass
+                    else:
+                        raise DataError(f"{at}: one JSON object, not rows: give a JSON list of rows or JSONL "
+                                        f"(one row per line)") from None
+                raise DataError(f"{at} row {n}: invalid JSON: {e.msg}") from None
+    return numbered
+
+
 def load_messages(path: str | os.PathLike) -> list[dict]:
     """Read and validate a JSON-list or JSONL file of conversation and/or plain-text rows.
 
@@ -90,32 +127,7 @@ def load_messages(path: str | os.PathLike) -> list[dict]:
     numbered from 1 (for JSONL, the row number is the line number).
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise DataError(f"{path}: empty file")
-    if text.lstrip().startswith("["):
-        try:
-            numbered = list(enumerate(json.loads(text), 1))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    else:
-        numbered = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    numbered.append((n, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    if not numbered and text.lstrip().startswith("{"):  # one pretty-printed object?
-                        try:
-                            json.loads(text)
-                        except json.JSONDecodeError:
-                            pass
-                        else:
-                            raise DataError(f"{path}: one JSON object, not rows: give a JSON list of rows or JSONL "
-                                            f"(one row per line)") from None
-                    raise DataError(f"{path} row {n}: invalid JSON: {e.msg}") from None
+    numbered = read_json_rows(path)
     if not numbered:
         raise DataError(f"{path}: no rows")
     rows = []

@@ -253,8 +253,7 @@ def test_local_pipeline_prunes_a_given_plan_without_ray(chat4, chat_data, tmp_pa
 def test_kv_cut_stage_calibrates_on_the_train_set(tiny_chat_model_dir, chat_data, tmp_path):
     from types import SimpleNamespace
     from prunekit.config import KVCutStageConfig
-    runner = SimpleNamespace(cfg=SimpleNamespace(train=chat_data[0], trust_remote_code=False, launcher="ray",
-                                                 ray=SimpleNamespace(use_gpu=False)),
+    runner = SimpleNamespace(cfg=SimpleNamespace(train=chat_data[0], trust_remote_code=False), local_device="cpu",
                              _config=lambda stage, settings, *_: KVCutStageConfig(**settings))
     settings = {"kv_heads": 1, "calibrate": True, "samples": 8, "calibration_steps": 2}
     record = pl.Runner._kv_cut(runner, "f-1-kv_cut", settings, None, {"output": str(tiny_chat_model_dir)}, None,

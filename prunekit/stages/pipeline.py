@@ -253,11 +253,17 @@ class Runner:
     def __init__(self, cfg, state: State, out: Path, storage: Path, name: str):
         self.cfg, self.state, self.out, self.storage, self.name = cfg, state, out, storage, name
 
+    @property
+    def local_device(self) -> str:
+        """Where model-sized work runs in this process: the GPU of a local GPU pipeline, else the CPU (a Ray
+        pipeline's driver may sit on a CPU-only head node)."""
+        return "cuda" if self.cfg.ray.use_gpu and self.cfg.launcher == "local" else "cpu"
+
     def on_worker(self, fn, *args, **kwargs):
         """Model-sized work (eval, importance): in-process on CPU pipelines; on a GPU worker for GPU pipelines (the
         driver may sit on a CPU-only head node)."""
         if self.cfg.launcher == "local":
-            return fn(*args, device="cuda" if self.cfg.ray.use_gpu else "cpu", **kwargs)
+            return fn(*args, device=self.local_device, **kwargs)
         if not self.cfg.ray.use_gpu:
             return fn(*args, **kwargs)
         import ray
@@ -434,7 +440,7 @@ class Runner:
         result = kv_cut(current["output"], out, s.kv_heads, s.grouping, data, overwrite=True, streaming=s.streaming,
                         trust_remote_code=self.cfg.trust_remote_code, max_samples=s.samples, calibrate=s.calibrate,
                         calibration=CalibrationSettings(steps=s.calibration_steps),
-                        device="cuda" if self.cfg.ray.use_gpu and self.cfg.launcher == "local" else "cpu")
+                        device=self.local_device)
         return {"output": str(result.output), "kv_heads": s.kv_heads, "grouping": s.grouping,
                 "calibrate": s.calibrate}
 
@@ -450,15 +456,15 @@ class Runner:
 
 def read_plan(path: Path, model: str) -> dict:
     """A knockout report's plan.json, checked against the model it is applied to (layer count)."""
-    from prunekit.core.loading import read_config
     from prunekit.core.adapters import adapter_for
+    from prunekit.core.loading import read_config
+    from prunekit.core.plan import Candidate
     try:
         plan = json.loads(Path(path).read_text())
         order = plan["order"]
         ids = [(e["id"], int(e["params_removed"])) for e in order]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise PrunekitError(f"prune.plan {path}: not a knockout plan.json ({type(e).__name__}: {e})") from None
-    from prunekit.core.plan import Candidate
     cfg = read_config(Path(model))
     layers = adapter_for(cfg).num_text_layers(cfg)
     if not ids:

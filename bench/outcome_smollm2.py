@@ -1,17 +1,18 @@
 """The outcome benchmark (issue 12): how much of SmolLM2-135M-Instruct survives prunekit, measured on held-out text.
 
-SmolLM2-135M-Instruct -> 9 of its 30 layers removed (the committed knockout plan: >= 25% of the decoder-layer
-parameters) and KV heads 3 -> 1, recovered by distillation from the original on a corpus the original wrote itself
-(`prunekit data generate`), end to end on one GPU: `recipes/outcome.yaml` run by `prunekit pipeline` with
-`launcher: local`. Every model is measured on held-out general English text (the general eval split, never trained
-on) and on the chat val (chatterbot, never trained on here).
+SmolLM2-135M-Instruct -> 8 of its 30 layers removed (the first 8 of the committed knockout plan: >= 25% of the
+decoder-layer parameters) and KV heads 3 -> 1 (calibrated), both at once, then recovered by one distillation from
+the original on a corpus the original wrote itself (`prunekit data generate`) mixed with the shipped general train
+text, end to end on one GPU: `recipes/outcome.yaml` run by `prunekit pipeline` with `launcher: local`. Every model
+is measured on held-out general English text (the general eval split, never trained on) and on the chat val
+(chatterbot, never trained on here).
 
 Phases, each resumable (re-running the same command continues; a call killed at a time limit loses nothing that
 finished): data (chatterbot + general text files; `--prepare` writes them here for an offline box) -> corpus
-(teacher-sampled) -> pipeline -> compare_data (the pruned model distilled for `--compare-steps` steps on each
-recovery data source: chatterbot, the shipped general text, the teacher corpus) -> compare_kv (mean, similarity and
-calibrated KV cuts of the recovered model — for 3 -> 1 similarity grouping equals the mean — right after the cut
-and after `--compare-steps` distillation steps) ->
+(teacher-sampled, then the recovery mix: corpus + general train text) -> pipeline -> compare_data (the pruned model
+distilled for `--compare-steps` steps on each recovery data source: chatterbot, the shipped general text, the
+teacher corpus, the mix) -> compare_kv (the mean and the calibrated KV cut of the pruned model — for 3 -> 1
+similarity grouping equals the mean — right after the cut and after `--compare-steps` distillation steps) ->
 report: bench/results/outcome_smollm2.json + .png. The 20-minute goal counts data + corpus + pipeline.
 
     python bench/outcome_smollm2.py --prepare --data .gpu/data            # here: the data files, for the GPU box
@@ -32,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
-PHASES = ("corpus", "pipeline", "compare_data", "compare_kv")
+PHASES = ("corpus", "pipeline", "compare_kv", "compare_data")
 FALLBACKS = [{"compile": False}, {"compile": False, "packing": False}, {"compile": False, "packing": False, "beta": 0.5}]
 
 
@@ -115,9 +116,8 @@ def sizes(args) -> dict:
     small = {"max_length": 64, "batch_size": 2, "bf16": False, "compile": False, "eval_interval": 2,
              "save_interval": 2, "eval_max_samples": 4, "loss_chunk_size": 1024}
     return {"distill": small,
-            "pipeline": {"stages.distill": small, "rounds": [{"prune": {"plan": str(args.plan)}},
-                                                             {"distill": {"max_steps": 2}}],
-                         "finish": [{"kv_cut": {"kv_heads": 1, "grouping": "similarity", "calibrate": True,
+            "pipeline": {"stages.distill": small, "rounds": [{"prune": {"plan": str(args.plan)}}],
+                         "finish": [{"kv_cut": {"kv_heads": 1, "grouping": "mean", "calibrate": True,
                                                 "samples": 4, "calibration_steps": 2}}, {"distill": {"max_steps": 2}}],
                          "eval_samples": 4, "eval_text_samples": 4, "min_token_acc_ratio": 0.0},
             "kv": {"samples": 4, "calibration_steps": 2}}
@@ -177,6 +177,7 @@ def main(argv=None) -> int:
         os.replace(tmp, results_path)
 
     corpus = out / "teacher.jsonl"
+    recovery = out / "recovery.jsonl"   # the recipe's train file: the teacher corpus + the general train text
 
     def make_corpus():
         from prunekit.rl.corpus import generate_corpus
@@ -185,6 +186,9 @@ def main(argv=None) -> int:
             max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=0.95, backend="transformers",
             device="cuda" if args.gpu else "cpu", dtype="bfloat16" if args.gpu else "float32",
             progress=True)
+        tmp = recovery.with_suffix(".tmp")
+        tmp.write_bytes(corpus.read_bytes() + (data / "general-train.jsonl").read_bytes())
+        os.replace(tmp, recovery)
         save()
 
     def run_pipeline():
@@ -192,7 +196,7 @@ def main(argv=None) -> int:
         from prunekit.config import load_config
         from prunekit.stages.pipeline import pipeline
         recipe = yaml.safe_load((ROOT / "recipes" / "outcome.yaml").read_text())
-        recipe.update(model=original, train=str(corpus), val=str(data / "val.jsonl"),
+        recipe.update(model=original, train=str(recovery), val=str(data / "val.jsonl"),
                       eval_text=str(data / "general-eval.jsonl"), output_dir=str(out / "pipeline"))
         recipe["rounds"][0]["prune"]["plan"] = str(args.plan)
         recipe["ray"]["use_gpu"] = args.gpu
@@ -236,7 +240,7 @@ def main(argv=None) -> int:
     def compare_data():
         """The pruned model, the same distillation budget, three recovery data sources."""
         sources = {"chatterbot": data / "chat-train.jsonl", "general_text": data / "general-train.jsonl",
-                   "teacher_sampled": corpus}
+                   "teacher_sampled": corpus, "teacher_sampled+general_text": recovery}
         runs = results.setdefault("compare_data", {})
         for label, train in sources.items():
             if label in runs:
@@ -247,8 +251,8 @@ def main(argv=None) -> int:
             save()
 
     def compare_kv():
-        """KV heads 3 -> 1 on the recovered 21-layer model: mean (= similarity here) and calibrated, right after the cut and
-        after the same short distillation."""
+        """KV heads 3 -> 1 on the pruned model (as the recipe cuts it): mean (= similarity here) and calibrated, right
+        after the cut and after the same short distillation on the recovery mix."""
         import yaml
         from prunekit.core.kv_calibration import CalibrationSettings
         from prunekit.stages.kv_cut import kv_cut
@@ -259,15 +263,15 @@ def main(argv=None) -> int:
         # 3 -> 1 merges every KV head of a layer into one group, where similarity grouping is the mean
         cuts = {"mean": ("mean", False), "mean+calibrated": ("mean", True)}
         runs = results.setdefault("compare_kv", {})
-        base = stage_output("r1-2-distill")
+        base = stage_output("r1-1-prune")
         for label, (grouping, calibrate) in cuts.items():
             if label in runs:
                 continue
             cut = out / "compare" / f"kv-{label}"
-            kv_cut(base, cut, 1, grouping, data=str(corpus), overwrite=True, calibrate=calibrate,
+            kv_cut(base, cut, 1, grouping, data=str(recovery), overwrite=True, calibrate=calibrate,
                    max_samples=kv["samples"], calibration=CalibrationSettings(steps=kv["calibration_steps"]),
                    device="cuda" if args.gpu else "cpu")
-            after = distill(str(cut), corpus, data, out / "compare" / f"kv-{label}-distill", f"kv-{label}",
+            after = distill(str(cut), recovery, data, out / "compare" / f"kv-{label}-distill", f"kv-{label}",
                             args.compare_steps, args)
             runs[label] = {"cut": measure(str(cut), data, args), "steps": args.compare_steps,
                            "distilled": measure(after, data, args)}
@@ -276,8 +280,9 @@ def main(argv=None) -> int:
     args.fallback = results.get("fallback", {})
     results["command"] = "python bench/outcome_smollm2.py " + " ".join(argv if argv is not None else sys.argv[1:])
     skip = set(filter(None, args.skip.split(",")))
-    for phase, fn in (("corpus", make_corpus), ("pipeline", run_pipeline), ("compare_data", compare_data),
-                      ("compare_kv", compare_kv)):
+    # the KV comparison first: the KV cut is what limits the outcome (bench/results/outcome_smollm2.json)
+    for phase, fn in (("corpus", make_corpus), ("pipeline", run_pipeline), ("compare_kv", compare_kv),
+                      ("compare_data", compare_data)):
         if phase not in skip:
             clock.run(phase, fn)
     save()

@@ -70,6 +70,21 @@ def test_general_text_is_deterministic_and_eval_is_held_out(tmp_path, capsys):
     assert all(len(r["text"]) <= text.DEFAULT_CHUNK_CHARS for r in train + held)
     assert 150_000 <= sum(len(r["text"]) for r in held) <= 600_000           # ~50k SmolLM2 tokens
     assert "Afghanistan" in " ".join(r["text"] for r in held + train)        # real English news prose
+    assert {r["source"] for r in held} == {text.GENERAL_SOURCE}              # the eval split is news only
+    wiki = [r for r in train if r["source"] == text.WIKI_SOURCE]
+    assert len(wiki) > 1000 and sum(len(r["text"]) for r in wiki) > 2_000_000   # ~0.5M tokens of encyclopedia prose
+    assert any(r["text"].startswith("Anarchism is a political philosophy") for r in wiki)
+    assert not any(m in r["text"] for r in wiki for m in ("[[", "{{", "<ref", "&quot;", "''"))
+
+
+def test_wiki_prose_keeps_the_prose_and_drops_the_markup():
+    markup = ("{{Infobox|name=x {{nested|a}} }}\n\'\'\'Anarchism\'\'\' is a [[political philosophy]] that "
+              "advocates [[self-governance|self-governed]] societies.&lt;ref&gt;{{cite|x}}&lt;/ref&gt; It is old "
+              "and has many [http://example.org schools] of thought.\n==History==\n* a list item that is long "
+              "enough to pass the length rule but is a list item\n[[File:x.png|thumb|a caption [[with link]]]]\n"
+              "{| class=wikitable\n| a || b\n|}\nshort line")
+    assert text.wiki_prose(markup) == ("Anarchism is a political philosophy that advocates self-governed societies. "
+                                       "It is old and has many schools of thought.")
 
 
 def test_pipeline_default_eval_file_is_the_eval_split(tmp_path, monkeypatch):

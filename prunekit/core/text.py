@@ -1,14 +1,20 @@
 """Plain-text rows (``{"text": ...}``) from raw text: chunking files, and the built-in general English text.
 
-The built-in corpus is the Lee news corpus shipped as test data inside the ``gensim`` wheel (LGPL-2.1; 343 unique
-English news articles from the Australian Broadcasting Corporation, collected by Lee, Pincombe & Welsh, 2005, ~80k
-SmolLM2 tokens). It is split by article: a fixed, seeded set of ``GENERAL_EVAL_DOCS`` articles is the held-out eval
-split (never written to the train split), the rest is the train split. Nothing is imported from gensim: its files
-are read directly.
+The built-in general text comes from test data inside the ``gensim`` wheel (LGPL-2.1); nothing is imported from
+gensim, its files are read directly:
+- the eval split: the Lee news corpus (343 unique English news articles from the Australian Broadcasting
+  Corporation, collected by Lee, Pincombe & Welsh, 2005, ~80k SmolLM2 tokens), split by article: a fixed, seeded
+  set of ``GENERAL_EVAL_DOCS`` articles is the held-out eval split, never written to the train split;
+- the train split: the other Lee articles, plus the English Wikipedia sample gensim tests its wiki reader on
+  (``enwiki-latest-pages-articles1...-shortened.bz2``: 96 articles with prose, ~0.5M SmolLM2 tokens once the wiki
+  markup is stripped; Wikipedia text is CC BY-SA). Encyclopedia prose, not news: training on it never trains on
+  the eval split's source.
 """
 from __future__ import annotations
 
+import bz2
 import hashlib
+import html
 import os
 import random
 import re
@@ -21,6 +27,9 @@ GENERAL_EVAL_DOCS = 200         # articles in the eval split (217 rows, ~46k Smo
 GENERAL_SOURCE = "gensim-lee-news"
 GENERAL_VERSION = "lee-v1"      # bump when the split rule changes: names the cached eval file
 _LEE_FILES = ("lee_background.cor", "lee.cor")
+_WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+WIKI_SOURCE = "gensim-enwiki-sample"
+_WIKI_PAGE = re.compile(r"<page>.*?<title>(.*?)</title>.*?<ns>(\d+)</ns>.*?<text[^>]*>(.*?)</text>", re.S)
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
 
 
@@ -124,10 +133,61 @@ def general_documents() -> list[str]:
     return sorted(docs, key=lambda d: hashlib.sha256(d.encode()).hexdigest())
 
 
+def _drop_nested(text: str, opening: str, end: str, nested: str | None = None) -> str:
+    """`text` without its spans from `opening` (a regex) to the matching `end`, counting `nested` (default: the
+    opening) inside: wiki templates {{...}}, tables {|...|}, file links [[File:... [[link]] ...]]."""
+    start, inner = re.compile(opening), nested or opening
+    out, pos = [], 0
+    while (m := start.search(text, pos)) is not None:
+        out.append(text[pos:m.start()])
+        depth, i = 1, m.end()
+        while depth and i < len(text):
+            if text.startswith(end, i):
+                depth, i = depth - 1, i + len(end)
+            elif text.startswith(inner, i):
+                depth, i = depth + 1, i + len(inner)
+            else:
+                i += 1
+        pos = i
+    return "".join(out) + text[pos:]
+
+
+def wiki_prose(markup: str, min_chars: int = 80) -> str:
+    """The prose paragraphs of a page's wiki markup: templates, tables, references, comments, files and
+    categories dropped, links reduced to their text; headings, lists and lines shorter than `min_chars` (captions,
+    leftovers) dropped. Paragraphs are separated by blank lines."""
+    text = html.unescape(html.unescape(markup))   # the dump escapes entities twice (&amp;nbsp;)
+    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
+    text = re.sub(r"<ref[^>/]*/>|<ref.*?</ref>", "", text, flags=re.S)
+    text = _drop_nested(_drop_nested(text, r"\{\{", "}}", "{{"), r"\{\|", "|}", "{|")
+    text = _drop_nested(text, r"\[\[(?:File|Image|Category|[a-z\-]{2,12}):", "]]", "[[")
+    text = re.sub(r"\[\[(?:[^\]|]*\|)?([^\]]*)\]\]", r"\1", text)   # [[target|label]] -> label
+    text = re.sub(r"\[https?://\S+ ([^\]]*)\]", r"\1", text)          # [url label] -> label
+    text = re.sub(r"\[https?://\S+\]|<[^>]+>|'{2,}", "", text)
+    lines = (" ".join(line.split()) for line in text.splitlines())
+    return "\n\n".join(line for line in lines if len(line) >= min_chars and line[0] not in "=*#:;|!{}")
+
+
+def wiki_documents(min_chars: int = 500) -> list[str]:
+    """The articles of gensim's English Wikipedia sample as prose (redirects and near-empty pages dropped)."""
+    from prunekit.core.datasets import _package_dir
+    path = _package_dir("gensim", "gensim") / "test" / "test_data" / _WIKI_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: not found; gensim's wheel ships it (pip install gensim==4.4.0)")
+    docs = []
+    for _title, namespace, markup in _WIKI_PAGE.findall(bz2.open(path).read().decode("utf-8")):
+        if namespace == "0" and not markup.lstrip().lower().startswith("#redirect"):
+            prose = wiki_prose(markup)
+            if len(prose) >= min_chars:
+                docs.append(prose)
+    return docs
+
+
 def general_text(out_path: str | os.PathLike | None, eval_path: str | os.PathLike | None,
                  chunk_chars: int = DEFAULT_CHUNK_CHARS, eval_docs: int = GENERAL_EVAL_DOCS) -> dict[str, int]:
-    """`prunekit data general`: the train split to `out_path`, the held-out eval split to `eval_path` (either may
-    be None). Split by article with a fixed seed, so the same articles are always held out."""
+    """`prunekit data general`: the train split (Lee articles not held out + the Wikipedia sample) to `out_path`,
+    the held-out eval split (Lee articles only) to `eval_path`; either may be None. The Lee corpus is split by
+    article with a fixed seed, so the same articles are always held out."""
     docs = general_documents()
     order = list(range(len(docs)))
     random.Random(0).shuffle(order)
@@ -137,6 +197,8 @@ def general_text(out_path: str | os.PathLike | None, eval_path: str | os.PathLik
         split = "eval" if k in held_out else "train"
         splits[split] += [{"text": c, "source": GENERAL_SOURCE, "id": f"lee:{k}:{j}"}
                           for j, c in enumerate(chunk_text(doc, chunk_chars))]
+    splits["train"] += [{"text": c, "source": WIKI_SOURCE, "id": f"enwiki:{k}:{j}"}
+                        for k, doc in enumerate(wiki_documents()) for j, c in enumerate(chunk_text(doc, chunk_chars))]
     if eval_path is not None:
         save_messages(eval_path, splits["eval"])
     if out_path is not None:

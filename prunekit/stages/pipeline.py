@@ -3,9 +3,10 @@
 Reads top to bottom: check the recipe (stage names, every stage's settings, the order) -> join Ray -> measure the
 original (parameters, KV-cache bytes/token, token_acc on the chat val set and on the held-out general text
 `eval_text`) -> rounds of the `rounds` stages (default knockout -> prune -> sft -> distill) until the target size,
-each round removing at most `max_params_fraction` of its input's parameters and `max_layers` layers, stopping when
-recovery ends below `min_token_acc_ratio` of the original's token_acc (general text when measured: the chat val is
-what recovery trains on) -> the `finish` stages (kv_cut, sft, lora -> merge_lora, rl) ->
+each round removing at most `max_params_fraction` of its input's parameters and `max_layers` layers, stopping before
+another round when recovery ended below `min_token_acc_ratio` of the original's token_acc (general text when
+measured: the chat val is what recovery trains on; on the final model it is a note in the status) -> the `finish`
+stages (kv_cut, sft, lora -> merge_lora, rl) ->
 a summary table, summary.json and summary.png across stages.
 
 Every stage is the stage's own function (`prunekit.stages.*`); this module only decides what runs on which model.
@@ -661,14 +662,15 @@ def pipeline(cfg, where: str = "recipe", redo: str | None = None) -> PipelineRes
                                       f"parameters, target {target:,}")
             for i, (stage, settings) in enumerate(rounds, 1):
                 current = runner.run(f"r{rnd}-{i}-{stage}", stage, settings, rnd, current, target)
-            check_recovery(cfg, original, current, f"after round {rnd}")
+            if current["facts"]["params"] > target:  # the guardrail guards the next round's pruning
+                check_recovery(cfg, original, current, f"after round {rnd}")
             rnd += 1
         for i, (stage, settings) in enumerate(finish, 1):
             current = runner.run(f"f-{i}-{stage}", stage, settings, None, current, target)
         state.data["status"] = "done"
-        short = recovery_shortfall(cfg, original, current) if finish else None
-        if short:  # nothing is left to stop after the finishing stages: the guardrail becomes a note
-            state.data["status"] = f"done; note: after the finishing stages, {short}"
+        short = recovery_shortfall(cfg, original, current)
+        if short:  # nothing is left to prune: the guardrail becomes a note on the final model
+            state.data["status"] = f"done; note: the final model's {short}"
         final = current["output"]
     except PipelineStopped as e:
         state.data["status"] = f"stopped: {e}"

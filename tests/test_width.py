@@ -295,6 +295,31 @@ def test_width_from_data_then_reuse_the_scores_streaming(tiny_chat_model_dir, ch
     assert torch.equal(ref_seq, seq) and (ref_logits - logits).abs().max().item() <= 1e-4
 
 
+def test_width_of_a_vlm_scored_on_image_rows(tiny_vlm_chat_model_dir, tmp_path):
+    """A Qwen3-VL scored on easy-vqa image rows through its processor: the text tower's width is cut (deepstack
+    mergers too), the processor travels with the output, and the output runs on a processed image row."""
+    from prunekit.core.datasets import easy_vqa_to_messages
+    from prunekit.core.data import collate
+    from prunekit.core.vision_data import load_processor, tokenize_rows_vlm
+    from prunekit.core.data import load_messages
+    src = tiny_vlm_chat_model_dir("qwen3_vl")
+    easy_vqa_to_messages(tmp_path / "vqa.jsonl", limit=4)
+    result = width(str(src), tmp_path / "out", tmp_path / "vqa.jsonl", ffn="0.5", heads=2, hidden=48, samples=4,
+                   plot=False)
+    record = json.loads((result.output / "importance.json").read_text())
+    assert record["samples"] == 4 and record["tokens"] > 4 * 16          # every row has 16 image tokens
+    assert len(record["kept"]["hidden"]) == 48 and len(record["kept"]["heads"][0]) == 2
+    assert (result.output / "processor_config.json").is_file()
+    model, _ = load_model(result.output)
+    assert model.model.visual.deepstack_merger_list[0].linear_fc2.out_features == 48
+    processor = load_processor(result.output)
+    rows = load_messages(tmp_path / "vqa.jsonl")[:2]
+    batch = collate(tokenize_rows_vlm(processor.tokenizer, rows, 256, result.output), 0)
+    batch.pop("labels")
+    with torch.no_grad():
+        assert model(**batch).logits.isfinite().all()
+
+
 # ---- vLLM serves a width-pruned SmolLM2 ---------------------------------------------------------------------------
 
 VLLM_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",

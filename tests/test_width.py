@@ -236,7 +236,7 @@ def test_importance_ranks_high_activation_channels_first():
     adapter = ADAPTERS["llama"]
     model = width_model("llama")
     cfg = model.config.to_dict()
-    big_ffn, big_hidden = [7, 50, 99], [3, 30, 61]
+    big_ffn, big_hidden = [7, 50, 99], [3, 30, 45, 61]
     layers = get_module(model, adapter.text_layers)
     with torch.no_grad():
         for layer in layers:
@@ -253,11 +253,11 @@ def test_importance_ranks_high_activation_channels_first():
     assert scores["tokens"] == 2 * 24 + 24 + 16
     for layer_scores in scores["ffn"]:
         assert sorted(sorted(range(I), key=lambda c: -layer_scores[c])[:3]) == big_ffn
-    assert sorted(sorted(range(D), key=lambda c: -scores["hidden"][c])[:3]) == big_hidden
+    assert sorted(sorted(range(D), key=lambda c: -scores["hidden"][c])[:4]) == big_hidden
     for h in scores["heads"]:
         assert h[1] > h[0] and min(h[2], h[3]) > max(h[0], h[1])
     old = WidthShape.of(adapter, cfg)
-    kept = select_kept(scores, old, resolve_targets(adapter, cfg, ffn=3, heads=2, hidden=3))
+    kept = select_kept(scores, old, resolve_targets(adapter, cfg, ffn=3, heads=2, hidden=4))
     assert kept["ffn"] == [big_ffn] * L and kept["hidden"] == big_hidden
     assert kept["heads"] == [[1, h[3] > h[2] and 3 or 2] for h in scores["heads"]]   # one per KV group
 

@@ -241,7 +241,7 @@ def test_importance_ranks_high_activation_channels_first():
     with torch.no_grad():
         for layer in layers:
             layer.mlp.up_proj.weight[big_ffn] *= 20
-        model.model.embed_tokens.weight[:, big_hidden] *= 20
+        model.model.embed_tokens.weight[:, big_hidden] *= 100
         for layer in layers:                    # group 0: head 1 attends sharply, head 0 uniformly (averages V)
             q = layer.self_attn.q_proj.weight
             q[0:HD] = 0

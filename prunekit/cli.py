@@ -58,6 +58,17 @@ def cmd_kv_cut(args) -> None:
     print(f"KV cache bytes/token (bf16): {b:,} -> {a:,} ({b / a:.1f}x smaller)")
 
 
+def cmd_width(args) -> None:
+    from prunekit.stages.width import width
+    result = width(args.model, args.out, args.data, ffn=args.ffn, heads=args.heads, hidden=args.hidden,
+                   importance=args.importance, samples=args.samples, max_length=args.max_length,
+                   batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
+                   streaming=args.streaming, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    _print_surgery(result)
+    sizes = result.provenance["sizes"]
+    print("; ".join(f"{k} {v['before']} -> {v['after']}" for k, v in sizes.items()))
+
+
 def _parse_set(items: list[str]) -> dict:
     """--set key=value (YAML-typed values; dotted keys reach nested sections, e.g. ray.num_workers=2)."""
     import yaml
@@ -263,6 +274,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-steps", type=int, default=200, help="Adam steps per layer of --calibrate")
     _surgery_flags(p)
     p.set_defaults(func=cmd_kv_cut)
+
+    p = sub.add_parser("width", help="remove FFN channels, attention heads and hidden channels by activation "
+                                     "importance (Minitron-style), the same sizes in every layer")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--data", default=None, help="calibration rows (messages / text JSON/JSONL) to score channels on")
+    p.add_argument("--importance", default=None, metavar="FILE",
+                   help="importance.json of an earlier `prunekit width` (no model pass; allows --streaming)")
+    p.add_argument("--ffn", default=None, help="FFN channels to keep: a fraction (0.75; rounded to a multiple of 64 "
+                                               "for FFNs of 1024+) or an intermediate size (1152)")
+    p.add_argument("--heads", type=int, default=None,
+                   help="query heads per layer to keep (a multiple of the KV heads; the KV heads stay)")
+    p.add_argument("--hidden", type=int, default=None, help="hidden (embedding) channels to keep")
+    p.add_argument("--samples", type=int, default=64, help="calibration rows taken from --data")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="cpu", help="where the scoring pass runs (cpu, cuda, ...)")
+    _surgery_flags(p)
+    p.set_defaults(func=cmd_width)
 
     for stage, text in (("sft", "recovery SFT on Ray Train"), ("distill", "full-logit distillation from a teacher"),
                         ("lora", "LoRA fine-tuning (then `prunekit merge-lora`)")):

@@ -42,6 +42,27 @@ class Adapter:
     # the text config field the attention reads head_dim from; None = always hidden_size // heads (Qwen2-VL, 2.5-VL)
     head_dim_field: str | None = "head_dim"
     vision_fused_qkv: bool = False
+    # width surgery (FFN channels, query heads, hidden channels): the gated MLP inside a decoder layer, the norms
+    # over the hidden size (per layer, and the final one beside the layer list), per-head norms that width leaves
+    # alone, and the top-level text tensors (embedding, final norm, LM head) as a regex: group 'name'
+    mlp_module: str = "mlp"
+    gate_proj: str = "gate_proj"
+    up_proj: str = "up_proj"
+    down_proj: str = "down_proj"
+    hidden_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    head_norms: tuple[str, ...] = ("q_norm", "k_norm")
+    final_norm: str = "norm"
+    norm_eps_field: str = "rms_norm_eps"   # the text config's epsilon of the norms over the hidden size
+    # the family's transformers config refuses a hidden_size that is not a multiple of num_attention_heads
+    # (LlamaConfig.validate_architecture), even with head_dim explicit
+    hidden_multiple_of_heads: bool = False
+    text_top_key: str = (r"^(?:model\.)?(?:language_model\.)?(?:model\.)?(?P<name>embed_tokens|norm)\.(?:weight|bias)$"
+                         r"|^(?P<head>lm_head)\.(?:weight|bias)$")
+    # VLMs: every checkpoint key of the vision tower, and the vision -> text projections whose output rows live in
+    # the text hidden size (sliced with it), with the vision-config field that holds that size
+    vision_module_key: str | None = None
+    vision_out_key: str | None = None
+    vision_out_field: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -123,12 +144,48 @@ class Adapter:
             if self.head_dim_field:
                 tc[self.head_dim_field] = head_dim  # pin it: a derived head_dim must not change with the heads
 
+    def set_width_config(self, cfg: dict, intermediate: int, heads: int, hidden: int) -> None:
+        """Edit cfg in place for a width-pruned text model: the same FFN size, query heads and hidden size in every
+        layer, head_dim pinned where the family reads it from the config (it does not change with the heads).
+
+        A norm over fewer hidden channels averages x² over fewer of them: with its weight scaled by sqrt(old/new)
+        (the surgery does that) and its epsilon by old/new (here), it gives exactly the old output whenever the
+        removed channels are zero. (Per-head norms that read the same epsilon, Qwen3's q_norm / k_norm, see it
+        scaled too: a change of order eps relative to the per-head RMS², ~1e-6.)"""
+        _, _, head_dim = self.attention_shape(cfg)
+        old_hidden = int(self.text_config(cfg)["hidden_size"])
+        for tc in self.text_configs(cfg):
+            tc["intermediate_size"] = intermediate
+            tc["num_attention_heads"] = heads
+            tc["hidden_size"] = hidden
+            if self.head_dim_field:
+                tc[self.head_dim_field] = head_dim
+            if hidden != old_hidden and isinstance(tc.get(self.norm_eps_field), (int, float)):
+                tc[self.norm_eps_field] = tc[self.norm_eps_field] * old_hidden / hidden
+        vc = self.vision_config(cfg)
+        if self.vision_out_field and vc is not None and int(vc.get(self.vision_out_field, 0)) == old_hidden:
+            vc[self.vision_out_field] = hidden
+
+    def text_module_path(self, name: str) -> str:
+        """Module path of a sibling of the decoder-layer list (e.g. the final norm)."""
+        return f"{self.text_layers.rsplit('.', 1)[0]}.{name}"
+
     # ---- checkpoint keys ------------------------------------------------------------------------------------
     def match_text_layer(self, key: str) -> re.Match | None:
         return re.match(self.text_key, key)
 
     def match_vision_block(self, key: str) -> re.Match | None:
         return re.match(self.vision_key, key) if self.vision_key else None
+
+    def match_text_top(self, key: str) -> re.Match | None:
+        """Embedding / final norm (group 'name') or LM head (group 'head') of the text model."""
+        return re.match(self.text_top_key, key)
+
+    def is_vision_key(self, key: str) -> bool:
+        return bool(self.vision_module_key and re.match(self.vision_module_key, key))
+
+    def is_vision_out_key(self, key: str) -> bool:
+        return bool(self.vision_out_key and re.match(self.vision_out_key, key))
 
 
 # Decoder layers of text models and of VLM language models; keys with and without the `model.` prefix
@@ -138,20 +195,27 @@ _VISION = r"^(?P<prefix>(?:model\.)?visual\.blocks\.)(?P<idx>\d+)(?P<rest>\..*)$
 
 _TEXT_COMMON = dict(auto_class="AutoModelForCausalLM", text_layers="model.layers", text_key=_TEXT)
 _VLM_COMMON = dict(text_layers="model.language_model.layers", text_key=_TEXT,
-                   vision_blocks="model.visual.blocks", vision_key=_VISION, vision_fused_qkv=True)
+                   vision_blocks="model.visual.blocks", vision_key=_VISION, vision_fused_qkv=True,
+                   vision_module_key=r"^(?:model\.)?visual\.")
+# the patch merger's last linear maps vision features into the text hidden size (Qwen3-VL: the deepstack mergers too)
+_QWEN2_VL_OUT = dict(vision_out_key=r"^(?:model\.)?visual\.merger\.mlp\.2\.(?:weight|bias)$")
+_QWEN3_VL_OUT = dict(
+    vision_out_key=r"^(?:model\.)?visual\.(?:merger|deepstack_merger_list\.\d+)\.linear_fc2\.(?:weight|bias)$")
 
 ADAPTERS: dict[str, Adapter] = {a.family: a for a in [
-    Adapter("llama", **_TEXT_COMMON),
+    Adapter("llama", **_TEXT_COMMON, hidden_multiple_of_heads=True),
     Adapter("mistral", **_TEXT_COMMON),
     Adapter("qwen2", **_TEXT_COMMON, extra={"qkv_bias": True}),
     Adapter("qwen3", **_TEXT_COMMON),
     Adapter("qwen2_vl", auto_class="Qwen2VLForConditionalGeneration", **_VLM_COMMON, head_dim_field=None,
-            extra={"qkv_bias": True}),
+            **_QWEN2_VL_OUT, vision_out_field="hidden_size", extra={"qkv_bias": True}),
     Adapter("qwen2_5_vl", auto_class="Qwen2_5_VLForConditionalGeneration", **_VLM_COMMON, head_dim_field=None,
-            vision_index_fields=("fullatt_block_indexes",), extra={"qkv_bias": True}),
+            vision_index_fields=("fullatt_block_indexes",), **_QWEN2_VL_OUT, vision_out_field="out_hidden_size",
+            extra={"qkv_bias": True}),
     Adapter("qwen3_vl", auto_class="Qwen3VLForConditionalGeneration", **_VLM_COMMON,
             vision_protected_fields=("deepstack_visual_indexes",),
-            protected_text_layers_from="deepstack_visual_indexes"),
+            protected_text_layers_from="deepstack_visual_indexes", **_QWEN3_VL_OUT,
+            vision_out_field="out_hidden_size"),
 ]}
 
 

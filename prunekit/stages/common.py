@@ -37,11 +37,13 @@ class SurgeryInput:
 
 def write_surgery_output(src: SurgeryInput, surgery, out: str | Path, *, overwrite: bool = False,
                          streaming: bool | None = None, trust_remote_code: bool = False,
-                         model=None, built=None, stage: str) -> SurgeryResult:
+                         model=None, built=None, stage: str, extra_files: dict[str, str | bytes] | None = None
+                         ) -> SurgeryResult:
     """Apply `surgery` to the input checkpoint and write OUT atomically (temp dir, then rename).
 
     streaming=None decides by checkpoint size. `model` may pass an already-loaded input model (in-memory path),
-    `built` the output model already built from it (e.g. a calibrated KV cut) to save as is."""
+    `built` the output model already built from it (e.g. a calibrated KV cut) to save as is. `extra_files`
+    ({name: text or bytes}) are written into OUT too (e.g. the importance scores a width cut used)."""
     out = check_output_dir(Path(out), [src.path], overwrite)
     if streaming is None:
         streaming = model is None and streaming_surgery.should_stream(src.path)
@@ -51,6 +53,8 @@ def write_surgery_output(src: SurgeryInput, surgery, out: str | Path, *, overwri
 
     def write(tmp: Path):
         copy_side_files(src.path, tmp)
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode())
         if streaming:
             streaming_surgery.apply_streaming(src.path, tmp, surgery)
         else:

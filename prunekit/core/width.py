@@ -1,0 +1,355 @@
+"""Width surgery (Minitron-style): remove FFN channels, query heads and hidden (embedding) channels of the text
+model by activation importance, with the same sizes in every layer so config.json stays standard.
+
+Importance (one forward pass over calibration batches, forward hooks, padding excluded; higher = more important):
+- FFN channel c of layer l: mean over tokens of |act(gate(x)) * up(x)|_c, the input of down_proj;
+- query head h of layer l: mean over tokens of the L2 norm of its slice of the attention output before o_proj;
+- hidden channel c: mean over tokens of |norm(x)|_c, summed over every norm over the hidden size (both norms of
+  each layer and the final norm): the residual stream is shared, so one set of hidden channels is kept everywhere.
+
+Surgery is a pure tensor map like `prunekit.core.surgery` (in-memory and streaming give identical tensors):
+rows/columns of every projection, bias, embedding, norm and LM head are selected; query heads are kept per KV
+group (every KV head keeps the same number of query heads, so GQA stays consistent; the KV heads stay). Norms over
+the hidden size compute their RMS over fewer channels after a hidden cut, so their weights are scaled by
+sqrt(old/new): removing channels that carry nothing leaves every layer's output unchanged (up to the norm's eps).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from prunekit import PrunekitError
+from prunekit.core.adapters import Adapter, get_module
+
+IMPORTANCE_KIND = "prunekit width importance"
+FFN_ALIGN = 64   # fractions of a real-size FFN (>= 1024 channels, a multiple of 64) keep a multiple of 64
+
+
+@dataclass
+class WidthShape:
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+
+    @classmethod
+    def of(cls, adapter: Adapter, cfg: dict) -> "WidthShape":
+        tc = adapter.text_config(cfg)
+        heads, kv, head_dim = adapter.attention_shape(cfg)
+        return cls(adapter.num_text_layers(cfg), int(tc["intermediate_size"]), heads, kv, head_dim,
+                   int(tc["hidden_size"]))
+
+    def as_dict(self) -> dict:
+        return {"num_hidden_layers": self.layers, "intermediate_size": self.intermediate,
+                "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads, "head_dim": self.head_dim,
+                "hidden_size": self.hidden}
+
+
+# ---- targets ------------------------------------------------------------------------------------------------------
+def _ffn_size(spec, intermediate: int) -> int:
+    """--ffn: an integer is the new intermediate size, a number with a point a fraction of the current one."""
+    text = str(spec).strip()
+    try:
+        size = int(text)
+        fraction = None
+    except ValueError:
+        try:
+            fraction = float(text)
+        except ValueError:
+            raise PrunekitError(f"--ffn: cannot read {text!r} (a fraction such as 0.75 or an intermediate size "
+                                f"such as {intermediate * 3 // 4})") from None
+    if fraction is not None:
+        if not 0 < fraction <= 1 or math.isnan(fraction):
+            raise PrunekitError(f"--ffn: {text} must be a fraction above 0 and at most 1 (or an intermediate size)")
+        align = FFN_ALIGN if intermediate >= 1024 and intermediate % FFN_ALIGN == 0 else 1
+        size = max(align, round(intermediate * fraction / align) * align)
+    if size < 1:
+        raise PrunekitError(f"--ffn: {text} must keep at least 1 FFN channel")
+    if size > intermediate:
+        raise PrunekitError(f"--ffn: {size} is more FFN channels than the {intermediate} the model has")
+    return size
+
+
+def resolve_targets(adapter: Adapter, cfg: dict, ffn=None, heads: int | None = None,
+                    hidden: int | None = None) -> WidthShape:
+    """The output's shape from --ffn / --heads / --hidden (None: unchanged); one-line errors for impossible ones."""
+    old = WidthShape.of(adapter, cfg)
+    new_ffn = old.intermediate if ffn is None else _ffn_size(ffn, old.intermediate)
+    new_heads = old.heads if heads is None else int(heads)
+    new_hidden = old.hidden if hidden is None else int(hidden)
+    if new_heads < 1 or new_heads > old.heads:
+        raise PrunekitError(f"--heads: {new_heads} must be between 1 and the {old.heads} query heads the model has")
+    if new_heads % old.kv_heads:
+        raise PrunekitError(f"--heads: {new_heads} is not a multiple of the {old.kv_heads} KV heads (every KV head "
+                            f"keeps the same number of query heads)")
+    if new_hidden < 1 or new_hidden > old.hidden:
+        raise PrunekitError(f"--hidden: {new_hidden} must be between 1 and the {old.hidden} hidden channels the "
+                            f"model has")
+    if not _head_dim_consistent(adapter, old, new_heads, new_hidden):
+        raise PrunekitError(
+            f"--hidden: {adapter.family} computes head_dim as hidden_size / num_attention_heads, so the hidden size "
+            f"must stay heads x {old.head_dim}: with {new_heads} heads give --hidden {new_heads * old.head_dim}, "
+            f"or --heads {new_hidden // old.head_dim} with --hidden {new_hidden // old.head_dim * old.head_dim} "
+            f"(got --heads {new_heads}, --hidden {new_hidden})")
+    if adapter.hidden_multiple_of_heads and new_hidden % new_heads:
+        near = sorted({max(new_heads, new_hidden // new_heads * new_heads), -(-new_hidden // new_heads) * new_heads})
+        raise PrunekitError(f"--hidden: {new_hidden} is not a multiple of the {new_heads} query heads, which "
+                            f"transformers' {adapter.family} config requires (e.g. --hidden "
+                            f"{' or '.join(str(n) for n in near if n <= old.hidden)})")
+    new = WidthShape(old.layers, new_ffn, new_heads, old.kv_heads, old.head_dim, new_hidden)
+    if (new_ffn, new_heads, new_hidden) == (old.intermediate, old.heads, old.hidden):
+        raise PrunekitError(f"nothing to remove: give --ffn below {old.intermediate}, --heads below {old.heads} "
+                            f"and/or --hidden below {old.hidden}")
+    return new
+
+
+def _head_dim_consistent(adapter: Adapter, old: WidthShape, heads: int, hidden: int) -> bool:
+    """A family without a head_dim config field derives it as hidden / heads: that must stay the old head_dim."""
+    return bool(adapter.head_dim_field) or (heads, hidden) == (old.heads, old.hidden) or hidden == heads * old.head_dim
+
+
+# ---- importance ---------------------------------------------------------------------------------------------------
+def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """[B, T, d] activations -> [n, d] float rows of the real (unpadded) tokens."""
+    x = x.detach().float()
+    if x.dim() == 3 and mask is not None and tuple(mask.shape) == tuple(x.shape[:2]):
+        return x[mask]
+    return x.reshape(-1, x.shape[-1])
+
+
+@torch.no_grad()
+def activation_importance(model, adapter: Adapter, batches) -> dict:
+    """{"ffn": [layers][intermediate], "heads": [layers][heads], "hidden": [hidden], "tokens": n} from one pass
+    over `batches` (dicts of model inputs; `labels` is ignored, `attention_mask` excludes padding)."""
+    cfg = model.config.to_dict()
+    shape = WidthShape.of(adapter, cfg)
+    layers = get_module(model, adapter.text_layers)
+    ffn = torch.zeros(shape.layers, shape.intermediate, dtype=torch.float64)
+    heads = torch.zeros(shape.layers, shape.heads, dtype=torch.float64)
+    hidden = torch.zeros(shape.hidden, dtype=torch.float64)
+    mask: list[torch.Tensor | None] = [None]
+
+    def ffn_hook(i):
+        def fn(_m, args):
+            ffn[i] += _rows(args[0], mask[0]).abs().sum(0).double().cpu()
+        return fn
+
+    def head_hook(i):
+        def fn(_m, args):
+            r = _rows(args[0], mask[0])
+            heads[i] += r.reshape(r.shape[0], shape.heads, shape.head_dim).norm(dim=-1).sum(0).double().cpu()
+        return fn
+
+    def norm_hook(_m, _args, output):
+        out = output[0] if isinstance(output, tuple) else output
+        hidden.add_(_rows(out, mask[0]).abs().sum(0).double().cpu())
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(get_module(layer, f"{adapter.mlp_module}.{adapter.down_proj}").register_forward_pre_hook(
+            ffn_hook(i)))
+        handles.append(get_module(layer, f"{adapter.attn_module}.{adapter.o_proj}").register_forward_pre_hook(
+            head_hook(i)))
+        handles += [get_module(layer, n).register_forward_hook(norm_hook) for n in adapter.hidden_norms]
+    handles.append(get_module(model, adapter.text_module_path(adapter.final_norm)).register_forward_hook(norm_hook))
+    tokens = 0
+    try:
+        for batch in batches:
+            m = batch.get("attention_mask")
+            mask[0] = m.bool() if m is not None else None
+            model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
+            tokens += int(mask[0].sum()) if mask[0] is not None else int(batch["input_ids"].numel())
+    finally:
+        for h in handles:
+            h.remove()
+    if tokens == 0:
+        raise PrunekitError("--data: the calibration data produced no tokens")
+    return {"tokens": tokens, "ffn": (ffn / tokens).tolist(), "heads": (heads / tokens).tolist(),
+            "hidden": (hidden / tokens).tolist()}
+
+
+def importance_record(scores: dict, shape: WidthShape, **meta) -> dict:
+    """The importance.json document (scores rounded to 6 significant digits)."""
+    def r(values):
+        return [r(v) for v in values] if isinstance(values, list) else float(f"{values:.6g}")
+    return {"kind": IMPORTANCE_KIND, **meta, "tokens": scores.get("tokens"), "shape": shape.as_dict(),
+            "higher_is_more_important": True,
+            "ffn": r(scores["ffn"]), "heads": r(scores["heads"]), "hidden": r(scores["hidden"])}
+
+
+def check_importance(record, shape: WidthShape, where: str) -> dict:
+    """Validate a loaded importance.json against the model it is applied to; returns the record."""
+    if not isinstance(record, dict) or record.get("kind") != IMPORTANCE_KIND:
+        raise PrunekitError(f"{where}: not a width importance file (written by `prunekit width`, "
+                            f"kind {IMPORTANCE_KIND!r})")
+    want = shape.as_dict()
+    got = record.get("shape") or {}
+    for key in ("num_hidden_layers", "intermediate_size", "num_attention_heads", "hidden_size"):
+        if got.get(key) != want[key]:
+            raise PrunekitError(f"{where}: the scores are for {key} {got.get(key)}, the model has {want[key]}")
+    ok = (_matrix(record.get("ffn"), shape.layers, shape.intermediate)
+          and _matrix(record.get("heads"), shape.layers, shape.heads)
+          and _matrix([record.get("hidden")], 1, shape.hidden))
+    if not ok:
+        raise PrunekitError(f"{where}: ffn / heads / hidden scores do not have the shapes its 'shape' states")
+    return record
+
+
+def _matrix(value, rows: int, cols: int) -> bool:
+    return (isinstance(value, list) and len(value) == rows and
+            all(isinstance(r, list) and len(r) == cols and
+                all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in r)
+                for r in value))
+
+
+def _top(scores: list[float], k: int) -> list[int]:
+    """Indexes of the k highest scores (ties: the lower index), sorted."""
+    return sorted(sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k])
+
+
+def select_kept(scores: dict, old: WidthShape, new: WidthShape) -> dict:
+    """{"ffn": per layer, "heads": per layer, "hidden": [...]} indexes to keep (None where nothing changes). Query
+    heads are chosen within each KV group: group g keeps its new.heads / kv best heads."""
+    kept: dict = {"ffn": None, "heads": None, "hidden": None}
+    if new.intermediate != old.intermediate:
+        kept["ffn"] = [_top(layer, new.intermediate) for layer in scores["ffn"]]
+    if new.heads != old.heads:
+        per_old, per_new = old.heads // old.kv_heads, new.heads // old.kv_heads
+        kept["heads"] = [[g * per_old + h for g in range(old.kv_heads)
+                          for h in _top(layer[g * per_old:(g + 1) * per_old], per_new)] for layer in scores["heads"]]
+    if new.hidden != old.hidden:
+        kept["hidden"] = _top(scores["hidden"], new.hidden)
+    return kept
+
+
+# ---- surgery ------------------------------------------------------------------------------------------------------
+@dataclass
+class WidthCut:
+    """Keep the listed FFN channels (per layer), query heads (per layer, whole GQA groups consistent) and hidden
+    channels (one list for the whole residual stream); None = that dimension unchanged."""
+    adapter: Adapter
+    config: dict
+    ffn_keep: list[list[int]] | None = None
+    head_keep: list[list[int]] | None = None
+    hidden_keep: list[int] | None = None
+    importance: dict = field(default_factory=dict)   # where the scores came from (recorded in the provenance)
+
+    def __post_init__(self):
+        a = self.adapter
+        self.old = old = WidthShape.of(a, self.config)
+        if a.fused_qkv:
+            raise PrunekitError(f"width: {a.family} has a fused QKV projection, which width surgery does not cut")
+        n_ffn = len(self.ffn_keep[0]) if self.ffn_keep else old.intermediate
+        n_heads = len(self.head_keep[0]) if self.head_keep else old.heads
+        n_hidden = len(self.hidden_keep) if self.hidden_keep is not None else old.hidden
+        self.new = WidthShape(old.layers, n_ffn, n_heads, old.kv_heads, old.head_dim, n_hidden)
+        if a.hidden_multiple_of_heads and n_hidden % n_heads:
+            raise PrunekitError(f"width: {a.family} needs hidden_size ({n_hidden}) to be a multiple of the query "
+                                f"heads ({n_heads})")
+        if not _head_dim_consistent(a, old, n_heads, n_hidden):
+            raise PrunekitError(f"width: {a.family} derives head_dim from hidden_size / num_attention_heads: "
+                                f"{n_hidden} hidden channels need {n_hidden / old.head_dim:g} heads, not {n_heads}")
+        for name, lists, total in (("ffn", self.ffn_keep, old.intermediate), ("heads", self.head_keep, old.heads)):
+            if lists is not None:
+                if len(lists) != old.layers or len({len(x) for x in lists}) != 1:
+                    raise PrunekitError(f"width: {name} needs one equally long keep list per layer")
+                for x in lists:
+                    _check_keep(x, total, name)
+        if self.head_keep is not None:
+            per_old, per_new = old.heads // old.kv_heads, n_heads // old.kv_heads
+            for x in self.head_keep:
+                if n_heads % old.kv_heads or any(x[g * per_new + j] // per_old != g
+                                                 for g in range(old.kv_heads) for j in range(per_new)):
+                    raise PrunekitError("width: every KV group must keep the same number of its own query heads")
+        if self.hidden_keep is not None:
+            _check_keep(self.hidden_keep, old.hidden, "hidden")
+        self.norm_scale = math.sqrt(old.hidden / n_hidden)
+        self._ffn = [torch.tensor(x) for x in self.ffn_keep] if self.ffn_keep else None
+        hd = torch.arange(old.head_dim)
+        self._heads = ([torch.cat([h * old.head_dim + hd for h in x]) for x in self.head_keep]
+                       if self.head_keep else None)
+        self._hidden = torch.tensor(self.hidden_keep) if self.hidden_keep is not None else None
+        self.new_config = copy.deepcopy(self.config)
+        a.set_width_config(self.new_config, n_ffn, n_heads, n_hidden)
+
+    # index selection; None = keep all
+    @staticmethod
+    def _take(t: torch.Tensor, dim: int, idx: torch.Tensor | None) -> torch.Tensor:
+        return t if idx is None else t.index_select(dim, idx.to(t.device)).contiguous()
+
+    def _scale_norm(self, t: torch.Tensor) -> torch.Tensor:
+        t = self._take(t, 0, self._hidden)
+        if self._hidden is None or not t.is_floating_point():
+            return t
+        return (t.float() * self.norm_scale).to(t.dtype)
+
+    def __call__(self, key: str, tensor: torch.Tensor):
+        a, hid = self.adapter, self._hidden
+        m = a.match_text_layer(key)
+        if m:
+            return key, self._layer_tensor(int(m["idx"]), m["rest"], key, tensor)
+        if a.is_vision_out_key(key):          # vision features projected into the text hidden size
+            return key, self._take(tensor, 0, hid)
+        if a.is_vision_key(key):
+            return key, tensor
+        top = a.match_text_top(key)
+        if top and top["name"] == a.final_norm:
+            return key, self._scale_norm(tensor)
+        if top and tensor.dim() == 2:          # embedding [vocab, hidden], LM head [vocab, hidden]
+            return key, self._take(tensor, 1, hid)
+        if top and top["head"] and tensor.dim() == 1:   # an LM-head bias is per vocabulary entry
+            return key, tensor
+        raise PrunekitError(f"width: {a.family} tensor {key} {list(tensor.shape)} is not in the family table's "
+                            f"width layout; nothing written")
+
+    def _layer_tensor(self, layer: int, rest: str, key: str, t: torch.Tensor) -> torch.Tensor:
+        a, hid = self.adapter, self._hidden
+        ffn = self._ffn[layer] if self._ffn else None
+        heads = self._heads[layer] if self._heads else None
+        module, _, kind = rest[1:].rpartition(".")
+        weight = kind == "weight"
+        if module in a.hidden_norms:
+            return self._scale_norm(t)
+        if module in (f"{a.attn_module}.{n}" for n in a.head_norms):
+            return t
+        if module == f"{a.attn_module}.{a.q_proj}":
+            t = self._take(t, 0, heads)
+            return self._take(t, 1, hid) if weight else t
+        if module in (f"{a.attn_module}.{a.k_proj}", f"{a.attn_module}.{a.v_proj}"):
+            return self._take(t, 1, hid) if weight else t
+        if module == f"{a.attn_module}.{a.o_proj}":
+            t = self._take(t, 0, hid)
+            return self._take(t, 1, heads) if weight else t
+        if module in (f"{a.mlp_module}.{a.gate_proj}", f"{a.mlp_module}.{a.up_proj}"):
+            t = self._take(t, 0, ffn)
+            return self._take(t, 1, hid) if weight else t
+        if module == f"{a.mlp_module}.{a.down_proj}":
+            t = self._take(t, 0, hid)
+            return self._take(t, 1, ffn) if weight else t
+        raise PrunekitError(f"width: {a.family} tensor {key} {list(t.shape)} is not in the family table's width "
+                            f"layout; nothing written")
+
+    def provenance(self) -> dict:
+        old, new = self.old.as_dict(), self.new.as_dict()
+        sizes = {k: {"before": old[k], "after": new[k]}
+                 for k in ("intermediate_size", "num_attention_heads", "hidden_size")}
+        return {"operation": "width", "sizes": sizes, "importance": self.importance,
+                "norm_scale": self.norm_scale if self.hidden_keep is not None else None,
+                "kept": {"hidden": self.hidden_keep, "heads": self.head_keep,
+                         "ffn": "importance.json: kept.ffn" if self.ffn_keep else None}}
+
+
+def _check_keep(keep: list[int], total: int, name: str) -> None:
+    if not keep or list(keep) != sorted(set(keep)) or keep[0] < 0 or keep[-1] >= total:
+        raise PrunekitError(f"width: the {name} keep list must be sorted, distinct indexes in 0-{total - 1}")
+
+
+def width_cut_from_scores(adapter: Adapter, cfg: dict, new: WidthShape, scores: dict,
+                          importance: dict | None = None) -> WidthCut:
+    kept = select_kept(scores, WidthShape.of(adapter, cfg), new)
+    return WidthCut(adapter, cfg, kept["ffn"], kept["heads"], kept["hidden"], importance=importance or {})

@@ -1,0 +1,112 @@
+"""Recipe: `prunekit width MODEL --data CALIB -o OUT` — Minitron-style width pruning of the text model: FFN
+channels (`--ffn`), query heads (`--heads`) and hidden channels (`--hidden`) by activation importance.
+
+Reads: validate the targets -> scores from one pass over the calibration data (or `--importance FILE` from an
+earlier run, which needs no model pass and can stream shard by shard) -> the same sizes in every layer -> OUT
+written atomically with importance.json (the scores and what was kept), importance.png and prunekit.json.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+from prunekit import PrunekitError
+from prunekit.core.loading import check_output_dir, load_model, load_tokenizer, quiet_transformers
+from prunekit.core.width import (WidthShape, activation_importance, check_importance, importance_record,
+                                 resolve_targets, width_cut_from_scores)
+from prunekit.stages.common import SurgeryInput, SurgeryResult, write_surgery_output
+
+
+def read_importance(path: str | Path, shape: WidthShape) -> dict:
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PrunekitError(f"--importance {path}: cannot read ({e})") from None
+    return check_importance(record, shape, f"--importance {path}")
+
+
+def plot_importance(record: dict) -> bytes:
+    """One PNG: FFN and head scores per layer (each layer's channels sorted, normalised to its maximum) and the
+    hidden-channel scores sorted, with the kept/removed boundary of each."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    kept = record.get("kept") or {}
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, name, title in ((axes[0], "ffn", "FFN channels"), (axes[1], "heads", "query heads")):
+        scores = np.array(record[name], dtype=float)
+        rows = -np.sort(-scores, axis=1) / np.maximum(scores.max(axis=1, keepdims=True), 1e-30)
+        ax.imshow(rows, aspect="auto", cmap="viridis", interpolation="nearest")
+        if kept.get(name):
+            ax.axvline(len(kept[name][0]) - 0.5, color="red", lw=1)
+        ax.set_xlabel(f"{title}, most important first (red: kept | removed)")
+        ax.set_ylabel("text layer")
+        ax.set_title(f"{title} importance / layer max", fontsize=9)
+    hidden = np.sort(np.array(record["hidden"], dtype=float))[::-1]
+    axes[2].plot(hidden)
+    if kept.get("hidden"):
+        axes[2].axvline(len(kept["hidden"]) - 0.5, color="red", lw=1)
+    axes[2].set_yscale("log")
+    axes[2].set_xlabel("hidden channels, most important first")
+    axes[2].set_title("hidden channel importance (sum over norms)", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def width(model: str, out: str | Path, data: str | Path | None = None, *, ffn=None, heads: int | None = None,
+          hidden: int | None = None, importance: str | Path | None = None, samples: int = 64,
+          max_length: int = 256, batch_size: int = 4, device: str = "cpu", overwrite: bool = False,
+          streaming: bool | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
+          plot: bool = True) -> SurgeryResult:
+    src = SurgeryInput.open(model, allow_pickle=allow_pickle)
+    new = resolve_targets(src.adapter, src.config, ffn, heads, hidden)   # bad targets fail before any work
+    old = WidthShape.of(src.adapter, src.config)
+    if (data is None) == (importance is None):
+        raise PrunekitError("give --data CALIB (score the channels on it) or --importance FILE (scores from an "
+                            "earlier `prunekit width`), exactly one")
+    if data is not None and streaming:
+        raise PrunekitError("--streaming: scoring on --data runs the model, so it cannot stream; score once, then "
+                            "pass --importance OUT/importance.json with --streaming")
+    if min(samples, max_length, batch_size) < 1:
+        raise PrunekitError("--samples, --max-length and --batch-size must be >= 1")
+    check_output_dir(Path(out), [src.path], overwrite)   # refuse a bad OUT before the calibration pass
+    loaded = None
+    if importance is not None:
+        record = read_importance(importance, old)
+        source = {"file": str(Path(importance).resolve()),
+                  "sha256": hashlib.sha256(Path(importance).read_bytes()).hexdigest()}
+        for key in ("data", "samples", "tokens"):
+            if key in record:
+                source[key] = record[key]
+    else:
+        from prunekit.core.data import collate
+        from prunekit.stages.importance import calibration_samples
+        with quiet_transformers():
+            loaded, _ = load_model(src.path, dtype="auto", trust_remote_code=trust_remote_code)
+            tokenizer = load_tokenizer(src.path, trust_remote_code=trust_remote_code)
+        calib = calibration_samples(tokenizer, data, src.path, src.adapter.is_vlm, samples, max_length,
+                                    trust_remote_code)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        batches = [{k: v.to(device) for k, v in collate(calib[i:i + batch_size], pad or 0).items()}
+                   for i in range(0, len(calib), batch_size)]
+        loaded.to(device)
+        try:
+            scores = activation_importance(loaded, src.adapter, batches)
+        finally:
+            loaded.to("cpu")
+        source = {"data": str(Path(data).resolve()), "samples": len(calib), "tokens": scores["tokens"]}
+        record = importance_record(scores, old, model=str(src.path), **source)
+    surgery = width_cut_from_scores(src.adapter, src.config, new, record, importance=source)
+    written = {**{k: v for k, v in record.items() if k != "kept"},
+               "kept": {"ffn": surgery.ffn_keep, "heads": surgery.head_keep, "hidden": surgery.hidden_keep}}
+    files: dict[str, str | bytes] = {"importance.json": json.dumps(written) + "\n"}
+    if plot:
+        files["importance.png"] = plot_importance(written)
+    return write_surgery_output(src, surgery, out, overwrite=overwrite, streaming=streaming, model=loaded,
+                                trust_remote_code=trust_remote_code, stage="width", extra_files=files)

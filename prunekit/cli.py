@@ -374,16 +374,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_local_ray() -> None:
+    """A local Ray instance this command started is stopped before its last line is printed (nothing of Ray's
+    follows it, no Ray process outlives it), whatever ended the command."""
+    cluster = sys.modules.get("prunekit.distributed.cluster")  # imported only by commands that use Ray
+    if cluster is not None:
+        cluster.stop_local()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Errors the user can fix: one line, exit 2. Ctrl-C: `interrupted`, 130; SIGTERM: `terminated`, 143 (both
+    unwind like an exception, so temp dirs, partial checkpoints, locks and workers are cleaned up first)."""
+    import signal
+    from prunekit.core.interrupts import Terminated, exit_code, handled, raise_interrupt
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except PrunekitError as e:
-        print(f"prunekit {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        print(f"prunekit {args.command}: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr)
-        return 130
+    with handled(raise_interrupt, (signal.SIGTERM,)):
+        try:
+            try:
+                args.func(args)
+            finally:
+                _stop_local_ray()
+        except PrunekitError as e:
+            print(f"prunekit {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:
+            word = "terminated" if isinstance(e, Terminated) else "interrupted"
+            print(f"prunekit {args.command}: {word}{f' ({e})' if str(e) else ''}", file=sys.stderr)
+            return exit_code(e)
     return 0
 
 

@@ -7,9 +7,12 @@ happens to run on the same machine.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import sys
+import threading
 from urllib.parse import urlsplit
 
 from prunekit import PrunekitError
@@ -55,8 +58,59 @@ def existing_cluster_address() -> str | None:
         return None
 
 
+_started_local = False  # this process started the local Ray instance it is connected to (stop_local stops it)
+
+
+def _init(**kwargs) -> None:
+    """ray.init, keeping this process's SIGTERM handler: Ray's own (sys.exit from wherever the driver is) ends a
+    run without its cleanup, and from inside Ray's calls with an abort and a C++ stack."""
+    import ray
+    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    try:
+        ray.init(**kwargs)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def quiet_ray() -> None:
+    """No more of Ray's log lines on this driver (workers' output, Ray's own logger): after a failure has been
+    said in one line, or while Ray shuts down."""
+    import logging
+    logging.getLogger("ray").setLevel(logging.CRITICAL)
+    with contextlib.suppress(Exception):
+        from ray._private.worker import global_worker_stdstream_dispatcher
+        global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
+
+
+def stop_local() -> None:
+    """Stop the local Ray instance `connect` started, all of it: GCS, raylet, dashboard and its agents, workers (all
+    descendants of this process). Signals that arrive meanwhile do not cut this short (half a shutdown is what leaves
+    ray::DashboardAgent and ray::RuntimeEnvAgent orphaned); what `ray.shutdown` leaves running is killed."""
+    global _started_local
+    if not _started_local:
+        return
+    import psutil
+    import ray
+    from prunekit.core.interrupts import deferred
+    with deferred():
+        _started_local = False
+        quiet_ray()
+        me = psutil.Process()
+        procs = me.children(recursive=True)
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        procs += [p for p in me.children(recursive=True) if p not in procs]
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(alive, timeout=5)
+
+
 def connect(address: str | None = None) -> str:
     """Make sure this process is connected to Ray; returns the address it joined ('local' for a new instance)."""
+    global _started_local
     import ray
     if ray.is_initialized():
         if address and address != "auto":
@@ -80,14 +134,15 @@ def connect(address: str | None = None) -> str:
                   file=sys.stderr)
         else:
             try:
-                ray.init(address=target, log_to_driver=True)
+                _init(address=target, log_to_driver=True)
             except Exception as e:  # ray raises ConnectionError, RuntimeError, TimeoutError, ... here
                 raise PrunekitError(f"ray address {target}: cannot connect ({str(e).splitlines()[0][:200]})") from None
             return target
     os.environ.pop("RAY_ADDRESS", None)  # "local": ray.init must start an instance, not look for one
     # the dashboard serves the State API Ray Train polls (without it its cleaner actor warns every few seconds);
     # it listens on 127.0.0.1 only
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    _init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    _started_local = True
     return "local"
 
 

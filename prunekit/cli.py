@@ -386,8 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     """Errors the user can fix: one line, exit 2. Ctrl-C: `interrupted`, 130; SIGTERM: `terminated`, 143 (both
     unwind like an exception, so temp dirs, partial checkpoints, locks and workers are cleaned up first)."""
     import signal
+    from prunekit.core import locks
     from prunekit.core.interrupts import Terminated, exit_code, handled, raise_interrupt
     args = build_parser().parse_args(argv)
+    locks.command = f"prunekit {args.command}"  # how a lock this command holds names it to a second one
     with handled(raise_interrupt, (signal.SIGTERM,)):
         try:
             try:

@@ -160,6 +160,7 @@ def launch(stage: str, cfg) -> tuple[Path, Path, str]:
     except KeyboardInterrupt:  # the workers stop with the local instance, or with the aborted controller
         stop_local()
         remove_partial_checkpoints(run_dir, started)
+        sweep_stale_temp_dirs(Path(tempfile.gettempdir()), CKPT_TMP)  # this node's workers' copies being written
         raise
     if error is not None:
         quiet_ray()  # the one line below says it; the workers' tracebacks are in the run's logs

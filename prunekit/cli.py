@@ -385,12 +385,11 @@ def _stop_local_ray() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Errors the user can fix: one line, exit 2. Ctrl-C: `interrupted`, 130; SIGTERM: `terminated`, 143 (both
     unwind like an exception, so temp dirs, partial checkpoints, locks and workers are cleaned up first)."""
-    import signal
-    from prunekit.core import locks
-    from prunekit.core.interrupts import Terminated, exit_code, handled, raise_interrupt
+    from prunekit.core import interrupts, locks
     args = build_parser().parse_args(argv)
     locks.command = f"prunekit {args.command}"  # how a lock this command holds names it to a second one
-    with handled(raise_interrupt, (signal.SIGTERM,)):
+    interrupts.last_signal = None
+    with interrupts.handled(interrupts.raise_interrupt):
         try:
             try:
                 args.func(args)
@@ -400,9 +399,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"prunekit {args.command}: error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as e:
-            word = "terminated" if isinstance(e, Terminated) else "interrupted"
+            word, code = interrupts.outcome(e)
             print(f"prunekit {args.command}: {word}{f' ({e})' if str(e) else ''}", file=sys.stderr)
-            return exit_code(e)
+            return code
     return 0
 
 

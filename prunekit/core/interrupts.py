@@ -22,12 +22,20 @@ def interrupt_for(signum: int, message: str = "") -> KeyboardInterrupt:
     return Terminated(message) if signum == signal.SIGTERM else KeyboardInterrupt(message)
 
 
-def exit_code(e: KeyboardInterrupt) -> int:
-    return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+last_signal: int | None = None  # the last SIGINT/SIGTERM a handler here saw (the CLI resets it)
+
+
+def outcome(e: KeyboardInterrupt) -> tuple[str, int]:
+    """('terminated', 143) for SIGTERM, ('interrupted', 130) for Ctrl-C. Ray turns an exception raised by a signal
+    handler while it waits (ray.get) into a plain KeyboardInterrupt, so the last signal seen decides."""
+    signum = signal.SIGTERM if isinstance(e, Terminated) else (last_signal or signal.SIGINT)
+    return ("terminated" if signum == signal.SIGTERM else "interrupted"), 128 + signum
 
 
 def raise_interrupt(signum, frame):
-    """The handler the CLI installs for SIGTERM (Python's own SIGINT handler already raises KeyboardInterrupt)."""
+    """The handler the CLI installs for SIGINT and SIGTERM: raise where the program is."""
+    global last_signal
+    last_signal = signum
     raise interrupt_for(signum)
 
 
@@ -76,7 +84,8 @@ class StopOnSignal:
                 signal.signal(s, self._handle)
 
     def _handle(self, signum, frame):
-        self.signum = signum
+        global last_signal
+        self.signum = last_signal = signum
         self.disarm()
         if self.on_stop is not None:
             self.on_stop()

@@ -1,7 +1,7 @@
 """One writer at a time per run directory and per output directory.
 
-`hold(path, what)` takes an advisory lock (flock) on `.NAME.lock` beside `path` for the duration; a second prunekit
-process that wants the same path fails at once with one line naming the holder (pid, host, command). The kernel
+`with hold((path, what), ...):` takes an advisory lock (flock) on `.NAME.lock` beside each path for the duration; a
+second prunekit process that wants the same path fails at once with one line naming the holder (command, pid, host). The kernel
 drops the lock when its process dies however it dies, so a lock file left by a dead process is simply taken over;
 where the filesystem has no flock, the pid recorded in the file decides (a dead pid on this host is taken over).
 Locks are re-entrant within a process (a pipeline running its stages in-process)."""

@@ -92,14 +92,25 @@ def stop_local() -> None:
         return
     import psutil
     import ray
-    from prunekit.core.interrupts import deferred
+    import ray._private.worker as ray_worker
+    from prunekit.core.interrupts import STOP_SIGNALS, deferred
+    main_thread = threading.current_thread() is threading.main_thread()
     with deferred():
         _started_local = False
         quiet_ray()
         me = psutil.Process()
         procs = me.children(recursive=True)
+        # ray.shutdown's C++ part puts SIGTERM back to the default action (it uninstalls its failure-signal handler),
+        # and the slow part, stopping the node's processes, comes after it: disconnect first, take the signals back,
+        # then stop the processes
+        node, ray_worker._global_node = ray_worker._global_node, None
         with contextlib.suppress(Exception):
             ray.shutdown()
+        for s in STOP_SIGNALS if main_thread else ():
+            signal.signal(s, signal.getsignal(s))  # the deferring handler, installed again where Ray removed it
+        if node is not None:
+            with contextlib.suppress(Exception):
+                node.kill_all_processes(check_alive=False, allow_graceful=True)
         procs += [p for p in me.children(recursive=True) if p not in procs]
         _, alive = psutil.wait_procs(procs, timeout=10)
         for p in alive:

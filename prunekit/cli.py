@@ -405,5 +405,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry(argv: list[str] | None = None) -> None:
+    """The `prunekit` program: `main`, then exit with its code. A signal that arrives while the interpreter exits
+    (atexit hooks, thread joins) ends it at once with that code, not with a default death by signal."""
+    import os
+    import signal
+    from prunekit.core.interrupts import STOP_SIGNALS
+    code = main(argv)
+
+    def exit_now(signum, frame):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    for s in STOP_SIGNALS:  # kept through the interpreter's exit
+        signal.signal(s, exit_now)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -382,7 +382,7 @@ def start_cli(argv, tmp_path, patch: str = "", env: dict | None = None):
     import os
     import subprocess
     import sys
-    script = f"import sys\n{patch}\nfrom prunekit.cli import main\nsys.exit(main({[str(a) for a in argv]!r}))\n"
+    script = f"{patch}\nfrom prunekit.cli import entry\nentry({[str(a) for a in argv]!r})\n"
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
                 **(env or {})}
     full_env.pop("RAY_ADDRESS", None)
@@ -514,12 +514,12 @@ def test_signal_during_a_ray_train_run_stops_everything(sig, tiny_chat_model_dir
     assert processes_with_marker(marker), "the run's Ray processes carry the marker"
     os.kill(proc.pid, signum)
     if sig == "SIGTERM":
-        time.sleep(1.0)
-        os.kill(proc.pid, signum)  # again, while it stops Ray
+        time.sleep(2.0)
+        os.kill(proc.pid, signum)  # again, while it stops Ray (its C++ shutdown resets SIGTERM to the default)
     rc, err = finish(proc)
     lines = error_lines(err)
     assert rc == code and lines[-1] == f"prunekit sft: {word}", err
-    assert "Traceback" not in err and "SIGABRT" not in err and "core dumped" not in err, err
+    assert not [line for line in err.splitlines() if line.startswith(("Traceback", "*** SIG", "Aborted"))], err
     assert_no_survivors(marker)
     ckpts = sorted(d for d in run_dir.glob("checkpoint_*") if d.is_dir())
     assert ckpts and all(checkpoint_problem(d) is None and (d / MANIFEST).is_file() for d in ckpts), ckpts
@@ -660,3 +660,34 @@ print(json.dumps({{"mb": len(big) / 1e6, "grew_kb": grew, "same": got == expecte
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["mb"] > 4 and result["n"] == 32 and result["same"], result
     assert result["grew_kb"] < 32 * 1024, result  # KB
+
+
+def test_an_interrupted_fit_removes_only_the_partial_checkpoints_it_made(tiny_chat_model_dir, tmp_path):
+    """What a worker stopped mid-upload leaves in the run directory (no manifest yet, or a short file) goes; an
+    older checkpoint, whole or not, and this fit's whole ones stay."""
+    import os
+    import time
+    from prunekit.distributed.train import remove_partial_checkpoints
+    from prunekit.engine.manifest import write_manifest
+    run_dir = tmp_path / "run"
+
+    def checkpoint(name, manifest=True, truncate=False):
+        d = run_dir / name
+        shutil.copytree(tiny_chat_model_dir, d / "hf")
+        if manifest:
+            write_manifest(d)
+        if truncate:
+            with open(d / "hf" / "model.safetensors", "r+b") as f:
+                f.truncate(1000)
+        return d
+    old = [checkpoint("checkpoint_old_whole"), checkpoint("checkpoint_old_unlisted", manifest=False)]
+    for d in old:
+        os.utime(d, (time.time() - 3600, time.time() - 3600))
+    started = time.time() - 1
+    whole = checkpoint("checkpoint_new_whole")
+    partial = [checkpoint("checkpoint_new_no_manifest", manifest=False),
+               checkpoint("checkpoint_new_short", truncate=True)]
+    (run_dir / "checkpoint_manager_snapshot.json").write_text("{}")
+    remove_partial_checkpoints(run_dir, started)
+    assert all(d.is_dir() for d in old + [whole]) and not any(d.exists() for d in partial)
+    assert (run_dir / "checkpoint_manager_snapshot.json").is_file()

@@ -374,6 +374,20 @@ def test_image_rows_on_a_text_only_model_are_one_line(tiny_chat_model_dir, tmp_p
 # ---- signals and leftovers (4-7): a real `prunekit` process, a real signal ----------------------------------------
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+_started: list = []  # the prunekit processes a test started
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test():
+    """A test that fails before its signal leaves a paused prunekit behind: its session is killed (only it)."""
+    import os
+    import signal
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def start_cli(argv, tmp_path, patch: str = "", env: dict | None = None):
@@ -391,6 +405,7 @@ def start_cli(argv, tmp_path, patch: str = "", env: dict | None = None):
         proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=full_env, start_new_session=True,
                                 stdout=out, stderr=err)
     proc.err_path = tmp_path / f"cli-{n}.err"
+    _started.append(proc)
     return proc
 
 

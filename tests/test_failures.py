@@ -388,6 +388,8 @@ def _no_process_outlives_its_test():
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        if getattr(proc, "ray_tmp", None):
+            shutil.rmtree(proc.ray_tmp, ignore_errors=True)
 
 
 def start_cli(argv, tmp_path, patch: str = "", env: dict | None = None):
@@ -510,7 +512,9 @@ def ray_sft(tiny_chat_model_dir, chat_data, tmp_path, *extra):
     argv = sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out", "--set", "ray.num_workers=1", *extra)
     argv[argv.index("launcher=local")] = "launcher=ray"
     ray_tmp = tempfile.mkdtemp(prefix="pk-ray-")  # short: Ray's socket paths must fit in 107 bytes
-    return start_cli(argv, tmp_path, env={"TEST_RUN_MARKER": marker, "RAY_TMPDIR": ray_tmp}), marker
+    proc = start_cli(argv, tmp_path, env={"TEST_RUN_MARKER": marker, "RAY_TMPDIR": ray_tmp})
+    proc.ray_tmp = ray_tmp  # removed after the test
+    return proc, marker
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])

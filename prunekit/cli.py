@@ -403,18 +403,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_local_ray() -> None:
+    """A local Ray instance this command started is stopped before its last line is printed (nothing of Ray's
+    follows it, no Ray process outlives it), whatever ended the command."""
+    cluster = sys.modules.get("prunekit.distributed.cluster")  # imported only by commands that use Ray
+    if cluster is not None:
+        cluster.stop_local()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Errors the user can fix: one line, exit 2. Ctrl-C: `interrupted`, 130; SIGTERM: `terminated`, 143 (both
+    unwind like an exception, so temp dirs, partial checkpoints, locks and workers are cleaned up first)."""
+    from prunekit.core import interrupts, locks
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except PrunekitError as e:
-        print(f"prunekit {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        print(f"prunekit {args.command}: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr)
-        return 130
+    locks.command = f"prunekit {args.command}"  # how a lock this command holds names it to a second one
+    interrupts.last_signal = None
+    with interrupts.handled(interrupts.raise_interrupt):
+        try:
+            try:
+                args.func(args)
+            finally:
+                _stop_local_ray()
+        except PrunekitError as e:
+            print(f"prunekit {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:
+            word, code = interrupts.outcome(e)
+            print(f"prunekit {args.command}: {word}{f' ({e})' if str(e) else ''}", file=sys.stderr)
+            return code
     return 0
 
 
+def entry(argv: list[str] | None = None) -> None:
+    """The `prunekit` program: `main`, then exit with its code. A signal that arrives while the interpreter exits
+    (atexit hooks, thread joins) ends it at once with that code, not with a default death by signal."""
+    import os
+    import signal
+    from prunekit.core.interrupts import STOP_SIGNALS
+    code = main(argv)
+
+    def exit_now(signum, frame):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    for s in STOP_SIGNALS:  # kept through the interpreter's exit
+        signal.signal(s, exit_now)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

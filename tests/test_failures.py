@@ -171,12 +171,12 @@ def test_config_json_of_the_wrong_shape_is_one_line(text, message, llama_copy, t
     assert not (tmp_path / "out").exists()
 
 
-# ---- 3. Ctrl-C during a knockout sweep ---------------------------------------------------------------------------
+# ---- 3 / 4. Ctrl-C or SIGTERM during a knockout sweep ---------------------------------------------------------------------------
 
-def test_ctrl_c_during_knockout_exits_130_without_a_plan(ray_session, tiny_chat_model_dir, chat_data, tmp_path,
-                                                          capsys):
+@pytest.mark.parametrize("signum,code,word", [(2, 130, "interrupted"), (15, 143, "terminated")])  # + case 4
+def test_a_signal_during_knockout_stops_it_without_a_plan(signum, code, word, ray_session, tiny_chat_model_dir,
+                                                          chat_data, tmp_path, capsys):
     import os
-    import signal
     import threading
     import time
     train, val = chat_data
@@ -187,16 +187,16 @@ def test_ctrl_c_during_knockout_exits_130_without_a_plan(ray_session, tiny_chat_
         deadline = time.time() + 300
         while not first.is_file() and time.time() < deadline:
             time.sleep(0.1)
-        os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends the driver
+        os.kill(os.getpid(), signum)  # what Ctrl-C (SIGINT) / `kill PID` (SIGTERM) sends the driver
     threading.Thread(target=interrupt_after_the_first_trial, daemon=True).start()
-    code, out, err = run_cli(capsys, "knockout", "--model", tiny_chat_model_dir, "--train", train, "--val", val,
-                             "--output-dir", tmp_path / "report", "--name", "ko", "--max-steps", 30,
-                             "--storage-path", tmp_path / "runs", "--set", "batch_size=2", "--set", "max_length=64",
-                             "--set", "eval_interval=30", "--set", "eval_max_samples=4", "--set", "importance=false",
-                             "--set", "tune.max_concurrent_trials=1", "--set", "wandb.mode=disabled")
-    assert code == 130, err
+    rc, out, err = run_cli(capsys, "knockout", "--model", tiny_chat_model_dir, "--train", train, "--val", val,
+                           "--output-dir", tmp_path / "report", "--name", "ko", "--max-steps", 30,
+                           "--storage-path", tmp_path / "runs", "--set", "batch_size=2", "--set", "max_length=64",
+                           "--set", "eval_interval=30", "--set", "eval_max_samples=4", "--set", "importance=false",
+                           "--set", "tune.max_concurrent_trials=1", "--set", "wandb.mode=disabled")
+    assert rc == code, err
     assert error_lines(err) == [
-        f"prunekit knockout: interrupted (1 of 3 trials finished, kept in {run_dir}; no report or plan written from "
+        f"prunekit knockout: {word} (1 of 3 trials finished, kept in {run_dir}; no report or plan written from "
         f"a partial sweep (re-run the same command to run the rest))"], err
     assert first.is_file() and not (run_dir / "trials" / "text_0" / "result.json").exists()
     assert not (tmp_path / "report").exists() and "plan" not in out
@@ -369,3 +369,344 @@ def test_image_rows_on_a_text_only_model_are_one_line(tiny_chat_model_dir, tmp_p
     assert code == 2 and len(lines) == 1, err
     assert f"{train} row 2: has images, but" in lines[0] and "text-only model" in lines[0]
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
+# ---- signals and leftovers (4-7): a real `prunekit` process, a real signal ----------------------------------------
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+_started: list = []  # the prunekit processes a test started
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test():
+    """A test that fails before its signal leaves a paused prunekit behind: its session is killed (only it)."""
+    import os
+    import signal
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if getattr(proc, "ray_tmp", None):
+            shutil.rmtree(proc.ray_tmp, ignore_errors=True)
+
+
+def start_cli(argv, tmp_path, patch: str = "", env: dict | None = None):
+    """`prunekit ARGV` in a subprocess of its own session, after `patch` (Python run first: a hook that pauses the
+    command at the moment a signal should hit it). Returns the Popen (stdout and stderr to files in tmp_path)."""
+    import os
+    import subprocess
+    import sys
+    script = f"{patch}\nfrom prunekit.cli import entry\nentry({[str(a) for a in argv]!r})\n"
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
+                **(env or {})}
+    full_env.pop("RAY_ADDRESS", None)
+    n = len(list(tmp_path.glob("cli-*.err")))
+    with open(tmp_path / f"cli-{n}.out", "w") as out, open(tmp_path / f"cli-{n}.err", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=full_env, start_new_session=True,
+                                stdout=out, stderr=err)
+    proc.err_path = tmp_path / f"cli-{n}.err"
+    _started.append(proc)
+    return proc
+
+
+def finish(proc, timeout=180) -> tuple[int, str]:
+    """Wait for the process; (exit code, its stderr). A process still running is killed (its session only)."""
+    import os
+    import signal
+    import subprocess
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError(f"prunekit did not exit within {timeout}s") from None
+    return code, proc.err_path.read_text()
+
+
+def wait_for(predicate, proc, timeout=240, what="the moment to signal"):
+    import time
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"prunekit exited ({proc.returncode}) before {what}: "
+                                 f"{proc.err_path.read_text()[-3000:]}")
+        if time.time() > deadline:
+            raise AssertionError(f"no {what} within {timeout}s")
+        time.sleep(0.1)
+
+
+def pause_at(module: str, name: str, ready, call: int = 1) -> str:
+    """A patch: the `call`-th call of module.name runs, then touches `ready` and sleeps (the signal comes there)."""
+    return (f"import importlib, pathlib, time\n"
+            f"_m = importlib.import_module({module!r}); _f = getattr(_m, {name!r}); _n = [0]\n"
+            f"def _paused(*a, **k):\n"
+            f"    _n[0] += 1\n"
+            f"    out = _f(*a, **k)\n"
+            f"    if _n[0] == {call}:\n"
+            f"        pathlib.Path({str(ready)!r}).touch()\n"
+            f"        time.sleep(300)\n"
+            f"    return out\n"
+            f"setattr(_m, {name!r}, _paused)\n")
+
+
+def processes_with_marker(marker: str) -> list:
+    """Every live process whose environment carries TEST_RUN_MARKER=marker (Ray's processes inherit it, also
+    once they are orphaned under PID 1)."""
+    import psutil
+    found = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.environ().get("TEST_RUN_MARKER") == marker and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def assert_no_survivors(marker: str, timeout=15.0) -> None:
+    import time
+    deadline = time.time() + timeout
+    while (alive := processes_with_marker(marker)) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not alive, [f"{p.pid} {p.name()} ppid={p.ppid()}" for p in alive]
+
+
+SIGNALS = {"SIGTERM": (15, 143, "terminated"), "SIGINT": (2, 130, "interrupted")}
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_mid_checkpoint_keeps_the_last_complete_one(sig, tiny_chat_model_dir, chat_data, tmp_path):
+    """launcher local: the signal arrives while step 2's checkpoint is being written (its files are there, its
+    manifest not yet): step 1's checkpoint stays, step 2's partial one is removed, one line, 143 / 130."""
+    import os
+    import uuid
+    from prunekit.engine.manifest import checkpoint_problem
+    signum, code, word = SIGNALS[sig]
+    ready = tmp_path / "ready"
+    marker = uuid.uuid4().hex
+    proc = start_cli(sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out", "--set", "save_interval=1")
+                     + ["--max-steps", 4], tmp_path,
+                     patch=pause_at("prunekit.engine.loop", "write_manifest", ready, call=2),
+                     env={"TEST_RUN_MARKER": marker})
+    wait_for(ready.exists, proc)
+    ckpts = tmp_path / "runs" / "run" / "checkpoints"
+    assert [p.name for p in ckpts.glob(".tmp-*")], "step 2's checkpoint is being written"
+    os.kill(proc.pid, signum)
+    rc, err = finish(proc)
+    assert rc == code and error_lines(err) == [f"prunekit sft: {word}"], err
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000001"]
+    assert checkpoint_problem(ckpts / "step-0000001") is None
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    assert not list((tmp_path / "runs").glob(".*.lock"))
+    assert_no_survivors(marker)
+
+
+def ray_sft(tiny_chat_model_dir, chat_data, tmp_path, *extra):
+    """`prunekit sft` on Ray Train with a local Ray instance the command starts itself (its own RAY_TMPDIR, so it
+    never joins another cluster on this machine); TEST_RUN_MARKER finds each of its processes afterwards."""
+    import tempfile
+    import uuid
+    marker = uuid.uuid4().hex
+    argv = sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out", "--set", "ray.num_workers=1", *extra)
+    argv[argv.index("launcher=local")] = "launcher=ray"
+    ray_tmp = tempfile.mkdtemp(prefix="pk-ray-")  # short: Ray's socket paths must fit in 107 bytes
+    proc = start_cli(argv, tmp_path, env={"TEST_RUN_MARKER": marker, "RAY_TMPDIR": ray_tmp})
+    proc.ray_tmp = ray_tmp  # removed after the test
+    return proc, marker
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_during_a_ray_train_run_stops_everything(sig, tiny_chat_model_dir, chat_data, tmp_path):
+    """Ray Train (a local instance the command started): the signal stops the workers, every checkpoint left is
+    whole, one line, 143 / 130, and no Ray process of the run survives (SIGTERM: a second one arrives while Ray
+    shuts down)."""
+    import os
+    import time
+    from prunekit.engine.manifest import MANIFEST, checkpoint_problem
+    signum, code, word = SIGNALS[sig]
+    proc, marker = ray_sft(tiny_chat_model_dir, chat_data, tmp_path, "--max-steps", 500, "--set", "save_interval=1")
+    run_dir = tmp_path / "runs" / "run"
+    wait_for(lambda: any((d / MANIFEST).is_file() for d in run_dir.glob("checkpoint_*")), proc,
+             what="a first checkpoint")
+    assert processes_with_marker(marker), "the run's Ray processes carry the marker"
+    os.kill(proc.pid, signum)
+    if sig == "SIGTERM":
+        time.sleep(2.0)
+        os.kill(proc.pid, signum)  # again, while it stops Ray (its C++ shutdown resets SIGTERM to the default)
+    rc, err = finish(proc)
+    lines = error_lines(err)
+    assert rc == code and lines[-1] == f"prunekit sft: {word}", err
+    assert not [line for line in err.splitlines() if line.startswith(("Traceback", "*** SIG", "Aborted"))], err
+    assert_no_survivors(marker)
+    ckpts = sorted(d for d in run_dir.glob("checkpoint_*") if d.is_dir())
+    assert ckpts and all(checkpoint_problem(d) is None and (d / MANIFEST).is_file() for d in ckpts), ckpts
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    assert not list((tmp_path / "runs").glob(".*.lock"))
+
+
+def test_a_worker_that_dies_is_the_last_line_without_ray_noise_after_it(tiny_chat_model_dir, chat_data, tmp_path):
+    """A worker dies (os._exit at step 1, no restarts): the one-line error is the last thing on stderr (Ray's own
+    log lines do not follow it), exit 2, and the local Ray instance is gone."""
+    proc, marker = ray_sft(tiny_chat_model_dir, chat_data, tmp_path, "--set", "test_crash_at_step=1",
+                           "--set", "ray.max_failures=0")
+    rc, err = finish(proc)
+    raw = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    assert rc == 2 and raw[-1].startswith("prunekit sft: error: sft run run failed: "), err
+    assert raw[-1].endswith(f"(logs and checkpoints in {tmp_path / 'runs' / 'run'}; re-run the same command to "
+                            f"resume)"), err
+    assert sum(line.startswith("prunekit sft:") for line in raw) == 1, err  # (Ray's logs before it are the run's)
+    assert_no_survivors(marker)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", [["prune", "--drop-text", "1"], ["kv-cut", "--kv-heads", "1"]])
+def test_sigterm_during_surgery_leaves_no_temp_dir(command, llama_copy, tmp_path):
+    """SIGTERM while OUT's temp dir holds half the output: the temp dir goes, OUT is not written, 143."""
+    import os
+    ready = tmp_path / "ready"
+    proc = start_cli([command[0], llama_copy, *command[1:], "-o", tmp_path / "out", "--streaming"], tmp_path,
+                     patch=pause_at("prunekit.core.streaming", "apply_streaming", ready))
+    wait_for(ready.exists, proc)
+    (partial,) = tmp_path.glob(".out.tmp-*")
+    assert any(partial.iterdir())
+    os.kill(proc.pid, 15)
+    rc, err = finish(proc)
+    assert rc == 143 and err == f"prunekit {command[0]}: terminated\n", err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*")), list(tmp_path.iterdir())
+
+
+def test_the_next_run_sweeps_stale_temp_dirs_of_a_dead_writer(llama_copy, tmp_path, capsys):
+    """What a `kill -9` leaves (.out.tmp-PID@HOST-*) is removed by the next run of the same OUT when PID is dead on
+    this host; a live writer's, another host's and another OUT's temp dirs stay."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = [tmp_path / f".out.tmp-{dead.pid}@{host}-abc123", tmp_path / f".out.probe-{dead.pid}@{host}-x"]
+    kept = [tmp_path / f".out.tmp-{os.getpid()}@{host}-live", tmp_path / f".out.tmp-{dead.pid}@other-host-q",
+            tmp_path / f".outer.tmp-{dead.pid}@{host}-z"]
+    for d in stale + kept:
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"half")
+    code, _, err = run_cli(capsys, "prune", llama_copy, "--drop-text", "1", "-o", tmp_path / "out")
+    assert code == 0, err
+    assert not any(d.exists() for d in stale) and all(d.exists() for d in kept)
+
+
+# ---- 12. one writer per run directory and output ---------------------------------------------------------------
+
+def test_a_second_identical_run_fails_at_once_naming_the_holder(tiny_chat_model_dir, chat_data, tmp_path, capsys):
+    import os
+    import socket
+    ready = tmp_path / "ready"
+    first = start_cli(sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out"), tmp_path,
+                      patch=pause_at("prunekit.engine.loop", "write_manifest", ready))
+    wait_for(ready.exists, first)
+    run_dir, metrics = tmp_path / "runs" / "run", tmp_path / "runs" / "run" / "metrics.jsonl"
+    logged = metrics.read_text()
+    holder = f"prunekit sft (pid {first.pid} on host {socket.gethostname()}, since "
+    code, _, err = run_cli(capsys, *sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out"))
+    assert code == 2 and len(error_lines(err)) == 1, err
+    assert err.startswith(f"prunekit sft: error: -o {tmp_path / 'out'}: in use by {holder}"), err
+    assert err.endswith("); wait for it to finish or stop it\n"), err
+    code, _, err = run_cli(capsys, *sft_args(tiny_chat_model_dir, chat_data, tmp_path, "elsewhere"))  # same --name
+    assert code == 2 and err.startswith(f"prunekit sft: error: run directory {run_dir}: in use by {holder}"), err
+    assert metrics.read_text() == logged and not (tmp_path / "elsewhere").exists()  # nothing trained or written
+    os.kill(first.pid, 15)
+    assert finish(first)[0] == 143
+    code, out, err = run_cli(capsys, *sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out"))  # free again
+    assert code == 0 and "wrote" in out, err
+    assert not list(tmp_path.glob(".*.lock")) and not list((tmp_path / "runs").glob(".*.lock"))
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from prunekit.core import locks
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    target = tmp_path / "runs" / "same"
+    lock = locks.lock_file(target)
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "command": "prunekit sft"}))
+    with locks.hold((target, "run directory")):  # its holder is gone: taken over
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        with locks.hold((target, "run directory")):  # re-entrant within a process (a pipeline's stages)
+            pass
+        assert lock.exists()
+        other = subprocess.run([sys.executable, "-c", f"from prunekit.core import locks\n"
+                                f"locks.acquire({str(target)!r}, 'run directory')"],
+                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert other.returncode == 1 and f"run directory {target}: in use by prunekit" in other.stderr, other.stderr
+        assert f"(pid {os.getpid()} on host {socket.gethostname()}, since " in other.stderr, other.stderr
+    assert not lock.exists()
+
+
+# ---- 15. a huge row costs what a short one does ----------------------------------------------------------------
+
+def test_a_multi_megabyte_row_does_not_grow_memory(tiny_chat_model_dir, tmp_path):
+    """Rows are cut by characters before tokenising, then to max_length tokens: tokenising a 4 MB conversation and
+    a 4 MB text row at max_length 32 raises the peak RSS of a fresh process by a few MB (the whole rows tokenised:
+    ~700 MB), and gives the tokens of the whole rows."""
+    import subprocess
+    import sys
+    script = f"""
+import json, resource
+from transformers import AutoTokenizer
+from prunekit.core.evaluate import tokenize_rows
+tok = AutoTokenizer.from_pretrained({str(tiny_chat_model_dir)!r})
+big = "lorem ipsum dolor sit amet, consectetur adipiscing elit " * 75000
+rows = [{{"messages": [{{"role": "user", "content": big}}, {{"role": "assistant", "content": "ok"}}]}},
+        {{"text": big}}]
+short = [{{"messages": [{{"role": "user", "content": big[:20000]}}, {{"role": "assistant", "content": "ok"}}]}},
+         {{"text": big[:20000]}}]
+expected = tokenize_rows(tok, short, 32)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+got = tokenize_rows(tok, rows, 32)
+grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(json.dumps({{"mb": len(big) / 1e6, "grew_kb": grew, "same": got == expected, "n": len(got[0]["input_ids"])}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["mb"] > 4 and result["n"] == 32 and result["same"], result
+    assert result["grew_kb"] < 32 * 1024, result  # KB
+
+
+def test_an_interrupted_fit_removes_only_the_partial_checkpoints_it_made(tiny_chat_model_dir, tmp_path):
+    """What a worker stopped mid-upload leaves in the run directory (no manifest yet, or a short file) goes; an
+    older checkpoint, whole or not, and this fit's whole ones stay."""
+    import os
+    import time
+    from prunekit.distributed.train import remove_partial_checkpoints
+    from prunekit.engine.manifest import write_manifest
+    run_dir = tmp_path / "run"
+
+    def checkpoint(name, manifest=True, truncate=False):
+        d = run_dir / name
+        shutil.copytree(tiny_chat_model_dir, d / "hf")
+        if manifest:
+            write_manifest(d)
+        if truncate:
+            with open(d / "hf" / "model.safetensors", "r+b") as f:
+                f.truncate(1000)
+        return d
+    old = [checkpoint("checkpoint_old_whole"), checkpoint("checkpoint_old_unlisted", manifest=False)]
+    for d in old:
+        os.utime(d, (time.time() - 3600, time.time() - 3600))
+    started = time.time() - 1
+    whole = checkpoint("checkpoint_new_whole")
+    partial = [checkpoint("checkpoint_new_no_manifest", manifest=False),
+               checkpoint("checkpoint_new_short", truncate=True)]
+    (run_dir / "checkpoint_manager_snapshot.json").write_text("{}")
+    remove_partial_checkpoints(run_dir, started)
+    assert all(d.is_dir() for d in old + [whole]) and not any(d.exists() for d in partial)
+    assert (run_dir / "checkpoint_manager_snapshot.json").is_file()

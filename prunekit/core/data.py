@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -173,10 +174,40 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+_token_chars: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def max_token_chars(tokenizer) -> int:
+    """The longest token's string in the vocabulary (in characters; byte-level BPE writes one character per byte):
+    no token covers more characters of a text than this."""
+    if tokenizer not in _token_chars:
+        _token_chars[tokenizer] = max(1, max((len(t) for t in tokenizer.get_vocab()), default=1))
+    return _token_chars[tokenizer]
+
+
+def char_budget(tokenizer, max_length: int) -> int:
+    """Characters of one text that can reach the first ``max_length`` tokens (with a margin of 8 tokens, so the
+    tokens up to ``max_length`` are those of the whole text)."""
+    return (max_length + 8) * max_token_chars(tokenizer)
+
+
+def cut_messages(messages: list[dict], max_chars: int) -> list[dict]:
+    """The messages with each content (a string, or its text items) cut to ``max_chars`` characters; the rows
+    themselves are not modified."""
+    def cut(content):
+        if isinstance(content, str):
+            return content[:max_chars]
+        if isinstance(content, list):
+            return [{**i, "text": i["text"][:max_chars]} if isinstance(i, dict) and isinstance(i.get("text"), str)
+                    else i for i in content]
+        return content
+    return [{**m, "content": cut(m["content"])} if "content" in m else m for m in messages]
+
+
 def tokenize_text(tokenizer, text: str, max_length: int) -> dict[str, list[int]]:
     """Tokenise a plain-text row; every token is labelled. Special tokens (BOS/EOS) are added as the tokenizer does
     for plain text (``add_special_tokens=True``); no chat template. Right-truncated to ``max_length``."""
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"][:max_length]
+    ids = tokenizer(text[:char_budget(tokenizer, max_length)], add_special_tokens=True)["input_ids"][:max_length]
     return {"input_ids": list(ids), "labels": list(ids)}
 
 
@@ -198,7 +229,11 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> d
     tokenised alone, response generated after it). Special tokens come from the template only
     (``add_special_tokens=False``, as ``apply_chat_template`` does). Right-truncated to
     ``max_length``. Returns lists ``input_ids`` and ``labels`` (``-100`` where unsupervised).
+
+    Each message is cut by characters first (:func:`char_budget`), then the tokens to ``max_length``: what the
+    template and the tokenizer hold in memory does not grow with a message's length.
     """
+    messages = cut_messages(messages, char_budget(tokenizer, max_length))
     full = _render(tokenizer, messages)
     cuts = [0]  # alternating boundaries: [prompt, response, prompt, response, ..., tail]
     for i, m in enumerate(messages):

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import glob
 import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -160,9 +163,32 @@ def check_writable(out: Path, flag: str = "-o", inside: bool = False) -> None:
     if not where.is_dir():
         raise PrunekitError(f"{flag} {out}: cannot write there ({where} is not a directory)")
     try:
-        shutil.rmtree(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=where))
+        shutil.rmtree(owned_temp_dir(where, f".{out.name}.probe-"))
     except OSError as e:
         raise PrunekitError(f"{flag} {out}: cannot write there ({e.strerror or type(e).__name__}: {where})") from None
+
+
+def owned_temp_dir(parent: Path, prefix: str) -> Path:
+    """mkdtemp whose name says who made it (PREFIX<pid>@<host>-XXXX), so a later run can tell a dead writer's
+    leftovers from a live writer's work in progress (see sweep_stale_temp_dirs)."""
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}@{socket.gethostname()}-", dir=parent))
+
+
+def sweep_stale_temp_dirs(parent: Path, prefix: str) -> list[Path]:
+    """Remove `owned_temp_dir`s under `parent` with `prefix` whose owner process (on this host) is dead; a temp dir
+    of another host or a live process stays. Returns what was removed."""
+    from prunekit.core.locks import pid_alive
+    host, removed = socket.gethostname(), []
+    try:
+        entries = list(Path(parent).glob(f"{glob.escape(prefix)}*"))
+    except OSError:
+        return removed
+    for d in entries:
+        m = re.fullmatch(r"(\d+)@(.+)-[^-]*", d.name[len(prefix):])
+        if m and d.is_dir() and not d.is_symlink() and m.group(2) == host and not pid_alive(int(m.group(1))):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
 
 
 def write_atomically(out: Path, write_fn, overwrite: bool = False) -> Path:
@@ -170,7 +196,9 @@ def write_atomically(out: Path, write_fn, overwrite: bool = False) -> Path:
     half-written OUT, and readers see either the old directory or the whole new one."""
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    for kind in ("tmp", "probe") + (("old",) if out.exists() else ()):  # left by a killed run of the same OUT
+        sweep_stale_temp_dirs(out.parent, f".{out.name}.{kind}-")  # (an .old- without OUT is OUT's last copy)
+    tmp = owned_temp_dir(out.parent, f".{out.name}.tmp-")
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output should look like any other directory
@@ -182,7 +210,7 @@ def write_atomically(out: Path, write_fn, overwrite: bool = False) -> Path:
         if out.exists():
             if not overwrite and (not out.is_dir() or any(out.iterdir())):
                 raise PrunekitError(f"-o {out}: exists and is not empty (pass --overwrite to replace it)")
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            trash = owned_temp_dir(out.parent, f".{out.name}.old-")
             os.replace(out, trash / "old")
             os.replace(tmp, out)
             shutil.rmtree(trash, ignore_errors=True)

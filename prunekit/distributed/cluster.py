@@ -7,9 +7,12 @@ happens to run on the same machine.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import sys
+import threading
 from urllib.parse import urlsplit
 
 from prunekit import PrunekitError
@@ -55,8 +58,70 @@ def existing_cluster_address() -> str | None:
         return None
 
 
+_started_local = False  # this process started the local Ray instance it is connected to (stop_local stops it)
+
+
+def _init(**kwargs) -> None:
+    """ray.init, keeping this process's SIGTERM handler: Ray's own (sys.exit from wherever the driver is) ends a
+    run without its cleanup, and from inside Ray's calls with an abort and a C++ stack."""
+    import ray
+    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    try:
+        ray.init(**kwargs)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def quiet_ray() -> None:
+    """No more of Ray's log lines on this driver (workers' output, Ray's own logger): after a failure has been
+    said in one line, or while Ray shuts down."""
+    import logging
+    logging.getLogger("ray").setLevel(logging.CRITICAL)
+    with contextlib.suppress(Exception):
+        from ray._private.worker import global_worker_stdstream_dispatcher
+        global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
+
+
+def stop_local() -> None:
+    """Stop the local Ray instance `connect` started, all of it: GCS, raylet, dashboard and its agents, workers (all
+    descendants of this process). Signals that arrive meanwhile do not cut this short (half a shutdown is what leaves
+    ray::DashboardAgent and ray::RuntimeEnvAgent orphaned); what `ray.shutdown` leaves running is killed."""
+    global _started_local
+    if not _started_local:
+        return
+    import psutil
+    import ray
+    import ray._private.worker as ray_worker
+    from prunekit.core.interrupts import STOP_SIGNALS, deferred
+    main_thread = threading.current_thread() is threading.main_thread()
+    with deferred():
+        _started_local = False
+        quiet_ray()
+        me = psutil.Process()
+        procs = me.children(recursive=True)
+        # ray.shutdown's C++ part puts SIGTERM back to the default action (it uninstalls its failure-signal handler),
+        # and the slow part, stopping the node's processes, comes after it: disconnect first, take the signals back,
+        # then stop the processes
+        node, ray_worker._global_node = ray_worker._global_node, None
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        for s in STOP_SIGNALS if main_thread else ():
+            signal.signal(s, signal.getsignal(s))  # the deferring handler, installed again where Ray removed it
+        if node is not None:
+            with contextlib.suppress(Exception):
+                node.kill_all_processes(check_alive=False, allow_graceful=True)
+        procs += [p for p in me.children(recursive=True) if p not in procs]
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(alive, timeout=5)
+
+
 def connect(address: str | None = None) -> str:
     """Make sure this process is connected to Ray; returns the address it joined ('local' for a new instance)."""
+    global _started_local
     import ray
     if ray.is_initialized():
         if address and address != "auto":
@@ -80,14 +145,15 @@ def connect(address: str | None = None) -> str:
                   file=sys.stderr)
         else:
             try:
-                ray.init(address=target, log_to_driver=True)
+                _init(address=target, log_to_driver=True)
             except Exception as e:  # ray raises ConnectionError, RuntimeError, TimeoutError, ... here
                 raise PrunekitError(f"ray address {target}: cannot connect ({str(e).splitlines()[0][:200]})") from None
             return target
     os.environ.pop("RAY_ADDRESS", None)  # "local": ray.init must start an instance, not look for one
     # the dashboard serves the State API Ray Train polls (without it its cleaner actor warns every few seconds);
     # it listens on 127.0.0.1 only
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    _init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    _started_local = True
     return "local"
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
 from prunekit import PrunekitError
+from prunekit.core.loading import owned_temp_dir, sweep_stale_temp_dirs
 from prunekit.engine.reporting import RunLogger, crash_once
 
 
@@ -34,12 +36,17 @@ class RayTrainReporter(RunLogger):
 
     def checkpoint(self, step: int, metrics: dict, write_fn, all_ranks: bool, final: bool) -> None:
         import ray.train
-        with tempfile.TemporaryDirectory(prefix="prunekit-ckpt-") as tmp:
-            write_fn(Path(tmp))
-            has_files = any(Path(tmp).iterdir())
+        # a worker killed mid-write (the run stopped, a node lost) leaves its temp copy: the next one sweeps it
+        sweep_stale_temp_dirs(Path(tempfile.gettempdir()), CKPT_TMP)
+        tmp = owned_temp_dir(Path(tempfile.gettempdir()), CKPT_TMP)
+        try:
+            write_fn(tmp)
+            has_files = any(tmp.iterdir())
             ckpt = ray.train.Checkpoint.from_directory(tmp) if has_files and (all_ranks or self.rank == 0) else None
             ray.train.report({"step": step, **{k.replace("/", "_"): v for k, v in metrics.items()}},
                              checkpoint=ckpt)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def maybe_crash(self, step: int) -> None:
         crash_once(self.run_dir, step)
@@ -80,18 +87,52 @@ def _worker(config: dict) -> None:
     train(model, objective, cfg, train_samples, val_samples, pad_id, reporter, device=device)
 
 
+CKPT_TMP = "prunekit-ckpt-"
+
+
+def _trainer_class():
+    """TorchTrainer whose Ctrl-C / SIGTERM handling is prunekit's: the first signal aborts the run's controller
+    (which stops the workers) and fit returns; `launch` then raises the interrupt. (Ray Train's own handler
+    handles SIGINT only and ends the driver with sys.exit.)"""
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        stop = None  # a StopOnSignal, set by launch
+
+        def _register_sigint_handler(self, controller):
+            self.stop.on_stop = lambda: controller.abort.remote()
+            self.stop.arm()
+    return Trainer
+
+
+def remove_partial_checkpoints(run_dir: Path, since: float) -> None:
+    """After an interrupted fit: checkpoint directories this fit created that are not whole (a worker stopped while
+    uploading one: no manifest yet, or a file short or missing). Older checkpoints are never touched."""
+    from prunekit.engine.manifest import MANIFEST, checkpoint_problem
+    for d in Path(run_dir).glob("checkpoint_*"):
+        try:
+            fresh = d.is_dir() and d.stat().st_mtime >= since
+        except OSError:
+            continue
+        if fresh and (not (d / MANIFEST).is_file() or checkpoint_problem(d) is not None):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def launch(stage: str, cfg) -> tuple[Path, Path, str]:
     """Fit on Ray Train; returns (final checkpoint dir with hf/, run dir, run name)."""
+    import time
+    from prunekit.core.interrupts import StopOnSignal, interrupt_for
+    from prunekit.distributed.cluster import quiet_ray, stop_local
     ensure_ray(cfg.ray.address)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
     name = run_name(stage, cfg)
     storage = Path(cfg.storage_path).resolve()
     run_dir = storage / name
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = cfg.ray.gpus_per_worker
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         _worker,
         train_loop_config={"stage": stage, "cfg": cfg.model_dump(mode="json"), "run_dir": str(run_dir),
                            "name": name},
@@ -102,14 +143,27 @@ def launch(stage: str, cfg) -> tuple[Path, Path, str]:
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
+    trainer.stop = StopOnSignal()  # armed once the controller exists (see _trainer_class)
+    started = time.time() - 1  # directory mtimes may be a little coarse
     try:
-        result = trainer.fit()
-        error = result.error
-    except (KeyboardInterrupt, PrunekitError):
+        try:
+            result = trainer.fit()
+            error = result.error
+        except (KeyboardInterrupt, PrunekitError):
+            raise
+        except Exception as e:  # Ray Train >= 2.50 raises WorkerGroupError / ControllerError from fit()
+            error = e
+        finally:
+            trainer.stop.disarm()
+        if trainer.stop.signum is not None:  # the controller was aborted: fit returned or raised meanwhile
+            raise interrupt_for(trainer.stop.signum)
+    except KeyboardInterrupt:  # the workers stop with the local instance, or with the aborted controller
+        stop_local()
+        remove_partial_checkpoints(run_dir, started)
+        sweep_stale_temp_dirs(Path(tempfile.gettempdir()), CKPT_TMP)  # this node's workers' copies being written
         raise
-    except Exception as e:  # Ray Train >= 2.50 raises WorkerGroupError / ControllerError from fit()
-        error = e
     if error is not None:
+        quiet_ray()  # the one line below says it; the workers' tracebacks are in the run's logs
         cause = failure_cause(error)
         hint = "" if cause.startswith(PRUNEKIT_CAUSE) else \
             f" (logs and checkpoints in {run_dir}; re-run the same command to resume)"

@@ -10,13 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import threading
 import time
 from pathlib import Path
 
 from ray.tune.schedulers import AsyncHyperBandScheduler
 
+from prunekit.core.interrupts import StopOnSignal, interrupt_for
 from prunekit.core.plan import BASELINE
 from prunekit.distributed.train import ensure_ray
 from prunekit.engine.reporting import RunLogger, crash_once
@@ -134,13 +133,14 @@ def _importance_task(shared: list, use_gpu: bool) -> dict:
     return _importance(build_trial_model(base, Candidate(), device).eval(), base, payload["importance"], device)
 
 
-class _StopOnSignal:
-    """Ctrl-C (SIGINT) during a sweep: Tune stops every trial, then the driver reports the sweep as interrupted
-    (exit 130) instead of finishing it. Tune's own SIGINT handler would end the run as if it had completed; it is
-    switched off while this one is installed. A second Ctrl-C interrupts at once."""
+class _StopOnSignal(StopOnSignal):
+    """Ctrl-C (SIGINT) or SIGTERM during a sweep: Tune stops every trial, then the driver reports the sweep as
+    interrupted (exit 130) or terminated (143) instead of finishing it. Tune's own SIGINT handler would end the run
+    as if it had completed; it is switched off while this one is installed. A second signal interrupts at once."""
 
     def __init__(self):
         from ray import tune
+        super().__init__()
 
         class _Stopper(tune.Stopper):
             def __call__(st, trial_id, result):
@@ -149,29 +149,18 @@ class _StopOnSignal:
             def stop_all(st):
                 return self.signum is not None
         self.stopper = _Stopper()
-        self.signum = None
-        self._previous = None
 
     def __enter__(self):
         self._env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
-        if threading.current_thread() is threading.main_thread():
-            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-            self._previous = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-        signal.signal(signal.SIGINT, self._previous)  # a second Ctrl-C does not wait for the trials to stop
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        return super().__enter__()
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            if self._env is None:
-                os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
-            else:
-                os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self._env
-        return False
+        if self._env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self._env
+        return super().__exit__(*exc)
 
 
 class SweepBookkeeper:
@@ -303,9 +292,9 @@ def run_sweep(cfg, sweep, pending: list, base: dict, want_importance: bool) -> t
                 ray.cancel(importance_ref, force=True)
         from prunekit.stages.knockout import trial_dir
         done = sum((trial_dir(sweep.run_dir, c) / "result.json").is_file() for c in sweep.candidates)
-        raise KeyboardInterrupt(f"{done} of {len(sweep.candidates)} trials finished, kept in {sweep.run_dir}; no "
-                                f"report or plan written from a partial sweep (re-run the same command to run the "
-                                f"rest)")
+        raise interrupt_for(interrupt.signum, f"{done} of {len(sweep.candidates)} trials finished, kept in "
+                                              f"{sweep.run_dir}; no report or plan written from a partial sweep "
+                                              f"(re-run the same command to run the rest)")
     if importance_ref is not None:
         try:
             scores = ray.get(importance_ref)

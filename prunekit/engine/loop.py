@@ -155,7 +155,16 @@ def setup_strategy(model, objective, cfg, scheduler_steps: int, reporter, device
 
 
 def train(model, objective, cfg, train_samples, val_samples, pad_id: int, reporter, device=None) -> dict:
-    """Run the loop; returns the last metrics. `reporter.restore()` gives a checkpoint dir to resume from (or None)."""
+    """Run the loop; returns the last metrics. `reporter.restore()` gives a checkpoint dir to resume from (or None).
+    A run that stops early (an error, Ctrl-C, SIGTERM) ends its progress bar and wandb run first."""
+    try:
+        return _train(model, objective, cfg, train_samples, val_samples, pad_id, reporter, device)
+    except BaseException:
+        reporter.abort()
+        raise
+
+
+def _train(model, objective, cfg, train_samples, val_samples, pad_id: int, reporter, device=None) -> dict:
     rank, world_size = world()
     device = device or torch.device("cpu")
     torch.manual_seed(cfg.seed)

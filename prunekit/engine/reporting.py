@@ -2,12 +2,13 @@
 a local run directory (`LocalReporter`) or through Ray Train (`prunekit.distributed.train.RayTrainReporter`)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from prunekit.core.loading import owned_temp_dir, sweep_stale_temp_dirs
 from prunekit.engine.strategy import world
 
 METRICS_FILE = "metrics.jsonl"
@@ -66,6 +67,16 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.finish()
 
+    def abort(self) -> None:
+        """The run stops early: the progress bar's line ends (what is printed next is a line of its own) and the
+        wandb run is marked failed."""
+        bar, run, self.bar, self.wandb = self.bar, self.wandb, None, None
+        if bar is not None:
+            bar.close()
+        if run is not None:
+            with contextlib.suppress(Exception):
+                run.finish(exit_code=1)
+
 
 class LocalReporter(RunLogger):
     """Checkpoints under run_dir/checkpoints/step-N (atomic rename); resumes from the newest."""
@@ -73,17 +84,23 @@ class LocalReporter(RunLogger):
     def restore(self) -> Path | None:
         """The newest intact checkpoint (a damaged newer one is skipped with a warning; see engine.manifest)."""
         from prunekit.engine.manifest import newest_intact
+        for prefix in (".tmp-", ".old-"):  # a checkpoint a killed (-9) run was writing or replacing
+            sweep_stale_temp_dirs(self.run_dir / "checkpoints", prefix)
         ckpts = sorted((self.run_dir / "checkpoints").glob("step-*"), reverse=True)
         return newest_intact(ckpts, self.run_dir, warn=self.rank == 0)
 
     def checkpoint(self, step: int, metrics: dict, write_fn, all_ranks: bool, final: bool) -> None:
         root = self.run_dir / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-        write_fn(tmp)
+        tmp = owned_temp_dir(root, ".tmp-")
+        try:
+            write_fn(tmp)
+        except BaseException:  # an error, Ctrl-C or SIGTERM mid-write: no partial checkpoint stays behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         target = root / f"step-{step:07d}"
         if target.exists():  # a damaged checkpoint of this step, skipped on restore: the new one replaces it
-            trash = Path(tempfile.mkdtemp(prefix=".old-", dir=root))
+            trash = owned_temp_dir(root, ".old-")
             os.replace(target, trash / target.name)
             shutil.rmtree(trash, ignore_errors=True)
         os.replace(tmp, target)

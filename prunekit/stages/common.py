@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prunekit import PrunekitError
-from prunekit.core import report
+from prunekit.core import locks, report
 from prunekit.core import streaming as streaming_surgery
 from prunekit.core.adapters import adapter_for
 from prunekit.core.loading import (check_output_dir, copy_side_files, load_model, quiet_transformers, read_config, read_provenance,
@@ -45,6 +45,11 @@ def write_surgery_output(src: SurgeryInput, surgery, out: str | Path, *, overwri
     `built` the output model already built from it (e.g. a calibrated KV cut) to save as is. `extra_files`
     ({name: text or bytes}) are written into OUT too (e.g. the importance scores a width cut used)."""
     out = check_output_dir(Path(out), [src.path], overwrite)
+    with locks.hold((out, "-o")):  # one writer per OUT
+        return _write_surgery_output(src, surgery, out, overwrite, streaming, trust_remote_code, model, built, stage)
+
+
+def _write_surgery_output(src, surgery, out, overwrite, streaming, trust_remote_code, model, built, stage):
     if streaming is None:
         streaming = model is None and streaming_surgery.should_stream(src.path)
     if streaming and not list(src.path.glob("*.safetensors")):

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from prunekit import PrunekitError
+from prunekit.core import locks
 from prunekit.core.loading import (check_output_dir, load_model, load_tokenizer, quiet_transformers, resolve_model,
                                    write_atomically)
 
@@ -94,21 +95,22 @@ def importance(model: str, data: str | Path, out: str | Path, *, samples: int = 
     import torch
     path = resolve_model(model)
     out = check_output_dir(Path(out), [path], overwrite)
-    if samples < 1 or batch_size < 1 or any(n < 1 for n in angular_n):
-        raise PrunekitError("--samples, --batch-size and --angular-n must be >= 1")
-    with quiet_transformers():
-        model_obj, adapter = load_model(path, dtype="float32", trust_remote_code=trust_remote_code, device=device)
-        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    calib = calibration_samples(tokenizer, data, path, adapter.is_vlm, samples, max_length, trust_remote_code)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    scores = compute_importance(model_obj, adapter, calib, pad_id, batch_size, tuple(angular_n), nll,
-                                torch.device(device))
-    record = {"model": str(path), "data": str(Path(data).resolve()), "samples": len(calib),
-              "higher_is_more_important": True, **scores}
+    with locks.hold((out, "-o")):  # one writer per OUT
+        if samples < 1 or batch_size < 1 or any(n < 1 for n in angular_n):
+            raise PrunekitError("--samples, --batch-size and --angular-n must be >= 1")
+        with quiet_transformers():
+            model_obj, adapter = load_model(path, dtype="float32", trust_remote_code=trust_remote_code, device=device)
+            tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        calib = calibration_samples(tokenizer, data, path, adapter.is_vlm, samples, max_length, trust_remote_code)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        scores = compute_importance(model_obj, adapter, calib, pad_id, batch_size, tuple(angular_n), nll,
+                                    torch.device(device))
+        record = {"model": str(path), "data": str(Path(data).resolve()), "samples": len(calib),
+                  "higher_is_more_important": True, **scores}
 
-    def write(tmp: Path):
-        (tmp / "importance.json").write_text(json.dumps(record, indent=2) + "\n")
-        plot_scores(scores, tmp)
+        def write(tmp: Path):
+            (tmp / "importance.json").write_text(json.dumps(record, indent=2) + "\n")
+            plot_scores(scores, tmp)
 
-    write_atomically(out, write, overwrite=overwrite)
-    return ImportanceResult(out, record)
+        write_atomically(out, write, overwrite=overwrite)
+        return ImportanceResult(out, record)

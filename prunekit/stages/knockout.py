@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prunekit import PrunekitError
-from prunekit.core import report
+from prunekit.core import locks, report
 from prunekit.core.adapters import adapter_for
 from prunekit.core.data import load_messages
 from prunekit.core.loading import (check_output_dir, check_writable, load_model, load_tokenizer, quiet_transformers,
@@ -251,8 +251,13 @@ def finished(run_dir: Path, candidate: Candidate) -> bool:
 
 
 def knockout(cfg, resume: bool = False) -> KnockoutResult:
-    from prunekit.distributed.tune import run_sweep
     sweep = validate(cfg, resume)
+    with locks.hold((cfg.output_dir, "-o"), (sweep.run_dir, "run directory")):  # one sweep of a name at a time
+        return _knockout(cfg, sweep)
+
+
+def _knockout(cfg, sweep: Sweep) -> KnockoutResult:
+    from prunekit.distributed.tune import run_sweep
     run_dir = sweep.run_dir
 
     def claim():  # only once everything that can fail before a trial has passed (data tokenized, model loaded)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prunekit import PrunekitError
+from prunekit.core import locks
 from prunekit.core.loading import check_output_dir, load_model, load_tokenizer, quiet_transformers
 from prunekit.core.kv_calibration import CalibrationSettings, calibrate_kv_cut
 from prunekit.core.surgery import KVCut, apply_to_model, kv_similarity_orders
@@ -71,24 +72,26 @@ def kv_cut(model: str, out: str | Path, kv_heads: int, grouping: str = "mean", d
     if streaming:
         raise PrunekitError("--grouping similarity runs the model on --data, so it cannot stream; use --grouping mean")
     check_output_dir(Path(out), [src.path], overwrite)  # refuse a bad OUT before minutes of calibration
-    with quiet_transformers():
-        loaded, adapter = load_model(src.path, dtype="auto", trust_remote_code=trust_remote_code)
-        tokenizer = load_tokenizer(src.path, trust_remote_code=trust_remote_code)
-    loaded.to(device)
-    orders = None
-    if grouping == "similarity":
-        orders = kv_similarity_orders(loaded, adapter, ({k: v.to(device) for k, v in b.items()} for b in
-                                                        calibration_batches(tokenizer, data, max_samples)), kv_heads)
-    surgery = KVCut(src.adapter, src.config, kv_heads, head_order=orders)
-    built = None
-    if calibrate:
-        built = apply_to_model(loaded, surgery).to(device)
-        query_orders = {i: surgery.query_head_order(i) for i in range(adapter.num_text_layers(src.config))}
-        batches = [{k: v.to(device) for k, v in b.items()}
-                   for b in padded_calibration_batches(tokenizer, data, max_samples)]
-        surgery.calibration = calibrate_kv_cut(loaded, built, adapter, batches, calibration,
-                                               query_orders=query_orders)
-        built.to("cpu")
-    loaded.to("cpu")
-    return write_surgery_output(src, surgery, out, overwrite=overwrite, streaming=False, model=loaded, built=built,
-                                trust_remote_code=trust_remote_code, stage="kv_cut")
+    with locks.hold((Path(out), "-o")):  # one writer per OUT, from before the calibration
+        with quiet_transformers():
+            loaded, adapter = load_model(src.path, dtype="auto", trust_remote_code=trust_remote_code)
+            tokenizer = load_tokenizer(src.path, trust_remote_code=trust_remote_code)
+        loaded.to(device)
+        orders = None
+        if grouping == "similarity":
+            batches = ({k: v.to(device) for k, v in b.items()} for b in calibration_batches(tokenizer, data,
+                                                                                             max_samples))
+            orders = kv_similarity_orders(loaded, adapter, batches, kv_heads)
+        surgery = KVCut(src.adapter, src.config, kv_heads, head_order=orders)
+        built = None
+        if calibrate:
+            built = apply_to_model(loaded, surgery).to(device)
+            query_orders = {i: surgery.query_head_order(i) for i in range(adapter.num_text_layers(src.config))}
+            batches = [{k: v.to(device) for k, v in b.items()}
+                       for b in padded_calibration_batches(tokenizer, data, max_samples)]
+            surgery.calibration = calibrate_kv_cut(loaded, built, adapter, batches, calibration,
+                                                   query_orders=query_orders)
+            built.to("cpu")
+        loaded.to("cpu")
+        return write_surgery_output(src, surgery, out, overwrite=overwrite, streaming=False, model=loaded, built=built,
+                                    trust_remote_code=trust_remote_code, stage="kv_cut")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prunekit import PrunekitError
-from prunekit.core import report
+from prunekit.core import locks, report
 from prunekit.core.loading import (check_output_dir, copy_side_files, load_model, quiet_transformers, read_provenance,
                                    write_atomically, write_provenance)
 from prunekit.core.lora import ADAPTER_WEIGHTS, read_adapter_config, resolve_adapter_base
@@ -84,6 +84,7 @@ def merge_lora(adapter_dir: str | Path, out: str | Path, base: str | Path | None
             "params": report.describe(tmp)["params"]["total"],
         }, parent_dir=parent)
 
-    write_atomically(out, write, overwrite=overwrite)
-    provenance = read_provenance(out)
-    return MergeResult(out, provenance["params"], base_dir, adapter_dir.resolve(), provenance)
+    with locks.hold((out, "-o")):  # one writer per OUT
+        write_atomically(out, write, overwrite=overwrite)
+        provenance = read_provenance(out)
+        return MergeResult(out, provenance["params"], base_dir, adapter_dir.resolve(), provenance)

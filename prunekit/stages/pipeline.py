@@ -616,7 +616,6 @@ def write_summary(state: State, out: Path, final: str | None) -> Path:
 # ---- the recipe function ---------------------------------------------------------------------------------------
 
 def pipeline(cfg, where: str = "recipe", redo: str | None = None) -> PipelineResult:
-    from prunekit.distributed.cluster import connect
     rounds, finish = check_recipe(cfg, where)
     cfg.model = str(resolve_model(cfg.model).resolve())
     cfg.train, cfg.val, cfg.output_dir = (Path(p).resolve() for p in (cfg.train, cfg.val, cfg.output_dir))
@@ -641,6 +640,13 @@ def pipeline(cfg, where: str = "recipe", redo: str | None = None) -> PipelineRes
     if o_params <= target:
         raise PrunekitError(f"{where}: target already met: {cfg.model} has {o_params:,} parameters <= target "
                             f"{target:,}; nothing to prune")
+    from prunekit.core import locks
+    with locks.hold((out, "output_dir")):  # one pipeline per directory (its stages lock their own outputs)
+        return _run_pipeline(cfg, redo, rounds, finish, out, storage, target, o_params)
+
+
+def _run_pipeline(cfg, redo, rounds, finish, out: Path, storage: Path, target: int, o_params: int) -> PipelineResult:
+    from prunekit.distributed.cluster import connect
     state = State.open(out, cfg.model)
     if cfg.launcher == "ray":
         connect(cfg.ray.address)  # an address that does not answer fails here, before anything is written

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prunekit import PrunekitError
+from prunekit.core import locks
 from prunekit.core.loading import (check_output_dir, copy_side_files, load_tokenizer, quiet_transformers,
                                    resolve_model, write_atomically, write_provenance)
 
@@ -53,23 +54,25 @@ def rl(cfg) -> RLResult:
     rows, prompt_ids, tok, rewards = validate(cfg)
     name = run_name("rl", cfg)
     run_dir = cfg.storage_path / name
-    ensure_ray(cfg.ray.address)
-    final_ckpt, metrics = RLRun(cfg, rows, prompt_ids, tok, rewards, run_dir, name).run()
-    final_ckpt = final_ckpt or run_dir / "checkpoints" / f"step-{cfg.max_steps:07d}"  # already finished earlier
-    if not (final_ckpt / HF_DIR).is_dir():
-        raise PrunekitError(f"rl run {name}: no final model in {final_ckpt}")
-    if not metrics:
-        metrics = json.loads((final_ckpt / "metrics.json").read_text())
-    base = Path(cfg.model)
+    with locks.hold((cfg.output_dir, "-o"), (run_dir, "run directory")):  # one writer per run and output
+        ensure_ray(cfg.ray.address)
+        final_ckpt, metrics = RLRun(cfg, rows, prompt_ids, tok, rewards, run_dir, name).run()
+        final_ckpt = final_ckpt or run_dir / "checkpoints" / f"step-{cfg.max_steps:07d}"  # already finished earlier
+        if not (final_ckpt / HF_DIR).is_dir():
+            raise PrunekitError(f"rl run {name}: no final model in {final_ckpt}")
+        if not metrics:
+            metrics = json.loads((final_ckpt / "metrics.json").read_text())
+        base = Path(cfg.model)
 
-    def write(tmp: Path):
-        from prunekit.engine.manifest import copy_verified
-        copy_verified(final_ckpt, HF_DIR, tmp)  # against the sizes and hashes recorded when it was written
-        copy_side_files(base, tmp)
-        write_provenance(tmp, {"stage": "rl", "parent": str(base), "run": str(run_dir),
-                               "algorithm": cfg.algorithm.name, "rewards": [r.model_dump() for r in cfg.rewards],
-                               "config": cfg.model_dump(mode="json"), "metrics": {"step": cfg.max_steps, **metrics}},
-                         parent_dir=base)
+        def write(tmp: Path):
+            from prunekit.engine.manifest import copy_verified
+            copy_verified(final_ckpt, HF_DIR, tmp)  # against the sizes and hashes recorded when it was written
+            copy_side_files(base, tmp)
+            write_provenance(tmp, {"stage": "rl", "parent": str(base), "run": str(run_dir),
+                                   "algorithm": cfg.algorithm.name, "rewards": [r.model_dump() for r in cfg.rewards],
+                                   "config": cfg.model_dump(mode="json"),
+                                   "metrics": {"step": cfg.max_steps, **metrics}},
+                             parent_dir=base)
 
-    out = write_atomically(Path(cfg.output_dir), write, overwrite=cfg.overwrite)
-    return RLResult(out, run_dir, name, metrics)
+        out = write_atomically(Path(cfg.output_dir), write, overwrite=cfg.overwrite)
+        return RLResult(out, run_dir, name, metrics)

@@ -170,7 +170,15 @@ def run_in_process(stage: str, cfg) -> tuple[Path, Path, str]:
 
 
 def run(stage: str, cfg) -> TrainResult:
+    from prunekit.core import locks
+    from prunekit.distributed.train import run_name
     validate(stage, cfg)
+    # one writer per run directory and output: a second identical command fails now, naming this one
+    with locks.hold((cfg.output_dir, "-o"), (Path(cfg.storage_path) / run_name(stage, cfg), "run directory")):
+        return _run(stage, cfg)
+
+
+def _run(stage: str, cfg) -> TrainResult:
     if cfg.launcher == "local":
         final_ckpt, run_dir, name = run_in_process(stage, cfg)
     else:

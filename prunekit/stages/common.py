@@ -46,10 +46,12 @@ def write_surgery_output(src: SurgeryInput, surgery, out: str | Path, *, overwri
     ({name: text or bytes}) are written into OUT too (e.g. the importance scores a width cut used)."""
     out = check_output_dir(Path(out), [src.path], overwrite)
     with locks.hold((out, "-o")):  # one writer per OUT
-        return _write_surgery_output(src, surgery, out, overwrite, streaming, trust_remote_code, model, built, stage)
+        return _write_surgery_output(src, surgery, out, overwrite, streaming, trust_remote_code, model, built, stage,
+                                     extra_files)
 
 
-def _write_surgery_output(src, surgery, out, overwrite, streaming, trust_remote_code, model, built, stage):
+def _write_surgery_output(src, surgery, out, overwrite, streaming, trust_remote_code, model, built, stage,
+                          extra_files):
     if streaming is None:
         streaming = model is None and streaming_surgery.should_stream(src.path)
     if streaming and not list(src.path.glob("*.safetensors")):

@@ -63,10 +63,21 @@ def cmd_width(args) -> None:
     result = width(args.model, args.out, args.data, ffn=args.ffn, heads=args.heads, hidden=args.hidden,
                    importance=args.importance, samples=args.samples, max_length=args.max_length,
                    batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
-                   streaming=args.streaming, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+                   streaming=args.streaming, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                   params=args.params, params_fraction=args.params_fraction)
     _print_surgery(result)
     sizes = result.provenance["sizes"]
     print("; ".join(f"{k} {v['before']} -> {v['after']}" for k, v in sizes.items()))
+    budget = result.provenance.get("budget")
+    if budget:
+        print(f"{budget['flag']}: chose {budget['chosen']} of " + "; ".join(_mix_line(m) for m in budget["mixes"]))
+
+
+def _mix_line(m: dict) -> str:
+    if m["reason"]:
+        return f"{m['mix']} (not a candidate: {m['reason']})"
+    sizes = ", ".join(f"{k} {v}" for k, v in m["sizes"].items())
+    return f"{m['mix']} ({sizes}: {m['params']:,} params, importance removed {m['importance_removed']:.4f})"
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -286,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=None,
                    help="query heads per layer to keep (a multiple of the KV heads; the KV heads stay)")
     p.add_argument("--hidden", type=int, default=None, help="hidden (embedding) channels to keep")
+    p.add_argument("--params", default=None, metavar="N",
+                        help="instead of --ffn/--heads/--hidden: at most N parameters (as `prunekit inspect` counts); "
+                             "prunekit solves FFN only, heads+FFN and hidden+FFN to it and keeps the mix that "
+                             "removes the least importance (recorded in prunekit.json)")
+    p.add_argument("--params-fraction", default=None, metavar="F",
+                        help="the same, as a fraction of the model's parameters (0.75)")
     p.add_argument("--samples", type=int, default=64, help="calibration rows taken from --data")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)

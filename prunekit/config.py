@@ -326,6 +326,35 @@ class PruneStageConfig(Strict):
     plan: Path | None = None
 
 
+class WidthStageConfig(Strict):
+    """Pipeline stage `width`: Minitron-style width pruning of the current model (`prunekit width`), channels scored
+    on the pipeline's train file. Give sizes (ffn / heads / hidden, as the CLI flags) or params_fraction (keep this
+    fraction of the stage's input; prunekit picks the mix); with neither, it removes what the round's
+    max_params_fraction still allows, stopping at the target. Either way within the round's guardrail."""
+    ffn: str | float | int | None = None      # 0.75 (a fraction) or 96 (an intermediate size)
+    heads: int | None = None
+    hidden: int | None = None
+    params_fraction: float | None = None
+    samples: int = 64                         # calibration rows taken from the train file
+    max_length: int = 256
+    batch_size: int = 4
+
+    @field_validator("params_fraction")
+    @classmethod
+    def _fraction(cls, v):
+        if v is not None and not 0 < v < 1:
+            raise ValueError("must be in (0, 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.params_fraction is not None and (self.ffn, self.heads, self.hidden) != (None, None, None):
+            raise ValueError("give sizes (ffn / heads / hidden) or params_fraction, not both")
+        if min(self.samples, self.max_length, self.batch_size) < 1:
+            raise ValueError("samples, max_length and batch_size must be >= 1")
+        return self
+
+
 class KVCutStageConfig(Strict):
     kv_heads: int
     grouping: Literal["mean", "similarity"] = "mean"
@@ -341,7 +370,7 @@ class MergeStageConfig(Strict):
 
 # Which stages may appear where. `knockout` also accepts the pipeline key `importance_candidates: N` (sweep only the
 # N least important layers of the round's `importance` stage).
-ROUND_STAGES = ("importance", "knockout", "prune", "sft", "distill")
+ROUND_STAGES = ("importance", "knockout", "prune", "width", "sft", "distill")
 FINISH_STAGES = ("kv_cut", "sft", "distill", "lora", "merge_lora", "rl")
 PIPELINE_OWNED_KEYS = ("model", "output_dir", "overwrite", "name", "storage_path")
 

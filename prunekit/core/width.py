@@ -419,9 +419,11 @@ def legal_hidden(adapter: Adapter, old: WidthShape) -> list[int]:
     return list(range((old.hidden - 1) // step * step, 0, -step))
 
 
-def _solve_ffn(adapter, cfg, shapes, old: WidthShape, heads: int, hidden: int, budget: int) -> tuple[int, int] | None:
+def _solve_ffn(adapter, cfg, shapes, old: WidthShape, heads: int, hidden: int, budget: int,
+               at_least: bool = False) -> tuple[int, int] | None:
     """(largest standard FFN size, parameters) with the given heads and hidden size within `budget`; None if even
-    the smallest FFN is over it. Parameters are linear in the FFN size, so two counts place it, a third checks."""
+    the smallest FFN is over it. `at_least`: the smallest FFN size that keeps at least `budget` parameters (None if
+    even the full FFN keeps fewer). Parameters are linear in the FFN size, so two counts place it, a third checks."""
     align = _align(old.intermediate, small=1)
 
     def count(f):
@@ -430,11 +432,23 @@ def _solve_ffn(adapter, cfg, shapes, old: WidthShape, heads: int, hidden: int, b
             return count_params(adapter, cfg, shapes)
         return count_params(adapter, cfg, shapes, shape_cut(adapter, cfg, shape))
     low, high = count(align), count(old.intermediate)
+    per = (high - low) / max(old.intermediate - align, 1)
+    if at_least:
+        if high < budget:
+            return None
+        if low >= budget:
+            return align, low
+        f = align + -(-int(math.ceil((budget - low) / per)) // align) * align
+        f = max(align, min(f, old.intermediate))
+        n = count(f)
+        while n < budget and f < old.intermediate:   # rounding guard
+            f += align
+            n = count(f)
+        return f, n
     if low > budget:
         return None
     if high <= budget:
         return old.intermediate, high
-    per = (high - low) / (old.intermediate - align)
     f = align + int((budget - low) / per) // align * align
     f = max(align, min(f, old.intermediate))
     n = count(f)
@@ -444,9 +458,11 @@ def _solve_ffn(adapter, cfg, shapes, old: WidthShape, heads: int, hidden: int, b
     return f, n
 
 
-def budget_mixes(adapter: Adapter, cfg: dict, shapes: dict, budget: int) -> list[dict]:
+def budget_mixes(adapter: Adapter, cfg: dict, shapes: dict, budget: int, at_least: bool = False,
+                 min_params: int | None = None) -> list[dict]:
     """Every mix of MIXES solved to `budget` parameters: {"mix", "shape" (WidthShape or None), "params", "reason"
-    (why it is not a candidate, or None)}."""
+    (why it is not a candidate, or None)}. `at_least`: keep at least `budget` parameters instead (remove at most a
+    guardrail's allowance); `min_params`: mixes leaving fewer are not candidates (the pipeline round's guardrail)."""
     old = WidthShape.of(adapter, cfg)
     out = []
     for mix in MIXES:
@@ -464,7 +480,7 @@ def budget_mixes(adapter: Adapter, cfg: dict, shapes: dict, budget: int) -> list
             reason = None if others else (f"{adapter.family} derives head_dim from hidden_size / heads: the hidden "
                                           f"size cannot change alone")
         for heads, hidden in others:
-            solved = _solve_ffn(adapter, cfg, shapes, old, heads, hidden, budget)
+            solved = _solve_ffn(adapter, cfg, shapes, old, heads, hidden, budget, at_least)
             if solved is None:
                 continue
             f, n = solved
@@ -474,18 +490,30 @@ def budget_mixes(adapter: Adapter, cfg: dict, shapes: dict, budget: int) -> list
             if best is None or gap < best[0] - 1e-12:
                 best = (gap, WidthShape(old.layers, f, heads, old.kv_heads, old.head_dim, hidden), n)
         if best is None:
-            out.append({"mix": mix, "shape": None, "params": None,
-                        "reason": reason or "cannot reach the budget (even the smallest sizes are over it)"})
+            out.append({"mix": mix, "shape": None, "params": None, "reason": reason or (
+                "every standard size of it removes more than allowed" if at_least else
+                "cannot reach the budget (even the smallest sizes are over it)")})
         else:
             out.append({"mix": mix, "shape": best[1], "params": best[2], "reason": None})
-    reachable = [m for m in out if m["shape"] is not None]
+    if min_params is not None:
+        for m in out:
+            if m["shape"] is not None and m["params"] < min_params:
+                m["reason"] = f"leaves {m['params']:,} parameters, below the minimum {min_params:,}"
+    reachable = [m for m in out if m["shape"] is not None and m["reason"] is None]
     if reachable:
         total = count_params(adapter, cfg, shapes)
-        closest = max(m["params"] for m in reachable)
-        for m in reachable:
-            if total - m["params"] > (total - closest) * (1 + BUDGET_SLACK):
-                m["reason"] = (f"removes {total - m['params']:,} parameters, more than {1 + BUDGET_SLACK:g}x the "
-                               f"{total - closest:,} of the closest mix (its smallest step is too coarse)")
+        if at_least:
+            closest = total - min(m["params"] for m in reachable)
+            for m in reachable:
+                if (total - m["params"]) * (1 + BUDGET_SLACK) < closest:
+                    m["reason"] = (f"removes {total - m['params']:,} parameters, less than 1/{1 + BUDGET_SLACK:g} of "
+                                   f"the {closest:,} of the closest mix (its steps are too coarse)")
+        else:
+            closest = total - max(m["params"] for m in reachable)
+            for m in reachable:
+                if total - m["params"] > closest * (1 + BUDGET_SLACK):
+                    m["reason"] = (f"removes {total - m['params']:,} parameters, more than {1 + BUDGET_SLACK:g}x the "
+                                   f"{closest:,} of the closest mix (its smallest step is too coarse)")
     return out
 
 
@@ -534,11 +562,14 @@ def choose_mix(adapter: Adapter, cfg: dict, shapes: dict, mixes: list[dict], sco
     return chosen, records
 
 
-def budget_error(flag: str, adapter: Adapter, cfg: dict, shapes: dict, budget: int, mixes: list[dict]) -> str:
+def budget_error(flag: str, adapter: Adapter, cfg: dict, shapes: dict, budget: int, mixes: list[dict],
+                 at_least: bool = False) -> str:
     old = WidthShape.of(adapter, cfg)
     total = count_params(adapter, cfg, shapes)
     if budget >= total:
         return f"{flag}: the model has {total:,} parameters, already within {budget:,}; nothing to remove"
+    if at_least or any(m["shape"] is not None for m in mixes):
+        return (f"{flag}: no width mix fits ({'; '.join(m['mix'] + ': ' + m['reason'] for m in mixes)})")
     smallest = WidthShape(old.layers, _align(old.intermediate), old.kv_heads, old.kv_heads, old.head_dim, old.hidden)
     floor = count_params(adapter, cfg, shapes, shape_cut(adapter, cfg, smallest))
     return (f"{flag}: no width mix reaches {budget:,} of the {total:,} parameters (FFN {smallest.intermediate} "

@@ -222,6 +222,25 @@ def cmd_knockout(args) -> None:
     print(f"wrote {result.output}  (run: {result.run_dir})")
 
 
+def cmd_width_search(args) -> None:
+    from prunekit.config import load_config
+    from prunekit.stages.width_search import width_search
+    overrides = {key: getattr(args, flag.lstrip("-").replace("-", "_")) for flag, key in KNOCKOUT_FLAGS}
+    if args.overwrite:
+        overrides["overwrite"] = True
+    overrides.update(_parse_set(args.set))
+    result = width_search(load_config("width-search", args.config, overrides), resume=args.resume)
+    print(f"width-search {result.name}: ran {len(result.ran)} trial(s) now; {len(result.errors)} error(s)")
+    for r in result.rows:
+        ratio = f" ({r['ratio']:.1%} of the original)" if r.get("ratio") is not None else ""
+        shown = (f"token_acc {r['token_acc']:.4f}{ratio}, {r['params']:,} params"
+                 if r.get("token_acc") is not None else r.get("reason") or r.get("error") or r["status"])
+        print(f"  {r['id']}: {shown}")
+    if result.best:
+        print(f"best: {result.best['candidate']}: {result.best['command']}")
+    print(f"wrote {result.output}  (run: {result.run_dir})")
+
+
 RL_FLAGS = [("--model", "model"), ("--prompts", "prompts"), ("--output-dir", "output_dir"), ("--name", "name"),
             ("--max-steps", "max_steps"), ("--num-workers", "ray.num_workers"), ("--algorithm", "algorithm.name"),
             ("--backend", "rollout.backend")]
@@ -410,6 +429,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty report directory")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. tune.gpus_per_trial=0.5")
     p.set_defaults(func=cmd_knockout)
+    p = sub.add_parser("width-search", help="width mixes and depth at one parameter budget as Ray Tune trials: "
+                                            "prune, short distillation, eval on general text; the best setting")
+    p.add_argument("--config", default=None, help="YAML config (flags override it), e.g. recipes/width_search.yaml")
+    for flag, _ in KNOCKOUT_FLAGS:
+        p.add_argument(flag, default=None, type=int if flag == "--max-steps" else str)
+    p.add_argument("--resume", action="store_true", help="continue the search of this name (run unfinished trials)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty report directory")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. params_fraction=0.7")
+    p.set_defaults(func=cmd_width_search)
     p = sub.add_parser("rl", help="RL with GRPO / GSPO: rollout actors, rewards, learners on Ray")
     p.add_argument("--config", default=None, help="YAML config (flags override it), e.g. recipes/rl.yaml")
     for flag, _ in RL_FLAGS:

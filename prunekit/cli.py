@@ -63,10 +63,21 @@ def cmd_width(args) -> None:
     result = width(args.model, args.out, args.data, ffn=args.ffn, heads=args.heads, hidden=args.hidden,
                    importance=args.importance, samples=args.samples, max_length=args.max_length,
                    batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
-                   streaming=args.streaming, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+                   streaming=args.streaming, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                   params=args.params, params_fraction=args.params_fraction)
     _print_surgery(result)
     sizes = result.provenance["sizes"]
     print("; ".join(f"{k} {v['before']} -> {v['after']}" for k, v in sizes.items()))
+    budget = result.provenance.get("budget")
+    if budget:
+        print(f"{budget['flag']}: chose {budget['chosen']} of " + "; ".join(_mix_line(m) for m in budget["mixes"]))
+
+
+def _mix_line(m: dict) -> str:
+    if m["reason"]:
+        return f"{m['mix']} (not a candidate: {m['reason']})"
+    sizes = ", ".join(f"{k} {v}" for k, v in m["sizes"].items())
+    return f"{m['mix']} ({sizes}: {m['params']:,} params, importance removed {m['importance_removed']:.4f})"
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -211,6 +222,25 @@ def cmd_knockout(args) -> None:
     print(f"wrote {result.output}  (run: {result.run_dir})")
 
 
+def cmd_width_search(args) -> None:
+    from prunekit.config import load_config
+    from prunekit.stages.width_search import width_search
+    overrides = {key: getattr(args, flag.lstrip("-").replace("-", "_")) for flag, key in KNOCKOUT_FLAGS}
+    if args.overwrite:
+        overrides["overwrite"] = True
+    overrides.update(_parse_set(args.set))
+    result = width_search(load_config("width-search", args.config, overrides), resume=args.resume)
+    print(f"width-search {result.name}: ran {len(result.ran)} trial(s) now; {len(result.errors)} error(s)")
+    for r in result.rows:
+        ratio = f" ({r['ratio']:.1%} of the original)" if r.get("ratio") is not None else ""
+        shown = (f"token_acc {r['token_acc']:.4f}{ratio}, {r['params']:,} params"
+                 if r.get("token_acc") is not None else r.get("reason") or r.get("error") or r["status"])
+        print(f"  {r['id']}: {shown}")
+    if result.best:
+        print(f"best: {result.best['candidate']}: {result.best['command']}")
+    print(f"wrote {result.output}  (run: {result.run_dir})")
+
+
 RL_FLAGS = [("--model", "model"), ("--prompts", "prompts"), ("--output-dir", "output_dir"), ("--name", "name"),
             ("--max-steps", "max_steps"), ("--num-workers", "ray.num_workers"), ("--algorithm", "algorithm.name"),
             ("--backend", "rollout.backend")]
@@ -286,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=None,
                    help="query heads per layer to keep (a multiple of the KV heads; the KV heads stay)")
     p.add_argument("--hidden", type=int, default=None, help="hidden (embedding) channels to keep")
+    p.add_argument("--params", default=None, metavar="N",
+                        help="instead of --ffn/--heads/--hidden: at most N parameters (as `prunekit inspect` counts); "
+                             "prunekit solves FFN only, heads+FFN and hidden+FFN to it and keeps the mix that "
+                             "removes the least importance (recorded in prunekit.json)")
+    p.add_argument("--params-fraction", default=None, metavar="F",
+                        help="the same, as a fraction of the model's parameters (0.75)")
     p.add_argument("--samples", type=int, default=64, help="calibration rows taken from --data")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
@@ -393,6 +429,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty report directory")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. tune.gpus_per_trial=0.5")
     p.set_defaults(func=cmd_knockout)
+    p = sub.add_parser("width-search", help="width mixes and depth at one parameter budget as Ray Tune trials: "
+                                            "prune, short distillation, eval on general text; the best setting")
+    p.add_argument("--config", default=None, help="YAML config (flags override it), e.g. recipes/width_search.yaml")
+    for flag, _ in KNOCKOUT_FLAGS:
+        p.add_argument(flag, default=None, type=int if flag == "--max-steps" else str)
+    p.add_argument("--resume", action="store_true", help="continue the search of this name (run unfinished trials)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty report directory")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. params_fraction=0.7")
+    p.set_defaults(func=cmd_width_search)
     p = sub.add_parser("rl", help="RL with GRPO / GSPO: rollout actors, rewards, learners on Ray")
     p.add_argument("--config", default=None, help="YAML config (flags override it), e.g. recipes/rl.yaml")
     for flag, _ in RL_FLAGS:

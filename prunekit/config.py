@@ -307,6 +307,67 @@ class KnockoutConfig(TrainConfig):
 
 STAGE_CONFIGS["knockout"] = KnockoutConfig
 
+WIDTH_SEARCH_CANDIDATES = ("ffn", "heads+ffn", "hidden+ffn", "depth")
+
+
+class WidthSearchConfig(TrainConfig):
+    """`prunekit width-search`: width mixes and depth at one parameter budget, each pruned from the original, a short
+    distillation from the original (the training engine) and an eval on held-out general text, as Ray Tune trials."""
+    output_dir: Path                          # the report directory
+    # the held-out rows every trial is measured on (default: the built-in general-text eval split); never trained on
+    val: Path | None = None
+    eval_max_samples: int | None = 64
+    # the budget, one of: at most `params` parameters, `params_fraction` of the original's, or (the default, 0.25)
+    # this fraction of the decoder-layer parameters removed; counted as `prunekit inspect` counts
+    params: int | None = None
+    params_fraction: float | None = None
+    layer_params_removed: float | None = None
+    candidates: list[Literal["ffn", "heads+ffn", "hidden+ffn", "depth"]] = list(WIDTH_SEARCH_CANDIDATES)
+    importance_samples: int = 64              # calibration rows of `train` the channels and layers are scored on
+    max_steps: int | None = 50
+    eval_interval: int = 10
+    save_interval: int = 10 ** 9              # trials keep no checkpoints
+    log_interval: int = 5
+    lr: float = 1e-4
+    # distillation from the original (as `prunekit distill`)
+    beta: float = 0.5
+    temperature: float = 1.0
+    sft_alpha: float = 0.0
+    top_k: int | None = None
+    tune: KnockoutTune = KnockoutTune()
+    test_fail_candidates: list[str] = []      # test-only: these trials raise
+
+    @model_validator(mode="after")
+    def _search(self):
+        if self.ray.num_workers != 1 or self.ray.strategy != "ddp" or self.ray.use_gpu:
+            raise ValueError("ray: a width-search trial is one process; set its resources with tune.cpus_per_trial / "
+                             "tune.gpus_per_trial")
+        if self.max_steps is None:
+            raise ValueError("max_steps: a width-search trial needs a step count")
+        given = [k for k in ("params", "params_fraction", "layer_params_removed") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one budget: {' or '.join(given)}")
+        if not given:
+            self.layer_params_removed = 0.25
+        if self.params is not None and self.params < 1:
+            raise ValueError("params must be >= 1")
+        for key in ("params_fraction", "layer_params_removed"):
+            v = getattr(self, key)
+            if v is not None and not 0 < v < 1:
+                raise ValueError(f"{key} must be in (0, 1)")
+        if not self.candidates or len(set(self.candidates)) != len(self.candidates):
+            raise ValueError("candidates: at least one, each once")
+        if not 0 <= self.beta <= 1 or not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError("beta must be in [0, 1] and temperature a finite number > 0")
+        if self.importance_samples < 1:
+            raise ValueError("importance_samples must be >= 1")
+        if self.tune.cpus_per_trial <= 0 or self.tune.gpus_per_trial < 0:
+            raise ValueError("tune.cpus_per_trial must be > 0 and tune.gpus_per_trial >= 0")
+        return self
+
+
+STAGE_CONFIGS["width-search"] = WidthSearchConfig
+
 
 # ---- pipeline ----------------------------------------------------------------------------------------------------
 
@@ -326,6 +387,35 @@ class PruneStageConfig(Strict):
     plan: Path | None = None
 
 
+class WidthStageConfig(Strict):
+    """Pipeline stage `width`: Minitron-style width pruning of the current model (`prunekit width`), channels scored
+    on the pipeline's train file. Give sizes (ffn / heads / hidden, as the CLI flags) or params_fraction (keep this
+    fraction of the stage's input; prunekit picks the mix); with neither, it removes what the round's
+    max_params_fraction still allows, stopping at the target. Either way within the round's guardrail."""
+    ffn: str | float | int | None = None      # 0.75 (a fraction) or 96 (an intermediate size)
+    heads: int | None = None
+    hidden: int | None = None
+    params_fraction: float | None = None
+    samples: int = 64                         # calibration rows taken from the train file
+    max_length: int = 256
+    batch_size: int = 4
+
+    @field_validator("params_fraction")
+    @classmethod
+    def _fraction(cls, v):
+        if v is not None and not 0 < v < 1:
+            raise ValueError("must be in (0, 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.params_fraction is not None and (self.ffn, self.heads, self.hidden) != (None, None, None):
+            raise ValueError("give sizes (ffn / heads / hidden) or params_fraction, not both")
+        if min(self.samples, self.max_length, self.batch_size) < 1:
+            raise ValueError("samples, max_length and batch_size must be >= 1")
+        return self
+
+
 class KVCutStageConfig(Strict):
     kv_heads: int
     grouping: Literal["mean", "similarity"] = "mean"
@@ -341,7 +431,7 @@ class MergeStageConfig(Strict):
 
 # Which stages may appear where. `knockout` also accepts the pipeline key `importance_candidates: N` (sweep only the
 # N least important layers of the round's `importance` stage).
-ROUND_STAGES = ("importance", "knockout", "prune", "sft", "distill")
+ROUND_STAGES = ("importance", "knockout", "prune", "width", "sft", "distill")
 FINISH_STAGES = ("kv_cut", "sft", "distill", "lora", "merge_lora", "rl")
 PIPELINE_OWNED_KEYS = ("model", "output_dir", "overwrite", "name", "storage_path")
 

@@ -273,3 +273,67 @@ def test_kv_cut_stage_calibrates_on_the_train_set(tiny_chat_model_dir, chat_data
     assert record["calibrate"] is True and record["grouping"] == "mean"
     calibration = json.loads((tmp_path / "out" / "prunekit.json").read_text())["calibration"]
     assert calibration["samples"] == 8 and calibration["steps"] == 2 and len(calibration["layers"]) == 2
+
+
+@pytest.fixture(scope="module")
+def wide4(tmp_path_factory, tiny_chat_model_dir):
+    """A 4-layer tiny llama with a wide FFN (2048) and SmolLM2's tokenizer: a third of its parameters sit in the FFNs
+    (the shared tiny chat models are almost all embedding, which only a hidden cut can shrink)."""
+    import shutil
+    import torch
+    import transformers
+    from conftest import TEXT
+    d = tmp_path_factory.mktemp("pipeline-wide4")
+    torch.manual_seed(3)
+    config = transformers.LlamaConfig(**{**TEXT, "vocab_size": 49152, "num_hidden_layers": 4, "intermediate_size": 2048,
+                                         "initializer_range": 0.02, "tie_word_embeddings": True})
+    transformers.LlamaForCausalLM(config).save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy2(tiny_chat_model_dir / f, d / f)
+    return d
+
+
+def test_local_pipeline_rounds_of_width_within_the_guardrail(wide4, chat_data, tmp_path, capsys):
+    """rounds: [width, sft] with launcher: local: round 1 removes what max_params_fraction allows (no mix may remove
+    more), round 2 reaches the target; parameters are counted like every other stage (model_facts = what
+    transformers loads). Sizes beyond the round's allowance stop the pipeline before any surgery."""
+    from prunekit.core.loading import load_model
+    facts = pl.model_facts(wide4)
+    out = tmp_path / "out"
+    cfg = recipe(wide4, chat_data, out, launcher="local", rounds=["width", "sft"], finish=[],
+                 target={"params_fraction": 0.8}, max_params_fraction=0.12,
+                 stages={"sft": SFT, "width": {"samples": 8, "max_length": 64}})
+    assert main(["pipeline", str(write(tmp_path, cfg))]) == 0
+    state = json.loads((out / pl.STATE_FILE).read_text())
+    assert [r["id"] for r in state["stages"]] == ["r1-1-width", "r1-2-sft", "r2-1-width", "r2-2-sft"]
+    target = int(0.8 * facts["params"])
+    inputs = [facts["params"], state["stages"][1]["facts"]["params"]]
+    for rec, before in zip(state["stages"][0::2], inputs):
+        after = rec["facts"]["params"]
+        assert (1 - 0.12) * before <= after < before   # the guardrail, counted by model_facts
+        model, _ = load_model(rec["output"])
+        assert model.num_parameters() == after and model.config.intermediate_size == rec["sizes"]["intermediate_size"]
+        assert rec["facts"]["text_layers"] == 4       # width, not depth
+    r1, r2 = (json.loads((out / f"r{i}-1-width" / "prunekit.json").read_text())["budget"] for i in (1, 2))
+    assert r1["at_least"] is True and r1["params"] == math.ceil(0.88 * facts["params"])   # the guardrail binds
+    assert "hidden+ffn" in [m["mix"] for m in r1["mixes"] if m["reason"]]                 # its step removes too much
+    assert r2["params"] == target and state["stages"][2]["facts"]["params"] <= target     # the target binds
+    assert state["stages"][-1]["facts"]["params"] <= target and state["status"] == "done"
+    # explicit sizes that remove more than the round allows: stopped before anything is written
+    runner = pl.Runner(load_config("pipeline", None, cfg), pl.State(tmp_path / "s.json", {"stages": []}), tmp_path,
+                       tmp_path, "t")
+    current = {"output": str(wide4), "facts": facts}
+    with pytest.raises(pl.PipelineStopped, match=r"round 1: width ffn 0.25 leaves .* below the .* the round's "
+                                                 r"max_params_fraction 0.12 allows"):
+        runner._width("r1-1-width", {"ffn": 0.25}, 1, current, target, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+    capsys.readouterr()
+
+    def bad(**over):
+        return _err(["pipeline", str(write(tmp_path, {**cfg, "output_dir": str(tmp_path / "bad"), **over},
+                                           "bad.yaml"))], capsys)
+    assert "rounds[0].width.settings: give sizes (ffn / heads / hidden) or params_fraction, not both" in bad(
+        rounds=[{"width": {"ffn": 0.5, "params_fraction": 0.5}}, "sft"])
+    assert "rounds[0].width.params_fraction: must be in (0, 1)" in bad(
+        rounds=[{"width": {"params_fraction": 1.5}}])
+    assert "rounds: a round must prune (add `prune` after `knockout` or `importance`, or `width`)" in bad(rounds=["sft"])

@@ -13,8 +13,8 @@ from conftest import FAMILIES, VLM_FAMILIES, text_inputs, tiny_config, tree_hash
 from prunekit.cli import main
 from prunekit.core.adapters import ADAPTERS, get_module
 from prunekit.core.loading import load_model, model_from_config
-from prunekit.core.width import (WidthShape, activation_importance, importance_record, resolve_targets,
-                                 select_kept)
+from prunekit.core.width import (BUDGET_SLACK, WidthShape, activation_importance, budget_mixes, choose_mix,
+                                 count_params, importance_record, resolve_targets, select_kept)
 from prunekit.stages.width import width
 
 D, H, KV, HD, I, L, V = 64, 4, 2, 16, 128, 4, 128   # the tiny models' shape (conftest.TEXT)
@@ -194,6 +194,13 @@ BAD = [
     ("qwen2_vl", ["--hidden", "48"], "qwen2_vl computes head_dim as hidden_size / num_attention_heads"),
     ("qwen2_5_vl", ["--heads", "2"], "with 2 heads give --hidden 32"),
     ("qwen2_vl", ["--heads", "2", "--hidden", "40"], "the hidden size must stay heads x 16"),
+    ("llama", ["--params-fraction", "1.5"], "--params-fraction: 1.5 must be a fraction above 0 and below 1"),
+    ("llama", ["--params-fraction", "0"], "--params-fraction: 0 must be a fraction above 0 and below 1"),
+    ("llama", ["--params", "x"], "--params: cannot read 'x'"),
+    ("llama", ["--params", "1000"], "--params 1000: no width mix reaches 1,000 of the 164,416 parameters"),
+    ("llama", ["--params", "10000000"], "--params 10000000: the model has 164,416 parameters, already within"),
+    ("llama", ["--params", "100000", "--params-fraction", "0.5"], "give --params or --params-fraction, not both"),
+    ("llama", ["--params-fraction", "0.8", "--ffn", "0.5"], "prunekit chooses the FFN, heads and hidden sizes"),
 ]
 
 
@@ -228,6 +235,74 @@ def test_bad_width_sources(silenced_dir, tiny_model_dir, tmp_path, capsys):
         assert code == 2 and message in err and err.count("\n") == 1, (flags, err)
         assert not (tmp_path / "out").exists()
     assert tree_hash(src) == before
+
+
+# ---- a parameter budget: prunekit picks the mix --------------------------------------------------------------------
+
+def test_params_budget_solves_each_mix_and_records_the_choice(silenced_dir, tmp_path, capsys):
+    """--params-fraction on a tiny llama (scores reused from importance.json): every mix is solved to the budget with
+    standard sizes, the output is within it (as transformers counts), and prunekit.json records the choice, the
+    rule and the alternatives."""
+    import transformers
+    src, imp, _ = silenced_dir("llama")
+    before = tree_hash(src)
+    code, out, err = run_cli(capsys, "width", src, "--importance", imp, "--params-fraction", "0.8", "--in-memory",
+                             "-o", tmp_path / "out")
+    assert code == 0, err
+    total = transformers.AutoModelForCausalLM.from_pretrained(src).num_parameters()
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    prov = json.loads((tmp_path / "out" / "prunekit.json").read_text())
+    budget = prov["budget"]
+    assert budget["params"] == int(0.8 * total) and budget["params_before"] == total
+    assert [m["mix"] for m in budget["mixes"]] == ["ffn", "heads+ffn", "hidden+ffn"]
+    assert all(m["reason"] is None for m in budget["mixes"])
+    for m in budget["mixes"]:   # each at the budget, standard sizes
+        s = m["sizes"]
+        assert m["params"] <= budget["params"] and total - m["params"] <= (1 + BUDGET_SLACK) * (total - budget["params"])
+        assert s["num_attention_heads"] % KV == 0 and s["hidden_size"] % 8 == 0
+        assert s["hidden_size"] % s["num_attention_heads"] == 0   # llama's config requires it
+    assert budget["mixes"][0]["sizes"] == {"intermediate_size": 85, "num_attention_heads": 4, "hidden_size": 64}
+    assert budget["mixes"][1]["sizes"]["num_attention_heads"] == 2
+    assert budget["mixes"][2]["sizes"]["hidden_size"] == 56        # cut by about the FFN's fraction
+    chosen = min(budget["mixes"], key=lambda m: m["importance_removed"])
+    assert budget["chosen"] == chosen["mix"] and "importance" in budget["rule"]
+    assert model.num_parameters() == prov["params"]["after"] == chosen["params"] <= budget["params"]
+    cfg = model.config
+    assert {"intermediate_size": cfg.intermediate_size, "num_attention_heads": cfg.num_attention_heads,
+            "hidden_size": cfg.hidden_size} == chosen["sizes"]
+    assert f"--params-fraction 0.8: chose {chosen['mix']} of ffn (" in out
+    assert tree_hash(src) == before
+
+
+def _budget_case(scores_edit):
+    adapter = ADAPTERS["llama"]
+    model = width_model("llama")
+    cfg = model.config.to_dict()
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    total = count_params(adapter, cfg, shapes)
+    assert total == model.num_parameters()
+    scores = {"ffn": [[1.0] * I for _ in range(L)], "heads": [[1.0] * H for _ in range(L)], "hidden": [1.0] * D}
+    scores_edit(scores)
+    mixes = budget_mixes(adapter, cfg, shapes, int(0.8 * total))
+    chosen, records = choose_mix(adapter, cfg, shapes, mixes, scores)
+    return chosen["mix"], {r["mix"]: r["importance_removed"] for r in records}
+
+
+def test_budget_rule_keeps_the_mix_that_removes_the_least_importance():
+    """With every channel equally important, each mix removes about 20% of the parameters at relative importance 1;
+    nearly silent hidden channels make hidden+ffn the cheapest, nearly silent heads heads+ffn."""
+    even_choice, even = _budget_case(lambda s: None)
+    assert all(v == pytest.approx(0.2, abs=0.01) for v in even.values())
+
+    def quiet_hidden(s):
+        s["hidden"] = [1.0] * 32 + [1e-3] * 32
+
+    def quiet_heads(s):
+        s["heads"] = [[1.0, 1e-3, 1.0, 1e-3] for _ in range(L)]
+    mix, costs = _budget_case(quiet_hidden)
+    assert mix == "hidden+ffn" and costs["hidden+ffn"] < 0.5 * costs["ffn"]
+    mix, costs = _budget_case(quiet_heads)
+    assert mix == "heads+ffn" and costs["heads+ffn"] < 0.7 * costs["ffn"]
 
 
 # ---- importance ---------------------------------------------------------------------------------------------------

@@ -238,6 +238,7 @@ class WidthCut:
     head_keep: list[list[int]] | None = None
     hidden_keep: list[int] | None = None
     importance: dict = field(default_factory=dict)   # where the scores came from (recorded in the provenance)
+    budget: dict | None = None   # --params / --params-fraction: the mix chosen and the alternatives (provenance)
 
     def __post_init__(self):
         a = self.adapter
@@ -339,6 +340,7 @@ class WidthCut:
         sizes = {k: {"before": old[k], "after": new[k]}
                  for k in ("intermediate_size", "num_attention_heads", "hidden_size")}
         return {"operation": "width", "sizes": sizes, "importance": self.importance,
+                **({"budget": self.budget} if self.budget is not None else {}),
                 "norm_scale": self.norm_scale if self.hidden_keep is not None else None,
                 "kept": {"hidden": self.hidden_keep, "heads": self.head_keep,
                          "ffn": "importance.json: kept.ffn" if self.ffn_keep else None}}
@@ -350,6 +352,251 @@ def _check_keep(keep: list[int], total: int, name: str) -> None:
 
 
 def width_cut_from_scores(adapter: Adapter, cfg: dict, new: WidthShape, scores: dict,
-                          importance: dict | None = None) -> WidthCut:
+                          importance: dict | None = None, budget: dict | None = None) -> WidthCut:
     kept = select_kept(scores, WidthShape.of(adapter, cfg), new)
-    return WidthCut(adapter, cfg, kept["ffn"], kept["heads"], kept["hidden"], importance=importance or {})
+    return WidthCut(adapter, cfg, kept["ffn"], kept["heads"], kept["hidden"], importance=importance or {},
+                    budget=budget)
+
+
+# ---- a parameter budget (--params / --params-fraction): prunekit picks the mix ---------------------------------
+# Candidate mixes, each solved to the budget with standard sizes (FFN a multiple of 64 where it is >= 1024, query
+# heads a multiple of the KV heads, hidden a multiple of 64 where >= 1024 else of 8, and of the heads where the family
+# requires it). Two-dimension mixes cut both by about the same fraction: every legal size of the other dimension is
+# tried with the largest FFN that meets the budget, and the pair whose kept fractions are closest wins.
+MIXES = ("ffn", "heads+ffn", "hidden+ffn")
+# a mix that removes more than this much beyond what the closest mix removes is not at the same size: listed, not chosen
+BUDGET_SLACK = 0.25
+BUDGET_RULE = ("each mix solved to the largest standard sizes within the budget; mixes removing more than "
+               f"{BUDGET_SLACK:.0%} beyond the closest one are not at the same size; of the rest, the one with the "
+               "least importance-weighted parameters removed (parameters removed x the mean score of the removed "
+               "channels relative to the mean score of their kind) is chosen")
+
+
+def shape_cut(adapter: Adapter, cfg: dict, new: WidthShape) -> WidthCut:
+    """A WidthCut to `new` keeping the first channels of each kind: for counting and config checks (no scores)."""
+    old = WidthShape.of(adapter, cfg)
+    ffn = [list(range(new.intermediate))] * old.layers if new.intermediate != old.intermediate else None
+    per_old, per_new = old.heads // old.kv_heads, new.heads // old.kv_heads
+    heads = ([[g * per_old + j for g in range(old.kv_heads) for j in range(per_new)]] * old.layers
+             if new.heads != old.heads else None)
+    hidden = list(range(new.hidden)) if new.hidden != old.hidden else None
+    return WidthCut(adapter, cfg, ffn, heads, hidden)
+
+
+def count_params(adapter: Adapter, cfg: dict, shapes: dict, surgery=None) -> int:
+    """Parameters as `prunekit inspect` (and the pipeline's guardrails) count them, of the checkpoint whose tensor
+    shapes are `shapes`, after `surgery` (its tensor map run on meta tensors: the family table's layout, no data)."""
+    from prunekit.core.report import component_params
+    new = {}
+    for key, shape in shapes.items():
+        if surgery is None:
+            new[key] = list(shape)
+            continue
+        mapped = surgery(key, torch.empty([int(d) for d in shape], device="meta"))
+        if mapped is not None:
+            new[mapped[0]] = list(mapped[1].shape)
+    tied = adapter.ties_embeddings(surgery.new_config if surgery is not None else cfg)
+    return component_params(adapter, new, tied=tied)["total"]
+
+
+def _align(size: int, big: int = 1024, step: int = 64, small: int = 1) -> int:
+    return step if size >= big and size % step == 0 else small
+
+
+def legal_heads(old: WidthShape) -> list[int]:
+    """Query-head counts below the current one that keep whole GQA groups, largest first."""
+    return list(range(old.heads - old.kv_heads, 0, -old.kv_heads))
+
+
+def legal_hidden(adapter: Adapter, old: WidthShape) -> list[int]:
+    """Hidden sizes below the current one that keep the config standard, largest first ([] where the family derives
+    head_dim from hidden / heads: the hidden size cannot change without the heads)."""
+    if not adapter.head_dim_field:
+        return []
+    step = _align(old.hidden, small=8 if old.hidden % 8 == 0 else 1)
+    if adapter.hidden_multiple_of_heads:
+        step = math.lcm(step, old.heads)
+    return list(range((old.hidden - 1) // step * step, 0, -step))
+
+
+def _solve_ffn(adapter, cfg, shapes, old: WidthShape, heads: int, hidden: int, budget: int,
+               at_least: bool = False) -> tuple[int, int] | None:
+    """(largest standard FFN size, parameters) with the given heads and hidden size within `budget`; None if even
+    the smallest FFN is over it. `at_least`: the smallest FFN size that keeps at least `budget` parameters (None if
+    even the full FFN keeps fewer). Parameters are linear in the FFN size, so two counts place it, a third checks."""
+    align = _align(old.intermediate, small=1)
+
+    def count(f):
+        shape = WidthShape(old.layers, f, heads, old.kv_heads, old.head_dim, hidden)
+        if (f, heads, hidden) == (old.intermediate, old.heads, old.hidden):
+            return count_params(adapter, cfg, shapes)
+        return count_params(adapter, cfg, shapes, shape_cut(adapter, cfg, shape))
+    low, high = count(align), count(old.intermediate)
+    per = (high - low) / max(old.intermediate - align, 1)
+    if at_least:
+        if high < budget:
+            return None
+        if low >= budget:
+            return align, low
+        f = align + -(-int(math.ceil((budget - low) / per)) // align) * align
+        f = max(align, min(f, old.intermediate))
+        n = count(f)
+        while n < budget and f < old.intermediate:   # rounding guard
+            f += align
+            n = count(f)
+        return f, n
+    if low > budget:
+        return None
+    if high <= budget:
+        return old.intermediate, high
+    f = align + int((budget - low) / per) // align * align
+    f = max(align, min(f, old.intermediate))
+    n = count(f)
+    while n > budget and f > align:      # rounding guard
+        f -= align
+        n = count(f)
+    return f, n
+
+
+def budget_mixes(adapter: Adapter, cfg: dict, shapes: dict, budget: int, at_least: bool = False,
+                 min_params: int | None = None) -> list[dict]:
+    """Every mix of MIXES solved to `budget` parameters: {"mix", "shape" (WidthShape or None), "params", "reason"
+    (why it is not a candidate, or None)}. `at_least`: keep at least `budget` parameters instead (remove at most a
+    guardrail's allowance); `min_params`: mixes leaving fewer are not candidates (the pipeline round's guardrail)."""
+    old = WidthShape.of(adapter, cfg)
+    out = []
+    for mix in MIXES:
+        best, reason = None, None
+        if mix == "ffn":
+            others = [(old.heads, old.hidden)]
+        elif mix == "heads+ffn":
+            others = [(h, old.hidden) for h in legal_heads(old)
+                      if _head_dim_consistent(adapter, old, h, old.hidden)
+                      and not (adapter.hidden_multiple_of_heads and old.hidden % h)]
+            reason = None if others else (f"{adapter.family}: no smaller head count keeps whole GQA groups and a "
+                                          f"standard config")
+        else:
+            others = [(old.heads, d) for d in legal_hidden(adapter, old)]
+            reason = None if others else (f"{adapter.family} derives head_dim from hidden_size / heads: the hidden "
+                                          f"size cannot change alone")
+        for heads, hidden in others:
+            solved = _solve_ffn(adapter, cfg, shapes, old, heads, hidden, budget, at_least)
+            if solved is None:
+                continue
+            f, n = solved
+            if (f, heads, hidden) == (old.intermediate, old.heads, old.hidden):
+                continue
+            gap = abs(f / old.intermediate - (heads / old.heads if mix == "heads+ffn" else hidden / old.hidden))
+            if best is None or gap < best[0] - 1e-12:
+                best = (gap, WidthShape(old.layers, f, heads, old.kv_heads, old.head_dim, hidden), n)
+        if best is None:
+            out.append({"mix": mix, "shape": None, "params": None, "reason": reason or (
+                "every standard size of it removes more than allowed" if at_least else
+                "cannot reach the budget (even the smallest sizes are over it)")})
+        else:
+            out.append({"mix": mix, "shape": best[1], "params": best[2], "reason": None})
+    if min_params is not None:
+        for m in out:
+            if m["shape"] is not None and m["params"] < min_params:
+                m["reason"] = f"leaves {m['params']:,} parameters, below the minimum {min_params:,}"
+    reachable = [m for m in out if m["shape"] is not None and m["reason"] is None]
+    if reachable:
+        total = count_params(adapter, cfg, shapes)
+        if at_least:
+            closest = total - min(m["params"] for m in reachable)
+            for m in reachable:
+                if (total - m["params"]) * (1 + BUDGET_SLACK) < closest:
+                    m["reason"] = (f"removes {total - m['params']:,} parameters, less than 1/{1 + BUDGET_SLACK:g} of "
+                                   f"the {closest:,} of the closest mix (its steps are too coarse)")
+        else:
+            closest = total - max(m["params"] for m in reachable)
+            for m in reachable:
+                if total - m["params"] > closest * (1 + BUDGET_SLACK):
+                    m["reason"] = (f"removes {total - m['params']:,} parameters, more than {1 + BUDGET_SLACK:g}x the "
+                                   f"{closest:,} of the closest mix (its smallest step is too coarse)")
+    return out
+
+
+def _relative_removed(values: list[list[float]], kept: list[list[int]]) -> float:
+    """Mean score of the removed entries / mean score of all (1.0: as important as the average one)."""
+    total = sum(sum(v) for v in values)
+    n_all = sum(len(v) for v in values)
+    removed = sum(sum(v) - sum(v[i] for i in k) for v, k in zip(values, kept))
+    n_removed = n_all - sum(len(k) for k in kept)
+    if n_removed == 0 or total <= 0:
+        return 0.0
+    return (removed / n_removed) / (total / n_all)
+
+
+def choose_mix(adapter: Adapter, cfg: dict, shapes: dict, mixes: list[dict], scores: dict) -> tuple[dict, list]:
+    """The chosen mix (BUDGET_RULE) and every mix as a JSON-able record with its sizes, parameters and score."""
+    old = WidthShape.of(adapter, cfg)
+    total = count_params(adapter, cfg, shapes)
+    records = []
+    for m in mixes:
+        rec = {"mix": m["mix"], "params": m["params"], "reason": m["reason"]}
+        if m["shape"] is not None:
+            new = m["shape"]
+            kept = select_kept(scores, old, new)
+            parts = {}
+            for dim, values, k, single in (
+                    ("ffn", scores["ffn"], kept["ffn"], WidthShape(old.layers, new.intermediate, old.heads,
+                                                                   old.kv_heads, old.head_dim, old.hidden)),
+                    ("heads", scores["heads"], kept["heads"], WidthShape(old.layers, old.intermediate, new.heads,
+                                                                         old.kv_heads, old.head_dim, old.hidden)),
+                    ("hidden", [scores["hidden"]], [kept["hidden"]] if kept["hidden"] is not None else None,
+                     WidthShape(old.layers, old.intermediate, old.heads, old.kv_heads, old.head_dim, new.hidden))):
+                if k is None:
+                    continue
+                alone = total - count_params(adapter, cfg, shapes, shape_cut(adapter, cfg, single))
+                parts[dim] = {"params_removed_alone": alone, "relative_importance": _relative_removed(values, k)}
+            weight = sum(p["params_removed_alone"] for p in parts.values())
+            mean_rel = sum(p["params_removed_alone"] * p["relative_importance"] for p in parts.values()) / weight
+            rec.update(sizes={"intermediate_size": new.intermediate, "num_attention_heads": new.heads,
+                              "hidden_size": new.hidden},
+                       params_removed=total - m["params"], removed=parts,
+                       importance_removed=(total - m["params"]) / total * mean_rel)
+        records.append(rec)
+    valid = [r for r in records if r["reason"] is None]
+    chosen = min(valid, key=lambda r: (r["importance_removed"], MIXES.index(r["mix"])))
+    return chosen, records
+
+
+def budget_error(flag: str, adapter: Adapter, cfg: dict, shapes: dict, budget: int, mixes: list[dict],
+                 at_least: bool = False) -> str:
+    old = WidthShape.of(adapter, cfg)
+    total = count_params(adapter, cfg, shapes)
+    if budget >= total:
+        return f"{flag}: the model has {total:,} parameters, already within {budget:,}; nothing to remove"
+    if at_least or any(m["shape"] is not None for m in mixes):
+        return (f"{flag}: no width mix fits ({'; '.join(m['mix'] + ': ' + m['reason'] for m in mixes)})")
+    smallest = WidthShape(old.layers, _align(old.intermediate), old.kv_heads, old.kv_heads, old.head_dim, old.hidden)
+    floor = count_params(adapter, cfg, shapes, shape_cut(adapter, cfg, smallest))
+    return (f"{flag}: no width mix reaches {budget:,} of the {total:,} parameters (FFN {smallest.intermediate} "
+            f"and {smallest.heads} query heads still leave {floor:,}; "
+            f"{'; '.join(m['mix'] + ': ' + m['reason'] for m in mixes if m['reason'])}); give a larger budget or "
+            f"remove layers too (`prunekit prune`)")
+
+
+def resolve_budget(params, params_fraction, total: int) -> tuple[str, int]:
+    """(the flag as given, the budget in parameters) from --params N or --params-fraction F of `total`."""
+    if params is not None and params_fraction is not None:
+        raise PrunekitError("give --params or --params-fraction, not both")
+    if params is not None:
+        flag = f"--params {params}"
+        try:
+            budget = int(params)
+        except (TypeError, ValueError):
+            raise PrunekitError(f"--params: cannot read {params!r} (a parameter count such as 100000000)") from None
+        if budget < 1 or budget != float(params):
+            raise PrunekitError(f"--params: {params} must be a whole number of parameters >= 1")
+        return flag, budget
+    flag = f"--params-fraction {params_fraction}"
+    try:
+        fraction = float(params_fraction)
+    except (TypeError, ValueError):
+        raise PrunekitError(f"--params-fraction: cannot read {params_fraction!r} (a fraction such as 0.75)") from None
+    if not 0 < fraction < 1:   # also false for NaN
+        raise PrunekitError(f"--params-fraction: {params_fraction} must be a fraction above 0 and below 1 of the "
+                            f"model's {total:,} parameters")
+    return flag, int(fraction * total)

@@ -166,7 +166,7 @@ class _StopOnSignal(StopOnSignal):
 class SweepBookkeeper:
     """Driver-side Tune callback: collect each trial's reports; on completion write its result.json atomically."""
 
-    def __init__(self, run_dir: Path, total_steps: int):
+    def __init__(self, run_dir: Path, total_steps: int, dir_fn=None):
         from ray import tune
 
         class _Callback(tune.Callback):
@@ -184,18 +184,23 @@ class SweepBookkeeper:
         self.ran: list[str] = []
         self.errors: dict[str, str] = {}
         self.stopping = lambda: False  # an interrupted sweep: trials Tune stops are not finished
+        self.dir_fn = dir_fn           # (run_dir, candidate id) -> the trial's directory; default: the knockout's
 
     def _dir(self, cid: str) -> Path:
-        from prunekit.core.plan import Candidate
-        from prunekit.stages.knockout import trial_dir
-        d = trial_dir(self.run_dir, Candidate.parse(cid))
+        if self.dir_fn is not None:
+            d = self.dir_fn(self.run_dir, cid)
+        else:
+            from prunekit.core.plan import Candidate
+            from prunekit.stages.knockout import trial_dir
+            d = trial_dir(self.run_dir, Candidate.parse(cid))
         d.mkdir(parents=True, exist_ok=True)
         return d
 
     def _result(self, trial, result: dict) -> None:
         self.records.setdefault(trial.config["candidate"], []).append(
             {k: result[k] for k in ("step", "fresh_eval", "train_losses", "eval_loss", "eval_token_acc", "final",
-                                    "fetch_s", "setup_s", "train_s", "trial_s", "importance_json") if k in result})
+                                    "fetch_s", "setup_s", "train_s", "trial_s", "importance_json", "extra_json")
+             if k in result})
 
     def _complete(self, trial) -> None:
         cid = trial.config["candidate"]
@@ -214,6 +219,8 @@ class SweepBookkeeper:
                   "final": {**last_eval, "train/loss": last_train}, "step0": evals.get("0", {}),
                   "train_loss": train_loss, "eval": evals,
                   "timing": {k: final_rec[k] for k in ("fetch_s", "setup_s", "train_s", "trial_s")} if final_rec else {}}
+        if final_rec and "extra_json" in final_rec:   # what a generic trial returned (run_trials)
+            result["extra"] = json.loads(final_rec["extra_json"])
         d = self._dir(cid)
         tmp = d / f".{cid.replace(':', '_')}.tmp"
         tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -301,5 +308,71 @@ def run_sweep(cfg, sweep, pending: list, base: dict, want_importance: bool) -> t
             (sweep.run_dir / "importance.json").write_text(json.dumps(scores, indent=2) + "\n")
         except Exception as e:  # scores are a bonus beside the knockout: report, do not fail the sweep
             book.errors["importance"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    del base_ref, payload_ref
+    return book.ran, book.errors
+
+
+# ---- generic trials: the stage passes its functions in (distributed/ never imports stages/) ----------------------
+
+def _generic_trial(config: dict, shared: list, trial_fn, dir_fn, load_cfg) -> None:
+    """A Tune trial of run_trials: pull the shared payload, run `trial_fn` with the engine's Tune reporter."""
+    import ray
+    import torch
+    from ray import tune
+    t0 = time.time()
+    payload = ray.get(shared[0])
+    cfg = load_cfg(payload["cfg"])
+    cid = config["candidate"]
+    torch.set_num_threads(max(1, int(cfg.tune.cpus_per_trial)))
+    device = torch.device("cuda", 0) if cfg.tune.gpus_per_trial > 0 else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    base = ray.get(payload["base"])
+    run_dir = dir_fn(Path(payload["run_dir"]), cid)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    reporter = TuneTrialReporter(run_dir, f"{payload['name']}-{run_dir.name}", cfg, cfg.max_steps)
+    fetched = time.time()
+    out = trial_fn(cfg, base, payload, cid, reporter, device)
+    tune.report({"step": cfg.max_steps, "final": True, "fresh_eval": False, "train_losses": [],
+                 **reporter.last_eval, "fetch_s": fetched - t0, "setup_s": out.pop("setup_s", 0.0),
+                 "train_s": out.pop("train_s", 0.0), "trial_s": time.time() - t0, "extra_json": json.dumps(out)})
+
+
+def run_trials(cfg, run_dir: Path, name: str, ids: list[str], base: dict, payload: dict, *, trial_fn, dir_fn,
+               load_cfg) -> tuple[list[str], dict[str, str]]:
+    """Run one Tune trial per id in `ids` (cfg.tune resources, cfg.max_steps): `trial_fn(cfg, base, payload, id,
+    reporter, device)` trains through the engine with the given reporter and returns a JSON-able dict, kept in the
+    trial's result.json as `extra`; `dir_fn(run_dir, id)` is the trial's directory; `load_cfg(dict)` rebuilds the
+    config inside the trial. `base` goes into the object store once. Returns (ids run, errors); Ctrl-C stops the
+    trials and raises KeyboardInterrupt (finished trials stay)."""
+    import ray
+    from ray import tune
+    ensure_ray(cfg.ray.address)
+    base_ref = ray.put(base)
+    payload_ref = ray.put({**payload, "base": base_ref, "cfg": cfg.model_dump(mode="json"), "run_dir": str(run_dir),
+                           "name": name})
+    use_gpu = cfg.tune.gpus_per_trial > 0
+    book = SweepBookkeeper(run_dir, cfg.max_steps, dir_fn=dir_fn)
+    interrupt = _StopOnSignal()
+    book.stopping = lambda: interrupt.signum is not None
+    resources = {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}
+    trainable = tune.with_resources(tune.with_parameters(_generic_trial, shared=[payload_ref], trial_fn=trial_fn,
+                                                         dir_fn=dir_fn, load_cfg=load_cfg), resources)
+    tune_root = run_dir / "tune"
+    attempt = len(list(tune_root.glob("attempt-*"))) if tune_root.is_dir() else 0
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"candidate": tune.grid_search(list(ids))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.tune.max_concurrent_trials,
+                                    reuse_actors=use_gpu if cfg.tune.reuse_actors is None else cfg.tune.reuse_actors),
+        run_config=tune.RunConfig(name=f"attempt-{attempt}", storage_path=str(tune_root), callbacks=[book.callback],
+                                  verbose=0, stop=interrupt.stopper, failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    with interrupt:
+        tuner.fit()
+    if interrupt.signum is not None:
+        done = sum((dir_fn(run_dir, i) / "result.json").is_file() for i in ids)
+        raise KeyboardInterrupt(f"{done} of {len(ids)} trials of this run finished, kept in {run_dir}; no report "
+                                f"written from a partial search (re-run the same command to run the rest)")
     del base_ref, payload_ref
     return book.ran, book.errors

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -36,16 +37,17 @@ from prunekit.config import (
     KVCutStageConfig,
     MergeStageConfig,
     PruneStageConfig,
+    WidthStageConfig,
 )
 from prunekit.core import report
 from prunekit.core.data import load_messages
 from prunekit.core.loading import quiet_transformers, resolve_model
 
 STATE_FILE = "pipeline_state.json"
-MODEL_STAGES = {"prune", "sft", "distill", "kv_cut", "merge_lora", "rl"}   # stages whose output is the next model
+MODEL_STAGES = {"prune", "width", "sft", "distill", "kv_cut", "merge_lora", "rl"}   # stages whose output is the next model
 TRAIN_STAGES = {"sft", "distill", "lora"}
 SIMPLE_CONFIGS = {"importance": ImportanceStageConfig, "prune": PruneStageConfig, "kv_cut": KVCutStageConfig,
-                  "merge_lora": MergeStageConfig}
+                  "merge_lora": MergeStageConfig, "width": WidthStageConfig}
 PIPELINE_KEYS = {"knockout": {"importance_candidates"}}   # settings the pipeline reads itself, not the stage
 
 
@@ -136,8 +138,9 @@ def check_recipe(cfg, where: str = "recipe") -> tuple[list[tuple[str, dict]], li
         lists[key] = entries
     rounds, finish = lists["rounds"], lists["finish"]
     names = [s for s, _ in rounds]
-    if "prune" not in names:
-        raise PrunekitError(f"{where}: rounds: a round must prune (add `prune` after `knockout` or `importance`)")
+    if not {"prune", "width"} & set(names):
+        raise PrunekitError(f"{where}: rounds: a round must prune (add `prune` after `knockout` or `importance`, "
+                            f"or `width`)")
     for i, (stage, settings) in enumerate(rounds):
         if stage == "prune" and not {"knockout", "importance"} & set(names[:i]) and not settings.get("plan"):
             raise PrunekitError(f"{where}: rounds[{i}]: prune needs a plan: put `knockout` or `importance` before it, "
@@ -253,6 +256,7 @@ class State:
 class Runner:
     def __init__(self, cfg, state: State, out: Path, storage: Path, name: str):
         self.cfg, self.state, self.out, self.storage, self.name = cfg, state, out, storage, name
+        self.round_input: dict[int, int] = {}   # parameters of each round's input (the guardrail's base)
 
     @property
     def local_device(self) -> str:
@@ -300,6 +304,8 @@ class Runner:
 
     def run(self, stage_id: str, stage: str, settings: dict, rnd: int | None, current: dict, target: int) -> dict:
         """Run one stage on the current model (or take it from the state file); returns the new current model."""
+        if rnd is not None:
+            self.round_input.setdefault(rnd, current["facts"]["params"])
         done = self.state.finished.get(stage_id)
         if done is None:
             print(f"\n== [{stage_id}] {stage} on {Path(current['output']).name}"
@@ -378,7 +384,7 @@ class Runner:
             per_layer = text_layer_params(Path(current["output"]))
             imp = self.round_record(rnd, "importance")
             order = [((i,), (), per_layer[i], f"text:{i}") for i in imp["least_important_first"]]
-        budget = self.cfg.max_params_fraction * params
+        budget = self._round_allowance(rnd, current)
         text, vision, chosen, removed = set(), set(), [], 0
         for t, v, p, cid in order:
             if params - removed <= target:
@@ -391,6 +397,41 @@ class Runner:
             removed += p
             chosen.append(cid)
         return sorted(text), sorted(vision), chosen
+
+    def _round_allowance(self, rnd: int, current: dict) -> float:
+        """Parameters this round may still remove: max_params_fraction of the round's input, less what earlier
+        stages of the round (prune and width alike, counted by model_facts) removed already."""
+        start = self.round_input.get(rnd, current["facts"]["params"])
+        return self.cfg.max_params_fraction * start - (start - current["facts"]["params"])
+
+    def _width(self, stage_id, settings, rnd, current, target, out):
+        from prunekit.stages.width import width, width_params
+        s = self._config("width", settings, stage_id, current, out)
+        params = current["facts"]["params"]
+        floor = params - self._round_allowance(rnd, current)   # the fewest parameters this round may leave
+        sizes = {"ffn": s.ffn, "heads": s.heads, "hidden": s.hidden}
+        if any(v is not None for v in sizes.values()):
+            after = width_params(current["output"], **sizes)
+            if after < floor:
+                raise PipelineStopped(f"round {rnd}: width {', '.join(f'{k} {v}' for k, v in sizes.items() if v)} "
+                                      f"leaves {after:,} of {params:,} parameters, below the {int(floor):,} the "
+                                      f"round's max_params_fraction {self.cfg.max_params_fraction} allows")
+            budget = {k: v for k, v in sizes.items() if v is not None}
+        else:
+            wanted = max(int(s.params_fraction * params) if s.params_fraction is not None else 0, target)
+            least = math.ceil(floor)
+            if least >= params:
+                raise PipelineStopped(f"round {rnd}: width has nothing left to remove within max_params_fraction "
+                                      f"{self.cfg.max_params_fraction} of the round's input")
+            # reach the wanted size when the guardrail allows it, else remove what the guardrail allows
+            budget = ({"params": wanted, "min_params": least} if wanted >= least else
+                      {"params": least, "params_at_least": True})
+        result = self.on_worker(width, current["output"], out, str(self.cfg.train), samples=s.samples,
+                                max_length=s.max_length, batch_size=s.batch_size, overwrite=True,
+                                trust_remote_code=self.cfg.trust_remote_code, **budget)
+        prov = result.provenance
+        return {"output": str(result.output), "sizes": {k: v["after"] for k, v in prov["sizes"].items()},
+                **({"mix": prov["budget"]["chosen"], "budget": prov["budget"]["params"]} if "budget" in prov else {})}
 
     def _prune(self, stage_id, settings, rnd, current, target, out):
         from prunekit.stages.prune import prune

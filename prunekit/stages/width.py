@@ -14,7 +14,8 @@ from pathlib import Path
 
 from prunekit import PrunekitError
 from prunekit.core.loading import check_output_dir, load_model, load_tokenizer, quiet_transformers
-from prunekit.core.width import (WidthShape, activation_importance, check_importance, importance_record,
+from prunekit.core.width import (BUDGET_RULE, WidthShape, activation_importance, budget_error, budget_mixes,
+                                 check_importance, choose_mix, count_params, importance_record, resolve_budget,
                                  resolve_targets, width_cut_from_scores)
 from prunekit.stages.common import SurgeryInput, SurgeryResult, write_surgery_output
 
@@ -59,14 +60,44 @@ def plot_importance(record: dict) -> bytes:
     return buf.getvalue()
 
 
+def width_params(model: str | Path, ffn=None, heads: int | None = None, hidden: int | None = None,
+                 allow_pickle: bool = False) -> int:
+    """Parameters (as `prunekit inspect` counts them) the model would have after `prunekit width` with these sizes,
+    from its checkpoint headers; bad sizes are the same one-line errors."""
+    from prunekit.core.report import checkpoint_shapes
+    from prunekit.core.width import shape_cut
+    src = SurgeryInput.open(str(model), allow_pickle=allow_pickle)
+    new = resolve_targets(src.adapter, src.config, ffn, heads, hidden)
+    return count_params(src.adapter, src.config, checkpoint_shapes(src.path), shape_cut(src.adapter, src.config, new))
+
+
 def width(model: str, out: str | Path, data: str | Path | None = None, *, ffn=None, heads: int | None = None,
           hidden: int | None = None, importance: str | Path | None = None, samples: int = 64,
           max_length: int = 256, batch_size: int = 4, device: str = "cpu", overwrite: bool = False,
           streaming: bool | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
-          plot: bool = True) -> SurgeryResult:
+          plot: bool = True, params: int | None = None, params_fraction: float | None = None,
+          params_at_least: bool = False, min_params: int | None = None) -> SurgeryResult:
+    """`params` / `params_fraction` (instead of ffn / heads / hidden): at most this many parameters (or this
+    fraction of the input's), counted like `prunekit inspect`; prunekit picks the mix (core.width.BUDGET_RULE).
+    For the pipeline's guardrail: `params_at_least` keeps at least `params` (removes at most the allowance), and
+    mixes leaving fewer than `min_params` are not candidates."""
     src = SurgeryInput.open(model, allow_pickle=allow_pickle)
-    new = resolve_targets(src.adapter, src.config, ffn, heads, hidden)   # bad targets fail before any work
     old = WidthShape.of(src.adapter, src.config)
+    mixes = None
+    if params is None and params_fraction is None:
+        new = resolve_targets(src.adapter, src.config, ffn, heads, hidden)   # bad targets fail before any work
+    else:
+        if ffn is not None or heads is not None or hidden is not None:
+            raise PrunekitError("--params / --params-fraction: prunekit chooses the FFN, heads and hidden sizes; "
+                                "give either a budget or --ffn / --heads / --hidden")
+        from prunekit.core.report import checkpoint_shapes
+        shapes = checkpoint_shapes(src.path)
+        total = count_params(src.adapter, src.config, shapes)
+        flag, budget = resolve_budget(params, params_fraction, total)
+        mixes = (budget_mixes(src.adapter, src.config, shapes, budget, params_at_least, min_params)
+                 if budget < total else [])
+        if not any(m["reason"] is None for m in mixes):
+            raise PrunekitError(budget_error(flag, src.adapter, src.config, shapes, budget, mixes, params_at_least))
     if (data is None) == (importance is None):
         raise PrunekitError("give --data CALIB (score the channels on it) or --importance FILE (scores from an "
                             "earlier `prunekit width`), exactly one")
@@ -102,7 +133,17 @@ def width(model: str, out: str | Path, data: str | Path | None = None, *, ffn=No
             loaded.to("cpu")
         source = {"data": str(Path(data).resolve()), "samples": len(calib), "tokens": scores["tokens"]}
         record = importance_record(scores, old, model=str(src.path), **source)
-    surgery = width_cut_from_scores(src.adapter, src.config, new, record, importance=source)
+    budget_record = None
+    if mixes is not None:
+        chosen, records = choose_mix(src.adapter, src.config, shapes, mixes, record)
+        sizes = chosen["sizes"]
+        new = WidthShape(old.layers, sizes["intermediate_size"], sizes["num_attention_heads"], old.kv_heads,
+                         old.head_dim, sizes["hidden_size"])
+        budget_record = {"flag": flag, "params": budget, "params_before": total, "chosen": chosen["mix"],
+                         **({"at_least": True} if params_at_least else {}),
+                         **({"min_params": min_params} if min_params is not None else {}),
+                         "rule": BUDGET_RULE, "mixes": records}
+    surgery = width_cut_from_scores(src.adapter, src.config, new, record, importance=source, budget=budget_record)
     written = {**{k: v for k, v in record.items() if k != "kept"},
                "kept": {"ffn": surgery.ffn_keep, "heads": surgery.head_keep, "hidden": surgery.hidden_keep}}
     files: dict[str, str | bytes] = {"importance.json": json.dumps(written) + "\n"}

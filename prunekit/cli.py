@@ -113,6 +113,16 @@ def cmd_train(args) -> None:
     print(f"wrote {result.output}  (run: {result.run_dir})")
 
 
+def cmd_plan(args) -> int:
+    from prunekit.stages.plan import plan
+    result = plan(args.model, args.stage, gpus=args.gpus, config=args.config, gpu_memory=args.gpu_memory,
+                  teacher=args.teacher, sets=_parse_set(args.set))
+    print(json.dumps(result.record, indent=2) if args.json else result.text)
+    if result.fits is False and not result.fixable:  # the last line says by how much, on stderr too
+        raise PrunekitError(result.record["verdict"])
+    return 1 if result.fits is False else 0
+
+
 def cmd_merge_lora(args) -> None:
     from prunekit.stages.merge_lora import merge_lora
     result = merge_lora(args.adapter, args.out, base=args.base, overwrite=args.overwrite,
@@ -340,6 +350,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. lr=2e-5")
         p.set_defaults(func=cmd_train, stage=stage)
 
+    p = sub.add_parser("plan", help="GPU memory of a training run from config.json alone: weights, gradients, "
+                                    "optimizer, activations, loss buffers per GPU; whether it fits, else the smallest "
+                                    "change that does (exit 1 when it does not fit)")
+    p.add_argument("model", metavar="MODEL", help="HF directory, its config.json, or alias (no weights are loaded)")
+    p.add_argument("--stage", required=True, choices=["sft", "distill", "lora", "knockout"])
+    p.add_argument("--gpus", type=int, default=None,
+                   help="GPUs the run uses (default: the config's ray.num_workers; knockout: trials per GPU come "
+                        "from tune.gpus_per_trial)")
+    p.add_argument("--config", default=None, help="the stage's YAML config (strategy, precision, batch, ...)")
+    p.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                   help="memory of one GPU, e.g. 80GiB (default: what the GPUs this machine sees have free)")
+    p.add_argument("--teacher", default=None, help="distill: the teacher (overrides the config's)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. batch_size=8")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("merge-lora", help="merge a LoRA adapter into a full model")
     p.add_argument("adapter", metavar="ADAPTER")
     p.add_argument("--base", default=None, help="base model (default: the adapter's, relative to the adapter)")
@@ -466,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     with interrupts.handled(interrupts.raise_interrupt):
         try:
             try:
-                args.func(args)
+                code = args.func(args)   # a command may return its own exit code (`plan`: 1 = does not fit)
             finally:
                 _stop_local_ray()
         except PrunekitError as e:
@@ -476,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
             word, code = interrupts.outcome(e)
             print(f"prunekit {args.command}: {word}{f' ({e})' if str(e) else ''}", file=sys.stderr)
             return code
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def entry(argv: list[str] | None = None) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from prunekit import PrunekitError
 
@@ -28,6 +28,9 @@ class RayConfig(Strict):
     gpus_per_worker: float = 1
     max_failures: int = 0                     # Ray Train FailureConfig: restarts from the last checkpoint
     address: str | None = None                # Ray cluster address; None = connect if one runs, else start locally
+    # fsdp: sharded weights, gradients and optimizer state live in pinned host memory (FSDP2 CPUOffloadPolicy); left
+    # out of dumps while off, so run names and sweep settings of earlier runs stay the same
+    cpu_offload: bool = Field(False, exclude_if=lambda v: v is False)
 
     @field_validator("num_workers")
     @classmethod
@@ -35,6 +38,12 @@ class RayConfig(Strict):
         if v < 1:
             raise ValueError("must be >= 1")
         return v
+
+    @model_validator(mode="after")
+    def _offload(self):
+        if self.cpu_offload and self.strategy != "fsdp":
+            raise ValueError("cpu_offload needs ray.strategy: fsdp")
+        return self
 
 
 class WandbConfig(Strict):
@@ -79,6 +88,22 @@ class TrainConfig(Strict):
     ray: RayConfig = RayConfig()
     wandb: WandbConfig = WandbConfig()
     test_crash_at_step: int | None = None     # test-only: a worker dies once at this step (fault-tolerance tests)
+    # the memory plan checked before training on GPUs (`prunekit plan`): gpu_memory is one GPU's memory (e.g. 80GiB)
+    # for a driver that sees no GPU itself (default: what this machine's GPUs have free); memory_check: false skips
+    # the check. Both stay out of dumps at their defaults (run names of earlier runs do not change).
+    gpu_memory: str | None = Field(None, exclude_if=lambda v: v is None)
+    memory_check: bool = Field(True, exclude_if=lambda v: v is True)
+
+    @field_validator("gpu_memory")
+    @classmethod
+    def _gpu_memory(cls, v):
+        if v is not None:
+            from prunekit.core.memory_plan import parse_memory
+            try:
+                parse_memory(v, "gpu_memory")
+            except PrunekitError as e:
+                raise ValueError(str(e).removeprefix("gpu_memory: ")) from None
+        return v
 
     @model_validator(mode="after")
     def _check(self):

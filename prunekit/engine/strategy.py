@@ -104,15 +104,18 @@ class FSDPStrategy(Strategy):
     name = "fsdp"
 
     def setup(self, make_optimizer, make_scheduler):
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
         from prunekit.core.adapters import adapter_for, get_module
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         adapter = adapter_for(inner.config.to_dict())
         paths = [adapter.text_layers] + ([adapter.vision_blocks] if adapter.is_vlm else [])
+        # cpu_offload: the shards (and so the optimizer state) live in pinned host memory; the GPU holds the
+        # units being computed
+        kw = {"offload_policy": CPUOffloadPolicy()} if getattr(self.cfg.ray, "cpu_offload", False) else {}
         for path in paths:
             for layer in get_module(inner, path):
-                fully_shard(layer)
-        fully_shard(self.module)
+                fully_shard(layer, **kw)
+        fully_shard(self.module, **kw)
         self.wrapped = self.module
         self.optimizer = make_optimizer(self.module.parameters())
         self.scheduler = make_scheduler(self.optimizer)

@@ -101,6 +101,8 @@ def validate(cfg, resume: bool = False) -> Sweep:
     model_dir = Path(cfg.model)
     config = read_config(model_dir)
     adapter = adapter_for(config)
+    from prunekit.stages.plan import check_before_training
+    check_before_training("knockout", cfg)  # GPU trials: fail now, in one line, rather than out of memory later
     n_text, n_vision = adapter.num_text_layers(config), adapter.num_vision_blocks(config)
     c = cfg.candidates
     candidates = expand_candidates(c.text, c.vision, c.group_size, c.groups, n_text, n_vision)

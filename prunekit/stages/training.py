@@ -126,6 +126,10 @@ def validate(stage: str, cfg) -> None:
     # workers run elsewhere (another cwd, maybe another node): hand them absolute paths
     cfg.train, cfg.output_dir, cfg.storage_path = (Path(p).resolve() for p in (cfg.train, cfg.output_dir, cfg.storage_path))
     cfg.val = Path(cfg.val).resolve() if cfg.val else None
+    if stage == "distill":
+        cfg.teacher = str(resolve_model(cfg.teacher).resolve())
+    from prunekit.stages.plan import check_before_training
+    check_before_training(stage, cfg)  # GPU runs: fail now, in one line, rather than out of memory later
     train_rows = load_messages(cfg.train)
     val_rows = load_messages(cfg.val) if cfg.val is not None else None
     if val_rows is not None and not val_rows:
@@ -140,7 +144,6 @@ def validate(stage: str, cfg) -> None:
         from prunekit.engine.objectives import check_same_tokenizer
         if cfg.teacher_placement == "own_gpu" and not (cfg.ray.use_gpu and cfg.ray.gpus_per_worker >= 2):
             raise PrunekitError("teacher_placement: own_gpu needs ray.use_gpu: true and ray.gpus_per_worker: 2")
-        cfg.teacher = str(resolve_model(cfg.teacher).resolve())
         with quiet_transformers():
             check_same_tokenizer(load_tokenizer(Path(cfg.model)), load_tokenizer(Path(cfg.teacher)),
                                  cfg.model, cfg.teacher)

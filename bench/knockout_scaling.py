@@ -147,7 +147,7 @@ def run_one(args) -> dict:
     from prunekit.engine.loop import train
     from prunekit.engine.objectives import SFTObjective
     from prunekit.engine.reporting import LocalReporter
-    from prunekit.stages.training import _samples
+    from prunekit.core.samples import config_samples
     t0 = time.time()
     workdir = Path(args.workdir)
     info = json.loads((workdir / "inputs.json").read_text())
@@ -160,8 +160,7 @@ def run_one(args) -> dict:
     if cand.size:
         model = apply_to_model(model, LayerDrop(adapter, model.config.to_dict(), list(cand.text), []))
     model = model.to(device)
-    train_samples = _samples(tokenizer, cfg.train, cfg)
-    val_samples = _samples(tokenizer, cfg.val, cfg, cfg.eval_max_samples)
+    train_samples, val_samples = config_samples(cfg, tokenizer, is_vlm=False)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     run_dir = Path(tempfile.mkdtemp(prefix="seq-", dir=workdir))
     t1 = time.time()

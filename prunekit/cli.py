@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from prunekit import PrunekitError, __version__
@@ -287,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunekit", description="Make language and vision-language models smaller.")
     parser.add_argument("--version", action="version", version=f"prunekit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # every command that may run on Ray takes the same --address (what `ray_jobs/<command>.py` passes through)
+    on_ray = argparse.ArgumentParser(add_help=False)
+    on_ray.add_argument("--address", default=None,
+                        help="Ray cluster address (host:port or ray://host:port); default: this job's cluster "
+                             "(RAY_ADDRESS under `ray job submit`), else the last `ray start` here, else a local Ray")
 
     p = sub.add_parser("inspect", help="family, layers, heads, parameters, KV-cache bytes per token")
     p.add_argument("model", metavar="MODEL", help="HF directory, .gguf file, or alias (smollm2)")
@@ -341,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for stage, text in (("sft", "recovery SFT on Ray Train"), ("distill", "full-logit distillation from a teacher"),
                         ("lora", "LoRA fine-tuning (then `prunekit merge-lora`)")):
-        p = sub.add_parser(stage, help=text)
+        p = sub.add_parser(stage, help=text, parents=[on_ray])
         p.add_argument("--config", default=None, help="YAML config (flags override it)")
         for flag, _ in TRAIN_FLAGS:
             if flag != "--teacher" or stage == "distill":
@@ -375,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge_lora)
 
     p = sub.add_parser("data", help="convert offline datasets into messages JSONL, text into {text} rows; "
-                                    "`generate`: sample a corpus from a teacher model")
+                                    "`generate`: sample a corpus from a teacher model", parents=[on_ray])
     p.add_argument("source", choices=["chatterbot", "easy-vqa", "text", "general", "generate"],
                    help="text: chunk the UTF-8 FILEs; general: the built-in general English text (train + --eval); "
                         "generate: a teacher-sampled corpus")
@@ -404,7 +410,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--actors", type=int, default=0,
                    help="Ray rollout actors, one GPU each (0: generate in this process, no Ray)")
-    g.add_argument("--address", default=None, help="Ray cluster address (default: this job's cluster, else local)")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("eval", help="loss, perplexity and token_acc of a model on messages or text rows")
@@ -418,12 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("pipeline", help="rounds of knockout -> prune -> sft -> distill until a target size, then "
-                                        "kv-cut / LoRA / RL; resumable")
+                                        "kv-cut / LoRA / RL; resumable", parents=[on_ray])
     p.add_argument("recipe", nargs="?", metavar="RECIPE", help="pipeline recipe (YAML)")
     p.add_argument("--config", default=None, help="the recipe, as a flag (what `ray_jobs/pipeline.py` passes)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any recipe key, e.g. target.params_fraction=0.6")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: this job's cluster, else local)")
     p.add_argument("--redo", default=None, metavar="STAGE_ID",
                    help="run this finished stage (e.g. r1-3-sft) and every later one again")
     p.set_defaults(func=cmd_pipeline)
@@ -447,7 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=cmd_importance)
 
-    p = sub.add_parser("knockout", help="knockout sweep on Ray Tune: remove each candidate, short SFT, eval")
+    p = sub.add_parser("knockout", help="knockout sweep on Ray Tune: remove each candidate, short SFT, eval",
+                       parents=[on_ray])
     p.add_argument("--config", default=None, help="YAML config (flags override it), e.g. recipes/knockout.yaml")
     for flag, _ in KNOCKOUT_FLAGS:
         p.add_argument(flag, default=None, type=int if flag == "--max-steps" else str)
@@ -456,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. tune.gpus_per_trial=0.5")
     p.set_defaults(func=cmd_knockout)
     p = sub.add_parser("width-search", help="width mixes and depth at one parameter budget as Ray Tune trials: "
-                                            "prune, short distillation, eval on general text; the best setting")
+                                            "prune, short distillation, eval on general text; the best setting",
+                       parents=[on_ray])
     p.add_argument("--config", default=None, help="YAML config (flags override it), e.g. recipes/width_search.yaml")
     for flag, _ in KNOCKOUT_FLAGS:
         p.add_argument(flag, default=None, type=int if flag == "--max-steps" else str)
@@ -464,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty report directory")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. params_fraction=0.7")
     p.set_defaults(func=cmd_width_search)
-    p = sub.add_parser("rl", help="RL with GRPO / GSPO: rollout actors, rewards, learners on Ray")
+    p = sub.add_parser("rl", help="RL with GRPO / GSPO: rollout actors, rewards, learners on Ray", parents=[on_ray])
     p.add_argument("--config", default=None, help="YAML config (flags override it), e.g. recipes/rl.yaml")
     for flag, _ in RL_FLAGS:
         p.add_argument(flag, default=None, type=int if flag in ("--max-steps", "--num-workers") else str)
@@ -482,6 +488,18 @@ def _stop_local_ray() -> None:
         cluster.stop_local()
 
 
+def join_named_cluster(args) -> None:
+    """A Ray-backed command given `--address`, or run where RAY_ADDRESS names a cluster (a `ray job submit` job):
+    join it before anything else, so an address that does not answer is one line at once, and say what it is.
+    Otherwise a command starts Ray only if and when it needs it."""
+    if not hasattr(args, "address") or not (args.address or os.environ.get("RAY_ADDRESS", "").strip() not in
+                                            ("", "local")):
+        return
+    from prunekit.distributed.cluster import connect, describe_cluster
+    where = connect(args.address)
+    print(f"prunekit {args.command}: Ray at {where}: {describe_cluster()}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Errors the user can fix: one line, exit 2. Ctrl-C: `interrupted`, 130; SIGTERM: `terminated`, 143 (both
     unwind like an exception, so temp dirs, partial checkpoints, locks and workers are cleaned up first)."""
@@ -492,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     with interrupts.handled(interrupts.raise_interrupt):
         try:
             try:
+                join_named_cluster(args)
                 code = args.func(args)   # a command may return its own exit code (`plan`: 1 = does not fit)
             finally:
                 _stop_local_ray()

@@ -6,6 +6,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the uploaded working dir's prunekit comes first
 
-from prunekit.distributed.jobs import main
+from prunekit.cli import entry
 
-sys.exit(main("width-search"))
+entry(["width-search", *sys.argv[1:]])

@@ -660,16 +660,16 @@ def test_a_multi_megabyte_row_does_not_grow_memory(tiny_chat_model_dir, tmp_path
     script = f"""
 import json, resource
 from transformers import AutoTokenizer
-from prunekit.core.evaluate import tokenize_rows
+from prunekit.core.samples import tokenize
 tok = AutoTokenizer.from_pretrained({str(tiny_chat_model_dir)!r})
 big = "lorem ipsum dolor sit amet, consectetur adipiscing elit " * 75000
 rows = [{{"messages": [{{"role": "user", "content": big}}, {{"role": "assistant", "content": "ok"}}]}},
         {{"text": big}}]
 short = [{{"messages": [{{"role": "user", "content": big[:20000]}}, {{"role": "assistant", "content": "ok"}}]}},
          {{"text": big[:20000]}}]
-expected = tokenize_rows(tok, short, 32)
+expected = tokenize(tok, short, 32, model='m')
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-got = tokenize_rows(tok, rows, 32)
+got = tokenize(tok, rows, 32, model='m')
 grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
 print(json.dumps({{"mb": len(big) / 1e6, "grew_kb": grew, "same": got == expected, "n": len(got[0]["input_ids"])}}))
 """

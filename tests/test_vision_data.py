@@ -1,12 +1,12 @@
 """Image rows through a VLM processor: tokenisation, labels, collation, and a forward/backward of a tiny Qwen-VL."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from prunekit import PrunekitError
-from prunekit.core.data import IGNORE_INDEX, DataError, collate, load_messages, save_messages, tokenize_conversation
+from prunekit.core.data import IGNORE_INDEX, DataError, load_messages, save_messages, tokenize_conversation
+from prunekit.core.samples import collate
 from prunekit.core.datasets import easy_vqa_to_messages
 from prunekit.core.loading import load_model
 from prunekit.core.vision_data import (collate_vlm, image_token_id, load_processor, tokenize_rows_vlm,
@@ -126,7 +126,7 @@ def test_collate_vlm(processor, vqa_rows):
     samples = [tokenize_vlm_conversation(processor, r["messages"], r["images"], 512) for r in (vqa_rows[0], long_q)]
     lengths = [len(s["input_ids"]) for s in samples]
     assert lengths[0] < lengths[1]
-    b = collate(samples, pad_id=0)  # the text collate dispatches on pixel_values
+    b = collate(samples, pad_id=0)  # core.samples.collate dispatches on pixel_values
     assert set(b) == {"input_ids", "labels", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"}
     ref = collate_vlm(samples, pad_id=0)
     assert all(torch.equal(b[k], ref[k]) for k in b)
@@ -178,16 +178,15 @@ def test_load_processor_without_processor_files(tiny_chat_model_dir):
 
 
 def test_rows_and_training_samples(tiny_vlm_chat_dir, vqa_rows, tmp_path):
-    from prunekit.stages.training import _samples
+    from prunekit.core.samples import load_samples
     text_row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     path = tmp_path / "mixed.jsonl"
     save_messages(path, vqa_rows[:3] + [text_row])
-    cfg = SimpleNamespace(max_length=512, packing=False, model=str(tiny_vlm_chat_dir), trust_remote_code=False)
-    samples = _samples(load_processor(tiny_vlm_chat_dir).tokenizer, path, cfg, is_vlm=True)
+    tokenizer = load_processor(tiny_vlm_chat_dir).tokenizer
+    samples = load_samples(tokenizer, path, model=tiny_vlm_chat_dir, max_length=512, is_vlm=True)
     assert len(samples) == 4 and ["pixel_values" in s for s in samples] == [True] * 3 + [False]
     with pytest.raises(PrunekitError, match="packing"):
-        _samples(load_processor(tiny_vlm_chat_dir).tokenizer, path, SimpleNamespace(**{**vars(cfg), "packing": True}),
-                 is_vlm=True)
+        load_samples(tokenizer, path, model=tiny_vlm_chat_dir, max_length=512, packing=True, is_vlm=True)
     bad = {**vqa_rows[0], "images": vqa_rows[0]["images"] * 2}
     with pytest.raises(DataError, match=r"rows\.jsonl row 2: 1 <image> tag"):
         tokenize_rows_vlm(None, [vqa_rows[0], bad], 512, tiny_vlm_chat_dir, source="rows.jsonl")

@@ -374,7 +374,7 @@ def test_width_of_a_vlm_scored_on_image_rows(tiny_vlm_chat_model_dir, tmp_path):
     """A Qwen3-VL scored on easy-vqa image rows through its processor: the text tower's width is cut (deepstack
     mergers too), the processor travels with the output, and the output runs on a processed image row."""
     from prunekit.core.datasets import easy_vqa_to_messages
-    from prunekit.core.data import collate
+    from prunekit.core.samples import collate
     from prunekit.core.vision_data import load_processor, tokenize_rows_vlm
     from prunekit.core.data import load_messages
     src = tiny_vlm_chat_model_dir("qwen3_vl")

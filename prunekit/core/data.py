@@ -301,11 +301,8 @@ def collate(batch: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     transformers (5.x) then detects the packing from ``position_ids``, but silently does not when
     a 2D attention mask is given or a KV cache exists (``use_cache`` defaults to True).
 
-    A batch with image samples (``pixel_values``) goes to :func:`prunekit.core.vision_data.collate_vlm`.
+    Text samples only: :func:`prunekit.core.samples.collate` sends batches with images to the processor's collate.
     """
-    if any("pixel_values" in s for s in batch):
-        from prunekit.core.vision_data import collate_vlm
-        return collate_vlm(batch, pad_id)
     width = max(len(s["input_ids"]) for s in batch)
     packed = "position_ids" in batch[0]
 

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from prunekit.core.data import collate, tokenize_row
+from prunekit.core.samples import collate, pad_id
 from prunekit.core.losses import causal_lm_loss
-
-
-def tokenize_rows(tokenizer, rows: list[dict], max_length: int = 512) -> list[dict]:
-    return [tokenize_row(tokenizer, row, max_length) for row in rows]
 
 
 @torch.no_grad()
@@ -32,5 +28,5 @@ def greedy_reply(model, tokenizer, question: str, max_new_tokens: int = 24) -> s
     ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                         return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                         pad_token_id=pad_id(tokenizer))
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()

@@ -194,3 +194,23 @@ def block_influence(model, adapter: Adapter, batches) -> list[float]:
     real (non-padding) tokens of the calibration batches. Low = the layer barely changes its input (ShortGPT)."""
     scores = hidden_state_scores(model, adapter, batches, "text", angular_n=())
     return scores.get("block_influence", [0.0] * len(component_layers(model, adapter, "text")))
+
+
+def compute_importance(model, adapter, samples: list[dict], pad_id: int, batch_size: int = 4,
+                       angular_n: tuple[int, ...] = (1, 2), nll: bool = True, device=None) -> dict:
+    """{"text": {metric: [...]}, "vision": {...}} (vision only for VLMs with image rows), plus per-metric orders
+    from least to most important."""
+    import torch
+    from prunekit.core.samples import collate
+    device = device or torch.device("cpu")
+    batches = [{k: v.to(device) for k, v in collate(samples[i:i + batch_size], pad_id).items()}
+               for i in range(0, len(samples), batch_size)]
+    out: dict = {}
+    for component in ["text"] + (["vision"] if adapter.is_vlm else []):
+        scores = layer_scores(model, adapter, batches, component, angular_n, nll=nll)
+        if not scores:
+            continue
+        scores["least_important_first"] = {m: sorted(range(len(v)), key=lambda i, v=v: v[i])
+                                           for m, v in scores.items() if isinstance(v, list)}
+        out[component] = scores
+    return out

@@ -196,3 +196,10 @@ def make_plan(rows: list[dict], params_total: int, n_text: int, n_vision: int, m
             "budget": {"max_params_fraction": max_params_fraction, "max_layers": max_layers,
                        "verdicts": list(allowed)},
             "skipped": skipped}
+
+
+def trial_dir(run_dir, candidate: "Candidate | str"):
+    """A sweep trial's directory under its run directory (`candidate`: a Candidate or its id)."""
+    if isinstance(candidate, str):
+        candidate = Candidate.parse(candidate)
+    return run_dir / "trials" / candidate.dirname

@@ -69,12 +69,14 @@ def run_name(stage: str, cfg) -> str:
 
 
 def _worker(config: dict) -> None:
-    """Runs on every Ray Train worker: build the stage's model + objective, then the shared loop."""
+    """Runs on every Ray Train worker: the stage's `build` (model, objective, samples, pad id), then the shared
+    loop. `build` is the stage's module-level function: Ray ships it by reference, so this module never imports the
+    stages."""
     import torch
     import ray.train
     from prunekit.config import STAGE_CONFIGS
     from prunekit.engine.loop import train
-    from prunekit.stages.training import build_worker
+    build_worker = config["build"]
     cfg = STAGE_CONFIGS[config["stage"]](**config["cfg"])
     device = ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu")
     if device.type == "cuda":
@@ -118,8 +120,9 @@ def remove_partial_checkpoints(run_dir: Path, since: float) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def launch(stage: str, cfg) -> tuple[Path, Path, str]:
-    """Fit on Ray Train; returns (final checkpoint dir with hf/, run dir, run name)."""
+def launch(stage: str, cfg, build_worker) -> tuple[Path, Path, str]:
+    """Fit on Ray Train, every worker starting with `build_worker(stage, cfg, device, teacher_device)` (the stage's
+    model, objective, train/val samples and pad id); returns (final checkpoint dir with hf/, run dir, run name)."""
     import time
     from prunekit.core.interrupts import StopOnSignal, interrupt_for
     from prunekit.distributed.cluster import quiet_ray, stop_local
@@ -135,7 +138,7 @@ def launch(stage: str, cfg) -> tuple[Path, Path, str]:
     trainer = _trainer_class()(
         _worker,
         train_loop_config={"stage": stage, "cfg": cfg.model_dump(mode="json"), "run_dir": str(run_dir),
-                           "name": name},
+                           "name": name, "build": build_worker},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),

@@ -1,5 +1,6 @@
-"""Ray Tune at the edge of the knockout: one trial per candidate, the base weights and tokenized data put into the
-object store once, per-trial resources (CPUs, a GPU or a fraction of one), max_concurrent_trials, optional ASHA.
+"""Ray Tune at the edge of the sweeps (knockout, width-search): one trial per id, the base weights and tokenized data
+put into the object store once, per-trial resources (CPUs, a GPU or a fraction of one), max_concurrent_trials,
+optional ASHA. What a trial does is the stage's function, handed in (`distributed/` never imports `stages/`).
 
 Trials report every few steps through `tune.report`; a driver-side callback keeps each trial's curve and writes
 `trials/<candidate>/result.json` the moment the trial ends (`error.json` if it failed), so an interrupted sweep
@@ -11,12 +12,12 @@ import contextlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ray.tune.schedulers import AsyncHyperBandScheduler
 
 from prunekit.core.interrupts import StopOnSignal, interrupt_for
-from prunekit.core.plan import BASELINE
 from prunekit.distributed.train import ensure_ray
 from prunekit.engine.reporting import RunLogger, crash_once
 
@@ -25,11 +26,16 @@ FORWARD = {"train/loss": "train_loss", "train/token_acc": "train_token_acc", "tr
            "train/tokens_per_s": "train_tokens_per_s", "eval/loss": "eval_loss", "eval/token_acc": "eval_token_acc"}
 
 
-class BaselineKeepingASHA(AsyncHyperBandScheduler):
-    """ASHA over the candidates; the baseline always runs to the end (every verdict is measured against it)."""
+class KeepOneASHA(AsyncHyperBandScheduler):
+    """ASHA over the trials; one of them (a knockout's baseline: every verdict is measured against it) always runs
+    to the end."""
+
+    def __init__(self, keep: str | None, **kwargs):
+        super().__init__(**kwargs)
+        self.keep = keep
 
     def on_trial_result(self, tune_controller, trial, result):
-        if trial.config.get("candidate") == BASELINE:
+        if trial.config.get("candidate") == self.keep:
             return self.CONTINUE
         return super().on_trial_result(tune_controller, trial, result)
 
@@ -80,59 +86,6 @@ class TuneTrialReporter(RunLogger):
         crash_once(self.run_dir, step)
 
 
-def _trial(config: dict, shared: list) -> None:
-    """A Tune trial: pull the shared base from the object store and run one knockout trial in this process."""
-    import ray
-    import torch
-    from ray import tune
-    from prunekit.config import KnockoutConfig
-    from prunekit.core.plan import Candidate
-    from prunekit.stages.knockout import run_trial, trial_dir
-    t0 = time.time()
-    payload = ray.get(shared[0])
-    cfg = KnockoutConfig(**payload["cfg"])
-    candidate = Candidate.parse(config["candidate"])
-    torch.set_num_threads(max(1, int(cfg.tune.cpus_per_trial)))
-    device = torch.device("cuda", 0) if cfg.tune.gpus_per_trial > 0 else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    base = ray.get(payload["base"])
-    run_dir = trial_dir(Path(payload["run_dir"]), candidate)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    reporter = TuneTrialReporter(run_dir, f"{payload['name']}-{candidate.dirname}", cfg, cfg.max_steps)
-    fetched = time.time()
-    extra = {}
-
-    def importance(model):  # the baseline trial has the base model built already: score it before training
-        model.eval()
-        extra["importance_json"] = json.dumps(_importance(model, base, payload["importance"], device))
-    want = candidate.size == 0 and payload.get("importance")
-    metrics = run_trial(cfg, base, candidate, reporter, device, before_training=importance if want else None)
-    tune.report({"step": cfg.max_steps, "final": True, "fresh_eval": False, "train_losses": [],
-                 **reporter.last_eval, "fetch_s": fetched - t0, "setup_s": metrics["time/setup_s"],
-                 "train_s": metrics["time/train_s"], "trial_s": time.time() - t0, **extra})
-
-
-
-def _importance(model, base: dict, spec: dict, device) -> dict:
-    from prunekit.core.adapters import adapter_for
-    from prunekit.stages.importance import compute_importance
-    return compute_importance(model, adapter_for(base["config"]), base["val"][:spec["samples"]], base["pad_id"],
-                              batch_size=4, angular_n=tuple(spec["angular_n"]), device=device)
-
-
-def _importance_task(shared: list, use_gpu: bool) -> dict:
-    """Importance when the baseline trial does not run (it finished in an earlier run)."""
-    import ray
-    import torch
-    from prunekit.core.plan import Candidate
-    from prunekit.stages.knockout import build_trial_model
-    payload = ray.get(shared[0])
-    base = ray.get(payload["base"])
-    device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
-    return _importance(build_trial_model(base, Candidate(), device).eval(), base, payload["importance"], device)
-
-
 class _StopOnSignal(StopOnSignal):
     """Ctrl-C (SIGINT) or SIGTERM during a sweep: Tune stops every trial, then the driver reports the sweep as
     interrupted (exit 130) or terminated (143) instead of finishing it. Tune's own SIGINT handler would end the run
@@ -166,7 +119,7 @@ class _StopOnSignal(StopOnSignal):
 class SweepBookkeeper:
     """Driver-side Tune callback: collect each trial's reports; on completion write its result.json atomically."""
 
-    def __init__(self, run_dir: Path, total_steps: int, dir_fn=None):
+    def __init__(self, run_dir: Path, total_steps: int, dir_fn):
         from ray import tune
 
         class _Callback(tune.Callback):
@@ -184,22 +137,17 @@ class SweepBookkeeper:
         self.ran: list[str] = []
         self.errors: dict[str, str] = {}
         self.stopping = lambda: False  # an interrupted sweep: trials Tune stops are not finished
-        self.dir_fn = dir_fn           # (run_dir, candidate id) -> the trial's directory; default: the knockout's
+        self.dir_fn = dir_fn           # (run_dir, trial id) -> the trial's directory
 
     def _dir(self, cid: str) -> Path:
-        if self.dir_fn is not None:
-            d = self.dir_fn(self.run_dir, cid)
-        else:
-            from prunekit.core.plan import Candidate
-            from prunekit.stages.knockout import trial_dir
-            d = trial_dir(self.run_dir, Candidate.parse(cid))
+        d = self.dir_fn(self.run_dir, cid)
         d.mkdir(parents=True, exist_ok=True)
         return d
 
     def _result(self, trial, result: dict) -> None:
         self.records.setdefault(trial.config["candidate"], []).append(
             {k: result[k] for k in ("step", "fresh_eval", "train_losses", "eval_loss", "eval_token_acc", "final",
-                                    "fetch_s", "setup_s", "train_s", "trial_s", "importance_json", "extra_json")
+                                    "fetch_s", "setup_s", "train_s", "trial_s", "extra_json")
              if k in result})
 
     def _complete(self, trial) -> None:
@@ -225,9 +173,6 @@ class SweepBookkeeper:
         tmp = d / f".{cid.replace(':', '_')}.tmp"
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         os.replace(tmp, d / "result.json")
-        if final_rec and "importance_json" in final_rec:
-            (self.run_dir / "importance.json").write_text(
-                json.dumps(json.loads(final_rec["importance_json"]), indent=2) + "\n")
         (d / "error.json").unlink(missing_ok=True)
         self.ran.append(cid)
 
@@ -251,71 +196,10 @@ def _trial_error(trial) -> str:
     return lines[-1].strip() if lines else "trial failed (see the Tune trial directory)"
 
 
-def run_sweep(cfg, sweep, pending: list, base: dict, want_importance: bool) -> tuple[list[str], dict[str, str]]:
-    """Run `pending` candidates as Tune trials (and the importance task); returns (candidates run, errors)."""
-    import ray
-    from ray import tune
-    ensure_ray(cfg.ray.address)
-    base_ref = ray.put(base)
-    sizes = sorted({len(c.text) for c in sweep.candidates if c.text} | {len(c.vision) for c in sweep.candidates
-                                                                         if c.vision} | {1})
-    spec = {"samples": cfg.importance_samples, "angular_n": sizes} if want_importance else None
-    payload_ref = ray.put({"base": base_ref, "cfg": cfg.model_dump(mode="json"), "run_dir": str(sweep.run_dir),
-                           "name": sweep.name, "importance": spec})
-    shared = [payload_ref]
-    use_gpu = cfg.tune.gpus_per_trial > 0
-    importance_ref = None
-    if want_importance and BASELINE not in [c.id for c in pending]:
-        task = ray.remote(num_cpus=cfg.tune.cpus_per_trial, num_gpus=cfg.tune.gpus_per_trial)(_importance_task)
-        importance_ref = task.remote(shared, use_gpu)
-    book = SweepBookkeeper(sweep.run_dir, cfg.max_steps)
-    interrupt = _StopOnSignal()
-    book.stopping = lambda: interrupt.signum is not None
-    if pending:
-        resources = {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}
-        trainable = tune.with_resources(tune.with_parameters(_trial, shared=shared), resources)
-        scheduler = None
-        if cfg.tune.asha:
-            scheduler = BaselineKeepingASHA(time_attr="step", metric="eval_loss", mode="min", max_t=cfg.max_steps,
-                                            grace_period=cfg.tune.asha_grace_steps,
-                                            reduction_factor=cfg.tune.asha_reduction_factor, stop_last_trials=False)
-        tune_root = sweep.run_dir / "tune"
-        attempt = len(list(tune_root.glob("attempt-*"))) if tune_root.is_dir() else 0
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"candidate": tune.grid_search([c.id for c in pending])},
-            tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=cfg.tune.max_concurrent_trials,
-                                        reuse_actors=use_gpu if cfg.tune.reuse_actors is None
-                                        else cfg.tune.reuse_actors),
-            run_config=tune.RunConfig(name=f"attempt-{attempt}", storage_path=str(tune_root),
-                                      callbacks=[book.callback], verbose=0, stop=interrupt.stopper,
-                                      failure_config=tune.FailureConfig(max_failures=0)),
-        )
-        with interrupt:
-            tuner.fit()
-    if interrupt.signum is not None:
-        if importance_ref is not None:
-            with contextlib.suppress(Exception):
-                ray.cancel(importance_ref, force=True)
-        from prunekit.stages.knockout import trial_dir
-        done = sum((trial_dir(sweep.run_dir, c) / "result.json").is_file() for c in sweep.candidates)
-        raise interrupt_for(interrupt.signum, f"{done} of {len(sweep.candidates)} trials finished, kept in "
-                                              f"{sweep.run_dir}; no report or plan written from a partial sweep "
-                                              f"(re-run the same command to run the rest)")
-    if importance_ref is not None:
-        try:
-            scores = ray.get(importance_ref)
-            (sweep.run_dir / "importance.json").write_text(json.dumps(scores, indent=2) + "\n")
-        except Exception as e:  # scores are a bonus beside the knockout: report, do not fail the sweep
-            book.errors["importance"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-    del base_ref, payload_ref
-    return book.ran, book.errors
+# ---- the trials ----------------------------------------------------------------------------------------------
 
-
-# ---- generic trials: the stage passes its functions in (distributed/ never imports stages/) ----------------------
-
-def _generic_trial(config: dict, shared: list, trial_fn, dir_fn, load_cfg) -> None:
-    """A Tune trial of run_trials: pull the shared payload, run `trial_fn` with the engine's Tune reporter."""
+def _trial(config: dict, shared: list, trial_fn, dir_fn, load_cfg) -> None:
+    """A Tune trial: pull the shared payload, run the stage's `trial_fn` with the engine's Tune reporter."""
     import ray
     import torch
     from ray import tune
@@ -338,13 +222,24 @@ def _generic_trial(config: dict, shared: list, trial_fn, dir_fn, load_cfg) -> No
                  "train_s": out.pop("train_s", 0.0), "trial_s": time.time() - t0, "extra_json": json.dumps(out)})
 
 
+@dataclass
+class TrialsResult:
+    ran: list[str]                 # trial ids that finished (done, stopped early, or failed) in this run
+    errors: dict[str, str]         # trial id -> the last line of its error
+    side: object = None            # what `side_fn` returned (None: not run, or failed: see errors["side"])
+
+
 def run_trials(cfg, run_dir: Path, name: str, ids: list[str], base: dict, payload: dict, *, trial_fn, dir_fn,
-               load_cfg) -> tuple[list[str], dict[str, str]]:
+               load_cfg, keep_running: str | None = None, side_fn=None,
+               interrupted_message=None) -> TrialsResult:
     """Run one Tune trial per id in `ids` (cfg.tune resources, cfg.max_steps): `trial_fn(cfg, base, payload, id,
     reporter, device)` trains through the engine with the given reporter and returns a JSON-able dict, kept in the
     trial's result.json as `extra`; `dir_fn(run_dir, id)` is the trial's directory; `load_cfg(dict)` rebuilds the
-    config inside the trial. `base` goes into the object store once. Returns (ids run, errors); Ctrl-C stops the
-    trials and raises KeyboardInterrupt (finished trials stay)."""
+    config inside the trial. `base` goes into the object store once. With cfg.tune.asha, ASHA stops trials early on
+    eval loss, never `keep_running` (the trial every other one is compared with). `side_fn(payload, base, device)`
+    runs as one more Ray task beside the trials (its result: TrialsResult.side). The functions are the stage's:
+    module-level, so Ray ships them by reference. Ctrl-C / SIGTERM stops every trial and raises the interrupt with
+    `interrupted_message()` (finished trials stay)."""
     import ray
     from ray import tune
     ensure_ray(cfg.ray.address)
@@ -352,27 +247,57 @@ def run_trials(cfg, run_dir: Path, name: str, ids: list[str], base: dict, payloa
     payload_ref = ray.put({**payload, "base": base_ref, "cfg": cfg.model_dump(mode="json"), "run_dir": str(run_dir),
                            "name": name})
     use_gpu = cfg.tune.gpus_per_trial > 0
+    side_ref = None
+    if side_fn is not None:
+        task = ray.remote(num_cpus=cfg.tune.cpus_per_trial, num_gpus=cfg.tune.gpus_per_trial)(_side_task)
+        side_ref = task.remote([payload_ref], side_fn, use_gpu)
     book = SweepBookkeeper(run_dir, cfg.max_steps, dir_fn=dir_fn)
     interrupt = _StopOnSignal()
     book.stopping = lambda: interrupt.signum is not None
-    resources = {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}
-    trainable = tune.with_resources(tune.with_parameters(_generic_trial, shared=[payload_ref], trial_fn=trial_fn,
-                                                         dir_fn=dir_fn, load_cfg=load_cfg), resources)
-    tune_root = run_dir / "tune"
-    attempt = len(list(tune_root.glob("attempt-*"))) if tune_root.is_dir() else 0
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"candidate": tune.grid_search(list(ids))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.tune.max_concurrent_trials,
-                                    reuse_actors=use_gpu if cfg.tune.reuse_actors is None else cfg.tune.reuse_actors),
-        run_config=tune.RunConfig(name=f"attempt-{attempt}", storage_path=str(tune_root), callbacks=[book.callback],
-                                  verbose=0, stop=interrupt.stopper, failure_config=tune.FailureConfig(max_failures=0)),
-    )
-    with interrupt:
-        tuner.fit()
+    if ids:
+        resources = {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}
+        trainable = tune.with_resources(tune.with_parameters(_trial, shared=[payload_ref], trial_fn=trial_fn,
+                                                             dir_fn=dir_fn, load_cfg=load_cfg), resources)
+        scheduler = None
+        if getattr(cfg.tune, "asha", False):
+            scheduler = KeepOneASHA(keep_running, time_attr="step", metric="eval_loss", mode="min",
+                                    max_t=cfg.max_steps, grace_period=cfg.tune.asha_grace_steps,
+                                    reduction_factor=cfg.tune.asha_reduction_factor, stop_last_trials=False)
+        tune_root = run_dir / "tune"
+        attempt = len(list(tune_root.glob("attempt-*"))) if tune_root.is_dir() else 0
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"candidate": tune.grid_search(list(ids))},
+            tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=cfg.tune.max_concurrent_trials,
+                                        reuse_actors=use_gpu if cfg.tune.reuse_actors is None
+                                        else cfg.tune.reuse_actors),
+            run_config=tune.RunConfig(name=f"attempt-{attempt}", storage_path=str(tune_root),
+                                      callbacks=[book.callback], verbose=0, stop=interrupt.stopper,
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+        with interrupt:
+            tuner.fit()
     if interrupt.signum is not None:
+        if side_ref is not None:
+            with contextlib.suppress(Exception):
+                ray.cancel(side_ref, force=True)
         done = sum((dir_fn(run_dir, i) / "result.json").is_file() for i in ids)
-        raise KeyboardInterrupt(f"{done} of {len(ids)} trials of this run finished, kept in {run_dir}; no report "
-                                f"written from a partial search (re-run the same command to run the rest)")
+        message = interrupted_message() if interrupted_message else (
+            f"{done} of {len(ids)} trials of this run finished, kept in {run_dir}; no report written from a "
+            f"partial run (re-run the same command to run the rest)")
+        raise interrupt_for(interrupt.signum, message)
+    side = None
+    if side_ref is not None:
+        try:
+            side = ray.get(side_ref)
+        except Exception as e:  # a side task is a bonus beside the trials: report it, do not fail them
+            book.errors["side"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     del base_ref, payload_ref
-    return book.ran, book.errors
+    return TrialsResult(book.ran, book.errors, side)
+
+
+def _side_task(shared: list, side_fn, use_gpu: bool):
+    import ray
+    import torch
+    payload = ray.get(shared[0])
+    return side_fn(payload, ray.get(payload["base"]), torch.device("cuda", 0) if use_gpu else torch.device("cpu"))

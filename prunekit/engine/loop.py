@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from prunekit import PrunekitError
-from prunekit.core.data import collate
+from prunekit.core.samples import collate
 from prunekit.engine.manifest import write_manifest
 from prunekit.engine.strategy import STRATEGIES, LossModule, all_reduce_sum, world
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 from prunekit import PrunekitError
 from prunekit.core.loading import quiet_transformers, resolve_model
@@ -18,7 +17,7 @@ def evaluate_file(model: str | Path, data: str | Path, max_samples: int | None =
     """{'loss', 'ppl', 'token_acc', 'tokens', 'rows'} on the first `max_samples` rows of `data` (all when None)."""
     from prunekit.core.evaluate import evaluate
     from prunekit.core.loading import load_model, load_tokenizer
-    from prunekit.stages.training import _samples
+    from prunekit.core.samples import load_samples, pad_id
     if max_samples is not None and max_samples < 1:
         raise PrunekitError(f"--max-samples must be >= 1, got {max_samples}")
     if max_length < 2:
@@ -27,11 +26,10 @@ def evaluate_file(model: str | Path, data: str | Path, max_samples: int | None =
     with quiet_transformers():
         loaded, adapter = load_model(path, trust_remote_code=trust_remote_code, device=device)
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    ns = SimpleNamespace(max_length=max_length, packing=False, model=str(path), trust_remote_code=trust_remote_code)
-    samples = _samples(tokenizer, Path(data), ns, max_samples, is_vlm=adapter.is_vlm)
+    samples = load_samples(tokenizer, Path(data), model=path, max_length=max_length, is_vlm=adapter.is_vlm,
+                           trust_remote_code=trust_remote_code, limit=max_samples)
     if not samples:
         raise PrunekitError(f"{data}: no row with tokens to evaluate on")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    m = evaluate(loaded, samples, pad_id)
+    m = evaluate(loaded, samples, pad_id(tokenizer))
     return {"loss": m["loss"], "ppl": math.exp(min(m["loss"], 50.0)), "token_acc": m["token_acc"],
             "tokens": m["tokens"], "rows": len(samples)}

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 from prunekit import PrunekitError
 from prunekit.core import locks
+from prunekit.core.importance import compute_importance
+from prunekit.core.samples import pad_id
 from prunekit.core.loading import (check_output_dir, load_model, load_tokenizer, quiet_transformers, resolve_model,
                                    write_atomically)
 
@@ -30,33 +31,12 @@ class ImportanceResult:
 def calibration_samples(tokenizer, data: str | Path, model_dir: Path, is_vlm: bool, limit: int, max_length: int,
                         trust_remote_code: bool = False) -> list[dict]:
     """Tokenized conversations with assistant labels (image rows through the processor for VLMs)."""
-    from prunekit.stages.training import _samples
-    cfg = SimpleNamespace(max_length=max_length, packing=False, model=str(model_dir), trust_remote_code=trust_remote_code)
-    samples = _samples(tokenizer, Path(data), cfg, limit, is_vlm=is_vlm)
+    from prunekit.core.samples import load_samples
+    samples = load_samples(tokenizer, Path(data), model=model_dir, max_length=max_length, is_vlm=is_vlm,
+                           trust_remote_code=trust_remote_code, limit=limit)
     if not samples:
         raise PrunekitError(f"--data {data}: no conversation with assistant tokens")
     return samples
-
-
-def compute_importance(model, adapter, samples: list[dict], pad_id: int, batch_size: int = 4,
-                       angular_n: tuple[int, ...] = (1, 2), nll: bool = True, device=None) -> dict:
-    """{"text": {metric: [...]}, "vision": {...}} (vision only for VLMs with image rows), plus per-metric orders
-    from least to most important."""
-    import torch
-    from prunekit.core.data import collate
-    from prunekit.core.importance import layer_scores
-    device = device or torch.device("cpu")
-    batches = [{k: v.to(device) for k, v in collate(samples[i:i + batch_size], pad_id).items()}
-               for i in range(0, len(samples), batch_size)]
-    out: dict = {}
-    for component in ["text"] + (["vision"] if adapter.is_vlm else []):
-        scores = layer_scores(model, adapter, batches, component, angular_n, nll=nll)
-        if not scores:
-            continue
-        scores["least_important_first"] = {m: sorted(range(len(v)), key=lambda i, v=v: v[i])
-                                           for m, v in scores.items() if isinstance(v, list)}
-        out[component] = scores
-    return out
 
 
 def plot_scores(scores: dict, out_dir: Path) -> list[Path]:
@@ -102,8 +82,7 @@ def importance(model: str, data: str | Path, out: str | Path, *, samples: int = 
             model_obj, adapter = load_model(path, dtype="float32", trust_remote_code=trust_remote_code, device=device)
             tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         calib = calibration_samples(tokenizer, data, path, adapter.is_vlm, samples, max_length, trust_remote_code)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        scores = compute_importance(model_obj, adapter, calib, pad_id, batch_size, tuple(angular_n), nll,
+        scores = compute_importance(model_obj, adapter, calib, pad_id(tokenizer), batch_size, tuple(angular_n), nll,
                                     torch.device(device))
         record = {"model": str(path), "data": str(Path(data).resolve()), "samples": len(calib),
                   "higher_is_more_important": True, **scores}

@@ -19,7 +19,6 @@ import hashlib
 import io
 import json
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,11 +26,12 @@ from prunekit import PrunekitError
 from prunekit.core import locks, report
 from prunekit.core.adapters import adapter_for
 from prunekit.core.data import load_messages
-from prunekit.core.loading import (check_output_dir, check_writable, load_model, load_tokenizer, quiet_transformers,
-                                   read_config, resolve_model, write_atomically, write_provenance)
+from prunekit.core.loading import (check_output_dir, check_writable, read_config, resolve_model, write_atomically,
+                                   write_provenance)
 from prunekit.core.plan import (BASELINE, Candidate, check_budget, early_excess, expand_candidates, make_plan,
-                                spearman, verdict)
+                                spearman, trial_dir, verdict)
 from prunekit.core.surgery import LayerDrop
+from prunekit.engine.trial import load_shared_base
 
 SWEEP_FILE = "sweep.json"
 RESULT_FILE = "result.json"
@@ -147,106 +147,7 @@ def _numel(shape) -> int:
     return n
 
 
-# ---- shared base: loaded once by the driver --------------------------------------------------------------------
-
-def load_shared_base(cfg) -> dict:
-    """Everything a trial needs that is the same for all of them: the base weights (numpy arrays, so trials on one
-    node read them from the Ray object store without copies), the model class and config, and the tokenized data."""
-    import torch
-    from prunekit.stages.training import _samples
-    model_dir = Path(cfg.model)
-    with quiet_transformers():
-        model, adapter = load_model(model_dir, dtype="float32", trust_remote_code=cfg.trust_remote_code)
-        tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
-    weights, dtypes = {}, {}
-    seen = {}
-    for key, t in model.state_dict().items():
-        if t.data_ptr() in seen:  # tied weights travel once
-            dtypes[key] = ("tied", seen[t.data_ptr()])
-            continue
-        seen[t.data_ptr()] = key
-        t = t.detach().cpu().contiguous()
-        dtypes[key] = str(t.dtype).removeprefix("torch.")
-        weights[key] = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
-    train_samples = _samples(tokenizer, cfg.train, cfg, is_vlm=adapter.is_vlm)
-    val_samples = _samples(tokenizer, cfg.val, cfg, cfg.eval_max_samples, is_vlm=adapter.is_vlm)
-    if not train_samples:
-        raise PrunekitError(f"train {cfg.train}: no row with supervised tokens (assistant turns or text)")
-    if not val_samples:
-        raise PrunekitError(f"val {cfg.val}: no row with supervised tokens (assistant turns or text)")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return {"model_cls": type(model), "config_cls": type(model.config), "config": model.config.to_dict(),
-            "weights": weights, "dtypes": dtypes, "train": train_samples, "val": val_samples, "pad_id": pad_id}
-
-
-@contextlib.contextmanager
-def _no_init():
-    """Skip random initialisation of models whose weights are loaded right after."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers
-        from transformers.modeling_utils import no_init_weights
-    with no_init_weights():
-        yield
-
-
-def build_trial_model(base: dict, candidate: Candidate, device):
-    """The base model without the candidate's layers, on `device`, from the shared weights (never from disk).
-    Layer removal is the same surgery `prunekit prune` applies (LayerDrop + apply_to_model)."""
-    import torch
-    from prunekit.core.surgery import apply_to_model
-    writable = torch.device(device).type == "cpu"  # object-store memory is read-only: CPU training needs a copy
-    tensors = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": nothing writes to it
-        for key, kind in base["dtypes"].items():
-            if isinstance(kind, (tuple, list)):
-                continue
-            t = torch.from_numpy(base["weights"][key])
-            t = t.view(torch.bfloat16) if kind == "bfloat16" else t
-            tensors[key] = t.clone() if writable else t
-    for key, kind in base["dtypes"].items():
-        if isinstance(kind, (tuple, list)):
-            tensors[key] = tensors[kind[1]]
-    config = base["config_cls"].from_dict(base["config"])
-    with _no_init():
-        model = base["model_cls"](config)
-        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
-        if [k for k in missing if not k.endswith("lm_head.weight")] or unexpected:
-            raise RuntimeError(f"shared weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        if adapter_for(base["config"]).ties_embeddings(base["config"]):
-            model.tie_weights()
-        if candidate.size:
-            adapter = adapter_for(base["config"])
-            model = apply_to_model(model, LayerDrop(adapter, base["config"], list(candidate.text),
-                                                    list(candidate.vision)))
-    return model.to(device)
-
-
-def run_trial(cfg, base: dict, candidate: Candidate, reporter, device, before_training=None) -> dict:
-    """One knockout trial in this process: build the candidate's model, short SFT with the one training engine,
-    eval at step 0, every eval_interval steps and at the end. Returns the last metrics plus timings.
-    `before_training(model)` sees the built model first (the baseline trial computes importance there)."""
-    from prunekit.engine.loop import train
-    from prunekit.engine.objectives import SFTObjective
-    if candidate.id in cfg.test_fail_candidates:
-        raise RuntimeError(f"test_fail_candidates: trial {candidate.id} fails on purpose")
-    t0 = time.time()
-    model = build_trial_model(base, candidate, device)
-    t1 = time.time()
-    if before_training is not None:
-        before_training(model)
-    t2 = time.time()
-    metrics = train(model, SFTObjective(chunk_size=cfg.loss_chunk_size), cfg, base["train"], base["val"],
-                    base["pad_id"], reporter, device=device)
-    return {**metrics, "time/setup_s": t1 - t0, "time/train_s": time.time() - t2}
-
-
 # ---- the recipe ------------------------------------------------------------------------------------------------
-
-def trial_dir(run_dir: Path, candidate: Candidate) -> Path:
-    return run_dir / "trials" / candidate.dirname
-
 
 def finished(run_dir: Path, candidate: Candidate) -> bool:
     return (trial_dir(run_dir, candidate) / RESULT_FILE).is_file()
@@ -259,7 +160,9 @@ def knockout(cfg, resume: bool = False) -> KnockoutResult:
 
 
 def _knockout(cfg, sweep: Sweep) -> KnockoutResult:
-    from prunekit.distributed.tune import run_sweep
+    from prunekit.config import KnockoutConfig
+    from prunekit.distributed.tune import run_trials
+    from prunekit.engine.trial import baseline_importance, knockout_trial
     run_dir = sweep.run_dir
 
     def claim():  # only once everything that can fail before a trial has passed (data tokenized, model loaded)
@@ -280,7 +183,28 @@ def _knockout(cfg, sweep: Sweep) -> KnockoutResult:
         print(f"base weights and data loaded once in {time.time() - t0:.1f}s (trials read them from the Ray object "
               f"store)", flush=True)
         claim()
-        ran, errors = run_sweep(cfg, sweep, pending, base, want_importance)
+        sizes = sorted({len(c.text) for c in sweep.candidates if c.text} |
+                       {len(c.vision) for c in sweep.candidates if c.vision} | {1})
+        spec = {"samples": cfg.importance_samples, "angular_n": sizes} if want_importance else None
+
+        def interrupted() -> str:
+            done = sum(finished(run_dir, c) for c in sweep.candidates)
+            return (f"{done} of {len(sweep.candidates)} trials finished, kept in {run_dir}; no report or plan "
+                    f"written from a partial sweep (re-run the same command to run the rest)")
+        result = run_trials(cfg, run_dir, sweep.name, [c.id for c in pending], base, {"importance": spec},
+                            trial_fn=knockout_trial, dir_fn=trial_dir, load_cfg=KnockoutConfig.model_validate,
+                            keep_running=BASELINE, interrupted_message=interrupted,
+                            side_fn=baseline_importance if want_importance and BASELINE not in
+                            [c.id for c in pending] else None)
+        ran, errors = result.ran, dict(result.errors)
+        if "side" in errors:
+            errors["importance"] = errors.pop("side")
+        scores = result.side
+        if scores is None and want_importance and finished(run_dir, Candidate()):   # the baseline trial scored it
+            scores = json.loads((trial_dir(run_dir, Candidate()) / RESULT_FILE).read_text()).get(
+                "extra", {}).get("importance")
+        if scores is not None:
+            (run_dir / "importance.json").write_text(json.dumps(scores, indent=2) + "\n")
     else:
         claim()
     return write_report(sweep, ran, errors)

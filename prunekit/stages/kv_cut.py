@@ -30,15 +30,15 @@ def padded_calibration_batches(tokenizer, data: str | Path, max_samples: int = 6
     """Conversations (chat-templated) or text rows spread evenly over a data file, right-padded into batches of
     similar length (input_ids + attention_mask). Default batch size: eight batches of at most 32 rows, so the
     calibration's held-out batches (every fourth) exist and a GPU is not starved by tiny batches."""
-    from prunekit.core.data import collate, load_messages, tokenize_row
+    from prunekit.core.data import load_messages, tokenize_row
+    from prunekit.core.samples import collate, pad_id
     rows = load_messages(data)
     rows = rows[:: max(1, len(rows) // max_samples)][:max_samples]
     samples = sorted((tokenize_row(tokenizer, r, max_length) for r in rows), key=lambda s: len(s["input_ids"]))
     batch_size = batch_size or min(32, max(1, -(-len(samples) // 8)))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = []
     for i in range(0, len(samples), batch_size):
-        batch = collate(samples[i:i + batch_size], pad)
+        batch = collate(samples[i:i + batch_size], pad_id(tokenizer))
         batch.pop("labels")
         batches.append(batch)
     return batches

@@ -41,7 +41,7 @@ from prunekit.config import (
 )
 from prunekit.core import report
 from prunekit.core.data import load_messages
-from prunekit.core.loading import quiet_transformers, resolve_model
+from prunekit.core.loading import resolve_model
 
 STATE_FILE = "pipeline_state.json"
 MODEL_STAGES = {"prune", "width", "sft", "distill", "kv_cut", "merge_lora", "rl"}   # stages whose output is the next model

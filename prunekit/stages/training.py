@@ -13,8 +13,8 @@ from pathlib import Path
 
 from prunekit import PrunekitError
 from prunekit.core.adapters import adapter_for
-from prunekit.core.data import load_messages, pack_sequences
-from prunekit.core.evaluate import tokenize_rows
+from prunekit.core.data import load_messages
+from prunekit.core.samples import check_no_images, config_samples, has_labels, pad_id, tokenize
 from prunekit.core.loading import (check_output_dir, check_writable, copy_side_files, load_model, load_tokenizer,
                                    quiet_transformers, read_config, resolve_model, write_atomically,
                                    write_provenance)
@@ -28,31 +28,6 @@ class TrainResult:
     metrics: dict
 
 
-def _samples(tokenizer, path, cfg, limit=None, is_vlm=False):
-    rows = load_messages(path)
-    if limit:
-        rows = rows[:limit]
-    if not is_vlm:
-        check_no_images(rows, path, cfg.model)
-    if is_vlm:  # rows with images go through the model's processor
-        from prunekit.core.vision_data import tokenize_rows_vlm
-        samples = tokenize_rows_vlm(tokenizer, rows, cfg.max_length, cfg.model, cfg.trust_remote_code, source=path)
-        if cfg.packing and any("pixel_values" in s for s in samples):
-            raise PrunekitError(f"{path}: packing does not support image rows; set packing: false")
-    else:
-        samples = tokenize_rows(tokenizer, rows, cfg.max_length)
-    samples = [s for s in samples if any(label != -100 for label in s["labels"][1:])]
-    return pack_sequences(samples, cfg.max_length) if cfg.packing else samples
-
-
-def check_no_images(rows: list, path, model) -> None:
-    """A text-only model cannot see images: rows that carry them would train on their `<image>` tags as text."""
-    for n, row in enumerate(rows, 1):
-        if row.get("images"):
-            raise PrunekitError(f"{path} row {n}: has images, but {model} is a text-only model (drop the images "
-                                f"from the data or train a vision-language model)")
-
-
 def check_supervised(cfg, train_rows: list, val_rows: list | None) -> None:
     """On the driver, before any worker starts: some training row must keep an assistant token within max_length
     after truncation (stops at the first that does); a val set without one only warns (no eval then)."""
@@ -64,13 +39,11 @@ def check_supervised(cfg, train_rows: list, val_rows: list | None) -> None:
     def supervised(rows, path) -> bool:
         done, end = 0, 64
         while done < len(rows):  # rows[done:end], end doubling: usually the first few rows answer
-            if is_vlm:  # a prefix from row 1, so an error names the right row
-                from prunekit.core.vision_data import tokenize_rows_vlm
-                samples = tokenize_rows_vlm(tokenizer, rows[:end], cfg.max_length, cfg.model, cfg.trust_remote_code,
-                                            source=path)[done:]
-            else:
-                samples = tokenize_rows(tokenizer, rows[done:end], cfg.max_length)
-            if any(any(label != -100 for label in s["labels"][1:]) for s in samples):
+            # a VLM's rows from row 1 (its processor numbers rows in errors), text rows from `done`
+            start = 0 if is_vlm else done
+            samples = tokenize(tokenizer, rows[start:end], cfg.max_length, model=cfg.model, is_vlm=is_vlm,
+                               trust_remote_code=cfg.trust_remote_code, source=path)[done - start:]
+            if any(has_labels(s) for s in samples):
                 return True
             done, end = end, end * 2
         return False
@@ -114,10 +87,8 @@ def build_worker(stage: str, cfg, device, teacher_device=None):
                                      top_k=cfg.top_k, sft_alpha=cfg.sft_alpha, chunk_size=cfg.loss_chunk_size)
     else:
         objective = SFTObjective(chunk_size=cfg.loss_chunk_size)
-    train_samples = _samples(tokenizer, cfg.train, cfg, is_vlm=adapter.is_vlm)
-    val_samples = _samples(tokenizer, cfg.val, cfg, cfg.eval_max_samples, is_vlm=adapter.is_vlm) if cfg.val else []
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return model, objective, train_samples, val_samples, pad_id
+    train_samples, val_samples = config_samples(cfg, tokenizer, adapter.is_vlm)
+    return model, objective, train_samples, val_samples, pad_id(tokenizer)
 
 
 def validate(stage: str, cfg) -> None:
@@ -161,11 +132,11 @@ def run_in_process(stage: str, cfg) -> tuple[Path, Path, str]:
     device = torch.device("cuda" if cfg.ray.use_gpu else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PrunekitError("ray.use_gpu: true but this process sees no GPU (launcher: local)")
-    model, objective, train_samples, val_samples, pad_id = build_worker(stage, cfg, device)
+    model, objective, train_samples, val_samples, pad = build_worker(stage, cfg, device)
     if not train_samples:
         raise PrunekitError(f"train {cfg.train}: no row has a supervised token within max_length {cfg.max_length}")
     reporter = LocalReporter(run_dir, name, cfg)
-    train(model, objective, cfg, train_samples, val_samples, pad_id, reporter, device=device)
+    train(model, objective, cfg, train_samples, val_samples, pad, reporter, device=device)
     final = reporter.restore()
     if final is None or not (final / "hf").is_dir():
         raise PrunekitError(f"{stage} run {name} finished without a final checkpoint (in {run_dir})")
@@ -186,7 +157,7 @@ def _run(stage: str, cfg) -> TrainResult:
         final_ckpt, run_dir, name = run_in_process(stage, cfg)
     else:
         from prunekit.distributed.train import launch
-        final_ckpt, run_dir, name = launch(stage, cfg)
+        final_ckpt, run_dir, name = launch(stage, cfg, build_worker)
     from prunekit.engine.manifest import copy_verified
     try:
         metrics = json.loads((final_ckpt / "metrics.json").read_text())

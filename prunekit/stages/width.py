@@ -116,15 +116,14 @@ def width(model: str, out: str | Path, data: str | Path | None = None, *, ffn=No
             if key in record:
                 source[key] = record[key]
     else:
-        from prunekit.core.data import collate
+        from prunekit.core.samples import collate, pad_id
         from prunekit.stages.importance import calibration_samples
         with quiet_transformers():
             loaded, _ = load_model(src.path, dtype="auto", trust_remote_code=trust_remote_code)
             tokenizer = load_tokenizer(src.path, trust_remote_code=trust_remote_code)
         calib = calibration_samples(tokenizer, data, src.path, src.adapter.is_vlm, samples, max_length,
                                     trust_remote_code)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        batches = [{k: v.to(device) for k, v in collate(calib[i:i + batch_size], pad or 0).items()}
+        batches = [{k: v.to(device) for k, v in collate(calib[i:i + batch_size], pad_id(tokenizer)).items()}
                    for i in range(0, len(calib), batch_size)]
         loaded.to(device)
         try:

@@ -187,12 +187,13 @@ def prepare(search: Search, base: dict) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
     import torch
-    from prunekit.core.data import collate
+    from prunekit.core.importance import compute_importance
+    from prunekit.core.samples import collate
     from prunekit.core.evaluate import evaluate
     from prunekit.core.loading import load_model, load_tokenizer
     from prunekit.core.surgery import LayerDrop
     from prunekit.core.width import activation_importance, choose_mix, importance_record, select_kept
-    from prunekit.stages.importance import calibration_samples, compute_importance
+    from prunekit.stages.importance import calibration_samples
     cfg = search.cfg
     model_dir = Path(cfg.model)
     with quiet_transformers():
@@ -202,7 +203,7 @@ def prepare(search: Search, base: dict) -> dict:
     shapes = checkpoint_shapes(model_dir)
     calib = calibration_samples(tokenizer, cfg.train, model_dir, adapter.is_vlm, cfg.importance_samples,
                                 cfg.max_length, cfg.trust_remote_code)
-    pad = base["pad_id"] or 0
+    pad = base["pad_id"]
     batches = [collate(calib[i:i + 4], pad) for i in range(0, len(calib), 4)]
     t0 = time.time()
     with torch.no_grad():
@@ -258,7 +259,7 @@ def run_trial(cfg, base: dict, payload: dict, cid: str, reporter, device) -> dic
     from prunekit.core.width import WidthCut
     from prunekit.engine.loop import train
     from prunekit.engine.objectives import DistillObjective
-    from prunekit.stages.knockout import build_trial_model
+    from prunekit.engine.trial import build_trial_model
     if cid in cfg.test_fail_candidates:
         raise RuntimeError(f"test_fail_candidates: trial {cid} fails on purpose")
     t0 = time.time()
@@ -288,7 +289,7 @@ def run_trial(cfg, base: dict, payload: dict, cid: str, reporter, device) -> dic
 
 def width_search(cfg, resume: bool = False) -> WidthSearchResult:
     from prunekit.distributed.tune import run_trials
-    from prunekit.stages.knockout import load_shared_base
+    from prunekit.engine.trial import load_shared_base
     search = validate(cfg, resume)
     run_dir = search.run_dir
     pending = [c for c in search.candidates if not (trial_dir(run_dir, c) / RESULT_FILE).is_file()]
@@ -307,8 +308,9 @@ def width_search(cfg, resume: bool = False) -> WidthSearchResult:
                                                       indent=2) + "\n")
         scores = prepare(search, base)
         if pending:
-            ran, errors = run_trials(cfg, run_dir, search.name, pending, base, {"surgeries": scores["surgeries"]},
-                                     trial_fn=run_trial, dir_fn=trial_dir, load_cfg=load_trial_config)
+            result = run_trials(cfg, run_dir, search.name, pending, base, {"surgeries": scores["surgeries"]},
+                                trial_fn=run_trial, dir_fn=trial_dir, load_cfg=load_trial_config)
+            ran, errors = result.ran, result.errors
     return write_report(search, ran, errors)
 
 

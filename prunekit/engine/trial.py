@@ -1,0 +1,136 @@
+"""A knockout-style trial without Ray: the base weights and data loaded once by the driver (`load_shared_base`), the
+trial's model built from them in the trial's process (`build_trial_model`: the same layer surgery `prunekit prune`
+applies), and the short training run through the one engine (`run_trial`). `knockout_trial` is what a knockout
+sweep's Ray Tune trial runs (`prunekit.distributed.tune.run_trials` is handed it); width-search builds on the same
+pieces.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from pathlib import Path
+
+from prunekit import PrunekitError
+from prunekit.core.adapters import adapter_for
+from prunekit.core.loading import load_model, load_tokenizer, quiet_transformers
+from prunekit.core.plan import BASELINE, Candidate
+from prunekit.core.samples import config_samples, pad_id
+from prunekit.core.surgery import LayerDrop
+
+
+def load_shared_base(cfg) -> dict:
+    """Everything a trial needs that is the same for all of them: the base weights (numpy arrays, so trials on one
+    node read them from the Ray object store without copies), the model class and config, and the tokenized data."""
+    import torch
+    model_dir = Path(cfg.model)
+    with quiet_transformers():
+        model, adapter = load_model(model_dir, dtype="float32", trust_remote_code=cfg.trust_remote_code)
+        tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
+    weights, dtypes = {}, {}
+    seen = {}
+    for key, t in model.state_dict().items():
+        if t.data_ptr() in seen:  # tied weights travel once
+            dtypes[key] = ("tied", seen[t.data_ptr()])
+            continue
+        seen[t.data_ptr()] = key
+        t = t.detach().cpu().contiguous()
+        dtypes[key] = str(t.dtype).removeprefix("torch.")
+        weights[key] = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+    train_samples, val_samples = config_samples(cfg, tokenizer, adapter.is_vlm)
+    if not train_samples:
+        raise PrunekitError(f"train {cfg.train}: no row with supervised tokens (assistant turns or text)")
+    if not val_samples:
+        raise PrunekitError(f"val {cfg.val}: no row with supervised tokens (assistant turns or text)")
+    return {"model_cls": type(model), "config_cls": type(model.config), "config": model.config.to_dict(),
+            "weights": weights, "dtypes": dtypes, "train": train_samples, "val": val_samples,
+            "pad_id": pad_id(tokenizer)}
+
+
+@contextlib.contextmanager
+def _no_init():
+    """Skip random initialisation of models whose weights are loaded right after."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        yield
+
+
+def build_trial_model(base: dict, candidate: Candidate, device):
+    """The base model without the candidate's layers, on `device`, from the shared weights (never from disk).
+    Layer removal is the same surgery `prunekit prune` applies (LayerDrop + apply_to_model)."""
+    import torch
+    from prunekit.core.surgery import apply_to_model
+    writable = torch.device(device).type == "cpu"  # object-store memory is read-only: CPU training needs a copy
+    tensors = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": nothing writes to it
+        for key, kind in base["dtypes"].items():
+            if isinstance(kind, (tuple, list)):
+                continue
+            t = torch.from_numpy(base["weights"][key])
+            t = t.view(torch.bfloat16) if kind == "bfloat16" else t
+            tensors[key] = t.clone() if writable else t
+    for key, kind in base["dtypes"].items():
+        if isinstance(kind, (tuple, list)):
+            tensors[key] = tensors[kind[1]]
+    config = base["config_cls"].from_dict(base["config"])
+    with _no_init():
+        model = base["model_cls"](config)
+        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+        if [k for k in missing if not k.endswith("lm_head.weight")] or unexpected:
+            raise RuntimeError(f"shared weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        if adapter_for(base["config"]).ties_embeddings(base["config"]):
+            model.tie_weights()
+        if candidate.size:
+            adapter = adapter_for(base["config"])
+            model = apply_to_model(model, LayerDrop(adapter, base["config"], list(candidate.text),
+                                                    list(candidate.vision)))
+    return model.to(device)
+
+
+def run_trial(cfg, base: dict, candidate: Candidate, reporter, device, before_training=None) -> dict:
+    """One knockout trial in this process: build the candidate's model, short SFT with the one training engine,
+    eval at step 0, every eval_interval steps and at the end. Returns the last metrics plus timings.
+    `before_training(model)` sees the built model first (the baseline trial computes importance there)."""
+    from prunekit.engine.loop import train
+    from prunekit.engine.objectives import SFTObjective
+    if candidate.id in cfg.test_fail_candidates:
+        raise RuntimeError(f"test_fail_candidates: trial {candidate.id} fails on purpose")
+    t0 = time.time()
+    model = build_trial_model(base, candidate, device)
+    t1 = time.time()
+    if before_training is not None:
+        before_training(model)
+    t2 = time.time()
+    metrics = train(model, SFTObjective(chunk_size=cfg.loss_chunk_size), cfg, base["train"], base["val"],
+                    base["pad_id"], reporter, device=device)
+    return {**metrics, "time/setup_s": t1 - t0, "time/train_s": time.time() - t2}
+
+
+def knockout_trial(cfg, base: dict, payload: dict, cid: str, reporter, device) -> dict:
+    """One knockout sweep trial (run_trials' trial function): the candidate's trial; the baseline trial (nothing
+    removed) also scores training-free layer importance on the model it built, when the sweep asks for it."""
+    candidate = Candidate.parse(cid)
+    extra = {}
+
+    def importance(model):
+        model.eval()
+        extra["importance"] = importance_scores(model, base, payload["importance"], device)
+    want = candidate.id == BASELINE and payload.get("importance")
+    metrics = run_trial(cfg, base, candidate, reporter, device, before_training=importance if want else None)
+    return {**extra, "setup_s": metrics["time/setup_s"], "train_s": metrics["time/train_s"]}
+
+
+def importance_scores(model, base: dict, spec: dict, device) -> dict:
+    """Training-free layer importance of `model` on the first spec["samples"] val samples."""
+    from prunekit.core.importance import compute_importance
+    return compute_importance(model, adapter_for(base["config"]), base["val"][:spec["samples"]], base["pad_id"],
+                              batch_size=4, angular_n=tuple(spec["angular_n"]), device=device)
+
+
+def baseline_importance(payload: dict, base: dict, device) -> dict:
+    """Importance when the baseline trial does not run (it finished in an earlier run): run_trials' side task."""
+    return importance_scores(build_trial_model(base, Candidate(), device).eval(), base, payload["importance"], device)

@@ -21,8 +21,7 @@ def _int_field(d: dict, key: str, where: str):
 def check_model_dir(model_dir: Path) -> None:
     """Raise a one-line PrunekitError when config.json cannot describe the weights beside it."""
     from prunekit.core.adapters import adapter_for
-    from prunekit.core.loading import read_config
-    from prunekit.core.report import checkpoint_shapes
+    from prunekit.core.checkpoint import checkpoint_shapes, read_config
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
     where = f"{model_dir / 'config.json'}:"

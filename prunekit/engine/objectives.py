@@ -9,7 +9,7 @@ import torch
 
 from prunekit import PrunekitError
 from prunekit.core.data import packed_attention_mask
-from prunekit.core.losses import chunked_causal_lm_loss, chunked_generalized_jsd_loss
+from prunekit.core.losses import aggregate, chunked_causal_lm_loss, chunked_generalized_jsd_loss, get_policy_loss
 
 
 def compute_dtype(model) -> torch.dtype:
@@ -135,15 +135,14 @@ def response_logprobs(model, batch: dict, temperature: float = 1.0, chunk_size: 
 
 
 class RLObjective:
-    """GRPO / GSPO policy loss of one micro-batch of sampled responses (prompt + response token rows with
-    ``response_mask``, ``old_logp``, ``advantages`` and optionally ``ref_logp``). Returns sums: the caller divides
-    ``loss_sum`` by the global normaliser of the aggregation (`aggregation_normaliser`)."""
+    """The policy loss registered as `algorithm` (GRPO, GSPO, ...) of one micro-batch of sampled responses (prompt +
+    response token rows with ``response_mask``, ``old_logp``, ``advantages`` and optionally ``ref_logp``). Returns
+    sums: the caller divides ``loss_sum`` by the global normaliser of the aggregation (``aggregate(mode)``)."""
 
     def __init__(self, algorithm: str = "grpo", eps: float = 0.2, eps_high: float | None = None,
                  aggregation: str = "grpo", kl_beta: float = 0.0, temperature: float = 1.0, chunk_size: int = 1024):
-        from prunekit.core.losses import policy_loss
-        self.policy_loss = policy_loss
-        self.level = {"grpo": "token", "gspo": "sequence"}[algorithm]
+        self.policy_loss = get_policy_loss(algorithm)
+        aggregate(aggregation)  # an unknown mode fails here, before any rollout
         self.eps, self.eps_high, self.aggregation = eps, eps_high, aggregation
         self.kl_beta, self.temperature, self.chunk_size = kl_beta, temperature, chunk_size
 
@@ -154,7 +153,7 @@ class RLObjective:
         if logp_only:
             return {"logp": logp}
         loss_sum, stats = self.policy_loss(
-            logp, batch["old_logp"], batch["advantages"], batch["response_mask"], level=self.level, eps=self.eps,
+            logp, batch["old_logp"], batch["advantages"], batch["response_mask"], eps=self.eps,
             eps_high=self.eps_high, aggregation=self.aggregation, ref_logp=batch.get("ref_logp"),
             kl_beta=self.kl_beta)
         return {"loss_sum": loss_sum, **stats}

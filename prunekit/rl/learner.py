@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from prunekit.core.losses import aggregation_normaliser
+from prunekit.core.losses import aggregate
 from prunekit.engine.reporting import LocalReporter
 
 # what one optimizer step sums from the RL objective's outputs; all but loss_sum are `UpdateStats` fields
@@ -183,8 +183,8 @@ class Learner:
         stats = UpdateStats(logp_mismatch=mismatch, old_tokens=sum(len(s["completion_ids"]) for s in flat))
         for _ in range(algo.epochs):
             for part in parts:
-                local = aggregation_normaliser([len(s["completion_ids"]) for s in part], algo.aggregation,
-                                               self.cfg.rollout.max_new_tokens)
+                local = aggregate(algo.aggregation).normaliser([len(s["completion_ids"]) for s in part],
+                                                               self.cfg.rollout.max_new_tokens)
                 total = all_reduce_sum(torch.tensor([local], dtype=torch.float64, device=self.device)).item()
                 sums, grad_norm = accumulate_and_step(strategy, self._micro(part), total, self.autocast, self.device,
                                                       stats=STEP_STATS)

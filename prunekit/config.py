@@ -39,7 +39,8 @@ class RayConfig(Strict):
 
 class WandbConfig(Strict):
     project: str = "prunekit"
-    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with WANDB_API_KEY, else offline
+    # auto: WANDB_DISABLED / WANDB_MODE when set, else online with WANDB_API_KEY, else offline
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
 
 
 class TrainConfig(Strict):

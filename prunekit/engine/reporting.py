@@ -15,8 +15,14 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def wandb_mode(mode: str) -> str:
+    """`auto` follows wandb's own environment convention first (WANDB_DISABLED, then WANDB_MODE), else online with
+    an API key and offline without; any other mode is the config's explicit choice."""
     if mode != "auto":
         return mode
+    if os.environ.get("WANDB_DISABLED", "").strip().lower() in ("1", "true", "yes"):
+        return "disabled"
+    if os.environ.get("WANDB_MODE", "").strip():
+        return os.environ["WANDB_MODE"].strip()
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 

@@ -102,7 +102,7 @@ class RLRun:
                                         max_model_len=ro.max_model_len, gpu_memory_utilization=ro.gpu_memory_utilization,
                                         max_num_seqs=max(ro.batch_size, cfg.prompts_per_step * ro.n), seed=cfg.seed)
                        for _ in range(ro.num_actors)]
-        self.actor_info = ray.get([a.info.remote() for a in self.actors])
+        ray.get([a.info.remote() for a in self.actors])  # every actor is up (a failed start raises here)
         self.version = 0
         if starts[0] > 0:  # resumed: the actors loaded the base model, the learners the checkpoint
             self.sync(starts[0])

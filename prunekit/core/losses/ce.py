@@ -104,8 +104,8 @@ def _ce_rows(logits: torch.Tensor, _extra, target: torch.Tensor):
 
 
 def minus_onehot(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``probs - one_hot(target)``: fused into its producer when compiled (an in-place scatter there keeps a
-    float32 [N, V] buffer: the Qwen2.5-0.5B bench step peaked at 39 GB instead of 29), in place when eager."""
+    """``probs - one_hot(target)``: fused into its producer when compiled (an in-place scatter there keeps an extra
+    float32 [N, V] buffer: bench/README.md, "Measured on the way"), in place when eager."""
     if torch.compiler.is_compiling():
         return probs - F.one_hot(target, probs.shape[-1]).to(probs.dtype)
     probs[torch.arange(len(target), device=probs.device), target] -= 1

@@ -15,12 +15,34 @@ import argparse
 import datetime
 import json
 import os
+import random
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+FEW_SHOT = [("12 + 7", "19"), ("31 + 25", "56")]
+
+
+def addition_rows(n: int, seed: int = 0, low: int = 10, high: int = 99, few_shot: bool = False) -> list[dict]:
+    """Two-number addition prompts with the `answer` column exact_match checks. few_shot: the prompt is a chat
+    with two solved examples first, which shows a small model the answer format (just the number)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(low, high), rng.randint(low, high)
+        question = f"What is {a} + {b}?"
+        if few_shot:
+            prompt = [m for q, ans in FEW_SHOT for m in ({"role": "user", "content": f"What is {q}?"},
+                                                          {"role": "assistant", "content": ans})]
+            prompt.append({"role": "user", "content": question})
+        else:
+            prompt = question + " Reply with only the number."
+        rows.append({"prompt": prompt, "answer": str(a + b)})
+    return rows
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
@@ -89,7 +111,6 @@ def main() -> int:
     from prunekit.cli import _parse_set
     from prunekit.config import load_config
     from prunekit.core.loading import resolve_model
-    from prunekit.rl.prompts import addition_rows
     train_rows = addition_rows(4000, seed=0, low=args.low, high=args.high, few_shot=True)
     if args.write_prompts:
         write_rows(Path(args.write_prompts), train_rows)

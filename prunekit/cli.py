@@ -93,6 +93,16 @@ def _parse_set(items: list[str]) -> dict:
     return out
 
 
+def _overrides(args, flags: list[tuple[str, str]]) -> dict:
+    """A command's config overrides: its flags (unset ones stay None, which load_config skips), --overwrite, then
+    --set (which wins)."""
+    overrides = {key: getattr(args, flag.lstrip("-").replace("-", "_"), None) for flag, key in flags}
+    if args.overwrite:
+        overrides["overwrite"] = True
+    overrides.update(_parse_set(args.set))
+    return overrides
+
+
 TRAIN_FLAGS = [("--model", "model"), ("--train", "train"), ("--val", "val"), ("--output-dir", "output_dir"),
                ("--name", "name"), ("--max-steps", "max_steps"), ("--num-workers", "ray.num_workers"),
                ("--strategy", "ray.strategy"), ("--teacher", "teacher")]
@@ -101,12 +111,7 @@ TRAIN_FLAGS = [("--model", "model"), ("--train", "train"), ("--val", "val"), ("-
 def cmd_train(args) -> None:
     from prunekit.config import load_config
     from prunekit.stages import training
-    overrides = {key: getattr(args, flag.lstrip("-").replace("-", "_"), None) for flag, key in TRAIN_FLAGS
-                 if hasattr(args, flag.lstrip("-").replace("-", "_"))}
-    if args.overwrite:
-        overrides["overwrite"] = True
-    overrides.update(_parse_set(args.set))
-    cfg = load_config(args.stage, args.config, overrides)
+    cfg = load_config(args.stage, args.config, _overrides(args, TRAIN_FLAGS))
     result = getattr(training, args.stage)(cfg)
     m = result.metrics
     shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("train/loss", "eval/loss", "eval/token_acc") if k in m)
@@ -219,11 +224,7 @@ KNOCKOUT_FLAGS = [("--model", "model"), ("--train", "train"), ("--val", "val"), 
 def cmd_knockout(args) -> None:
     from prunekit.config import load_config
     from prunekit.stages.knockout import knockout
-    overrides = {key: getattr(args, flag.lstrip("-").replace("-", "_")) for flag, key in KNOCKOUT_FLAGS}
-    if args.overwrite:
-        overrides["overwrite"] = True
-    overrides.update(_parse_set(args.set))
-    result = knockout(load_config("knockout", args.config, overrides), resume=args.resume)
+    result = knockout(load_config("knockout", args.config, _overrides(args, KNOCKOUT_FLAGS)), resume=args.resume)
     counts = {v: sum(1 for r in result.rows if r.get("verdict") == v) for v in ("free", "recoverable", "key")}
     print(f"knockout {result.name}: ran {len(result.ran)} trial(s) now; verdicts {counts}; "
           f"{len(result.errors)} error(s); plan drops text {result.plan['drop_text']} vision "
@@ -260,11 +261,7 @@ RL_FLAGS = [("--model", "model"), ("--prompts", "prompts"), ("--output-dir", "ou
 def cmd_rl(args) -> None:
     from prunekit.config import load_config
     from prunekit.stages.rl import rl
-    overrides = {key: getattr(args, flag.lstrip("-").replace("-", "_")) for flag, key in RL_FLAGS}
-    if args.overwrite:
-        overrides["overwrite"] = True
-    overrides.update(_parse_set(args.set))
-    result = rl(load_config("rl", args.config, overrides))
+    result = rl(load_config("rl", args.config, _overrides(args, RL_FLAGS)))
     m = result.metrics
     shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("reward/total/mean", "train/kl", "response/length_mean") if k in m)
     print(f"rl finished at step {m.get('step', '?')}: {shown}")

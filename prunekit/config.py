@@ -48,7 +48,8 @@ class RayConfig(Strict):
 
 class WandbConfig(Strict):
     project: str = "prunekit"
-    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with WANDB_API_KEY, else offline
+    # auto: WANDB_DISABLED / WANDB_MODE when set, else online with WANDB_API_KEY, else offline
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
 
 
 class TrainConfig(Strict):
@@ -290,8 +291,8 @@ class KnockoutTune(Strict):
     asha_grace_steps: int = 10
     asha_reduction_factor: int = 2
     max_trials: int | None = None             # run at most this many unfinished trials now; the rest next time
-    # one process runs trial after trial (imports and CUDA init once); None: on GPU trials only. A real 30-layer
-    # SmolLM2 sweep on CPU (2 trial processes, ~8 trials each) grew to 22.6 of 23.5 GB and Ray's OOM killer ended it
+    # one process runs trial after trial (imports and CUDA init once); None: on GPU trials only (a reused CPU trial
+    # process keeps growing: bench/README.md, "Measured on the way")
     reuse_actors: bool | None = None
 
 

@@ -212,6 +212,23 @@ def test_rayjob_manifest_entrypoint_is_a_valid_pipeline_invocation():
     assert [s for s, _ in rounds][:3] == ["importance", "knockout", "prune"]
 
 
+def test_pipeline_recipe_with_its_commented_finish_stages_is_valid(tmp_path):
+    """recipes/pipeline.yaml's commented finish examples (LoRA, merge, RL), uncommented, pass check_recipe: a user
+    who enables them gets a recipe that runs, not a validation error."""
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "recipes" / "pipeline.yaml").read_text()
+    enabled = text.replace("  # - ", "  - ")
+    assert enabled.count("\n  - ") - text.count("\n  - ") == 3
+    recipe = tmp_path / "pipeline.yaml"
+    recipe.write_text(enabled)
+    _, finish = pl.check_recipe(load_config("pipeline", recipe), str(recipe))
+    assert [s for s, _ in finish] == ["kv_cut", "sft", "lora", "merge_lora", "rl"]
+    assert finish[-1][1]["rewards"] == [{"fn": "exact_match"}]
+    recipe.write_text(enabled.replace("{fn: exact_match}", "{name: exact_match}"))  # the example as it was
+    with pytest.raises(PrunekitError, match=r"finish\[4\]\.rl\.rewards\.0\.fn: Field required"):
+        pl.check_recipe(load_config("pipeline", recipe), str(recipe))
+
+
 def test_demo_recipe_is_a_valid_pipeline_recipe(tmp_path):
     """`prunekit demo` is a pipeline run: its recipe passes the same checks (the run itself is the README's first
     command, timed there)."""

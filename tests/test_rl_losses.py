@@ -1,4 +1,5 @@
-"""GRPO / GSPO policy losses and group advantages against hand-computed values (pure torch, no Ray)."""
+"""GRPO / GSPO policy losses, their registries and group advantages against hand-computed values (pure torch, no
+Ray)."""
 from __future__ import annotations
 
 import math
@@ -6,13 +7,15 @@ import math
 import pytest
 import torch
 
-from prunekit.core.losses import get_loss, policy_loss
+from prunekit.core.losses import POLICY_LOSSES, aggregate, get_policy_loss, policy_loss, register_policy_loss
 from prunekit.rl.advantages import group_advantages
 
 
-def _mean(out):
-    loss_sum, normaliser, _ = out
-    return (loss_sum / normaliser).item()
+def _mean(out, mask, aggregation="grpo", max_len=None):
+    """The loss as the learner forms it: the sum over the normaliser it counts from the response lengths."""
+    loss_sum, _ = out
+    lengths = mask.sum(1).int().tolist()
+    return (loss_sum / aggregate(aggregation).normaliser(lengths, max_len or mask.shape[1])).item()
 
 
 def test_grpo_token_loss_hand_computed_with_clip_boundaries():
@@ -23,9 +26,9 @@ def test_grpo_token_loss_hand_computed_with_clip_boundaries():
     logp = torch.log(ratios).requires_grad_()
     mask = torch.ones(1, 4)
     # positive advantage: the upper bound 1 + eps_high = 1.3 binds; 1.3 is exactly on it (not clipped), 1.5 is above
-    loss_sum, norm, stats = get_loss("grpo")(logp, old, torch.tensor([2.0]), mask, eps=eps, eps_high=eps_high)
+    loss_sum, stats = get_policy_loss("grpo")(logp, old, torch.tensor([2.0]), mask, eps=eps, eps_high=eps_high)
     want = -2.0 * (1.0 + 1.3 + 1.3 + 0.5) / 4  # max(-A r, -A clip(r)) = -A min(r, clip(r))
-    assert (loss_sum / norm).item() == pytest.approx(want, rel=1e-6)
+    assert loss_sum.item() == pytest.approx(want, rel=1e-6)  # one response: the grpo normaliser is 1
     assert stats["clipped"].item() == 1 and stats["clip_count"].item() == 4
     loss_sum.backward()
     # d/dlogp of -A r / 4 = -A r / 4 where unclipped; 0 where the clipped term is the max
@@ -33,9 +36,9 @@ def test_grpo_token_loss_hand_computed_with_clip_boundaries():
 
     # negative advantage: the lower bound 1 - eps = 0.8 binds for r = 0.5; r above the upper bound stays unclipped
     logp = torch.log(ratios).requires_grad_()
-    loss_sum, norm, stats = get_loss("grpo")(logp, old, torch.tensor([-1.0]), mask, eps=eps, eps_high=eps_high)
+    loss_sum, stats = get_policy_loss("grpo")(logp, old, torch.tensor([-1.0]), mask, eps=eps, eps_high=eps_high)
     want = 1.0 * (1.0 + 1.3 + 1.5 + 0.8) / 4
-    assert (loss_sum / norm).item() == pytest.approx(want, rel=1e-6)
+    assert loss_sum.item() == pytest.approx(want, rel=1e-6)
     assert stats["clipped"].item() == 1
     loss_sum.backward()
     assert torch.allclose(logp.grad, torch.tensor([[0.25, 0.325, 0.375, 0.0]]), atol=1e-6)
@@ -48,14 +51,17 @@ def test_aggregations_grpo_dapo_dr_grpo():
     adv = torch.tensor([1.0, 3.0])
     kw = dict(eps=0.2)
     # grpo: mean over responses of the per-response mean: (-1 + -3) / 2
-    assert _mean(policy_loss(logp, logp, adv, mask, aggregation="grpo", **kw)) == pytest.approx(-2.0)
+    assert _mean(policy_loss(logp, logp, adv, mask, aggregation="grpo", **kw), mask) == pytest.approx(-2.0)
     # dapo: mean over the 4 tokens: (-1 - 3 * 3) / 4
-    assert _mean(policy_loss(logp, logp, adv, mask, aggregation="dapo", **kw)) == pytest.approx(-2.5)
+    assert _mean(policy_loss(logp, logp, adv, mask, aggregation="dapo", **kw), mask, "dapo") == pytest.approx(-2.5)
     # dr_grpo: token sum / (2 responses * max_len 8)
-    assert _mean(policy_loss(logp, logp, adv, mask, aggregation="dr_grpo", max_len=8, **kw)) == pytest.approx(-10 / 16)
+    assert _mean(policy_loss(logp, logp, adv, mask, aggregation="dr_grpo", **kw), mask, "dr_grpo",
+                 max_len=8) == pytest.approx(-10 / 16)
     # the same under GSPO (ratio 1 is inside any clip range)
     assert _mean(policy_loss(logp, logp, adv, mask, level="sequence", aggregation="dapo", eps=3e-4,
-                             eps_high=4e-4)) == pytest.approx(-2.5)
+                             eps_high=4e-4), mask, "dapo") == pytest.approx(-2.5)
+    # responses without tokens count in none of the normalisers
+    assert [aggregate(m).normaliser([1, 0, 3], 8) for m in ("grpo", "dapo", "dr_grpo")] == [2, 4, 16]
 
 
 def test_gspo_sequence_ratio_and_its_clip_boundaries():
@@ -64,22 +70,22 @@ def test_gspo_sequence_ratio_and_its_clip_boundaries():
     mask = torch.tensor([[1.0, 1.0, 0.0]])
     logp = torch.tensor([[0.001, 0.0003, 5.0]], requires_grad=True)
     s = math.exp(0.00065)  # 1.00065 > 1 + 4e-4: clipped for a positive advantage
-    loss_sum, norm, stats = get_loss("gspo")(logp, old, torch.tensor([1.5]), mask)
-    assert (loss_sum / norm).item() == pytest.approx(-1.5 * (1 + 4e-4), rel=1e-7)
+    loss_sum, stats = get_policy_loss("gspo")(logp, old, torch.tensor([1.5]), mask)
+    assert loss_sum.item() == pytest.approx(-1.5 * (1 + 4e-4), rel=1e-7)
     assert stats["clipped"].item() == 1 and stats["clip_count"].item() == 1
     assert stats["ratio_sum"].item() == pytest.approx(s, rel=1e-7)
     loss_sum.backward()
     assert torch.count_nonzero(logp.grad) == 0
     # negative advantage: min(s, clip) -> the unclipped ratio binds, gradient -A * s / |y| on each response token
     logp.grad = None
-    loss_sum, norm, stats = get_loss("gspo")(logp, old, torch.tensor([-1.5]), mask)
-    assert (loss_sum / norm).item() == pytest.approx(1.5 * s, rel=1e-7)
+    loss_sum, stats = get_policy_loss("gspo")(logp, old, torch.tensor([-1.5]), mask)
+    assert loss_sum.item() == pytest.approx(1.5 * s, rel=1e-7)
     assert stats["clipped"].item() == 0
     loss_sum.backward()
     assert torch.allclose(logp.grad, torch.tensor([[1.5 * s / 2, 1.5 * s / 2, 0.0]]), atol=1e-7)
     # just inside the upper bound: not clipped
     inside = torch.tensor([[3.9e-4, 3.9e-4, 0.0]])
-    assert get_loss("gspo")(inside, old, torch.tensor([1.0]), mask)[2]["clipped"].item() == 0
+    assert get_policy_loss("gspo")(inside, old, torch.tensor([1.0]), mask)[1]["clipped"].item() == 0
 
 
 def test_gspo_ratio_is_length_normalised_property():
@@ -94,7 +100,7 @@ def test_gspo_ratio_is_length_normalised_property():
         noise = torch.randn(batch, width, generator=g)
         old = noise
         logp = noise + d[:, None] * mask + 7.0 * (1 - mask)  # padding carries garbage that must not count
-        _, _, stats = policy_loss(logp, old, torch.ones(batch), mask, level="sequence", eps=1.0, aggregation="grpo")
+        _, stats = policy_loss(logp, old, torch.ones(batch), mask, level="sequence", eps=1.0, aggregation="grpo")
         assert stats["ratio_sum"].item() == pytest.approx(torch.exp(d).sum().item(), rel=1e-5)
         # permuting tokens inside a response (same multiset of log-ratios) leaves the loss unchanged
         perm_logp = logp.clone()
@@ -110,11 +116,10 @@ def test_kl_penalty_k3_to_reference():
     logp = torch.tensor([[math.log(0.5), math.log(0.25)]])
     ref = torch.tensor([[math.log(0.25), math.log(0.25)]])
     mask = torch.ones(1, 2)
-    loss_sum, norm, stats = policy_loss(logp, logp.clone(), torch.tensor([0.0]), mask, ref_logp=ref, kl_beta=0.1,
-                                        aggregation="dapo")
+    out = policy_loss(logp, logp.clone(), torch.tensor([0.0]), mask, ref_logp=ref, kl_beta=0.1, aggregation="dapo")
     kl0 = 0.5 - math.log(0.5) - 1  # exp(d) - d - 1 with d = log(0.25 / 0.5)
-    assert stats["kl_sum"].item() == pytest.approx(kl0, rel=1e-6)
-    assert (loss_sum / norm).item() == pytest.approx(0.1 * kl0 / 2, rel=1e-6)
+    assert out[1]["kl_sum"].item() == pytest.approx(kl0, rel=1e-6)
+    assert _mean(out, mask, "dapo") == pytest.approx(0.1 * kl0 / 2, rel=1e-6)
 
 
 def test_group_advantages():
@@ -129,3 +134,50 @@ def test_group_advantages():
     assert torch.allclose(b, a / r.std(), atol=1e-6)
     with pytest.raises(ValueError, match="groups of 4"):
         group_advantages(r, 4)
+
+
+def test_rl_objective_uses_the_policy_loss_registry():
+    """RLObjective takes its loss from the registry by name: a newly registered loss is what it computes, and an
+    unknown name (loss or aggregation) is a one-line error listing the known ones. The config offers what is
+    registered."""
+    import transformers
+    from typing import get_args
+
+    from prunekit.config import RLAlgorithmConfig
+    from prunekit.engine.objectives import RLObjective, response_logprobs
+    from prunekit.rl.learner import collate_rl
+    assert RLObjective("grpo").policy_loss is POLICY_LOSSES["grpo"]
+    assert RLObjective("gspo").policy_loss is POLICY_LOSSES["gspo"]
+    for bad, kw, known in (("ppo", {}, "valid: grpo, gspo"), ("grpo", {"aggregation": "mean"},
+                                                                 "valid: dapo, dr_grpo, grpo")):
+        with pytest.raises(ValueError) as err:
+            RLObjective(bad, **kw)
+        assert "\n" not in str(err.value) and known in str(err.value)
+    assert set(get_args(RLAlgorithmConfig.model_fields["name"].annotation)) == set(POLICY_LOSSES)
+    assert set(get_args(RLAlgorithmConfig.model_fields["aggregation"].annotation)) == {"grpo", "dapo", "dr_grpo"}
+
+    seen = {}
+
+    @register_policy_loss("test_logp_sum")
+    def logp_sum(logp, old_logp, advantages, mask, **kw):
+        seen.update(kw)
+        return (logp * mask).sum() * advantages.sum(), {"n_tokens": mask.sum()}
+
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_policy_loss("test_logp_sum")(logp_sum)
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1)).eval()
+        batch = collate_rl([{"prompt_ids": [3, 4], "completion_ids": [5, 6, 7], "advantage": 2.0,
+                             "old_logp": [0.0] * 3},
+                            {"prompt_ids": [8], "completion_ids": [9], "advantage": 0.5, "old_logp": [0.0]}], pad_id=0)
+        with torch.no_grad():
+            out = RLObjective("test_logp_sum", eps=0.1, eps_high=0.3, kl_beta=0.0)(model, batch)
+            logp = response_logprobs(model, batch)
+        assert out["loss_sum"].item() == pytest.approx(logp.sum().item() * 2.5, rel=1e-6)
+        assert out["n_tokens"].item() == 4
+        assert seen["eps"] == 0.1 and seen["eps_high"] == 0.3 and seen["aggregation"] == "grpo"
+    finally:
+        POLICY_LOSSES.pop("test_logp_sum")

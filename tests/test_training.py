@@ -279,3 +279,26 @@ def test_packed_masks_come_in_the_dtype_each_model_computes_in(tiny_chat_model_d
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert torch.isfinite(objective(student.eval(), batch)["loss_sum"])
         assert seen == {"student": torch.bfloat16, "teacher": torch.bfloat16}
+
+
+def test_wandb_auto_follows_wandb_mode_and_wandb_disabled(monkeypatch, tmp_path):
+    """`wandb.mode: auto` takes wandb's own environment convention first; an explicit mode in the config wins."""
+    from types import SimpleNamespace
+
+    from prunekit.engine.reporting import RunLogger, wandb_mode
+    for var in ("WANDB_MODE", "WANDB_DISABLED", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    assert wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "not-a-key")
+    assert wandb_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_mode("auto") == "offline" and wandb_mode("online") == "online"
+    monkeypatch.setenv("WANDB_DISABLED", "true")
+    assert wandb_mode("auto") == "disabled" and wandb_mode("offline") == "offline"
+    # a run under WANDB_DISABLED starts no wandb run at all
+    logger = RunLogger(tmp_path, "run", SimpleNamespace(wandb=SimpleNamespace(mode="auto", project="p")))
+    logger.progress_bar = False
+    logger.start(0, 1)
+    logger.log(1, {"train/loss": 1.0})
+    logger.finish()
+    assert logger.wandb is None and (tmp_path / "metrics.jsonl").read_text().count("\n") == 1

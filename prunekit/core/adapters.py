@@ -41,7 +41,6 @@ class Adapter:
     fused_qkv: bool = False
     # the text config field the attention reads head_dim from; None = always hidden_size // heads (Qwen2-VL, 2.5-VL)
     head_dim_field: str | None = "head_dim"
-    vision_fused_qkv: bool = False
     # width surgery (FFN channels, query heads, hidden channels): the gated MLP inside a decoder layer, the norms
     # over the hidden size (per layer, and the final one beside the layer list), per-head norms that width leaves
     # alone, and the top-level text tensors (embedding, final norm, LM head) as a regex: group 'name'
@@ -195,7 +194,7 @@ _VISION = r"^(?P<prefix>(?:model\.)?visual\.blocks\.)(?P<idx>\d+)(?P<rest>\..*)$
 
 _TEXT_COMMON = dict(auto_class="AutoModelForCausalLM", text_layers="model.layers", text_key=_TEXT)
 _VLM_COMMON = dict(text_layers="model.language_model.layers", text_key=_TEXT,
-                   vision_blocks="model.visual.blocks", vision_key=_VISION, vision_fused_qkv=True,
+                   vision_blocks="model.visual.blocks", vision_key=_VISION,
                    vision_module_key=r"^(?:model\.)?visual\.")
 # the patch merger's last linear maps vision features into the text hidden size (Qwen3-VL: the deepstack mergers too)
 _QWEN2_VL_OUT = dict(vision_out_key=r"^(?:model\.)?visual\.merger\.mlp\.2\.(?:weight|bias)$")

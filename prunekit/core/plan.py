@@ -13,7 +13,6 @@ from prunekit import PrunekitError
 from prunekit.core.surgery import parse_index_list
 
 BASELINE = "baseline"
-VERDICTS = ("free", "recoverable", "key")
 
 
 def _ranges(indexes: list[int]) -> str:

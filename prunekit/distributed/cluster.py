@@ -58,6 +58,7 @@ def existing_cluster_address() -> str | None:
         return None
 
 
+NO_DASHBOARD = "Cannot include dashboard with missing packages"  # ray.init's error on a Ray without ray[default]
 _started_local = False  # this process started the local Ray instance it is connected to (stop_local stops it)
 
 
@@ -152,7 +153,23 @@ def connect(address: str | None = None) -> str:
     os.environ.pop("RAY_ADDRESS", None)  # "local": ray.init must start an instance, not look for one
     # the dashboard serves the State API Ray Train polls (without it its cleaner actor warns every few seconds);
     # it listens on 127.0.0.1 only
-    _init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    import psutil
+    before = set(psutil.Process().children(recursive=True))
+    try:
+        _init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+        if NO_DASHBOARD not in str(e):
+            raise
+        # a Ray installed without its dashboard extras (seen on a GPU image) still trains; Ray Train's State API
+        # polling then only warns. The failed start already launched a GCS server: it goes first.
+        leftover = set(psutil.Process().children(recursive=True)) - before
+        for p in leftover:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(leftover, timeout=5)
+        print("prunekit: warning: this Ray has no dashboard packages (pip install 'ray[default]'); starting a local "
+              "Ray without the dashboard", file=sys.stderr)
+        _init(include_dashboard=False, log_to_driver=True)
     _started_local = True
     return "local"
 

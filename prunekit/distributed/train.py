@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prunekit import PrunekitError
 from prunekit.core.loading import owned_temp_dir, sweep_stale_temp_dirs
-from prunekit.engine.reporting import RunLogger, crash_once
+from prunekit.engine.reporting import RunLogger
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -47,9 +47,6 @@ class RayTrainReporter(RunLogger):
                              checkpoint=ckpt)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-
-    def maybe_crash(self, step: int) -> None:
-        crash_once(self.run_dir, step)
 
 
 def _checkpoint_step(ckpt_dir: Path) -> int:

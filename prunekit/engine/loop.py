@@ -130,6 +130,15 @@ def evaluate_distributed(strategy, samples, pad_id: int, batch_size: int, device
     return {"eval/loss": sums[0].item() / n, "eval/token_acc": sums[2].item() / n, "eval/tokens": int(sums[1])}
 
 
+def prepare(model, cfg, device):
+    """What every training run (the loop, RL learners) does to the model before `setup_strategy`: seed, gradient
+    checkpointing; returns the autocast context each forward runs in (bf16 over fp32 weights, off for pure bf16)."""
+    torch.manual_seed(cfg.seed)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.bf16) and cfg.param_dtype != "bfloat16")
+
+
 def setup_strategy(model, objective, cfg, scheduler_steps: int, reporter, device) -> tuple:
     """Restore the newest checkpoint `reporter` has (model weights before wrapping, optimizer/scheduler state
     after), cast, compile and wrap: returns (strategy, the step to start from). Shared with the RL learners."""
@@ -167,9 +176,7 @@ def train(model, objective, cfg, train_samples, val_samples, pad_id: int, report
 def _train(model, objective, cfg, train_samples, val_samples, pad_id: int, reporter, device=None) -> dict:
     rank, world_size = world()
     device = device or torch.device("cpu")
-    torch.manual_seed(cfg.seed)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    autocast = prepare(model, cfg, device)
     steps = total_steps(cfg, len(train_samples), world_size)
     strategy, start_step = setup_strategy(model, objective, cfg, steps, reporter, device)
     order = DataOrder(len(train_samples), cfg.seed)
@@ -178,7 +185,6 @@ def _train(model, objective, cfg, train_samples, val_samples, pad_id: int, repor
         baseline = evaluate_distributed(strategy, val_samples, pad_id, cfg.batch_size, device)
         reporter.log(0, baseline)
         check_finite(baseline, ("eval/loss",), 0)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.bf16) and cfg.param_dtype != "bfloat16")
 
     def host_batches(step: int) -> list[dict]:
         return [lm_batch(mb, pad_id) for mb in step_microbatches(train_samples, order, step, cfg.batch_size,

@@ -9,7 +9,7 @@ import torch
 
 from prunekit import PrunekitError
 from prunekit.core.data import packed_attention_mask
-from prunekit.core.losses import chunked_causal_lm_loss, chunked_generalized_jsd_loss
+from prunekit.core.losses import aggregate, chunked_causal_lm_loss, chunked_generalized_jsd_loss, get_policy_loss
 
 
 def compute_dtype(model) -> torch.dtype:
@@ -135,26 +135,25 @@ def response_logprobs(model, batch: dict, temperature: float = 1.0, chunk_size: 
 
 
 class RLObjective:
-    """GRPO / GSPO policy loss of one micro-batch of sampled responses (prompt + response token rows with
-    ``response_mask``, ``old_logp``, ``advantages`` and optionally ``ref_logp``). Returns sums: ``loss_sum`` over
-    ``normaliser`` (responses, tokens, or responses * max_len by aggregation) is the micro-batch's loss."""
+    """The policy loss registered as `algorithm` (GRPO, GSPO, ...) of one micro-batch of sampled responses (prompt +
+    response token rows with ``response_mask``, ``old_logp``, ``advantages`` and optionally ``ref_logp``). Returns
+    sums: the caller divides ``loss_sum`` by the global normaliser of the aggregation (``aggregate(mode)``)."""
 
     def __init__(self, algorithm: str = "grpo", eps: float = 0.2, eps_high: float | None = None,
-                 aggregation: str = "grpo", max_len: int | None = None, kl_beta: float = 0.0,
-                 temperature: float = 1.0, chunk_size: int = 1024):
-        from prunekit.core.losses import policy_loss
-        self.policy_loss = policy_loss
-        self.level = {"grpo": "token", "gspo": "sequence"}[algorithm]
-        self.eps, self.eps_high, self.aggregation, self.max_len = eps, eps_high, aggregation, max_len
+                 aggregation: str = "grpo", kl_beta: float = 0.0, temperature: float = 1.0, chunk_size: int = 1024):
+        self.policy_loss = get_policy_loss(algorithm)
+        aggregate(aggregation)  # an unknown mode fails here, before any rollout
+        self.eps, self.eps_high, self.aggregation = eps, eps_high, aggregation
         self.kl_beta, self.temperature, self.chunk_size = kl_beta, temperature, chunk_size
 
-    def __call__(self, model, batch: dict) -> dict:
+    def __call__(self, model, batch: dict, logp_only: bool = False) -> dict:
+        """`logp_only`: just the current policy's log-probs (the old policy's, before the update), computed through
+        the strategy's wrapper so FSDP unshards the weights."""
         logp = response_logprobs(model, batch, self.temperature, self.chunk_size)
-        if batch.get("logp_only"):  # the old policy's log-probs, through the strategy's wrapper
+        if logp_only:
             return {"logp": logp}
-        mask = batch["response_mask"]
-        loss_sum, normaliser, stats = self.policy_loss(
-            logp, batch["old_logp"], batch["advantages"], mask, level=self.level, eps=self.eps,
-            eps_high=self.eps_high, aggregation=self.aggregation, max_len=self.max_len,
-            ref_logp=batch.get("ref_logp"), kl_beta=self.kl_beta)
-        return {"loss_sum": loss_sum, "normaliser": normaliser, **stats}
+        loss_sum, stats = self.policy_loss(
+            logp, batch["old_logp"], batch["advantages"], batch["response_mask"], eps=self.eps,
+            eps_high=self.eps_high, aggregation=self.aggregation, ref_logp=batch.get("ref_logp"),
+            kl_beta=self.kl_beta)
+        return {"loss_sum": loss_sum, **stats}

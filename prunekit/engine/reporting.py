@@ -15,8 +15,14 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def wandb_mode(mode: str) -> str:
+    """`auto` follows wandb's own environment convention first (WANDB_DISABLED, then WANDB_MODE), else online with
+    an API key and offline without; any other mode is the config's explicit choice."""
     if mode != "auto":
         return mode
+    if os.environ.get("WANDB_DISABLED", "").strip().lower() in ("1", "true", "yes"):
+        return "disabled"
+    if os.environ.get("WANDB_MODE", "").strip():
+        return os.environ["WANDB_MODE"].strip()
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
@@ -67,6 +73,10 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.finish()
 
+    def maybe_crash(self, step: int) -> None:
+        """Test-only fault injection (`test_crash_at_step`), the same for every reporter: see `crash_once`."""
+        crash_once(self.run_dir, step)
+
     def abort(self) -> None:
         """The run stops early: the progress bar's line ends (what is printed next is a line of its own) and the
         wandb run is marked failed."""
@@ -107,10 +117,6 @@ class LocalReporter(RunLogger):
         for old in sorted(root.glob("step-*"))[:-2]:  # keep the last two
             shutil.rmtree(old, ignore_errors=True)
         self.last_checkpoint = root / f"step-{step:07d}"
-
-    def maybe_crash(self, step: int) -> None:
-        crash_once(self.run_dir, step)
-
 
 def crash_once(run_dir: Path, step: int) -> None:
     """Test-only fault injection: the last rank dies the first time it reaches `step`."""

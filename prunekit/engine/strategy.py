@@ -32,8 +32,8 @@ class LossModule(torch.nn.Module):
         self.model = model
         self.objective = objective
 
-    def forward(self, batch):
-        return self.objective(self.model, batch)
+    def forward(self, batch, **kwargs):
+        return self.objective(self.model, batch, **kwargs)
 
 
 class Strategy:
@@ -59,8 +59,9 @@ class Strategy:
         self.optimizer = make_optimizer(self.module.parameters())
         self.scheduler = make_scheduler(self.optimizer)
 
-    def forward(self, batch):
-        return self.wrapped(batch)
+    def forward(self, batch, **kwargs):
+        """The objective's outputs for `batch`; `kwargs` go to the objective (e.g. RL's `logp_only`)."""
+        return self.wrapped(batch, **kwargs)
 
     def no_sync(self, skip_sync: bool):
         return self.wrapped.no_sync() if skip_sync and hasattr(self.wrapped, "no_sync") else contextlib.nullcontext()

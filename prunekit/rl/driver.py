@@ -23,6 +23,7 @@ from prunekit import PrunekitError
 from prunekit.engine.loop import DataOrder
 from prunekit.engine.reporting import RunLogger
 from prunekit.rl.advantages import group_advantages
+from prunekit.rl.learner import UpdateStats
 from prunekit.rl.rewards import RewardError, reward_metrics, score
 from prunekit.rl.rollout import RolloutActor, Sampling
 
@@ -101,7 +102,7 @@ class RLRun:
                                         max_model_len=ro.max_model_len, gpu_memory_utilization=ro.gpu_memory_utilization,
                                         max_num_seqs=max(ro.batch_size, cfg.prompts_per_step * ro.n), seed=cfg.seed)
                        for _ in range(ro.num_actors)]
-        self.actor_info = ray.get([a.info.remote() for a in self.actors])
+        ray.get([a.info.remote() for a in self.actors])  # every actor is up (a failed start raises here)
         self.version = 0
         if starts[0] > 0:  # resumed: the actors loaded the base model, the learners the checkpoint
             self.sync(starts[0])
@@ -167,14 +168,8 @@ class RLRun:
         keep = ("prompt_ids", "completion_ids", "advantage", "rollout_logp")
         per_rank = [[[{k: s[k] for k in keep} for s in part] for part in parts] for parts in per_rank]
         outs = ray.get([lr.update.remote(parts) for lr, parts in zip(self.learners, per_rank)])
-        stats = [sum(o["stats"][i] for o in outs) for i in range(9)]
-        loss, grad_norm, clipped, clip_count, kl_sum, n_tokens, ratio_sum, opt_steps, mismatch = stats
-        opt_steps = opt_steps / world
-        old_tokens = sum(o["old_tokens"] for o in outs)
-        return {"train/loss": loss / max(opt_steps, 1), "train/grad_norm": grad_norm / max(world * opt_steps, 1),
-                "train/clip_frac": clipped / max(clip_count, 1), "train/kl": kl_sum / max(n_tokens, 1),
-                "train/ratio_mean": ratio_sum / max(clip_count, 1), "train/optimizer_steps": int(opt_steps),
-                "train/lr": outs[0]["lr"], "rollout/logp_diff": mismatch / max(old_tokens, 1)}
+        total = sum((o["stats"] for o in outs), UpdateStats())
+        return {**total.metrics(world), "train/lr": outs[0]["lr"]}
 
     def checkpoint(self, step: int, metrics: dict, final: bool) -> Path:
         import ray

@@ -10,15 +10,45 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
+from prunekit.core.losses import aggregate
 from prunekit.engine.reporting import LocalReporter
 
-
-# what one optimizer step sums from the RL objective's outputs (stats[0] and stats[2:7] of `Learner.update`)
+# what one optimizer step sums from the RL objective's outputs; all but loss_sum are `UpdateStats` fields
 STEP_STATS = ("loss_sum", "clipped", "clip_count", "kl_sum", "n_tokens", "ratio_sum")
+
+
+@dataclass
+class UpdateStats:
+    """What one rank's `Learner.update` sums over its optimizer steps; the driver adds the ranks' (`+`)."""
+    loss: float = 0.0  # this rank's share of each step's loss (its loss sum / the global normaliser)
+    grad_norm: float = 0.0  # every rank sees the same (synced) norm
+    clipped: float = 0.0  # tokens (GRPO) or responses (GSPO) whose ratio was clipped, out of clip_count
+    clip_count: float = 0.0
+    kl_sum: float = 0.0
+    n_tokens: float = 0.0
+    ratio_sum: float = 0.0
+    optimizer_steps: int = 0  # every rank takes each step
+    logp_mismatch: float = 0.0  # sum over response tokens of |old_logp - rollout_logp|
+    old_tokens: int = 0  # the tokens logp_mismatch sums over
+
+    def __add__(self, other: "UpdateStats") -> "UpdateStats":
+        return UpdateStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def metrics(self, world_size: int) -> dict:
+        """Per-step means of the sum over `world_size` ranks."""
+        steps = self.optimizer_steps / world_size
+        return {"train/loss": self.loss / max(steps, 1),
+                "train/grad_norm": self.grad_norm / max(world_size * steps, 1),
+                "train/clip_frac": self.clipped / max(self.clip_count, 1),
+                "train/kl": self.kl_sum / max(self.n_tokens, 1),
+                "train/ratio_mean": self.ratio_sum / max(self.clip_count, 1),
+                "train/optimizer_steps": int(steps),
+                "rollout/logp_diff": self.logp_mismatch / max(self.old_tokens, 1)}
 
 
 class LearnerCheckpoints(LocalReporter):
@@ -49,17 +79,19 @@ def collate_rl(samples: list[dict], pad_id: int) -> dict:
         resp[i, p:p + c] = 1
         for k, t in per_token.items():
             t[i, p:p + c] = torch.tensor(s[k], dtype=torch.float32)
-    batch = {"input_ids": ids, "attention_mask": attn, "response_mask": resp,
-             "advantages": torch.tensor([float(s["advantage"]) for s in samples]), **per_token}
+    batch = {"input_ids": ids, "attention_mask": attn, "response_mask": resp, **per_token}
+    if "advantage" in samples[0]:  # training samples; scoring (log-probs only) needs none
+        batch["advantages"] = torch.tensor([float(s["advantage"]) for s in samples])
     return batch
 
 
-def normaliser(samples: list[dict], aggregation: str, max_len: int) -> float:
-    """What the aggregation divides the loss sum by, counted on the host (no device sync)."""
-    if aggregation == "dapo":
-        return float(sum(len(s["completion_ids"]) for s in samples))
-    n = sum(1 for s in samples if s["completion_ids"])
-    return float(n * max_len) if aggregation == "dr_grpo" else float(n)
+def response_slices(logp: torch.Tensor, samples: list[dict]) -> list[list[float]]:
+    """Each sample's completion-token values out of `[B, S]` per-token values of `collate_rl(samples)`."""
+    out = []
+    for i, s in enumerate(samples):
+        p, c = len(s["prompt_ids"]), len(s["completion_ids"])
+        out.append(logp[i, p:p + c].tolist())
+    return out
 
 
 class Learner:
@@ -82,7 +114,7 @@ class Learner:
         step to start from."""
         from prunekit.config import RLConfig
         from prunekit.core.loading import load_model, load_tokenizer, quiet_transformers
-        from prunekit.engine.loop import setup_strategy
+        from prunekit.engine.loop import prepare, setup_strategy
         from prunekit.engine.objectives import RLObjective
         self.cfg = cfg = RLConfig(**self.raw_cfg)
         rank, world_size, run_dir, run_name = self.rank, self.world_size, self.run_dir, self.run_name
@@ -94,7 +126,6 @@ class Learner:
         self.device = torch.device("cuda", 0) if cfg.ray.use_gpu else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        torch.manual_seed(cfg.seed)
         with quiet_transformers():
             model, _ = load_model(Path(cfg.model), dtype="float32", trust_remote_code=cfg.trust_remote_code)
             tok = load_tokenizer(Path(cfg.model), trust_remote_code=cfg.trust_remote_code)
@@ -103,20 +134,16 @@ class Learner:
                 ref, _ = load_model(Path(cfg.model), dtype="float32", trust_remote_code=cfg.trust_remote_code)
                 self.reference = ref.to(self.device).eval().requires_grad_(False)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.autocast = prepare(model, cfg, self.device)
         algo = cfg.algorithm
         eps, eps_high = algo.clip()
         self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
-        self.objective = RLObjective(algo.name, eps, eps_high, algo.aggregation, max_len=cfg.rollout.max_new_tokens,
-                                     kl_beta=algo.kl_beta, temperature=self.temperature,
-                                     chunk_size=cfg.loss_chunk_size)
+        self.objective = RLObjective(algo.name, eps, eps_high, algo.aggregation, kl_beta=algo.kl_beta,
+                                     temperature=self.temperature, chunk_size=cfg.loss_chunk_size)
         self.reporter = LearnerCheckpoints(Path(run_dir), run_name, cfg)
         optimizer_steps = cfg.max_steps * algo.epochs * algo.mini_batches
         self.strategy, self.start_step = setup_strategy(model, self.objective, cfg, optimizer_steps, self.reporter,
                                                         self.device)
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                       enabled=bool(cfg.bf16) and cfg.param_dtype != "bfloat16")
         return self.start_step
 
     def _micro(self, samples: list[dict]) -> list[dict]:
@@ -135,17 +162,14 @@ class Learner:
             chunk = samples[start:start + self.cfg.algorithm.micro_batch_size]
             batch = self._to(collate_rl(chunk, self.pad_id))
             with self.autocast:
-                lp = self.strategy.forward({**batch, "logp_only": True})["logp"].float().cpu()
-                rlp = response_logprobs(self.reference, batch, self.temperature).cpu() if ref is not None else None
-            for i, s in enumerate(chunk):
-                p, c = len(s["prompt_ids"]), len(s["completion_ids"])
-                old.append(lp[i, p:p + c].tolist())
+                old += response_slices(self.strategy.forward(batch, logp_only=True)["logp"].float().cpu(), chunk)
                 if ref is not None:
-                    ref.append(rlp[i, p:p + c].tolist())
+                    ref += response_slices(response_logprobs(self.reference, batch, self.temperature).cpu(), chunk)
         return old, ref
 
     def update(self, parts: list[list[dict]]) -> dict:
-        """parts[m]: this rank's share of mini-batch m. Returns summed statistics (the driver adds the ranks)."""
+        """parts[m]: this rank's share of mini-batch m. Returns this rank's `UpdateStats` (the driver adds the ranks')
+        and the learning rate."""
         from prunekit.engine.loop import accumulate_and_step
         from prunekit.engine.strategy import all_reduce_sum
         algo, strategy = self.cfg.algorithm, self.strategy
@@ -156,21 +180,18 @@ class Learner:
             if ref is not None:
                 s["ref_logp"] = ref[i]
         mismatch = sum(abs(a - b) for s in flat for a, b in zip(s["old_logp"], s.get("rollout_logp", s["old_logp"])))
-        stats = torch.zeros(9, dtype=torch.float64)
+        stats = UpdateStats(logp_mismatch=mismatch, old_tokens=sum(len(s["completion_ids"]) for s in flat))
         for _ in range(algo.epochs):
             for part in parts:
-                local = normaliser(part, algo.aggregation, self.cfg.rollout.max_new_tokens)
+                local = aggregate(algo.aggregation).normaliser([len(s["completion_ids"]) for s in part],
+                                                               self.cfg.rollout.max_new_tokens)
                 total = all_reduce_sum(torch.tensor([local], dtype=torch.float64, device=self.device)).item()
                 sums, grad_norm = accumulate_and_step(strategy, self._micro(part), total, self.autocast, self.device,
                                                       stats=STEP_STATS)
-                sums = sums.cpu()
-                stats[0] += sums[0] / max(total, 1e-9)  # this rank's share of the step's loss
-                stats[1] += float(grad_norm)
-                stats[2:7] += sums[1:]
-                stats[7] += 1
-        stats[8] = mismatch
-        n_old_tokens = sum(len(s["completion_ids"]) for s in flat)
-        return {"stats": stats.tolist(), "old_tokens": n_old_tokens, "lr": strategy.lr()}
+                step = dict(zip(STEP_STATS, sums.cpu().tolist()))
+                stats += UpdateStats(loss=step.pop("loss_sum") / max(total, 1e-9), grad_norm=float(grad_norm),
+                                     optimizer_steps=1, **step)
+        return {"stats": stats, "lr": strategy.lr()}
 
     def weights(self, dtype: str | None = None):
         """The full state dict for the rollout actors (a collective under FSDP: every rank calls it); rank 0 packs it

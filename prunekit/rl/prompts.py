@@ -3,7 +3,6 @@ rewards receive (e.g. `answer`). Prompts go through the model's chat template wi
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 from prunekit import PrunekitError
@@ -52,24 +51,3 @@ def tokenize_prompts(tokenizer, rows: list[dict], prompt_column: str, system_pro
             raise PrunekitError(f"prompts {source}: row {i + 1}: {len(ids)} tokens > max_prompt_length {max_length}")
         out.append(ids)
     return out
-
-
-FEW_SHOT = [("12 + 7", "19"), ("31 + 25", "56")]
-
-
-def addition_rows(n: int, seed: int = 0, low: int = 10, high: int = 99, few_shot: bool = False) -> list[dict]:
-    """Two-number addition prompts with the `answer` column exact_match checks. few_shot: the prompt is a chat
-    with two solved examples first, which shows a small model the answer format (just the number)."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b = rng.randint(low, high), rng.randint(low, high)
-        question = f"What is {a} + {b}?"
-        if few_shot:
-            prompt = [m for q, ans in FEW_SHOT for m in ({"role": "user", "content": f"What is {q}?"},
-                                                          {"role": "assistant", "content": ans})]
-            prompt.append({"role": "user", "content": question})
-        else:
-            prompt = question + " Reply with only the number."
-        rows.append({"prompt": prompt, "answer": str(a + b)})
-    return rows

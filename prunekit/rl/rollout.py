@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 
 from prunekit import PrunekitError
+from prunekit.engine.objectives import response_logprobs
+from prunekit.rl.learner import collate_rl, response_slices
 
 
 class StaleWeights(PrunekitError):
@@ -82,26 +84,16 @@ def _trim(ids: list[int], eos: set[int]) -> list[int]:
 @torch.no_grad()
 def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], temperature: float,
                         pad_id: int, batch_size: int = 16) -> list[list[float]]:
-    """log p(completion token | prefix) under `model` with logits / temperature (teacher-forced, right padding)."""
+    """log p(completion token | prefix) under `model` with logits / temperature (teacher-forced, right padding):
+    the learner's own function on the learner's batch layout, so rollout and learner score every token alike."""
     device = next(model.parameters()).device
     scale = temperature if temperature > 0 else 1.0
     out: list[list[float]] = []
     for start in range(0, len(prompts), batch_size):
-        rows = [p + c for p, c in zip(prompts[start:start + batch_size], completions[start:start + batch_size])]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        for i, (p, c) in enumerate(zip(prompts[start:start + batch_size], completions[start:start + batch_size])):
-            if not c:
-                out.append([])
-                continue
-            rows_logits = logits[i, len(p) - 1:len(p) - 1 + len(c)].float() / scale
-            lp = torch.log_softmax(rows_logits, -1).gather(-1, torch.tensor(c, device=device)[:, None])[:, 0]
-            out.append(lp.cpu().tolist())
+        chunk = [{"prompt_ids": p, "completion_ids": c}
+                 for p, c in zip(prompts[start:start + batch_size], completions[start:start + batch_size])]
+        batch = {k: v.to(device) for k, v in collate_rl(chunk, pad_id).items()}
+        out += response_slices(response_logprobs(model, batch, scale).cpu(), chunk)
     return out
 
 

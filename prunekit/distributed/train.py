@@ -13,12 +13,6 @@ from prunekit.core.loading import owned_temp_dir, sweep_stale_temp_dirs
 from prunekit.engine.reporting import RunLogger
 
 
-def ensure_ray(address: str | None = None) -> None:
-    """Connect to `address`, else to this process's cluster, else start a local one (see distributed.cluster)."""
-    from prunekit.distributed.cluster import connect
-    connect(address)
-
-
 class RayTrainReporter(RunLogger):
     def restore(self) -> Path | None:
         import ray.train
@@ -122,8 +116,8 @@ def launch(stage: str, cfg, build_worker) -> tuple[Path, Path, str]:
     model, objective, train/val samples and pad id); returns (final checkpoint dir with hf/, run dir, run name)."""
     import time
     from prunekit.core.interrupts import StopOnSignal, interrupt_for
-    from prunekit.distributed.cluster import quiet_ray, stop_local
-    ensure_ray(cfg.ray.address)
+    from prunekit.distributed.cluster import connect, quiet_ray, stop_local
+    connect(cfg.ray.address)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
     name = run_name(stage, cfg)

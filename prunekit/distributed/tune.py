@@ -18,8 +18,8 @@ from pathlib import Path
 from ray.tune.schedulers import AsyncHyperBandScheduler
 
 from prunekit.core.interrupts import StopOnSignal, interrupt_for
-from prunekit.distributed.train import ensure_ray
-from prunekit.engine.reporting import RunLogger, crash_once
+from prunekit.distributed.cluster import connect
+from prunekit.engine.reporting import RunLogger
 
 # metrics a trial forwards to Tune (names without "/": Tune flattens nested keys on "/")
 FORWARD = {"train/loss": "train_loss", "train/token_acc": "train_token_acc", "train/lr": "train_lr",
@@ -81,9 +81,6 @@ class TuneTrialReporter(RunLogger):
 
     def checkpoint(self, step, metrics, write_fn, all_ranks, final) -> None:
         pass  # trials keep no checkpoints
-
-    def maybe_crash(self, step: int) -> None:
-        crash_once(self.run_dir, step)
 
 
 class _StopOnSignal(StopOnSignal):
@@ -242,7 +239,7 @@ def run_trials(cfg, run_dir: Path, name: str, ids: list[str], base: dict, payloa
     `interrupted_message()` (finished trials stay)."""
     import ray
     from ray import tune
-    ensure_ray(cfg.ray.address)
+    connect(cfg.ray.address)
     base_ref = ray.put(base)
     payload_ref = ray.put({**payload, "base": base_ref, "cfg": cfg.model_dump(mode="json"), "run_dir": str(run_dir),
                            "name": name})

@@ -48,14 +48,15 @@ def validate(cfg):
 
 
 def rl(cfg) -> RLResult:
-    from prunekit.distributed.train import ensure_ray, run_name
+    from prunekit.distributed.cluster import connect
+    from prunekit.distributed.train import run_name
     from prunekit.engine.loop import HF_DIR
     from prunekit.rl.driver import RLRun
     rows, prompt_ids, tok, rewards = validate(cfg)
     name = run_name("rl", cfg)
     run_dir = cfg.storage_path / name
     with locks.hold((cfg.output_dir, "-o"), (run_dir, "run directory")):  # one writer per run and output
-        ensure_ray(cfg.ray.address)
+        connect(cfg.ray.address)
         final_ckpt, metrics = RLRun(cfg, rows, prompt_ids, tok, rewards, run_dir, name).run()
         final_ckpt = final_ckpt or run_dir / "checkpoints" / f"step-{cfg.max_steps:07d}"  # already finished earlier
         if not (final_ckpt / HF_DIR).is_dir():

@@ -221,7 +221,7 @@ def test_learner_and_rollout_score_the_same_tokens_and_weights_pack_exactly(tiny
     logits at every response token; a packed state dict comes back bit-identical."""
     from transformers import AutoModelForCausalLM
     from prunekit.engine.objectives import response_logprobs
-    from prunekit.rl.learner import collate_rl
+    from prunekit.rl.batch import collate_rl
     from prunekit.rl.rollout import completion_logprobs, pack_state, unpack_state
     model = AutoModelForCausalLM.from_pretrained(tiny_rl_model).eval()
     prompts, completions = [[5, 9, 13, 2], [40, 2], [7, 8, 9, 10, 11, 2]], [[3, 4, 1], [17], [20, 21, 22, 23]]

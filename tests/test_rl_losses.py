@@ -145,7 +145,7 @@ def test_rl_objective_uses_the_policy_loss_registry():
 
     from prunekit.config import RLAlgorithmConfig
     from prunekit.engine.objectives import RLObjective, response_logprobs
-    from prunekit.rl.learner import collate_rl
+    from prunekit.rl.batch import collate_rl
     assert RLObjective("grpo").policy_loss is POLICY_LOSSES["grpo"]
     assert RLObjective("gspo").policy_loss is POLICY_LOSSES["gspo"]
     for bad, kw, known in (("ppo", {}, "valid: grpo, gspo"), ("grpo", {"aggregation": "mean"},

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from prunekit.core.losses import aggregate
+from prunekit.core.samples import pad_id
 from prunekit.engine.reporting import LocalReporter
+from prunekit.rl.batch import collate_rl, response_slices
 
 # what one optimizer step sums from the RL objective's outputs; all but loss_sum are `UpdateStats` fields
 STEP_STATS = ("loss_sum", "clipped", "clip_count", "kl_sum", "n_tokens", "ratio_sum")
@@ -62,38 +64,6 @@ class LearnerCheckpoints(LocalReporter):
             write_fn(Path(tmp))
 
 
-def collate_rl(samples: list[dict], pad_id: int) -> dict:
-    """Samples (prompt_ids, completion_ids, advantage, [rollout_logp, old_logp, ref_logp]) -> right-padded tensors;
-    per-token values are aligned with the token they score (position t = log p(token t | < t))."""
-    width = max(len(s["prompt_ids"]) + len(s["completion_ids"]) for s in samples)
-    b = len(samples)
-    ids = torch.full((b, width), pad_id, dtype=torch.long)
-    attn = torch.zeros((b, width), dtype=torch.long)
-    resp = torch.zeros((b, width), dtype=torch.float32)
-    per_token = {k: torch.zeros((b, width), dtype=torch.float32) for k in ("rollout_logp", "old_logp", "ref_logp")
-                 if k in samples[0]}
-    for i, s in enumerate(samples):
-        p, c = len(s["prompt_ids"]), len(s["completion_ids"])
-        ids[i, :p + c] = torch.tensor(s["prompt_ids"] + s["completion_ids"])
-        attn[i, :p + c] = 1
-        resp[i, p:p + c] = 1
-        for k, t in per_token.items():
-            t[i, p:p + c] = torch.tensor(s[k], dtype=torch.float32)
-    batch = {"input_ids": ids, "attention_mask": attn, "response_mask": resp, **per_token}
-    if "advantage" in samples[0]:  # training samples; scoring (log-probs only) needs none
-        batch["advantages"] = torch.tensor([float(s["advantage"]) for s in samples])
-    return batch
-
-
-def response_slices(logp: torch.Tensor, samples: list[dict]) -> list[list[float]]:
-    """Each sample's completion-token values out of `[B, S]` per-token values of `collate_rl(samples)`."""
-    out = []
-    for i, s in enumerate(samples):
-        p, c = len(s["prompt_ids"]), len(s["completion_ids"])
-        out.append(logp[i, p:p + c].tolist())
-    return out
-
-
 class Learner:
     """One rank. Built in two calls so every rank can be told rank 0's address first: `address()` on rank 0, then
     `setup(addr, port)` on all ranks at once (they meet in init_process_group)."""
@@ -133,7 +103,7 @@ class Learner:
             if cfg.algorithm.kl_beta:
                 ref, _ = load_model(Path(cfg.model), dtype="float32", trust_remote_code=cfg.trust_remote_code)
                 self.reference = ref.to(self.device).eval().requires_grad_(False)
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        self.pad_id = pad_id(tok)
         self.autocast = prepare(model, cfg, self.device)
         algo = cfg.algorithm
         eps, eps_high = algo.clip()

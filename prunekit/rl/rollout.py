@@ -23,7 +23,7 @@ import torch
 
 from prunekit import PrunekitError
 from prunekit.engine.objectives import response_logprobs
-from prunekit.rl.learner import collate_rl, response_slices
+from prunekit.rl.batch import collate_rl, response_slices
 
 
 class StaleWeights(PrunekitError):

@@ -65,7 +65,7 @@ def cmd_width(args) -> None:
                    importance=args.importance, samples=args.samples, max_length=args.max_length,
                    batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
                    streaming=args.streaming, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-                   params=args.params, params_fraction=args.params_fraction)
+                   params=args.params, params_fraction=args.params_fraction, vision_ffn=args.vision_ffn)
     _print_surgery(result)
     sizes = result.provenance["sizes"]
     print("; ".join(f"{k} {v['before']} -> {v['after']}" for k, v in sizes.items()))
@@ -329,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=None,
                    help="query heads per layer to keep (a multiple of the KV heads; the KV heads stay)")
     p.add_argument("--hidden", type=int, default=None, help="hidden (embedding) channels to keep")
+    p.add_argument("--vision-ffn", default=None, metavar="F",
+                   help="VLMs: vision MLP channels to keep in every vision block, a fraction (0.75) or a size, "
+                        "scored on the image rows of --data")
     p.add_argument("--params", default=None, metavar="N",
                         help="instead of --ffn/--heads/--hidden: at most N parameters (as `prunekit inspect` counts); "
                              "prunekit solves FFN only, heads+FFN and hidden+FFN to it and keeps the mix that "

@@ -438,3 +438,240 @@ def test_vllm_matches_transformers_on_width_pruned_smollm2(chat_data, tmp_path):
     assert len(rows) == 1 and len(rows[0]["token_ids"]) == len(VLLM_PROMPTS), tail
     for got, ref in zip(rows[0]["token_ids"], expected):
         assert 0 < len(ref) <= 16 and got == ref, f"vLLM {got} != transformers {ref}"
+
+
+# ---- VLMs: the vision blocks' MLP width (--vision-ffn) -------------------------------------------------------------
+
+VD, VI, VB = 32, 64, 4   # the tiny vision towers: width, MLP size, blocks (conftest.tiny_config)
+# Qwen2-VL states the size as an integer mlp_ratio x embed_dim (32): only 32 is below 64; the others take any size
+VISION_TARGETS = {"qwen2_vl": "0.5", "qwen2_5_vl": "0.75", "qwen3_vl": "40"}
+VISION_KEPT = {"qwen2_vl": 32, "qwen2_5_vl": 48, "qwen3_vl": 40}
+
+
+def vision_mlp(model, adapter, block):
+    """(input projections, output projection) of a vision block's MLP."""
+    blk = get_module(model, adapter.vision_blocks)[block]
+    return [get_module(blk, n) for n in adapter.vision_mlp_in], get_module(blk, adapter.vision_mlp_out)
+
+
+def silence_vision(model, adapter, family, seed=1):
+    """Zero the vision MLP channels --vision-ffn removes (a different random set per block): their rows (and biases)
+    in the input projections, so their activation is exactly 0, and their columns in the output projection."""
+    g = torch.Generator().manual_seed(seed)
+    n = VI - VISION_KEPT[family]
+    dropped = [sorted(torch.randperm(VI, generator=g)[:n].tolist()) for _ in range(VB)]
+    with torch.no_grad():
+        for b, d in enumerate(dropped):
+            ins, out = vision_mlp(model, adapter, b)
+            for lin in ins:
+                lin.weight[d] = 0
+                lin.bias[d] = 0
+            out.weight[:, d] = 0
+    return dropped
+
+
+@pytest.fixture
+def vision_silenced_dir(tmp_path):
+    """family -> (tiny VLM whose text targets and vision MLP channels are zeroed, importance.json scored on an image
+    row, (text dropped, vision dropped))."""
+    def make(family):
+        adapter = ADAPTERS[family]
+        model = width_model(family)
+        dropped = silence(model, adapter, family)
+        vision = silence_vision(model, adapter, family)
+        src = tmp_path / f"src-{family}"
+        model.save_pretrained(src)
+        scores = activation_importance(model, adapter, [vlm_inputs()])
+        scores["heads"] = [[0.0 if h in dropped[1][i] else 1.0 for h in range(H)] for i in range(L)]
+        record = importance_record(scores, WidthShape.of(adapter, model.config.to_dict()), data="test inputs")
+        imp = tmp_path / f"importance-{family}.json"
+        imp.write_text(json.dumps(record))
+        return src, imp, (dropped, vision)
+    return make
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+@pytest.mark.parametrize("text", [False, True], ids=["vision-only", "with-text"])
+def test_vision_ffn_removing_silenced_channels_is_exact(family, text, vision_silenced_dir, tmp_path):
+    """Zeroed vision MLP channels removed (alone, and together with the text targets): identical logits on an image
+    row and identical greedy tokens with and without the KV cache; the vision MLP really shapes those logits."""
+    src, imp, (_, vision) = vision_silenced_dir(family)
+    before = tree_hash(src)
+    targets = TARGETS[family] if text else {}
+    result = width(str(src), tmp_path / "out", importance=imp, streaming=False, plot=False,
+                   vision_ffn=VISION_TARGETS[family], **targets)
+    assert tree_hash(src) == before
+    kept = json.loads((result.output / "importance.json").read_text())["kept"]
+    assert kept["vision_ffn"] == [[c for c in range(VI) if c not in d] for d in vision]
+    assert (kept["ffn"] is not None) == text
+    original, _ = load_model(src)
+    pruned, _ = load_model(result.output)
+    for b in range(VB):
+        ins, out = vision_mlp(pruned, ADAPTERS[family], b)
+        assert out.in_features == VISION_KEPT[family] and all(x.out_features == VISION_KEPT[family] for x in ins)
+    inputs = vlm_inputs()
+    with torch.no_grad():
+        ref, got = original(**inputs).logits, pruned(**inputs).logits
+        _, out = vision_mlp(original, ADAPTERS[family], 0)   # a kept channel matters: the test can see a wrong cut
+        out.weight[:, kept["vision_ffn"][0][0]] += torch.randn(VD, generator=torch.Generator().manual_seed(0))
+        moved = original(**inputs).logits
+    assert ref.abs().max().item() > 0.1 and (moved - ref).abs().max().item() > 1e-3
+    assert (ref - got).abs().max().item() <= 1e-5
+    for use_cache in (True, False):
+        ref_seq, ref_logits = generate_logits(load_model(src)[0], inputs, use_cache)
+        seq, logits = generate_logits(pruned, inputs, use_cache)
+        assert torch.equal(ref_seq, seq)
+        assert (ref_logits - logits).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_vision_ffn_config_rewritten_loads_and_streams(family, vision_silenced_dir, tmp_path):
+    """config.json states the new vision MLP size the way the family's config does (Qwen2-VL: an integer
+    mlp_ratio), AutoModelForImageTextToText loads it with the expected num_parameters(), prunekit.json records it,
+    and streaming from importance.json writes the same tensors."""
+    import transformers
+    from safetensors.torch import load_file
+    src, imp, _ = vision_silenced_dir(family)
+    kw = dict(importance=imp, plot=False, vision_ffn=VISION_TARGETS[family])
+    out = width(str(src), tmp_path / "out", streaming=False, **kw).output
+    st = width(str(src), tmp_path / "st", streaming=True, **kw).output
+    a, b = load_file(out / "model.safetensors"), load_file(st / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg == json.loads((st / "config.json").read_text())
+    vc, before = cfg["vision_config"], json.loads((src / "config.json").read_text())["vision_config"]
+    if family == "qwen2_vl":
+        assert vc["mlp_ratio"] == 1 and isinstance(vc["mlp_ratio"], int) and vc["embed_dim"] == VD
+    else:
+        assert vc["intermediate_size"] == VISION_KEPT[family]
+    assert {k: v for k, v in vc.items() if k not in ("mlp_ratio", "intermediate_size")} == \
+        {k: v for k, v in before.items() if k not in ("mlp_ratio", "intermediate_size")}
+    assert cfg["text_config"]["intermediate_size"] == I and cfg["text_config"]["hidden_size"] == D
+    model = transformers.AutoModelForImageTextToText.from_pretrained(out)
+    original = transformers.AutoModelForImageTextToText.from_pretrained(src)
+    n_in = len(ADAPTERS[family].vision_mlp_in)
+    removed = VB * (VI - VISION_KEPT[family]) * (n_in * (VD + 1) + VD)   # input rows + their biases, output columns
+    want = original.num_parameters() - removed
+    assert model.num_parameters() == want
+    assert model.config.vision_config.to_dict().get("intermediate_size", VISION_KEPT[family]) == VISION_KEPT[family]
+    prov = json.loads((out / "prunekit.json").read_text())
+    assert prov["sizes"]["vision_intermediate_size"] == {"before": VI, "after": VISION_KEPT[family]}
+    assert prov["sizes"]["intermediate_size"] == {"before": I, "after": I}
+    assert prov["kept"]["vision_ffn"] == "importance.json: kept.vision_ffn"
+    assert prov["params"] == {"before": original.num_parameters(), "after": want}
+    assert prov["importance"]["sha256"]
+    assert json.loads((st / "prunekit.json").read_text())["streaming"] is True
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_vision_ffn_importance_ranks_boosted_channels_first(family):
+    """Boosted vision MLP channels score highest in every block (gated: up_proj rows x 20, so act(gate) * up is 20x
+    larger; fc1/fc2: a large fc1 bias, so act(fc1) is large and positive), and --vision-ffn keeps them; the scores
+    count the image patches, not the text tokens."""
+    adapter = ADAPTERS[family]
+    model = width_model(family)
+    cfg = model.config.to_dict()
+    big = [5, 20, 41]
+    with torch.no_grad():
+        for b in range(VB):
+            ins, _ = vision_mlp(model, adapter, b)
+            if len(ins) == 2:   # gate_proj, up_proj
+                ins[1].weight[big] *= 20
+                ins[1].bias[big] *= 20
+            else:
+                ins[0].bias[big] += 30
+    batches = [vlm_inputs(batch=2, seed=1), vlm_inputs(seed=2)]
+    scores = activation_importance(model, adapter, batches)
+    assert scores["vision_tokens"] == 3 * 16           # 16 patches per image, 3 images
+    assert scores["tokens"] == 3 * 15
+    assert len(scores["vision_ffn"]) == VB
+    for block in scores["vision_ffn"]:
+        assert sorted(sorted(range(VI), key=lambda c: -block[c])[:3]) == big
+    old = WidthShape.of(adapter, cfg)
+    assert (old.vision_blocks, old.vision_ffn) == (VB, VI)
+    size = 32 if family == "qwen2_vl" else 3
+    new = resolve_targets(adapter, cfg, vision_ffn=size)
+    kept = select_kept(scores, old, new)
+    assert kept["ffn"] is None and kept["heads"] is None and kept["hidden"] is None
+    assert all(set(big) <= set(k) and len(k) == size for k in kept["vision_ffn"])
+    if size == 3:
+        assert kept["vision_ffn"] == [big] * VB
+    text_only = activation_importance(model, adapter, [text_inputs()])   # no image: no vision scores
+    assert text_only["vision_ffn"] is None and text_only["vision_tokens"] == 0
+
+
+def test_vision_ffn_scored_on_image_rows_then_reused_streaming(tiny_vlm_chat_model_dir, tmp_path, capsys):
+    """The CLI end to end on a Qwen2.5-VL with a processor: vision MLP scored on easy-vqa image rows (with the text
+    FFN), importance.json + PNG hold the vision scores; reusing them with --streaming writes identical weights."""
+    from safetensors.torch import load_file
+    from prunekit.core.datasets import easy_vqa_to_messages
+    src = tiny_vlm_chat_model_dir("qwen2_5_vl")
+    before = tree_hash(src)
+    easy_vqa_to_messages(tmp_path / "vqa.jsonl", limit=4)
+    code, out, err = run_cli(capsys, "width", src, "--data", tmp_path / "vqa.jsonl", "--samples", 4,
+                             "--ffn", "0.5", "--vision-ffn", "0.5", "-o", tmp_path / "a")
+    assert code == 0, err
+    assert "vision_intermediate_size 64 -> 32" in out
+    a = tmp_path / "a"
+    record = json.loads((a / "importance.json").read_text())
+    assert record["vision_tokens"] == 4 * 64           # 4 images of 8x8 patches (16 merged tokens each)
+    assert record["shape"]["vision_intermediate_size"] == VI and len(record["vision_ffn"]) == VB
+    assert [len(k) for k in record["kept"]["vision_ffn"]] == [32] * VB and (a / "importance.png").is_file()
+    assert json.loads((a / "prunekit.json").read_text())["importance"]["vision_tokens"] == 4 * 64
+    code, _, err = run_cli(capsys, "width", src, "--importance", a / "importance.json", "--ffn", "0.5",
+                           "--vision-ffn", "0.5", "--streaming", "-o", tmp_path / "b")
+    assert code == 0, err
+    wa, wb = load_file(a / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert tree_hash(src) == before
+
+
+BAD_VISION = [
+    ("llama", ["--vision-ffn", "0.5"], "--vision-ffn: llama is a text-only model (no vision tower to cut)"),
+    ("qwen2_5_vl", ["--vision-ffn", "0"], "--vision-ffn: 0 must keep at least 1 vision MLP channel"),
+    ("qwen3_vl", ["--vision-ffn", "0.0"], "--vision-ffn: 0.0 must be a fraction above 0 and at most 1"),
+    ("qwen3_vl", ["--vision-ffn", "100"], "--vision-ffn: 100 is more vision MLP channels than the 64 each vision "
+                                          "block has"),
+    ("qwen2_vl", ["--vision-ffn", "0.75"], "--vision-ffn: 48 cannot be stated by qwen2_vl's vision config, whose "
+                                           "MLP size is mlp_ratio (an integer in transformers) x embed_dim 32: give "
+                                           "one of 32 (0.5), 64 (1)"),
+    ("qwen2_vl", ["--vision-ffn", "64"], "nothing to remove: give --ffn below 128, --heads below 4, --hidden below "
+                                         "64 and/or --vision-ffn below 64"),
+    ("qwen2_vl", ["--vision-ffn", "0.5", "--params-fraction", "0.8"], "--vision-ffn: give it with --ffn"),
+]
+
+
+@pytest.mark.parametrize("family,flags,message", BAD_VISION)
+def test_bad_vision_ffn_targets(family, flags, message, tiny_model_dir, tmp_path, capsys):
+    src = tmp_path / "model"
+    shutil.copytree(tiny_model_dir(family), src)
+    before = tree_hash(src)
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "width", src, *flags, "--data", tmp_path / "none.jsonl", "-o", tmp_path / "out")
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert tree_hash(src) == before and not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_bad_vision_ffn_sources(tiny_vlm_chat_model_dir, chat_data, tmp_path, capsys):
+    """Scoring --vision-ffn needs image rows: calibration data without them, or an importance.json scored without
+    them, is a one-line error with the input untouched and nothing written."""
+    train, _ = chat_data
+    src = tiny_vlm_chat_model_dir("qwen3_vl")
+    before = tree_hash(src)
+    adapter = ADAPTERS["qwen3_vl"]
+    model, _ = load_model(src)
+    scores = activation_importance(model, adapter, [text_inputs()])
+    imp = tmp_path / "text-only.json"
+    imp.write_text(json.dumps(importance_record(scores, WidthShape.of(adapter, model.config.to_dict()))))
+    capsys.readouterr()
+    cases = [(["--data", train, "--samples", 4], "--vision-ffn: --data "),
+             (["--importance", imp], "has no vision MLP scores (scored on data without image rows)")]
+    for flags, message in cases:
+        code, _, err = run_cli(capsys, "width", src, "--vision-ffn", "0.5", *flags, "-o", tmp_path / "out")
+        assert code == 2 and message in err and err.count("\n") == 1, (flags, err)
+        assert not (tmp_path / "out").exists()
+    assert "has no image rows (in the 4 taken) to score the vision MLP channels on" in \
+        run_cli(capsys, "width", src, "--vision-ffn", "0.5", "--data", train, "--samples", 4, "-o",
+                tmp_path / "out")[2]
+    assert tree_hash(src) == before

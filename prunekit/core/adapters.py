@@ -62,6 +62,14 @@ class Adapter:
     vision_module_key: str | None = None
     vision_out_key: str | None = None
     vision_out_field: str | None = None
+    # VLMs, width of the vision blocks' MLP (`prunekit width --vision-ffn`): the projections into its hidden units
+    # (output rows cut) and the one out of them (input columns cut), as module paths inside a vision block, and the
+    # vision-config field holding its size; with `vision_ffn_ratio_of` the size is field x that field (Qwen2-VL:
+    # int(embed_dim * mlp_ratio), and transformers types mlp_ratio as an int)
+    vision_mlp_in: tuple[str, ...] = ()
+    vision_mlp_out: str | None = None
+    vision_ffn_field: str = "intermediate_size"
+    vision_ffn_ratio_of: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -165,6 +173,25 @@ class Adapter:
         if self.vision_out_field and vc is not None and int(vc.get(self.vision_out_field, 0)) == old_hidden:
             vc[self.vision_out_field] = hidden
 
+    def vision_ffn_size(self, cfg: dict) -> int:
+        """Hidden units of every vision block's MLP."""
+        vc = self.vision_config(cfg)
+        if self.vision_ffn_ratio_of:
+            return int(vc[self.vision_ffn_ratio_of] * vc[self.vision_ffn_field])
+        return int(vc[self.vision_ffn_field])
+
+    def vision_ffn_step(self, cfg: dict) -> int:
+        """The vision MLP sizes the config can state are the multiples of this (1 unless it stores a ratio)."""
+        return int(self.vision_config(cfg)[self.vision_ffn_ratio_of]) if self.vision_ffn_ratio_of else 1
+
+    def set_vision_ffn_config(self, cfg: dict, size: int) -> None:
+        """Edit cfg in place for vision blocks whose MLPs have `size` hidden units (a multiple of vision_ffn_step)."""
+        vc = self.vision_config(cfg)
+        step = self.vision_ffn_step(cfg)
+        if size % step:
+            raise PrunekitError(f"{self.family}: vision MLP size {size} is not a multiple of {step}")
+        vc[self.vision_ffn_field] = size // step if self.vision_ffn_ratio_of else size
+
     def text_module_path(self, name: str) -> str:
         """Module path of a sibling of the decoder-layer list (e.g. the final norm)."""
         return f"{self.text_layers.rsplit('.', 1)[0]}.{name}"
@@ -198,6 +225,12 @@ _VLM_COMMON = dict(text_layers="model.language_model.layers", text_key=_TEXT,
                    vision_module_key=r"^(?:model\.)?visual\.")
 # the patch merger's last linear maps vision features into the text hidden size (Qwen3-VL: the deepstack mergers too)
 _QWEN2_VL_OUT = dict(vision_out_key=r"^(?:model\.)?visual\.merger\.mlp\.2\.(?:weight|bias)$")
+# the vision blocks' MLPs: fc1 -> act -> fc2 (Qwen2-VL, size mlp_ratio x embed_dim), gated (Qwen2.5-VL),
+# linear_fc1 -> act -> linear_fc2 (Qwen3-VL)
+_QWEN2_VL_MLP = dict(vision_mlp_in=("mlp.fc1",), vision_mlp_out="mlp.fc2", vision_ffn_field="mlp_ratio",
+                     vision_ffn_ratio_of="embed_dim")
+_QWEN2_5_VL_MLP = dict(vision_mlp_in=("mlp.gate_proj", "mlp.up_proj"), vision_mlp_out="mlp.down_proj")
+_QWEN3_VL_MLP = dict(vision_mlp_in=("mlp.linear_fc1",), vision_mlp_out="mlp.linear_fc2")
 _QWEN3_VL_OUT = dict(
     vision_out_key=r"^(?:model\.)?visual\.(?:merger|deepstack_merger_list\.\d+)\.linear_fc2\.(?:weight|bias)$")
 
@@ -207,14 +240,14 @@ ADAPTERS: dict[str, Adapter] = {a.family: a for a in [
     Adapter("qwen2", **_TEXT_COMMON, extra={"qkv_bias": True}),
     Adapter("qwen3", **_TEXT_COMMON),
     Adapter("qwen2_vl", auto_class="Qwen2VLForConditionalGeneration", **_VLM_COMMON, head_dim_field=None,
-            **_QWEN2_VL_OUT, vision_out_field="hidden_size", extra={"qkv_bias": True}),
+            **_QWEN2_VL_OUT, vision_out_field="hidden_size", **_QWEN2_VL_MLP, extra={"qkv_bias": True}),
     Adapter("qwen2_5_vl", auto_class="Qwen2_5_VLForConditionalGeneration", **_VLM_COMMON, head_dim_field=None,
             vision_index_fields=("fullatt_block_indexes",), **_QWEN2_VL_OUT, vision_out_field="out_hidden_size",
-            extra={"qkv_bias": True}),
+            **_QWEN2_5_VL_MLP, extra={"qkv_bias": True}),
     Adapter("qwen3_vl", auto_class="Qwen3VLForConditionalGeneration", **_VLM_COMMON,
             vision_protected_fields=("deepstack_visual_indexes",),
             protected_text_layers_from="deepstack_visual_indexes", **_QWEN3_VL_OUT,
-            vision_out_field="out_hidden_size"),
+            vision_out_field="out_hidden_size", **_QWEN3_VL_MLP),
 ]}
 
 

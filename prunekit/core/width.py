@@ -5,7 +5,9 @@ Importance (one forward pass over calibration batches, forward hooks, padding ex
 - FFN channel c of layer l: mean over tokens of |act(gate(x)) * up(x)|_c, the input of down_proj;
 - query head h of layer l: mean over tokens of the L2 norm of its slice of the attention output before o_proj;
 - hidden channel c: mean over tokens of |norm(x)|_c, summed over every norm over the hidden size (both norms of
-  each layer and the final norm): the residual stream is shared, so one set of hidden channels is kept everywhere.
+  each layer and the final norm): the residual stream is shared, so one set of hidden channels is kept everywhere;
+- VLMs, vision MLP channel c of vision block b (`--vision-ffn`): mean over image patches of the |input|_c of the
+  MLP's output projection (act(gate) * up for gated MLPs, act(fc1) for fc1/fc2 MLPs); the same size in every block.
 
 Surgery is a pure tensor map like `prunekit.core.surgery` (in-memory and streaming give identical tensors):
 rows/columns of every projection, bias, embedding, norm and LM head are selected; query heads are kept per KV
@@ -36,22 +38,33 @@ class WidthShape:
     kv_heads: int
     head_dim: int
     hidden: int
+    # VLMs whose family table knows the vision MLP: vision blocks and their MLP size (None: a text model, or in a
+    # target shape: the vision tower unchanged)
+    vision_blocks: int = 0
+    vision_ffn: int | None = None
 
     @classmethod
     def of(cls, adapter: Adapter, cfg: dict) -> "WidthShape":
         tc = adapter.text_config(cfg)
         heads, kv, head_dim = adapter.attention_shape(cfg)
+        vision = adapter.is_vlm and adapter.vision_mlp_out is not None
         return cls(adapter.num_text_layers(cfg), int(tc["intermediate_size"]), heads, kv, head_dim,
-                   int(tc["hidden_size"]))
+                   int(tc["hidden_size"]), adapter.num_vision_blocks(cfg) if vision else 0,
+                   adapter.vision_ffn_size(cfg) if vision else None)
 
     def as_dict(self) -> dict:
+        vision = ({"vision_depth": self.vision_blocks, "vision_intermediate_size": self.vision_ffn}
+                  if self.vision_ffn is not None else {})
         return {"num_hidden_layers": self.layers, "intermediate_size": self.intermediate,
                 "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads, "head_dim": self.head_dim,
-                "hidden_size": self.hidden}
+                "hidden_size": self.hidden, **vision}
+
+    def vision_changed(self, old: "WidthShape") -> bool:
+        return self.vision_ffn is not None and self.vision_ffn != old.vision_ffn
 
 
 # ---- targets ------------------------------------------------------------------------------------------------------
-def _ffn_size(spec, intermediate: int) -> int:
+def _ffn_size(spec, intermediate: int, flag: str = "--ffn", unit: str = "FFN", where: str = "the model has") -> int:
     """--ffn: an integer is the new intermediate size, a number with a point a fraction of the current one."""
     text = str(spec).strip()
     try:
@@ -61,24 +74,46 @@ def _ffn_size(spec, intermediate: int) -> int:
         try:
             fraction = float(text)
         except ValueError:
-            raise PrunekitError(f"--ffn: cannot read {text!r} (a fraction such as 0.75 or an intermediate size "
+            raise PrunekitError(f"{flag}: cannot read {text!r} (a fraction such as 0.75 or an intermediate size "
                                 f"such as {intermediate * 3 // 4})") from None
     if fraction is not None:
         if not 0 < fraction <= 1 or math.isnan(fraction):
-            raise PrunekitError(f"--ffn: {text} must be a fraction above 0 and at most 1 (or an intermediate size)")
+            raise PrunekitError(f"{flag}: {text} must be a fraction above 0 and at most 1 (or an intermediate size)")
         align = FFN_ALIGN if intermediate >= 1024 and intermediate % FFN_ALIGN == 0 else 1
         size = max(align, round(intermediate * fraction / align) * align)
     if size < 1:
-        raise PrunekitError(f"--ffn: {text} must keep at least 1 FFN channel")
+        raise PrunekitError(f"{flag}: {text} must keep at least 1 {unit} channel")
     if size > intermediate:
-        raise PrunekitError(f"--ffn: {size} is more FFN channels than the {intermediate} the model has")
+        raise PrunekitError(f"{flag}: {size} is more {unit} channels than the {intermediate} {where}")
+    return size
+
+
+def _vision_ffn_size(spec, adapter: Adapter, cfg: dict) -> int:
+    """--vision-ffn: the vision MLP size (the same in every vision block), as --ffn reads it; a size the vision
+    config cannot state (Qwen2-VL: an integer mlp_ratio x embed_dim) is refused."""
+    if not adapter.is_vlm:
+        raise PrunekitError(f"--vision-ffn: {adapter.family} is a text-only model (no vision tower to cut); "
+                            f"use --ffn for its FFN")
+    if adapter.vision_mlp_out is None:
+        raise PrunekitError(f"--vision-ffn: the family table has no vision MLP layout for {adapter.family}")
+    old = adapter.vision_ffn_size(cfg)
+    size = _ffn_size(spec, old, "--vision-ffn", "vision MLP", "each vision block has")
+    step = adapter.vision_ffn_step(cfg)
+    if size % step:
+        vc = adapter.vision_config(cfg)
+        ok = ", ".join(f"{k * step} ({k * step / old:g})" for k in range(1, old // step + 1))
+        raise PrunekitError(f"--vision-ffn: {size} cannot be stated by {adapter.family}'s vision config, whose MLP "
+                            f"size is {adapter.vision_ffn_field} (an integer in transformers) x "
+                            f"{adapter.vision_ffn_ratio_of} {vc[adapter.vision_ffn_ratio_of]}: give one of {ok}")
     return size
 
 
 def resolve_targets(adapter: Adapter, cfg: dict, ffn=None, heads: int | None = None,
-                    hidden: int | None = None) -> WidthShape:
-    """The output's shape from --ffn / --heads / --hidden (None: unchanged); one-line errors for impossible ones."""
+                    hidden: int | None = None, vision_ffn=None) -> WidthShape:
+    """The output's shape from --ffn / --heads / --hidden / --vision-ffn (None: unchanged); one-line errors for
+    impossible ones."""
     old = WidthShape.of(adapter, cfg)
+    new_vision = old.vision_ffn if vision_ffn is None else _vision_ffn_size(vision_ffn, adapter, cfg)
     new_ffn = old.intermediate if ffn is None else _ffn_size(ffn, old.intermediate)
     new_heads = old.heads if heads is None else int(heads)
     new_hidden = old.hidden if hidden is None else int(hidden)
@@ -101,10 +136,13 @@ def resolve_targets(adapter: Adapter, cfg: dict, ffn=None, heads: int | None = N
         raise PrunekitError(f"--hidden: {new_hidden} is not a multiple of the {new_heads} query heads, which "
                             f"transformers' {adapter.family} config requires (e.g. --hidden "
                             f"{' or '.join(str(n) for n in near if n <= old.hidden)})")
-    new = WidthShape(old.layers, new_ffn, new_heads, old.kv_heads, old.head_dim, new_hidden)
-    if (new_ffn, new_heads, new_hidden) == (old.intermediate, old.heads, old.hidden):
-        raise PrunekitError(f"nothing to remove: give --ffn below {old.intermediate}, --heads below {old.heads} "
-                            f"and/or --hidden below {old.hidden}")
+    new = WidthShape(old.layers, new_ffn, new_heads, old.kv_heads, old.head_dim, new_hidden, old.vision_blocks,
+                     new_vision)
+    if (new_ffn, new_heads, new_hidden, new_vision) == (old.intermediate, old.heads, old.hidden, old.vision_ffn):
+        flags = [f"--ffn below {old.intermediate}", f"--heads below {old.heads}", f"--hidden below {old.hidden}"]
+        if old.vision_ffn is not None:
+            flags.append(f"--vision-ffn below {old.vision_ffn}")
+        raise PrunekitError(f"nothing to remove: give {', '.join(flags[:-1])} and/or {flags[-1]}")
     return new
 
 
@@ -125,13 +163,17 @@ def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 @torch.no_grad()
 def activation_importance(model, adapter: Adapter, batches) -> dict:
     """{"ffn": [layers][intermediate], "heads": [layers][heads], "hidden": [hidden], "tokens": n} from one pass
-    over `batches` (dicts of model inputs; `labels` is ignored, `attention_mask` excludes padding)."""
+    over `batches` (dicts of model inputs; `labels` is ignored, `attention_mask` excludes padding). VLMs add
+    "vision_ffn": [vision blocks][vision MLP size] over every image patch the vision tower saw ("vision_tokens"
+    of them), None when no batch had images."""
     cfg = model.config.to_dict()
     shape = WidthShape.of(adapter, cfg)
     layers = get_module(model, adapter.text_layers)
     ffn = torch.zeros(shape.layers, shape.intermediate, dtype=torch.float64)
     heads = torch.zeros(shape.layers, shape.heads, dtype=torch.float64)
     hidden = torch.zeros(shape.hidden, dtype=torch.float64)
+    vision = torch.zeros(shape.vision_blocks, shape.vision_ffn or 0, dtype=torch.float64)
+    vision_rows = [0]
     mask: list[torch.Tensor | None] = [None]
 
     def ffn_hook(i):
@@ -149,6 +191,14 @@ def activation_importance(model, adapter: Adapter, batches) -> dict:
         out = output[0] if isinstance(output, tuple) else output
         hidden.add_(_rows(out, mask[0]).abs().sum(0).double().cpu())
 
+    def vision_hook(b):
+        def fn(_m, args):   # the vision tower sees every patch of every image: no padding to exclude
+            r = _rows(args[0], None)
+            vision[b] += r.abs().sum(0).double().cpu()
+            if b == 0:
+                vision_rows[0] += r.shape[0]
+        return fn
+
     handles = []
     for i, layer in enumerate(layers):
         handles.append(get_module(layer, f"{adapter.mlp_module}.{adapter.down_proj}").register_forward_pre_hook(
@@ -157,6 +207,9 @@ def activation_importance(model, adapter: Adapter, batches) -> dict:
             head_hook(i)))
         handles += [get_module(layer, n).register_forward_hook(norm_hook) for n in adapter.hidden_norms]
     handles.append(get_module(model, adapter.text_module_path(adapter.final_norm)).register_forward_hook(norm_hook))
+    if shape.vision_ffn is not None:
+        for b, block in enumerate(get_module(model, adapter.vision_blocks)):
+            handles.append(get_module(block, adapter.vision_mlp_out).register_forward_pre_hook(vision_hook(b)))
     tokens = 0
     try:
         for batch in batches:
@@ -169,21 +222,28 @@ def activation_importance(model, adapter: Adapter, batches) -> dict:
             h.remove()
     if tokens == 0:
         raise PrunekitError("--data: the calibration data produced no tokens")
-    return {"tokens": tokens, "ffn": (ffn / tokens).tolist(), "heads": (heads / tokens).tolist(),
-            "hidden": (hidden / tokens).tolist()}
+    out = {"tokens": tokens, "ffn": (ffn / tokens).tolist(), "heads": (heads / tokens).tolist(),
+           "hidden": (hidden / tokens).tolist()}
+    if shape.vision_ffn is not None:
+        out["vision_tokens"] = vision_rows[0]
+        out["vision_ffn"] = (vision / vision_rows[0]).tolist() if vision_rows[0] else None
+    return out
 
 
 def importance_record(scores: dict, shape: WidthShape, **meta) -> dict:
     """The importance.json document (scores rounded to 6 significant digits)."""
     def r(values):
         return [r(v) for v in values] if isinstance(values, list) else float(f"{values:.6g}")
+    vision = ({"vision_tokens": scores.get("vision_tokens"), "vision_ffn": r(scores["vision_ffn"])}
+              if scores.get("vision_ffn") is not None else {})
     return {"kind": IMPORTANCE_KIND, **meta, "tokens": scores.get("tokens"), "shape": shape.as_dict(),
             "higher_is_more_important": True,
-            "ffn": r(scores["ffn"]), "heads": r(scores["heads"]), "hidden": r(scores["hidden"])}
+            "ffn": r(scores["ffn"]), "heads": r(scores["heads"]), "hidden": r(scores["hidden"]), **vision}
 
 
-def check_importance(record, shape: WidthShape, where: str) -> dict:
-    """Validate a loaded importance.json against the model it is applied to; returns the record."""
+def check_importance(record, shape: WidthShape, where: str, need_vision: bool = False) -> dict:
+    """Validate a loaded importance.json against the model it is applied to; returns the record. `need_vision`:
+    the vision MLP is cut, so the record must hold its scores."""
     if not isinstance(record, dict) or record.get("kind") != IMPORTANCE_KIND:
         raise PrunekitError(f"{where}: not a width importance file (written by `prunekit width`, "
                             f"kind {IMPORTANCE_KIND!r})")
@@ -197,6 +257,16 @@ def check_importance(record, shape: WidthShape, where: str) -> dict:
           and _matrix([record.get("hidden")], 1, shape.hidden))
     if not ok:
         raise PrunekitError(f"{where}: ffn / heads / hidden scores do not have the shapes its 'shape' states")
+    if record.get("vision_ffn") is not None:
+        if got.get("vision_intermediate_size") != shape.vision_ffn or got.get("vision_depth") != shape.vision_blocks:
+            raise PrunekitError(f"{where}: the vision MLP scores are for {got.get('vision_depth')} blocks of "
+                                f"{got.get('vision_intermediate_size')} channels, the model has "
+                                f"{shape.vision_blocks} of {shape.vision_ffn}")
+        if not _matrix(record["vision_ffn"], shape.vision_blocks, shape.vision_ffn):
+            raise PrunekitError(f"{where}: vision_ffn scores do not have the shape its 'shape' states")
+    elif need_vision:
+        raise PrunekitError(f"{where}: has no vision MLP scores (scored on data without image rows); score "
+                            f"--vision-ffn on --data with image rows")
     return record
 
 
@@ -215,7 +285,7 @@ def _top(scores: list[float], k: int) -> list[int]:
 def select_kept(scores: dict, old: WidthShape, new: WidthShape) -> dict:
     """{"ffn": per layer, "heads": per layer, "hidden": [...]} indexes to keep (None where nothing changes). Query
     heads are chosen within each KV group: group g keeps its new.heads / kv best heads."""
-    kept: dict = {"ffn": None, "heads": None, "hidden": None}
+    kept: dict = {"ffn": None, "heads": None, "hidden": None, "vision_ffn": None}
     if new.intermediate != old.intermediate:
         kept["ffn"] = [_top(layer, new.intermediate) for layer in scores["ffn"]]
     if new.heads != old.heads:
@@ -224,14 +294,17 @@ def select_kept(scores: dict, old: WidthShape, new: WidthShape) -> dict:
                           for h in _top(layer[g * per_old:(g + 1) * per_old], per_new)] for layer in scores["heads"]]
     if new.hidden != old.hidden:
         kept["hidden"] = _top(scores["hidden"], new.hidden)
+    if new.vision_changed(old):
+        kept["vision_ffn"] = [_top(block, new.vision_ffn) for block in scores["vision_ffn"]]
     return kept
 
 
 # ---- surgery ------------------------------------------------------------------------------------------------------
 @dataclass
 class WidthCut:
-    """Keep the listed FFN channels (per layer), query heads (per layer, whole GQA groups consistent) and hidden
-    channels (one list for the whole residual stream); None = that dimension unchanged."""
+    """Keep the listed FFN channels (per layer), query heads (per layer, whole GQA groups consistent), hidden
+    channels (one list for the whole residual stream) and vision MLP channels (per vision block, VLMs); None = that
+    dimension unchanged."""
     adapter: Adapter
     config: dict
     ffn_keep: list[list[int]] | None = None
@@ -239,6 +312,7 @@ class WidthCut:
     hidden_keep: list[int] | None = None
     importance: dict = field(default_factory=dict)   # where the scores came from (recorded in the provenance)
     budget: dict | None = None   # --params / --params-fraction: the mix chosen and the alternatives (provenance)
+    vision_ffn_keep: list[list[int]] | None = None
 
     def __post_init__(self):
         a = self.adapter
@@ -248,7 +322,20 @@ class WidthCut:
         n_ffn = len(self.ffn_keep[0]) if self.ffn_keep else old.intermediate
         n_heads = len(self.head_keep[0]) if self.head_keep else old.heads
         n_hidden = len(self.hidden_keep) if self.hidden_keep is not None else old.hidden
-        self.new = WidthShape(old.layers, n_ffn, n_heads, old.kv_heads, old.head_dim, n_hidden)
+        n_vision = old.vision_ffn
+        if self.vision_ffn_keep is not None:
+            if old.vision_ffn is None:
+                raise PrunekitError(f"width: {a.family} has no vision MLP in the family table to cut")
+            n_vision = len(self.vision_ffn_keep[0]) if self.vision_ffn_keep else 0
+            if len(self.vision_ffn_keep) != old.vision_blocks or len({len(x) for x in self.vision_ffn_keep}) != 1:
+                raise PrunekitError("width: vision_ffn needs one equally long keep list per vision block")
+            for x in self.vision_ffn_keep:
+                _check_keep(x, old.vision_ffn, "vision_ffn")
+            if n_vision % a.vision_ffn_step(self.config):
+                raise PrunekitError(f"width: {a.family}'s vision config cannot state a vision MLP of {n_vision} "
+                                    f"(a multiple of {a.vision_ffn_step(self.config)})")
+        self.new = WidthShape(old.layers, n_ffn, n_heads, old.kv_heads, old.head_dim, n_hidden, old.vision_blocks,
+                              n_vision)
         if a.hidden_multiple_of_heads and n_hidden % n_heads:
             raise PrunekitError(f"width: {a.family} needs hidden_size ({n_hidden}) to be a multiple of the query "
                                 f"heads ({n_heads})")
@@ -275,8 +362,11 @@ class WidthCut:
         self._heads = ([torch.cat([h * old.head_dim + hd for h in x]) for x in self.head_keep]
                        if self.head_keep else None)
         self._hidden = torch.tensor(self.hidden_keep) if self.hidden_keep is not None else None
+        self._vision = [torch.tensor(x) for x in self.vision_ffn_keep] if self.vision_ffn_keep else None
         self.new_config = copy.deepcopy(self.config)
         a.set_width_config(self.new_config, n_ffn, n_heads, n_hidden)
+        if self._vision is not None:
+            a.set_vision_ffn_config(self.new_config, n_vision)
 
     # index selection; None = keep all
     @staticmethod
@@ -296,6 +386,8 @@ class WidthCut:
             return key, self._layer_tensor(int(m["idx"]), m["rest"], key, tensor)
         if a.is_vision_out_key(key):          # vision features projected into the text hidden size
             return key, self._take(tensor, 0, hid)
+        if self._vision is not None and (m := a.match_vision_block(key)):
+            return key, self._vision_tensor(int(m["idx"]), m["rest"], tensor)
         if a.is_vision_key(key):
             return key, tensor
         top = a.match_text_top(key)
@@ -335,15 +427,30 @@ class WidthCut:
         raise PrunekitError(f"width: {a.family} tensor {key} {list(t.shape)} is not in the family table's width "
                             f"layout; nothing written")
 
+    def _vision_tensor(self, block: int, rest: str, t: torch.Tensor) -> torch.Tensor:
+        """A vision-block tensor: the MLP's input projections lose output rows (weight and bias), its output
+        projection input columns; everything else in the block stays."""
+        a = self.adapter
+        module, _, kind = rest[1:].rpartition(".")
+        if module in a.vision_mlp_in:
+            return self._take(t, 0, self._vision[block])
+        if module == a.vision_mlp_out and kind == "weight":
+            return self._take(t, 1, self._vision[block])
+        return t
+
     def provenance(self) -> dict:
         old, new = self.old.as_dict(), self.new.as_dict()
         sizes = {k: {"before": old[k], "after": new[k]}
                  for k in ("intermediate_size", "num_attention_heads", "hidden_size")}
+        if self.vision_ffn_keep is not None:
+            sizes["vision_intermediate_size"] = {"before": old["vision_intermediate_size"],
+                                                 "after": new["vision_intermediate_size"]}
         return {"operation": "width", "sizes": sizes, "importance": self.importance,
                 **({"budget": self.budget} if self.budget is not None else {}),
                 "norm_scale": self.norm_scale if self.hidden_keep is not None else None,
                 "kept": {"hidden": self.hidden_keep, "heads": self.head_keep,
-                         "ffn": "importance.json: kept.ffn" if self.ffn_keep else None}}
+                         "ffn": "importance.json: kept.ffn" if self.ffn_keep else None,
+                         **({"vision_ffn": "importance.json: kept.vision_ffn"} if self.vision_ffn_keep else {})}}
 
 
 def _check_keep(keep: list[int], total: int, name: str) -> None:
@@ -355,7 +462,7 @@ def width_cut_from_scores(adapter: Adapter, cfg: dict, new: WidthShape, scores: 
                           importance: dict | None = None, budget: dict | None = None) -> WidthCut:
     kept = select_kept(scores, WidthShape.of(adapter, cfg), new)
     return WidthCut(adapter, cfg, kept["ffn"], kept["heads"], kept["hidden"], importance=importance or {},
-                    budget=budget)
+                    budget=budget, vision_ffn_keep=kept["vision_ffn"])
 
 
 # ---- a parameter budget (--params / --params-fraction): prunekit picks the mix ---------------------------------
@@ -380,7 +487,8 @@ def shape_cut(adapter: Adapter, cfg: dict, new: WidthShape) -> WidthCut:
     heads = ([[g * per_old + j for g in range(old.kv_heads) for j in range(per_new)]] * old.layers
              if new.heads != old.heads else None)
     hidden = list(range(new.hidden)) if new.hidden != old.hidden else None
-    return WidthCut(adapter, cfg, ffn, heads, hidden)
+    vision = [list(range(new.vision_ffn))] * old.vision_blocks if new.vision_changed(old) else None
+    return WidthCut(adapter, cfg, ffn, heads, hidden, vision_ffn_keep=vision)
 
 
 def count_params(adapter: Adapter, cfg: dict, shapes: dict, surgery=None) -> int:

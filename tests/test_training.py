@@ -229,10 +229,10 @@ def test_distill_on_text_rows_mixed_with_chat_packed(tiny_chat_model_dir, chat_d
     assert [m["step"] for m in lines] == [0, 1, 2] and all(m["train/tokens"] > 0 for m in lines[1:])
     assert lines[-1]["eval/loss"] < 20 and (result.output / "model.safetensors").is_file()
     # what the workers trained on: text rows are supervised on every token but each sample's first, and packed
-    from types import SimpleNamespace
     from prunekit.core.loading import load_tokenizer
-    ns = SimpleNamespace(max_length=64, packing=True, model=str(tiny_chat_model_dir), trust_remote_code=False)
-    packs = training._samples(load_tokenizer(tiny_chat_model_dir), data[1], ns)
+    from prunekit.core.samples import load_samples
+    packs = load_samples(load_tokenizer(tiny_chat_model_dir), data[1], model=tiny_chat_model_dir, max_length=64,
+                         packing=True)
     for p in packs:
         samples_in_pack = p["position_ids"].count(0)
         assert sum(x != -100 for x in p["labels"]) == len(p["input_ids"]) - samples_in_pack
@@ -256,14 +256,15 @@ def test_a_non_finite_loss_stops_the_run_before_a_checkpoint_holds_it(tiny_chat_
 def test_packed_masks_come_in_the_dtype_each_model_computes_in(tiny_chat_model_dir, chat_data):
     """A packed batch's additive 4D mask is built in the dtype of the attention that reads it: bf16 for a bf16
     teacher, bf16 for an fp32 student under bf16 autocast, fp32 otherwise (sdpa takes the mask as it is)."""
-    from types import SimpleNamespace
     from prunekit.core.loading import load_model, load_tokenizer
+    from prunekit.core.samples import load_samples
     from prunekit.engine.loop import lm_batch
     from prunekit.engine.objectives import DistillObjective
     student, _ = load_model(tiny_chat_model_dir)
     teacher, _ = load_model(tiny_chat_model_dir, dtype=torch.bfloat16)
-    ns = SimpleNamespace(max_length=64, packing=True, model=str(tiny_chat_model_dir), trust_remote_code=False)
-    batch = lm_batch(training._samples(load_tokenizer(tiny_chat_model_dir), chat_data[1], ns, 16)[:2], 0)
+    samples = load_samples(load_tokenizer(tiny_chat_model_dir), chat_data[1], model=tiny_chat_model_dir,
+                           max_length=64, packing=True, limit=16)
+    batch = lm_batch(samples[:2], 0)
     seen = {}
 
     def spy(name):

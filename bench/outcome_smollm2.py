@@ -86,7 +86,7 @@ def prepare_data(data: Path) -> None:
 
 def measure(model: str, data: Path, args) -> dict:
     from prunekit.stages.evaluate import evaluate_file
-    from prunekit.stages.pipeline import model_facts
+    from prunekit.pipeline import model_facts
     dev = "cuda" if args.gpu else "cpu"
     gen = evaluate_file(model, data / "general-eval.jsonl", args.eval_text_samples, 512, device=dev)
     chat = evaluate_file(model, data / "val.jsonl", args.eval_samples, 512, device=dev)
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     def run_pipeline():
         import yaml
         from prunekit.config import load_config
-        from prunekit.stages.pipeline import pipeline
+        from prunekit.pipeline import pipeline
         recipe = yaml.safe_load((ROOT / "recipes" / "outcome.yaml").read_text())
         recipe.update(model=original, train=str(recovery), val=str(data / "val.jsonl"),
                       eval_text=str(data / "general-eval.jsonl"), output_dir=str(out / "pipeline"))

@@ -49,7 +49,7 @@ def write_mix(corpus: Path, data: Path, mix: Path) -> None:
 
 
 def decoder_layer_params(model: str) -> int:
-    from prunekit.stages.pipeline import text_layer_params
+    from prunekit.pipeline import text_layer_params
     return sum(text_layer_params(Path(model)))
 
 

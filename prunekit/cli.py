@@ -198,7 +198,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from prunekit.stages.demo import demo
+    from prunekit.pipeline.demo import demo
     demo(args.model, args.out, overwrite=args.fresh)
 
 
@@ -270,7 +270,7 @@ def cmd_rl(args) -> None:
 
 def cmd_pipeline(args) -> None:
     from prunekit.config import load_config
-    from prunekit.stages.pipeline import pipeline
+    from prunekit.pipeline import pipeline
     if (args.recipe is None) == (args.config is None):
         raise PrunekitError("give the recipe once: `prunekit pipeline RECIPE.yaml` or `--config RECIPE.yaml`")
     recipe = args.recipe or args.config

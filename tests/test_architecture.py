@@ -1,5 +1,5 @@
-"""The package's shape, checked from the source: imports flow one way (cli / ray_jobs -> stages -> {distributed, rl}
--> engine -> core) and no two modules import each other, directly or around a loop."""
+"""The package's shape, checked from the source: imports flow one way (cli / ray_jobs -> pipeline -> stages ->
+{distributed, rl} -> engine -> core) and no two modules import each other, directly or around a loop."""
 from __future__ import annotations
 
 import ast
@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "prunekit"
 # a layer may import the layers after it in this list, never one before it
-LAYERS = ["cli", "stages", "distributed", "rl", "engine", "core"]
+LAYERS = ["cli", "pipeline", "stages", "distributed", "rl", "engine", "core"]
 PEERS = {("distributed", "rl"), ("rl", "distributed")}   # side by side: the RL stage drives both
 
 

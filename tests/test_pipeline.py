@@ -11,7 +11,8 @@ import yaml
 from prunekit import PrunekitError
 from prunekit.cli import main
 from prunekit.config import load_config
-from prunekit.stages import pipeline as pl
+from prunekit import pipeline as pl
+from prunekit.pipeline import runner as pipeline_runner
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_rounds_until_target_then_finish_resumable(ray_session, chat4, chat_data
     # run 2: continues at r1-3-sft; two rounds of one layer reach the target, then the KV cut
     monkeypatch.setattr(training, "sft", real_sft)
     calls = []
-    monkeypatch.setattr(pl.Runner, "_importance", _counting(pl.Runner._importance, calls))
+    monkeypatch.setitem(pipeline_runner.STAGE_RUNNERS, "importance", _counting(pl.Runner._importance, calls))
     assert main(["pipeline", str(path)]) == 0
     assert calls == ["r2-1-importance"]       # round 1's importance was not recomputed
     state = json.loads((out / pl.STATE_FILE).read_text())
@@ -107,13 +108,13 @@ def test_rounds_until_target_then_finish_resumable(ray_session, chat4, chat_data
     assert "general text loss" in printed and "text vs orig" in printed
 
     # run 3: everything is finished -> no stage runs again
-    for stage in ("_importance", "_prune", "_sft", "_kv_cut"):
-        monkeypatch.setattr(pl.Runner, stage, _forbidden)
+    for stage in ("importance", "prune", "sft", "kv_cut"):
+        monkeypatch.setitem(pipeline_runner.STAGE_RUNNERS, stage, _forbidden)
     assert main(["pipeline", str(path)]) == 0
     assert json.loads((out / pl.STATE_FILE).read_text())["stages"] == state["stages"]
 
     # --redo forgets a stage and everything after it
-    monkeypatch.setattr(pl.Runner, "_kv_cut", _REAL_KV_CUT)
+    monkeypatch.setitem(pipeline_runner.STAGE_RUNNERS, "kv_cut", _REAL_KV_CUT)
     assert main(["pipeline", str(path), "--redo", "f-1-kv_cut"]) == 0
     assert [s["id"] for s in json.loads((out / pl.STATE_FILE).read_text())["stages"]] == ids
 
@@ -232,7 +233,7 @@ def test_pipeline_recipe_with_its_commented_finish_stages_is_valid(tmp_path):
 def test_demo_recipe_is_a_valid_pipeline_recipe(tmp_path):
     """`prunekit demo` is a pipeline run: its recipe passes the same checks (the run itself is the README's first
     command, timed there)."""
-    from prunekit.stages.demo import DEMO_RECIPE
+    from prunekit.pipeline.demo import DEMO_RECIPE
     cfg = load_config("pipeline", None, {"model": "smollm2", "train": "t.jsonl", "val": "v.jsonl",
                                          "output_dir": str(tmp_path), **DEMO_RECIPE})
     rounds, finish = pl.check_recipe(cfg)
@@ -260,7 +261,7 @@ def test_local_pipeline_prunes_a_given_plan_without_ray(chat4, chat_data, tmp_pa
                  target={"params": pl.model_facts(chat4)["params"] - int(1.5 * layer)}, max_layers=2,
                  finish=[{"kv_cut": {"kv_heads": 1, "calibrate": True, "samples": 16, "calibration_steps": 2}},
                          "distill"], stages={"distill": SFT})
-    monkeypatch.setattr(pl, "recovery_shortfall", lambda cfg, original, current: "token_acc 0.1 is 0.2 of ...")
+    monkeypatch.setattr(pipeline_runner, "recovery_shortfall", lambda cfg, original, current: "token_acc 0.1 is 0.2 of ...")
     assert main(["pipeline", str(write(tmp_path, cfg))]) == 0
     state = json.loads((out / pl.STATE_FILE).read_text())
     assert [r["id"] for r in state["stages"]] == ["r1-1-prune", "f-1-kv_cut", "f-2-distill"]

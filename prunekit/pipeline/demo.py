@@ -66,7 +66,7 @@ def _reply(path: Path) -> str:
 
 def demo(model: str = "smollm2", out: str | Path = "prunekit-demo", overwrite: bool = False):
     from prunekit.config import load_config
-    from prunekit.stages.pipeline import pipeline
+    from prunekit.pipeline import pipeline
     start = time.time()
     out = Path(out).resolve()
     t = _step("data: chatterbot-corpus English Q/A -> messages JSONL")

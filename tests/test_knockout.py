@@ -44,7 +44,7 @@ def text_sweep(ray_session, chat4_dir, chat_data, tmp_path_factory):
     baseline_result = first.run_dir / "trials" / "baseline" / "result.json"
     mtime = baseline_result.stat().st_mtime_ns
     second = knockout(ko_config(chat4_dir, train, val, tmp), resume=True)
-    return {"first": first, "first_report": first_report, "second": second, "tmp": tmp,
+    return {"first": first, "first_report": first_report, "second": second, "tmp": tmp, "model": chat4_dir,
             "baseline_untouched": baseline_result.stat().st_mtime_ns == mtime}
 
 
@@ -61,7 +61,12 @@ def test_text_sweep_rows_curves_and_report(text_sweep):
         if cid != "baseline":
             assert row["verdict"] in ("free", "recoverable", "key")
             assert row["ratio"] == pytest.approx(row["eval_token_acc"] / rows["baseline"]["eval_token_acc"])
-            assert row["params_removed"] > 0 and row["early_excess"] is not None
+            assert row["early_excess"] is not None
+            # what removing the candidate's layers removes, counted from the checkpoint's tensors
+            from prunekit.core.plan import Candidate
+            from prunekit.pipeline import text_layer_params
+            per_layer = text_layer_params(text_sweep["model"])
+            assert row["params_removed"] == sum(per_layer[i] for i in Candidate.parse(cid).text) > 0
             for metric in ("block_influence", "angular_distance", "nll_drop"):  # training-free scores beside
                 assert isinstance(row[metric], float)
     with open(result.output / "results.csv") as f:

@@ -128,7 +128,6 @@ class TrainConfig(LaunchConfig, EngineConfig, OptimConfig, OutputConfig, DataCon
     eval_interval: int = 50
     eval_max_samples: int | None = None
     log_interval: int = 1
-    test_crash_at_step: int | None = None     # test-only: a worker dies once at this step (fault-tolerance tests)
     # the memory plan checked before training on GPUs (`prunekit plan`): gpu_memory is one GPU's memory (e.g. 80GiB)
     # for a driver that sees no GPU itself (default: what this machine's GPUs have free); memory_check: false skips
     # the check. Both stay out of dumps at their defaults (run names of earlier runs do not change).
@@ -333,7 +332,6 @@ class TrialConfig(TrainConfig):
     log_interval: int = 5                     # report to Ray Tune every this many steps (and at every eval)
     tune: KnockoutTune = KnockoutTune()
     importance_samples: int = 32              # calibration rows of `train` (knockout: the importance scores)
-    test_fail_candidates: list[str] = []      # test-only: these trials raise (error reporting tests)
 
 
 class KnockoutConfig(RemovalBudget, TrialConfig):
@@ -532,6 +530,14 @@ class PipelineConfig(RemovalBudget, LaunchConfig, OutputLocation, DataConfig, Mo
 STAGE_CONFIGS["pipeline"] = PipelineConfig
 
 
+# keys that left the config: a config still giving one fails with a line naming what replaced it
+REMOVED_KEYS = {
+    "test_crash_at_step": "test-only fault injection is the environment variable PRUNEKIT_TEST_CRASH_AT_STEP now",
+    "test_fail_candidates": "test-only fault injection is the environment variable PRUNEKIT_TEST_FAIL_CANDIDATES "
+                            "now (trial ids separated by ';')",
+}
+
+
 def _set_dotted(d: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
     for k in keys[:-1]:
@@ -555,6 +561,9 @@ def load_config(stage: str, path: str | Path | None = None, overrides: dict | No
     for k, v in (overrides or {}).items():
         if v is not None:
             _set_dotted(raw, k, v)
+    for key in raw:
+        if key in REMOVED_KEYS and key not in cls.model_fields:
+            raise PrunekitError(f"{where}: {key}: no longer a setting; {REMOVED_KEYS[key]}")
     try:
         return cls(**raw)
     except ValidationError as e:

@@ -65,9 +65,47 @@ def minimal(stage: str) -> dict:
     return {k: v for k, v in MINIMAL.items() if k in C.STAGE_CONFIGS[stage].model_fields}
 
 
+# test-only fault injection left the schema (PRUNEKIT_TEST_* environment variables, engine/reporting.py)
+REMOVED = {"test_crash_at_step", "test_fail_candidates"}
+
+
 @pytest.mark.parametrize("stage", sorted(KEYS))
 def test_keys_unchanged(stage):
-    assert set(C.STAGE_CONFIGS[stage].model_fields) == set(KEYS[stage].split())
+    assert set(C.STAGE_CONFIGS[stage].model_fields) == set(KEYS[stage].split()) - REMOVED
+
+
+@pytest.mark.parametrize("stage, key, value, replacement", [
+    ("sft", "test_crash_at_step", 2, "PRUNEKIT_TEST_CRASH_AT_STEP"),
+    ("rl", "test_crash_at_step", 2, "PRUNEKIT_TEST_CRASH_AT_STEP"),
+    ("knockout", "test_fail_candidates", ["text:1"], "PRUNEKIT_TEST_FAIL_CANDIDATES"),
+    ("width-search", "test_fail_candidates", ["depth"], "PRUNEKIT_TEST_FAIL_CANDIDATES"),
+])
+def test_removed_test_keys_fail_naming_the_replacement(tmp_path, stage, key, value, replacement):
+    import yaml
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({**minimal(stage), key: value}))
+    with pytest.raises(PrunekitError) as e:
+        C.load_config(stage, p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: {key}: no longer a setting; ") and replacement in msg and "\n" not in msg
+    with pytest.raises(PrunekitError, match=f"^flags: {key}: .*{replacement}"):  # --set test_crash_at_step=2
+        C.load_config(stage, None, {**minimal(stage), key: value})
+
+
+def test_fault_hook_reads_the_environment_and_travels_to_workers(monkeypatch):
+    from prunekit.engine.reporting import apply_fault_env, fault_env, injected_faults
+    monkeypatch.delenv("PRUNEKIT_TEST_CRASH_AT_STEP", raising=False)
+    monkeypatch.delenv("PRUNEKIT_TEST_FAIL_CANDIDATES", raising=False)
+    assert injected_faults() == (None, []) and fault_env() == {}
+    monkeypatch.setenv("PRUNEKIT_TEST_CRASH_AT_STEP", "3")
+    monkeypatch.setenv("PRUNEKIT_TEST_FAIL_CANDIDATES", "text:1; vision:0,1")
+    assert injected_faults() == (3, ["text:1", "vision:0,1"])
+    sent = fault_env()
+    assert sent == {"PRUNEKIT_TEST_CRASH_AT_STEP": "3", "PRUNEKIT_TEST_FAIL_CANDIDATES": "text:1; vision:0,1"}
+    apply_fault_env({})  # a worker of a run without faults drops what an earlier run left in its process
+    assert injected_faults() == (None, [])
+    apply_fault_env(sent)
+    assert injected_faults() == (3, ["text:1", "vision:0,1"])
 
 
 @pytest.mark.parametrize("stage", sorted(DEFAULTS))

@@ -52,43 +52,82 @@ class WandbConfig(Strict):
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
 
 
-class TrainConfig(Strict):
-    """Shared by sft, distill and lora: the one training engine's settings."""
+# ---- field blocks the stage configs are composed of ------------------------------------------------------------
+# Each setting is declared once, in one of these small models; a stage config inherits the blocks it has (a subclass
+# may re-declare a field only to change its default). YAML keys and attributes stay flat: `lr:`, `cfg.lr`.
+# pydantic orders a model's fields from its last base to its first, and a config missing several keys reports the
+# first one: the stage configs therefore list their bases last-block-first.
+
+class ModelSource(Strict):
     model: str
+    trust_remote_code: bool = False
+
+
+class DataConfig(Strict):
     train: Path
     val: Path | None = None
+
+
+class OutputLocation(Strict):
+    """Where a run's results go."""
     output_dir: Path
     name: str | None = None                   # run name under storage_path; re-running the same name resumes
     storage_path: Path = Path("runs")
-    max_length: int = 1024
-    packing: bool = False
-    batch_size: int = 4                       # per worker, per micro-step
-    grad_accum: int = 1
+    wandb: WandbConfig = WandbConfig()
+
+
+class OutputConfig(OutputLocation):
+    """... plus checkpoints (the training engine's runs)."""
+    overwrite: bool = False
+    save_interval: int = 100
+
+
+class OptimConfig(Strict):
+    """The optimizer and its schedule (checked by `check_optimizer_settings`)."""
     max_steps: int | None = None
-    epochs: float = 1.0
     lr: float = 1e-5
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
+
+
+class EngineConfig(Strict):
+    """How the training engine runs a step: precision, compilation, memory savers, seed."""
     bf16: bool = False                        # bf16 autocast over fp32 weights
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: pure bf16 weights and optimizer
     compile: bool = False                     # torch.compile each decoder layer (GPU)
     gradient_checkpointing: bool = False
-    eval_interval: int = 50
-    eval_max_samples: int | None = None
-    save_interval: int = 100
-    log_interval: int = 1
-    seed: int = 0
     loss_chunk_size: int = 1024               # rows of the sequence per cross-entropy chunk (no full B*S*V logits)
-    trust_remote_code: bool = False
-    overwrite: bool = False
+    seed: int = 0
+
+
+class RemovalBudget(Strict):
+    """At most this much removed: knockout's plan budget; a pipeline round's guardrail."""
+    max_params_fraction: float = 0.25         # of the parameters (a pipeline: of the round's input)
+    max_layers: int = 10
+
+
+class ClusterConfig(Strict):
+    ray: RayConfig = RayConfig()
+
+
+class LaunchConfig(ClusterConfig):
     # ray: Ray Train workers (any number, any node); local: one worker in this process, no Ray (a single GPU or
     # CPU box, or one without Ray installed); checkpoints and resume work the same way
     launcher: Literal["ray", "local"] = "ray"
-    ray: RayConfig = RayConfig()
-    wandb: WandbConfig = WandbConfig()
-    test_crash_at_step: int | None = None     # test-only: a worker dies once at this step (fault-tolerance tests)
+
+
+class TrainConfig(LaunchConfig, EngineConfig, OptimConfig, OutputConfig, DataConfig, ModelSource):
+    """Shared by sft, distill and lora: the one training engine's settings."""
+    max_length: int = 1024
+    packing: bool = False
+    batch_size: int = 4                       # per worker, per micro-step
+    grad_accum: int = 1
+    epochs: float = 1.0
+    eval_interval: int = 50
+    eval_max_samples: int | None = None
+    log_interval: int = 1
     # the memory plan checked before training on GPUs (`prunekit plan`): gpu_memory is one GPU's memory (e.g. 80GiB)
     # for a driver that sees no GPU itself (default: what this machine's GPUs have free); memory_check: false skips
     # the check. Both stay out of dumps at their defaults (run names of earlier runs do not change).
@@ -133,12 +172,16 @@ def check_optimizer_settings(cfg) -> None:
         raise ValueError(f"grad_clip must be a finite number > 0 or null, got {cfg.grad_clip}")
 
 
-class DistillConfig(TrainConfig):
-    teacher: str
+class KDConfig(Strict):
+    """Distillation from a teacher (distill; width-search distils from the original)."""
     beta: float = 0.5                         # generalized JSD: 0 = forward KL, 1 = reverse KL
     temperature: float = 1.0
     sft_alpha: float = 0.0                    # weight of the plain cross-entropy mixed into the KD loss
     top_k: int | None = None                  # keep only the teacher's top-k logits
+
+
+class DistillConfig(KDConfig, TrainConfig):
+    teacher: str
     # same_gpu: teacher beside the student; own_gpu: each worker takes 2 GPUs (ray.gpus_per_worker: 2) and the
     # teacher's forward runs on the second, concurrently with the student's step
     teacher_placement: Literal["same_gpu", "own_gpu"] = "same_gpu"
@@ -208,16 +251,13 @@ class RolloutConfig(Strict):
     fast: bool | None = None                  # transformers: static KV cache + compiled decode (default: on GPU)
 
 
-class RLConfig(Strict):
-    """`prunekit rl`: rollout actors generate, rewards score, learners (the training engine) update."""
-    model: str
+class RLConfig(ClusterConfig, EngineConfig, OptimConfig, OutputConfig, ModelSource):
+    """`prunekit rl`: rollout actors generate, rewards score, learners (the training engine) update.
+    `ray`: the learners (num_workers, strategy ddp | fsdp, use_gpu, ...)."""
     prompts: Path                             # JSONL/JSON rows: `prompt` (text or messages) + columns for rewards
     prompt_column: str = "prompt"
     system_prompt: str | None = None
     max_prompt_length: int = 512
-    output_dir: Path
-    name: str | None = None
-    storage_path: Path = Path("runs")
     max_steps: int = 100                      # generation batches
     prompts_per_step: int = 8
     rewards: list[RewardSpec]
@@ -226,19 +266,7 @@ class RLConfig(Strict):
     lr: float = 1e-6
     scheduler: Literal["cosine", "linear", "constant"] = "constant"
     warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    grad_clip: float | None = 1.0
-    bf16: bool = False
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
-    compile: bool = False
-    gradient_checkpointing: bool = False
     save_interval: int = 50
-    seed: int = 0
-    loss_chunk_size: int = 1024
-    trust_remote_code: bool = False
-    overwrite: bool = False
-    ray: RayConfig = RayConfig()              # learners: num_workers, strategy (ddp | fsdp), use_gpu, ...
-    wandb: WandbConfig = WandbConfig()
 
     @model_validator(mode="after")
     def _check(self):
@@ -296,24 +324,24 @@ class KnockoutTune(Strict):
     reuse_actors: bool | None = None
 
 
-class KnockoutConfig(TrainConfig):
-    """`prunekit knockout`: per candidate, remove it, run a short SFT through the training engine, evaluate."""
-    output_dir: Path                          # the report directory
+class TrialConfig(TrainConfig):
+    """A Ray Tune sweep of short training trials (knockout, width-search): output_dir is the report directory."""
     max_steps: int | None = 50
     eval_interval: int = 10
     save_interval: int = 10 ** 9              # trials keep no checkpoints
     log_interval: int = 5                     # report to Ray Tune every this many steps (and at every eval)
-    candidates: KnockoutCandidates = KnockoutCandidates()
     tune: KnockoutTune = KnockoutTune()
+    importance_samples: int = 32              # calibration rows of `train` (knockout: the importance scores)
+
+
+class KnockoutConfig(RemovalBudget, TrialConfig):
+    """`prunekit knockout`: per candidate, remove it, run a short SFT through the training engine, evaluate."""
+    candidates: KnockoutCandidates = KnockoutCandidates()
     free_ratio: float = 0.95                  # verdict free: final token_acc >= this x baseline
     recoverable_ratio: float = 0.90           # verdict recoverable: >= this x baseline; key below
     spike_window: float = 0.25                # early-spike flag: the first this fraction of steps ...
     spike_margin: float = 0.25                # ... train loss on average more than this above the baseline's
-    max_params_fraction: float = 0.25         # plan budget
-    max_layers: int = 10
     importance: bool = True                   # training-free scores beside the knockout (one extra Ray task)
-    importance_samples: int = 32
-    test_fail_candidates: list[str] = []      # test-only: these trials raise (error reporting tests)
 
     @model_validator(mode="after")
     def _knockout(self):
@@ -336,10 +364,10 @@ STAGE_CONFIGS["knockout"] = KnockoutConfig
 WIDTH_SEARCH_CANDIDATES = ("ffn", "heads+ffn", "hidden+ffn", "depth")
 
 
-class WidthSearchConfig(TrainConfig):
+class WidthSearchConfig(KDConfig, TrialConfig):
     """`prunekit width-search`: width mixes and depth at one parameter budget, each pruned from the original, a short
-    distillation from the original (the training engine) and an eval on held-out general text, as Ray Tune trials."""
-    output_dir: Path                          # the report directory
+    distillation from the original (the training engine, `KDConfig`'s settings) and an eval on held-out general text,
+    as Ray Tune trials."""
     # the held-out rows every trial is measured on (default: the built-in general-text eval split); never trained on
     val: Path | None = None
     eval_max_samples: int | None = 64
@@ -350,18 +378,7 @@ class WidthSearchConfig(TrainConfig):
     layer_params_removed: float | None = None
     candidates: list[Literal["ffn", "heads+ffn", "hidden+ffn", "depth"]] = list(WIDTH_SEARCH_CANDIDATES)
     importance_samples: int = 64              # calibration rows of `train` the channels and layers are scored on
-    max_steps: int | None = 50
-    eval_interval: int = 10
-    save_interval: int = 10 ** 9              # trials keep no checkpoints
-    log_interval: int = 5
     lr: float = 1e-4
-    # distillation from the original (as `prunekit distill`)
-    beta: float = 0.5
-    temperature: float = 1.0
-    sft_alpha: float = 0.0
-    top_k: int | None = None
-    tune: KnockoutTune = KnockoutTune()
-    test_fail_candidates: list[str] = []      # test-only: these trials raise
 
     @model_validator(mode="after")
     def _search(self):
@@ -477,18 +494,14 @@ class PipelineTarget(Strict):
         return self
 
 
-class PipelineConfig(Strict):
+class PipelineConfig(RemovalBudget, LaunchConfig, OutputLocation, DataConfig, ModelSource):
     """`prunekit pipeline recipe.yaml`: rounds of (knockout -> prune -> sft -> distill) until the target size, then
-    the finishing stages; every stage's output under output_dir, progress in output_dir/pipeline_state.json."""
-    model: str
-    train: Path
+    the finishing stages; every stage's output under output_dir, progress in output_dir/pipeline_state.json.
+    `name`: prefix of the Ray Train / Tune run names (default: output_dir's name); `launcher: local`: training
+    stages and measurements in this process, no Ray."""
     val: Path
-    output_dir: Path
-    name: str | None = None                   # prefix of the Ray Train / Tune run names (default: output_dir's name)
     target: PipelineTarget
-    max_rounds: int = 4
-    max_params_fraction: float = 0.25         # guardrail: at most this fraction of a round's input removed per round
-    max_layers: int = 10                      # guardrail: at most this many layers removed per round
+    max_rounds: int = 4                       # RemovalBudget: the guardrail of each round
     min_token_acc_ratio: float = 0.9          # stop when recovery ends below this x the original's eval token_acc
     rounds: list[str | dict[str, dict]] = ["knockout", "prune", "sft", "distill"]
     finish: list[str | dict[str, dict]] = []
@@ -500,10 +513,6 @@ class PipelineConfig(Strict):
     eval_text: str | None = "general"
     eval_text_samples: int | None = None      # rows of eval_text to use (default: all)
     storage_path: Path | None = None          # checkpoints and sweep trials (default: output_dir/runs)
-    trust_remote_code: bool = False
-    launcher: Literal["ray", "local"] = "ray"  # local: training stages and measurements in this process, no Ray
-    ray: RayConfig = RayConfig()
-    wandb: WandbConfig = WandbConfig()
 
     @model_validator(mode="after")
     def _check(self):
@@ -519,6 +528,14 @@ class PipelineConfig(Strict):
 
 
 STAGE_CONFIGS["pipeline"] = PipelineConfig
+
+
+# keys that left the config: a config still giving one fails with a line naming what replaced it
+REMOVED_KEYS = {
+    "test_crash_at_step": "test-only fault injection is the environment variable PRUNEKIT_TEST_CRASH_AT_STEP now",
+    "test_fail_candidates": "test-only fault injection is the environment variable PRUNEKIT_TEST_FAIL_CANDIDATES "
+                            "now (trial ids separated by ';')",
+}
 
 
 def _set_dotted(d: dict, dotted: str, value) -> None:
@@ -544,6 +561,9 @@ def load_config(stage: str, path: str | Path | None = None, overrides: dict | No
     for k, v in (overrides or {}).items():
         if v is not None:
             _set_dotted(raw, k, v)
+    for key in raw:
+        if key in REMOVED_KEYS and key not in cls.model_fields:
+            raise PrunekitError(f"{where}: {key}: no longer a setting; {REMOVED_KEYS[key]}")
     try:
         return cls(**raw)
     except ValidationError as e:

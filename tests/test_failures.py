@@ -503,7 +503,7 @@ def test_signal_mid_checkpoint_keeps_the_last_complete_one(sig, tiny_chat_model_
     assert_no_survivors(marker)
 
 
-def ray_sft(tiny_chat_model_dir, chat_data, tmp_path, *extra):
+def ray_sft(tiny_chat_model_dir, chat_data, tmp_path, *extra, env: dict | None = None):
     """`prunekit sft` on Ray Train with a local Ray instance the command starts itself (its own RAY_TMPDIR, so it
     never joins another cluster on this machine); TEST_RUN_MARKER finds each of its processes afterwards."""
     import tempfile
@@ -512,7 +512,7 @@ def ray_sft(tiny_chat_model_dir, chat_data, tmp_path, *extra):
     argv = sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out", "--set", "ray.num_workers=1", *extra)
     argv[argv.index("launcher=local")] = "launcher=ray"
     ray_tmp = tempfile.mkdtemp(prefix="pk-ray-")  # short: Ray's socket paths must fit in 107 bytes
-    proc = start_cli(argv, tmp_path, env={"TEST_RUN_MARKER": marker, "RAY_TMPDIR": ray_tmp})
+    proc = start_cli(argv, tmp_path, env={"TEST_RUN_MARKER": marker, "RAY_TMPDIR": ray_tmp, **(env or {})})
     proc.ray_tmp = ray_tmp  # removed after the test
     return proc, marker
 
@@ -549,8 +549,8 @@ def test_signal_during_a_ray_train_run_stops_everything(sig, tiny_chat_model_dir
 def test_a_worker_that_dies_is_the_last_line_without_ray_noise_after_it(tiny_chat_model_dir, chat_data, tmp_path):
     """A worker dies (os._exit at step 1, no restarts): the one-line error is the last thing on stderr (Ray's own
     log lines do not follow it), exit 2, and the local Ray instance is gone."""
-    proc, marker = ray_sft(tiny_chat_model_dir, chat_data, tmp_path, "--set", "test_crash_at_step=1",
-                           "--set", "ray.max_failures=0")
+    proc, marker = ray_sft(tiny_chat_model_dir, chat_data, tmp_path, "--set", "ray.max_failures=0",
+                           env={"PRUNEKIT_TEST_CRASH_AT_STEP": "1"})
     rc, err = finish(proc)
     raw = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
     assert rc == 2 and raw[-1].startswith("prunekit sft: error: sft run run failed: "), err

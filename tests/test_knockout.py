@@ -38,8 +38,9 @@ def text_sweep(ray_session, chat4_dir, chat_data, tmp_path_factory):
     """Run 1 stops after 3 trials (tune.max_trials) and one of them fails; run 2 (same name) finishes the sweep."""
     tmp = tmp_path_factory.mktemp("knockout-text")
     train, val = chat_data
-    first = knockout(ko_config(chat4_dir, train, val, tmp, **{"tune.max_trials": 3,
-                                                             "test_fail_candidates": ["text:1"]}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PRUNEKIT_TEST_FAIL_CANDIDATES", "text:1")  # test-only hook: this trial raises
+        first = knockout(ko_config(chat4_dir, train, val, tmp, **{"tune.max_trials": 3}))
     first_report = json.loads((first.output / "results.json").read_text())
     baseline_result = first.run_dir / "trials" / "baseline" / "result.json"
     mtime = baseline_result.stat().st_mtime_ns

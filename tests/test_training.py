@@ -45,9 +45,12 @@ def test_two_workers_ddp_fsdp_and_zero2_match_one_worker_with_double_batch(ray_s
     assert prov["stage"] == "sft" and prov["metrics"]["step"] == 3 and prov["config"]["batch_size"] == 4
 
 
-def test_worker_killed_mid_run_resumes_from_checkpoint(ray_session, tiny_chat_model_dir, chat_data, tmp_path):
+def test_worker_killed_mid_run_resumes_from_checkpoint(ray_session, tiny_chat_model_dir, chat_data, tmp_path,
+                                                       monkeypatch):
+    # the test-only hook reaches the workers of the session's Ray instance, started before the variable was set
+    monkeypatch.setenv("PRUNEKIT_TEST_CRASH_AT_STEP", "2")
     cfg = cfg_for("sft", tiny_chat_model_dir, chat_data, tmp_path, "fault", max_steps=4, batch_size=2,
-                  eval_interval=4, save_interval=1, test_crash_at_step=2, **{"ray.max_failures": 1})
+                  eval_interval=4, save_interval=1, **{"ray.max_failures": 1})
     result = training.sft(cfg)
     run_dir = result.run_dir
     assert (run_dir / ".crashed-at-step-2").exists()  # the worker really died once
@@ -57,7 +60,8 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_session, tiny_chat_mo
     final = max(run_dir.glob("checkpoint_*/"), key=lambda d: json.loads((d / "metrics.json").read_text())["step"])
     assert sorted(p.name for p in final.iterdir()) == ["hf", "manifest.json", "metrics.json", "trainer_state.pt"]
     # ... and re-running the finished run trains nothing and gives the same model
-    again = training.sft(cfg.model_copy(update={"overwrite": True, "test_crash_at_step": None}))
+    monkeypatch.delenv("PRUNEKIT_TEST_CRASH_AT_STEP")
+    again = training.sft(cfg.model_copy(update={"overwrite": True}))
     assert [m["step"] for m in metrics_lines(again.run_dir)] == steps
     assert (again.output / "model.safetensors").read_bytes() == (final / "hf" / "model.safetensors").read_bytes()
     clean = training.sft(cfg_for("sft", tiny_chat_model_dir, chat_data, tmp_path, "clean", max_steps=4,

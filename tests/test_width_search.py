@@ -47,7 +47,9 @@ def ws_config(model, train, tmp_path, **over):
 def search(ray_session, wide_chat, chat_data, tmp_path_factory):
     """Run 1: the depth trial fails on purpose; run 2 (same name) runs only that one."""
     tmp = tmp_path_factory.mktemp("width-search")
-    first = width_search(ws_config(wide_chat, chat_data[0], tmp, test_fail_candidates=["depth"]))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PRUNEKIT_TEST_FAIL_CANDIDATES", "depth")  # test-only hook: this trial raises
+        first = width_search(ws_config(wide_chat, chat_data[0], tmp))
     results = {c: (first.run_dir / "trials" / c.replace("+", "_") / "result.json") for c in ("ffn", "hidden+ffn")}
     mtimes = {c: p.stat().st_mtime_ns for c, p in results.items()}
     second = width_search(ws_config(wide_chat, chat_data[0], tmp), resume=True)

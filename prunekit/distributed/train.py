@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prunekit import PrunekitError
 from prunekit.core.loading import owned_temp_dir, sweep_stale_temp_dirs
-from prunekit.engine.reporting import RunLogger
+from prunekit.engine.reporting import RunLogger, apply_fault_env, fault_env
 
 
 class RayTrainReporter(RunLogger):
@@ -54,8 +54,7 @@ def run_name(stage: str, cfg) -> str:
     """Default run name: stable for the same stage + config, so re-running the same command resumes."""
     if cfg.name:
         return cfg.name
-    blob = json.dumps(cfg.model_dump(mode="json", exclude={"name", "overwrite", "test_crash_at_step"}),
-                      sort_keys=True)
+    blob = json.dumps(cfg.model_dump(mode="json", exclude={"name", "overwrite"}), sort_keys=True)
     return f"{stage}-{Path(str(cfg.model)).name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 
 
@@ -68,6 +67,7 @@ def _worker(config: dict) -> None:
     from prunekit.config import STAGE_CONFIGS
     from prunekit.engine.loop import train
     build_worker = config["build"]
+    apply_fault_env(config.get("fault_env", {}))
     cfg = STAGE_CONFIGS[config["stage"]](**config["cfg"])
     device = ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu")
     if device.type == "cuda":
@@ -129,7 +129,7 @@ def launch(stage: str, cfg, build_worker) -> tuple[Path, Path, str]:
     trainer = _trainer_class()(
         _worker,
         train_loop_config={"stage": stage, "cfg": cfg.model_dump(mode="json"), "run_dir": str(run_dir),
-                           "name": name, "build": build_worker},
+                           "name": name, "build": build_worker, "fault_env": fault_env()},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),

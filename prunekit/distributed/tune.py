@@ -19,7 +19,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler
 
 from prunekit.core.interrupts import StopOnSignal, interrupt_for
 from prunekit.distributed.cluster import connect
-from prunekit.engine.reporting import RunLogger
+from prunekit.engine.reporting import RunLogger, apply_fault_env, fault_env
 
 # metrics a trial forwards to Tune (names without "/": Tune flattens nested keys on "/")
 FORWARD = {"train/loss": "train_loss", "train/token_acc": "train_token_acc", "train/lr": "train_lr",
@@ -202,6 +202,7 @@ def _trial(config: dict, shared: list, trial_fn, dir_fn, load_cfg) -> None:
     from ray import tune
     t0 = time.time()
     payload = ray.get(shared[0])
+    apply_fault_env(payload.get("fault_env", {}))
     cfg = load_cfg(payload["cfg"])
     cid = config["candidate"]
     torch.set_num_threads(max(1, int(cfg.tune.cpus_per_trial)))
@@ -242,7 +243,7 @@ def run_trials(cfg, run_dir: Path, name: str, ids: list[str], base: dict, payloa
     connect(cfg.ray.address)
     base_ref = ray.put(base)
     payload_ref = ray.put({**payload, "base": base_ref, "cfg": cfg.model_dump(mode="json"), "run_dir": str(run_dir),
-                           "name": name})
+                           "name": name, "fault_env": fault_env()})
     use_gpu = cfg.tune.gpus_per_trial > 0
     side_ref = None
     if side_fn is not None:

@@ -18,6 +18,7 @@ import torch
 from prunekit import PrunekitError
 from prunekit.core.samples import collate
 from prunekit.engine.manifest import write_manifest
+from prunekit.engine.reporting import injected_faults
 from prunekit.engine.strategy import STRATEGIES, LossModule, all_reduce_sum, world
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizer threads + forked workers deadlock
@@ -213,8 +214,9 @@ def _train(model, objective, cfg, train_samples, val_samples, pad_id: int, repor
 
     micro = host_batches(start_step) if start_step < steps else []
     tokens = global_tokens(micro) if micro else 0.0
+    crash_at_step = injected_faults()[0]
     for step in range(start_step, steps):
-        if cfg.test_crash_at_step is not None and step == cfg.test_crash_at_step:
+        if step == crash_at_step:
             reporter.maybe_crash(step)
         sums, grad_norm = accumulate_and_step(strategy, micro, tokens, autocast, device)
         lr = strategy.lr()

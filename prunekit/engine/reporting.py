@@ -74,7 +74,7 @@ class RunLogger:
             self.wandb.finish()
 
     def maybe_crash(self, step: int) -> None:
-        """Test-only fault injection (`test_crash_at_step`), the same for every reporter: see `crash_once`."""
+        """Test-only fault injection (PRUNEKIT_TEST_CRASH_AT_STEP), the same for every reporter: see `crash_once`."""
         crash_once(self.run_dir, step)
 
     def abort(self) -> None:
@@ -117,6 +117,37 @@ class LocalReporter(RunLogger):
         for old in sorted(root.glob("step-*"))[:-2]:  # keep the last two
             shutil.rmtree(old, ignore_errors=True)
         self.last_checkpoint = root / f"step-{step:07d}"
+
+
+# ---- test-only fault injection -------------------------------------------------------------------------------
+# Never part of a config. Tests set these environment variables; the driver hands the ones it sees to its Ray
+# workers and trials (`fault_env` there, `apply_fault_env` in the worker), since a Ray instance started earlier
+# does not see the driver's later environment.
+FAULT_ENV = ("PRUNEKIT_TEST_CRASH_AT_STEP", "PRUNEKIT_TEST_FAIL_CANDIDATES")
+
+
+def injected_faults() -> tuple[int | None, list[str]]:
+    """Test-only: (the step at which the last training rank dies once, see `crash_once`; the sweep trial ids that
+    raise). PRUNEKIT_TEST_CRASH_AT_STEP=2, PRUNEKIT_TEST_FAIL_CANDIDATES="text:1;depth" (ids separated by `;`: an id
+    may hold commas). Unset: (None, [])."""
+    crash = os.environ.get("PRUNEKIT_TEST_CRASH_AT_STEP", "").strip()
+    fail = os.environ.get("PRUNEKIT_TEST_FAIL_CANDIDATES", "")
+    return (int(crash) if crash else None), [c.strip() for c in fail.split(";") if c.strip()]
+
+
+def fault_env() -> dict[str, str]:
+    """The fault-injection variables set in this (driver) process, for its workers."""
+    return {k: os.environ[k] for k in FAULT_ENV if k in os.environ}
+
+
+def apply_fault_env(env: dict[str, str]) -> None:
+    """In a worker: exactly the driver's fault-injection variables (a reused worker process keeps no earlier ones)."""
+    for k in FAULT_ENV:
+        if k in env:
+            os.environ[k] = env[k]
+        else:
+            os.environ.pop(k, None)
+
 
 def crash_once(run_dir: Path, step: int) -> None:
     """Test-only fault injection: the last rank dies the first time it reaches `step`."""

@@ -39,7 +39,7 @@ ERROR_FILE = "error.json"
 # settings that do not change what a trial measures: they may differ between the runs of one sweep
 NOT_TRIAL_SETTINGS = {"name", "overwrite", "output_dir", "storage_path", "candidates", "tune", "free_ratio",
                       "recoverable_ratio", "spike_window", "spike_margin", "max_params_fraction", "max_layers",
-                      "importance", "importance_samples", "wandb", "test_fail_candidates", "test_crash_at_step"}
+                      "importance", "importance_samples", "wandb"}
 
 
 @dataclass
@@ -106,8 +106,9 @@ def validate(cfg, resume: bool = False) -> Sweep:
     n_text, n_vision = adapter.num_text_layers(config), adapter.num_vision_blocks(config)
     c = cfg.candidates
     candidates = expand_candidates(c.text, c.vision, c.group_size, c.groups, n_text, n_vision)
-    for fail in cfg.test_fail_candidates:
-        Candidate.parse(fail, "test_fail_candidates")
+    from prunekit.engine.reporting import injected_faults
+    for fail in injected_faults()[1]:
+        Candidate.parse(fail, "PRUNEKIT_TEST_FAIL_CANDIDATES")
     # every candidate must be a legal surgery (protected layers, not every layer): check the config edit now
     shapes = report.checkpoint_shapes(model_dir)
     params_total = report.describe(model_dir)["params"]["total"]

@@ -40,8 +40,7 @@ SCORES_FILE = "scores.json"
 RESULT_FILE = "result.json"
 ERROR_FILE = "error.json"
 # settings that do not change what a trial measures
-NOT_TRIAL_SETTINGS = {"name", "overwrite", "output_dir", "storage_path", "candidates", "tune", "wandb",
-                      "test_fail_candidates", "test_crash_at_step"}
+NOT_TRIAL_SETTINGS = {"name", "overwrite", "output_dir", "storage_path", "candidates", "tune", "wandb"}
 KINDS = {"ffn": "width", "heads+ffn": "width", "hidden+ffn": "width", "depth": "depth"}
 
 
@@ -260,8 +259,9 @@ def run_trial(cfg, base: dict, payload: dict, cid: str, reporter, device) -> dic
     from prunekit.engine.loop import train
     from prunekit.engine.objectives import DistillObjective
     from prunekit.engine.trial import build_trial_model
-    if cid in cfg.test_fail_candidates:
-        raise RuntimeError(f"test_fail_candidates: trial {cid} fails on purpose")
+    from prunekit.engine.reporting import injected_faults
+    if cid in injected_faults()[1]:
+        raise RuntimeError(f"PRUNEKIT_TEST_FAIL_CANDIDATES: trial {cid} fails on purpose")
     t0 = time.time()
     spec = payload["surgeries"][cid]
     adapter = adapter_for(base["config"])

@@ -451,25 +451,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=cmd_importance)
 
-    p = sub.add_parser("knockout", help="knockout sweep on Ray Tune: remove each candidate, short SFT, eval",
-                       parents=[on_ray])
-    p.add_argument("--config", default=None, help="YAML config (flags override it), e.g. recipes/knockout.yaml")
-    for flag, _ in KNOCKOUT_FLAGS:
-        p.add_argument(flag, default=None, type=int if flag == "--max-steps" else str)
-    p.add_argument("--resume", action="store_true", help="continue the sweep of this name (run unfinished trials)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty report directory")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. tune.gpus_per_trial=0.5")
-    p.set_defaults(func=cmd_knockout)
-    p = sub.add_parser("width-search", help="width mixes and depth at one parameter budget as Ray Tune trials: "
-                                            "prune, short distillation, eval on general text; the best setting",
-                       parents=[on_ray])
-    p.add_argument("--config", default=None, help="YAML config (flags override it), e.g. recipes/width_search.yaml")
-    for flag, _ in KNOCKOUT_FLAGS:
-        p.add_argument(flag, default=None, type=int if flag == "--max-steps" else str)
-    p.add_argument("--resume", action="store_true", help="continue the search of this name (run unfinished trials)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty report directory")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. params_fraction=0.7")
-    p.set_defaults(func=cmd_width_search)
+    for command, text, example, func in (
+            ("knockout", "knockout sweep on Ray Tune: remove each candidate, short SFT, eval",
+             "tune.gpus_per_trial=0.5", cmd_knockout),
+            ("width-search", "width mixes and depth at one parameter budget as Ray Tune trials: prune, short "
+                             "distillation, eval on general text; the best setting", "params_fraction=0.7",
+             cmd_width_search)):
+        p = sub.add_parser(command, help=text, parents=[on_ray])
+        p.add_argument("--config", default=None,
+                       help=f"YAML config (flags override it), e.g. recipes/{command.replace('-', '_')}.yaml")
+        for flag, _ in KNOCKOUT_FLAGS:
+            p.add_argument(flag, default=None, type=int if flag == "--max-steps" else str)
+        p.add_argument("--resume", action="store_true", help="continue the run of this name (unfinished trials)")
+        p.add_argument("--overwrite", action="store_true", help="replace a non-empty report directory")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help=f"any config key, e.g. {example}")
+        p.set_defaults(func=func)
     p = sub.add_parser("rl", help="RL with GRPO / GSPO: rollout actors, rewards, learners on Ray", parents=[on_ray])
     p.add_argument("--config", default=None, help="YAML config (flags override it), e.g. recipes/rl.yaml")
     for flag, _ in RL_FLAGS:

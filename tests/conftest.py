@@ -98,6 +98,18 @@ def text_inputs(batch: int = 2, length: int = 12, seed: int = 0) -> dict:
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids))
 
 
+def inputs_for(family: str) -> dict:
+    """The forward inputs of a tiny model of `family`: an image row for VLMs, token rows otherwise."""
+    return vlm_inputs() if family in VLM_FAMILIES else text_inputs()
+
+
+def generate_logits(model, inputs, use_cache):
+    """Greedy tokens and the logits of 4 generated steps (with or without the KV cache)."""
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=use_cache, output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=0)
+    return out.sequences, torch.stack(out.logits)
+
+
 def tree_hash(path: Path) -> str:
     """A hash of every file's name and bytes under `path` (to prove an input was not modified)."""
     h = hashlib.sha256()

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import FAMILIES, TEXT_FAMILIES, VLM_FAMILIES, text_inputs, vlm_inputs
+from conftest import FAMILIES, TEXT_FAMILIES, VLM_FAMILIES, generate_logits, inputs_for, text_inputs
 from prunekit.core.adapters import ADAPTERS, get_module
 from prunekit.core.loading import load_model
 from prunekit.core.surgery import KVCut, apply_to_model, kv_similarity_orders
@@ -20,16 +20,6 @@ def skip_modules(modules, indexes):
         hidden = args[0] if args else kwargs["hidden_states"]
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
     return [modules[i].register_forward_hook(identity, with_kwargs=True) for i in indexes]
-
-
-def inputs_for(family):
-    return vlm_inputs() if family in VLM_FAMILIES else text_inputs()
-
-
-def generate_logits(model, inputs, use_cache):
-    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=use_cache, output_logits=True,
-                         return_dict_in_generate=True, pad_token_id=0)
-    return out.sequences, torch.stack(out.logits)
 
 
 # Layers to drop per family: a middle one and the last (Qwen3-VL keeps layer 0, which receives deepstack features).

@@ -9,7 +9,8 @@ import shutil
 import pytest
 import torch
 
-from conftest import FAMILIES, VLM_FAMILIES, text_inputs, tiny_config, tree_hash, vlm_inputs
+from conftest import (FAMILIES, VLM_FAMILIES, generate_logits, inputs_for, text_inputs, tiny_config, tree_hash,
+                      vlm_inputs)
 from prunekit.cli import main
 from prunekit.core.adapters import ADAPTERS, get_module
 from prunekit.core.loading import load_model, model_from_config
@@ -29,16 +30,6 @@ def width_model(family: str):
     torch.manual_seed(0)
     config._attn_implementation = "eager"
     return model_from_config(config, dtype=torch.float32).eval()
-
-
-def inputs_for(family):
-    return vlm_inputs() if family in VLM_FAMILIES else text_inputs()
-
-
-def generate_logits(model, inputs, use_cache):
-    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=use_cache, output_logits=True,
-                         return_dict_in_generate=True, pad_token_id=0)
-    return out.sequences, torch.stack(out.logits)
 
 
 def silence(model, adapter, family, seed=0):

@@ -2,7 +2,6 @@
 RunConfig(storage_path, name), FailureConfig restarts, and resume when the same name runs again."""
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -10,7 +9,7 @@ from pathlib import Path
 
 from prunekit import PrunekitError
 from prunekit.core.loading import owned_temp_dir, sweep_stale_temp_dirs
-from prunekit.engine.reporting import RunLogger, apply_fault_env, fault_env
+from prunekit.engine.reporting import RunLogger, apply_fault_env, fault_env, stable_name
 
 
 class RayTrainReporter(RunLogger):
@@ -54,8 +53,7 @@ def run_name(stage: str, cfg) -> str:
     """Default run name: stable for the same stage + config, so re-running the same command resumes."""
     if cfg.name:
         return cfg.name
-    blob = json.dumps(cfg.model_dump(mode="json", exclude={"name", "overwrite"}), sort_keys=True)
-    return f"{stage}-{Path(str(cfg.model)).name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+    return stable_name(stage, cfg.model, cfg.model_dump(mode="json", exclude={"name", "overwrite"}))
 
 
 def _worker(config: dict) -> None:

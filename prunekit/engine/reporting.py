@@ -157,3 +157,13 @@ def crash_once(run_dir: Path, step: int) -> None:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text("crashed")
         os._exit(1)
+
+
+def stable_name(prefix: str, model, settings: dict) -> str:
+    """`prefix-<model dir name>-<hash of settings>`: the same settings give the same name, so re-running the same
+    command finds its earlier run (training runs, knockout sweeps, width searches)."""
+    import hashlib
+    import json
+    from pathlib import Path
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{prefix}-{Path(str(model)).name}-{digest}"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import io
 import json
 import time
@@ -31,6 +30,7 @@ from prunekit.core.loading import (check_output_dir, check_writable, read_config
 from prunekit.core.plan import (BASELINE, Candidate, check_budget, early_excess, expand_candidates, make_plan,
                                 spearman, trial_dir, verdict)
 from prunekit.core.surgery import LayerDrop
+from prunekit.engine.reporting import stable_name
 from prunekit.engine.trial import load_shared_base
 
 SWEEP_FILE = "sweep.json"
@@ -74,8 +74,7 @@ def trial_settings(cfg) -> dict:
 def sweep_name(cfg) -> str:
     if cfg.name:
         return cfg.name
-    blob = json.dumps(trial_settings(cfg), sort_keys=True)
-    return f"knockout-{Path(str(cfg.model)).name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+    return stable_name("knockout", cfg.model, trial_settings(cfg))
 
 
 def _check_report_dir(out: Path, model: Path, name: str, overwrite: bool) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import io
 import json
 import time
@@ -34,6 +33,7 @@ from prunekit.core.loading import (check_output_dir, check_writable, quiet_trans
                                    write_atomically, write_provenance)
 from prunekit.core.report import checkpoint_shapes, component_params
 from prunekit.core.width import WidthShape, budget_mixes, count_params
+from prunekit.engine.reporting import stable_name
 
 SEARCH_FILE = "search.json"
 SCORES_FILE = "scores.json"
@@ -85,8 +85,7 @@ def trial_settings(cfg) -> dict:
 def search_name(cfg) -> str:
     if cfg.name:
         return cfg.name
-    blob = json.dumps(trial_settings(cfg), sort_keys=True)
-    return f"width-search-{Path(str(cfg.model)).name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+    return stable_name("width-search", cfg.model, trial_settings(cfg))
 
 
 def _budget(cfg, adapter, config: dict, shapes: dict, total: int) -> tuple[int, str]:

@@ -238,7 +238,6 @@ def test_distill_on_text_rows_mixed_with_chat_packed(tiny_chat_model_dir, chat_d
 def test_a_non_finite_loss_stops_the_run_before_a_checkpoint_holds_it(tiny_chat_model_dir, chat_data, tmp_path):
     """An lr that blows the weights up: the run stops with one line at the first NaN/inf loss or gradient norm, and
     every checkpoint it left holds finite weights."""
-    from safetensors.torch import load_file
     cfg = cfg_for("sft", tiny_chat_model_dir, chat_data, tmp_path, "nan", max_steps=8, batch_size=2, eval_interval=8,
                   save_interval=1, launcher="local", lr=1e12, grad_clip=None)
     with pytest.raises(PrunekitError, match=r"train/(loss|grad_norm) is (nan|inf) at step \d"):

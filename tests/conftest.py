@@ -110,6 +110,20 @@ def generate_logits(model, inputs, use_cache):
     return out.sequences, torch.stack(out.logits)
 
 
+def assert_same_outputs(original, pruned, inputs, atol: float = 1e-5) -> torch.Tensor:
+    """The pruned model computes what the original does: logits within `atol`, and the same greedy tokens (with
+    logits within `atol`) with and without the KV cache. Returns the original's logits."""
+    with torch.no_grad():
+        ref, got = original(**inputs).logits, pruned(**inputs).logits
+    assert (ref - got).abs().max().item() <= atol
+    for use_cache in (True, False):
+        ref_seq, ref_logits = generate_logits(original, inputs, use_cache)
+        seq, logits = generate_logits(pruned, inputs, use_cache)
+        assert torch.equal(ref_seq, seq)
+        assert (ref_logits - logits).abs().max().item() <= atol
+    return ref
+
+
 def tree_hash(path: Path) -> str:
     """A hash of every file's name and bytes under `path` (to prove an input was not modified)."""
     h = hashlib.sha256()

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from conftest import FAMILIES, TEXT_FAMILIES, VLM_FAMILIES, generate_logits, inputs_for, text_inputs
+from conftest import (FAMILIES, TEXT_FAMILIES, VLM_FAMILIES, assert_same_outputs, generate_logits, inputs_for,
+                      text_inputs)
 from prunekit.core.adapters import ADAPTERS, get_module
 from prunekit.core.loading import load_model
 from prunekit.core.surgery import KVCut, apply_to_model, kv_similarity_orders
@@ -43,15 +44,7 @@ def test_pruning_equals_skipping(family, part, tiny_model_dir, tmp_path):
         assert getattr(layer, adapter.attn_module).layer_idx == i
     skip_modules(get_module(original, path), dropped)
 
-    inputs = inputs_for(family)
-    with torch.no_grad():
-        ref, got = original(**inputs).logits, pruned(**inputs).logits
-    assert (ref - got).abs().max().item() <= 1e-5
-    for use_cache in (True, False):
-        ref_seq, ref_logits = generate_logits(original, inputs, use_cache)
-        seq, logits = generate_logits(pruned, inputs, use_cache)
-        assert torch.equal(ref_seq, seq)
-        assert (ref_logits - logits).abs().max().item() <= 1e-5
+    assert_same_outputs(original, pruned, inputs_for(family))
 
 
 def test_qwen2_config_fields_follow_the_kept_layers(tiny_model_dir, tmp_path):

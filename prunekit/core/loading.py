@@ -160,7 +160,7 @@ def check_writable(out: Path, flag: str = "-o", inside: bool = False) -> None:
 
 
 def owned_temp_dir(parent: Path, prefix: str) -> Path:
-    """mkdtemp whose name says who made it (PREFIX<pid>@<host>-XXXX), so a later run can tell a dead writer's
+    """mkdtemp whose name says who made it (PREFIX<pid>@<host>-<random suffix>), so a later run can tell a dead writer's
     leftovers from a live writer's work in progress (see sweep_stale_temp_dirs)."""
     return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}@{socket.gethostname()}-", dir=parent))
 

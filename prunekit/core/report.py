@@ -106,3 +106,26 @@ def compare_table(before: dict, after: dict) -> str:
         keys.insert(2, ("vision blocks", lambda d: d["vision_blocks"]))
     rows = [[name, f"{get(before):,}", f"{get(after):,}", pct(get(before), get(after))] for name, get in keys]
     return table(rows, ["", "before", "after", "change"])
+
+
+def cell(v, digits: int = 4) -> str:
+    """A value as a report cell: floats to `digits` places, lists comma-joined, None empty."""
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    if isinstance(v, list):
+        return ",".join(map(str, v))
+    return str(v)
+
+
+def csv_text(rows: list[dict], columns: list[str], digits: int = 6) -> str:
+    """`rows` as CSV with a header of `columns` (other keys ignored), cells as `cell` writes them."""
+    import csv
+    import io
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: cell(row.get(k), digits) for k in columns})
+    return buf.getvalue()

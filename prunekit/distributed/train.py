@@ -9,7 +9,7 @@ from pathlib import Path
 
 from prunekit import PrunekitError
 from prunekit.core.loading import owned_temp_dir, sweep_stale_temp_dirs
-from prunekit.engine.reporting import RunLogger, apply_fault_env, fault_env, stable_name
+from prunekit.engine.reporting import RunLogger, apply_fault_env, fault_env, run_name_for
 
 
 class RayTrainReporter(RunLogger):
@@ -51,9 +51,7 @@ def _checkpoint_step(ckpt_dir: Path) -> int:
 
 def run_name(stage: str, cfg) -> str:
     """Default run name: stable for the same stage + config, so re-running the same command resumes."""
-    if cfg.name:
-        return cfg.name
-    return stable_name(stage, cfg.model, cfg.model_dump(mode="json", exclude={"name", "overwrite"}))
+    return run_name_for(stage, cfg, {"name", "overwrite"})
 
 
 def _worker(config: dict) -> None:

@@ -159,6 +159,11 @@ def crash_once(run_dir: Path, step: int) -> None:
         os._exit(1)
 
 
+def run_name_for(prefix: str, cfg, exclude) -> str:
+    """`cfg.name`, else the stable name of `cfg`'s settings less `exclude` (those that do not change the run)."""
+    return cfg.name or stable_name(prefix, cfg.model, cfg.model_dump(mode="json", exclude=exclude))
+
+
 def stable_name(prefix: str, model, settings: dict) -> str:
     """`prefix-<model dir name>-<hash of settings>`: the same settings give the same name, so re-running the same
     command finds its earlier run (training runs, knockout sweeps, width searches)."""

@@ -14,8 +14,6 @@ without a result.json.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -30,7 +28,7 @@ from prunekit.core.loading import (check_output_dir, check_writable, read_config
 from prunekit.core.plan import (BASELINE, Candidate, check_budget, early_excess, expand_candidates, make_plan,
                                 spearman, trial_dir, verdict)
 from prunekit.core.surgery import LayerDrop
-from prunekit.engine.reporting import stable_name
+from prunekit.engine.reporting import run_name_for
 from prunekit.engine.trial import load_shared_base
 
 SWEEP_FILE = "sweep.json"
@@ -72,9 +70,7 @@ def trial_settings(cfg) -> dict:
 
 
 def sweep_name(cfg) -> str:
-    if cfg.name:
-        return cfg.name
-    return stable_name("knockout", cfg.model, trial_settings(cfg))
+    return run_name_for("knockout", cfg, NOT_TRIAL_SETTINGS)
 
 
 def _check_report_dir(out: Path, model: Path, name: str, overwrite: bool) -> None:
@@ -306,14 +302,6 @@ CSV_COLUMNS = ["id", "kind", "status", "verdict", "ratio", "eval_token_acc", "ev
                "angular_distance", "nll_drop", "steps", "error"]
 
 
-def _fmt(v, digits=4):
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
 def write_report(sweep: Sweep, ran: list[str], errors_now: dict[str, str]) -> KnockoutResult:
     cfg = sweep.cfg
     results, errors = read_trials(sweep)
@@ -332,12 +320,7 @@ def write_report(sweep: Sweep, ran: list[str], errors_now: dict[str, str]) -> Kn
 
     def write(tmp: Path):
         (tmp / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _fmt(r.get(k), 6) for k in CSV_COLUMNS})
-        (tmp / "results.csv").write_text(buf.getvalue())
+        (tmp / "results.csv").write_text(report.csv_text(rows, CSV_COLUMNS))
         (tmp / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
         (tmp / "summary.md").write_text(summary_markdown(sweep, rows, corr, plan, errors, results))
         plot_report(tmp, rows, curves, cfg)
@@ -358,8 +341,8 @@ def summary_markdown(sweep: Sweep, rows: list[dict], corr: dict, plan: dict, err
     lines = [f"# Knockout: {Path(cfg.model).name} ({sweep.name})", "",
              f"{len(results)} of {len(sweep.candidates)} trials finished; each: remove the candidate, "
              f"{cfg.max_steps} SFT steps (lr {cfg.lr}, batch {cfg.batch_size}), eval on {cfg.val.name}.",
-             f"Baseline (nothing removed): eval token_acc {_fmt(base.get('eval/token_acc'))}, "
-             f"eval loss {_fmt(base.get('eval/loss'))}.", "",
+             f"Baseline (nothing removed): eval token_acc {report.cell(base.get('eval/token_acc'))}, "
+             f"eval loss {report.cell(base.get('eval/loss'))}.", "",
              f"Verdicts: **free** token_acc >= {cfg.free_ratio:.0%} of the baseline's, **recoverable** >= "
              f"{cfg.recoverable_ratio:.0%}, **key** below that or with an early loss spike (train loss over the "
              f"first {cfg.spike_window:.0%} of the steps on average more than {cfg.spike_margin:.0%} above the "
@@ -370,11 +353,11 @@ def summary_markdown(sweep: Sweep, rows: list[dict], corr: dict, plan: dict, err
         if not r["size"]:
             continue
         v = r["verdict"] or r["status"]
-        lines.append(f"| {r['id']} | {v}{' (spike)' if r.get('early_spike') else ''} | {_fmt(r.get('ratio'), 3)} "
-                     f"| {_fmt(r.get('ratio_step0'), 3)} | {_fmt(r.get('eval_loss'), 3)} "
-                     f"| {_fmt(r.get('early_excess'), 3)} | {r['params_fraction']:.2%} "
-                     f"| {_fmt(r.get('block_influence'), 4)} | {_fmt(r.get('angular_distance'), 4)} "
-                     f"| {_fmt(r.get('nll_drop'), 4)} |")
+        lines.append(f"| {r['id']} | {v}{' (spike)' if r.get('early_spike') else ''} | {report.cell(r.get('ratio'), 3)} "
+                     f"| {report.cell(r.get('ratio_step0'), 3)} | {report.cell(r.get('eval_loss'), 3)} "
+                     f"| {report.cell(r.get('early_excess'), 3)} | {r['params_fraction']:.2%} "
+                     f"| {report.cell(r.get('block_influence'), 4)} | {report.cell(r.get('angular_distance'), 4)} "
+                     f"| {report.cell(r.get('nll_drop'), 4)} |")
     lines += ["", "## Training-free scores vs knockout", "",
               "Spearman correlation between each score and the token_acc ratio (a useful score is strongly "
               "negative: layers that look important lose more accuracy when removed).", ""]

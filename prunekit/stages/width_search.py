@@ -19,21 +19,20 @@ only the trials without a result.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from prunekit import PrunekitError
+from prunekit.core import report
 from prunekit.core.adapters import adapter_for
 from prunekit.core.data import load_messages
 from prunekit.core.loading import (check_output_dir, check_writable, quiet_transformers, read_config, resolve_model,
                                    write_atomically, write_provenance)
 from prunekit.core.report import checkpoint_shapes, component_params
 from prunekit.core.width import WidthShape, budget_mixes, count_params
-from prunekit.engine.reporting import stable_name
+from prunekit.engine.reporting import run_name_for
 
 SEARCH_FILE = "search.json"
 SCORES_FILE = "scores.json"
@@ -83,9 +82,7 @@ def trial_settings(cfg) -> dict:
 
 
 def search_name(cfg) -> str:
-    if cfg.name:
-        return cfg.name
-    return stable_name("width-search", cfg.model, trial_settings(cfg))
+    return run_name_for("width-search", cfg, NOT_TRIAL_SETTINGS)
 
 
 def _budget(cfg, adapter, config: dict, shapes: dict, total: int) -> tuple[int, str]:
@@ -367,16 +364,6 @@ CSV_COLUMNS = ["id", "kind", "status", "token_acc", "ratio", "loss", "ppl", "tok
                "layers_removed", "importance_removed", "steps", "reason", "error"]
 
 
-def _fmt(v, digits=4):
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    if isinstance(v, list):
-        return ",".join(map(str, v))
-    return str(v)
-
-
 def write_report(search: Search, ran: list[str], errors_now: dict[str, str]) -> WidthSearchResult:
     cfg = search.cfg
     scores = json.loads((search.run_dir / SCORES_FILE).read_text())
@@ -398,12 +385,7 @@ def write_report(search: Search, ran: list[str], errors_now: dict[str, str]) -> 
     def write(tmp: Path):
         (tmp / "results.json").write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "best.json").write_text(json.dumps(best_record, indent=2) + "\n")
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _fmt(r.get(k), 6) for k in CSV_COLUMNS})
-        (tmp / "results.csv").write_text(buf.getvalue())
+        (tmp / "results.csv").write_text(report.csv_text(rows, CSV_COLUMNS))
         (tmp / "summary.md").write_text(summary_markdown(search, scores, rows, best_record, errors))
         plot_report(tmp, rows, curves, scores["original"], search)
         write_provenance(tmp, {"stage": "width-search", "parent": cfg.model, "run": str(search.run_dir),
@@ -428,12 +410,12 @@ def summary_markdown(search: Search, scores: dict, rows: list[dict], best: dict 
         if r["status"] == "not run":
             lines.append(f"| {r['id']} | not run: {r['reason']} | | | | | | | | | |")
             continue
-        acc = _fmt(r.get("token_acc")) if r.get("token_acc") is not None else r["status"]
+        acc = report.cell(r.get("token_acc")) if r.get("token_acc") is not None else r["status"]
         params = f"{r['params']:,} ({r['params_fraction']:.1%})" if r.get("params") else "-"
-        lines.append(f"| {r['id']} | {acc} | {_fmt(r.get('ratio'), 3)} | {_fmt(r.get('token_acc_step0'))} "
-                     f"| {_fmt(r.get('loss'), 3)} | {params} | {_fmt(r.get('intermediate_size'))} "
-                     f"| {_fmt(r.get('num_attention_heads'))} | {_fmt(r.get('hidden_size'))} "
-                     f"| {_fmt(r.get('layers_removed'))} | {_fmt(r.get('importance_removed'))} |")
+        lines.append(f"| {r['id']} | {acc} | {report.cell(r.get('ratio'), 3)} | {report.cell(r.get('token_acc_step0'))} "
+                     f"| {report.cell(r.get('loss'), 3)} | {params} | {report.cell(r.get('intermediate_size'))} "
+                     f"| {report.cell(r.get('num_attention_heads'))} | {report.cell(r.get('hidden_size'))} "
+                     f"| {report.cell(r.get('layers_removed'))} | {report.cell(r.get('importance_removed'))} |")
     lines += [""]
     if best:
         ratio = f", {best['ratio']:.1%} of the original's" if best["ratio"] is not None else ""

@@ -172,6 +172,29 @@ def check_optimizer_settings(cfg) -> None:
         raise ValueError(f"grad_clip must be a finite number > 0 or null, got {cfg.grad_clip}")
 
 
+class KVMergeConfig(Strict):
+    """sft / distill: merge_kv_heads: N pulls each group of KV heads toward its mean after every step, identical from
+    merge_kv_ramp of the steps on, so a `kv_cut` to N heads afterwards is exact (prunekit.core.kv_merge). Both stay
+    out of dumps at their defaults (run names of earlier runs do not change)."""
+    merge_kv_heads: int | None = Field(None, exclude_if=lambda v: v is None)
+    merge_kv_ramp: float = Field(0.5, exclude_if=lambda v: v == 0.5)
+
+    @model_validator(mode="after")
+    def _merge(self):
+        if not 0 < self.merge_kv_ramp <= 1:
+            raise ValueError(f"merge_kv_ramp must be in (0, 1], got {self.merge_kv_ramp}")
+        if self.merge_kv_heads is not None:
+            if self.merge_kv_heads < 1:
+                raise ValueError(f"merge_kv_heads must be >= 1, got {self.merge_kv_heads}")
+            if self.ray.strategy == "deepspeed":  # its optimizer holds the master weights the merge must change
+                raise ValueError("merge_kv_heads needs ray.strategy ddp or fsdp")
+        return self
+
+
+class SFTConfig(KVMergeConfig, TrainConfig):
+    pass
+
+
 class KDConfig(Strict):
     """Distillation from a teacher (distill; width-search distils from the original)."""
     beta: float = 0.5                         # generalized JSD: 0 = forward KL, 1 = reverse KL
@@ -180,7 +203,7 @@ class KDConfig(Strict):
     top_k: int | None = None                  # keep only the teacher's top-k logits
 
 
-class DistillConfig(KDConfig, TrainConfig):
+class DistillConfig(KDConfig, KVMergeConfig, TrainConfig):
     teacher: str
     # same_gpu: teacher beside the student; own_gpu: each worker takes 2 GPUs (ray.gpus_per_worker: 2) and the
     # teacher's forward runs on the second, concurrently with the student's step
@@ -209,7 +232,7 @@ class LoraTrainConfig(TrainConfig):
     lr: float = 1e-4
 
 
-STAGE_CONFIGS = {"sft": TrainConfig, "distill": DistillConfig, "lora": LoraTrainConfig}
+STAGE_CONFIGS = {"sft": SFTConfig, "distill": DistillConfig, "lora": LoraTrainConfig}
 
 
 class RewardSpec(Strict):

@@ -90,7 +90,7 @@ def test_merge_errors_are_one_line_before_training(tiny_chat_model_dir, chat_dat
     assert not (tmp_path / "runs" / "four").exists()
     with pytest.raises(PrunekitError, match="merge_kv_ramp must be in"):
         distill_cfg(tiny_chat_model_dir, chat_data, tmp_path, "ramp", merge_kv_ramp=0)
-    with pytest.raises(PrunekitError, match="merge_kv_heads needs ray.strategy ddp or fsdp"):
-        distill_cfg(tiny_chat_model_dir, chat_data, tmp_path, "ds", launcher="ray", **{"ray.strategy": "deepspeed"})
+    with pytest.raises(PrunekitError, match="merge_kv_heads needs parallel.strategy ddp or fsdp"):
+        distill_cfg(tiny_chat_model_dir, chat_data, tmp_path, "ds", launcher="ray", **{"parallel.strategy": "deepspeed"})
     with pytest.raises(PrunekitError, match="merge_kv_heads"):  # LoRA keeps the base (and its K/V) frozen
         cfg_for("lora", tiny_chat_model_dir, chat_data, tmp_path, "lora", merge_kv_heads=1)

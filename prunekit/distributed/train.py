@@ -126,7 +126,7 @@ def launch(stage: str, cfg, build_worker) -> tuple[Path, Path, str]:
         _worker,
         train_loop_config={"stage": stage, "cfg": cfg.model_dump(mode="json"), "run_dir": str(run_dir),
                            "name": name, "build": build_worker, "fault_env": fault_env()},
-        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+        scaling_config=ScalingConfig(num_workers=cfg.parallel.workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=str(storage),

@@ -157,7 +157,7 @@ def setup_strategy(model, objective, cfg, scheduler_steps: int, reporter, device
     model.to(device).train()
     if cfg.compile:
         compile_layers(model)
-    strategy = STRATEGIES[cfg.ray.strategy](LossModule(model, objective), device, cfg)
+    strategy = STRATEGIES[cfg.parallel.strategy](LossModule(model, objective), device, cfg)
     strategy.setup(make_optimizer_factory(cfg), make_scheduler_factory(cfg, scheduler_steps))
     if state is not None:
         strategy.load_trainer_state(state["strategy"], Path(resume_dir))

@@ -28,7 +28,7 @@ from prunekit.core.loading import (check_output_dir, check_writable, read_config
 from prunekit.core.plan import (BASELINE, Candidate, analyse, check_budget, correlations, expand_candidates,
                                 make_plan, trial_dir)
 from prunekit.core.surgery import LayerDrop
-from prunekit.engine.reporting import run_name_for
+from prunekit.engine.reporting import run_name_for, settings_dump
 from prunekit.engine.trial import load_shared_base
 
 SWEEP_FILE = "sweep.json"
@@ -66,7 +66,7 @@ class KnockoutResult:
 # ---- validation (before any trial) -----------------------------------------------------------------------------
 
 def trial_settings(cfg) -> dict:
-    return cfg.model_dump(mode="json", exclude=NOT_TRIAL_SETTINGS)
+    return settings_dump(cfg, NOT_TRIAL_SETTINGS)
 
 
 def sweep_name(cfg) -> str:

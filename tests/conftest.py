@@ -81,11 +81,11 @@ def width_model(family: str):
     return model_from_config(config, dtype=torch.float32).eval()
 
 
-def vision_mlp(model, adapter, block):
+def vision_mlp(model, model_family, block):
     """(input projections, output projection) of a vision block's MLP."""
-    from prunekit.core.adapters import get_module
-    blk = get_module(model, adapter.vision_blocks)[block]
-    return [get_module(blk, n) for n in adapter.vision_mlp_in], get_module(blk, adapter.vision_mlp_out)
+    from prunekit.core.families import get_module
+    blk = get_module(model, model_family.vision_blocks)[block]
+    return [get_module(blk, n) for n in model_family.vision_mlp_in], get_module(blk, model_family.vision_mlp_out)
 
 
 @pytest.fixture(scope="session")

@@ -106,10 +106,10 @@ class FSDPStrategy(Strategy):
 
     def setup(self, make_optimizer, make_scheduler):
         from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
-        from prunekit.core.adapters import adapter_for, get_module
+        from prunekit.core.families import family_for, get_module
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        adapter = adapter_for(inner.config.to_dict())
-        paths = [adapter.text_layers] + ([adapter.vision_blocks] if adapter.is_vlm else [])
+        family = family_for(inner.config.to_dict())
+        paths = [family.text_layers] + ([family.vision_blocks] if family.is_vlm else [])
         # cpu_offload: the shards (and so the optimizer state) live in pinned host memory; the GPU holds the
         # units being computed
         kw = {"offload_policy": CPUOffloadPolicy()} if getattr(self.cfg.ray, "cpu_offload", False) else {}

@@ -24,9 +24,9 @@ def evaluate_file(model: str | Path, data: str | Path, max_samples: int | None =
         raise PrunekitError(f"--max-length must be >= 2, got {max_length}")
     path = resolve_model(str(model))
     with quiet_transformers():
-        loaded, adapter = load_model(path, trust_remote_code=trust_remote_code, device=device)
+        loaded, family = load_model(path, trust_remote_code=trust_remote_code, device=device)
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    samples = load_samples(tokenizer, Path(data), model=path, max_length=max_length, is_vlm=adapter.is_vlm,
+    samples = load_samples(tokenizer, Path(data), model=path, max_length=max_length, is_vlm=family.is_vlm,
                            trust_remote_code=trust_remote_code, limit=max_samples)
     if not samples:
         raise PrunekitError(f"{data}: no row with tokens to evaluate on")

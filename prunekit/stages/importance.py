@@ -79,10 +79,10 @@ def importance(model: str, data: str | Path, out: str | Path, *, samples: int = 
         if samples < 1 or batch_size < 1 or any(n < 1 for n in angular_n):
             raise PrunekitError("--samples, --batch-size and --angular-n must be >= 1")
         with quiet_transformers():
-            model_obj, adapter = load_model(path, dtype="float32", trust_remote_code=trust_remote_code, device=device)
+            model_obj, family = load_model(path, dtype="float32", trust_remote_code=trust_remote_code, device=device)
             tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-        calib = calibration_samples(tokenizer, data, path, adapter.is_vlm, samples, max_length, trust_remote_code)
-        scores = compute_importance(model_obj, adapter, calib, pad_id(tokenizer), batch_size, tuple(angular_n), nll,
+        calib = calibration_samples(tokenizer, data, path, family.is_vlm, samples, max_length, trust_remote_code)
+        scores = compute_importance(model_obj, family, calib, pad_id(tokenizer), batch_size, tuple(angular_n), nll,
                                     torch.device(device))
         record = {"model": str(path), "data": str(Path(data).resolve()), "samples": len(calib),
                   "higher_is_more_important": True, **scores}

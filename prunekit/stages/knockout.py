@@ -21,7 +21,7 @@ from pathlib import Path
 
 from prunekit import PrunekitError
 from prunekit.core import locks, report
-from prunekit.core.adapters import adapter_for
+from prunekit.core.families import family_for
 from prunekit.core.data import load_messages
 from prunekit.core.loading import (check_output_dir, check_writable, read_config, resolve_model, write_atomically,
                                    write_provenance)
@@ -95,10 +95,10 @@ def validate(cfg, resume: bool = False) -> Sweep:
         raise PrunekitError(f"val {cfg.val}: no rows")
     model_dir = Path(cfg.model)
     config = read_config(model_dir)
-    adapter = adapter_for(config)
+    family = family_for(config)
     from prunekit.stages.plan import check_before_training
     check_before_training("knockout", cfg)  # GPU trials: fail now, in one line, rather than out of memory later
-    n_text, n_vision = adapter.num_text_layers(config), adapter.num_vision_blocks(config)
+    n_text, n_vision = family.num_text_layers(config), family.num_vision_blocks(config)
     c = cfg.candidates
     candidates = expand_candidates(c.text, c.vision, c.group_size, c.groups, n_text, n_vision)
     from prunekit.engine.reporting import injected_faults
@@ -110,7 +110,7 @@ def validate(cfg, resume: bool = False) -> Sweep:
     params_removed = {BASELINE: 0}
     for cand in candidates:
         try:
-            surgery = LayerDrop(adapter, config, list(cand.text), list(cand.vision))
+            surgery = LayerDrop(family, config, list(cand.text), list(cand.vision))
         except PrunekitError as e:
             msg = str(e).replace("--drop-text: ", "").replace("--drop-vision: ", "")
             raise PrunekitError(f"candidates: {cand.id}: {msg}") from None

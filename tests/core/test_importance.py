@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prunekit.core.adapters import adapter_for
+from prunekit.core.families import family_for
 from prunekit.core.importance import block_influence, component_layers, layer_scores, nll_drop
 from prunekit.core.losses import causal_lm_loss
 from prunekit.core.surgery import LayerDrop, apply_to_model
@@ -15,8 +15,8 @@ from tests.conftest import build_tiny, text_inputs, vlm_inputs
 RESIDUAL_WRITERS = ("o_proj", "down_proj", "attn.proj", "mlp.linear_fc2")
 
 
-def make_identity(model, adapter, component: str, index: int) -> None:
-    layer = component_layers(model, adapter, component)[index]
+def make_identity(model, model_family, component: str, index: int) -> None:
+    layer = component_layers(model, model_family, component)[index]
     for name, module in layer.named_modules():
         if name.endswith(RESIDUAL_WRITERS):
             torch.nn.init.zeros_(module.weight)
@@ -41,10 +41,11 @@ def self_labelled_batches(model, is_vlm: bool, n: int = 2) -> list[dict]:
                                                        ("qwen2_5_vl", "vision", 1), ("qwen2_5_vl", "text", 3)])
 def test_identity_layer_ranks_least_important_in_every_metric(family, component, identity):
     model = build_tiny(family)
-    adapter = adapter_for(model.config.to_dict())
-    make_identity(model, adapter, component, identity)
-    scores = layer_scores(model, adapter, self_labelled_batches(model, adapter.is_vlm), component, angular_n=(1, 2))
-    n = len(component_layers(model, adapter, component))
+    model_family = family_for(model.config.to_dict())
+    make_identity(model, model_family, component, identity)
+    scores = layer_scores(model, model_family, self_labelled_batches(model, model_family.is_vlm), component,
+                          angular_n=(1, 2))
+    n = len(component_layers(model, model_family, component))
     for metric in ("block_influence", "angular_distance_n1", "nll_drop"):
         values = scores[metric]
         assert len(values) == n
@@ -52,16 +53,17 @@ def test_identity_layer_ranks_least_important_in_every_metric(family, component,
         assert abs(values[identity]) < 1e-4 and sorted(values)[1] > 1e-3, (metric, values)
     assert len(scores["angular_distance_n2"]) == n - 1
     if component == "text":  # the demo's entry point agrees
-        assert block_influence(model, adapter, self_labelled_batches(model, False)) == pytest.approx(
-            layer_scores(model, adapter, self_labelled_batches(model, False), "text", (), nll=False)["block_influence"])
+        assert block_influence(model, model_family, self_labelled_batches(model, False)) == pytest.approx(
+            layer_scores(model, model_family, self_labelled_batches(model, False), "text", (),
+                         nll=False)["block_influence"])
 
 
 @pytest.mark.parametrize("family,component", [("qwen2", "text"), ("qwen2_5_vl", "vision")])
 def test_nll_drop_equals_the_pruned_models_nll(family, component):
     """Replaying cached layer outputs and skipping one layer gives exactly the NLL of the model with it removed."""
     model = build_tiny(family)
-    adapter = adapter_for(model.config.to_dict())
-    batches = self_labelled_batches(model, adapter.is_vlm)
+    model_family = family_for(model.config.to_dict())
+    batches = self_labelled_batches(model, model_family.is_vlm)
 
     def nll(m):
         s = n = 0
@@ -71,10 +73,10 @@ def test_nll_drop_equals_the_pruned_models_nll(family, component):
             s, n = s + float(loss), n + int(k)
         return s / n
 
-    drops = nll_drop(model, adapter, batches, component)["nll_drop"]
+    drops = nll_drop(model, model_family, batches, component)["nll_drop"]
     base = nll(model)
     for i in range(len(drops)):
         kw = {"drop_text": [i]} if component == "text" else {"drop_vision": [i]}
-        pruned = apply_to_model(model, LayerDrop(adapter, model.config.to_dict(), **kw))
+        pruned = apply_to_model(model, LayerDrop(model_family, model.config.to_dict(), **kw))
         pruned.config._attn_implementation = "eager"
         assert drops[i] == pytest.approx(nll(pruned) - base, abs=1e-4)

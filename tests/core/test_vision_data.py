@@ -31,8 +31,8 @@ def supervised(sample):
 
 
 def test_processor_matches_model(processor, tiny_vlm_chat_dir):
-    model, adapter = load_model(tiny_vlm_chat_dir)
-    assert adapter.is_vlm
+    model, model_family = load_model(tiny_vlm_chat_dir)
+    assert model_family.is_vlm
     tok = processor.tokenizer
     assert model.config.image_token_id == image_token_id(processor) == tok.convert_tokens_to_ids("<|image_pad|>")
     assert model.config.vision_start_token_id == tok.convert_tokens_to_ids("<|vision_start|>")

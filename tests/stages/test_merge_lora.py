@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import VLM_FAMILIES, text_inputs, tree_hash, vlm_inputs
 from prunekit import PrunekitError
-from prunekit.core.adapters import ADAPTERS
+from prunekit.core.families import MODEL_FAMILIES
 from prunekit.core.loading import load_model, read_provenance
 from prunekit.core.lora import apply_lora, resolve_adapter_base, save_adapter
 from prunekit.stages.merge_lora import merge_lora
@@ -53,14 +53,14 @@ def one_line_error(fn, *args, match=None, **kw):
 @pytest.mark.parametrize("family", ["llama", "qwen2_5_vl"])
 def test_merged_equals_unmerged_and_only_targets_change(family, tiny_model_dir, tmp_path):
     base = tiny_model_dir(family)
-    adapter = ADAPTERS[family]
+    model_family = MODEL_FAMILIES[family]
     base_hash = tree_hash(base)
     peft_model = lora_on(base)
 
     targets = lora_targets(peft_model)
-    assert targets and all(t.startswith(adapter.text_layers + ".") for t in targets)
+    assert targets and all(t.startswith(model_family.text_layers + ".") for t in targets)
     assert not any(".visual." in f".{t}" for t in targets)
-    per_layer = {t.split(".", len(adapter.text_layers.split(".")) + 1)[-1] for t in targets}
+    per_layer = {t.split(".", len(model_family.text_layers.split(".")) + 1)[-1] for t in targets}
     assert per_layer == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
     assert all("lora_" in n for n, p in peft_model.named_parameters() if p.requires_grad)
@@ -71,7 +71,7 @@ def test_merged_equals_unmerged_and_only_targets_change(family, tiny_model_dir, 
         with peft_model.disable_adapter():
             plain = peft_model(**inputs).logits
 
-    adapter_dir = save_adapter(peft_model, tmp_path / "adapter", base)
+    adapter_dir = save_adapter(peft_model, tmp_path / "model_family", base)
     adapter_hash = tree_hash(adapter_dir)
     result = merge_lora(adapter_dir, tmp_path / "merged")
     assert tree_hash(base) == base_hash and tree_hash(adapter_dir) == adapter_hash
@@ -86,11 +86,11 @@ def test_merged_equals_unmerged_and_only_targets_change(family, tiny_model_dir, 
     assert after.keys() == before.keys()
     assert not any("lora_" in k or "base_layer" in k for k in after)
     for key, tensor in before.items():  # checkpoint keys may be spelled unlike module names (model.layers.N...)
-        m = adapter.match_text_layer(key)
+        m = model_family.match_text_layer(key)
         targeted = bool(m) and m["rest"].removeprefix(".").removesuffix(".weight") in per_layer
         assert torch.equal(after[key], tensor) != targeted, key  # targets changed, everything else bit for bit
-    if adapter.is_vlm:
-        vision = [k for k in before if adapter.match_vision_block(k) or ".visual." in f".{k}"]
+    if model_family.is_vlm:
+        vision = [k for k in before if model_family.match_vision_block(k) or ".visual." in f".{k}"]
         assert vision and all(torch.equal(after[k], before[k]) for k in vision)
 
     prov = result.provenance
@@ -110,12 +110,12 @@ def test_adapter_finds_base_relative_after_moving(tiny_model_dir, tmp_path):
     one = tmp_path / "one"
     shutil.copytree(tiny_model_dir("llama"), one / "models" / "base")
     (one / "models" / "base" / "chat_template.jinja").write_text("{{ messages }}")
-    adapter_dir = save_adapter(lora_on(one / "models" / "base"), one / "runs" / "exp" / "adapter",
+    adapter_dir = save_adapter(lora_on(one / "models" / "base"), one / "runs" / "exp" / "model_family",
                                one / "models" / "base")
 
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == os.path.join("..", "..", "..", "models", "base")
-    for f in adapter_dir.iterdir():  # no absolute path leaks into the adapter (config, model card)
+    for f in adapter_dir.iterdir():  # no absolute path leaks into the model_family (config, model card)
         if f.suffix in (".json", ".md") and f.name != "prunekit.json":
             assert str(tmp_path) not in f.read_text(), f.name
     assert read_provenance(adapter_dir)["stage"] == "lora"
@@ -124,7 +124,7 @@ def test_adapter_finds_base_relative_after_moving(tiny_model_dir, tmp_path):
     two = tmp_path / "two"  # move adapter + base together, keeping their layout
     shutil.copytree(one, two)
     shutil.rmtree(one)
-    adapter_dir, base = two / "runs" / "exp" / "adapter", two / "models" / "base"
+    adapter_dir, base = two / "runs" / "exp" / "model_family", two / "models" / "base"
     assert resolve_adapter_base(adapter_dir).resolve() == base.resolve()
     result = merge_lora(adapter_dir, tmp_path / "merged")
     assert result.base.resolve() == base.resolve()
@@ -133,7 +133,7 @@ def test_adapter_finds_base_relative_after_moving(tiny_model_dir, tmp_path):
     alt = shutil.copytree(base, tmp_path / "alt")  # an explicit --base wins over the recorded one
     assert merge_lora(adapter_dir, tmp_path / "merged-alt", base=alt).base.resolve() == alt.resolve()
 
-    lonely = shutil.copytree(adapter_dir, tmp_path / "lonely" / "adapter")  # moved without its base
+    lonely = shutil.copytree(adapter_dir, tmp_path / "lonely" / "model_family")  # moved without its base
     one_line_error(merge_lora, lonely, tmp_path / "m3", match="--base")
     assert merge_lora(lonely, tmp_path / "m3", base=base).output.is_dir()
 

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from prunekit.core.adapters import ADAPTERS, get_module
+from prunekit.core.families import MODEL_FAMILIES, get_module
 from prunekit.core.loading import load_model
 from prunekit.core.width import BUDGET_SLACK, WidthShape, activation_importance, importance_record
 from prunekit.stages.width import width
@@ -19,10 +19,10 @@ from tests.conftest import (FAMILIES, VLM_FAMILIES, assert_same_outputs, generat
 
 D, H, KV, HD, I, L, V = 64, 4, 2, 16, 128, 4, 128   # the tiny models' shape (conftest.TEXT)
 # Qwen2-VL and 2.5-VL derive head_dim = hidden / heads, so their hidden size shrinks with the heads
-TARGETS = {f: dict(ffn="0.75", heads=2, hidden=32 if not ADAPTERS[f].head_dim_field else 48) for f in FAMILIES}
+TARGETS = {f: dict(ffn="0.75", heads=2, hidden=32 if not MODEL_FAMILIES[f].head_dim_field else 48) for f in FAMILIES}
 
 
-def silence(model, adapter, family, seed=0):
+def silence(model, model_family, family, seed=0):
     """Zero the weights of what the targets remove, so those channels contribute nothing: per layer FFN channels
     (up rows and down columns) and one query head per KV group (o_proj columns); hidden channels everywhere they
     enter the residual stream (embedding columns, o_proj / down_proj rows, vision-merger output rows). Returns the
@@ -34,8 +34,8 @@ def silence(model, adapter, family, seed=0):
     heads = [sorted(int(torch.randint(0, 2, (1,), generator=g)) + 2 * k for k in range(KV)) for _ in range(L)]
     hidden = sorted(torch.randperm(D, generator=g)[:D - t["hidden"]].tolist())
     with torch.no_grad():
-        get_module(model, adapter.text_module_path("embed_tokens")).weight[:, hidden] = 0
-        for layer, f, h in zip(get_module(model, adapter.text_layers), ffn, heads):
+        get_module(model, model_family.text_module_path("embed_tokens")).weight[:, hidden] = 0
+        for layer, f, h in zip(get_module(model, model_family.text_layers), ffn, heads):
             layer.mlp.up_proj.weight[f] = 0
             layer.mlp.down_proj.weight[:, f] = 0
             layer.mlp.down_proj.weight[hidden] = 0
@@ -44,7 +44,7 @@ def silence(model, adapter, family, seed=0):
             for head in h:
                 o[:, head * HD:(head + 1) * HD] = 0
         for name, p in model.named_parameters():
-            if adapter.is_vision_out_key(name):
+            if model_family.is_vision_out_key(name):
                 p[hidden] = 0
     return ffn, heads, hidden
 
@@ -53,15 +53,15 @@ def silence(model, adapter, family, seed=0):
 def silenced_dir(tmp_path):
     """family -> (directory of a tiny model whose dropped channels are zeroed, importance.json for it, dropped)."""
     def make(family):
-        adapter = ADAPTERS[family]
+        model_family = MODEL_FAMILIES[family]
         model = width_model(family)
-        dropped = silence(model, adapter, family)
+        dropped = silence(model, model_family, family)
         src = tmp_path / f"src-{family}"
         model.save_pretrained(src)
-        scores = activation_importance(model, adapter, [inputs_for(family)])
+        scores = activation_importance(model, model_family, [inputs_for(family)])
         # a head's own output does not see its o_proj columns: mark the silenced heads least important
         scores["heads"] = [[0.0 if h in dropped[1][i] else 1.0 for h in range(H)] for i in range(L)]
-        record = importance_record(scores, WidthShape.of(adapter, model.config.to_dict()), data="test inputs")
+        record = importance_record(scores, WidthShape.of(model_family, model.config.to_dict()), data="test inputs")
         imp = tmp_path / f"importance-{family}.json"
         imp.write_text(json.dumps(record))
         return src, imp, dropped
@@ -89,7 +89,7 @@ def expected_params(family, original, ffn, heads, hidden):
     """num_parameters() of the pruned model from its sizes: the text model by formula, the vision tower as it was
     minus the vision-merger output rows that left with the hidden channels."""
     qk_norm = any(n.endswith("q_norm.weight") for n, _ in original.named_parameters())
-    bias = ADAPTERS[family].qkv_bias(original.config.to_dict())
+    bias = MODEL_FAMILIES[family].qkv_bias(original.config.to_dict())
     attn = hidden * heads * HD + 2 * hidden * KV * HD + heads * HD * hidden
     attn += (heads * HD + 2 * KV * HD) * bias + 2 * HD * qk_norm
     text = V * hidden + L * (attn + 3 * hidden * ffn + 2 * hidden) + hidden + V * hidden   # untied LM head
@@ -111,11 +111,11 @@ def test_config_rewritten_and_loads_with_auto_classes(family, silenced_dir, tmp_
     before = json.loads((src / "config.json").read_text())
     assert (tc["intermediate_size"], tc["num_attention_heads"], tc["hidden_size"]) == (96, 2, t["hidden"])
     assert tc["num_key_value_heads"] == KV and tc["num_hidden_layers"] == L
-    if ADAPTERS[family].head_dim_field:
+    if MODEL_FAMILIES[family].head_dim_field:
         assert tc["head_dim"] == HD and t["hidden"] // tc["num_attention_heads"] != HD   # explicit where needed
     assert tc["rms_norm_eps"] == pytest.approx(before.get("text_config", before)["rms_norm_eps"] * D / t["hidden"])
     if family in VLM_FAMILIES:
-        assert cfg["vision_config"][ADAPTERS[family].vision_out_field] == t["hidden"]
+        assert cfg["vision_config"][MODEL_FAMILIES[family].vision_out_field] == t["hidden"]
     auto = transformers.AutoModelForImageTextToText if family in VLM_FAMILIES else transformers.AutoModelForCausalLM
     model = auto.from_pretrained(out)
     original = auto.from_pretrained(src)
@@ -310,7 +310,7 @@ VISION_TARGETS = {"qwen2_vl": "0.5", "qwen2_5_vl": "0.75", "qwen3_vl": "40"}
 VISION_KEPT = {"qwen2_vl": 32, "qwen2_5_vl": 48, "qwen3_vl": 40}
 
 
-def silence_vision(model, adapter, family, seed=1):
+def silence_vision(model, model_family, family, seed=1):
     """Zero the vision MLP channels --vision-ffn removes (a different random set per block): their rows (and biases)
     in the input projections, so their activation is exactly 0, and their columns in the output projection."""
     g = torch.Generator().manual_seed(seed)
@@ -318,7 +318,7 @@ def silence_vision(model, adapter, family, seed=1):
     dropped = [sorted(torch.randperm(VI, generator=g)[:n].tolist()) for _ in range(VB)]
     with torch.no_grad():
         for b, d in enumerate(dropped):
-            ins, out = vision_mlp(model, adapter, b)
+            ins, out = vision_mlp(model, model_family, b)
             for lin in ins:
                 lin.weight[d] = 0
                 lin.bias[d] = 0
@@ -331,15 +331,15 @@ def vision_silenced_dir(tmp_path):
     """family -> (tiny VLM whose text targets and vision MLP channels are zeroed, importance.json scored on an image
     row, (text dropped, vision dropped))."""
     def make(family):
-        adapter = ADAPTERS[family]
+        model_family = MODEL_FAMILIES[family]
         model = width_model(family)
-        dropped = silence(model, adapter, family)
-        vision = silence_vision(model, adapter, family)
+        dropped = silence(model, model_family, family)
+        vision = silence_vision(model, model_family, family)
         src = tmp_path / f"src-{family}"
         model.save_pretrained(src)
-        scores = activation_importance(model, adapter, [vlm_inputs()])
+        scores = activation_importance(model, model_family, [vlm_inputs()])
         scores["heads"] = [[0.0 if h in dropped[1][i] else 1.0 for h in range(H)] for i in range(L)]
-        record = importance_record(scores, WidthShape.of(adapter, model.config.to_dict()), data="test inputs")
+        record = importance_record(scores, WidthShape.of(model_family, model.config.to_dict()), data="test inputs")
         imp = tmp_path / f"importance-{family}.json"
         imp.write_text(json.dumps(record))
         return src, imp, (dropped, vision)
@@ -363,12 +363,12 @@ def test_vision_ffn_removing_silenced_channels_is_exact(family, text, vision_sil
     original, _ = load_model(src)
     pruned, _ = load_model(result.output)
     for b in range(VB):
-        ins, out = vision_mlp(pruned, ADAPTERS[family], b)
+        ins, out = vision_mlp(pruned, MODEL_FAMILIES[family], b)
         assert out.in_features == VISION_KEPT[family] and all(x.out_features == VISION_KEPT[family] for x in ins)
     inputs = vlm_inputs()
     with torch.no_grad():
         ref, got = original(**inputs).logits, pruned(**inputs).logits
-        _, out = vision_mlp(original, ADAPTERS[family], 0)   # a kept channel matters: the test can see a wrong cut
+        _, out = vision_mlp(original, MODEL_FAMILIES[family], 0)   # a kept channel matters: a wrong cut shows
         out.weight[:, kept["vision_ffn"][0][0]] += torch.randn(VD, generator=torch.Generator().manual_seed(0))
         moved = original(**inputs).logits
     assert ref.abs().max().item() > 0.1 and (moved - ref).abs().max().item() > 1e-3
@@ -405,7 +405,7 @@ def test_vision_ffn_config_rewritten_loads_and_streams(family, vision_silenced_d
     assert cfg["text_config"]["intermediate_size"] == I and cfg["text_config"]["hidden_size"] == D
     model = transformers.AutoModelForImageTextToText.from_pretrained(out)
     original = transformers.AutoModelForImageTextToText.from_pretrained(src)
-    n_in = len(ADAPTERS[family].vision_mlp_in)
+    n_in = len(MODEL_FAMILIES[family].vision_mlp_in)
     removed = VB * (VI - VISION_KEPT[family]) * (n_in * (VD + 1) + VD)   # input rows + their biases, output columns
     want = original.num_parameters() - removed
     assert model.num_parameters() == want
@@ -478,11 +478,11 @@ def test_bad_vision_ffn_sources(tiny_vlm_chat_model_dir, chat_data, tmp_path, ca
     train, _ = chat_data
     src = tiny_vlm_chat_model_dir("qwen3_vl")
     before = tree_hash(src)
-    adapter = ADAPTERS["qwen3_vl"]
+    model_family = MODEL_FAMILIES["qwen3_vl"]
     model, _ = load_model(src)
-    scores = activation_importance(model, adapter, [text_inputs()])
+    scores = activation_importance(model, model_family, [text_inputs()])
     imp = tmp_path / "text-only.json"
-    imp.write_text(json.dumps(importance_record(scores, WidthShape.of(adapter, model.config.to_dict()))))
+    imp.write_text(json.dumps(importance_record(scores, WidthShape.of(model_family, model.config.to_dict()))))
     capsys.readouterr()
     cases = [(["--data", train, "--samples", 4], "--vision-ffn: --data "),
              (["--importance", imp], "has no vision MLP scores (scored on data without image rows)")]

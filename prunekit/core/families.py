@@ -1,9 +1,9 @@
 """The one table of model-family knowledge.
 
-Everything prunekit needs to know about a family lives in its `Adapter` entry: where decoder layers and vision
+Everything prunekit needs to know about a family lives in its `ModelFamily` entry: where decoder layers and vision
 blocks sit (as module paths and as checkpoint-key patterns), which config fields change when layers, blocks or KV
 heads go, and the attention projection layout. Surgery, streaming surgery, inspection and training read this table;
-nothing else in prunekit checks a model's family. Adding a family = adding one entry to `ADAPTERS`.
+nothing else in prunekit checks a model's family. Adding a family = adding one entry to `MODEL_FAMILIES`.
 
 Config edits work on the plain `config.json` dict so the same code serves in-memory and streaming surgery.
 """
@@ -17,8 +17,8 @@ from prunekit import PrunekitError
 
 
 @dataclass(frozen=True)
-class Adapter:
-    family: str                       # the config's model_type
+class ModelFamily:
+    name: str                         # the config's model_type
     auto_class: str                   # transformers class used to load the full model
     text_layers: str                  # module path of the decoder-layer ModuleList
     text_key: str                     # regex over checkpoint keys: group 'idx' is the decoder layer index
@@ -189,7 +189,7 @@ class Adapter:
         vc = self.vision_config(cfg)
         step = self.vision_ffn_step(cfg)
         if size % step:
-            raise PrunekitError(f"{self.family}: vision MLP size {size} is not a multiple of {step}")
+            raise PrunekitError(f"{self.name}: vision MLP size {size} is not a multiple of {step}")
         vc[self.vision_ffn_field] = size // step if self.vision_ffn_ratio_of else size
 
     def text_module_path(self, name: str) -> str:
@@ -234,29 +234,30 @@ _QWEN3_VL_MLP = dict(vision_mlp_in=("mlp.linear_fc1",), vision_mlp_out="mlp.line
 _QWEN3_VL_OUT = dict(
     vision_out_key=r"^(?:model\.)?visual\.(?:merger|deepstack_merger_list\.\d+)\.linear_fc2\.(?:weight|bias)$")
 
-ADAPTERS: dict[str, Adapter] = {a.family: a for a in [
-    Adapter("llama", **_TEXT_COMMON, hidden_multiple_of_heads=True),
-    Adapter("mistral", **_TEXT_COMMON),
-    Adapter("qwen2", **_TEXT_COMMON, extra={"qkv_bias": True}),
-    Adapter("qwen3", **_TEXT_COMMON),
-    Adapter("qwen2_vl", auto_class="Qwen2VLForConditionalGeneration", **_VLM_COMMON, head_dim_field=None,
-            **_QWEN2_VL_OUT, vision_out_field="hidden_size", **_QWEN2_VL_MLP, extra={"qkv_bias": True}),
-    Adapter("qwen2_5_vl", auto_class="Qwen2_5_VLForConditionalGeneration", **_VLM_COMMON, head_dim_field=None,
-            vision_index_fields=("fullatt_block_indexes",), **_QWEN2_VL_OUT, vision_out_field="out_hidden_size",
-            **_QWEN2_5_VL_MLP, extra={"qkv_bias": True}),
-    Adapter("qwen3_vl", auto_class="Qwen3VLForConditionalGeneration", **_VLM_COMMON,
-            vision_protected_fields=("deepstack_visual_indexes",),
-            protected_text_layers_from="deepstack_visual_indexes", **_QWEN3_VL_OUT,
-            vision_out_field="out_hidden_size", **_QWEN3_VL_MLP),
+MODEL_FAMILIES: dict[str, ModelFamily] = {f.name: f for f in [
+    ModelFamily("llama", **_TEXT_COMMON, hidden_multiple_of_heads=True),
+    ModelFamily("mistral", **_TEXT_COMMON),
+    ModelFamily("qwen2", **_TEXT_COMMON, extra={"qkv_bias": True}),
+    ModelFamily("qwen3", **_TEXT_COMMON),
+    ModelFamily("qwen2_vl", auto_class="Qwen2VLForConditionalGeneration", **_VLM_COMMON, head_dim_field=None,
+                **_QWEN2_VL_OUT, vision_out_field="hidden_size", **_QWEN2_VL_MLP, extra={"qkv_bias": True}),
+    ModelFamily("qwen2_5_vl", auto_class="Qwen2_5_VLForConditionalGeneration", **_VLM_COMMON, head_dim_field=None,
+                vision_index_fields=("fullatt_block_indexes",), **_QWEN2_VL_OUT, vision_out_field="out_hidden_size",
+                **_QWEN2_5_VL_MLP, extra={"qkv_bias": True}),
+    ModelFamily("qwen3_vl", auto_class="Qwen3VLForConditionalGeneration", **_VLM_COMMON,
+                vision_protected_fields=("deepstack_visual_indexes",),
+                protected_text_layers_from="deepstack_visual_indexes", **_QWEN3_VL_OUT,
+                vision_out_field="out_hidden_size", **_QWEN3_VL_MLP),
 ]}
 
 
-def adapter_for(cfg: dict) -> Adapter:
-    """The adapter for a config dict; a one-line error naming the supported families otherwise."""
-    family = cfg.get("model_type")
-    if family not in ADAPTERS:
-        raise PrunekitError(f"model_type {family!r} is not supported; supported families: {', '.join(ADAPTERS)}")
-    return ADAPTERS[family]
+def family_for(cfg: dict) -> ModelFamily:
+    """The family of a config dict; a one-line error naming the supported families otherwise."""
+    model_type = cfg.get("model_type")
+    if model_type not in MODEL_FAMILIES:
+        raise PrunekitError(f"model_type {model_type!r} is not supported; supported families: "
+                            f"{', '.join(MODEL_FAMILIES)}")
+    return MODEL_FAMILIES[model_type]
 
 
 def get_module(model, path: str):

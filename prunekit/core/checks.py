@@ -78,7 +78,7 @@ def _mismatches(family, cfg: dict, shapes: dict[str, list[int]]) -> list[str]:
     tc = family.text_config(cfg)
     hidden = tc["hidden_size"]
     vocab = tc.get("vocab_size") or cfg.get("vocab_size")
-    embed = next((k for k in shapes if k.endswith("embed_tokens.weight") and "visual" not in k), None)
+    embed = next((k for k in shapes if family.component(k) == "embeddings"), None)
     if embed is not None and len(shapes[embed]) == 2:
         rows, cols = shapes[embed]
         if cols != hidden:

@@ -1,14 +1,17 @@
 """The one table of model-family knowledge.
 
 Everything prunekit needs to know about a family lives in its `ModelFamily` entry: where decoder layers and vision
-blocks sit (as module paths and as checkpoint-key patterns), which config fields change when layers, blocks or KV
-heads go, and the attention projection layout. Surgery, streaming surgery, inspection and training read this table;
-nothing else in prunekit checks a model's family. Adding a family = adding one entry to `MODEL_FAMILIES`.
+blocks sit (as module paths and as checkpoint-key patterns), the backbone and LM head the losses read, which config
+fields change when layers, blocks or KV heads go, the attention shape and projection layout, whether the head is
+tied to the embedding, and which component a checkpoint tensor belongs to. Surgery, streaming surgery, inspection,
+parameter counting, training and the rollout backends read this table; nothing else in prunekit checks a model's
+family. Adding a family = adding one entry to `MODEL_FAMILIES`.
 
 Config edits work on the plain `config.json` dict so the same code serves in-memory and streaming surgery.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +25,8 @@ class ModelFamily:
     auto_class: str                   # transformers class used to load the full model
     text_layers: str                  # module path of the decoder-layer ModuleList
     text_key: str                     # regex over checkpoint keys: group 'idx' is the decoder layer index
+    backbone: str = "model"           # module path of the model returning the last hidden states (the head's input)
+    lm_head: str = "lm_head"          # module path of the LM head
     vision_blocks: str | None = None  # module path of the vision-block ModuleList (VLMs)
     vision_key: str | None = None     # regex over checkpoint keys: group 'idx' is the vision block index
     vision_depth_field: str = "depth"
@@ -119,6 +124,29 @@ class ModelFamily:
             return bool(cfg["tie_word_embeddings"])
         return bool(self.text_config(cfg).get("tie_word_embeddings", False))
 
+    def component_params(self, shapes: dict[str, list[int]], cfg: dict) -> dict[str, int]:
+        """Parameters per component (`component`) of a checkpoint whose tensor shapes are `shapes`, and their total.
+        Where `cfg` ties the LM head to the embedding an `lm_head` tensor in the file counts nothing: transformers
+        loads the model with one shared matrix, and the counts are what `num_parameters()` reports."""
+        out = {"text_layers": 0, "vision_blocks": 0, "embeddings": 0, "lm_head": 0, "vision_other": 0, "other": 0}
+        tied = self.ties_embeddings(cfg)
+        for key, shape in shapes.items():
+            part = self.component(key)
+            if not (tied and part == "lm_head"):
+                out[part] += math.prod(shape)
+        if not self.is_vlm:
+            del out["vision_blocks"], out["vision_other"]
+        out["total"] = sum(out.values())
+        return out
+
+    def text_layer_params(self, shapes: dict[str, list[int]], cfg: dict) -> list[int]:
+        """Parameters of each text decoder layer of a checkpoint whose tensor shapes are `shapes`."""
+        counts = [0] * self.num_text_layers(cfg)
+        for key, shape in shapes.items():
+            if m := self.match_text_layer(key):
+                counts[int(m["idx"])] += math.prod(int(d) for d in shape)
+        return counts
+
     def protected_text_layers(self, cfg: dict) -> set[int]:
         if not self.protected_text_layers_from:
             return set()
@@ -196,7 +224,41 @@ class ModelFamily:
         """Module path of a sibling of the decoder-layer list (e.g. the final norm)."""
         return f"{self.text_layers.rsplit('.', 1)[0]}.{name}"
 
+    # ---- modules of a loaded model (peft-wrapped or not) ------------------------------------------------------
+    def layers(self, model, component: str = "text"):
+        """The ModuleList of text decoder layers ("text") or vision blocks ("vision")."""
+        if component == "text":
+            return get_module(base_model(model), self.text_layers)
+        if component == "vision" and self.is_vlm:
+            return get_module(base_model(model), self.vision_blocks)
+        raise ValueError(f"a {self.name} model has no {component} layers")
+
+    def blocks(self, model) -> list:
+        """Every text decoder layer and vision block: the repeated units compile and FSDP take one at a time."""
+        components = ["text", "vision"] if self.is_vlm else ["text"]
+        return [block for component in components for block in self.layers(model, component)]
+
+    def missing_weights(self, missing: list[str]) -> list[str]:
+        """The keys `load_state_dict` reports missing, less the LM head's weight: a state from a model whose head is
+        tied to the embedding may hold it once, under the embedding's name (tie_weights restores the head)."""
+        head = f"{self.lm_head}.weight"
+        return [k for k in missing if not k.endswith(head)]
+
     # ---- checkpoint keys ------------------------------------------------------------------------------------
+    def component(self, key: str) -> str:
+        """The part of the model a checkpoint tensor belongs to: text_layers, vision_blocks, embeddings, lm_head,
+        vision_other (the rest of a vision tower) or other (final norm, ...)."""
+        if self.match_text_layer(key):
+            return "text_layers"
+        if self.match_vision_block(key):
+            return "vision_blocks"
+        top = self.match_text_top(key)
+        if top and top["name"] == "embed_tokens":
+            return "embeddings"
+        if top and top["head"]:
+            return "lm_head"
+        return "vision_other" if self.is_vision_key(key) else "other"
+
     def match_text_layer(self, key: str) -> re.Match | None:
         return re.match(self.text_key, key)
 
@@ -258,6 +320,24 @@ def family_for(cfg: dict) -> ModelFamily:
         raise PrunekitError(f"model_type {model_type!r} is not supported; supported families: "
                             f"{', '.join(MODEL_FAMILIES)}")
     return MODEL_FAMILIES[model_type]
+
+
+def family_of(model) -> ModelFamily:
+    """The family of a loaded model, peft-wrapped or not."""
+    return family_for({"model_type": base_model(model).config.model_type})
+
+
+def backbone_and_head(model) -> tuple:
+    """(the model returning the last hidden states, the LM head) of a loaded model, peft-wrapped or not: the losses
+    apply the head themselves, a chunk of rows at a time."""
+    inner = base_model(model)
+    family = family_of(inner)
+    return get_module(inner, family.backbone), get_module(inner, family.lm_head)
+
+
+def base_model(model):
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def get_module(model, path: str):

@@ -16,17 +16,8 @@ from contextlib import contextmanager
 
 import torch
 
-from prunekit.core.families import ModelFamily, get_module
+from prunekit.core.families import ModelFamily
 from prunekit.core.losses import causal_lm_loss
-
-
-def component_layers(model, family: ModelFamily, component: str):
-    """The ModuleList of text decoder layers ("text") or vision blocks ("vision")."""
-    if component == "text":
-        return get_module(model, family.text_layers)
-    if component == "vision" and family.is_vlm:
-        return get_module(model, family.vision_blocks)
-    raise ValueError(f"a {family.name} model has no {component} layers")
 
 
 def _model_inputs(batch: dict) -> dict:
@@ -54,7 +45,7 @@ def hidden_state_scores(model, family: ModelFamily, batches, component: str = "t
                         angular_n: tuple[int, ...] = (1,)) -> dict:
     """Block influence per layer and angular distance per block of n consecutive layers (index = first layer),
     averaged over tokens. Empty dict if no batch reached these layers (e.g. vision blocks on text-only rows)."""
-    layers = component_layers(model, family, component)
+    layers = family.layers(model, component)
     n_layers = len(layers)
     angular_n = tuple(n for n in angular_n if 1 <= n <= n_layers)
     bi_sum = torch.zeros(n_layers, dtype=torch.float64)
@@ -121,7 +112,7 @@ def _patched_forward(module, fn):
 def nll_drop(model, family: ModelFamily, batches, component: str = "text") -> dict:
     """Per layer: mean NLL over supervised tokens (labels != -100) with that layer skipped, minus the full model's.
     Batches carry `labels`. Empty dict if no batch reached these layers."""
-    layers = component_layers(model, family, component)
+    layers = family.layers(model, component)
     n_layers = len(layers)
     base_sum, n_tokens = 0.0, 0
     skip_sums = torch.zeros(n_layers, dtype=torch.float64)
@@ -193,7 +184,7 @@ def block_influence(model, family: ModelFamily, batches) -> list[float]:
     """Per text layer: 1 - cosine(hidden state entering the layer, hidden state leaving it), averaged over the
     real (non-padding) tokens of the calibration batches. Low = the layer barely changes its input (ShortGPT)."""
     scores = hidden_state_scores(model, family, batches, "text", angular_n=())
-    return scores.get("block_influence", [0.0] * len(component_layers(model, family, "text")))
+    return scores.get("block_influence", [0.0] * len(family.layers(model, "text")))
 
 
 def compute_importance(model, family, samples: list[dict], pad_id: int, batch_size: int = 4,

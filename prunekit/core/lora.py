@@ -18,15 +18,11 @@ from pathlib import Path
 import torch
 
 from prunekit import PrunekitError
-from prunekit.core.families import ModelFamily, family_for, get_module
+from prunekit.core.families import ModelFamily, family_of, get_module
 from prunekit.core.loading import check_output_dir, resolve_model, write_atomically, write_provenance
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-def _family_of(model) -> ModelFamily:
-    return family_for(model.config.to_dict())
 
 
 def _layer_linears(model, family: ModelFamily) -> list[str]:
@@ -42,7 +38,7 @@ def _layer_linears(model, family: ModelFamily) -> list[str]:
 def default_target_modules(model, family: ModelFamily | None = None) -> list[str]:
     """The text model's attention projections (from the family table) and the other linear layers of its decoder
     layers (the MLP projections), as paths relative to one decoder layer."""
-    family = family or _family_of(model)
+    family = family or family_of(model)
     linears = _layer_linears(model, family)
     projs = (family.q_proj,) if family.fused_qkv else (family.q_proj, family.k_proj, family.v_proj)
     attn = [f"{family.attn_module}.{p}" for p in (*projs, family.o_proj)]
@@ -58,7 +54,7 @@ def target_regex(model, target_modules=None, family: ModelFamily | None = None) 
 
     target_modules: None (attention + MLP projections), a list of names, or a comma-separated string; each name is
     a leaf name ('q_proj') or a path inside a decoder layer ('mlp.down_proj')."""
-    family = family or _family_of(model)
+    family = family or family_of(model)
     if target_modules is None:
         rel = default_target_modules(model, family)
     else:

@@ -2,40 +2,12 @@
 KV-cache bytes per token; and plain-text tables."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from prunekit.core.families import ModelFamily, family_for
 from prunekit.core.checkpoint import checkpoint_shapes, read_config  # noqa: F401  (checkpoint_shapes: re-exported)
 
 BF16_BYTES = 2
-
-
-def component_params(family: ModelFamily, shapes: dict[str, list[int]], tied: bool = False) -> dict[str, int]:
-    """Parameter counts per component: text layers, vision blocks, embeddings, lm_head, other vision, other.
-    With `tied` (the config ties the LM head to the embedding) an `lm_head` tensor in the file counts nothing:
-    transformers loads the model with one shared matrix, and the counts are what `num_parameters()` reports."""
-    out = {"text_layers": 0, "vision_blocks": 0, "embeddings": 0, "lm_head": 0, "vision_other": 0, "other": 0}
-    for key, shape in shapes.items():
-        n = math.prod(shape)
-        if tied and key.startswith("lm_head"):
-            continue
-        if family.match_text_layer(key):
-            out["text_layers"] += n
-        elif family.match_vision_block(key):
-            out["vision_blocks"] += n
-        elif "embed_tokens" in key:
-            out["embeddings"] += n
-        elif key.startswith("lm_head"):
-            out["lm_head"] += n
-        elif ".visual." in f".{key}":
-            out["vision_other"] += n
-        else:
-            out["other"] += n
-    if not family.is_vlm:
-        del out["vision_blocks"], out["vision_other"]
-    out["total"] = sum(out.values())
-    return out
 
 
 def kv_cache_bytes_per_token(family: ModelFamily, cfg: dict, bytes_per_value: int = BF16_BYTES) -> int:
@@ -61,7 +33,7 @@ def describe(model_dir: Path) -> dict:
         "fused_qkv": family.fused_qkv,
         "kv_cache_bytes_per_token_bf16": kv_cache_bytes_per_token(family, cfg),
         "tied_embeddings": family.ties_embeddings(cfg),
-        "params": component_params(family, checkpoint_shapes(model_dir), tied=family.ties_embeddings(cfg)),
+        "params": family.component_params(checkpoint_shapes(model_dir), cfg),
     }
     if not family.is_vlm:
         del info["vision_blocks"]

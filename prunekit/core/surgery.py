@@ -249,7 +249,7 @@ def apply_to_model(model, surgery):
             torch.set_default_dtype(prev)
     missing, unexpected = new_model.load_state_dict(new_sd, strict=False, assign=True)
     tied = set(getattr(new_model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+    missing = [k for k in surgery.family.missing_weights(missing) if k not in tied]
     if missing or unexpected:
         raise RuntimeError(f"surgery produced mismatched weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if surgery.family.ties_embeddings(surgery.new_config):

@@ -494,7 +494,6 @@ def shape_cut(family: ModelFamily, cfg: dict, new: WidthShape) -> WidthCut:
 def count_params(family: ModelFamily, cfg: dict, shapes: dict, surgery=None) -> int:
     """Parameters as `prunekit inspect` (and the pipeline's guardrails) count them, of the checkpoint whose tensor
     shapes are `shapes`, after `surgery` (its tensor map run on meta tensors: the family table's layout, no data)."""
-    from prunekit.core.report import component_params
     new = {}
     for key, shape in shapes.items():
         if surgery is None:
@@ -503,8 +502,7 @@ def count_params(family: ModelFamily, cfg: dict, shapes: dict, surgery=None) -> 
         mapped = surgery(key, torch.empty([int(d) for d in shape], device="meta"))
         if mapped is not None:
             new[mapped[0]] = list(mapped[1].shape)
-    tied = family.ties_embeddings(surgery.new_config if surgery is not None else cfg)
-    return component_params(family, new, tied=tied)["total"]
+    return family.component_params(new, surgery.new_config if surgery is not None else cfg)["total"]
 
 
 def _align(size: int, big: int = 1024, step: int = 64, small: int = 1) -> int:

@@ -68,12 +68,9 @@ def make_optimizer_factory(cfg):
 def compile_layers(model) -> None:
     """torch.compile every text decoder layer (and vision block) in place: the repeated blocks are where the
     time goes, and compiling them one by one keeps graphs small and recompiles cheap."""
-    from prunekit.core.families import family_for, get_module
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    family = family_for(inner.config.to_dict())
-    for path in [family.text_layers] + ([family.vision_blocks] if family.is_vlm else []):
-        for layer in get_module(inner, path):
-            layer.compile()
+    from prunekit.core.families import family_of
+    for layer in family_of(model).blocks(model):
+        layer.compile()
 
 
 def make_scheduler_factory(cfg, total_steps: int):

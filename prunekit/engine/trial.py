@@ -80,12 +80,12 @@ def build_trial_model(base: dict, candidate: Candidate, device):
     with _no_init():
         model = base["model_cls"](config)
         missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
-        if [k for k in missing if not k.endswith("lm_head.weight")] or unexpected:
+        family = family_for(base["config"])
+        if family.missing_weights(missing) or unexpected:
             raise RuntimeError(f"shared weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        if family_for(base["config"]).ties_embeddings(base["config"]):
+        if family.ties_embeddings(base["config"]):
             model.tie_weights()
         if candidate.size:
-            family = family_for(base["config"])
             model = apply_to_model(model, LayerDrop(family, base["config"], list(candidate.text),
                                                     list(candidate.vision)))
     return model.to(device)

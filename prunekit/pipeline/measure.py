@@ -30,16 +30,7 @@ def text_layer_params(path: Path) -> list[int]:
     from prunekit.core.families import family_for
     from prunekit.core.loading import read_config
     cfg = read_config(path)
-    family = family_for(cfg)
-    counts = [0] * family.num_text_layers(cfg)
-    for key, shape in report.checkpoint_shapes(path).items():
-        m = family.match_text_layer(key)
-        if m:
-            n = 1
-            for d in shape:
-                n *= int(d)
-            counts[int(m.group("idx"))] += n
-    return counts
+    return family_for(cfg).text_layer_params(report.checkpoint_shapes(path), cfg)
 
 
 def describe(rec: dict) -> str:

@@ -193,7 +193,8 @@ def check_same_model(base: Path, trained: Path) -> None:
         problems.append(f"{after['params']['total']:,} parameters, the input {before['params']['total']:,}")
     if after["tied_embeddings"] != before["tied_embeddings"]:
         problems.append(f"tie_word_embeddings {after['tied_embeddings']}, the input {before['tied_embeddings']}")
-    if after["tied_embeddings"] and any(k.startswith("lm_head") for k in report.checkpoint_shapes(trained)):
+    family = family_for(report.read_config(trained))
+    if after["tied_embeddings"] and any(family.component(k) == "lm_head" for k in report.checkpoint_shapes(trained)):
         problems.append("a separate lm_head tensor although the embeddings are tied")
     if problems:
         raise PrunekitError(f"the trained model differs from its input {base}: {'; '.join(problems)} "

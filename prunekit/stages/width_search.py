@@ -30,7 +30,7 @@ from prunekit.core.families import family_for
 from prunekit.core.data import load_messages
 from prunekit.core.loading import (check_output_dir, check_writable, quiet_transformers, read_config, resolve_model,
                                    write_atomically, write_provenance)
-from prunekit.core.report import checkpoint_shapes, component_params
+from prunekit.core.report import checkpoint_shapes
 from prunekit.core.width import WidthShape, budget_mixes, count_params
 from prunekit.engine.reporting import run_name_for
 
@@ -90,22 +90,10 @@ def _budget(cfg, family, config: dict, shapes: dict, total: int) -> tuple[int, s
         return cfg.params, f"at most {cfg.params:,} parameters"
     if cfg.params_fraction is not None:
         return int(cfg.params_fraction * total), f"at most {cfg.params_fraction:.0%} of the original's parameters"
-    layers = component_params(family, shapes, tied=family.ties_embeddings(config))["text_layers"]
+    layers = family.component_params(shapes, config)["text_layers"]
     removed = round(cfg.layer_params_removed * layers)
     return total - removed, (f"{cfg.layer_params_removed:.0%} of the {layers:,} decoder-layer parameters "
                              f"({removed:,}) removed")
-
-
-def layer_params(family, shapes: dict, n_layers: int) -> list[int]:
-    counts = [0] * n_layers
-    for key, shape in shapes.items():
-        m = family.match_text_layer(key)
-        if m:
-            n = 1
-            for d in shape:
-                n *= int(d)
-            counts[int(m["idx"])] += n
-    return counts
 
 
 def droppable_layers(family, config: dict) -> list[int]:
@@ -141,7 +129,7 @@ def validate(cfg, resume: bool = False) -> Search:
                 plans[m["mix"]] = {"kind": "width", "params": m["params"], "reason": m["reason"], "sizes": s and {
                     "intermediate_size": s.intermediate, "num_attention_heads": s.heads, "hidden_size": s.hidden}}
     if "depth" in cfg.candidates:
-        per_layer = layer_params(family, shapes, family.num_text_layers(config))
+        per_layer = family.text_layer_params(shapes, config)
         floor = total - sum(per_layer[i] for i in droppable_layers(family, config))
         plans["depth"] = {"kind": "depth", "params": None, "reason": None if floor <= budget else (
             f"removing every layer but the first and last leaves {floor:,} parameters, over the budget")}
@@ -218,7 +206,7 @@ def prepare(search: Search, base: dict) -> dict:
             surgeries[cid] = {"kind": "width", "ffn": kept["ffn"], "heads": kept["heads"], "hidden": kept["hidden"]}
             mixes.append({"mix": cid, "shape": new, "params": plan["params"], "reason": None})
         else:
-            per_layer = layer_params(family, shapes, old.layers)
+            per_layer = family.text_layer_params(shapes, config)
             drop, params = [], search.total
             for i in sorted(droppable_layers(family, config), key=lambda i: (influence[i], i)):
                 if params <= search.budget:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from prunekit.core.families import family_for
-from prunekit.core.importance import block_influence, component_layers, layer_scores, nll_drop
+from prunekit.core.importance import block_influence, layer_scores, nll_drop
 from prunekit.core.losses import causal_lm_loss
 from prunekit.core.surgery import LayerDrop, apply_to_model
 from tests.conftest import build_tiny, text_inputs, vlm_inputs
@@ -16,7 +16,7 @@ RESIDUAL_WRITERS = ("o_proj", "down_proj", "attn.proj", "mlp.linear_fc2")
 
 
 def make_identity(model, model_family, component: str, index: int) -> None:
-    layer = component_layers(model, model_family, component)[index]
+    layer = model_family.layers(model, component)[index]
     for name, module in layer.named_modules():
         if name.endswith(RESIDUAL_WRITERS):
             torch.nn.init.zeros_(module.weight)
@@ -45,7 +45,7 @@ def test_identity_layer_ranks_least_important_in_every_metric(family, component,
     make_identity(model, model_family, component, identity)
     scores = layer_scores(model, model_family, self_labelled_batches(model, model_family.is_vlm), component,
                           angular_n=(1, 2))
-    n = len(component_layers(model, model_family, component))
+    n = len(model_family.layers(model, component))
     for metric in ("block_influence", "angular_distance_n1", "nll_drop"):
         values = scores[metric]
         assert len(values) == n

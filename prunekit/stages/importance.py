@@ -41,9 +41,8 @@ def calibration_samples(tokenizer, data: str | Path, model_dir: Path, is_vlm: bo
 
 def plot_scores(scores: dict, out_dir: Path) -> list[Path]:
     """One bar chart per component and metric: <component>_<metric>.png."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from prunekit.core.plots import pyplot, save_figure
+    plt = pyplot()
     paths = []
     for component, metrics in scores.items():
         for metric, values in metrics.items():
@@ -61,11 +60,7 @@ def plot_scores(scores: dict, out_dir: Path) -> list[Path]:
             ax.set_title(f"{component}: {title}\n(green: least important fifth)", fontsize=9)
             ax.set_xticks(range(len(values)))
             ax.tick_params(axis="x", labelsize=7)
-            fig.tight_layout()
-            path = Path(out_dir) / f"{component}_{metric}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            paths.append(path)
+            paths.append(save_figure(fig, Path(out_dir) / f"{component}_{metric}.png"))
     return paths
 
 

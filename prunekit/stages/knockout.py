@@ -388,9 +388,8 @@ def summary_markdown(sweep: Sweep, rows: list[dict], corr: dict, plan: dict, err
 
 
 def plot_report(out_dir: Path, rows: list[dict], curves: dict, cfg) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from prunekit.core.plots import pyplot, save_figure
+    plt = pyplot()
     colors = {"free": "tab:green", "recoverable": "tab:orange", "key": "tab:red", None: "lightgrey"}
     groups = {"text": [r for r in rows if r["kind"] == "text" and r["size"] == 1],
               "vision": [r for r in rows if r["kind"] == "vision" and r["size"] == 1],
@@ -409,9 +408,7 @@ def plot_report(out_dir: Path, rows: list[dict], curves: dict, cfg) -> None:
         ratios = [r.get("ratio") or 1 for r in sel]
         ax.set_ylim(max(0, min(ratios + [cfg.recoverable_ratio]) - 0.05), max(ratios + [1.0]) + 0.05)
         ax.set_title(f"knockout after {cfg.max_steps} SFT steps (green free, orange recoverable, red key)", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(out_dir / f"ratio_{kind}.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, out_dir / f"ratio_{kind}.png")
     verdicts = {r["id"]: r.get("verdict") for r in rows}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for cid, curve in curves.items():
@@ -431,6 +428,4 @@ def plot_report(out_dir: Path, rows: list[dict], curves: dict, cfg) -> None:
         handles, labels = ax.get_legend_handles_labels()
         if handles and len(handles) <= 12:
             ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out_dir / "loss_curves.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_dir / "loss_curves.png")

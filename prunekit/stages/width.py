@@ -9,7 +9,6 @@ written atomically with importance.json (the scores and what was kept), importan
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from pathlib import Path
 
@@ -32,10 +31,9 @@ def read_importance(path: str | Path, shape: WidthShape, need_vision: bool = Fal
 def plot_importance(record: dict) -> bytes:
     """One PNG: FFN and head scores per layer (each layer's channels sorted, normalised to its maximum) and the
     hidden-channel scores sorted, with the kept/removed boundary of each."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from prunekit.core.plots import figure_png, pyplot
+    plt = pyplot()
     kept = record.get("kept") or {}
     vision = record.get("vision_ffn") is not None
     fig, axes = plt.subplots(1, 3 + vision, figsize=(13 + 4.3 * vision, 3.6))
@@ -58,11 +56,7 @@ def plot_importance(record: dict) -> bytes:
     axes[2].set_yscale("log")
     axes[2].set_xlabel("hidden channels, most important first")
     axes[2].set_title("hidden channel importance (sum over norms)", fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def width_params(model: str | Path, ffn=None, heads: int | None = None, hidden: int | None = None,

@@ -419,9 +419,8 @@ def summary_markdown(search: Search, scores: dict, rows: list[dict], best: dict 
 
 
 def plot_report(out_dir: Path, rows: list[dict], curves: dict, original: dict, search: Search) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from prunekit.core.plots import pyplot, save_figure
+    plt = pyplot()
     done = [r for r in rows if r.get("token_acc") is not None]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     ax = axes[0]
@@ -443,6 +442,4 @@ def plot_report(out_dir: Path, rows: list[dict], curves: dict, original: dict, s
     axes[1].set_xlabel("step")
     axes[1].set_title("distillation loss", fontsize=9)
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "width_search.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_dir / "width_search.png")

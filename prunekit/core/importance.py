@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
+from prunekit.core.evaluate import TokenTotals
 from prunekit.core.families import ModelFamily
 from prunekit.core.losses import causal_lm_loss
 
@@ -114,8 +115,7 @@ def nll_drop(model, family: ModelFamily, batches, component: str = "text") -> di
     Batches carry `labels`. Empty dict if no batch reached these layers."""
     layers = family.layers(model, component)
     n_layers = len(layers)
-    base_sum, n_tokens = 0.0, 0
-    skip_sums = torch.zeros(n_layers, dtype=torch.float64)
+    full, skipped = TokenTotals(), [TokenTotals() for _ in range(n_layers)]
     outputs: dict[int, list] = {}
 
     def record(i):
@@ -150,14 +150,13 @@ def nll_drop(model, family: ModelFamily, batches, component: str = "text") -> di
             patches.append((layers[skip], identity))
             with _stack(patches):
                 s, _, _ = causal_lm_loss(model(**inputs, use_cache=False).logits.float(), labels)
-            skip_sums[skip] += float(s)
-        base_sum += float(loss_sum)
-        n_tokens += int(n)
+            skipped[skip].add(s, n)
+        full.add(loss_sum, n)
     outputs.clear()
-    if n_tokens == 0:
+    if full.tokens == 0:
         return {}
-    base = base_sum / n_tokens
-    return {"nll_drop": (skip_sums / n_tokens - base).tolist(), "baseline_nll": base, "nll_tokens": n_tokens}
+    base = full.means()["loss"]
+    return {"nll_drop": [t.means()["loss"] - base for t in skipped], "baseline_nll": base, "nll_tokens": full.tokens}
 
 
 @contextmanager

@@ -235,8 +235,7 @@ def prepare(search: Search, base: dict) -> dict:
 def run_trial(cfg, base: dict, payload: dict, cid: str, reporter, device) -> dict:
     """Prune the original (shared weights) to the candidate, eval, distil from the original for max_steps through
     the training engine, eval again. Returns what result.json keeps as `extra`."""
-    import math
-    from prunekit.core.evaluate import evaluate
+    from prunekit.core.evaluate import evaluate, perplexity
     from prunekit.core.plan import Candidate
     from prunekit.core.surgery import LayerDrop, apply_to_model
     from prunekit.core.width import WidthCut
@@ -257,7 +256,7 @@ def run_trial(cfg, base: dict, payload: dict, cid: str, reporter, device) -> dic
 
     def measure():
         m = evaluate(student, base["val"], pad)
-        return {"loss": m["loss"], "ppl": math.exp(min(m["loss"], 50.0)), "token_acc": m["token_acc"],
+        return {"loss": m["loss"], "ppl": perplexity(m["loss"]), "token_acc": m["token_acc"],
                 "tokens": m["tokens"]}
     before = measure()
     t1 = time.time()

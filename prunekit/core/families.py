@@ -4,8 +4,9 @@ Everything prunekit needs to know about a family lives in its `ModelFamily` entr
 blocks sit (as module paths and as checkpoint-key patterns), the backbone and LM head the losses read, which config
 fields change when layers, blocks or KV heads go, the attention shape and projection layout, whether the head is
 tied to the embedding, and which component a checkpoint tensor belongs to. Surgery, streaming surgery, inspection,
-parameter counting, training and the rollout backends read this table; nothing else in prunekit checks a model's
-family. Adding a family = adding one entry to `MODEL_FAMILIES`.
+parameter counting, training and the rollout backends read this table; besides the memory plan's per-family
+parameter formulas (`core/memory_plan.py`), nothing else in prunekit checks a model's family. Adding a family =
+adding one entry to `MODEL_FAMILIES`.
 
 Config edits work on the plain `config.json` dict so the same code serves in-memory and streaming surgery.
 """
@@ -124,29 +125,6 @@ class ModelFamily:
             return bool(cfg["tie_word_embeddings"])
         return bool(self.text_config(cfg).get("tie_word_embeddings", False))
 
-    def component_params(self, shapes: dict[str, list[int]], cfg: dict) -> dict[str, int]:
-        """Parameters per component (`component`) of a checkpoint whose tensor shapes are `shapes`, and their total.
-        Where `cfg` ties the LM head to the embedding an `lm_head` tensor in the file counts nothing: transformers
-        loads the model with one shared matrix, and the counts are what `num_parameters()` reports."""
-        out = {"text_layers": 0, "vision_blocks": 0, "embeddings": 0, "lm_head": 0, "vision_other": 0, "other": 0}
-        tied = self.ties_embeddings(cfg)
-        for key, shape in shapes.items():
-            part = self.component(key)
-            if not (tied and part == "lm_head"):
-                out[part] += math.prod(shape)
-        if not self.is_vlm:
-            del out["vision_blocks"], out["vision_other"]
-        out["total"] = sum(out.values())
-        return out
-
-    def text_layer_params(self, shapes: dict[str, list[int]], cfg: dict) -> list[int]:
-        """Parameters of each text decoder layer of a checkpoint whose tensor shapes are `shapes`."""
-        counts = [0] * self.num_text_layers(cfg)
-        for key, shape in shapes.items():
-            if m := self.match_text_layer(key):
-                counts[int(m["idx"])] += math.prod(int(d) for d in shape)
-        return counts
-
     def protected_text_layers(self, cfg: dict) -> set[int]:
         if not self.protected_text_layers_from:
             return set()
@@ -258,6 +236,29 @@ class ModelFamily:
         if top and top["head"]:
             return "lm_head"
         return "vision_other" if self.is_vision_key(key) else "other"
+
+    def component_params(self, shapes: dict[str, list[int]], cfg: dict) -> dict[str, int]:
+        """Parameters per component (`component`) of a checkpoint whose tensor shapes are `shapes`, and their total.
+        Where `cfg` ties the LM head to the embedding an `lm_head` tensor in the file counts nothing: transformers
+        loads the model with one shared matrix, and the counts are what `num_parameters()` reports."""
+        out = {"text_layers": 0, "vision_blocks": 0, "embeddings": 0, "lm_head": 0, "vision_other": 0, "other": 0}
+        tied = self.ties_embeddings(cfg)
+        for key, shape in shapes.items():
+            part = self.component(key)
+            if not (tied and part == "lm_head"):
+                out[part] += math.prod(shape)
+        if not self.is_vlm:
+            del out["vision_blocks"], out["vision_other"]
+        out["total"] = sum(out.values())
+        return out
+
+    def text_layer_params(self, shapes: dict[str, list[int]], cfg: dict) -> list[int]:
+        """Parameters of each text decoder layer of a checkpoint whose tensor shapes are `shapes`."""
+        counts = [0] * self.num_text_layers(cfg)
+        for key, shape in shapes.items():
+            if m := self.match_text_layer(key):
+                counts[int(m["idx"])] += math.prod(int(d) for d in shape)
+        return counts
 
     def match_text_layer(self, key: str) -> re.Match | None:
         return re.match(self.text_key, key)

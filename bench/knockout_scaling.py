@@ -154,11 +154,11 @@ def run_one(args) -> dict:
     cfg = sweep_config(args, Path(info["model"]), Path(info["train"]), Path(info["val"]), workdir, "seq", 1)
     device = torch.device("cpu") if args.smoke else torch.device("cuda", 0)
     with quiet_transformers():
-        model, adapter = load_model(Path(cfg.model), dtype="float32")
+        model, family = load_model(Path(cfg.model), dtype="float32")
         tokenizer = load_tokenizer(Path(cfg.model))
     cand = Candidate.parse(args.one)
     if cand.size:
-        model = apply_to_model(model, LayerDrop(adapter, model.config.to_dict(), list(cand.text), []))
+        model = apply_to_model(model, LayerDrop(family, model.config.to_dict(), list(cand.text), []))
     model = model.to(device)
     train_samples, val_samples = config_samples(cfg, tokenizer, is_vlm=False)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -228,10 +228,10 @@ def main() -> None:
     model, tokenizer = make_model(workdir, args.model, train)
     (workdir / "inputs.json").write_text(json.dumps({"model": str(model), "train": str(train), "val": str(val)}))
     print(f"inputs ready in {time.time() - t:.0f}s: {args.model} ({tokenizer} tokenizer), {data_kind} data", flush=True)
-    from prunekit.core.adapters import adapter_for
+    from prunekit.core.families import family_for
     from prunekit.core.loading import read_config
     from prunekit.core.plan import expand_candidates
-    n_layers = adapter_for(read_config(model)).num_text_layers(read_config(model))
+    n_layers = family_for(read_config(model)).num_text_layers(read_config(model))
     candidates = ["baseline"] + [c.id for c in expand_candidates(args.layers, None, [1], [], n_layers, 0)]
     base_cmd = [sys.executable, os.path.abspath(__file__), "--workdir", str(workdir), "--model", args.model,
                 "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),

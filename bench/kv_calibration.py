@@ -56,7 +56,7 @@ def main() -> None:
     chatterbot_to_messages(train, val_path=val)
     path = resolve_model(args.model)
     with quiet_transformers():
-        original, adapter = load_model(path, dtype="float32", device=args.device)
+        original, family = load_model(path, dtype="float32", device=args.device)
         tokenizer = load_tokenizer(path)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     val_rows = load_messages(val)[: args.eval_rows]
@@ -81,20 +81,20 @@ def main() -> None:
         if grouping == "similarity" and orders is None:
             sim_batches = [{k: v.to(args.device) for k, v in b.items()}
                            for b in calibration_batches(tokenizer, train, args.samples)]
-            orders = kv_similarity_orders(original, adapter, sim_batches, args.kv_heads)
-        surgery = KVCut(adapter, cfg, args.kv_heads, head_order=orders if grouping == "similarity" else None)
+            orders = kv_similarity_orders(original, family, sim_batches, args.kv_heads)
+        surgery = KVCut(family, cfg, args.kv_heads, head_order=orders if grouping == "similarity" else None)
         cut = apply_to_model(original, surgery)
         record, seconds = None, 0.0
         if calib:
             t = time.time()
-            query_orders = {i: surgery.query_head_order(i) for i in range(adapter.num_text_layers(cfg))}
-            record = calibrate_kv_cut(original, cut, adapter, calib_batches, settings, query_orders=query_orders,
+            query_orders = {i: surgery.query_head_order(i) for i in range(family.num_text_layers(cfg))}
+            record = calibrate_kv_cut(original, cut, family, calib_batches, settings, query_orders=query_orders,
                                       progress=lambda i, s: print(f"  layer {i}: check error "
                                                                   f"{s['check_relative_error_before']:.3f} -> "
                                                                   f"{s['check_relative_error_after']:.3f}",
                                                                   flush=True))
             seconds = time.time() - t
-        errors = attention_output_errors(original, cut, adapter, eval_batches)
+        errors = attention_output_errors(original, cut, family, eval_batches)
         results[variant] = {**measure(cut), "heldout_relative_attention_error": [round(e, 4) for e in errors],
                             "mean_heldout_relative_attention_error": round(sum(errors) / len(errors), 4),
                             "calibration_seconds": round(seconds, 1)}
@@ -108,7 +108,7 @@ def main() -> None:
 
     out = {"benchmark": "kv_calibration", "date": dt.date.today().isoformat(), "machine": platform.machine(),
            "device": args.device, "torch_threads": torch.get_num_threads(), "model": args.model,
-           "kv_heads": {"before": adapter.attention_shape(cfg)[1], "after": args.kv_heads},
+           "kv_heads": {"before": family.attention_shape(cfg)[1], "after": args.kv_heads},
            "calibration": {"train_rows": args.samples, "steps": args.steps, "lr": args.lr,
                            "ridges": list(settings.ridges)},
            "eval": {"val_rows": len(val_rows), "source": "chatterbot val split (never calibrated on)"},

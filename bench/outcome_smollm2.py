@@ -364,9 +364,8 @@ def write_report(results: dict, args, path: Path) -> None:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from prunekit.core.plots import pyplot, save_figure
+    plt = pyplot()
     names = list(report["stages"])
     x = range(len(names))
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
@@ -403,9 +402,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_yticklabels([g[0] for g in groups], fontsize=8)
         earlier = " (an earlier run's: see comparisons_from)" if report.get("comparisons_from") else ""
         ax.set_title(f"comparisons{earlier}: general text, % of original", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -73,9 +73,8 @@ def greedy_accuracy(model_dir: Path, rows: list[dict], system_prompt: str, devic
 
 
 def plot(path: Path, steps: list[dict], before: float, after: float, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from prunekit.core.plots import pyplot, save_figure
+    plt = pyplot()
     x = [m["step"] for m in steps]
     y = [m["reward/total/mean"] for m in steps]
     window = max(1, len(y) // 10)
@@ -89,8 +88,7 @@ def plot(path: Path, steps: list[dict], before: float, after: float, title: str)
     ax.set_ylim(0, 1)
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 def main() -> int:

@@ -167,9 +167,8 @@ def write_report(results: dict, args, path: Path) -> None:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from prunekit.core.plots import pyplot, save_figure
+    plt = pyplot()
     names = list(report["arms"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric, title in ((axes[0], "general_text", "general English text (held out)"),
@@ -184,9 +183,7 @@ def plot(report: dict, path: Path) -> None:
                             for n in names], fontsize=8)
         ax.set_title(f"{title}: token_acc, % of the original", fontsize=10)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

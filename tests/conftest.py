@@ -1,4 +1,10 @@
-"""Shared fixtures: tiny members of every supported family, built from config and saved as HF directories."""
+"""Shared fixtures and helpers: tiny members of every supported family, built from config and saved as HF
+directories; tiny chat models on SmolLM2's tokenizer; the CLI run in-process.
+
+Tests mirror the package: tests/<package>/ checks prunekit/<package>/ (a stage's tests may drive core code through
+it), tests/test_cli.py, test_config.py and test_architecture.py the top-level modules and the package's shape;
+tests/integration/ holds what starts Ray, loads the real SmolLM2 weights or runs vLLM, and is all `slow`
+(`pytest -m "not slow"` leaves it out, with the other tests marked slow)."""
 from __future__ import annotations
 
 import hashlib
@@ -10,6 +16,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+
+REPO = Path(__file__).resolve().parents[1]   # the repository root: recipes/, cluster/, bench/, ray_jobs/
 
 VOCAB = 128
 IMAGE_TOKEN, VISION_START, VISION_END = 120, 121, 122
@@ -61,6 +69,23 @@ def build_tiny(family: str, seed: int = 0):
     config = tiny_config(family)
     config._attn_implementation = "eager"
     return model_from_config(config, dtype=torch.float32).eval()
+
+
+def width_model(family: str):
+    """A tiny model of `family` with logits of order 1 (so 1e-5 measures exactness rather than fp32 rounding)."""
+    from prunekit.core.loading import model_from_config
+    config = tiny_config(family)
+    getattr(config, "text_config", config).initializer_range = 0.05
+    torch.manual_seed(0)
+    config._attn_implementation = "eager"
+    return model_from_config(config, dtype=torch.float32).eval()
+
+
+def vision_mlp(model, model_family, block):
+    """(input projections, output projection) of a vision block's MLP."""
+    from prunekit.core.families import get_module
+    blk = get_module(model, model_family.vision_blocks)[block]
+    return [get_module(blk, n) for n in model_family.vision_mlp_in], get_module(blk, model_family.vision_mlp_out)
 
 
 @pytest.fixture(scope="session")
@@ -140,13 +165,14 @@ def smollm2_dir():
     return resolve_model("smollm2")
 
 
-def save_tiny_chat_model(d: Path, tokenizer_dir: Path, layers: int, seed: int) -> Path:
-    """A tiny random llama with `layers` layers that speaks SmolLM2's tokenizer and chat template, saved to `d`."""
+def save_tiny_chat_model(d: Path, tokenizer_dir: Path, layers: int, seed: int, **config) -> Path:
+    """A tiny random llama with `layers` layers (and `config` over TEXT's sizes) that speaks SmolLM2's tokenizer and
+    chat template, saved to `d`."""
     import shutil
     import transformers
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(**{**TEXT, "vocab_size": 49152, "num_hidden_layers": layers,
-                                         "initializer_range": 0.02, "tie_word_embeddings": True})
+                                         "initializer_range": 0.02, "tie_word_embeddings": True, **config})
     transformers.LlamaForCausalLM(config).save_pretrained(d)
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy2(tokenizer_dir / f, d / f)
@@ -154,9 +180,23 @@ def save_tiny_chat_model(d: Path, tokenizer_dir: Path, layers: int, seed: int) -
 
 
 @pytest.fixture(scope="session")
-def tiny_chat_model_dir(tmp_path_factory, smollm2_dir):
+def chat_model_dir(tmp_path_factory, smollm2_dir):
+    """(layers, seed, **config) -> directory of a tiny chat model (save_tiny_chat_model), built once per session."""
+    cache: dict[tuple, Path] = {}
+
+    def get(layers: int, seed: int, **config) -> Path:
+        key = (layers, seed, *sorted(config.items()))
+        if key not in cache:
+            d = tmp_path_factory.mktemp("tiny-chat")
+            cache[key] = save_tiny_chat_model(d, smollm2_dir, layers, seed, **config)
+        return cache[key]
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(chat_model_dir):
     """A 2-layer tiny chat model (for fast training tests)."""
-    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"), smollm2_dir, layers=2, seed=0)
+    return chat_model_dir(2, seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -166,6 +206,81 @@ def chat_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("chat-data")
     chatterbot_to_messages(d / "train.jsonl", val_path=d / "val.jsonl")
     return d / "train.jsonl", d / "val.jsonl"
+
+
+RL_WORDS = [f"a{i}" for i in range(61)]   # the tiny RL model's vocabulary (with <pad>, <eos>, <asst>)
+
+
+@pytest.fixture(scope="session")
+def tiny_rl_model(tmp_path_factory):
+    """A 2-layer llama (vocab 64, head_dim 32 so vLLM's CPU attention takes it) with a word-level tokenizer and a
+    chat template: prompts are words, the generation prompt is `<asst>`."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    d = tmp_path_factory.mktemp("tiny-rl")
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<asst>"] + RL_WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    fast.chat_template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
+                          "{% if add_generation_prompt %}<asst> {% endif %}")
+    fast.save_pretrained(d)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                                      max_position_embeddings=128, initializer_range=0.02, tie_word_embeddings=False,
+                                      eos_token_id=1, pad_token_id=0, bos_token_id=None)
+    transformers.LlamaForCausalLM(config).save_pretrained(d)
+    return d
+
+
+# ---- the CLI in this process, and a real `prunekit` process (tests/processes.py) ----------------------------------
+
+def run_cli(capsys, *argv):
+    """`prunekit ARGV` in this process: (exit code, stdout, stderr)."""
+    from prunekit.cli import main
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_lines(err: str) -> list[str]:
+    """stderr without progress-bar redraws."""
+    return [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "it/s]" not in line
+            and "s/it]" not in line and "step/s]" not in line and "s/step]" not in line and "|" not in line]
+
+
+def sft_args(model, data, tmp_path, out, *extra):
+    """`prunekit sft` for 2 local steps on `data`'s train file, run name `run`, runs under tmp_path/runs."""
+    train, _ = data  # no val: at max_length 32 no val row keeps an assistant token (a warning line)
+    return ["sft", "--model", model, "--train", train, "--output-dir", tmp_path / out, "--name", "run",
+            "--max-steps", 2, "--set", "batch_size=2", "--set", "max_length=32", "--set", "launcher=local",
+            "--set", "wandb.mode=disabled", "--set", f"storage_path={tmp_path / 'runs'}", *extra]
+
+
+@pytest.fixture
+def llama_copy(tiny_model_dir, tmp_path):
+    """A private copy of the tiny llama, so a test may put things next to it (or break it)."""
+    import shutil
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llama"), d)
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test():
+    """A test that fails before its signal leaves a paused prunekit behind: its session is killed (only it)."""
+    yield
+    from tests.processes import stop_started
+    stop_started()
+
+
+def pytest_collection_modifyitems(items):
+    """Everything under tests/integration/ is slow: Ray clusters, the real SmolLM2 weights, vLLM."""
+    integration = Path(__file__).parent / "integration"
+    for item in items:
+        if item.path.is_relative_to(integration):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -8,22 +8,7 @@ import sys
 
 import pytest
 
-from conftest import tree_hash
-from prunekit.cli import main
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.fixture
-def llama_copy(tiny_model_dir, tmp_path):
-    """A private copy of the tiny llama, so a test may put things next to it."""
-    d = tmp_path / "model"
-    shutil.copytree(tiny_model_dir("llama"), d)
-    return d
+from tests.conftest import run_cli, tree_hash
 
 
 BAD_PRUNE = [
@@ -92,7 +77,7 @@ def test_existing_output_needs_overwrite(llama_copy, tmp_path, capsys):
 
 def test_pickle_weights_need_allow_pickle(tmp_path, capsys):
     import torch
-    from conftest import build_tiny
+    from tests.conftest import build_tiny
     d = tmp_path / "pickled"
     model = build_tiny("llama")
     model.config.save_pretrained(d)

@@ -96,22 +96,6 @@ def test_removed_test_keys_fail_naming_the_replacement(tmp_path, stage, key, val
         C.load_config(stage, None, {**minimal(stage), key: value})
 
 
-def test_fault_hook_reads_the_environment_and_travels_to_workers(monkeypatch):
-    from prunekit.engine.reporting import apply_fault_env, fault_env, injected_faults
-    monkeypatch.delenv("PRUNEKIT_TEST_CRASH_AT_STEP", raising=False)
-    monkeypatch.delenv("PRUNEKIT_TEST_FAIL_CANDIDATES", raising=False)
-    assert injected_faults() == (None, []) and fault_env() == {}
-    monkeypatch.setenv("PRUNEKIT_TEST_CRASH_AT_STEP", "3")
-    monkeypatch.setenv("PRUNEKIT_TEST_FAIL_CANDIDATES", "text:1; vision:0,1")
-    assert injected_faults() == (3, ["text:1", "vision:0,1"])
-    sent = fault_env()
-    assert sent == {"PRUNEKIT_TEST_CRASH_AT_STEP": "3", "PRUNEKIT_TEST_FAIL_CANDIDATES": "text:1; vision:0,1"}
-    apply_fault_env({})  # a worker of a run without faults drops what an earlier run left in its process
-    assert injected_faults() == (None, [])
-    apply_fault_env(sent)
-    assert injected_faults() == (3, ["text:1", "vision:0,1"])
-
-
 @pytest.mark.parametrize("stage", sorted(DEFAULTS))
 def test_stage_defaults_unchanged(stage):
     cfg = C.STAGE_CONFIGS[stage](**minimal(stage))
@@ -183,7 +167,6 @@ def test_flat_keys_and_attributes(tmp_path):
     ("width-search", {"beta": 2}, "config: beta must be in [0, 1] and temperature a finite number > 0"),
 ])
 def test_errors_unchanged(tmp_path, stage, raw, error):
-    import yaml
     if raw:
         raw = {**minimal(stage), **raw}
     p = tmp_path / "c.yaml"
@@ -201,6 +184,29 @@ def test_run_names_unchanged():
     assert names == {"sft": "sft-x-5090343d", "distill": "distill-x-d3d567a8", "rl": "rl-x-0c054f23"}
     assert sweep_name(C.KnockoutConfig(**minimal("knockout"))) == "knockout-x-8b6b01f7"
     assert search_name(C.WidthSearchConfig(**minimal("width-search"))) == "width-search-x-370a659f"
+
+
+def test_config_errors_are_one_line(tmp_path):
+    bad = tmp_path / "sft.yaml"
+    bad.write_text("model: smollm2\ntrain: t.jsonl\noutput_dir: out\nlearning_rate: 1e-4\n")
+    with pytest.raises(PrunekitError, match=r"sft.yaml: learning_rate: unknown key"):
+        C.load_config("sft", bad)
+    with pytest.raises(PrunekitError, match=r"parallel.strategy: Input should be 'ddp', 'fsdp' or 'deepspeed'"):
+        C.load_config("sft", None, {"model": "m", "train": "t", "output_dir": "o", "parallel.strategy": "zero"})
+
+
+def test_cpu_offload_config():
+    cfg = C.load_config("sft", None, {"model": "m", "train": "t", "output_dir": "o", "parallel.strategy": "fsdp",
+                                      "parallel.cpu_offload": True})
+    assert cfg.parallel.cpu_offload and cfg.model_dump(mode="json")["parallel"]["cpu_offload"] is True
+    # left out of dumps while off, so earlier runs keep their names
+    plain = C.load_config("sft", None, {"model": "m", "train": "t", "output_dir": "o"})
+    assert "cpu_offload" not in plain.model_dump()["parallel"]
+    assert "gpu_memory" not in plain.model_dump() and "memory_check" not in plain.model_dump()
+    with pytest.raises(PrunekitError, match="^flags: parallel: cpu_offload needs parallel.strategy: fsdp$"):
+        C.load_config("sft", None, {"model": "m", "train": "t", "output_dir": "o", "parallel.cpu_offload": True})
+    with pytest.raises(PrunekitError, match="^flags: gpu_memory: expected a size such as 80GiB"):
+        C.load_config("sft", None, {"model": "m", "train": "t", "output_dir": "o", "gpu_memory": "lots"})
 
 
 def test_parallel_keys_moved_out_of_ray_keep_working_and_keep_run_names(tmp_path, capsys):

@@ -20,25 +20,25 @@ def _int_field(d: dict, key: str, where: str):
 
 def check_model_dir(model_dir: Path) -> None:
     """Raise a one-line PrunekitError when config.json cannot describe the weights beside it."""
-    from prunekit.core.adapters import adapter_for
+    from prunekit.core.families import family_for
     from prunekit.core.checkpoint import checkpoint_shapes, read_config
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
     where = f"{model_dir / 'config.json'}:"
-    adapter = adapter_for(cfg)
-    if adapter.is_vlm and not isinstance(cfg.get("text_config"), dict) and "num_hidden_layers" not in cfg:
-        raise PrunekitError(f"{where} a {adapter.family} config needs a text_config section")
-    tc = adapter.text_config(cfg)
+    family = family_for(cfg)
+    if family.is_vlm and not isinstance(cfg.get("text_config"), dict) and "num_hidden_layers" not in cfg:
+        raise PrunekitError(f"{where} a {family.name} config needs a text_config section")
+    tc = family.text_config(cfg)
     text_where = f"{where} text_config" if tc is not cfg else where
     for key in ("num_hidden_layers", "num_attention_heads", "hidden_size"):
         if _int_field(tc, key, text_where) is None:
             raise PrunekitError(f"{text_where} no {key}")
-    for key in ("num_key_value_heads", "vocab_size", adapter.head_dim_field or "head_dim"):
+    for key in ("num_key_value_heads", "vocab_size", family.head_dim_field or "head_dim"):
         _int_field(tc, key, text_where)
-    if adapter.is_vlm:
-        vc = adapter.vision_config(cfg)
-        if not isinstance(vc, dict) or _int_field(vc, adapter.vision_depth_field, f"{where} vision_config") is None:
-            raise PrunekitError(f"{where} no vision_config.{adapter.vision_depth_field}")
+    if family.is_vlm:
+        vc = family.vision_config(cfg)
+        if not isinstance(vc, dict) or _int_field(vc, family.vision_depth_field, f"{where} vision_config") is None:
+            raise PrunekitError(f"{where} no vision_config.{family.vision_depth_field}")
     try:
         shapes = checkpoint_shapes(model_dir)
     except Exception as e:  # a damaged header or pickle
@@ -46,7 +46,7 @@ def check_model_dir(model_dir: Path) -> None:
                             f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     if not shapes:
         return
-    problems = _mismatches(adapter, cfg, shapes)
+    problems = _mismatches(family, cfg, shapes)
     if problems:
         raise PrunekitError(f"MODEL {model_dir}: {'; '.join(problems)} (config.json and the weights disagree; "
                             f"nothing done)")
@@ -61,36 +61,36 @@ def _indexes(match, keys) -> set[int]:
     return out
 
 
-def _mismatches(adapter, cfg: dict, shapes: dict[str, list[int]]) -> list[str]:
+def _mismatches(family, cfg: dict, shapes: dict[str, list[int]]) -> list[str]:
     problems = []
-    n_text = adapter.num_text_layers(cfg)
-    text = _indexes(adapter.match_text_layer, shapes)
+    n_text = family.num_text_layers(cfg)
+    text = _indexes(family.match_text_layer, shapes)
     if text and n_text != len(text):
         problems.append(f"config.json says {n_text} text layers, the weights hold {len(text)}")
     elif text and text != set(range(n_text)):
         missing = sorted(set(range(n_text)) - text)
         problems.append(f"config.json says {n_text} text layers, the weights have none numbered {missing[0]}")
-    if adapter.is_vlm:
-        n_vision = adapter.num_vision_blocks(cfg)
-        vision = _indexes(adapter.match_vision_block, shapes)
+    if family.is_vlm:
+        n_vision = family.num_vision_blocks(cfg)
+        vision = _indexes(family.match_vision_block, shapes)
         if vision and n_vision != len(vision):
             problems.append(f"config.json says {n_vision} vision blocks, the weights hold {len(vision)}")
-    tc = adapter.text_config(cfg)
+    tc = family.text_config(cfg)
     hidden = tc["hidden_size"]
     vocab = tc.get("vocab_size") or cfg.get("vocab_size")
-    embed = next((k for k in shapes if k.endswith("embed_tokens.weight") and "visual" not in k), None)
+    embed = next((k for k in shapes if family.component(k) == "embeddings"), None)
     if embed is not None and len(shapes[embed]) == 2:
         rows, cols = shapes[embed]
         if cols != hidden:
             problems.append(f"config.json says hidden_size {hidden}, the weights' {embed} has {cols} columns")
         if vocab and rows != vocab:
             problems.append(f"config.json says vocab_size {vocab}, the weights' {embed} has {rows} rows")
-    if not adapter.fused_qkv and not problems:
-        heads, kv, head_dim = adapter.attention_shape(cfg)
-        for proj, n_heads, field in ((adapter.q_proj, heads, "num_attention_heads"),
-                                     (adapter.k_proj, kv, "num_key_value_heads")):
-            key = next((k for k in shapes if (m := adapter.match_text_layer(k)) and m.group("idx") == "0"
-                        and m.group("rest") == f".{adapter.attn_module}.{proj}.weight"), None)
+    if not family.fused_qkv and not problems:
+        heads, kv, head_dim = family.attention_shape(cfg)
+        for proj, n_heads, field in ((family.q_proj, heads, "num_attention_heads"),
+                                     (family.k_proj, kv, "num_key_value_heads")):
+            key = next((k for k in shapes if (m := family.match_text_layer(k)) and m.group("idx") == "0"
+                        and m.group("rest") == f".{family.attn_module}.{proj}.weight"), None)
             if key is None or len(shapes[key]) != 2:
                 continue
             out_features = shapes[key][0]

@@ -16,17 +16,9 @@ from contextlib import contextmanager
 
 import torch
 
-from prunekit.core.adapters import Adapter, get_module
+from prunekit.core.evaluate import TokenTotals
+from prunekit.core.families import ModelFamily
 from prunekit.core.losses import causal_lm_loss
-
-
-def component_layers(model, adapter: Adapter, component: str):
-    """The ModuleList of text decoder layers ("text") or vision blocks ("vision")."""
-    if component == "text":
-        return get_module(model, adapter.text_layers)
-    if component == "vision" and adapter.is_vlm:
-        return get_module(model, adapter.vision_blocks)
-    raise ValueError(f"a {adapter.family} model has no {component} layers")
 
 
 def _model_inputs(batch: dict) -> dict:
@@ -50,11 +42,11 @@ def _token_rows(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
 
 
 @torch.no_grad()
-def hidden_state_scores(model, adapter: Adapter, batches, component: str = "text",
+def hidden_state_scores(model, family: ModelFamily, batches, component: str = "text",
                         angular_n: tuple[int, ...] = (1,)) -> dict:
     """Block influence per layer and angular distance per block of n consecutive layers (index = first layer),
     averaged over tokens. Empty dict if no batch reached these layers (e.g. vision blocks on text-only rows)."""
-    layers = component_layers(model, adapter, component)
+    layers = family.layers(model, component)
     n_layers = len(layers)
     angular_n = tuple(n for n in angular_n if 1 <= n <= n_layers)
     bi_sum = torch.zeros(n_layers, dtype=torch.float64)
@@ -118,13 +110,12 @@ def _patched_forward(module, fn):
 
 
 @torch.no_grad()
-def nll_drop(model, adapter: Adapter, batches, component: str = "text") -> dict:
+def nll_drop(model, family: ModelFamily, batches, component: str = "text") -> dict:
     """Per layer: mean NLL over supervised tokens (labels != -100) with that layer skipped, minus the full model's.
     Batches carry `labels`. Empty dict if no batch reached these layers."""
-    layers = component_layers(model, adapter, component)
+    layers = family.layers(model, component)
     n_layers = len(layers)
-    base_sum, n_tokens = 0.0, 0
-    skip_sums = torch.zeros(n_layers, dtype=torch.float64)
+    full, skipped = TokenTotals(), [TokenTotals() for _ in range(n_layers)]
     outputs: dict[int, list] = {}
 
     def record(i):
@@ -159,14 +150,13 @@ def nll_drop(model, adapter: Adapter, batches, component: str = "text") -> dict:
             patches.append((layers[skip], identity))
             with _stack(patches):
                 s, _, _ = causal_lm_loss(model(**inputs, use_cache=False).logits.float(), labels)
-            skip_sums[skip] += float(s)
-        base_sum += float(loss_sum)
-        n_tokens += int(n)
+            skipped[skip].add(s, n)
+        full.add(loss_sum, n)
     outputs.clear()
-    if n_tokens == 0:
+    if full.tokens == 0:
         return {}
-    base = base_sum / n_tokens
-    return {"nll_drop": (skip_sums / n_tokens - base).tolist(), "baseline_nll": base, "nll_tokens": n_tokens}
+    base = full.means()["loss"]
+    return {"nll_drop": [t.means()["loss"] - base for t in skipped], "baseline_nll": base, "nll_tokens": full.tokens}
 
 
 @contextmanager
@@ -178,25 +168,25 @@ def _stack(patches):
         yield
 
 
-def layer_scores(model, adapter: Adapter, batches, component: str = "text", angular_n: tuple[int, ...] = (1,),
+def layer_scores(model, family: ModelFamily, batches, component: str = "text", angular_n: tuple[int, ...] = (1,),
                  nll: bool = True) -> dict:
     """All training-free scores of one component: {metric: [per layer / block start]} (+ token counts)."""
     batches = list(batches)
-    scores = hidden_state_scores(model, adapter, batches, component, angular_n)
+    scores = hidden_state_scores(model, family, batches, component, angular_n)
     if scores and nll:
-        scores.update(nll_drop(model, adapter, batches, component))
+        scores.update(nll_drop(model, family, batches, component))
     return scores
 
 
 @torch.no_grad()
-def block_influence(model, adapter: Adapter, batches) -> list[float]:
+def block_influence(model, family: ModelFamily, batches) -> list[float]:
     """Per text layer: 1 - cosine(hidden state entering the layer, hidden state leaving it), averaged over the
     real (non-padding) tokens of the calibration batches. Low = the layer barely changes its input (ShortGPT)."""
-    scores = hidden_state_scores(model, adapter, batches, "text", angular_n=())
-    return scores.get("block_influence", [0.0] * len(component_layers(model, adapter, "text")))
+    scores = hidden_state_scores(model, family, batches, "text", angular_n=())
+    return scores.get("block_influence", [0.0] * len(family.layers(model, "text")))
 
 
-def compute_importance(model, adapter, samples: list[dict], pad_id: int, batch_size: int = 4,
+def compute_importance(model, family, samples: list[dict], pad_id: int, batch_size: int = 4,
                        angular_n: tuple[int, ...] = (1, 2), nll: bool = True, device=None) -> dict:
     """{"text": {metric: [...]}, "vision": {...}} (vision only for VLMs with image rows), plus per-metric orders
     from least to most important."""
@@ -206,8 +196,8 @@ def compute_importance(model, adapter, samples: list[dict], pad_id: int, batch_s
     batches = [{k: v.to(device) for k, v in collate(samples[i:i + batch_size], pad_id).items()}
                for i in range(0, len(samples), batch_size)]
     out: dict = {}
-    for component in ["text"] + (["vision"] if adapter.is_vlm else []):
-        scores = layer_scores(model, adapter, batches, component, angular_n, nll=nll)
+    for component in ["text"] + (["vision"] if family.is_vlm else []):
+        scores = layer_scores(model, family, batches, component, angular_n, nll=nll)
         if not scores:
             continue
         scores["least_important_first"] = {m: sorted(range(len(v)), key=lambda i, v=v: v[i])

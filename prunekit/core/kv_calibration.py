@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from prunekit import PrunekitError
-from prunekit.core.adapters import Adapter, get_module
+from prunekit.core.families import ModelFamily, get_module
 
 EXACT_RELATIVE_ERROR = 1e-10   # a layer whose cut already reproduces the output this well is left alone
 
@@ -74,10 +74,10 @@ def eager_attention(model):
 
 
 @torch.no_grad()
-def capture_attention_inputs(model, adapter: Adapter, batches: list[dict]) -> list[list[_Batch]]:
+def capture_attention_inputs(model, family: ModelFamily, batches: list[dict]) -> list[list[_Batch]]:
     """One teacher-forced pass of the original model: per text layer, the inputs of its attention module for
     every batch (dicts with input_ids and attention_mask)."""
-    layers = get_module(model, adapter.text_layers)
+    layers = get_module(model, family.text_layers)
     captured: list[list[_Batch]] = [[] for _ in layers]
     tokens: list[torch.Tensor] = []
 
@@ -89,7 +89,7 @@ def capture_attention_inputs(model, adapter: Adapter, batches: list[dict]) -> li
             captured[i].append(_Batch(hidden.detach().float(), _to_fp32(kwargs), tokens[-1]))
         return hook
 
-    hooks = [getattr(layer, adapter.attn_module).register_forward_pre_hook(recorder(i), with_kwargs=True)
+    hooks = [getattr(layer, family.attn_module).register_forward_pre_hook(recorder(i), with_kwargs=True)
              for i, layer in enumerate(layers)]
     try:
         with eager_attention(model):
@@ -310,36 +310,37 @@ def calibrate_layer(original_attn, cut_attn, data: list[_Batch], *, heads: int, 
 
 
 @torch.no_grad()
-def attention_output_errors(original, cut, adapter: Adapter, batches: list[dict]) -> list[float]:
+def attention_output_errors(original, cut, family: ModelFamily, batches: list[dict]) -> list[float]:
     """Per text layer, the relative error ||cut - original||² / ||original||² of the attention output (after
     o_proj, so query-head permutations do not matter) on `batches`, each layer fed the original model's inputs
     (teacher forcing)."""
-    captured = capture_attention_inputs(original, adapter, batches)
+    captured = capture_attention_inputs(original, family, batches)
     errors = []
-    for o_layer, c_layer, data in zip(get_module(original, adapter.text_layers), get_module(cut, adapter.text_layers),
+    for o_layer, c_layer, data in zip(get_module(original, family.text_layers), get_module(cut, family.text_layers),
                                       captured):
-        orig = _fp32_eager_copy(getattr(o_layer, adapter.attn_module))
-        cut_attn = _fp32_eager_copy(getattr(c_layer, adapter.attn_module))
+        orig = _fp32_eager_copy(getattr(o_layer, family.attn_module))
+        cut_attn = _fp32_eager_copy(getattr(c_layer, family.attn_module))
         targets = [_forward(orig, b)[0] for b in data]
         energy = max(sum(float((y[b.tokens] ** 2).sum()) for y, b in zip(targets, data)), 1e-30)
         errors.append(_squared_error([_forward(cut_attn, b)[0] for b in data], targets, data) / energy)
     return errors
 
 
-def calibrate_kv_cut(original, cut, adapter: Adapter, batches: list[dict], settings: CalibrationSettings | None = None,
-                     query_orders: dict[int, list[int]] | None = None, progress=None) -> dict:
+def calibrate_kv_cut(original, cut, family: ModelFamily, batches: list[dict],
+                     settings: CalibrationSettings | None = None, query_orders: dict[int, list[int]] | None = None,
+                     progress=None) -> dict:
     """Calibrate every text layer of `cut` (the KV-cut model built from `original`) in place on `batches`
     (dicts with input_ids and attention_mask; right padding is fine). `query_orders[layer]` lists, for each query
     head of the cut model, the original query head it came from (similarity grouping). Returns the provenance
     record: samples, tokens, settings and per-layer attention-output MSE before/after."""
     settings = settings or CalibrationSettings()
-    heads, kv_heads, head_dim = adapter.attention_shape(cut.config.to_dict())
-    captured = capture_attention_inputs(original, adapter, batches)
-    original_layers = get_module(original, adapter.text_layers)
-    cut_layers = get_module(cut, adapter.text_layers)
+    heads, kv_heads, head_dim = family.attention_shape(cut.config.to_dict())
+    captured = capture_attention_inputs(original, family, batches)
+    original_layers = get_module(original, family.text_layers)
+    cut_layers = get_module(cut, family.text_layers)
     per_layer = []
     for i, (o_layer, c_layer) in enumerate(zip(original_layers, cut_layers)):
-        stats = calibrate_layer(getattr(o_layer, adapter.attn_module), getattr(c_layer, adapter.attn_module),
+        stats = calibrate_layer(getattr(o_layer, family.attn_module), getattr(c_layer, family.attn_module),
                                 captured[i], heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                                 query_order=(query_orders or {}).get(i), settings=settings)
         per_layer.append({"layer": i, **stats})

@@ -15,14 +15,14 @@ import math
 import torch
 
 from prunekit import PrunekitError
-from prunekit.core.adapters import adapter_for, get_module
+from prunekit.core.families import family_for, get_module
 
 
 def check_merge_heads(config: dict, kv_heads: int):
     """The same head-count rules as the cut that follows (one-line errors naming merge_kv_heads); returns the
     model's family."""
     from prunekit.core.surgery import KVCut
-    family = adapter_for(config)
+    family = family_for(config)
     try:
         KVCut(family, config, kv_heads)
     except PrunekitError as e:

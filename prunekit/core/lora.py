@@ -1,6 +1,6 @@
 """LoRA on the text model: attach (peft), save with a base path relative to the adapter, find the base again.
 
-The LoRA targets only modules under the adapter table's `text_layers` path, so a VLM's vision tower is never touched
+The LoRA targets only modules under the family table's `text_layers` path, so a VLM's vision tower is never touched
 (its blocks reuse names such as `gate_proj` / `down_proj`, so plain leaf names would match them too). The target is
 written as one peft regex (matched with `re.fullmatch` against full module names), which also lands verbatim in
 adapter_config.json.
@@ -18,55 +18,51 @@ from pathlib import Path
 import torch
 
 from prunekit import PrunekitError
-from prunekit.core.adapters import Adapter, adapter_for, get_module
+from prunekit.core.families import ModelFamily, family_of, get_module
 from prunekit.core.loading import check_output_dir, resolve_model, write_atomically, write_provenance
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def _adapter_of(model) -> Adapter:
-    return adapter_for(model.config.to_dict())
-
-
-def _layer_linears(model, adapter: Adapter) -> list[str]:
+def _layer_linears(model, family: ModelFamily) -> list[str]:
     """Paths (relative to one decoder layer, e.g. 'mlp.down_proj') of every nn.Linear in the text decoder layers."""
     names: dict[str, None] = {}
-    for layer in get_module(model, adapter.text_layers):
+    for layer in get_module(model, family.text_layers):
         for name, module in layer.named_modules():
             if name and isinstance(module, torch.nn.Linear):
                 names[name] = None
     return list(names)
 
 
-def default_target_modules(model, adapter: Adapter | None = None) -> list[str]:
-    """The text model's attention projections (from the adapter table) and the other linear layers of its decoder
+def default_target_modules(model, family: ModelFamily | None = None) -> list[str]:
+    """The text model's attention projections (from the family table) and the other linear layers of its decoder
     layers (the MLP projections), as paths relative to one decoder layer."""
-    adapter = adapter or _adapter_of(model)
-    linears = _layer_linears(model, adapter)
-    projs = (adapter.q_proj,) if adapter.fused_qkv else (adapter.q_proj, adapter.k_proj, adapter.v_proj)
-    attn = [f"{adapter.attn_module}.{p}" for p in (*projs, adapter.o_proj)]
+    family = family or family_of(model)
+    linears = _layer_linears(model, family)
+    projs = (family.q_proj,) if family.fused_qkv else (family.q_proj, family.k_proj, family.v_proj)
+    attn = [f"{family.attn_module}.{p}" for p in (*projs, family.o_proj)]
     missing = [a for a in attn if a not in linears]
     if missing:
-        raise PrunekitError(f"{adapter.family}: attention projections {', '.join(missing)} not found in "
-                            f"{adapter.text_layers}")
+        raise PrunekitError(f"{family.name}: attention projections {', '.join(missing)} not found in "
+                            f"{family.text_layers}")
     return attn + sorted(n for n in linears if n not in attn)
 
 
-def target_regex(model, target_modules=None, adapter: Adapter | None = None) -> str:
+def target_regex(model, target_modules=None, family: ModelFamily | None = None) -> str:
     """A peft target regex restricted to the text decoder layers.
 
     target_modules: None (attention + MLP projections), a list of names, or a comma-separated string; each name is
     a leaf name ('q_proj') or a path inside a decoder layer ('mlp.down_proj')."""
-    adapter = adapter or _adapter_of(model)
+    family = family or family_of(model)
     if target_modules is None:
-        rel = default_target_modules(model, adapter)
+        rel = default_target_modules(model, family)
     else:
         wanted = [t.strip() for t in (target_modules.split(",") if isinstance(target_modules, str)
                                       else target_modules) if t and t.strip()]
         if not wanted:
             raise PrunekitError("--target-modules: no module names given")
-        linears = _layer_linears(model, adapter)
+        linears = _layer_linears(model, family)
         rel, unknown = [], []
         for t in wanted:
             hits = [n for n in linears if n == t or n.endswith(f".{t}")]
@@ -76,7 +72,7 @@ def target_regex(model, target_modules=None, adapter: Adapter | None = None) -> 
         if unknown:
             raise PrunekitError(f"--target-modules: {', '.join(unknown)} not among the text layers' linear modules "
                                 f"({', '.join(linears)})")
-    return rf"{re.escape(adapter.text_layers)}\.\d+\.(?:{'|'.join(re.escape(r) for r in rel)})"
+    return rf"{re.escape(family.text_layers)}\.\d+\.(?:{'|'.join(re.escape(r) for r in rel)})"
 
 
 def apply_lora(model, rank: int = 16, alpha: float = 32, dropout: float = 0.05, target_modules=None):

@@ -1,6 +1,6 @@
 """Memory plan of a training run from config.json and the training settings alone: no weights, no torch, no GPU.
 
-`model_shape(config)` counts parameters from the config (the family table in `adapters.py` says where the text
+`model_shape(config)` counts parameters from the config (the family table in `families.py` says where the text
 config lives and which projections carry biases; VLM vision towers are counted too; the count equals what
 transformers' `num_parameters()` reports, tests check that on every family). `plan(shape, settings)` gives the bytes
 one GPU holds at the step's peak, per component, for the engine as it runs (`prunekit/engine/`):
@@ -65,7 +65,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from prunekit import PrunekitError
-from prunekit.core.adapters import adapter_for
+from prunekit.core.families import family_for
 
 GiB = 1024 ** 3
 HEADROOM_BYTES = 1 * GiB      # the CUDA context, NCCL buffers ...
@@ -163,33 +163,33 @@ def _vision_params(family: str, vc: dict) -> tuple[int, int, int]:
 
 def model_shape(cfg: dict) -> ModelShape:
     """Parameter counts and sizes from a config.json dict (one-line errors name the missing field)."""
-    adapter = adapter_for(cfg)
-    tc = adapter.text_config(cfg)
+    family = family_for(cfg)
+    tc = family.text_config(cfg)
     where = "config.json" + (" text_config" if tc is not cfg else "")
     h, inter, layers, vocab = (_int(tc, k, where) for k in ("hidden_size", "intermediate_size",
                                                             "num_hidden_layers", "vocab_size"))
     _int(tc, "num_attention_heads", where)
-    heads, kv, head_dim = adapter.attention_shape(cfg)
+    heads, kv, head_dim = family.attention_shape(cfg)
     q, k = heads * head_dim, kv * head_dim
-    tied = adapter.ties_embeddings(cfg)
-    head_norms = adapter.family in HEAD_NORM_FAMILIES
+    tied = family.ties_embeddings(cfg)
+    head_norms = family.name in HEAD_NORM_FAMILIES
     attn_bias = bool(tc.get("attention_bias", False))
     layer = h * q + 2 * h * k + q * h + 3 * h * inter + 2 * h
-    if adapter.qkv_bias(cfg):
+    if family.qkv_bias(cfg):
         layer += q + 2 * k
-    if attn_bias and adapter.family in ("llama", "qwen3", "qwen3_vl"):  # their o_proj follows attention_bias too
+    if attn_bias and family.name in ("llama", "qwen3", "qwen3_vl"):  # their o_proj follows attention_bias too
         layer += h
-    if tc.get("mlp_bias") and adapter.family == "llama":
+    if tc.get("mlp_bias") and family.name == "llama":
         layer += 2 * inter + h
     if head_norms:
         layer += 2 * head_dim
     embedding = vocab * h
     params = layers * layer + embedding * (1 if tied else 2) + h
     blocks = block = 0
-    if adapter.is_vlm:
-        blocks, block, other = _vision_params(adapter.family, adapter.vision_config(cfg) or {})
+    if family.is_vlm:
+        blocks, block, other = _vision_params(family.name, family.vision_config(cfg) or {})
         params += blocks * block + other
-    return ModelShape(adapter.family, adapter.is_vlm, layers, h, inter, heads, kv, head_dim, vocab, tied, head_norms,
+    return ModelShape(family.name, family.is_vlm, layers, h, inter, heads, kv, head_dim, vocab, tied, head_norms,
                       params, layer, blocks, block, embedding)
 
 

@@ -2,68 +2,40 @@
 KV-cache bytes per token; and plain-text tables."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-from prunekit.core.adapters import Adapter, adapter_for
+from prunekit.core.families import ModelFamily, family_for
 from prunekit.core.checkpoint import checkpoint_shapes, read_config  # noqa: F401  (checkpoint_shapes: re-exported)
 
 BF16_BYTES = 2
 
 
-def component_params(adapter: Adapter, shapes: dict[str, list[int]], tied: bool = False) -> dict[str, int]:
-    """Parameter counts per component: text layers, vision blocks, embeddings, lm_head, other vision, other.
-    With `tied` (the config ties the LM head to the embedding) an `lm_head` tensor in the file counts nothing:
-    transformers loads the model with one shared matrix, and the counts are what `num_parameters()` reports."""
-    out = {"text_layers": 0, "vision_blocks": 0, "embeddings": 0, "lm_head": 0, "vision_other": 0, "other": 0}
-    for key, shape in shapes.items():
-        n = math.prod(shape)
-        if tied and key.startswith("lm_head"):
-            continue
-        if adapter.match_text_layer(key):
-            out["text_layers"] += n
-        elif adapter.match_vision_block(key):
-            out["vision_blocks"] += n
-        elif "embed_tokens" in key:
-            out["embeddings"] += n
-        elif key.startswith("lm_head"):
-            out["lm_head"] += n
-        elif ".visual." in f".{key}":
-            out["vision_other"] += n
-        else:
-            out["other"] += n
-    if not adapter.is_vlm:
-        del out["vision_blocks"], out["vision_other"]
-    out["total"] = sum(out.values())
-    return out
-
-
-def kv_cache_bytes_per_token(adapter: Adapter, cfg: dict, bytes_per_value: int = BF16_BYTES) -> int:
+def kv_cache_bytes_per_token(family: ModelFamily, cfg: dict, bytes_per_value: int = BF16_BYTES) -> int:
     """K and V for every text layer, every KV head: 2 * layers * kv_heads * head_dim * bytes."""
-    _, kv, head_dim = adapter.attention_shape(cfg)
-    return 2 * adapter.num_text_layers(cfg) * kv * head_dim * bytes_per_value
+    _, kv, head_dim = family.attention_shape(cfg)
+    return 2 * family.num_text_layers(cfg) * kv * head_dim * bytes_per_value
 
 
 def describe(model_dir: Path) -> dict:
     """Everything `prunekit inspect` shows, as a JSON-able dict."""
     cfg = read_config(model_dir)
-    adapter = adapter_for(cfg)
-    heads, kv, head_dim = adapter.attention_shape(cfg)
+    family = family_for(cfg)
+    heads, kv, head_dim = family.attention_shape(cfg)
     info = {
         "path": str(model_dir),
-        "family": adapter.family,
-        "text_layers": adapter.num_text_layers(cfg),
-        "vision_blocks": adapter.num_vision_blocks(cfg) if adapter.is_vlm else None,
+        "family": family.name,
+        "text_layers": family.num_text_layers(cfg),
+        "vision_blocks": family.num_vision_blocks(cfg) if family.is_vlm else None,
         "attention_heads": heads,
         "kv_heads": kv,
         "head_dim": head_dim,
-        "qkv_bias": adapter.qkv_bias(cfg),
-        "fused_qkv": adapter.fused_qkv,
-        "kv_cache_bytes_per_token_bf16": kv_cache_bytes_per_token(adapter, cfg),
-        "tied_embeddings": adapter.ties_embeddings(cfg),
-        "params": component_params(adapter, checkpoint_shapes(model_dir), tied=adapter.ties_embeddings(cfg)),
+        "qkv_bias": family.qkv_bias(cfg),
+        "fused_qkv": family.fused_qkv,
+        "kv_cache_bytes_per_token_bf16": kv_cache_bytes_per_token(family, cfg),
+        "tied_embeddings": family.ties_embeddings(cfg),
+        "params": family.component_params(checkpoint_shapes(model_dir), cfg),
     }
-    if not adapter.is_vlm:
+    if not family.is_vlm:
         del info["vision_blocks"]
     return info
 

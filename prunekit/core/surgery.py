@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from prunekit import PrunekitError
-from prunekit.core.adapters import Adapter, get_module
+from prunekit.core.families import ModelFamily, get_module
 
 
 def parse_index_list(spec: str | list[int] | None, flag: str) -> list[int]:
@@ -54,27 +54,27 @@ def _check_indexes(drop: list[int], total: int, flag: str, what: str) -> None:
 @dataclass
 class LayerDrop:
     """Remove text decoder layers and/or vision blocks, renumbering the rest."""
-    adapter: Adapter
+    family: ModelFamily
     config: dict
     drop_text: list[int] = field(default_factory=list)
     drop_vision: list[int] = field(default_factory=list)
 
     def __post_init__(self):
-        a, cfg = self.adapter, self.config
-        n_text, n_vision = a.num_text_layers(cfg), a.num_vision_blocks(cfg)
+        family, cfg = self.family, self.config
+        n_text, n_vision = family.num_text_layers(cfg), family.num_vision_blocks(cfg)
         _check_indexes(self.drop_text, n_text, "--drop-text", "text layer")
-        if self.drop_vision and not a.is_vlm:
-            raise PrunekitError(f"--drop-vision: a {a.family} model has no vision blocks")
+        if self.drop_vision and not family.is_vlm:
+            raise PrunekitError(f"--drop-vision: a {family.name} model has no vision blocks")
         _check_indexes(self.drop_vision, n_vision, "--drop-vision", "vision block")
         if not self.drop_text and not self.drop_vision:
             raise PrunekitError("nothing to remove: give --drop-text and/or --drop-vision (or --plan)")
         for i in self.drop_text:
-            if i in a.protected_text_layers(cfg):
-                raise PrunekitError(f"--drop-text: layer {i} receives {a.protected_text_layers_from} features in "
-                                    f"{a.family}; dropping it would change the model beyond skipping it")
-        for key in a.vision_protected_fields:
+            if i in family.protected_text_layers(cfg):
+                raise PrunekitError(f"--drop-text: layer {i} receives {family.protected_text_layers_from} features in "
+                                    f"{family.name}; dropping it would change the model beyond skipping it")
+        for key in family.vision_protected_fields:
             for i in self.drop_vision:
-                if i in (a.vision_config(cfg).get(key) or []):
+                if i in (family.vision_config(cfg).get(key) or []):
                     raise PrunekitError(f"--drop-vision: block {i} is listed in vision_config.{key}; it cannot go")
         self.text_kept = [i for i in range(n_text) if i not in set(self.drop_text)]
         self.vision_kept = [i for i in range(n_vision) if i not in set(self.drop_vision)]
@@ -82,13 +82,13 @@ class LayerDrop:
         self._vision_new = {old: new for new, old in enumerate(self.vision_kept)}
         self.new_config = copy.deepcopy(cfg)
         if self.drop_text:
-            a.drop_text_layers_config(self.new_config, self.text_kept)
+            family.drop_text_layers_config(self.new_config, self.text_kept)
         if self.drop_vision:
-            a.drop_vision_blocks_config(self.new_config, self.vision_kept)
+            family.drop_vision_blocks_config(self.new_config, self.vision_kept)
 
     def __call__(self, key: str, tensor: torch.Tensor):
-        for match, new_index in ((self.adapter.match_vision_block(key), self._vision_new),
-                                 (self.adapter.match_text_layer(key), self._text_new)):
+        for match, new_index in ((self.family.match_vision_block(key), self._vision_new),
+                                 (self.family.match_text_layer(key), self._text_new)):
             if match:
                 idx = int(match["idx"])
                 if idx not in new_index:
@@ -109,14 +109,14 @@ class KVCut:
     same way so every query head keeps attending through the merged head that contains its original KV head.
     Without it, groups are adjacent heads (the GQA conversion rule).
     """
-    adapter: Adapter
+    family: ModelFamily
     config: dict
     kv_heads: int
     head_order: dict[int, list[int]] | None = None
     calibration: dict | None = None   # set by prunekit.core.kv_calibration (recorded in the provenance)
 
     def __post_init__(self):
-        heads, old_kv, head_dim = self.adapter.attention_shape(self.config)
+        heads, old_kv, head_dim = self.family.attention_shape(self.config)
         n = self.kv_heads
         if n >= 1 and heads % n:
             raise PrunekitError(f"--kv-heads: {n} does not divide the {heads} attention heads")
@@ -129,28 +129,28 @@ class KVCut:
         self.heads, self.old_kv, self.head_dim = heads, old_kv, head_dim
         self.group = old_kv // n
         self.new_config = copy.deepcopy(self.config)
-        self.adapter.set_kv_heads_config(self.new_config, n)
+        self.family.set_kv_heads_config(self.new_config, n)
 
     def _order(self, layer: int) -> list[int] | None:
         order = (self.head_order or {}).get(layer)
         return None if order is None or list(order) == list(range(self.old_kv)) else list(order)
 
     def __call__(self, key: str, tensor: torch.Tensor):
-        a = self.adapter
-        m = a.match_text_layer(key)
+        family = self.family
+        m = family.match_text_layer(key)
         if not m:
             return key, tensor
         rest = m["rest"]  # e.g. ".self_attn.k_proj.weight"
-        prefix = f".{a.attn_module}."
+        prefix = f".{family.attn_module}."
         if not rest.startswith(prefix):
             return key, tensor
         proj, _, kind = rest[len(prefix):].partition(".")
         order = self._order(int(m["idx"]))
-        if proj in (a.k_proj, a.v_proj):
+        if proj in (family.k_proj, family.v_proj):
             return key, self._merge_kv(tensor, order)
-        if order is not None and proj == a.q_proj:
+        if order is not None and proj == family.q_proj:
             return key, self._permute_heads(tensor, order, dim=0)
-        if order is not None and proj == a.o_proj and kind == "weight":
+        if order is not None and proj == family.o_proj and kind == "weight":
             return key, self._permute_heads(tensor, order, dim=1)
         return key, tensor
 
@@ -200,16 +200,16 @@ def group_heads_by_similarity(similarity: torch.Tensor, group: int) -> list[int]
 
 
 @torch.no_grad()
-def kv_similarity_orders(model, adapter: Adapter, batches, kv_heads: int) -> dict[int, list[int]]:
+def kv_similarity_orders(model, family: ModelFamily, batches, kv_heads: int) -> dict[int, list[int]]:
     """Per text layer, a KV-head order for similarity grouping, from the K/V projection outputs on calibration
     batches (dicts of model inputs). Similarity of two heads = cosine of their flattened K outputs + of V."""
-    _, old_kv, head_dim = adapter.attention_shape(model.config.to_dict())
-    layers = get_module(model, adapter.text_layers)
+    _, old_kv, head_dim = family.attention_shape(model.config.to_dict())
+    layers = get_module(model, family.text_layers)
     outputs: dict[tuple[int, str], list[torch.Tensor]] = {}
     hooks = []
     for i, layer in enumerate(layers):
-        attn = getattr(layer, adapter.attn_module)
-        for name in (adapter.k_proj, adapter.v_proj):
+        attn = getattr(layer, family.attn_module)
+        for name in (family.k_proj, family.v_proj):
             def hook(_m, _inp, out, key=(i, name)):
                 outputs.setdefault(key, []).append(out.detach().float().reshape(-1, old_kv, head_dim).cpu())
             hooks.append(getattr(attn, name).register_forward_hook(hook))
@@ -224,7 +224,7 @@ def kv_similarity_orders(model, adapter: Adapter, batches, kv_heads: int) -> dic
     orders = {}
     for i in range(len(layers)):
         sim = torch.zeros(old_kv, old_kv)
-        for name in (adapter.k_proj, adapter.v_proj):
+        for name in (family.k_proj, family.v_proj):
             x = torch.cat(outputs[(i, name)]).transpose(0, 1).reshape(old_kv, -1)
             x = torch.nn.functional.normalize(x, dim=1)
             sim += x @ x.T
@@ -249,9 +249,9 @@ def apply_to_model(model, surgery):
             torch.set_default_dtype(prev)
     missing, unexpected = new_model.load_state_dict(new_sd, strict=False, assign=True)
     tied = set(getattr(new_model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+    missing = [k for k in surgery.family.missing_weights(missing) if k not in tied]
     if missing or unexpected:
         raise RuntimeError(f"surgery produced mismatched weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if surgery.adapter.ties_embeddings(surgery.new_config):
+    if surgery.family.ties_embeddings(surgery.new_config):
         new_model.tie_weights()
     return new_model.eval()

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from prunekit import PrunekitError
-from prunekit.core.adapters import Adapter, get_module
+from prunekit.core.families import ModelFamily, get_module
 
 IMPORTANCE_KIND = "prunekit width importance"
 FFN_ALIGN = 64   # fractions of a real-size FFN (>= 1024 channels, a multiple of 64) keep a multiple of 64
@@ -44,13 +44,13 @@ class WidthShape:
     vision_ffn: int | None = None
 
     @classmethod
-    def of(cls, adapter: Adapter, cfg: dict) -> "WidthShape":
-        tc = adapter.text_config(cfg)
-        heads, kv, head_dim = adapter.attention_shape(cfg)
-        vision = adapter.is_vlm and adapter.vision_mlp_out is not None
-        return cls(adapter.num_text_layers(cfg), int(tc["intermediate_size"]), heads, kv, head_dim,
-                   int(tc["hidden_size"]), adapter.num_vision_blocks(cfg) if vision else 0,
-                   adapter.vision_ffn_size(cfg) if vision else None)
+    def of(cls, family: ModelFamily, cfg: dict) -> "WidthShape":
+        tc = family.text_config(cfg)
+        heads, kv, head_dim = family.attention_shape(cfg)
+        vision = family.is_vlm and family.vision_mlp_out is not None
+        return cls(family.num_text_layers(cfg), int(tc["intermediate_size"]), heads, kv, head_dim,
+                   int(tc["hidden_size"]), family.num_vision_blocks(cfg) if vision else 0,
+                   family.vision_ffn_size(cfg) if vision else None)
 
     def as_dict(self) -> dict:
         vision = ({"vision_depth": self.vision_blocks, "vision_intermediate_size": self.vision_ffn}
@@ -88,32 +88,32 @@ def _ffn_size(spec, intermediate: int, flag: str = "--ffn", unit: str = "FFN", w
     return size
 
 
-def _vision_ffn_size(spec, adapter: Adapter, cfg: dict) -> int:
+def _vision_ffn_size(spec, family: ModelFamily, cfg: dict) -> int:
     """--vision-ffn: the vision MLP size (the same in every vision block), as --ffn reads it; a size the vision
     config cannot state (Qwen2-VL: an integer mlp_ratio x embed_dim) is refused."""
-    if not adapter.is_vlm:
-        raise PrunekitError(f"--vision-ffn: {adapter.family} is a text-only model (no vision tower to cut); "
+    if not family.is_vlm:
+        raise PrunekitError(f"--vision-ffn: {family.name} is a text-only model (no vision tower to cut); "
                             f"use --ffn for its FFN")
-    if adapter.vision_mlp_out is None:
-        raise PrunekitError(f"--vision-ffn: the family table has no vision MLP layout for {adapter.family}")
-    old = adapter.vision_ffn_size(cfg)
+    if family.vision_mlp_out is None:
+        raise PrunekitError(f"--vision-ffn: the family table has no vision MLP layout for {family.name}")
+    old = family.vision_ffn_size(cfg)
     size = _ffn_size(spec, old, "--vision-ffn", "vision MLP", "each vision block has")
-    step = adapter.vision_ffn_step(cfg)
+    step = family.vision_ffn_step(cfg)
     if size % step:
-        vc = adapter.vision_config(cfg)
+        vc = family.vision_config(cfg)
         ok = ", ".join(f"{k * step} ({k * step / old:g})" for k in range(1, old // step + 1))
-        raise PrunekitError(f"--vision-ffn: {size} cannot be stated by {adapter.family}'s vision config, whose MLP "
-                            f"size is {adapter.vision_ffn_field} (an integer in transformers) x "
-                            f"{adapter.vision_ffn_ratio_of} {vc[adapter.vision_ffn_ratio_of]}: give one of {ok}")
+        raise PrunekitError(f"--vision-ffn: {size} cannot be stated by {family.name}'s vision config, whose MLP "
+                            f"size is {family.vision_ffn_field} (an integer in transformers) x "
+                            f"{family.vision_ffn_ratio_of} {vc[family.vision_ffn_ratio_of]}: give one of {ok}")
     return size
 
 
-def resolve_targets(adapter: Adapter, cfg: dict, ffn=None, heads: int | None = None,
+def resolve_targets(family: ModelFamily, cfg: dict, ffn=None, heads: int | None = None,
                     hidden: int | None = None, vision_ffn=None) -> WidthShape:
     """The output's shape from --ffn / --heads / --hidden / --vision-ffn (None: unchanged); one-line errors for
     impossible ones."""
-    old = WidthShape.of(adapter, cfg)
-    new_vision = old.vision_ffn if vision_ffn is None else _vision_ffn_size(vision_ffn, adapter, cfg)
+    old = WidthShape.of(family, cfg)
+    new_vision = old.vision_ffn if vision_ffn is None else _vision_ffn_size(vision_ffn, family, cfg)
     new_ffn = old.intermediate if ffn is None else _ffn_size(ffn, old.intermediate)
     new_heads = old.heads if heads is None else int(heads)
     new_hidden = old.hidden if hidden is None else int(hidden)
@@ -125,16 +125,16 @@ def resolve_targets(adapter: Adapter, cfg: dict, ffn=None, heads: int | None = N
     if new_hidden < 1 or new_hidden > old.hidden:
         raise PrunekitError(f"--hidden: {new_hidden} must be between 1 and the {old.hidden} hidden channels the "
                             f"model has")
-    if not _head_dim_consistent(adapter, old, new_heads, new_hidden):
+    if not _head_dim_consistent(family, old, new_heads, new_hidden):
         raise PrunekitError(
-            f"--hidden: {adapter.family} computes head_dim as hidden_size / num_attention_heads, so the hidden size "
+            f"--hidden: {family.name} computes head_dim as hidden_size / num_attention_heads, so the hidden size "
             f"must stay heads x {old.head_dim}: with {new_heads} heads give --hidden {new_heads * old.head_dim}, "
             f"or --heads {new_hidden // old.head_dim} with --hidden {new_hidden // old.head_dim * old.head_dim} "
             f"(got --heads {new_heads}, --hidden {new_hidden})")
-    if adapter.hidden_multiple_of_heads and new_hidden % new_heads:
+    if family.hidden_multiple_of_heads and new_hidden % new_heads:
         near = sorted({max(new_heads, new_hidden // new_heads * new_heads), -(-new_hidden // new_heads) * new_heads})
         raise PrunekitError(f"--hidden: {new_hidden} is not a multiple of the {new_heads} query heads, which "
-                            f"transformers' {adapter.family} config requires (e.g. --hidden "
+                            f"transformers' {family.name} config requires (e.g. --hidden "
                             f"{' or '.join(str(n) for n in near if n <= old.hidden)})")
     new = WidthShape(old.layers, new_ffn, new_heads, old.kv_heads, old.head_dim, new_hidden, old.vision_blocks,
                      new_vision)
@@ -146,9 +146,9 @@ def resolve_targets(adapter: Adapter, cfg: dict, ffn=None, heads: int | None = N
     return new
 
 
-def _head_dim_consistent(adapter: Adapter, old: WidthShape, heads: int, hidden: int) -> bool:
+def _head_dim_consistent(family: ModelFamily, old: WidthShape, heads: int, hidden: int) -> bool:
     """A family without a head_dim config field derives it as hidden / heads: that must stay the old head_dim."""
-    return bool(adapter.head_dim_field) or (heads, hidden) == (old.heads, old.hidden) or hidden == heads * old.head_dim
+    return bool(family.head_dim_field) or (heads, hidden) == (old.heads, old.hidden) or hidden == heads * old.head_dim
 
 
 # ---- importance ---------------------------------------------------------------------------------------------------
@@ -161,14 +161,14 @@ def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def activation_importance(model, adapter: Adapter, batches) -> dict:
+def activation_importance(model, family: ModelFamily, batches) -> dict:
     """{"ffn": [layers][intermediate], "heads": [layers][heads], "hidden": [hidden], "tokens": n} from one pass
     over `batches` (dicts of model inputs; `labels` is ignored, `attention_mask` excludes padding). VLMs add
     "vision_ffn": [vision blocks][vision MLP size] over every image patch the vision tower saw ("vision_tokens"
     of them), None when no batch had images."""
     cfg = model.config.to_dict()
-    shape = WidthShape.of(adapter, cfg)
-    layers = get_module(model, adapter.text_layers)
+    shape = WidthShape.of(family, cfg)
+    layers = get_module(model, family.text_layers)
     ffn = torch.zeros(shape.layers, shape.intermediate, dtype=torch.float64)
     heads = torch.zeros(shape.layers, shape.heads, dtype=torch.float64)
     hidden = torch.zeros(shape.hidden, dtype=torch.float64)
@@ -201,15 +201,15 @@ def activation_importance(model, adapter: Adapter, batches) -> dict:
 
     handles = []
     for i, layer in enumerate(layers):
-        handles.append(get_module(layer, f"{adapter.mlp_module}.{adapter.down_proj}").register_forward_pre_hook(
+        handles.append(get_module(layer, f"{family.mlp_module}.{family.down_proj}").register_forward_pre_hook(
             ffn_hook(i)))
-        handles.append(get_module(layer, f"{adapter.attn_module}.{adapter.o_proj}").register_forward_pre_hook(
+        handles.append(get_module(layer, f"{family.attn_module}.{family.o_proj}").register_forward_pre_hook(
             head_hook(i)))
-        handles += [get_module(layer, n).register_forward_hook(norm_hook) for n in adapter.hidden_norms]
-    handles.append(get_module(model, adapter.text_module_path(adapter.final_norm)).register_forward_hook(norm_hook))
+        handles += [get_module(layer, n).register_forward_hook(norm_hook) for n in family.hidden_norms]
+    handles.append(get_module(model, family.text_module_path(family.final_norm)).register_forward_hook(norm_hook))
     if shape.vision_ffn is not None:
-        for b, block in enumerate(get_module(model, adapter.vision_blocks)):
-            handles.append(get_module(block, adapter.vision_mlp_out).register_forward_pre_hook(vision_hook(b)))
+        for b, block in enumerate(get_module(model, family.vision_blocks)):
+            handles.append(get_module(block, family.vision_mlp_out).register_forward_pre_hook(vision_hook(b)))
     tokens = 0
     try:
         for batch in batches:
@@ -305,7 +305,7 @@ class WidthCut:
     """Keep the listed FFN channels (per layer), query heads (per layer, whole GQA groups consistent), hidden
     channels (one list for the whole residual stream) and vision MLP channels (per vision block, VLMs); None = that
     dimension unchanged."""
-    adapter: Adapter
+    family: ModelFamily
     config: dict
     ffn_keep: list[list[int]] | None = None
     head_keep: list[list[int]] | None = None
@@ -315,32 +315,32 @@ class WidthCut:
     vision_ffn_keep: list[list[int]] | None = None
 
     def __post_init__(self):
-        a = self.adapter
-        self.old = old = WidthShape.of(a, self.config)
-        if a.fused_qkv:
-            raise PrunekitError(f"width: {a.family} has a fused QKV projection, which width surgery does not cut")
+        family = self.family
+        self.old = old = WidthShape.of(family, self.config)
+        if family.fused_qkv:
+            raise PrunekitError(f"width: {family.name} has a fused QKV projection, which width surgery does not cut")
         n_ffn = len(self.ffn_keep[0]) if self.ffn_keep else old.intermediate
         n_heads = len(self.head_keep[0]) if self.head_keep else old.heads
         n_hidden = len(self.hidden_keep) if self.hidden_keep is not None else old.hidden
         n_vision = old.vision_ffn
         if self.vision_ffn_keep is not None:
             if old.vision_ffn is None:
-                raise PrunekitError(f"width: {a.family} has no vision MLP in the family table to cut")
+                raise PrunekitError(f"width: {family.name} has no vision MLP in the family table to cut")
             n_vision = len(self.vision_ffn_keep[0]) if self.vision_ffn_keep else 0
             if len(self.vision_ffn_keep) != old.vision_blocks or len({len(x) for x in self.vision_ffn_keep}) != 1:
                 raise PrunekitError("width: vision_ffn needs one equally long keep list per vision block")
             for x in self.vision_ffn_keep:
                 _check_keep(x, old.vision_ffn, "vision_ffn")
-            if n_vision % a.vision_ffn_step(self.config):
-                raise PrunekitError(f"width: {a.family}'s vision config cannot state a vision MLP of {n_vision} "
-                                    f"(a multiple of {a.vision_ffn_step(self.config)})")
+            if n_vision % family.vision_ffn_step(self.config):
+                raise PrunekitError(f"width: {family.name}'s vision config cannot state a vision MLP of {n_vision} "
+                                    f"(a multiple of {family.vision_ffn_step(self.config)})")
         self.new = WidthShape(old.layers, n_ffn, n_heads, old.kv_heads, old.head_dim, n_hidden, old.vision_blocks,
                               n_vision)
-        if a.hidden_multiple_of_heads and n_hidden % n_heads:
-            raise PrunekitError(f"width: {a.family} needs hidden_size ({n_hidden}) to be a multiple of the query "
+        if family.hidden_multiple_of_heads and n_hidden % n_heads:
+            raise PrunekitError(f"width: {family.name} needs hidden_size ({n_hidden}) to be a multiple of the query "
                                 f"heads ({n_heads})")
-        if not _head_dim_consistent(a, old, n_heads, n_hidden):
-            raise PrunekitError(f"width: {a.family} derives head_dim from hidden_size / num_attention_heads: "
+        if not _head_dim_consistent(family, old, n_heads, n_hidden):
+            raise PrunekitError(f"width: {family.name} derives head_dim from hidden_size / num_attention_heads: "
                                 f"{n_hidden} hidden channels need {n_hidden / old.head_dim:g} heads, not {n_heads}")
         for name, lists, total in (("ffn", self.ffn_keep, old.intermediate), ("heads", self.head_keep, old.heads)):
             if lists is not None:
@@ -364,9 +364,9 @@ class WidthCut:
         self._hidden = torch.tensor(self.hidden_keep) if self.hidden_keep is not None else None
         self._vision = [torch.tensor(x) for x in self.vision_ffn_keep] if self.vision_ffn_keep else None
         self.new_config = copy.deepcopy(self.config)
-        a.set_width_config(self.new_config, n_ffn, n_heads, n_hidden)
+        family.set_width_config(self.new_config, n_ffn, n_heads, n_hidden)
         if self._vision is not None:
-            a.set_vision_ffn_config(self.new_config, n_vision)
+            family.set_vision_ffn_config(self.new_config, n_vision)
 
     # index selection; None = keep all
     @staticmethod
@@ -380,61 +380,61 @@ class WidthCut:
         return (t.float() * self.norm_scale).to(t.dtype)
 
     def __call__(self, key: str, tensor: torch.Tensor):
-        a, hid = self.adapter, self._hidden
-        m = a.match_text_layer(key)
+        family, hid = self.family, self._hidden
+        m = family.match_text_layer(key)
         if m:
             return key, self._layer_tensor(int(m["idx"]), m["rest"], key, tensor)
-        if a.is_vision_out_key(key):          # vision features projected into the text hidden size
+        if family.is_vision_out_key(key):          # vision features projected into the text hidden size
             return key, self._take(tensor, 0, hid)
-        if self._vision is not None and (m := a.match_vision_block(key)):
+        if self._vision is not None and (m := family.match_vision_block(key)):
             return key, self._vision_tensor(int(m["idx"]), m["rest"], tensor)
-        if a.is_vision_key(key):
+        if family.is_vision_key(key):
             return key, tensor
-        top = a.match_text_top(key)
-        if top and top["name"] == a.final_norm:
+        top = family.match_text_top(key)
+        if top and top["name"] == family.final_norm:
             return key, self._scale_norm(tensor)
         if top and tensor.dim() == 2:          # embedding [vocab, hidden], LM head [vocab, hidden]
             return key, self._take(tensor, 1, hid)
         if top and top["head"] and tensor.dim() == 1:   # an LM-head bias is per vocabulary entry
             return key, tensor
-        raise PrunekitError(f"width: {a.family} tensor {key} {list(tensor.shape)} is not in the family table's "
+        raise PrunekitError(f"width: {family.name} tensor {key} {list(tensor.shape)} is not in the family table's "
                             f"width layout; nothing written")
 
     def _layer_tensor(self, layer: int, rest: str, key: str, t: torch.Tensor) -> torch.Tensor:
-        a, hid = self.adapter, self._hidden
+        family, hid = self.family, self._hidden
         ffn = self._ffn[layer] if self._ffn else None
         heads = self._heads[layer] if self._heads else None
         module, _, kind = rest[1:].rpartition(".")
         weight = kind == "weight"
-        if module in a.hidden_norms:
+        if module in family.hidden_norms:
             return self._scale_norm(t)
-        if module in (f"{a.attn_module}.{n}" for n in a.head_norms):
+        if module in (f"{family.attn_module}.{n}" for n in family.head_norms):
             return t
-        if module == f"{a.attn_module}.{a.q_proj}":
+        if module == f"{family.attn_module}.{family.q_proj}":
             t = self._take(t, 0, heads)
             return self._take(t, 1, hid) if weight else t
-        if module in (f"{a.attn_module}.{a.k_proj}", f"{a.attn_module}.{a.v_proj}"):
+        if module in (f"{family.attn_module}.{family.k_proj}", f"{family.attn_module}.{family.v_proj}"):
             return self._take(t, 1, hid) if weight else t
-        if module == f"{a.attn_module}.{a.o_proj}":
+        if module == f"{family.attn_module}.{family.o_proj}":
             t = self._take(t, 0, hid)
             return self._take(t, 1, heads) if weight else t
-        if module in (f"{a.mlp_module}.{a.gate_proj}", f"{a.mlp_module}.{a.up_proj}"):
+        if module in (f"{family.mlp_module}.{family.gate_proj}", f"{family.mlp_module}.{family.up_proj}"):
             t = self._take(t, 0, ffn)
             return self._take(t, 1, hid) if weight else t
-        if module == f"{a.mlp_module}.{a.down_proj}":
+        if module == f"{family.mlp_module}.{family.down_proj}":
             t = self._take(t, 0, hid)
             return self._take(t, 1, ffn) if weight else t
-        raise PrunekitError(f"width: {a.family} tensor {key} {list(t.shape)} is not in the family table's width "
+        raise PrunekitError(f"width: {family.name} tensor {key} {list(t.shape)} is not in the family table's width "
                             f"layout; nothing written")
 
     def _vision_tensor(self, block: int, rest: str, t: torch.Tensor) -> torch.Tensor:
         """A vision-block tensor: the MLP's input projections lose output rows (weight and bias), its output
         projection input columns; everything else in the block stays."""
-        a = self.adapter
+        family = self.family
         module, _, kind = rest[1:].rpartition(".")
-        if module in a.vision_mlp_in:
+        if module in family.vision_mlp_in:
             return self._take(t, 0, self._vision[block])
-        if module == a.vision_mlp_out and kind == "weight":
+        if module == family.vision_mlp_out and kind == "weight":
             return self._take(t, 1, self._vision[block])
         return t
 
@@ -458,10 +458,10 @@ def _check_keep(keep: list[int], total: int, name: str) -> None:
         raise PrunekitError(f"width: the {name} keep list must be sorted, distinct indexes in 0-{total - 1}")
 
 
-def width_cut_from_scores(adapter: Adapter, cfg: dict, new: WidthShape, scores: dict,
+def width_cut_from_scores(family: ModelFamily, cfg: dict, new: WidthShape, scores: dict,
                           importance: dict | None = None, budget: dict | None = None) -> WidthCut:
-    kept = select_kept(scores, WidthShape.of(adapter, cfg), new)
-    return WidthCut(adapter, cfg, kept["ffn"], kept["heads"], kept["hidden"], importance=importance or {},
+    kept = select_kept(scores, WidthShape.of(family, cfg), new)
+    return WidthCut(family, cfg, kept["ffn"], kept["heads"], kept["hidden"], importance=importance or {},
                     budget=budget, vision_ffn_keep=kept["vision_ffn"])
 
 
@@ -479,22 +479,21 @@ BUDGET_RULE = ("each mix solved to the largest standard sizes within the budget;
                "channels relative to the mean score of their kind) is chosen")
 
 
-def shape_cut(adapter: Adapter, cfg: dict, new: WidthShape) -> WidthCut:
+def shape_cut(family: ModelFamily, cfg: dict, new: WidthShape) -> WidthCut:
     """A WidthCut to `new` keeping the first channels of each kind: for counting and config checks (no scores)."""
-    old = WidthShape.of(adapter, cfg)
+    old = WidthShape.of(family, cfg)
     ffn = [list(range(new.intermediate))] * old.layers if new.intermediate != old.intermediate else None
     per_old, per_new = old.heads // old.kv_heads, new.heads // old.kv_heads
     heads = ([[g * per_old + j for g in range(old.kv_heads) for j in range(per_new)]] * old.layers
              if new.heads != old.heads else None)
     hidden = list(range(new.hidden)) if new.hidden != old.hidden else None
     vision = [list(range(new.vision_ffn))] * old.vision_blocks if new.vision_changed(old) else None
-    return WidthCut(adapter, cfg, ffn, heads, hidden, vision_ffn_keep=vision)
+    return WidthCut(family, cfg, ffn, heads, hidden, vision_ffn_keep=vision)
 
 
-def count_params(adapter: Adapter, cfg: dict, shapes: dict, surgery=None) -> int:
+def count_params(family: ModelFamily, cfg: dict, shapes: dict, surgery=None) -> int:
     """Parameters as `prunekit inspect` (and the pipeline's guardrails) count them, of the checkpoint whose tensor
     shapes are `shapes`, after `surgery` (its tensor map run on meta tensors: the family table's layout, no data)."""
-    from prunekit.core.report import component_params
     new = {}
     for key, shape in shapes.items():
         if surgery is None:
@@ -503,8 +502,7 @@ def count_params(adapter: Adapter, cfg: dict, shapes: dict, surgery=None) -> int
         mapped = surgery(key, torch.empty([int(d) for d in shape], device="meta"))
         if mapped is not None:
             new[mapped[0]] = list(mapped[1].shape)
-    tied = adapter.ties_embeddings(surgery.new_config if surgery is not None else cfg)
-    return component_params(adapter, new, tied=tied)["total"]
+    return family.component_params(new, surgery.new_config if surgery is not None else cfg)["total"]
 
 
 def _align(size: int, big: int = 1024, step: int = 64, small: int = 1) -> int:
@@ -516,18 +514,18 @@ def legal_heads(old: WidthShape) -> list[int]:
     return list(range(old.heads - old.kv_heads, 0, -old.kv_heads))
 
 
-def legal_hidden(adapter: Adapter, old: WidthShape) -> list[int]:
+def legal_hidden(family: ModelFamily, old: WidthShape) -> list[int]:
     """Hidden sizes below the current one that keep the config standard, largest first ([] where the family derives
     head_dim from hidden / heads: the hidden size cannot change without the heads)."""
-    if not adapter.head_dim_field:
+    if not family.head_dim_field:
         return []
     step = _align(old.hidden, small=8 if old.hidden % 8 == 0 else 1)
-    if adapter.hidden_multiple_of_heads:
+    if family.hidden_multiple_of_heads:
         step = math.lcm(step, old.heads)
     return list(range((old.hidden - 1) // step * step, 0, -step))
 
 
-def _solve_ffn(adapter, cfg, shapes, old: WidthShape, heads: int, hidden: int, budget: int,
+def _solve_ffn(family, cfg, shapes, old: WidthShape, heads: int, hidden: int, budget: int,
                at_least: bool = False) -> tuple[int, int] | None:
     """(largest standard FFN size, parameters) with the given heads and hidden size within `budget`; None if even
     the smallest FFN is over it. `at_least`: the smallest FFN size that keeps at least `budget` parameters (None if
@@ -537,8 +535,8 @@ def _solve_ffn(adapter, cfg, shapes, old: WidthShape, heads: int, hidden: int, b
     def count(f):
         shape = WidthShape(old.layers, f, heads, old.kv_heads, old.head_dim, hidden)
         if (f, heads, hidden) == (old.intermediate, old.heads, old.hidden):
-            return count_params(adapter, cfg, shapes)
-        return count_params(adapter, cfg, shapes, shape_cut(adapter, cfg, shape))
+            return count_params(family, cfg, shapes)
+        return count_params(family, cfg, shapes, shape_cut(family, cfg, shape))
     low, high = count(align), count(old.intermediate)
     per = (high - low) / max(old.intermediate - align, 1)
     if at_least:
@@ -566,12 +564,12 @@ def _solve_ffn(adapter, cfg, shapes, old: WidthShape, heads: int, hidden: int, b
     return f, n
 
 
-def budget_mixes(adapter: Adapter, cfg: dict, shapes: dict, budget: int, at_least: bool = False,
+def budget_mixes(family: ModelFamily, cfg: dict, shapes: dict, budget: int, at_least: bool = False,
                  min_params: int | None = None) -> list[dict]:
     """Every mix of MIXES solved to `budget` parameters: {"mix", "shape" (WidthShape or None), "params", "reason"
     (why it is not a candidate, or None)}. `at_least`: keep at least `budget` parameters instead (remove at most a
     guardrail's allowance); `min_params`: mixes leaving fewer are not candidates (the pipeline round's guardrail)."""
-    old = WidthShape.of(adapter, cfg)
+    old = WidthShape.of(family, cfg)
     out = []
     for mix in MIXES:
         best, reason = None, None
@@ -579,16 +577,16 @@ def budget_mixes(adapter: Adapter, cfg: dict, shapes: dict, budget: int, at_leas
             others = [(old.heads, old.hidden)]
         elif mix == "heads+ffn":
             others = [(h, old.hidden) for h in legal_heads(old)
-                      if _head_dim_consistent(adapter, old, h, old.hidden)
-                      and not (adapter.hidden_multiple_of_heads and old.hidden % h)]
-            reason = None if others else (f"{adapter.family}: no smaller head count keeps whole GQA groups and a "
+                      if _head_dim_consistent(family, old, h, old.hidden)
+                      and not (family.hidden_multiple_of_heads and old.hidden % h)]
+            reason = None if others else (f"{family.name}: no smaller head count keeps whole GQA groups and a "
                                           f"standard config")
         else:
-            others = [(old.heads, d) for d in legal_hidden(adapter, old)]
-            reason = None if others else (f"{adapter.family} derives head_dim from hidden_size / heads: the hidden "
+            others = [(old.heads, d) for d in legal_hidden(family, old)]
+            reason = None if others else (f"{family.name} derives head_dim from hidden_size / heads: the hidden "
                                           f"size cannot change alone")
         for heads, hidden in others:
-            solved = _solve_ffn(adapter, cfg, shapes, old, heads, hidden, budget, at_least)
+            solved = _solve_ffn(family, cfg, shapes, old, heads, hidden, budget, at_least)
             if solved is None:
                 continue
             f, n = solved
@@ -609,7 +607,7 @@ def budget_mixes(adapter: Adapter, cfg: dict, shapes: dict, budget: int, at_leas
                 m["reason"] = f"leaves {m['params']:,} parameters, below the minimum {min_params:,}"
     reachable = [m for m in out if m["shape"] is not None and m["reason"] is None]
     if reachable:
-        total = count_params(adapter, cfg, shapes)
+        total = count_params(family, cfg, shapes)
         if at_least:
             closest = total - min(m["params"] for m in reachable)
             for m in reachable:
@@ -636,10 +634,10 @@ def _relative_removed(values: list[list[float]], kept: list[list[int]]) -> float
     return (removed / n_removed) / (total / n_all)
 
 
-def choose_mix(adapter: Adapter, cfg: dict, shapes: dict, mixes: list[dict], scores: dict) -> tuple[dict, list]:
+def choose_mix(family: ModelFamily, cfg: dict, shapes: dict, mixes: list[dict], scores: dict) -> tuple[dict, list]:
     """The chosen mix (BUDGET_RULE) and every mix as a JSON-able record with its sizes, parameters and score."""
-    old = WidthShape.of(adapter, cfg)
-    total = count_params(adapter, cfg, shapes)
+    old = WidthShape.of(family, cfg)
+    total = count_params(family, cfg, shapes)
     records = []
     for m in mixes:
         rec = {"mix": m["mix"], "params": m["params"], "reason": m["reason"]}
@@ -656,7 +654,7 @@ def choose_mix(adapter: Adapter, cfg: dict, shapes: dict, mixes: list[dict], sco
                      WidthShape(old.layers, old.intermediate, old.heads, old.kv_heads, old.head_dim, new.hidden))):
                 if k is None:
                     continue
-                alone = total - count_params(adapter, cfg, shapes, shape_cut(adapter, cfg, single))
+                alone = total - count_params(family, cfg, shapes, shape_cut(family, cfg, single))
                 parts[dim] = {"params_removed_alone": alone, "relative_importance": _relative_removed(values, k)}
             weight = sum(p["params_removed_alone"] for p in parts.values())
             mean_rel = sum(p["params_removed_alone"] * p["relative_importance"] for p in parts.values()) / weight
@@ -670,16 +668,16 @@ def choose_mix(adapter: Adapter, cfg: dict, shapes: dict, mixes: list[dict], sco
     return chosen, records
 
 
-def budget_error(flag: str, adapter: Adapter, cfg: dict, shapes: dict, budget: int, mixes: list[dict],
+def budget_error(flag: str, family: ModelFamily, cfg: dict, shapes: dict, budget: int, mixes: list[dict],
                  at_least: bool = False) -> str:
-    old = WidthShape.of(adapter, cfg)
-    total = count_params(adapter, cfg, shapes)
+    old = WidthShape.of(family, cfg)
+    total = count_params(family, cfg, shapes)
     if budget >= total:
         return f"{flag}: the model has {total:,} parameters, already within {budget:,}; nothing to remove"
     if at_least or any(m["shape"] is not None for m in mixes):
         return (f"{flag}: no width mix fits ({'; '.join(m['mix'] + ': ' + m['reason'] for m in mixes)})")
     smallest = WidthShape(old.layers, _align(old.intermediate), old.kv_heads, old.kv_heads, old.head_dim, old.hidden)
-    floor = count_params(adapter, cfg, shapes, shape_cut(adapter, cfg, smallest))
+    floor = count_params(family, cfg, shapes, shape_cut(family, cfg, smallest))
     return (f"{flag}: no width mix reaches {budget:,} of the {total:,} parameters (FFN {smallest.intermediate} "
             f"and {smallest.heads} query heads still leave {floor:,}; "
             f"{'; '.join(m['mix'] + ': ' + m['reason'] for m in mixes if m['reason'])}); give a larger budget or "

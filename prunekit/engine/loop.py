@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from prunekit import PrunekitError
+from prunekit.core.evaluate import TokenTotals
 from prunekit.core.samples import collate
 from prunekit.engine.manifest import write_manifest
 from prunekit.engine.reporting import injected_faults
@@ -68,12 +69,9 @@ def make_optimizer_factory(cfg):
 def compile_layers(model) -> None:
     """torch.compile every text decoder layer (and vision block) in place: the repeated blocks are where the
     time goes, and compiling them one by one keeps graphs small and recompiles cheap."""
-    from prunekit.core.adapters import adapter_for, get_module
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    adapter = adapter_for(inner.config.to_dict())
-    for path in [adapter.text_layers] + ([adapter.vision_blocks] if adapter.is_vlm else []):
-        for layer in get_module(inner, path):
-            layer.compile()
+    from prunekit.core.families import family_of
+    for layer in family_of(model).blocks(model):
+        layer.compile()
 
 
 def make_scheduler_factory(cfg, total_steps: int):
@@ -114,21 +112,22 @@ def _to(batch: dict, device) -> dict:
 
 @torch.no_grad()
 def evaluate_distributed(strategy, samples, pad_id: int, batch_size: int, device) -> dict:
-    """Eval loss / token_acc over the val samples, each rank taking every world_size-th batch; summed over ranks."""
+    """Eval loss / token_acc over the val samples, each rank taking every world_size-th batch; summed over ranks.
+    The loss is the objective's (distillation: its KD loss), computed as in training (hidden states, chunked head)."""
     rank, world_size = world()
     model = strategy.model
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64)
+    totals = TokenTotals()
     batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     for b in batches[rank::world_size]:
         out = strategy.forward(_to(lm_batch(b, pad_id), device))  # through the wrapper: FSDP unshards there
-        sums += torch.tensor([float(out["loss_sum"]), float(out["n_tokens"]), float(out["n_correct"])],
-                             dtype=torch.float64)
-    sums = all_reduce_sum(sums.to(device)).cpu()
+        totals.add(out["loss_sum"], out["n_tokens"], out["n_correct"])
+    sums = all_reduce_sum(torch.tensor([totals.loss_sum, totals.tokens, totals.correct], dtype=torch.float64,
+                                       device=device)).cpu()
     model.train(was_training)
-    n = max(sums[1].item(), 1)
-    return {"eval/loss": sums[0].item() / n, "eval/token_acc": sums[2].item() / n, "eval/tokens": int(sums[1])}
+    m = TokenTotals(sums[0].item(), int(sums[1]), int(sums[2])).means()
+    return {"eval/loss": m["loss"], "eval/token_acc": m["token_acc"], "eval/tokens": m["tokens"]}
 
 
 def prepare(model, cfg, device):

@@ -9,6 +9,7 @@ import torch
 
 from prunekit import PrunekitError
 from prunekit.core.data import packed_attention_mask
+from prunekit.core.families import backbone_and_head
 from prunekit.core.losses import aggregate, chunked_causal_lm_loss, chunked_generalized_jsd_loss, get_policy_loss
 
 
@@ -28,12 +29,6 @@ def model_inputs(batch: dict, dtype=torch.float32) -> dict:
     if "position_ids" in inputs and "attention_mask" not in inputs:
         inputs["attention_mask"] = packed_attention_mask(inputs["position_ids"], dtype=dtype)
     return inputs
-
-
-def backbone_and_head(model):
-    """(backbone returning hidden states, lm_head) of a causal LM or VLM, peft-wrapped or not."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.model, inner.lm_head
 
 
 class SFTObjective:

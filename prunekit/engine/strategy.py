@@ -106,16 +106,12 @@ class FSDPStrategy(Strategy):
 
     def setup(self, make_optimizer, make_scheduler):
         from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
-        from prunekit.core.adapters import adapter_for, get_module
-        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        adapter = adapter_for(inner.config.to_dict())
-        paths = [adapter.text_layers] + ([adapter.vision_blocks] if adapter.is_vlm else [])
+        from prunekit.core.families import family_of
         # cpu_offload: the shards (and so the optimizer state) live in pinned host memory; the GPU holds the
         # units being computed
         kw = {"offload_policy": CPUOffloadPolicy()} if self.cfg.parallel.cpu_offload else {}
-        for path in paths:
-            for layer in get_module(inner, path):
-                fully_shard(layer, **kw)
+        for layer in family_of(self.model).blocks(self.model):
+            fully_shard(layer, **kw)
         fully_shard(self.module, **kw)
         self.wrapped = self.module
         self.optimizer = make_optimizer(self.module.parameters())

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from prunekit import PrunekitError
-from prunekit.core.adapters import adapter_for
+from prunekit.core.families import family_for
 from prunekit.core.loading import load_model, load_tokenizer, quiet_transformers
 from prunekit.core.plan import BASELINE, Candidate
 from prunekit.core.samples import config_samples, pad_id
@@ -25,7 +25,7 @@ def load_shared_base(cfg) -> dict:
     import torch
     model_dir = Path(cfg.model)
     with quiet_transformers():
-        model, adapter = load_model(model_dir, dtype="float32", trust_remote_code=cfg.trust_remote_code)
+        model, family = load_model(model_dir, dtype="float32", trust_remote_code=cfg.trust_remote_code)
         tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
     weights, dtypes = {}, {}
     seen = {}
@@ -37,7 +37,7 @@ def load_shared_base(cfg) -> dict:
         t = t.detach().cpu().contiguous()
         dtypes[key] = str(t.dtype).removeprefix("torch.")
         weights[key] = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
-    train_samples, val_samples = config_samples(cfg, tokenizer, adapter.is_vlm)
+    train_samples, val_samples = config_samples(cfg, tokenizer, family.is_vlm)
     if not train_samples:
         raise PrunekitError(f"train {cfg.train}: no row with supervised tokens (assistant turns or text)")
     if not val_samples:
@@ -80,13 +80,13 @@ def build_trial_model(base: dict, candidate: Candidate, device):
     with _no_init():
         model = base["model_cls"](config)
         missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
-        if [k for k in missing if not k.endswith("lm_head.weight")] or unexpected:
+        family = family_for(base["config"])
+        if family.missing_weights(missing) or unexpected:
             raise RuntimeError(f"shared weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        if adapter_for(base["config"]).ties_embeddings(base["config"]):
+        if family.ties_embeddings(base["config"]):
             model.tie_weights()
         if candidate.size:
-            adapter = adapter_for(base["config"])
-            model = apply_to_model(model, LayerDrop(adapter, base["config"], list(candidate.text),
+            model = apply_to_model(model, LayerDrop(family, base["config"], list(candidate.text),
                                                     list(candidate.vision)))
     return model.to(device)
 
@@ -128,7 +128,7 @@ def knockout_trial(cfg, base: dict, payload: dict, cid: str, reporter, device) -
 def importance_scores(model, base: dict, spec: dict, device) -> dict:
     """Training-free layer importance of `model` on the first spec["samples"] val samples."""
     from prunekit.core.importance import compute_importance
-    return compute_importance(model, adapter_for(base["config"]), base["val"][:spec["samples"]], base["pad_id"],
+    return compute_importance(model, family_for(base["config"]), base["val"][:spec["samples"]], base["pad_id"],
                               batch_size=4, angular_n=tuple(spec["angular_n"]), device=device)
 
 

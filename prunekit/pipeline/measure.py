@@ -27,19 +27,10 @@ def model_facts(path: Path) -> dict:
 
 def text_layer_params(path: Path) -> list[int]:
     """Parameters of each text decoder layer, from the checkpoint headers."""
-    from prunekit.core.adapters import adapter_for
+    from prunekit.core.families import family_for
     from prunekit.core.loading import read_config
     cfg = read_config(path)
-    adapter = adapter_for(cfg)
-    counts = [0] * adapter.num_text_layers(cfg)
-    for key, shape in report.checkpoint_shapes(path).items():
-        m = adapter.match_text_layer(key)
-        if m:
-            n = 1
-            for d in shape:
-                n *= int(d)
-            counts[int(m.group("idx"))] += n
-    return counts
+    return family_for(cfg).text_layer_params(report.checkpoint_shapes(path), cfg)
 
 
 def describe(rec: dict) -> str:

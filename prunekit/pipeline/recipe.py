@@ -150,7 +150,7 @@ def check_recipe(cfg, where: str = "recipe") -> tuple[list[tuple[str, dict]], li
 
 def read_plan(path: Path, model: str) -> dict:
     """A knockout report's plan.json, checked against the model it is applied to (layer count)."""
-    from prunekit.core.adapters import adapter_for
+    from prunekit.core.families import family_for
     from prunekit.core.loading import read_config
     from prunekit.core.plan import Candidate
     try:
@@ -160,7 +160,7 @@ def read_plan(path: Path, model: str) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise PrunekitError(f"prune.plan {path}: not a knockout plan.json ({type(e).__name__}: {e})") from None
     cfg = read_config(Path(model))
-    layers = adapter_for(cfg).num_text_layers(cfg)
+    layers = family_for(cfg).num_text_layers(cfg)
     if not ids:
         raise PrunekitError(f"prune.plan {path}: the plan removes nothing")
     for cid, _ in ids:

@@ -59,9 +59,8 @@ SUMMARY_NOTE = ("chat: the val set (`val`); \"in-domain\" marks models trained o
 
 
 def plot_summary(state: State, path: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from prunekit.core.plots import pyplot, save_figure
+    plt = pyplot()
     rows = summary_rows(state)
     labels = [r["id"] for r in rows]
     x = list(range(len(rows)))
@@ -85,10 +84,7 @@ def plot_summary(state: State, path: Path) -> Path:
         ax.set_xticks(x)
         ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_summary(state: State, out: Path, final: str | None) -> Path:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from prunekit import PrunekitError
+from prunekit.core.families import family_for
 from prunekit.engine.objectives import response_logprobs
 from prunekit.rl.batch import collate_rl, response_slices
 
@@ -64,8 +65,7 @@ def vllm_supported(model_dir: Path, device: str) -> str | None:
     except ImportError:
         return "vllm is not installed"
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    cfg = cfg.get("text_config", cfg)
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    _, _, head_dim = family_for(cfg).attention_shape(cfg)
     if device == "cpu" and head_dim not in (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512):
         return f"vLLM's CPU attention does not support head_dim {head_dim}"
     return None
@@ -136,7 +136,7 @@ class TransformersRollout:
                  dtype: str = "float32", eos: list[int] | None = None, pad_id: int | None = None):
         from prunekit.core.loading import load_model, quiet_transformers
         with quiet_transformers():
-            self.model, _ = load_model(Path(model_dir), dtype=dtype)
+            self.model, self.family = load_model(Path(model_dir), dtype=dtype)
         self.device = torch.device(device)
         self.model.to(self.device).eval()
         self.eos = eos if eos is not None else eos_ids(model_dir)
@@ -146,7 +146,7 @@ class TransformersRollout:
 
     def load_weights(self, state: dict) -> None:
         missing, unexpected = self.model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embedding
+        missing = self.family.missing_weights(missing)
         if missing or unexpected:
             raise PrunekitError(f"rollout weights do not fit the model: missing {missing[:3]}, "
                                 f"unexpected {unexpected[:3]}")

@@ -7,7 +7,7 @@ from pathlib import Path
 from prunekit import PrunekitError
 from prunekit.core import locks, report
 from prunekit.core import streaming as streaming_surgery
-from prunekit.core.adapters import adapter_for
+from prunekit.core.families import family_for
 from prunekit.core.loading import (check_output_dir, copy_side_files, load_model, quiet_transformers, read_config, read_provenance,
                                    resolve_model, write_atomically, write_provenance)
 from prunekit.core.surgery import apply_to_model
@@ -26,13 +26,13 @@ class SurgeryResult:
 class SurgeryInput:
     path: Path
     config: dict
-    adapter: object
+    family: object
 
     @classmethod
     def open(cls, model: str, allow_pickle: bool = False) -> "SurgeryInput":
         path = resolve_model(model, allow_pickle=allow_pickle)
         cfg = read_config(path)
-        return cls(path, cfg, adapter_for(cfg))
+        return cls(path, cfg, family_for(cfg))
 
 
 def write_surgery_output(src: SurgeryInput, surgery, out: str | Path, *, overwrite: bool = False,

@@ -41,9 +41,8 @@ def calibration_samples(tokenizer, data: str | Path, model_dir: Path, is_vlm: bo
 
 def plot_scores(scores: dict, out_dir: Path) -> list[Path]:
     """One bar chart per component and metric: <component>_<metric>.png."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from prunekit.core.plots import pyplot, save_figure
+    plt = pyplot()
     paths = []
     for component, metrics in scores.items():
         for metric, values in metrics.items():
@@ -61,11 +60,7 @@ def plot_scores(scores: dict, out_dir: Path) -> list[Path]:
             ax.set_title(f"{component}: {title}\n(green: least important fifth)", fontsize=9)
             ax.set_xticks(range(len(values)))
             ax.tick_params(axis="x", labelsize=7)
-            fig.tight_layout()
-            path = Path(out_dir) / f"{component}_{metric}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            paths.append(path)
+            paths.append(save_figure(fig, Path(out_dir) / f"{component}_{metric}.png"))
     return paths
 
 
@@ -79,10 +74,10 @@ def importance(model: str, data: str | Path, out: str | Path, *, samples: int = 
         if samples < 1 or batch_size < 1 or any(n < 1 for n in angular_n):
             raise PrunekitError("--samples, --batch-size and --angular-n must be >= 1")
         with quiet_transformers():
-            model_obj, adapter = load_model(path, dtype="float32", trust_remote_code=trust_remote_code, device=device)
+            model_obj, family = load_model(path, dtype="float32", trust_remote_code=trust_remote_code, device=device)
             tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-        calib = calibration_samples(tokenizer, data, path, adapter.is_vlm, samples, max_length, trust_remote_code)
-        scores = compute_importance(model_obj, adapter, calib, pad_id(tokenizer), batch_size, tuple(angular_n), nll,
+        calib = calibration_samples(tokenizer, data, path, family.is_vlm, samples, max_length, trust_remote_code)
+        scores = compute_importance(model_obj, family, calib, pad_id(tokenizer), batch_size, tuple(angular_n), nll,
                                     torch.device(device))
         record = {"model": str(path), "data": str(Path(data).resolve()), "samples": len(calib),
                   "higher_is_more_important": True, **scores}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from prunekit import PrunekitError
 from prunekit.core import locks, report
-from prunekit.core.adapters import adapter_for
+from prunekit.core.families import family_for
 from prunekit.core.data import load_messages
 from prunekit.core.loading import (check_output_dir, check_writable, read_config, resolve_model, write_atomically,
                                    write_provenance)
@@ -95,10 +95,10 @@ def validate(cfg, resume: bool = False) -> Sweep:
         raise PrunekitError(f"val {cfg.val}: no rows")
     model_dir = Path(cfg.model)
     config = read_config(model_dir)
-    adapter = adapter_for(config)
+    family = family_for(config)
     from prunekit.stages.plan import check_before_training
     check_before_training("knockout", cfg)  # GPU trials: fail now, in one line, rather than out of memory later
-    n_text, n_vision = adapter.num_text_layers(config), adapter.num_vision_blocks(config)
+    n_text, n_vision = family.num_text_layers(config), family.num_vision_blocks(config)
     c = cfg.candidates
     candidates = expand_candidates(c.text, c.vision, c.group_size, c.groups, n_text, n_vision)
     from prunekit.engine.reporting import injected_faults
@@ -110,7 +110,7 @@ def validate(cfg, resume: bool = False) -> Sweep:
     params_removed = {BASELINE: 0}
     for cand in candidates:
         try:
-            surgery = LayerDrop(adapter, config, list(cand.text), list(cand.vision))
+            surgery = LayerDrop(family, config, list(cand.text), list(cand.vision))
         except PrunekitError as e:
             msg = str(e).replace("--drop-text: ", "").replace("--drop-vision: ", "")
             raise PrunekitError(f"candidates: {cand.id}: {msg}") from None
@@ -308,9 +308,8 @@ def summary_markdown(sweep: Sweep, rows: list[dict], corr: dict, plan: dict, err
 
 
 def plot_report(out_dir: Path, rows: list[dict], curves: dict, cfg) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from prunekit.core.plots import pyplot, save_figure
+    plt = pyplot()
     colors = {"free": "tab:green", "recoverable": "tab:orange", "key": "tab:red", None: "lightgrey"}
     groups = {"text": [r for r in rows if r["kind"] == "text" and r["size"] == 1],
               "vision": [r for r in rows if r["kind"] == "vision" and r["size"] == 1],
@@ -329,9 +328,7 @@ def plot_report(out_dir: Path, rows: list[dict], curves: dict, cfg) -> None:
         ratios = [r.get("ratio") or 1 for r in sel]
         ax.set_ylim(max(0, min(ratios + [cfg.recoverable_ratio]) - 0.05), max(ratios + [1.0]) + 0.05)
         ax.set_title(f"knockout after {cfg.max_steps} SFT steps (green free, orange recoverable, red key)", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(out_dir / f"ratio_{kind}.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, out_dir / f"ratio_{kind}.png")
     verdicts = {r["id"]: r.get("verdict") for r in rows}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for cid, curve in curves.items():
@@ -351,6 +348,4 @@ def plot_report(out_dir: Path, rows: list[dict], curves: dict, cfg) -> None:
         handles, labels = ax.get_legend_handles_labels()
         if handles and len(handles) <= 12:
             ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out_dir / "loss_curves.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_dir / "loss_curves.png")

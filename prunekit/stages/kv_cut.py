@@ -54,7 +54,7 @@ def kv_cut(model: str, out: str | Path, kv_heads: int, grouping: str = "mean", d
     if grouping not in GROUPINGS:
         raise PrunekitError(f"--grouping: {grouping!r} is not one of {', '.join(GROUPINGS)}")
     src = SurgeryInput.open(model, allow_pickle=allow_pickle)
-    KVCut(src.adapter, src.config, kv_heads)  # validate the head counts before any loading
+    KVCut(src.family, src.config, kv_heads)  # validate the head counts before any loading
     if calibrate and data is None:
         raise PrunekitError("--calibrate needs calibration data: --data FILE (messages JSON/JSONL)")
     if calibrate and streaming:
@@ -64,7 +64,7 @@ def kv_cut(model: str, out: str | Path, kv_heads: int, grouping: str = "mean", d
     if calibrate and calibration is not None and calibration.steps < 0:
         raise PrunekitError(f"--calibration-steps: {calibration.steps} must be 0 or more")
     if grouping == "mean" and not calibrate:
-        surgery = KVCut(src.adapter, src.config, kv_heads)
+        surgery = KVCut(src.family, src.config, kv_heads)
         return write_surgery_output(src, surgery, out, overwrite=overwrite, streaming=streaming,
                                     trust_remote_code=trust_remote_code, stage="kv_cut")
     if data is None:
@@ -74,22 +74,22 @@ def kv_cut(model: str, out: str | Path, kv_heads: int, grouping: str = "mean", d
     check_output_dir(Path(out), [src.path], overwrite)  # refuse a bad OUT before minutes of calibration
     with locks.hold((Path(out), "-o")):  # one writer per OUT, from before the calibration
         with quiet_transformers():
-            loaded, adapter = load_model(src.path, dtype="auto", trust_remote_code=trust_remote_code)
+            loaded, family = load_model(src.path, dtype="auto", trust_remote_code=trust_remote_code)
             tokenizer = load_tokenizer(src.path, trust_remote_code=trust_remote_code)
         loaded.to(device)
         orders = None
         if grouping == "similarity":
             batches = ({k: v.to(device) for k, v in b.items()} for b in calibration_batches(tokenizer, data,
                                                                                              max_samples))
-            orders = kv_similarity_orders(loaded, adapter, batches, kv_heads)
-        surgery = KVCut(src.adapter, src.config, kv_heads, head_order=orders)
+            orders = kv_similarity_orders(loaded, family, batches, kv_heads)
+        surgery = KVCut(src.family, src.config, kv_heads, head_order=orders)
         built = None
         if calibrate:
             built = apply_to_model(loaded, surgery).to(device)
-            query_orders = {i: surgery.query_head_order(i) for i in range(adapter.num_text_layers(src.config))}
+            query_orders = {i: surgery.query_head_order(i) for i in range(family.num_text_layers(src.config))}
             batches = [{k: v.to(device) for k, v in b.items()}
                        for b in padded_calibration_batches(tokenizer, data, max_samples)]
-            surgery.calibration = calibrate_kv_cut(loaded, built, adapter, batches, calibration,
+            surgery.calibration = calibrate_kv_cut(loaded, built, family, batches, calibration,
                                                    query_orders=query_orders)
             built.to("cpu")
         loaded.to("cpu")

@@ -31,6 +31,6 @@ def prune(model: str, out: str | Path, drop_text=None, drop_vision=None, plan: s
             raise PrunekitError("--plan: give either a plan or --drop-text/--drop-vision, not both")
         text, vision = read_plan(plan)
     src = SurgeryInput.open(model, allow_pickle=allow_pickle)
-    surgery = LayerDrop(src.adapter, src.config, text, vision)
+    surgery = LayerDrop(src.family, src.config, text, vision)
     return write_surgery_output(src, surgery, out, overwrite=overwrite, streaming=streaming,
                                 trust_remote_code=trust_remote_code, stage="prune")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prunekit import PrunekitError
-from prunekit.core.adapters import adapter_for
+from prunekit.core.families import family_for
 from prunekit.core.data import load_messages
 from prunekit.core.samples import check_no_images, config_samples, has_labels, pad_id, tokenize
 from prunekit.core.loading import (check_output_dir, check_writable, copy_side_files, load_model, load_tokenizer,
@@ -32,7 +32,7 @@ def check_supervised(cfg, train_rows: list, val_rows: list | None) -> None:
     """On the driver, before any worker starts: some training row must keep an assistant token within max_length
     after truncation (stops at the first that does); a val set without one only warns (no eval then)."""
     import sys
-    is_vlm = adapter_for(read_config(Path(cfg.model))).is_vlm
+    is_vlm = family_for(read_config(Path(cfg.model))).is_vlm
     with quiet_transformers():
         tokenizer = load_tokenizer(Path(cfg.model), trust_remote_code=cfg.trust_remote_code)
 
@@ -70,7 +70,7 @@ def build_worker(stage: str, cfg, device, teacher_device=None):
     import torch
     from prunekit.engine.objectives import DistillObjective, SFTObjective
     with quiet_transformers():
-        model, adapter = load_model(Path(cfg.model), dtype="float32", trust_remote_code=cfg.trust_remote_code)
+        model, family = load_model(Path(cfg.model), dtype="float32", trust_remote_code=cfg.trust_remote_code)
         tokenizer = load_tokenizer(Path(cfg.model), trust_remote_code=cfg.trust_remote_code)
     if stage == "lora":
         from prunekit.core.lora import apply_lora
@@ -87,7 +87,7 @@ def build_worker(stage: str, cfg, device, teacher_device=None):
                                      top_k=cfg.top_k, sft_alpha=cfg.sft_alpha, chunk_size=cfg.loss_chunk_size)
     else:
         objective = SFTObjective(chunk_size=cfg.loss_chunk_size)
-    train_samples, val_samples = config_samples(cfg, tokenizer, adapter.is_vlm)
+    train_samples, val_samples = config_samples(cfg, tokenizer, family.is_vlm)
     return model, objective, train_samples, val_samples, pad_id(tokenizer)
 
 
@@ -108,7 +108,7 @@ def validate(stage: str, cfg) -> None:
     if getattr(cfg, "merge_kv_heads", None) is not None:
         from prunekit.core.kv_merge import check_merge_heads
         check_merge_heads(read_config(Path(cfg.model)), cfg.merge_kv_heads)
-    if not adapter_for(read_config(Path(cfg.model))).is_vlm:
+    if not family_for(read_config(Path(cfg.model))).is_vlm:
         check_no_images(train_rows, cfg.train, cfg.model)
         check_no_images(val_rows or [], cfg.val, cfg.model)
     check_supervised(cfg, train_rows, val_rows)
@@ -196,7 +196,8 @@ def check_same_model(base: Path, trained: Path) -> None:
         problems.append(f"{after['params']['total']:,} parameters, the input {before['params']['total']:,}")
     if after["tied_embeddings"] != before["tied_embeddings"]:
         problems.append(f"tie_word_embeddings {after['tied_embeddings']}, the input {before['tied_embeddings']}")
-    if after["tied_embeddings"] and any(k.startswith("lm_head") for k in report.checkpoint_shapes(trained)):
+    family = family_for(report.read_config(trained))
+    if after["tied_embeddings"] and any(family.component(k) == "lm_head" for k in report.checkpoint_shapes(trained)):
         problems.append("a separate lm_head tensor although the embeddings are tied")
     if problems:
         raise PrunekitError(f"the trained model differs from its input {base}: {'; '.join(problems)} "

@@ -9,7 +9,6 @@ written atomically with importance.json (the scores and what was kept), importan
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from pathlib import Path
 
@@ -32,10 +31,9 @@ def read_importance(path: str | Path, shape: WidthShape, need_vision: bool = Fal
 def plot_importance(record: dict) -> bytes:
     """One PNG: FFN and head scores per layer (each layer's channels sorted, normalised to its maximum) and the
     hidden-channel scores sorted, with the kept/removed boundary of each."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from prunekit.core.plots import figure_png, pyplot
+    plt = pyplot()
     kept = record.get("kept") or {}
     vision = record.get("vision_ffn") is not None
     fig, axes = plt.subplots(1, 3 + vision, figsize=(13 + 4.3 * vision, 3.6))
@@ -58,11 +56,7 @@ def plot_importance(record: dict) -> bytes:
     axes[2].set_yscale("log")
     axes[2].set_xlabel("hidden channels, most important first")
     axes[2].set_title("hidden channel importance (sum over norms)", fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def width_params(model: str | Path, ffn=None, heads: int | None = None, hidden: int | None = None,
@@ -72,8 +66,8 @@ def width_params(model: str | Path, ffn=None, heads: int | None = None, hidden: 
     from prunekit.core.report import checkpoint_shapes
     from prunekit.core.width import shape_cut
     src = SurgeryInput.open(str(model), allow_pickle=allow_pickle)
-    new = resolve_targets(src.adapter, src.config, ffn, heads, hidden, vision_ffn)
-    return count_params(src.adapter, src.config, checkpoint_shapes(src.path), shape_cut(src.adapter, src.config, new))
+    new = resolve_targets(src.family, src.config, ffn, heads, hidden, vision_ffn)
+    return count_params(src.family, src.config, checkpoint_shapes(src.path), shape_cut(src.family, src.config, new))
 
 
 def width(model: str, out: str | Path, data: str | Path | None = None, *, ffn=None, heads: int | None = None,
@@ -88,11 +82,11 @@ def width(model: str, out: str | Path, data: str | Path | None = None, *, ffn=No
     mixes leaving fewer than `min_params` are not candidates. `vision_ffn` (VLMs, alone or with ffn / heads / hidden):
     the vision blocks' MLP size (a fraction or a size), scored on the image rows of `data` (or from `importance`)."""
     src = SurgeryInput.open(model, allow_pickle=allow_pickle)
-    old = WidthShape.of(src.adapter, src.config)
+    old = WidthShape.of(src.family, src.config)
     mixes = None
     if params is None and params_fraction is None:
         # bad targets fail before any work
-        new = resolve_targets(src.adapter, src.config, ffn, heads, hidden, vision_ffn)
+        new = resolve_targets(src.family, src.config, ffn, heads, hidden, vision_ffn)
     else:
         if vision_ffn is not None:
             raise PrunekitError("--vision-ffn: give it with --ffn / --heads / --hidden (or alone), not with a "
@@ -102,12 +96,12 @@ def width(model: str, out: str | Path, data: str | Path | None = None, *, ffn=No
                                 "give either a budget or --ffn / --heads / --hidden")
         from prunekit.core.report import checkpoint_shapes
         shapes = checkpoint_shapes(src.path)
-        total = count_params(src.adapter, src.config, shapes)
+        total = count_params(src.family, src.config, shapes)
         flag, budget = resolve_budget(params, params_fraction, total)
-        mixes = (budget_mixes(src.adapter, src.config, shapes, budget, params_at_least, min_params)
+        mixes = (budget_mixes(src.family, src.config, shapes, budget, params_at_least, min_params)
                  if budget < total else [])
         if not any(m["reason"] is None for m in mixes):
-            raise PrunekitError(budget_error(flag, src.adapter, src.config, shapes, budget, mixes, params_at_least))
+            raise PrunekitError(budget_error(flag, src.family, src.config, shapes, budget, mixes, params_at_least))
     if (data is None) == (importance is None):
         raise PrunekitError("give --data CALIB (score the channels on it) or --importance FILE (scores from an "
                             "earlier `prunekit width`), exactly one")
@@ -131,7 +125,7 @@ def width(model: str, out: str | Path, data: str | Path | None = None, *, ffn=No
         from prunekit.stages.importance import calibration_samples
         with quiet_transformers():
             tokenizer = load_tokenizer(src.path, trust_remote_code=trust_remote_code)
-        calib = calibration_samples(tokenizer, data, src.path, src.adapter.is_vlm, samples, max_length,
+        calib = calibration_samples(tokenizer, data, src.path, src.family.is_vlm, samples, max_length,
                                     trust_remote_code)
         if need_vision and not any("pixel_values" in s for s in calib):
             raise PrunekitError(f"--vision-ffn: --data {data} has no image rows (in the {len(calib)} taken) to "
@@ -142,7 +136,7 @@ def width(model: str, out: str | Path, data: str | Path | None = None, *, ffn=No
                    for i in range(0, len(calib), batch_size)]
         loaded.to(device)
         try:
-            scores = activation_importance(loaded, src.adapter, batches)
+            scores = activation_importance(loaded, src.family, batches)
         finally:
             loaded.to("cpu")
         source = {"data": str(Path(data).resolve()), "samples": len(calib), "tokens": scores["tokens"],
@@ -150,7 +144,7 @@ def width(model: str, out: str | Path, data: str | Path | None = None, *, ffn=No
         record = importance_record(scores, old, model=str(src.path), **source)
     budget_record = None
     if mixes is not None:
-        chosen, records = choose_mix(src.adapter, src.config, shapes, mixes, record)
+        chosen, records = choose_mix(src.family, src.config, shapes, mixes, record)
         sizes = chosen["sizes"]
         new = WidthShape(old.layers, sizes["intermediate_size"], sizes["num_attention_heads"], old.kv_heads,
                          old.head_dim, sizes["hidden_size"])
@@ -158,7 +152,7 @@ def width(model: str, out: str | Path, data: str | Path | None = None, *, ffn=No
                          **({"at_least": True} if params_at_least else {}),
                          **({"min_params": min_params} if min_params is not None else {}),
                          "rule": BUDGET_RULE, "mixes": records}
-    surgery = width_cut_from_scores(src.adapter, src.config, new, record, importance=source, budget=budget_record)
+    surgery = width_cut_from_scores(src.family, src.config, new, record, importance=source, budget=budget_record)
     written = {**{k: v for k, v in record.items() if k != "kept"},
                "kept": {"ffn": surgery.ffn_keep, "heads": surgery.head_keep, "hidden": surgery.hidden_keep,
                         **({"vision_ffn": surgery.vision_ffn_keep} if surgery.vision_ffn_keep else {})}}

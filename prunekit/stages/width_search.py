@@ -26,11 +26,11 @@ from pathlib import Path
 
 from prunekit import PrunekitError
 from prunekit.core import report
-from prunekit.core.adapters import adapter_for
+from prunekit.core.families import family_for
 from prunekit.core.data import load_messages
 from prunekit.core.loading import (check_output_dir, check_writable, quiet_transformers, read_config, resolve_model,
                                    write_atomically, write_provenance)
-from prunekit.core.report import checkpoint_shapes, component_params
+from prunekit.core.report import checkpoint_shapes
 from prunekit.core.width import WidthShape, budget_mixes, count_params
 from prunekit.engine.reporting import run_name_for, settings_dump
 
@@ -85,33 +85,21 @@ def search_name(cfg) -> str:
     return run_name_for("width-search", cfg, NOT_TRIAL_SETTINGS)
 
 
-def _budget(cfg, adapter, config: dict, shapes: dict, total: int) -> tuple[int, str]:
+def _budget(cfg, family, config: dict, shapes: dict, total: int) -> tuple[int, str]:
     if cfg.params is not None:
         return cfg.params, f"at most {cfg.params:,} parameters"
     if cfg.params_fraction is not None:
         return int(cfg.params_fraction * total), f"at most {cfg.params_fraction:.0%} of the original's parameters"
-    layers = component_params(adapter, shapes, tied=adapter.ties_embeddings(config))["text_layers"]
+    layers = family.component_params(shapes, config)["text_layers"]
     removed = round(cfg.layer_params_removed * layers)
     return total - removed, (f"{cfg.layer_params_removed:.0%} of the {layers:,} decoder-layer parameters "
                              f"({removed:,}) removed")
 
 
-def layer_params(adapter, shapes: dict, n_layers: int) -> list[int]:
-    counts = [0] * n_layers
-    for key, shape in shapes.items():
-        m = adapter.match_text_layer(key)
-        if m:
-            n = 1
-            for d in shape:
-                n *= int(d)
-            counts[int(m["idx"])] += n
-    return counts
-
-
-def droppable_layers(adapter, config: dict) -> list[int]:
+def droppable_layers(family, config: dict) -> list[int]:
     """Text layers depth may remove: never the first or the last, nor a layer other modules index."""
-    n = adapter.num_text_layers(config)
-    return [i for i in range(1, n - 1) if i not in adapter.protected_text_layers(config)]
+    n = family.num_text_layers(config)
+    return [i for i in range(1, n - 1) if i not in family.protected_text_layers(config)]
 
 
 def validate(cfg, resume: bool = False) -> Search:
@@ -126,23 +114,23 @@ def validate(cfg, resume: bool = False) -> Search:
         raise PrunekitError(f"val {cfg.val}: no rows")
     model_dir = Path(cfg.model)
     config = read_config(model_dir)
-    adapter = adapter_for(config)
+    family = family_for(config)
     shapes = checkpoint_shapes(model_dir)
-    total = count_params(adapter, config, shapes)
-    budget, text = _budget(cfg, adapter, config, shapes, total)
+    total = count_params(family, config, shapes)
+    budget, text = _budget(cfg, family, config, shapes, total)
     if budget >= total:
         raise PrunekitError(f"params: {cfg.model} has {total:,} parameters, already within the budget {budget:,}")
     plans: dict[str, dict] = {}
     width_wanted = [c for c in cfg.candidates if KINDS[c] == "width"]
     if width_wanted:
-        for m in budget_mixes(adapter, config, shapes, budget):
+        for m in budget_mixes(family, config, shapes, budget):
             if m["mix"] in width_wanted:
                 s = m["shape"]
                 plans[m["mix"]] = {"kind": "width", "params": m["params"], "reason": m["reason"], "sizes": s and {
                     "intermediate_size": s.intermediate, "num_attention_heads": s.heads, "hidden_size": s.hidden}}
     if "depth" in cfg.candidates:
-        per_layer = layer_params(adapter, shapes, adapter.num_text_layers(config))
-        floor = total - sum(per_layer[i] for i in droppable_layers(adapter, config))
+        per_layer = family.text_layer_params(shapes, config)
+        floor = total - sum(per_layer[i] for i in droppable_layers(family, config))
         plans["depth"] = {"kind": "depth", "params": None, "reason": None if floor <= budget else (
             f"removing every layer but the first and last leaves {floor:,} parameters, over the budget")}
     candidates = [c for c in cfg.candidates if plans[c]["reason"] is None]
@@ -192,20 +180,20 @@ def prepare(search: Search, base: dict) -> dict:
     cfg = search.cfg
     model_dir = Path(cfg.model)
     with quiet_transformers():
-        model, adapter = load_model(model_dir, dtype="float32", trust_remote_code=cfg.trust_remote_code)
+        model, family = load_model(model_dir, dtype="float32", trust_remote_code=cfg.trust_remote_code)
         tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
     config = model.config.to_dict()
     shapes = checkpoint_shapes(model_dir)
-    calib = calibration_samples(tokenizer, cfg.train, model_dir, adapter.is_vlm, cfg.importance_samples,
+    calib = calibration_samples(tokenizer, cfg.train, model_dir, family.is_vlm, cfg.importance_samples,
                                 cfg.max_length, cfg.trust_remote_code)
     pad = base["pad_id"]
     batches = [collate(calib[i:i + 4], pad) for i in range(0, len(calib), 4)]
     t0 = time.time()
     with torch.no_grad():
-        scores = activation_importance(model, adapter, batches)
-        influence = compute_importance(model, adapter, calib, pad, angular_n=(1,), nll=False)["text"]["block_influence"]
+        scores = activation_importance(model, family, batches)
+        influence = compute_importance(model, family, calib, pad, angular_n=(1,), nll=False)["text"]["block_influence"]
         original = evaluate(model, base["val"], base["pad_id"])
-    old = WidthShape.of(adapter, config)
+    old = WidthShape.of(family, config)
     surgeries, plans = {}, {c: dict(p) for c, p in search.plans.items()}
     mixes = []
     for cid in search.candidates:
@@ -218,20 +206,20 @@ def prepare(search: Search, base: dict) -> dict:
             surgeries[cid] = {"kind": "width", "ffn": kept["ffn"], "heads": kept["heads"], "hidden": kept["hidden"]}
             mixes.append({"mix": cid, "shape": new, "params": plan["params"], "reason": None})
         else:
-            per_layer = layer_params(adapter, shapes, old.layers)
+            per_layer = family.text_layer_params(shapes, config)
             drop, params = [], search.total
-            for i in sorted(droppable_layers(adapter, config), key=lambda i: (influence[i], i)):
+            for i in sorted(droppable_layers(family, config), key=lambda i: (influence[i], i)):
                 if params <= search.budget:
                     break
                 drop.append(i)
                 params -= per_layer[i]
             drop.sort()
-            plan.update(layers_removed=drop, params=count_params(adapter, config, shapes,
-                                                                 LayerDrop(adapter, config, drop)))
+            plan.update(layers_removed=drop, params=count_params(family, config, shapes,
+                                                                 LayerDrop(family, config, drop)))
             surgeries[cid] = {"kind": "depth", "drop_text": drop}
     pick = None
     if mixes:   # what `prunekit width --params` would choose among the width candidates, from the scores alone
-        chosen, records = choose_mix(adapter, config, shapes, mixes, scores)
+        chosen, records = choose_mix(family, config, shapes, mixes, scores)
         pick = chosen["mix"]
         for r in records:
             plans[r["mix"]]["importance_removed"] = r["importance_removed"]
@@ -247,8 +235,7 @@ def prepare(search: Search, base: dict) -> dict:
 def run_trial(cfg, base: dict, payload: dict, cid: str, reporter, device) -> dict:
     """Prune the original (shared weights) to the candidate, eval, distil from the original for max_steps through
     the training engine, eval again. Returns what result.json keeps as `extra`."""
-    import math
-    from prunekit.core.evaluate import evaluate
+    from prunekit.core.evaluate import evaluate, perplexity
     from prunekit.core.plan import Candidate
     from prunekit.core.surgery import LayerDrop, apply_to_model
     from prunekit.core.width import WidthCut
@@ -260,16 +247,16 @@ def run_trial(cfg, base: dict, payload: dict, cid: str, reporter, device) -> dic
         raise RuntimeError(f"PRUNEKIT_TEST_FAIL_CANDIDATES: trial {cid} fails on purpose")
     t0 = time.time()
     spec = payload["surgeries"][cid]
-    adapter = adapter_for(base["config"])
-    surgery = (WidthCut(adapter, base["config"], spec["ffn"], spec["heads"], spec["hidden"])
-               if spec["kind"] == "width" else LayerDrop(adapter, base["config"], spec["drop_text"]))
+    family = family_for(base["config"])
+    surgery = (WidthCut(family, base["config"], spec["ffn"], spec["heads"], spec["hidden"])
+               if spec["kind"] == "width" else LayerDrop(family, base["config"], spec["drop_text"]))
     student = apply_to_model(build_trial_model(base, Candidate(), "cpu"), surgery).to(device)
     teacher = build_trial_model(base, Candidate(), device)
     pad = base["pad_id"]
 
     def measure():
         m = evaluate(student, base["val"], pad)
-        return {"loss": m["loss"], "ppl": math.exp(min(m["loss"], 50.0)), "token_acc": m["token_acc"],
+        return {"loss": m["loss"], "ppl": perplexity(m["loss"]), "token_acc": m["token_acc"],
                 "tokens": m["tokens"]}
     before = measure()
     t1 = time.time()
@@ -431,9 +418,8 @@ def summary_markdown(search: Search, scores: dict, rows: list[dict], best: dict 
 
 
 def plot_report(out_dir: Path, rows: list[dict], curves: dict, original: dict, search: Search) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from prunekit.core.plots import pyplot, save_figure
+    plt = pyplot()
     done = [r for r in rows if r.get("token_acc") is not None]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     ax = axes[0]
@@ -455,6 +441,4 @@ def plot_report(out_dir: Path, rows: list[dict], curves: dict, original: dict, s
     axes[1].set_xlabel("step")
     axes[1].set_title("distillation loss", fontsize=9)
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "width_search.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_dir / "width_search.png")

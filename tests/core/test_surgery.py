@@ -1,0 +1,176 @@
+"""Surgery is exact where it must be: pruning equals skipping, and KV-cut of identical heads changes nothing."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from prunekit.core.families import MODEL_FAMILIES, get_module
+from prunekit.core.loading import load_model
+from prunekit.core.surgery import KVCut, apply_to_model, kv_similarity_orders
+from prunekit.stages.prune import prune
+from tests.conftest import FAMILIES, TEXT_FAMILIES, VLM_FAMILIES, assert_same_outputs, inputs_for, text_inputs
+
+
+def skip_modules(modules, indexes):
+    """Make the listed layers/blocks return their input hidden states: the reference for 'removed'."""
+    def identity(_module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+    return [modules[i].register_forward_hook(identity, with_kwargs=True) for i in indexes]
+
+
+# Layers to drop per family: a middle one and the last (Qwen3-VL keeps layer 0, which receives deepstack features).
+DROP_TEXT = {f: "1,3" for f in FAMILIES}
+DROP_VISION = {"qwen2_vl": "0,2", "qwen2_5_vl": "1,2", "qwen3_vl": "2,3"}  # 2.5-VL: drops full-attention block 1
+
+
+@pytest.mark.parametrize("family,part", [(f, "text") for f in FAMILIES] + [(f, "vision") for f in VLM_FAMILIES])
+def test_pruning_equals_skipping(family, part, tiny_model_dir, tmp_path):
+    src = tiny_model_dir(family)
+    model_family = MODEL_FAMILIES[family]
+    drop = DROP_TEXT[family] if part == "text" else DROP_VISION[family]
+    result = prune(str(src), tmp_path / "out", **{f"drop_{part}": drop}, streaming=False)
+
+    original, _ = load_model(src)
+    pruned, _ = load_model(result.output)
+    path = model_family.text_layers if part == "text" else model_family.vision_blocks
+    dropped = [int(i) for i in drop.split(",")]
+    assert len(get_module(pruned, path)) == len(get_module(original, path)) - len(dropped)
+    for i, layer in enumerate(get_module(pruned, model_family.text_layers)):  # renumbered for the KV cache
+        assert getattr(layer, model_family.attn_module).layer_idx == i
+    skip_modules(get_module(original, path), dropped)
+
+    assert_same_outputs(original, pruned, inputs_for(family))
+
+
+def test_qwen2_config_fields_follow_the_kept_layers(tiny_model_dir, tmp_path):
+    src = tiny_model_dir("qwen2")
+    before = json.loads((src / "config.json").read_text())
+    assert before["layer_types"] == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    out = prune(str(src), tmp_path / "out", drop_text="0,3", streaming=False).output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 2
+    assert cfg["layer_types"] == ["full_attention", "sliding_attention"]
+    assert cfg["max_window_layers"] == 1
+
+
+def test_qwen2_5_vl_fullatt_indexes_renumbered(tiny_model_dir, tmp_path):
+    out = prune(str(tiny_model_dir("qwen2_5_vl")), tmp_path / "out", drop_vision="0,1", streaming=False).output
+    vision = json.loads((out / "config.json").read_text())["vision_config"]
+    assert vision["depth"] == 2 and vision["fullatt_block_indexes"] == [1]  # old block 3 is now block 1
+
+
+def make_groups_identical(model, model_family, groups):
+    """Copy K/V projection rows (and biases) so every head in a group equals the group's first head."""
+    _, _, hd = model_family.attention_shape(model.config.to_dict())
+    with torch.no_grad():
+        for layer in get_module(model, model_family.text_layers):
+            attn = getattr(layer, model_family.attn_module)
+            for proj in (getattr(attn, model_family.k_proj), getattr(attn, model_family.v_proj)):
+                for group in groups:
+                    for p in [proj.weight] + ([proj.bias] if proj.bias is not None else []):
+                        for h in group[1:]:
+                            p[h * hd:(h + 1) * hd] = p[group[0] * hd:(group[0] + 1) * hd]
+
+
+def kv_family_model(family):
+    """A tiny model with 8 query heads over 4 KV heads, so there is room to group."""
+    from tests.conftest import tiny_config
+    from prunekit.core.loading import model_from_config
+    config = tiny_config(family)
+    text = getattr(config, "text_config", config)
+    text.hidden_size, text.num_attention_heads, text.num_key_value_heads, text.head_dim = 128, 8, 4, 16
+    text.initializer_range = 0.05  # logits of order 1, so 1e-5 measures exactness rather than fp32 rounding
+    if hasattr(config, "vision_config"):
+        config.vision_config.out_hidden_size = 128
+    torch.manual_seed(0)
+    config._attn_implementation = "eager"
+    return model_from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES + ["qwen2_5_vl"])
+def test_kv_cut_of_identical_heads_is_exact(family):
+    model = kv_family_model(family)
+    model_family = MODEL_FAMILIES[family]
+    inputs = inputs_for(family)
+    # adjacent groups: the mean rule is exact
+    make_groups_identical(model, model_family, [(0, 1), (2, 3)])
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        cut = apply_to_model(model, KVCut(model_family, model.config.to_dict(), 2))
+        assert cut.config.to_dict().get("text_config", cut.config.to_dict())["num_key_value_heads"] == 2
+        assert (cut(**inputs).logits - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_similarity_grouping_finds_non_adjacent_identical_heads(family):
+    model = kv_family_model(family)
+    model_family = MODEL_FAMILIES[family]
+    make_groups_identical(model, model_family, [(0, 2), (1, 3)])  # identical pairs are NOT adjacent
+    inputs = text_inputs()
+    cfg = model.config.to_dict()
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        mean_cut = apply_to_model(model, KVCut(model_family, cfg, 2))
+        assert (mean_cut(**inputs).logits - ref).abs().max().item() > 1e-3  # adjacent averaging is lossy here
+        orders = kv_similarity_orders(model, model_family, [text_inputs(seed=1)], kv_heads=2)
+        assert all(o[:2] in ([0, 2], [2, 0]) for o in orders.values())
+        sim_cut = apply_to_model(model, KVCut(model_family, cfg, 2, head_order=orders))
+        assert (sim_cut(**inputs).logits - ref).abs().max().item() <= 1e-5
+
+
+# ---- calibrated KV cut ---------------------------------------------------------------------------------------------
+
+def calibration_batches_for(family, seeds=(1, 2, 3)):
+    """Right-padded random-token batches (the tiny models' calibration distribution)."""
+    batches = []
+    for seed in seeds:
+        b = text_inputs(batch=4, length=48, seed=seed)
+        b["attention_mask"][0, 30:] = 0   # one padded row per batch
+        batches.append(b)
+    return batches
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES + ["qwen2_5_vl"])
+def test_calibrated_kv_cut_of_identical_heads_is_exact(family):
+    from prunekit.core.kv_calibration import CalibrationSettings, calibrate_kv_cut
+    model = kv_family_model(family)
+    model_family = MODEL_FAMILIES[family]
+    make_groups_identical(model, model_family, [(0, 1), (2, 3)])
+    inputs = inputs_for(family)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    cut = apply_to_model(model, KVCut(model_family, model.config.to_dict(), 2))
+    record = calibrate_kv_cut(model, cut, model_family, calibration_batches_for(family), CalibrationSettings(steps=5))
+    assert all(layer["relative_error_after"] <= 1e-10 for layer in record["layers"])
+    with torch.no_grad():
+        assert (model(**inputs).logits - ref).abs().max().item() == 0   # the original is untouched
+        assert (cut(**inputs).logits - ref).abs().max().item() <= 1e-5
+
+
+def heldout_kl(original, cut, inputs) -> float:
+    with torch.no_grad():
+        p, q = (m(**inputs).logits.float().log_softmax(-1) for m in (original, cut))
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("family,grouping", [("llama", "mean"), ("qwen2", "similarity"), ("qwen3", "mean")])
+def test_calibrated_kv_cut_beats_mean_pooling_on_random_heads(family, grouping):
+    from prunekit.core.kv_calibration import CalibrationSettings, attention_output_errors, calibrate_kv_cut
+    model = kv_family_model(family)
+    model_family = MODEL_FAMILIES[family]
+    cfg = model.config.to_dict()
+    calib, heldout = calibration_batches_for(family, seeds=range(1, 9)), [text_inputs(batch=4, length=48, seed=20)]
+    orders = kv_similarity_orders(model, model_family, calib, kv_heads=2) if grouping == "similarity" else None
+    surgery = KVCut(model_family, cfg, 2, head_order=orders)
+    pooled, calibrated = apply_to_model(model, surgery), apply_to_model(model, surgery)
+    query_orders = {i: surgery.query_head_order(i) for i in range(4)}
+    record = calibrate_kv_cut(model, calibrated, model_family, calib, CalibrationSettings(steps=30),
+                              query_orders=query_orders)
+    assert all(layer["mse_after"] < layer["mse_before"] for layer in record["layers"])
+    pooled_errors = attention_output_errors(model, pooled, model_family, heldout)
+    calibrated_errors = attention_output_errors(model, calibrated, model_family, heldout)
+    assert sum(calibrated_errors) < sum(pooled_errors)
+    assert heldout_kl(model, calibrated, heldout[0]) < heldout_kl(model, pooled, heldout[0])

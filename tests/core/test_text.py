@@ -1,0 +1,94 @@
+"""Plain text -> {"text"} rows: chunking, `prunekit data text` (bad input writes nothing), the built-in general
+English text (deterministic, train and eval disjoint), the pipeline's default eval file."""
+from __future__ import annotations
+
+import pytest
+
+from prunekit.cli import main
+from prunekit.core.data import DataError, load_messages
+from prunekit.core import text
+
+PROSE = ("First paragraph, first sentence. Second sentence here! A third one?\n"
+         "This line is hard-wrapped\ninto the paragraph.\n\n"
+         "Second paragraph is short.\n\n\n" + "Long sentence number %d goes on for a while. " * 40)
+
+
+def test_chunks_respect_the_limit_and_keep_every_word():
+    for limit in (60, 200, 5000):
+        chunks = text.chunk_text(PROSE % tuple(range(40)), limit)
+        assert all(0 < len(c) <= limit for c in chunks)
+        assert " ".join(" ".join(chunks).split()) == " ".join((PROSE % tuple(range(40))).split())
+    small = text.chunk_text(PROSE % tuple(range(40)), 200)
+    assert small[0] == ("First paragraph, first sentence. Second sentence here! A third one? This line is "
+                        "hard-wrapped into the paragraph.\n\nSecond paragraph is short.")
+    assert all(c.endswith(".") for c in small)      # long paragraphs split at sentence ends
+    assert text.chunk_text("x" * 25, 10) == ["x" * 10, "x" * 10, "x" * 5]   # no boundary at all: a hard cut
+    with pytest.raises(DataError):
+        text.chunk_text("x", 0)
+
+
+def test_data_text_writes_rows_and_a_val_split(tmp_path, capsys):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(PROSE % tuple(range(40)), encoding="utf-8")
+    b.write_text("\ufeffA file with a byte-order mark. Ünïcödé is fine.\n", encoding="utf-8")
+    out, val = tmp_path / "out.jsonl", tmp_path / "val.jsonl"
+    assert main(["data", "text", str(a), str(b), "-o", str(out), "--val", str(val), "--val-fraction", "0.25",
+                 "--chunk-chars", "300"]) == 0
+    train_rows, val_rows = load_messages(out), load_messages(val)
+    assert all(set(r) == {"text", "source", "id"} and len(r["text"]) <= 300 for r in train_rows + val_rows)
+    assert len(val_rows) == round(len(train_rows + val_rows) * 0.25)
+    assert {r["id"] for r in train_rows}.isdisjoint(r["id"] for r in val_rows)
+    assert any(r["text"] == "A file with a byte-order mark. Ünïcödé is fine." for r in train_rows + val_rows)
+    assert "text rows to" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content,expected", [(b"caf\xe9 au lait\n", "not UTF-8 text (byte 0xe9 at offset 3)"),
+                                              (b" \n\n \t\n", "empty file")])
+def test_data_text_bad_file_is_one_line_and_writes_nothing(tmp_path, capsys, content, expected):
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
+    good.write_text("Fine text. " * 50, encoding="utf-8")
+    bad.write_bytes(content)
+    out_dir = tmp_path / "out"
+    rc = main(["data", "text", str(good), str(bad), "-o", str(out_dir / "t.jsonl"), "--val", str(out_dir / "v.jsonl")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"prunekit data: error: {bad}: {expected}"]
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_general_text_is_deterministic_and_eval_is_held_out(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        assert main(["data", "general", "-o", str(d / "train.jsonl"), "--eval", str(d / "eval.jsonl")]) == 0
+    for name in ("train.jsonl", "eval.jsonl"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    train, held = load_messages(a / "train.jsonl"), load_messages(a / "eval.jsonl")
+    doc = lambda r: r["id"].rsplit(":", 1)[0]   # noqa: E731  lee:<article>:<chunk>
+    assert {doc(r) for r in train}.isdisjoint(doc(r) for r in held)          # split by article
+    assert {r["text"] for r in train}.isdisjoint(r["text"] for r in held)
+    assert len({doc(r) for r in held}) == text.GENERAL_EVAL_DOCS and 200 <= len(held) <= 400
+    assert all(len(r["text"]) <= text.DEFAULT_CHUNK_CHARS for r in train + held)
+    assert 150_000 <= sum(len(r["text"]) for r in held) <= 600_000           # ~50k SmolLM2 tokens
+    assert "Afghanistan" in " ".join(r["text"] for r in held + train)        # real English news prose
+    assert {r["source"] for r in held} == {text.GENERAL_SOURCE}              # the eval split is news only
+    wiki = [r for r in train if r["source"] == text.WIKI_SOURCE]
+    assert len(wiki) > 1000 and sum(len(r["text"]) for r in wiki) > 2_000_000   # ~0.5M tokens of encyclopedia prose
+    assert any(r["text"].startswith("Anarchism is a political philosophy") for r in wiki)
+    assert not any(m in r["text"] for r in wiki for m in ("[[", "{{", "<ref", "&quot;", "''"))
+
+
+def test_wiki_prose_keeps_the_prose_and_drops_the_markup():
+    markup = ("{{Infobox|name=x {{nested|a}} }}\n\'\'\'Anarchism\'\'\' is a [[political philosophy]] that "
+              "advocates [[self-governance|self-governed]] societies.&lt;ref&gt;{{cite|x}}&lt;/ref&gt; It is old "
+              "and has many [http://example.org schools] of thought.\n==History==\n* a list item that is long "
+              "enough to pass the length rule but is a list item\n[[File:x.png|thumb|a caption [[with link]]]]\n"
+              "{| class=wikitable\n| a || b\n|}\nshort line")
+    assert text.wiki_prose(markup) == ("Anarchism is a political philosophy that advocates self-governed societies. "
+                                       "It is old and has many schools of thought.")
+
+
+def test_pipeline_default_eval_file_is_the_eval_split(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
+    path = text.general_eval_file()
+    assert path.is_relative_to(tmp_path / "cache") and text.general_eval_file() == path
+    text.general_text(None, tmp_path / "eval.jsonl")
+    assert path.read_bytes() == (tmp_path / "eval.jsonl").read_bytes()

@@ -1,0 +1,110 @@
+"""Checkpoints a run can trust (issue 16): a damaged one is never copied out as success (the run resumes from the
+previous one, or fails in one line), copying out verifies the manifest, and a signal mid-write leaves the last
+complete one."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.conftest import error_lines, run_cli, sft_args
+from tests.processes import SIGNALS, assert_no_survivors, finish, pause_at, start_cli, wait_for
+
+
+# ---- 1. a damaged checkpoint is never copied out as success ----------------------------------------------------
+
+def test_damaged_final_checkpoint_falls_back_to_the_previous_one(tiny_chat_model_dir, chat_data, tmp_path, capsys):
+    from prunekit.core.loading import load_model
+    code, _, err = run_cli(capsys, *sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out1", "--set",
+                                             "save_interval=1"))
+    assert code == 0, err
+    ckpts = tmp_path / "runs" / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000001", "step-0000002"]
+    manifest = json.loads((ckpts / "step-0000002" / "manifest.json").read_text())["files"]
+    weights = ckpts / "step-0000002" / "hf" / "model.safetensors"
+    assert manifest["hf/model.safetensors"]["size"] == weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(1000)
+    code, out, err = run_cli(capsys, *sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out2", "--set",
+                                               "save_interval=1"))
+    assert code == 0, err
+    warnings = [line for line in error_lines(err) if "warning" in line]
+    assert warnings == [f"prunekit: warning: checkpoint {ckpts / 'step-0000002'} is damaged (hf/model.safetensors is "
+                        f"1,000 bytes, {manifest['hf/model.safetensors']['size']:,} when written); resuming from "
+                        f"step-0000001"], err
+    assert "wrote" in out and "Traceback" not in err
+    load_model(tmp_path / "out2")  # the step-2 model again, retrained from step 1
+    lines = [json.loads(x)["step"] for x in (tmp_path / "runs" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [1, 2]  # step 2 once: the resumed run dropped nothing it kept and logged step 2 again
+
+
+def test_damaged_only_checkpoint_fails_with_one_line(tiny_chat_model_dir, chat_data, tmp_path, capsys):
+    code, _, err = run_cli(capsys, *sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out1"))
+    assert code == 0, err
+    final = tmp_path / "runs" / "run" / "checkpoints" / "step-0000002"
+    with open(final / "hf" / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    code, out, err = run_cli(capsys, *sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out2"))
+    assert code == 2 and error_lines(err) == [
+        f"prunekit sft: error: checkpoint {final} is damaged (hf/model.safetensors is 1,000 bytes, "
+        f"{json.loads((final / 'manifest.json').read_text())['files']['hf/model.safetensors']['size']:,} when "
+        f"written) and no earlier checkpoint is intact; delete {tmp_path / 'runs' / 'run'} (or pick another run "
+        f"name) to start over"], err
+    assert not (tmp_path / "out2").exists() and not list(tmp_path.glob(".out2*"))
+
+
+def test_copy_out_verifies_against_the_manifest(tiny_chat_model_dir, tmp_path):
+    from prunekit import PrunekitError
+    from prunekit.engine.manifest import checkpoint_problem, copy_verified, write_manifest
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_chat_model_dir, ckpt / "hf")
+    (ckpt / "metrics.json").write_text("{}")
+    write_manifest(ckpt)
+    assert checkpoint_problem(ckpt) is None
+    (tmp_path / "a").mkdir()
+    copy_verified(ckpt, "hf", tmp_path / "a")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (ckpt / "hf" / "model.safetensors").read_bytes()
+    data = bytearray((ckpt / "hf" / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    (ckpt / "hf" / "model.safetensors").write_bytes(bytes(data))
+    assert checkpoint_problem(ckpt) == "hf/model.safetensors does not match the sha256 recorded when it was written"
+    (tmp_path / "b").mkdir()
+    with pytest.raises(PrunekitError, match="hf/model.safetensors does not match the sha256"):
+        copy_verified(ckpt, "hf", tmp_path / "b")
+    # a checkpoint written before manifests: its safetensors headers are checked
+    (ckpt / "manifest.json").unlink()
+    with open(ckpt / "hf" / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    assert "hf/model.safetensors is 1,000 bytes" in checkpoint_problem(ckpt)
+
+
+# ---- a signal while a checkpoint is written: a real `prunekit` process ----------------------------------------
+
+
+@pytest.mark.slow  # ~5 s each: a real prunekit process
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_mid_checkpoint_keeps_the_last_complete_one(sig, tiny_chat_model_dir, chat_data, tmp_path):
+    """launcher local: the signal arrives while step 2's checkpoint is being written (its files are there, its
+    manifest not yet): step 1's checkpoint stays, step 2's partial one is removed, one line, 143 / 130."""
+    import os
+    import uuid
+    from prunekit.engine.manifest import checkpoint_problem
+    signum, code, word = SIGNALS[sig]
+    ready = tmp_path / "ready"
+    marker = uuid.uuid4().hex
+    proc = start_cli(sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out", "--set", "save_interval=1")
+                     + ["--max-steps", 4], tmp_path,
+                     patch=pause_at("prunekit.engine.loop", "write_manifest", ready, call=2),
+                     env={"TEST_RUN_MARKER": marker})
+    wait_for(ready.exists, proc)
+    ckpts = tmp_path / "runs" / "run" / "checkpoints"
+    assert [p.name for p in ckpts.glob(".tmp-*")], "step 2's checkpoint is being written"
+    os.kill(proc.pid, signum)
+    rc, err = finish(proc)
+    assert rc == code and error_lines(err) == [f"prunekit sft: {word}"], err
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000001"]
+    assert checkpoint_problem(ckpts / "step-0000001") is None
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    assert not list((tmp_path / "runs").glob(".*.lock"))
+    assert_no_survivors(marker)

@@ -1,0 +1,121 @@
+"""The engine's pieces on their own: the data order across a resume, how a step's batch splits over ranks and
+micro-batches, gradient accumulation, the learning-rate schedules."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from prunekit.engine.loop import DataOrder, accumulate_and_step, make_scheduler_factory, step_microbatches
+
+
+def _positions(steps, *, batch, accum, world_size, rank=None, order=None):
+    """The sample indices each step hands out (to one rank, or to all ranks)."""
+    order = order or DataOrder(7, seed=3)
+    samples = list(range(7))
+    ranks = range(world_size) if rank is None else [rank]
+    return [[i for r in ranks for mb in step_microbatches(samples, order, s, batch, accum, r, world_size) for i in mb]
+            for s in steps]
+
+
+def test_every_epoch_is_a_permutation_and_a_resume_never_replays_data():
+    # 7 samples, 3 per step: epochs straddle steps; each epoch still sees every sample exactly once
+    stream = [i for step in _positions(range(7), batch=3, accum=1, world_size=1) for i in step]
+    for epoch in range(3):
+        assert sorted(stream[epoch * 7:(epoch + 1) * 7]) == list(range(7))
+    assert stream[:7] != stream[7:14]                                 # a new order each epoch
+    # a run stopped after step 4 and resumed (a new DataOrder, same seed) continues exactly where it stopped
+    resumed = _positions(range(4, 7), batch=3, accum=1, world_size=1, order=DataOrder(7, seed=3))
+    assert [i for step in resumed for i in step] == stream[12:]
+    assert [DataOrder(7, seed=4).index(p) for p in range(7)] != stream[:7]           # the seed decides the order
+
+
+def test_ranks_and_micro_batches_split_one_global_batch():
+    one = _positions(range(5), batch=4, accum=1, world_size=1)
+    split = _positions(range(5), batch=1, accum=2, world_size=2)                     # 1 x 2 micro x 2 ranks
+    for s in range(5):
+        assert Counter(split[s]) == Counter(one[s])                                   # the same global batch
+        r0 = _positions([s], batch=1, accum=2, world_size=2, rank=0)[0]
+        r1 = _positions([s], batch=1, accum=2, world_size=2, rank=1)[0]
+        assert len(r0) == len(r1) == 2 and Counter(r0 + r1) == Counter(one[s])       # disjoint halves
+
+
+def test_two_micro_batches_step_like_one_batch(tiny_chat_model_dir, chat_data):
+    """The same samples as two micro-batches (normalised by the whole batch's token count) or as one batch:
+    the same gradient, so the same update."""
+    from prunekit.core.loading import load_model, load_tokenizer
+    from prunekit.core.samples import load_samples
+    from prunekit.engine.loop import lm_batch
+    from prunekit.engine.objectives import SFTObjective
+    from prunekit.engine.strategy import LossModule, Strategy
+    rows = load_samples(load_tokenizer(tiny_chat_model_dir), chat_data[0], model=tiny_chat_model_dir,
+                        max_length=512, limit=16)
+    samples = [rows[0], next(r for r in rows if len(r["input_ids"]) != len(rows[0]["input_ids"]))]
+    # padding differs between the two ways of batching them
+    cfg = SimpleNamespace(grad_clip=None)
+    updated = []
+    for micro in ([samples[:1], samples[1:]], [samples]):
+        torch.manual_seed(0)
+        model, _ = load_model(tiny_chat_model_dir)
+        strategy = Strategy(LossModule(model, SFTObjective()), torch.device("cpu"), cfg)
+        strategy.setup(lambda p: torch.optim.SGD(list(p), lr=1.0),
+                       lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+        batches = [lm_batch(m, 0) for m in micro]
+        tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        sums, norm = accumulate_and_step(strategy, batches, tokens, torch.autocast("cpu", enabled=False),
+                                         torch.device("cpu"))
+        assert int(sums[1]) == tokens and float(norm) > 0
+        updated.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    for k in updated[0]:
+        torch.testing.assert_close(updated[0][k], updated[1][k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "linear", "constant"])
+def test_learning_rate_schedules(scheduler):
+    cfg = SimpleNamespace(warmup_ratio=0.1, scheduler=scheduler)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = make_scheduler_factory(cfg, total_steps=100)(opt)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:10] == pytest.approx([2.0 * (s + 1) / 10 for s in range(10)])       # linear warmup over 10 steps
+    assert lrs[10] == pytest.approx(2.0)
+    after = {"cosine": 2.0 * 0.5 * (1 + math.cos(math.pi * 89 / 90)), "linear": 2.0 * (1 - 89 / 90),
+             "constant": 2.0}[scheduler]
+    assert lrs[99] == pytest.approx(after)
+    if scheduler != "constant":
+        assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))                       # never rises after warmup
+
+
+def test_tied_embeddings_stay_tied_when_the_state_comes_back_as_copies(tiny_chat_model_dir, tmp_path):
+    """The GPU path's bug on CPU: a device -> host copy (or FSDP's full state dict) hands save_pretrained two
+    tensors for the tied embedding and head; the output must still hold one, load with the same parameter count,
+    and give the trained model's logits."""
+    from types import SimpleNamespace
+    from prunekit.core import report
+    from prunekit.core.loading import load_model
+    from prunekit.engine.loop import HF_DIR, write_checkpoint
+    from prunekit.engine.reporting import LocalReporter
+    model, _ = load_model(tiny_chat_model_dir)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():  # "training" moved the shared matrix
+        model.model.embed_tokens.weight.mul_(1.5)
+    copies = {k: v.clone() for k, v in model.state_dict().items()}  # what .cpu() of CUDA tensors gives
+    assert copies["lm_head.weight"].data_ptr() != copies["model.embed_tokens.weight"].data_ptr()
+    strategy = SimpleNamespace(model=model, model_state_dict=lambda: copies, trainer_state=lambda: None,
+                               save_sharded=lambda d: None, all_ranks_write_checkpoint=lambda: False)
+    reporter = LocalReporter(tmp_path / "run", "tie", SimpleNamespace())
+    write_checkpoint(strategy, reporter, 1, {}, final=True)
+    out = reporter.last_checkpoint / HF_DIR
+    shapes = report.checkpoint_shapes(out)
+    assert "lm_head.weight" not in shapes and len(shapes) == len(report.checkpoint_shapes(tiny_chat_model_dir))
+    reloaded, _ = load_model(out)
+    assert reloaded.num_parameters() == model.num_parameters() == report.describe(out)["params"]["total"]
+    ids = torch.tensor([[1, 5, 9, 200, 7]])
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)

@@ -1,0 +1,109 @@
+"""Objectives: distillation's teacher prefetch and the dtype of packed masks; the RL objective takes its policy loss
+from the registry."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prunekit.core.losses import POLICY_LOSSES, register_policy_loss
+
+
+def test_distill_teacher_prefetch_is_consumed_in_order_by_training_batches_only():
+    """A teacher forward queued ahead (what a teacher on its own GPU does) gives the same loss as computing it in
+    the step; eval batches never take a queued result, and a batch of another shape discards the queue."""
+    from tests.conftest import build_tiny
+    from prunekit.core.data import collate
+    from prunekit.engine.objectives import DistillObjective
+    student, teacher = build_tiny("llama", seed=0), build_tiny("llama", seed=1)
+    g = torch.Generator().manual_seed(0)
+    samples = [{"input_ids": x, "labels": x} for x in torch.randint(3, 100, (4, 9), generator=g).tolist()]
+    batch = collate(samples, pad_id=0)
+    other = collate(samples[:2], pad_id=0)
+    objective = DistillObjective(teacher, beta=0.5)
+    direct = objective(student.train(), batch)["loss_sum"]
+    elsewhere = torch.device("cpu", 0)  # != the teacher's "cpu": stands in for a teacher on another GPU
+    objective.prefetch(batch, elsewhere)
+    assert len(objective._ahead) == 1
+    objective(student.eval(), batch)  # eval: the queued result stays for the training batch
+    assert len(objective._ahead) == 1
+    queued = objective(student.train(), batch)["loss_sum"]
+    assert not objective._ahead and torch.allclose(queued, direct)
+    objective.prefetch(batch, elsewhere)
+    mismatched = objective(student.train(), other)["loss_sum"]  # wrong shape: recomputed, queue dropped
+    assert not objective._ahead and torch.allclose(mismatched, objective(student.train(), other)["loss_sum"])
+
+
+def test_packed_masks_come_in_the_dtype_each_model_computes_in(tiny_chat_model_dir, chat_data):
+    """A packed batch's additive 4D mask is built in the dtype of the attention that reads it: bf16 for a bf16
+    teacher, bf16 for an fp32 student under bf16 autocast, fp32 otherwise (sdpa takes the mask as it is)."""
+    from prunekit.core.loading import load_model, load_tokenizer
+    from prunekit.core.samples import load_samples
+    from prunekit.engine.loop import lm_batch
+    from prunekit.engine.objectives import DistillObjective
+    student, _ = load_model(tiny_chat_model_dir)
+    teacher, _ = load_model(tiny_chat_model_dir, dtype=torch.bfloat16)
+    samples = load_samples(load_tokenizer(tiny_chat_model_dir), chat_data[1], model=tiny_chat_model_dir,
+                           max_length=64, packing=True, limit=16)
+    batch = lm_batch(samples[:2], 0)
+    seen = {}
+
+    def spy(name):
+        def hook(_module, args, kwargs):
+            seen[name] = kwargs["attention_mask"].dtype
+        return hook
+    student.model.register_forward_pre_hook(spy("student"), with_kwargs=True)
+    teacher.model.register_forward_pre_hook(spy("teacher"), with_kwargs=True)
+    objective = DistillObjective(teacher)
+    with torch.no_grad():
+        assert torch.isfinite(objective(student.eval(), batch)["loss_sum"])
+        assert seen == {"student": torch.float32, "teacher": torch.bfloat16}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.isfinite(objective(student.eval(), batch)["loss_sum"])
+        assert seen == {"student": torch.bfloat16, "teacher": torch.bfloat16}
+
+
+def test_rl_objective_uses_the_policy_loss_registry():
+    """RLObjective takes its loss from the registry by name: a newly registered loss is what it computes, and an
+    unknown name (loss or aggregation) is a one-line error listing the known ones. The config offers what is
+    registered."""
+    import transformers
+    from typing import get_args
+
+    from prunekit.config import RLAlgorithmConfig
+    from prunekit.engine.objectives import RLObjective, response_logprobs
+    from prunekit.rl.batch import collate_rl
+    assert RLObjective("grpo").policy_loss is POLICY_LOSSES["grpo"]
+    assert RLObjective("gspo").policy_loss is POLICY_LOSSES["gspo"]
+    for bad, kw, known in (("ppo", {}, "valid: grpo, gspo"), ("grpo", {"aggregation": "mean"},
+                                                                 "valid: dapo, dr_grpo, grpo")):
+        with pytest.raises(ValueError) as err:
+            RLObjective(bad, **kw)
+        assert "\n" not in str(err.value) and known in str(err.value)
+    assert set(get_args(RLAlgorithmConfig.model_fields["name"].annotation)) == set(POLICY_LOSSES)
+    assert set(get_args(RLAlgorithmConfig.model_fields["aggregation"].annotation)) == {"grpo", "dapo", "dr_grpo"}
+
+    seen = {}
+
+    @register_policy_loss("test_logp_sum")
+    def logp_sum(logp, old_logp, advantages, mask, **kw):
+        seen.update(kw)
+        return (logp * mask).sum() * advantages.sum(), {"n_tokens": mask.sum()}
+
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_policy_loss("test_logp_sum")(logp_sum)
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1)).eval()
+        batch = collate_rl([{"prompt_ids": [3, 4], "completion_ids": [5, 6, 7], "advantage": 2.0,
+                             "old_logp": [0.0] * 3},
+                            {"prompt_ids": [8], "completion_ids": [9], "advantage": 0.5, "old_logp": [0.0]}], pad_id=0)
+        with torch.no_grad():
+            out = RLObjective("test_logp_sum", eps=0.1, eps_high=0.3, kl_beta=0.0)(model, batch)
+            logp = response_logprobs(model, batch)
+        assert out["loss_sum"].item() == pytest.approx(logp.sum().item() * 2.5, rel=1e-6)
+        assert out["n_tokens"].item() == 4
+        assert seen["eps"] == 0.1 and seen["eps_high"] == 0.3 and seen["aggregation"] == "grpo"
+    finally:
+        POLICY_LOSSES.pop("test_logp_sum")

@@ -1,0 +1,41 @@
+"""What a run reports: wandb's mode from the environment, and the test-only fault hook that reaches Ray workers."""
+from __future__ import annotations
+
+
+def test_fault_hook_reads_the_environment_and_travels_to_workers(monkeypatch):
+    from prunekit.engine.reporting import apply_fault_env, fault_env, injected_faults
+    monkeypatch.delenv("PRUNEKIT_TEST_CRASH_AT_STEP", raising=False)
+    monkeypatch.delenv("PRUNEKIT_TEST_FAIL_CANDIDATES", raising=False)
+    assert injected_faults() == (None, []) and fault_env() == {}
+    monkeypatch.setenv("PRUNEKIT_TEST_CRASH_AT_STEP", "3")
+    monkeypatch.setenv("PRUNEKIT_TEST_FAIL_CANDIDATES", "text:1; vision:0,1")
+    assert injected_faults() == (3, ["text:1", "vision:0,1"])
+    sent = fault_env()
+    assert sent == {"PRUNEKIT_TEST_CRASH_AT_STEP": "3", "PRUNEKIT_TEST_FAIL_CANDIDATES": "text:1; vision:0,1"}
+    apply_fault_env({})  # a worker of a run without faults drops what an earlier run left in its process
+    assert injected_faults() == (None, [])
+    apply_fault_env(sent)
+    assert injected_faults() == (3, ["text:1", "vision:0,1"])
+
+
+def test_wandb_auto_follows_wandb_mode_and_wandb_disabled(monkeypatch, tmp_path):
+    """`wandb.mode: auto` takes wandb's own environment convention first; an explicit mode in the config wins."""
+    from types import SimpleNamespace
+
+    from prunekit.engine.reporting import RunLogger, wandb_mode
+    for var in ("WANDB_MODE", "WANDB_DISABLED", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    assert wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "not-a-key")
+    assert wandb_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_mode("auto") == "offline" and wandb_mode("online") == "online"
+    monkeypatch.setenv("WANDB_DISABLED", "true")
+    assert wandb_mode("auto") == "disabled" and wandb_mode("offline") == "offline"
+    # a run under WANDB_DISABLED starts no wandb run at all
+    logger = RunLogger(tmp_path, "run", SimpleNamespace(wandb=SimpleNamespace(mode="auto", project="p")))
+    logger.progress_bar = False
+    logger.start(0, 1)
+    logger.log(1, {"train/loss": 1.0})
+    logger.finish()
+    assert logger.wandb is None and (tmp_path / "metrics.jsonl").read_text().count("\n") == 1

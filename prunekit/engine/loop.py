@@ -12,6 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from prunekit.core.samples import collate
 from prunekit.engine.manifest import write_manifest
 from prunekit.engine.reporting import injected_faults
 from prunekit.engine.strategy import STRATEGIES, LossModule, all_reduce_sum, world
+
+if TYPE_CHECKING:
+    from prunekit.config import EngineConfig
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizer threads + forked workers deadlock
 
@@ -130,7 +134,7 @@ def evaluate_distributed(strategy, samples, pad_id: int, batch_size: int, device
     return {"eval/loss": m["loss"], "eval/token_acc": m["token_acc"], "eval/tokens": m["tokens"]}
 
 
-def prepare(model, cfg, device):
+def prepare(model, cfg: "EngineConfig", device):
     """What every training run (the loop, RL learners) does to the model before `setup_strategy`: seed, gradient
     checkpointing; returns the autocast context each forward runs in (bf16 over fp32 weights, off for pure bf16)."""
     torch.manual_seed(cfg.seed)

@@ -172,18 +172,6 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("family,flags,message", BAD)
-def test_bad_width_targets(family, flags, message, tiny_model_dir, tmp_path, capsys):
-    src = tmp_path / "model"
-    shutil.copytree(tiny_model_dir(family), src)
-    before = tree_hash(src)
-    capsys.readouterr()   # building the fixture may print progress
-    code, _, err = run_cli(capsys, "width", src, *flags, "--data", tmp_path / "none.jsonl", "-o", tmp_path / "out")
-    assert code == 2 and message in err and err.count("\n") == 1, err
-    assert tree_hash(src) == before and not (tmp_path / "out").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["model"]   # no temp dir left beside OUT either
-
-
 def test_bad_width_sources(silenced_dir, tiny_model_dir, tmp_path, capsys):
     src, imp, _ = silenced_dir("llama")
     before = tree_hash(src)
@@ -460,16 +448,16 @@ BAD_VISION = [
 ]
 
 
-@pytest.mark.parametrize("family,flags,message", BAD_VISION)
-def test_bad_vision_ffn_targets(family, flags, message, tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("family,flags,message", BAD + BAD_VISION)
+def test_bad_width_targets(family, flags, message, tiny_model_dir, tmp_path, capsys):
     src = tmp_path / "model"
     shutil.copytree(tiny_model_dir(family), src)
     before = tree_hash(src)
-    capsys.readouterr()
+    capsys.readouterr()   # building the fixture may print progress
     code, _, err = run_cli(capsys, "width", src, *flags, "--data", tmp_path / "none.jsonl", "-o", tmp_path / "out")
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert tree_hash(src) == before and not (tmp_path / "out").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]   # no temp dir left beside OUT either
 
 
 def test_bad_vision_ffn_sources(tiny_vlm_chat_model_dir, chat_data, tmp_path, capsys):

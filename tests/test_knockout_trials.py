@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,7 +42,8 @@ def ko_config(model, data, tmp_path, **over):
 def sweeps(ray_session, chat4_dir, chat_data, tmp_path_factory):
     """The same candidates on the same data: full trials, LoRA trials, full trials of 2 gloo workers each."""
     out = {}
-    for key, over in {"full": {}, "lora": {"trial_mode": "lora"}, "full_2_workers": {"tune.workers_per_trial": 2}}.items():
+    sweeps = {"full": {}, "lora": {"trial_mode": "lora"}, "full_2_workers": {"tune.workers_per_trial": 2}}
+    for key, over in sweeps.items():
         out[key] = knockout(ko_config(chat4_dir, chat_data, tmp_path_factory.mktemp(f"ko-{key}"), **over))
     return out
 
@@ -132,9 +134,50 @@ def test_lora_trial_trains_adapters_and_never_writes_the_shared_base(chat4_dir, 
     assert not any(p.requires_grad for p in built["weights"].values())
     lora = {n: p for n, p in built["model"].named_parameters() if "lora_" in n}
     assert lora and all(p.requires_grad for p in lora.values())
-    assert any(float(p.detach().abs().max()) > 0 for n, p in lora.items() if "lora_B" in n)  # B starts at zero: it trained
+    # B starts at zero: it trained
+    assert any(float(p.detach().abs().max()) > 0 for n, p in lora.items() if "lora_B" in n)
     assert metrics["params/trainable"] == sum(p.numel() for p in lora.values())
     assert metrics["params/trainable"] < 0.1 * sum(p.numel() for p in built["weights"].values())
+
+
+def _lora_trial_rank(rank: int, port: int, cfg_json: dict, out_dir: str) -> None:
+    """One process of a 2-process (gloo) LoRA trial: what a trial's Ray Train worker runs, without Ray."""
+    import os
+    import torch.distributed as dist
+    from prunekit.config import KnockoutConfig
+    from prunekit.distributed.tune import TuneTrialReporter
+    from prunekit.engine.trial import load_shared_base, run_trial
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        cfg = KnockoutConfig.model_validate(cfg_json)
+        reporter = TuneTrialReporter(Path(out_dir) / "trial", "lora-trial", cfg, STEPS, lambda r: None)
+        metrics = run_trial(cfg, load_shared_base(cfg), Candidate.parse("text:1"), reporter, torch.device("cpu"))
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(metrics))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_lora_trial_over_two_gloo_processes_matches_one(chat4_dir, chat_data, tmp_path):
+    """LoRA adapters under FSDP2 (frozen base shards, trained adapters) take the one-process trial's steps."""
+    import socket
+    import torch.multiprocessing as mp
+    from prunekit.distributed.tune import TuneTrialReporter
+    from prunekit.engine.trial import load_shared_base, run_trial
+    cfg = ko_config(chat4_dir, chat_data, tmp_path, trial_mode="lora")
+    reporter = TuneTrialReporter(tmp_path / "one", "lora-trial", cfg, STEPS, lambda r: None)
+    one = run_trial(cfg, load_shared_base(cfg), Candidate.parse("text:1"), reporter, torch.device("cpu"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_lora_trial_rank, args=(port, cfg.model_dump(mode="json"), str(tmp_path)), nprocs=2)
+    two = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    same = ("eval/loss", "eval/token_acc", "train/loss", "train/grad_norm", "params/trainable")
+    assert [two[0][k] for k in same] == [two[1][k] for k in same]  # both ranks: the all-reduced numbers
+    for key in ("eval/loss", "train/loss"):
+        assert two[0][key] == pytest.approx(one[key], rel=1e-4)
+    assert two[0]["eval/token_acc"] == pytest.approx(one["eval/token_acc"], abs=1e-6)
+    assert two[0]["params/trainable"] == one["params/trainable"]
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------------

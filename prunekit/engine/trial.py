@@ -131,8 +131,10 @@ def run_trial(cfg, base: dict, candidate: Candidate, reporter, device, before_tr
     if before_training is not None:
         before_training(model)
     t2 = time.time()
-    if lora:
+    if lora:  # the adapters' random init from the trial's seed: every trial, process and rank starts alike
+        import torch
         from prunekit.core.lora import apply_lora
+        torch.manual_seed(cfg.seed)
         model = apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                            target_modules=cfg.lora.target_modules)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -93,8 +93,8 @@ def measure(model: str, data: Path, args) -> dict:
     return {"facts": model_facts(Path(model)), "eval_text": gen, "eval": chat}
 
 
-def distill(model: str, train: Path, data: Path, out: Path, name: str, steps: int, args) -> str:
-    """One distillation run from the original with the recipe's distill settings, in this process."""
+def distill(model: str, train: Path, data: Path, out: Path, name: str, steps: int, args, **extra) -> str:
+    """One distillation run from the original with the recipe's distill settings (and `extra`), in this process."""
     import yaml
     from prunekit.config import load_config
     from prunekit.core.loading import resolve_model
@@ -104,7 +104,7 @@ def distill(model: str, train: Path, data: Path, out: Path, name: str, steps: in
     cfg = load_config("distill", None, {**settings, **sizes(args)["distill"], "model": model, "teacher": str(
         resolve_model("smollm2")), "train": str(train), "val": str(data / "val.jsonl"), "output_dir": str(out),
         "name": name, "storage_path": str(out.parent / "runs"), "max_steps": steps, "launcher": "local",
-        "overwrite": True, "ray.use_gpu": args.gpu, "wandb.mode": "disabled"})
+        "overwrite": True, "ray.use_gpu": args.gpu, "wandb.mode": "disabled", **extra})
     return str(training.distill(cfg).output)
 
 
@@ -133,6 +133,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--plan", type=Path, default=ROOT / "bench" / "results" / "knockout_smollm2" / "plan.json")
     ap.add_argument("--compare-steps", type=int, default=300)
+    ap.add_argument("--merge-ramp", type=float, default=0.5, help="compare_kv: merge_kv_ramp of the merged variant")
     ap.add_argument("--eval-samples", type=int, default=128, help="chat val rows per measurement")
     ap.add_argument("--eval-text-samples", type=int, default=None, help="general-text rows (default: all)")
     ap.add_argument("--skip", default="", help="comma-separated phases to skip (e.g. compare_kv)")
@@ -140,6 +141,10 @@ def main(argv=None) -> int:
                     help="write the report from a run's results.json (e.g. one fetched from a GPU box)")
     ap.add_argument("--machine", default=None, help="with --report-only: the machine the run was on")
     ap.add_argument("--not-run-reason", default=None, help="with --report-only: why phases are missing")
+    ap.add_argument("--comparisons-from", type=Path, default=None, metavar="REPORT_JSON",
+                    help="with --report-only: an earlier report whose comparisons stand in for phases this run "
+                         "skipped (kept with that report's date and command)")
+    ap.add_argument("--comparisons-note", default="", help="with --comparisons-from: how those runs differ")
     args = ap.parse_args(argv)
     if args.report_only:
         results = json.loads(args.report_only.read_text())
@@ -250,8 +255,9 @@ def main(argv=None) -> int:
             save()
 
     def compare_kv():
-        """KV heads 3 -> 1 on the pruned model (as the recipe cuts it): mean (= similarity here) and calibrated, right
-        after the cut and after the same short distillation on the recovery mix."""
+        """KV heads 3 -> 1 on the pruned model, then the same distillation budget on the recovery mix: cut at once by
+        the mean (= similarity grouping here: one group) or by the calibrated cut, or merged gradually while
+        distilling (merge_kv_heads) and cut after it (exact: the heads are identical by then)."""
         import yaml
         from prunekit.core.kv_calibration import CalibrationSettings
         from prunekit.stages.kv_cut import kv_cut
@@ -259,21 +265,28 @@ def main(argv=None) -> int:
             "finish"] if isinstance(e, dict) and "kv_cut" in e)
         kv = {"samples": recipe_cut.get("samples", 64), "calibration_steps": recipe_cut.get("calibration_steps", 200),
               **sizes(args)["kv"]}
-        # 3 -> 1 merges every KV head of a layer into one group, where similarity grouping is the mean
-        cuts = {"mean": ("mean", False), "mean+calibrated": ("mean", True)}
         runs = results.setdefault("compare_kv", {})
         base = stage_output("r1-1-prune")
-        for label, (grouping, calibrate) in cuts.items():
+        dev = "cuda" if args.gpu else "cpu"
+        merged_label = f"merged while distilling (ramp {args.merge_ramp})"
+        # the recipe's cut first, then the alternatives (a call that runs out of time keeps what finished)
+        for label in ("mean+calibrated", merged_label, "mean"):
             if label in runs:
                 continue
-            cut = out / "compare" / f"kv-{label}"
-            kv_cut(base, cut, 1, grouping, data=str(recovery), overwrite=True, calibrate=calibrate,
-                   max_samples=kv["samples"], calibration=CalibrationSettings(steps=kv["calibration_steps"]),
-                   device="cuda" if args.gpu else "cpu")
-            after = distill(str(cut), recovery, data, out / "compare" / f"kv-{label}-distill", f"kv-{label}",
-                            args.compare_steps, args)
-            runs[label] = {"cut": measure(str(cut), data, args), "steps": args.compare_steps,
-                           "distilled": measure(after, data, args)}
+            if label == merged_label:
+                merged = distill(base, recovery, data, out / "compare" / "kv-merged-distill", "kv-merged",
+                                 args.compare_steps, args, merge_kv_heads=1, merge_kv_ramp=args.merge_ramp)
+                cut = kv_cut(merged, out / "compare" / "kv-merged", 1, overwrite=True).output
+                runs[label] = {"cut": None, "steps": args.compare_steps, "distilled": measure(str(cut), data, args)}
+            else:
+                cut = out / "compare" / f"kv-{label}"
+                kv_cut(base, cut, 1, "mean", data=str(recovery), overwrite=True, calibrate=label != "mean",
+                       max_samples=kv["samples"], calibration=CalibrationSettings(steps=kv["calibration_steps"]),
+                       device=dev)
+                after = distill(str(cut), recovery, data, out / "compare" / f"kv-{label}-distill", f"kv-{label}",
+                                args.compare_steps, args)
+                runs[label] = {"cut": measure(str(cut), data, args), "steps": args.compare_steps,
+                               "distilled": measure(after, data, args)}
             save()
 
     args.fallback = results.get("fallback", {})
@@ -328,10 +341,19 @@ def write_report(results: dict, args, path: Path) -> None:
                   "end_to_end_minutes <= 20": end_to_end},
         "compare_data": {k: {"steps": v["steps"], **{m: row(v)[m] for m in ("general_text", "chat_val")}}
                          for k, v in results.get("compare_data", {}).items()},
-        "compare_kv": {k: {"steps": v["steps"], "after_cut": {m: row(v["cut"])[m] for m in ("general_text", "chat_val")},
+        "compare_kv": {k: {"steps": v["steps"], "after_cut": v["cut"] and {m: row(v["cut"])[m]
+                                                                           for m in ("general_text", "chat_val")},
                            "after_distill": {m: row(v["distilled"])[m] for m in ("general_text", "chat_val")}}
                        for k, v in results.get("compare_kv", {}).items()},
     }
+    earlier = json.loads(args.comparisons_from.read_text()) if getattr(args, "comparisons_from", None) else None
+    taken = [k for k in ("compare_data", "compare_kv") if earlier and not report[k] and earlier.get(k)]
+    for key in taken:
+        report[key] = earlier[key]
+        results[key] = earlier[key]  # counts as run (by that report's command)
+    if taken:
+        report["comparisons_from"] = {"phases": taken, "date": earlier["date"], "command": earlier["command"],
+                                      "note": args.comparisons_note}
     missing = [p for p in PHASES if p not in results or (p != "corpus" and not results[p])]
     if missing:
         report["not_run"] = {p: getattr(args, "not_run_reason", None) or "not run" for p in missing}
@@ -369,7 +391,7 @@ def plot(report: dict, path: Path) -> None:
     # compare_data runs on the pruned model before any KV cut; compare_kv cuts that model
     groups = [(f"data {k}, {v['steps']} steps (3 KV heads)", v) for k, v in report["compare_data"].items()] + \
              [(f"KV 3->1 {k}, right after the cut", {"general_text": v["after_cut"]["general_text"]})
-              for k, v in report["compare_kv"].items()] + \
+              for k, v in report["compare_kv"].items() if v["after_cut"]] + \
              [(f"KV 3->1 {k} + {v['steps']} distill steps", v["after_distill"])
               for k, v in report["compare_kv"].items()]
     if not groups:
@@ -379,7 +401,8 @@ def plot(report: dict, path: Path) -> None:
         ax.barh(range(len(groups)), [100 * g[1]["general_text"]["vs_original"] for g in groups], color="tab:blue")
         ax.set_yticks(range(len(groups)))
         ax.set_yticklabels([g[0] for g in groups], fontsize=8)
-        ax.set_title("comparisons: general-text token_acc, % of original", fontsize=10)
+        earlier = " (an earlier run's: see comparisons_from)" if report.get("comparisons_from") else ""
+        ax.set_title(f"comparisons{earlier}: general text, % of original", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -116,8 +116,8 @@ def run_prunekit(args, distill: bool = False) -> dict:
     cfg = load_config(stage, None, {
         "model": "bench", "train": "bench", "output_dir": tmp, "max_steps": args.steps, "batch_size": args.batch,
         "max_length": args.seq, "bf16": True, "param_dtype": args.param_dtype, "compile": args.compile, "lr": 1e-5, "save_interval": 10 ** 9, "eval_interval": 10 ** 9,
-        "wandb.mode": "disabled", "ray.num_workers": world_size, "ray.use_gpu": device.type == "cuda",
-        "ray.strategy": args.strategy,
+        "wandb.mode": "disabled", "parallel.workers": world_size, "ray.use_gpu": device.type == "cuda",
+        "parallel.strategy": args.strategy,
         **({"teacher": "bench"} if distill else {})})
     reporter = LocalReporter(Path(tmp), "bench", cfg)
     reporter.checkpoint = lambda *a, **k: None  # measure training steps, not checkpoint I/O

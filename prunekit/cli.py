@@ -82,7 +82,7 @@ def _mix_line(m: dict) -> str:
 
 
 def _parse_set(items: list[str]) -> dict:
-    """--set key=value (YAML-typed values; dotted keys reach nested sections, e.g. ray.num_workers=2)."""
+    """--set key=value (YAML-typed values; dotted keys reach nested sections, e.g. parallel.workers=2)."""
     import yaml
     out = {}
     for item in items or []:
@@ -104,8 +104,8 @@ def _overrides(args, flags: list[tuple[str, str]]) -> dict:
 
 
 TRAIN_FLAGS = [("--model", "model"), ("--train", "train"), ("--val", "val"), ("--output-dir", "output_dir"),
-               ("--name", "name"), ("--max-steps", "max_steps"), ("--num-workers", "ray.num_workers"),
-               ("--strategy", "ray.strategy"), ("--teacher", "teacher")]
+               ("--name", "name"), ("--max-steps", "max_steps"), ("--num-workers", "parallel.workers"),
+               ("--strategy", "parallel.strategy"), ("--teacher", "teacher")]
 
 
 def cmd_train(args) -> None:
@@ -254,7 +254,7 @@ def cmd_width_search(args) -> None:
 
 
 RL_FLAGS = [("--model", "model"), ("--prompts", "prompts"), ("--output-dir", "output_dir"), ("--name", "name"),
-            ("--max-steps", "max_steps"), ("--num-workers", "ray.num_workers"), ("--algorithm", "algorithm.name"),
+            ("--max-steps", "max_steps"), ("--num-workers", "parallel.workers"), ("--algorithm", "algorithm.name"),
             ("--backend", "rollout.backend")]
 
 
@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help="HF directory, its config.json, or alias (no weights are loaded)")
     p.add_argument("--stage", required=True, choices=["sft", "distill", "lora", "knockout"])
     p.add_argument("--gpus", type=int, default=None,
-                   help="GPUs the run uses (default: the config's ray.num_workers; knockout: trials per GPU come "
+                   help="GPUs the run uses (default: the config's parallel.workers; knockout: trials per GPU come "
                         "from tune.gpus_per_trial)")
     p.add_argument("--config", default=None, help="the stage's YAML config (strategy, precision, batch, ...)")
     p.add_argument("--gpu-memory", default=None, metavar="SIZE",

@@ -20,19 +20,24 @@ class Strict(BaseModel):
 
 
 class RayConfig(Strict):
-    num_workers: int = 1
+    """Where a run's workers go: the Ray cluster and each worker's resources (how the run is split: `parallel:`)."""
     use_gpu: bool = False
-    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
-    zero_stage: Literal[2, 3] = 2            # DeepSpeed ZeRO stage
     cpus_per_worker: float = 1
     gpus_per_worker: float = 1
     max_failures: int = 0                     # Ray Train FailureConfig: restarts from the last checkpoint
     address: str | None = None                # Ray cluster address; None = connect if one runs, else start locally
+
+
+class ParallelConfig(Strict):
+    """How a training run is split over its workers: the engine's strategy (it never reads `ray:`)."""
+    workers: int = 1
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    zero_stage: Literal[2, 3] = 2            # DeepSpeed ZeRO stage
     # fsdp: sharded weights, gradients and optimizer state live in pinned host memory (FSDP2 CPUOffloadPolicy); left
     # out of dumps while off, so run names and sweep settings of earlier runs stay the same
     cpu_offload: bool = Field(False, exclude_if=lambda v: v is False)
 
-    @field_validator("num_workers")
+    @field_validator("workers")
     @classmethod
     def _positive(cls, v):
         if v < 1:
@@ -42,8 +47,52 @@ class RayConfig(Strict):
     @model_validator(mode="after")
     def _offload(self):
         if self.cpu_offload and self.strategy != "fsdp":
-            raise ValueError("cpu_offload needs ray.strategy: fsdp")
+            raise ValueError("cpu_offload needs parallel.strategy: fsdp")
         return self
+
+
+# keys that moved from `ray:` to `parallel:`; a config that still gives them is read with a one-line note
+MOVED_TO_PARALLEL = {"num_workers": "workers", "strategy": "strategy", "zero_stage": "zero_stage",
+                     "cpu_offload": "cpu_offload"}
+_noted: set[str] = set()
+
+
+def move_parallel_keys(raw: dict) -> dict:
+    """ray.num_workers / strategy / zero_stage / cpu_offload (before `parallel:` existed) -> parallel.*."""
+    ray = raw.get("ray")
+    if not isinstance(ray, dict) or not set(ray) & set(MOVED_TO_PARALLEL):
+        return raw
+    raw, ray = dict(raw), dict(ray)
+    parallel = dict(raw.get("parallel") or {})
+    moved = []
+    for old, new in MOVED_TO_PARALLEL.items():
+        if old in ray:
+            if new in parallel:
+                raise ValueError(f"ray.{old} and parallel.{new} both given; keep parallel.{new}")
+            parallel[new] = ray.pop(old)
+            moved.append(f"ray.{old} is parallel.{new}")
+    raw["ray"], raw["parallel"] = ray, parallel
+    note = "; ".join(moved)
+    if note not in _noted:
+        import sys
+        _noted.add(note)
+        print(f"prunekit: note: {note} now (read as such)", file=sys.stderr, flush=True)
+    return raw
+
+
+def legacy_layout(settings: dict) -> dict:
+    """A config dump as it was before `parallel:` (its keys under `ray:`): what run names and sweep settings are
+    hashed and compared on, so runs started before the move resume under the same names."""
+    if "parallel" not in settings:
+        return settings
+    settings = dict(settings)
+    parallel = settings.pop("parallel")
+    ray = dict(settings.get("ray") or {})
+    for old, new in MOVED_TO_PARALLEL.items():
+        if new in parallel:
+            ray[old] = parallel[new]
+    settings["ray"] = ray
+    return settings
 
 
 class WandbConfig(Strict):
@@ -110,6 +159,12 @@ class RemovalBudget(Strict):
 
 class ClusterConfig(Strict):
     ray: RayConfig = RayConfig()
+    parallel: ParallelConfig = ParallelConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, raw):
+        return move_parallel_keys(raw) if isinstance(raw, dict) else raw
 
 
 class LaunchConfig(ClusterConfig):
@@ -150,8 +205,8 @@ class TrainConfig(LaunchConfig, EngineConfig, OptimConfig, OutputConfig, DataCon
         for key in ("batch_size", "grad_accum", "max_length", "eval_interval", "save_interval", "log_interval"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1")
-        if self.launcher == "local" and self.ray.num_workers != 1:
-            raise ValueError("launcher: local runs one worker in this process; set ray.num_workers: 1 or launcher: ray")
+        if self.launcher == "local" and self.parallel.workers != 1:
+            raise ValueError("launcher: local runs one worker in this process; set parallel.workers: 1 or launcher: ray")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("max_steps must be >= 1")
         check_optimizer_settings(self)
@@ -172,6 +227,29 @@ def check_optimizer_settings(cfg) -> None:
         raise ValueError(f"grad_clip must be a finite number > 0 or null, got {cfg.grad_clip}")
 
 
+class KVMergeConfig(Strict):
+    """sft / distill: merge_kv_heads: N pulls each group of KV heads toward its mean after every step, identical from
+    merge_kv_ramp of the steps on, so a `kv_cut` to N heads afterwards is exact (prunekit.core.kv_merge). Both stay
+    out of dumps at their defaults (run names of earlier runs do not change)."""
+    merge_kv_heads: int | None = Field(None, exclude_if=lambda v: v is None)
+    merge_kv_ramp: float = Field(0.5, exclude_if=lambda v: v == 0.5)
+
+    @model_validator(mode="after")
+    def _merge(self):
+        if not 0 < self.merge_kv_ramp <= 1:
+            raise ValueError(f"merge_kv_ramp must be in (0, 1], got {self.merge_kv_ramp}")
+        if self.merge_kv_heads is not None:
+            if self.merge_kv_heads < 1:
+                raise ValueError(f"merge_kv_heads must be >= 1, got {self.merge_kv_heads}")
+            if self.parallel.strategy == "deepspeed":  # its optimizer holds the master weights the merge must change
+                raise ValueError("merge_kv_heads needs parallel.strategy ddp or fsdp")
+        return self
+
+
+class SFTConfig(KVMergeConfig, TrainConfig):
+    pass
+
+
 class KDConfig(Strict):
     """Distillation from a teacher (distill; width-search distils from the original)."""
     beta: float = 0.5                         # generalized JSD: 0 = forward KL, 1 = reverse KL
@@ -180,7 +258,7 @@ class KDConfig(Strict):
     top_k: int | None = None                  # keep only the teacher's top-k logits
 
 
-class DistillConfig(KDConfig, TrainConfig):
+class DistillConfig(KDConfig, KVMergeConfig, TrainConfig):
     teacher: str
     # same_gpu: teacher beside the student; own_gpu: each worker takes 2 GPUs (ray.gpus_per_worker: 2) and the
     # teacher's forward runs on the second, concurrently with the student's step
@@ -213,7 +291,7 @@ class LoraTrainConfig(LoraSettings, TrainConfig):
     lr: float = 1e-4
 
 
-STAGE_CONFIGS = {"sft": TrainConfig, "distill": DistillConfig, "lora": LoraTrainConfig}
+STAGE_CONFIGS = {"sft": SFTConfig, "distill": DistillConfig, "lora": LoraTrainConfig}
 
 
 class RewardSpec(Strict):
@@ -284,12 +362,12 @@ class RLConfig(ClusterConfig, EngineConfig, OptimConfig, OutputConfig, ModelSour
         for key in ("epochs", "mini_batches", "micro_batch_size"):
             if getattr(self.algorithm, key) < 1:
                 raise ValueError(f"algorithm.{key} must be >= 1")
-        if self.ray.strategy == "deepspeed":
-            raise ValueError("ray.strategy: the RL learners support ddp and fsdp")
+        if self.parallel.strategy == "deepspeed":
+            raise ValueError("parallel.strategy: the RL learners support ddp and fsdp")
         samples = self.prompts_per_step * self.rollout.n
-        parts = self.ray.num_workers * self.algorithm.mini_batches
+        parts = self.parallel.workers * self.algorithm.mini_batches
         if samples % parts:
-            raise ValueError(f"prompts_per_step * rollout.n = {samples} must split evenly over ray.num_workers * "
+            raise ValueError(f"prompts_per_step * rollout.n = {samples} must split evenly over parallel.workers * "
                              f"algorithm.mini_batches = {parts}")
         if not self.rewards:
             raise ValueError("rewards: at least one reward is needed")
@@ -380,9 +458,9 @@ class KnockoutConfig(RemovalBudget, TrialConfig):
 
     @model_validator(mode="after")
     def _knockout(self):
-        if self.ray.num_workers != 1 or self.ray.strategy != "ddp" or self.ray.use_gpu:
-            raise ValueError("ray: a knockout trial is one process; set its resources with tune.cpus_per_trial / "
-                             "tune.gpus_per_trial")
+        if self.parallel.workers != 1 or self.parallel.strategy != "ddp" or self.ray.use_gpu:
+            raise ValueError("ray: a knockout trial is one process unless tune says otherwise; set its processes "
+                             "and resources with tune.gpus_per_trial / tune.workers_per_trial / tune.cpus_per_trial")
         if self.max_steps is None:
             raise ValueError("max_steps: a knockout trial needs a step count")
         if not 0 < self.max_params_fraction <= 1 or self.max_layers < 1:
@@ -425,7 +503,7 @@ class WidthSearchConfig(KDConfig, TrialConfig):
 
     @model_validator(mode="after")
     def _search(self):
-        if self.ray.num_workers != 1 or self.ray.strategy != "ddp" or self.ray.use_gpu:
+        if self.parallel.workers != 1 or self.parallel.strategy != "ddp" or self.ray.use_gpu:
             raise ValueError("ray: a width-search trial is one process; set its resources with tune.cpus_per_trial / "
                              "tune.gpus_per_trial")
         if self.tune.workers > 1:
@@ -592,7 +670,7 @@ def _set_dotted(d: dict, dotted: str, value) -> None:
 
 
 def load_config(stage: str, path: str | Path | None = None, overrides: dict | None = None):
-    """Read a stage's YAML (if any), apply overrides ({'ray.num_workers': 2, ...}), validate."""
+    """Read a stage's YAML (if any), apply overrides ({'parallel.workers': 2, ...}), validate."""
     cls = STAGE_CONFIGS[stage]
     raw: dict = {}
     where = "flags"

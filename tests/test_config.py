@@ -6,6 +6,7 @@ import ast
 import inspect
 
 import pytest
+import yaml
 
 from prunekit import PrunekitError
 from prunekit import config as C
@@ -67,11 +68,15 @@ def minimal(stage: str) -> dict:
 
 # test-only fault injection left the schema (PRUNEKIT_TEST_* environment variables, engine/reporting.py)
 REMOVED = {"test_crash_at_step", "test_fail_candidates"}
+# added since: parallel (moved out of ray; run names hash the old layout), merge_kv_* (out of dumps at their defaults)
+ADDED = {stage: {"parallel"} for stage in KEYS}
+ADDED["sft"] |= {"merge_kv_heads", "merge_kv_ramp"}
+ADDED["distill"] |= {"merge_kv_heads", "merge_kv_ramp"}
 
 
 @pytest.mark.parametrize("stage", sorted(KEYS))
 def test_keys_unchanged(stage):
-    assert set(C.STAGE_CONFIGS[stage].model_fields) == set(KEYS[stage].split()) - REMOVED
+    assert set(C.STAGE_CONFIGS[stage].model_fields) == set(KEYS[stage].split()) - REMOVED | ADDED.get(stage, set())
 
 
 @pytest.mark.parametrize("stage, key, value, replacement", [
@@ -81,7 +86,6 @@ def test_keys_unchanged(stage):
     ("width-search", "test_fail_candidates", ["depth"], "PRUNEKIT_TEST_FAIL_CANDIDATES"),
 ])
 def test_removed_test_keys_fail_naming_the_replacement(tmp_path, stage, key, value, replacement):
-    import yaml
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump({**minimal(stage), key: value}))
     with pytest.raises(PrunekitError) as e:
@@ -158,9 +162,9 @@ def test_each_field_declared_once():
 def test_flat_keys_and_attributes(tmp_path):
     p = tmp_path / "rl.yaml"
     p.write_text("model: m/x\nprompts: p.jsonl\noutput_dir: o\nrewards: [{fn: exact_match}]\nlr: 2.0e-6\n"
-                 "bf16: true\nseed: 7\nsave_interval: 5\nray: {num_workers: 2}\n")
+                 "bf16: true\nseed: 7\nsave_interval: 5\nparallel: {workers: 2}\n")
     cfg = C.load_config("rl", p)
-    assert (cfg.lr, cfg.bf16, cfg.seed, cfg.save_interval, cfg.ray.num_workers) == (2e-6, True, 7, 5, 2)
+    assert (cfg.lr, cfg.bf16, cfg.seed, cfg.save_interval, cfg.parallel.workers) == (2e-6, True, 7, 5, 2)
     assert isinstance(cfg, (C.OptimConfig, C.EngineConfig, C.OutputConfig))
     cfg = C.load_config("sft", None, {"model": "m", "train": "t", "output_dir": "o", "lr": 3e-4,
                                       "gradient_checkpointing": True})
@@ -197,3 +201,26 @@ def test_run_names_unchanged():
     assert names == {"sft": "sft-x-5090343d", "distill": "distill-x-d3d567a8", "rl": "rl-x-0c054f23"}
     assert sweep_name(C.KnockoutConfig(**minimal("knockout"))) == "knockout-x-8b6b01f7"
     assert search_name(C.WidthSearchConfig(**minimal("width-search"))) == "width-search-x-370a659f"
+
+
+def test_parallel_keys_moved_out_of_ray_keep_working_and_keep_run_names(tmp_path, capsys):
+    """ray.num_workers / strategy / zero_stage / cpu_offload are parallel.* now: an old config is read the same way
+    with one note line, gets the same run name as the new layout (and as before the move), and giving both is an
+    error naming the key to keep."""
+    old = {**minimal("sft"), "ray": {"num_workers": 2, "strategy": "fsdp", "cpu_offload": True, "use_gpu": True}}
+    new = {**minimal("sft"), "parallel": {"workers": 2, "strategy": "fsdp", "cpu_offload": True},
+           "ray": {"use_gpu": True}}
+    p = tmp_path / "old.yaml"
+    p.write_text(yaml.safe_dump(old))
+    C._noted.clear()
+    from_old, from_new = C.load_config("sft", p), C.STAGE_CONFIGS["sft"](**new)
+    note = capsys.readouterr().err.strip().splitlines()
+    assert note == ["prunekit: note: ray.num_workers is parallel.workers; ray.strategy is parallel.strategy; "
+                    "ray.cpu_offload is parallel.cpu_offload now (read as such)"]
+    assert from_old == from_new and from_old.parallel.workers == 2 and from_old.ray.use_gpu
+    assert run_name("sft", from_old) == run_name("sft", from_new)
+    # the name hashes the pre-move layout: a default config keeps the name recorded in test_run_names_unchanged
+    assert run_name("sft", C.STAGE_CONFIGS["sft"](**minimal("sft"))) == "sft-x-5090343d"
+    p.write_text(yaml.safe_dump({**old, "parallel": {"strategy": "ddp"}}))
+    with pytest.raises(PrunekitError, match="ray.strategy and parallel.strategy both given; keep parallel.strategy"):
+        C.load_config("sft", p)

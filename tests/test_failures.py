@@ -509,7 +509,7 @@ def ray_sft(tiny_chat_model_dir, chat_data, tmp_path, *extra, env: dict | None =
     import tempfile
     import uuid
     marker = uuid.uuid4().hex
-    argv = sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out", "--set", "ray.num_workers=1", *extra)
+    argv = sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out", "--set", "parallel.workers=1", *extra)
     argv[argv.index("launcher=local")] = "launcher=ray"
     ray_tmp = tempfile.mkdtemp(prefix="pk-ray-")  # short: Ray's socket paths must fit in 107 bytes
     proc = start_cli(argv, tmp_path, env={"TEST_RUN_MARKER": marker, "RAY_TMPDIR": ray_tmp, **(env or {})})

@@ -171,7 +171,7 @@ def test_bad_input_fails_before_any_trial(chat4_dir, chat_data, tmp_path):
     with pytest.raises(PrunekitError, match=r"flags: tune.gpus: unknown key"):
         ko_config(chat4_dir, train, val, tmp_path, **{"tune.gpus": 1})
     with pytest.raises(PrunekitError, match="a knockout trial is one process"):
-        ko_config(chat4_dir, train, val, tmp_path, **{"ray.num_workers": 2})
+        ko_config(chat4_dir, train, val, tmp_path, **{"parallel.workers": 2})
     bad = tmp_path / "knockout.yaml"
     bad.write_text(f"model: {chat4_dir}\ntrain: {train}\nval: {val}\noutput_dir: out\ncandidate: all\n")
     assert main(["knockout", "--config", str(bad)]) == 2

@@ -218,7 +218,7 @@ def test_smallest_fix_is_the_cheapest_change_that_fits():
     # with checkpointing on and a single sequence, DDP over 2 GPUs of 64 GiB still holds 8 bytes a parameter: shard
     s2 = replace(s, gradient_checkpointing=True, batch_size=1, gpus=2)
     fix = mp.smallest_fix(shape, s2, 64 * GiB, max_gpus=2)
-    assert fix.changes == ("ray.strategy: fsdp over 2 GPUs",) and fix.plan.fits(64 * GiB)
+    assert fix.changes == ("parallel.strategy: fsdp over 2 GPUs",) and fix.plan.fits(64 * GiB)
     # a micro-batch halving keeps the global batch through grad_accum
     tiny = model_shape(TINY)
     s3 = Settings(bf16=True, param_dtype="bfloat16", batch_size=8, max_length=4096, gradient_checkpointing=True,
@@ -292,7 +292,7 @@ def test_plan_command_table_verdict_and_fix(tmp_path, capsys):
     recipe = tmp_path / "sft.yaml"
     recipe.write_text(yaml.safe_dump({"model": "ignored", "train": "t.jsonl", "output_dir": "o", "bf16": True,
                                       "max_length": 2048, "gradient_checkpointing": True,
-                                      "ray": {"strategy": "fsdp", "use_gpu": True}}))
+                                      "parallel": {"strategy": "fsdp"}, "ray": {"use_gpu": True}}))
     code, out, err = run_cli(capsys, "plan", model / "config.json", "--stage", "sft", "--gpus", 8, "--config", recipe,
                              "--gpu-memory", "80GiB")
     assert code == 0 and "fsdp2 over 8 GPUs" in out and out.strip().splitlines()[-1].startswith("fits: sft of qwen7b")
@@ -314,7 +314,7 @@ def test_plan_command_distill_and_knockout(tmp_path, capsys):
     teacher = write_config(tmp_path / "teacher", QWEN25_7B)
     code, out, _ = run_cli(capsys, "plan", student, "--stage", "distill", "--teacher", teacher, "--gpus", 8,
                            "--gpu-memory", "141GiB", "--set", "bf16=true", "--set", "param_dtype=bfloat16",
-                           "--set", "ray.strategy=fsdp", "--set", "gradient_checkpointing=true")
+                           "--set", "parallel.strategy=fsdp", "--set", "gradient_checkpointing=true")
     assert code == 0 and "teacher 7.6B parameters" in out and "\nteacher " in out
     code, _, err = run_cli(capsys, "plan", student, "--stage", "distill", "--gpu-memory", "80GiB")
     assert code == 2 and err.strip() == ("prunekit plan: error: --stage distill: give the teacher (--teacher MODEL, "
@@ -415,14 +415,14 @@ def test_knockout_and_distill_check_before_training(tmp_path, tiny_chat_model_di
 
 
 def test_cpu_offload_config():
-    cfg = load_config("sft", None, {"model": "m", "train": "t", "output_dir": "o", "ray.strategy": "fsdp",
-                                    "ray.cpu_offload": True})
-    assert cfg.ray.cpu_offload and cfg.model_dump(mode="json")["ray"]["cpu_offload"] is True
+    cfg = load_config("sft", None, {"model": "m", "train": "t", "output_dir": "o", "parallel.strategy": "fsdp",
+                                    "parallel.cpu_offload": True})
+    assert cfg.parallel.cpu_offload and cfg.model_dump(mode="json")["parallel"]["cpu_offload"] is True
     # left out of dumps while off, so earlier runs keep their names
     plain = load_config("sft", None, {"model": "m", "train": "t", "output_dir": "o"})
-    assert "cpu_offload" not in plain.model_dump()["ray"]
+    assert "cpu_offload" not in plain.model_dump()["parallel"]
     assert "gpu_memory" not in plain.model_dump() and "memory_check" not in plain.model_dump()
-    with pytest.raises(PrunekitError, match="^flags: ray: cpu_offload needs ray.strategy: fsdp$"):
-        load_config("sft", None, {"model": "m", "train": "t", "output_dir": "o", "ray.cpu_offload": True})
+    with pytest.raises(PrunekitError, match="^flags: parallel: cpu_offload needs parallel.strategy: fsdp$"):
+        load_config("sft", None, {"model": "m", "train": "t", "output_dir": "o", "parallel.cpu_offload": True})
     with pytest.raises(PrunekitError, match="^flags: gpu_memory: expected a size such as 80GiB"):
         load_config("sft", None, {"model": "m", "train": "t", "output_dir": "o", "gpu_memory": "lots"})

@@ -29,7 +29,7 @@ def test_two_workers_ddp_fsdp_and_zero2_match_one_worker_with_double_batch(ray_s
                                eval_interval=3, save_interval=3))
     others = {strategy: training.sft(cfg_for("sft", tiny_chat_model_dir, chat_data, tmp_path, strategy, max_steps=3,
                                              batch_size=2, eval_interval=3, save_interval=3,
-                                             **{"ray.num_workers": 2, "ray.strategy": strategy, "ray.zero_stage": 2}))
+                                             **{"parallel.workers": 2, "parallel.strategy": strategy, "parallel.zero_stage": 2}))
               for strategy in ("ddp", "fsdp", "deepspeed")}
     a = metrics_lines(one.run_dir)
     for strategy, other in others.items():  # same global batches, token-weighted: the same loss curve
@@ -76,9 +76,9 @@ def test_config_errors_are_one_line(tmp_path):
     bad.write_text("model: smollm2\ntrain: t.jsonl\noutput_dir: out\nlearning_rate: 1e-4\n")
     with pytest.raises(PrunekitError, match=r"sft.yaml: learning_rate: unknown key"):
         load_config("sft", bad)
-    with pytest.raises(PrunekitError, match=r"ray.strategy: Input should be 'ddp', 'fsdp' or 'deepspeed'"):
+    with pytest.raises(PrunekitError, match=r"parallel.strategy: Input should be 'ddp', 'fsdp' or 'deepspeed'"):
         load_config("sft", bad.with_name("none.yaml") if False else None,
-                    {"model": "m", "train": "t", "output_dir": "o", "ray.strategy": "zero"})
+                    {"model": "m", "train": "t", "output_dir": "o", "parallel.strategy": "zero"})
 
 
 def test_teacher_with_another_tokenizer_is_refused_before_training(tiny_chat_model_dir, tiny_model_dir, chat_data,
@@ -207,7 +207,7 @@ def test_local_launcher_trains_in_process_and_resumes_to_nothing(tiny_chat_model
     a, b = load_file(first.output / "model.safetensors"), load_file(again.output / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(PrunekitError, match="launcher: local runs one worker"):
-        cfg_for("sft", tiny_chat_model_dir, chat_data, tmp_path, "x", launcher="local", **{"ray.num_workers": 2})
+        cfg_for("sft", tiny_chat_model_dir, chat_data, tmp_path, "x", launcher="local", **{"parallel.workers": 2})
 
 
 def test_distill_on_text_rows_mixed_with_chat_packed(tiny_chat_model_dir, chat_data, tmp_path):

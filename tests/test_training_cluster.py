@@ -32,7 +32,7 @@ def test_sft_on_two_nodes(two_node_cluster, tiny_chat_model_dir, chat_data, tmp_
                                     "output_dir": str(tmp_path / "out"), "storage_path": str(tmp_path / "runs"),
                                     "name": "two-nodes", "max_steps": 2, "batch_size": 2, "max_length": 64,
                                     "eval_max_samples": 8, "eval_interval": 2, "save_interval": 2,
-                                    "wandb.mode": "disabled", "ray.num_workers": 2, "ray.cpus_per_worker": 1})
+                                    "wandb.mode": "disabled", "parallel.workers": 2, "ray.cpus_per_worker": 1})
     result = training.sft(cfg)
     log = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in log] == [0, 1, 2]

@@ -126,7 +126,7 @@ def test_bad_input_fails_before_any_trial(wide_chat, chat_data, tmp_path, capsys
     assert "give one budget: params or layer_params_removed" in bad(params=10, layer_params_removed=0.2)
     assert "ws.yaml: candidates.0: Input should be" in bad(candidates=["width"])
     assert "nope.jsonl: data file not found" in bad(val=str(tmp_path / "nope.jsonl"))
-    assert "ray: a width-search trial is one process" in bad(ray={"num_workers": 2})
+    assert "ray: a width-search trial is one process" in bad(parallel={"workers": 2})
     assert not (tmp_path / "report").exists() and not (tmp_path / "runs").exists()
 
 

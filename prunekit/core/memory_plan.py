@@ -253,7 +253,7 @@ def settings_from_config(stage: str, cfg, gpus: int | None = None, teacher: Mode
     """Settings of a validated stage config (TrainConfig, DistillConfig, LoraTrainConfig, KnockoutConfig).
     `gpus` (the GPUs the run uses) overrides the config's workers: `own_gpu` distillation uses two per worker."""
     per_worker = 2 if getattr(cfg, "teacher_placement", "same_gpu") == "own_gpu" else 1
-    strategy, batch, lora = cfg.ray.strategy, cfg.batch_size, cfg
+    strategy, batch, lora = cfg.parallel.strategy, cfg.batch_size, cfg
     if stage == "knockout":
         g = cfg.tune.gpus_per_trial
         trials = max(1, math.floor(1 / g + 1e-9)) if 0 < g < 1 else 1
@@ -265,10 +265,10 @@ def settings_from_config(stage: str, cfg, gpus: int | None = None, teacher: Mode
         lora = cfg.lora
     else:
         trials = 1
-        workers = max(1, (gpus // per_worker) if gpus else cfg.ray.num_workers)
+        workers = max(1, (gpus // per_worker) if gpus else cfg.parallel.workers)
     return Settings(
-        stage=stage, gpus=workers, strategy=strategy, zero_stage=cfg.ray.zero_stage,
-        cpu_offload=bool(getattr(cfg.ray, "cpu_offload", False)), bf16=cfg.bf16, param_dtype=cfg.param_dtype,
+        stage=stage, gpus=workers, strategy=strategy, zero_stage=cfg.parallel.zero_stage,
+        cpu_offload=cfg.parallel.cpu_offload, bf16=cfg.bf16, param_dtype=cfg.param_dtype,
         batch_size=batch, grad_accum=cfg.grad_accum, max_length=cfg.max_length, packing=cfg.packing,
         loss_chunk_size=cfg.loss_chunk_size, gradient_checkpointing=cfg.gradient_checkpointing, compile=cfg.compile,
         teacher=teacher, teacher_placement=getattr(cfg, "teacher_placement", "same_gpu"),
@@ -541,11 +541,11 @@ def candidate_fixes(shape: ModelShape, s: Settings, max_gpus: int) -> list[Fix]:
             if n < s.gpus or (n == s.gpus and s.strategy in ("fsdp", "deepspeed")):
                 continue
             where = f"{n} GPUs" + (" (2 per worker)" if per == 2 else "")
-            shard.append((f"ray.strategy: fsdp over {where}", 1.5 + 0.5 * math.log2(n),
+            shard.append((f"parallel.strategy: fsdp over {where}", 1.5 + 0.5 * math.log2(n),
                           dict(strategy="fsdp", gpus=n)))
         knobs.append(shard)
         if not s.cpu_offload:
-            knobs.append([None, ("ray.cpu_offload: true", 3.0, dict(cpu_offload=True))])
+            knobs.append([None, ("parallel.cpu_offload: true", 3.0, dict(cpu_offload=True))])
     fixes = []
     for combo in itertools.product(*knobs):
         chosen = [c for c in combo if c is not None]

@@ -1,5 +1,6 @@
-"""Knockout analysis as plain Python: candidates, verdicts, the early-spike flag, Spearman correlation and the prune
-plan under a budget. No torch, no Ray: the knockout stage feeds it rows and writes what it returns.
+"""Knockout analysis and pruning plans as plain Python: candidates, verdicts, the early-spike flag, the per-candidate
+analysis and Spearman correlations, and the one greedy planner (`select_greedy`) behind both knockout's plan and a
+pipeline round's prune. No torch, no Ray: the knockout stage and the pipeline feed it rows and write what it returns.
 
 A candidate is a set of text layers and/or vision blocks removed together; its id reads `text:5`, `text:4-5`,
 `vision:0,2` or `text:3+vision:1`. `BASELINE` ("baseline") removes nothing.
@@ -148,6 +149,93 @@ def spearman(x: list[float], y: list[float]) -> float | None:
 
 # ---- the plan ----------------------------------------------------------------------------------------------------
 
+def candidate_scores(cand: Candidate, importance: dict) -> dict:
+    """Training-free scores of a candidate: the sum over its layers (block influence, NLL-drop), and the angular
+    distance of its run of consecutive layers when it is one (else the sum of single-layer distances)."""
+    out = {}
+    parts = [("text", cand.text), ("vision", cand.vision)]
+    for metric in ("block_influence", "nll_drop", "angular_distance"):
+        total, ok = 0.0, True
+        for kind, idx in parts:
+            if not idx:
+                continue
+            scores = importance.get(kind, {})
+            if metric == "angular_distance":
+                consecutive = list(idx) == list(range(idx[0], idx[0] + len(idx)))
+                block = scores.get(f"angular_distance_n{len(idx)}") if consecutive else None
+                if block is not None:
+                    total += block[idx[0]]
+                    continue
+                values = scores.get("angular_distance_n1")
+            else:
+                values = scores.get(metric)
+            if values is None:
+                ok = False
+                break
+            total += sum(values[i] for i in idx)
+        if ok and cand.size:
+            out[metric] = total
+    return out
+
+
+def analyse(candidates: list[Candidate], params_removed: dict[str, int], params_total: int, results: dict,
+            errors: dict, importance: dict, cfg) -> list[dict]:
+    """One row per candidate: its trial's token_acc against the baseline's at the same step (the ratio), the early
+    loss excess, the verdict (`cfg`: max_steps, spike_window, spike_margin, free_ratio, recoverable_ratio) and the
+    training-free scores, and how its trial trained (mode, workers, trained parameters); a candidate without a result
+    is `error` or `pending`."""
+    base = results.get(BASELINE)
+    base_acc = base["final"].get("eval/token_acc") if base else None
+    base_curve = {int(s): v for s, v in base["train_loss"].items()} if base else {}
+    rows = []
+    for cand in candidates:
+        row = {"id": cand.id, "kind": cand.kind, "text": list(cand.text), "vision": list(cand.vision),
+               "size": cand.size, "params_removed": params_removed[cand.id],
+               "params_fraction": params_removed[cand.id] / params_total}
+        res = results.get(cand.id)
+        if res is None:
+            row.update(status="error" if cand.id in errors else "pending", verdict=None, ratio=None,
+                       error=errors.get(cand.id))
+            rows.append(row)
+            continue
+        final = res["final"]
+        acc = final.get("eval/token_acc")
+        # against the baseline at the same step: a trial ASHA stopped early is compared like with like
+        last_eval = max(res.get("eval", {}), key=int, default=None)
+        base_same = (base.get("eval", {}).get(last_eval, {}).get("eval/token_acc", base_acc)
+                     if base and last_eval is not None else base_acc)
+        ratio = acc / base_same if acc is not None and base_same else None
+        acc0 = res.get("step0", {}).get("eval/token_acc")
+        base0 = base.get("step0", {}).get("eval/token_acc") if base else None
+        excess = (early_excess({int(s): v for s, v in res["train_loss"].items()}, base_curve, cfg.max_steps,
+                               cfg.spike_window) if cand.size and base else None)
+        extra = res.get("extra", {})  # how the trial trained (trials written before trial_mode existed: full)
+        row.update(trial_mode=extra.get("trial_mode", "full"), workers=len(extra.get("workers", [None])),
+                   params_trainable=extra.get("params_trainable"))
+        row.update(status=res["status"], eval_loss=final.get("eval/loss"), eval_token_acc=acc, ratio=ratio,
+                   ratio_step0=acc0 / base0 if acc0 is not None and base0 else None, early_excess=excess,
+                   early_spike=bool(excess is not None and excess > cfg.spike_margin), steps=res.get("steps"),
+                   verdict=(None if not cand.size or ratio is None else
+                            verdict(ratio, excess, cfg.free_ratio, cfg.recoverable_ratio, cfg.spike_margin)),
+                   **candidate_scores(cand, importance))
+        rows.append(row)
+    return rows
+
+
+def correlations(rows: list[dict]) -> dict:
+    """Spearman(score, knockout token_acc ratio) per training-free metric, over all candidates and per kind. A
+    useful score is strongly negative: the more important a layer looks, the lower its ratio."""
+    out = {}
+    done = [r for r in rows if r.get("ratio") is not None and r["size"]]
+    for metric in ("block_influence", "angular_distance", "nll_drop"):
+        for kind in ("all", "text", "vision"):
+            sel = [r for r in done if metric in r and (kind == "all" or r["kind"] == kind)]
+            rho = spearman([r[metric] for r in sel], [r["ratio"] for r in sel])
+            if rho is not None:
+                out[f"{metric}/{kind}"] = {"rho": rho, "n": len(sel)}
+    return out
+
+
 def fits_budget(params_removed: int, size: int, params_total: int, max_params_fraction: float, max_layers: int) -> bool:
     return size <= max_layers and params_removed <= max_params_fraction * params_total
 
@@ -163,38 +251,59 @@ def check_budget(candidates: list[Candidate], params: dict[str, int], params_tot
                         f"of the parameters and {smallest.size} layer(s))")
 
 
+@dataclass
+class Selection:
+    """What `select_greedy` took: the layers, the chosen entries (best first) and why the others were left out."""
+    text: set
+    vision: set
+    chosen: list
+    skipped: list           # (entry, reason)
+    params_removed: int = 0
+
+
+def select_greedy(order: list[tuple[Candidate, int, object]], max_params: float, max_layers: int, *,
+                  n_text: int | None = None, n_vision: int = 0, enough=None) -> Selection:
+    """The one planner (knockout's plan, a pipeline round's prune): walk `order` (candidate, parameters it removes,
+    the caller's entry; best first) and take each candidate that shares no layer with those already taken, keeps at
+    least one text layer (and vision block) when `n_text` is given, and keeps the total within `max_params`
+    parameters and `max_layers` layers; stop once `enough(params_removed)` holds."""
+    sel = Selection(set(), set(), [], [])
+    for cand, params, entry in order:
+        if enough is not None and enough(sel.params_removed):
+            break
+        t, v = set(cand.text), set(cand.vision)
+        size = len(sel.text) + len(sel.vision) + len(t) + len(v)
+        if (t & sel.text) or (v & sel.vision):
+            sel.skipped.append((entry, "overlaps a better candidate"))
+        elif n_text is not None and (len(sel.text | t) >= n_text or (n_vision and len(sel.vision | v) >= n_vision)):
+            sel.skipped.append((entry, "would remove every layer"))
+        elif size > max_layers or sel.params_removed + params > max_params:
+            sel.skipped.append((entry, "over budget"))
+        else:
+            sel.text |= t
+            sel.vision |= v
+            sel.params_removed += params
+            sel.chosen.append(entry)
+    return sel
+
+
 def make_plan(rows: list[dict], params_total: int, n_text: int, n_vision: int, max_params_fraction: float = 0.25,
               max_layers: int = 10, allowed: tuple[str, ...] = ("free", "recoverable")) -> dict:
     """Best first (highest token_acc ratio; ties: more parameters removed) among candidates whose verdict is in
-    `allowed`; a candidate joins if it shares no layer with those already in, keeps at least one text layer (and
-    vision block), and the total stays within `max_params_fraction` of the parameters and `max_layers` layers.
+    `allowed`, taken by `select_greedy` within `max_params_fraction` of the parameters and `max_layers` layers.
     Rows: {id, text, vision, ratio, verdict, params_removed}. The result is what `prunekit prune --plan` reads
     (drop_text, drop_vision) plus the reasoning."""
     eligible = [r for r in rows if r.get("verdict") in allowed and r.get("ratio") is not None]
     eligible.sort(key=lambda r: (-r["ratio"], -r["params_removed"], r["id"]))
-    text, vision, order, skipped = set(), set(), [], []
-    removed = 0
-    for r in eligible:
-        t, v = set(r["text"]), set(r["vision"])
-        size = len(text) + len(vision) + len(t) + len(v)
-        if (t & text) or (v & vision):
-            skipped.append({"id": r["id"], "reason": "overlaps a better candidate"})
-        elif len(text | t) >= n_text or (n_vision and len(vision | v) >= n_vision):
-            skipped.append({"id": r["id"], "reason": "would remove every layer"})
-        elif not fits_budget(removed + r["params_removed"], size, params_total, max_params_fraction, max_layers):
-            skipped.append({"id": r["id"], "reason": "over budget"})
-        else:
-            text |= t
-            vision |= v
-            removed += r["params_removed"]
-            order.append({"id": r["id"], "ratio": r["ratio"], "verdict": r["verdict"],
-                          "params_removed": r["params_removed"]})
-    return {"drop_text": sorted(text), "drop_vision": sorted(vision), "order": order,
-            "params_removed": removed, "params_total": params_total,
-            "params_fraction": removed / params_total if params_total else 0.0,
+    sel = select_greedy([(Candidate(tuple(r["text"]), tuple(r["vision"])), r["params_removed"], r) for r in eligible],
+                        max_params_fraction * params_total, max_layers, n_text=n_text, n_vision=n_vision)
+    return {"drop_text": sorted(sel.text), "drop_vision": sorted(sel.vision),
+            "order": [{k: r[k] for k in ("id", "ratio", "verdict", "params_removed")} for r in sel.chosen],
+            "params_removed": sel.params_removed, "params_total": params_total,
+            "params_fraction": sel.params_removed / params_total if params_total else 0.0,
             "budget": {"max_params_fraction": max_params_fraction, "max_layers": max_layers,
                        "verdicts": list(allowed)},
-            "skipped": skipped}
+            "skipped": [{"id": r["id"], "reason": reason} for r, reason in sel.skipped]}
 
 
 def trial_dir(run_dir, candidate: "Candidate | str"):

@@ -204,7 +204,7 @@ def launch(stage: str, cfg, build_worker) -> tuple[Path, Path, str]:
     trainer = torch_trainer(
         _worker, {"stage": stage, "cfg": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "name": name,
                   "build": build_worker, "fault_env": fault_env()},
-        num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, cpus_per_worker=cfg.ray.cpus_per_worker,
+        num_workers=cfg.parallel.workers, use_gpu=cfg.ray.use_gpu, cpus_per_worker=cfg.ray.cpus_per_worker,
         gpus_per_worker=cfg.ray.gpus_per_worker, trainer_class=_trainer_class(),
         run_config=RunConfig(name=name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),

@@ -157,7 +157,7 @@ def setup_strategy(model, objective, cfg, scheduler_steps: int, reporter, device
     model.to(device).train()
     if cfg.compile:
         compile_layers(model)
-    strategy = STRATEGIES[cfg.ray.strategy](LossModule(model, objective), device, cfg)
+    strategy = STRATEGIES[cfg.parallel.strategy](LossModule(model, objective), device, cfg)
     strategy.setup(make_optimizer_factory(cfg), make_scheduler_factory(cfg, scheduler_steps))
     if state is not None:
         strategy.load_trainer_state(state["strategy"], Path(resume_dir))
@@ -181,6 +181,10 @@ def _train(model, objective, cfg, train_samples, val_samples, pad_id: int, repor
     steps = total_steps(cfg, len(train_samples), world_size)
     strategy, start_step = setup_strategy(model, objective, cfg, steps, reporter, device)
     order = DataOrder(len(train_samples), cfg.seed)
+    kv_merge = None
+    if getattr(cfg, "merge_kv_heads", None):  # sft / distill  # a resumed run's weights already hold the pulls of its done steps
+        from prunekit.core.kv_merge import KVHeadMerge
+        kv_merge = KVHeadMerge(strategy.model, cfg.merge_kv_heads, steps, cfg.merge_kv_ramp)
     reporter.start(start_step, steps)
     if val_samples and start_step == 0:  # the step-0 baseline every curve is compared against
         baseline = evaluate_distributed(strategy, val_samples, pad_id, cfg.batch_size, device)
@@ -219,6 +223,8 @@ def _train(model, objective, cfg, train_samples, val_samples, pad_id: int, repor
         if step == crash_at_step:
             reporter.maybe_crash(step)
         sums, grad_norm = accumulate_and_step(strategy, micro, tokens, autocast, device)
+        if kv_merge is not None:
+            kv_merge.after_step(step + 1)
         lr = strategy.lr()
         copy = _HostCopy([all_reduce_sum(sums), grad_norm])
         # While the GPU works through this step: build the next step's batches, then log the previous step

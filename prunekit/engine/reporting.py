@@ -163,7 +163,14 @@ def crash_once(run_dir: Path, step: int) -> None:
 
 def run_name_for(prefix: str, cfg, exclude) -> str:
     """`cfg.name`, else the stable name of `cfg`'s settings less `exclude` (those that do not change the run)."""
-    return cfg.name or stable_name(prefix, cfg.model, cfg.model_dump(mode="json", exclude=exclude))
+    return cfg.name or stable_name(prefix, cfg.model, settings_dump(cfg, exclude))
+
+
+def settings_dump(cfg, exclude=None) -> dict:
+    """The settings a run name is hashed on and a resumed sweep is compared with: the config's dump in the layout
+    it had before `parallel:` (prunekit.config.legacy_layout), so earlier runs keep their names."""
+    from prunekit.config import legacy_layout
+    return legacy_layout(cfg.model_dump(mode="json", exclude=exclude))
 
 
 def stable_name(prefix: str, model, settings: dict) -> str:

@@ -112,7 +112,7 @@ class FSDPStrategy(Strategy):
         paths = [adapter.text_layers] + ([adapter.vision_blocks] if adapter.is_vlm else [])
         # cpu_offload: the shards (and so the optimizer state) live in pinned host memory; the GPU holds the
         # units being computed
-        kw = {"offload_policy": CPUOffloadPolicy()} if getattr(self.cfg.ray, "cpu_offload", False) else {}
+        kw = {"offload_policy": CPUOffloadPolicy()} if self.cfg.parallel.cpu_offload else {}
         for path in paths:
             for layer in get_module(inner, path):
                 fully_shard(layer, **kw)
@@ -153,7 +153,7 @@ class DeepSpeedStrategy(Strategy):
             "train_micro_batch_size_per_gpu": cfg.batch_size,
             "gradient_accumulation_steps": cfg.grad_accum,
             "gradient_clipping": cfg.grad_clip or 0.0,
-            "zero_optimization": {"stage": cfg.ray.zero_stage},
+            "zero_optimization": {"stage": cfg.parallel.zero_stage},
             "zero_allow_untested_optimizer": True,
             "bf16": {"enabled": bool(cfg.bf16 and self.device.type == "cuda")},
             "steps_per_print": 10 ** 9,
@@ -176,7 +176,7 @@ class DeepSpeedStrategy(Strategy):
         return torch.as_tensor(float(norm) if norm is not None else 0.0)
 
     def model_state_dict(self) -> dict:
-        if self.cfg.ray.zero_stage == 3:
+        if self.cfg.parallel.zero_stage == 3:
             return self.wrapped._zero3_consolidated_16bit_state_dict() or {}
         return self.model.state_dict()
 

@@ -111,7 +111,7 @@ def trial_engine_config(cfg):
     if cfg.batch_size % n:
         raise PrunekitError(f"batch_size {cfg.batch_size} must split evenly over the trial's {n} workers")
     return cfg.model_copy(update={"batch_size": cfg.batch_size // n,
-                                  "ray": cfg.ray.model_copy(update={"strategy": "fsdp", "num_workers": n})})
+                                  "parallel": cfg.parallel.model_copy(update={"strategy": "fsdp", "workers": n})})
 
 
 def run_trial(cfg, base: dict, candidate: Candidate, reporter, device, before_training=None) -> dict:
@@ -173,7 +173,7 @@ def knockout_trial(cfg, base: dict, payload: dict, cid: str, reporter, device) -
     engine = trial_engine_config(cfg)
     return {**extra, "setup_s": metrics["time/setup_s"], "train_s": metrics["time/train_s"],
             "trial_mode": cfg.trial_mode, "params_trainable": metrics["params/trainable"],
-            "workers": rank_records({"batch_size": engine.batch_size, "strategy": engine.ray.strategy})}
+            "workers": rank_records({"batch_size": engine.batch_size, "strategy": engine.parallel.strategy})}
 
 
 def importance_scores(model, base: dict, spec: dict, device) -> dict:

@@ -20,6 +20,7 @@ from prunekit.config import (
     MergeStageConfig,
     PruneStageConfig,
     WidthStageConfig,
+    move_parallel_keys,
 )
 
 MODEL_STAGES = {"prune", "width", "sft", "distill", "kv_cut", "merge_lora", "rl"}   # stages whose output is the next model
@@ -56,6 +57,8 @@ def _stage_config(stage: str, settings: dict, cfg, *, model: str, out: Path, nam
     """The validated config object a stage function takes: the pipeline's fields (model, data, output, run name,
     Ray, wandb) under the recipe's settings for this stage."""
     settings = {k: v for k, v in settings.items() if k not in PIPELINE_KEYS.get(stage, ())}
+    if stage not in SIMPLE_CONFIGS:
+        settings = move_parallel_keys(settings)  # before merging over the recipe's own `parallel:`
     if stage in SIMPLE_CONFIGS:
         return SIMPLE_CONFIGS[stage](**settings)
     base: dict = {"model": model, "output_dir": str(out), "name": name, "storage_path": str(storage),
@@ -64,7 +67,7 @@ def _stage_config(stage: str, settings: dict, cfg, *, model: str, out: Path, nam
     if stage in ("sft", "distill", "lora", "knockout"):
         base.update(train=str(cfg.train), val=str(cfg.val))
     if stage in ("sft", "distill", "lora", "rl"):
-        base["ray"] = cfg.ray.model_dump()
+        base["ray"], base["parallel"] = cfg.ray.model_dump(), cfg.parallel.model_dump()
     if stage in ("sft", "distill", "lora"):
         base["launcher"] = cfg.launcher
     if stage == "distill":

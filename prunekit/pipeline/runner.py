@@ -150,32 +150,21 @@ class Runner:
               plan_file: Path | None = None) -> tuple[list[int], list[int], list[str]]:
         """The layers this round removes: the round's knockout plan (best first), else the importance order (least
         important first), taken while the guardrails allow and only until the target is reached."""
-        from prunekit.core.plan import Candidate
+        from prunekit.core.plan import Candidate, select_greedy
         params = current["facts"]["params"]
         ko = self.round_record(rnd, "knockout")
         plan = ko["plan"] if ko is not None else None
         if plan is None and plan_file is not None:
             plan = read_plan(plan_file, current["output"])
         if plan is not None:
-            order = [(Candidate.parse(e["id"], "plan"), e["params_removed"]) for e in plan["order"]]
-            order = [(c.text, c.vision, p, c.id) for c, p in order]
+            order = [(Candidate.parse(e["id"], "plan"), e["params_removed"], e["id"]) for e in plan["order"]]
         else:
             per_layer = text_layer_params(Path(current["output"]))
             imp = self.round_record(rnd, "importance")
-            order = [((i,), (), per_layer[i], f"text:{i}") for i in imp["least_important_first"]]
-        budget = self._round_allowance(rnd, current)
-        text, vision, chosen, removed = set(), set(), [], 0
-        for t, v, p, cid in order:
-            if params - removed <= target:
-                break
-            size = len(text) + len(vision) + len(t) + len(v)
-            if removed + p > budget or size > self.cfg.max_layers or set(t) & text or set(v) & vision:
-                continue
-            text |= set(t)
-            vision |= set(v)
-            removed += p
-            chosen.append(cid)
-        return sorted(text), sorted(vision), chosen
+            order = [(Candidate(text=(i,)), per_layer[i], f"text:{i}") for i in imp["least_important_first"]]
+        sel = select_greedy(order, self._round_allowance(rnd, current), self.cfg.max_layers,
+                            enough=lambda removed: params - removed <= target)
+        return sorted(sel.text), sorted(sel.vision), sel.chosen
 
     def _round_allowance(self, rnd: int, current: dict) -> float:
         """Parameters this round may still remove: max_params_fraction of the round's input, less what earlier

@@ -85,7 +85,7 @@ class RLRun:
         learner_cls = ray.remote(num_cpus=cfg.ray.cpus_per_worker,
                                  num_gpus=cfg.ray.gpus_per_worker if cfg.ray.use_gpu else 0)(Learner)
         raw = cfg.model_dump(mode="json")
-        world = cfg.ray.num_workers
+        world = cfg.parallel.workers
         self.learners = [learner_cls.remote(raw, r, world, str(self.run_dir), self.name) for r in range(world)]
         addr, port = ray.get(self.learners[0].address.remote())
         starts = ray.get([lr.setup.remote(addr, port) for lr in self.learners])
@@ -162,7 +162,7 @@ class RLRun:
         g = torch.Generator().manual_seed(cfg.seed + 7919 * step)
         perm = torch.randperm(len(samples), generator=g).tolist()
         shuffled = [samples[i] for i in perm]
-        world = cfg.ray.num_workers
+        world = cfg.parallel.workers
         minis = _split(shuffled, algo.mini_batches)
         per_rank = [[_split(m, world)[r] for m in minis] for r in range(world)]
         keep = ("prompt_ids", "completion_ids", "advantage", "rollout_logp")

@@ -25,10 +25,10 @@ from prunekit.core.adapters import adapter_for
 from prunekit.core.data import load_messages
 from prunekit.core.loading import (check_output_dir, check_writable, read_config, resolve_model, write_atomically,
                                    write_provenance)
-from prunekit.core.plan import (BASELINE, Candidate, check_budget, early_excess, expand_candidates, make_plan,
-                                spearman, trial_dir, verdict)
+from prunekit.core.plan import (BASELINE, Candidate, analyse, check_budget, correlations, expand_candidates,
+                                make_plan, trial_dir)
 from prunekit.core.surgery import LayerDrop
-from prunekit.engine.reporting import run_name_for
+from prunekit.engine.reporting import run_name_for, settings_dump
 from prunekit.engine.trial import load_shared_base
 
 SWEEP_FILE = "sweep.json"
@@ -66,7 +66,7 @@ class KnockoutResult:
 # ---- validation (before any trial) -----------------------------------------------------------------------------
 
 def trial_settings(cfg) -> dict:
-    return cfg.model_dump(mode="json", exclude=NOT_TRIAL_SETTINGS)
+    return settings_dump(cfg, NOT_TRIAL_SETTINGS)
 
 
 def sweep_name(cfg) -> str:
@@ -224,89 +224,6 @@ def read_trials(sweep: Sweep) -> tuple[dict[str, dict], dict[str, str]]:
     return results, errors
 
 
-def _candidate_scores(cand: Candidate, importance: dict) -> dict:
-    """Training-free scores of a candidate: the sum over its layers (block influence, NLL-drop), and the angular
-    distance of its run of consecutive layers when it is one (else the sum of single-layer distances)."""
-    out = {}
-    parts = [("text", cand.text), ("vision", cand.vision)]
-    for metric in ("block_influence", "nll_drop", "angular_distance"):
-        total, ok = 0.0, True
-        for kind, idx in parts:
-            if not idx:
-                continue
-            scores = importance.get(kind, {})
-            if metric == "angular_distance":
-                consecutive = list(idx) == list(range(idx[0], idx[0] + len(idx)))
-                block = scores.get(f"angular_distance_n{len(idx)}") if consecutive else None
-                if block is not None:
-                    total += block[idx[0]]
-                    continue
-                values = scores.get("angular_distance_n1")
-            else:
-                values = scores.get(metric)
-            if values is None:
-                ok = False
-                break
-            total += sum(values[i] for i in idx)
-        if ok and cand.size:
-            out[metric] = total
-    return out
-
-
-def analyse(sweep: Sweep, results: dict, errors: dict, importance: dict) -> list[dict]:
-    cfg = sweep.cfg
-    base = results.get(BASELINE)
-    base_acc = base["final"].get("eval/token_acc") if base else None
-    base_curve = {int(s): v for s, v in base["train_loss"].items()} if base else {}
-    rows = []
-    for cand in sweep.candidates:
-        row = {"id": cand.id, "kind": cand.kind, "text": list(cand.text), "vision": list(cand.vision),
-               "size": cand.size, "params_removed": sweep.params_removed[cand.id],
-               "params_fraction": sweep.params_removed[cand.id] / sweep.params_total}
-        res = results.get(cand.id)
-        if res is None:
-            row.update(status="error" if cand.id in errors else "pending", verdict=None, ratio=None,
-                       error=errors.get(cand.id))
-            rows.append(row)
-            continue
-        final = res["final"]
-        acc = final.get("eval/token_acc")
-        # against the baseline at the same step: a trial ASHA stopped early is compared like with like
-        last_eval = max(res.get("eval", {}), key=int, default=None)
-        base_same = (base.get("eval", {}).get(last_eval, {}).get("eval/token_acc", base_acc)
-                     if base and last_eval is not None else base_acc)
-        ratio = acc / base_same if acc is not None and base_same else None
-        acc0 = res.get("step0", {}).get("eval/token_acc")
-        base0 = base.get("step0", {}).get("eval/token_acc") if base else None
-        excess = (early_excess({int(s): v for s, v in res["train_loss"].items()}, base_curve, cfg.max_steps,
-                               cfg.spike_window) if cand.size and base else None)
-        extra = res.get("extra", {})
-        row.update(trial_mode=extra.get("trial_mode", "full"), workers=len(extra.get("workers", [None])),
-                   params_trainable=extra.get("params_trainable"))
-        row.update(status=res["status"], eval_loss=final.get("eval/loss"), eval_token_acc=acc, ratio=ratio,
-                   ratio_step0=acc0 / base0 if acc0 is not None and base0 else None, early_excess=excess,
-                   early_spike=bool(excess is not None and excess > cfg.spike_margin), steps=res.get("steps"),
-                   verdict=(None if not cand.size or ratio is None else
-                            verdict(ratio, excess, cfg.free_ratio, cfg.recoverable_ratio, cfg.spike_margin)),
-                   **_candidate_scores(cand, importance))
-        rows.append(row)
-    return rows
-
-
-def correlations(rows: list[dict]) -> dict:
-    """Spearman(score, knockout token_acc ratio) per training-free metric, over all candidates and per kind. A
-    useful score is strongly negative: the more important a layer looks, the lower its ratio."""
-    out = {}
-    done = [r for r in rows if r.get("ratio") is not None and r["size"]]
-    for metric in ("block_influence", "angular_distance", "nll_drop"):
-        for kind in ("all", "text", "vision"):
-            sel = [r for r in done if metric in r and (kind == "all" or r["kind"] == kind)]
-            rho = spearman([r[metric] for r in sel], [r["ratio"] for r in sel])
-            if rho is not None:
-                out[f"{metric}/{kind}"] = {"rho": rho, "n": len(sel)}
-    return out
-
-
 CSV_COLUMNS = ["id", "kind", "status", "verdict", "ratio", "eval_token_acc", "eval_loss", "ratio_step0",
                "early_excess", "early_spike", "params_removed", "params_fraction", "block_influence",
                "angular_distance", "nll_drop", "steps", "trial_mode", "params_trainable", "workers", "error"]
@@ -327,7 +244,7 @@ def write_report(sweep: Sweep, ran: list[str], errors_now: dict[str, str]) -> Kn
     errors = {**errors, **errors_now}
     imp_path = sweep.run_dir / "importance.json"
     importance = json.loads(imp_path.read_text()) if imp_path.is_file() else {}
-    rows = analyse(sweep, results, errors, importance)
+    rows = analyse(sweep.candidates, sweep.params_removed, sweep.params_total, results, errors, importance, sweep.cfg)
     plan = make_plan([r for r in rows if r["size"]], sweep.params_total, sweep.n_text, sweep.n_vision,
                      cfg.max_params_fraction, cfg.max_layers)
     plan = {**plan, "model": cfg.model, "run": sweep.name, "trial_mode": cfg.trial_mode}

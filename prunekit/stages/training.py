@@ -105,6 +105,9 @@ def validate(stage: str, cfg) -> None:
     val_rows = load_messages(cfg.val) if cfg.val is not None else None
     if val_rows is not None and not val_rows:
         raise PrunekitError(f"val {cfg.val}: no rows")
+    if getattr(cfg, "merge_kv_heads", None) is not None:
+        from prunekit.core.kv_merge import check_merge_heads
+        check_merge_heads(read_config(Path(cfg.model)), cfg.merge_kv_heads)
     if not adapter_for(read_config(Path(cfg.model))).is_vlm:
         check_no_images(train_rows, cfg.train, cfg.model)
         check_no_images(val_rows or [], cfg.val, cfg.model)

@@ -32,7 +32,7 @@ from prunekit.core.loading import (check_output_dir, check_writable, quiet_trans
                                    write_atomically, write_provenance)
 from prunekit.core.report import checkpoint_shapes, component_params
 from prunekit.core.width import WidthShape, budget_mixes, count_params
-from prunekit.engine.reporting import run_name_for
+from prunekit.engine.reporting import run_name_for, settings_dump
 
 SEARCH_FILE = "search.json"
 SCORES_FILE = "scores.json"
@@ -78,7 +78,7 @@ def load_trial_config(data: dict):
 # ---- validation (before any work) ------------------------------------------------------------------------------
 
 def trial_settings(cfg) -> dict:
-    return cfg.model_dump(mode="json", exclude=NOT_TRIAL_SETTINGS)
+    return settings_dump(cfg, NOT_TRIAL_SETTINGS)
 
 
 def search_name(cfg) -> str:

@@ -1,0 +1,75 @@
+"""Probe recovery settings on the outcome recipe's pruned SmolLM2 (8 layers removed, 3 KV heads) at one budget.
+
+Each variant distils the pruned model from the original for `--steps` steps on the recovery mix with the outcome
+recipe's distill settings (recipes/outcome.yaml) plus the variant's changes, then measures general text and the chat
+val (as bench/outcome_smollm2.py does). Variants: KV heads kept (3) or merged into 1 while distilling
+(merge_kv_heads, then the exact kv_cut), at two learning rates. Writes bench/results/recovery_probe_smollm2.json.
+
+    python bench/recovery_probe_smollm2.py --gpu --data /root/pkdata --corpus .gpu/corpus/teacher.jsonl.gz
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib.util
+import json
+import sys
+import time
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAN_FIRST_8 = [17, 14, 5, 6, 13, 19, 21, 26]   # the outcome recipe's cut: the committed knockout plan's first 8
+VARIANTS = {"merged-r0.5-lr2e-4": dict(merge_kv_heads=1, merge_kv_ramp=0.5, lr=2e-4),
+            "3kv-lr2e-4": dict(lr=2e-4),
+            "merged-r0.5-lr6e-4": dict(merge_kv_heads=1, merge_kv_ramp=0.5, lr=6e-4),
+            "3kv-lr6e-4": dict(lr=6e-4)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--data", type=Path, required=True, help="the data files of bench/outcome_smollm2.py --prepare")
+    ap.add_argument("--corpus", type=Path, required=True, help="a teacher corpus (.jsonl or .jsonl.gz)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "recovery_probe")
+    ap.add_argument("--steps", type=int, default=500)
+    args = ap.parse_args(argv)
+    spec = importlib.util.spec_from_file_location("outcome", ROOT / "bench" / "outcome_smollm2.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from prunekit.core.loading import resolve_model
+    from prunekit.stages.kv_cut import kv_cut
+    from prunekit.stages.prune import prune
+    args.out.mkdir(parents=True, exist_ok=True)
+    recovery = args.out / "recovery.jsonl"
+    corpus = args.corpus.read_bytes()
+    recovery.write_bytes((gzip.decompress(corpus) if args.corpus.suffix == ".gz" else corpus)
+                         + (args.data / "general-train.jsonl").read_bytes())
+    settings = types.SimpleNamespace(gpu=args.gpu, smoke=False, fallback={}, eval_samples=128, eval_text_samples=None)
+    pruned = args.out / "pruned"
+    prune(str(resolve_model("smollm2")), pruned, drop_text=PLAN_FIRST_8, overwrite=True)
+    results = {"original": bench.measure(str(resolve_model("smollm2")), args.data, settings),
+               "pruned": bench.measure(str(pruned), args.data, settings)}
+    for name, extra in VARIANTS.items():
+        start = time.time()
+        model = bench.distill(str(pruned), recovery, args.data, args.out / name, name, args.steps, settings, **extra)
+        if "merge_kv_heads" in extra:
+            model = str(kv_cut(model, args.out / f"{name}-cut", 1, overwrite=True).output)
+        results[name] = {"steps": args.steps, **extra, **bench.measure(model, args.data, settings),
+                         "seconds": round(time.time() - start, 1)}
+    o = results["original"]
+    import torch
+    report = {"date": time.strftime("%Y-%m-%d"),
+              "machine": torch.cuda.get_device_name(0) if args.gpu else "cpu",
+              "command": "python bench/recovery_probe_smollm2.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "variants": {k: {"general_text_vs_original": v["eval_text"]["token_acc"] / o["eval_text"]["token_acc"],
+                               "chat_val_vs_original": v["eval"]["token_acc"] / o["eval"]["token_acc"], **v}
+                           for k, v in results.items()}}
+    path = ROOT / "bench" / "results" / "recovery_probe_smollm2.json"
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -118,18 +118,21 @@ NOWHERE = "http://127.0.0.1:1"  # no State API answers here: Ray's own clients t
 
 def own_state_api() -> str:
     """This cluster's State API (its dashboard's HTTP server), when one runs: the address this cluster's GCS
-    records for its dashboard, used only when the server there says it serves this cluster's session. A cluster
-    started without the dashboard's HTTP server still records the default port, where another Ray instance on the
-    host may listen. Else `NOWHERE`."""
+    records for its dashboard, used only when the server there says (asked with this cluster's token when Ray's
+    token authentication is on) that it serves this cluster's session. A cluster started without the dashboard's
+    HTTP server still records the default port, where another Ray instance on the host may listen. Else
+    `NOWHERE`."""
     import ray
     import requests
     from ray._private import ray_constants
     from ray.experimental import internal_kv
     with contextlib.suppress(Exception):  # no address recorded, nothing answering, not a dashboard: no State API
+        from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
         address = internal_kv._internal_kv_get(ray_constants.DASHBOARD_ADDRESS,
                                                namespace=ray_constants.KV_NAMESPACE_DASHBOARD).decode()
         url = f"http://{address}"
-        session = requests.get(f"{url}/api/version", timeout=5).json().get("session_name")
+        reply = requests.get(f"{url}/api/version", timeout=5, headers=get_auth_headers_if_auth_enabled({}))
+        session = reply.json().get("session_name")
         if session == ray._private.worker.global_worker.node.session_name:
             return url
     return NOWHERE

@@ -108,6 +108,35 @@ def test_two_worker_trials_match_the_one_worker_run(sweeps):
     assert sweeps["full_2_workers"].name == sweeps["full"].name  # the same trial settings
 
 
+def test_worker_groups_ask_only_this_clusters_state_api(ray_session, monkeypatch):
+    """Ray Train's placement-group cleaner asks a State API whether the run's controller lives; another Ray
+    instance's would say no, and the cleaner would remove a live trial's placement group."""
+    import os
+    import requests
+    from prunekit.distributed.train import NOWHERE, STATE_API_ENV, controller_knows_cluster, own_state_api
+    ours = ray_session._private.worker.global_worker.node.session_name
+
+    class Reply:
+        def __init__(self, session):
+            self.session = session
+
+        def json(self):
+            return {"session_name": self.session}
+    monkeypatch.delenv(STATE_API_ENV, raising=False)
+    monkeypatch.setattr(requests, "get", lambda url, **kw: Reply("session_of_another_instance"))
+    assert own_state_api() == NOWHERE
+    monkeypatch.setattr(requests, "get", lambda url, **kw: Reply(ours))
+    assert own_state_api().startswith("http://") and own_state_api() != NOWHERE
+
+    def refused(url, **kw):
+        raise requests.ConnectionError("nothing listens")
+    monkeypatch.setattr(requests, "get", refused)
+    assert own_state_api() == NOWHERE
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+    with controller_knows_cluster():  # travels to the controller (and its cleaner) with Ray Train's own variables
+        assert os.environ[STATE_API_ENV] == get_env_vars_to_propagate()[STATE_API_ENV] == NOWHERE
+    assert STATE_API_ENV not in os.environ
+
 # ---- a LoRA trial in this process -------------------------------------------------------------------------------
 
 def test_lora_trial_trains_adapters_and_never_writes_the_shared_base(chat4_dir, chat_data, tmp_path):

@@ -3,14 +3,24 @@ Trainer on the same model and batch, 1 vs 2 GPUs, and distillation step time wit
 
 One mode per process (GPU memory starts clean). `--all` runs every mode in subprocesses (the 2-GPU one through
 torchrun) and writes bench/results/train_throughput.json. Model: Qwen2.5-0.5B-shaped, random init; teacher:
-Qwen2.5-1.5B-shaped; bf16 autocast; sequence 2048; micro-batch 8; random tokens, every token supervised.
+Qwen2.5-1.5B-shaped; sequence 2048; micro-batch 8; random tokens, every token supervised.
 
-    python bench/train_throughput.py --all [--steps 20] [--out bench/results/train_throughput.json]
+Hugging Face Trainer runs three ways: its defaults (`hf_trainer_1gpu`: fp32 weights under bf16 autocast, eager,
+AdamW), tuned (`hf_trainer_tuned_1gpu`: the model in bf16, `torch_compile=True`, `optim="adamw_torch_fused"`), and
+tuned with Liger's kernels (`hf_trainer_liger_1gpu`: `use_liger_kernel=True`; when liger-kernel is not installed or
+the run crashes, the row records why). Every 1-GPU SFT row is also reported as a ratio of the tuned row's tokens/s.
+
+    python bench/train_throughput.py --all [--steps 20] [--only name,name] [--out bench/results/train_throughput.json]
+    python bench/train_throughput.py --all --smoke    # CPU, a tiny model: checks every 1-GPU row's code path
+
+With `--only`, rows of an earlier run of the same setup in --out stay (its notes and history too).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
+import importlib.util
 import json
 import os
 import statistics
@@ -27,6 +37,35 @@ STUDENT = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, nu
                num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096)
 TEACHER = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096)
+# --smoke: the same code paths on CPU with tiny shapes
+SMOKE_STUDENT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True, max_position_embeddings=256)
+SMOKE_TEACHER = {**SMOKE_STUDENT, "num_hidden_layers": 3}
+SMOKE_SIZES = {"steps": 4, "warmup": 1, "batch": 2, "seq": 64, "chunk": 64}
+HISTORY = ("notes", "earlier_runs", "later_runs")  # hand-kept keys of --out that a new write keeps
+TUNED = "hf_trainer_tuned_1gpu"
+
+
+def shapes(args) -> tuple[dict, dict]:
+    return (SMOKE_STUDENT, SMOKE_TEACHER) if args.smoke else (STUDENT, TEACHER)
+
+
+def bench_device(args) -> torch.device:
+    return torch.device("cpu") if args.smoke else torch.device("cuda", torch.cuda.current_device())
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_gb(device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
+
+
+def mfu(tokens_per_s: float, flops: float, gpus: int, device) -> float | None:
+    """Model FLOPs utilisation against the GPU's bf16 peak (none on CPU)."""
+    return tokens_per_s * flops / (PEAK_BF16_FLOPS * gpus) if device.type == "cuda" else None
 
 
 def build(shape: dict, device):
@@ -61,12 +100,13 @@ def run_prunekit(args, distill: bool = False) -> dict:
         torch.distributed.init_process_group("nccl")
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     rank, world_size = world()
-    device = torch.device("cuda", torch.cuda.current_device())
-    model = build(STUDENT, device)
+    device = bench_device(args)
+    student_shape, teacher_shape = shapes(args)
+    model = build(student_shape, device)
     objective = SFTObjective(chunk_size=args.chunk)
     if distill:
         teacher_device = torch.device("cuda", args.teacher_gpu) if args.teacher_gpu is not None else device
-        teacher = build(TEACHER, teacher_device).to(torch.bfloat16)
+        teacher = build(teacher_shape, teacher_device).to(torch.bfloat16)
         if args.compile:
             from prunekit.engine.loop import compile_layers
             compile_layers(teacher)
@@ -76,12 +116,13 @@ def run_prunekit(args, distill: bool = False) -> dict:
     cfg = load_config(stage, None, {
         "model": "bench", "train": "bench", "output_dir": tmp, "max_steps": args.steps, "batch_size": args.batch,
         "max_length": args.seq, "bf16": True, "param_dtype": args.param_dtype, "compile": args.compile, "lr": 1e-5, "save_interval": 10 ** 9, "eval_interval": 10 ** 9,
-        "wandb.mode": "disabled", "parallel.workers": world_size, "ray.use_gpu": True, "parallel.strategy": args.strategy,
+        "wandb.mode": "disabled", "parallel.workers": world_size, "ray.use_gpu": device.type == "cuda",
+        "parallel.strategy": args.strategy,
         **({"teacher": "bench"} if distill else {})})
     reporter = LocalReporter(Path(tmp), "bench", cfg)
     reporter.checkpoint = lambda *a, **k: None  # measure training steps, not checkpoint I/O
-    data = samples(args.batch * world_size * args.steps, args.seq, STUDENT["vocab_size"])
-    torch.cuda.synchronize()
+    data = samples(args.batch * world_size * args.steps, args.seq, student_shape["vocab_size"])
+    sync(device)
     if args.profile:  # a kernel table of the steady state: where the step time goes
         from torch.profiler import ProfilerActivity, profile, schedule
         prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
@@ -103,30 +144,44 @@ def run_prunekit(args, distill: bool = False) -> dict:
     tps = statistics.median(m["train/tokens_per_s"] for m in steady)
     step_s = statistics.median(m["train/tokens"] / m["train/tokens_per_s"] for m in steady)
     return {"tokens_per_s": tps, "step_seconds": step_s, "gpus": world_size, "first_step_loss": lines[0]["train/loss"],
-            "mfu": tps * flops_per_token(model, args.seq) / (PEAK_BF16_FLOPS * world_size),
-            "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9}
+            "mfu": mfu(tps, flops_per_token(model, args.seq), world_size, device),
+            "peak_memory_gb": peak_memory_gb(device)}
+
+
+HF_SETTINGS = {"hf": "defaults: fp32 weights under bf16 autocast, eager, AdamW",
+               "hf_tuned": "the model in bf16, torch_compile=True, optim=adamw_torch_fused",
+               "hf_liger": "the model in bf16, torch_compile=True, optim=adamw_torch_fused, use_liger_kernel=True"}
 
 
 def run_hf(args) -> dict:
+    """Hugging Face Trainer at its defaults (`--mode hf`), tuned (`hf_tuned`), or tuned with Liger (`hf_liger`)."""
+    tuned, liger = args.mode in ("hf_tuned", "hf_liger"), args.mode == "hf_liger"
+    if liger and importlib.util.find_spec("liger_kernel") is None:
+        return {"skipped": "liger-kernel is not installed (pip install liger-kernel)", "settings": HF_SETTINGS[args.mode]}
     from transformers import Trainer, TrainerCallback, TrainingArguments
-    device = torch.device("cuda")
-    model = build(STUDENT, device)
-    data = samples(args.batch * args.steps, args.seq, STUDENT["vocab_size"])
+    device = bench_device(args)
+    student_shape, _ = shapes(args)
+    model = build(student_shape, device)
+    if tuned:
+        model.to(torch.bfloat16)
+    data = samples(args.batch * args.steps, args.seq, student_shape["vocab_size"])
     times = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
-            torch.cuda.synchronize()
+            sync(device)
             self.t = time.perf_counter()
 
         def on_step_end(self, *a, **k):
-            torch.cuda.synchronize()
+            sync(device)
             times.append(time.perf_counter() - self.t)
 
     out = tempfile.mkdtemp(prefix="bench-hf-")
     targs = TrainingArguments(output_dir=out, per_device_train_batch_size=args.batch, max_steps=args.steps,
                               bf16=True, learning_rate=1e-5, logging_steps=10 ** 9, save_strategy="no",
-                              report_to=[], dataloader_num_workers=0, disable_tqdm=True)
+                              report_to=[], dataloader_num_workers=0, disable_tqdm=True, use_cpu=device.type == "cpu",
+                              torch_compile=tuned, optim="adamw_torch_fused" if tuned else "adamw_torch",
+                              use_liger_kernel=liger)
 
     class DS(torch.utils.data.Dataset):
         def __len__(self):
@@ -137,21 +192,34 @@ def run_hf(args) -> dict:
     Trainer(model=model, args=targs, train_dataset=DS(), callbacks=[Timer()]).train()
     step_s = statistics.median(times[args.warmup:])
     tps = args.batch * args.seq / step_s
-    return {"tokens_per_s": tps, "step_seconds": step_s, "gpus": 1,
-            "mfu": tps * flops_per_token(model, args.seq) / PEAK_BF16_FLOPS,
-            "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9}
+    out = {"tokens_per_s": tps, "step_seconds": step_s, "gpus": 1, "mfu": mfu(tps, flops_per_token(model, args.seq),
+                                                                              1, device),
+           "peak_memory_gb": peak_memory_gb(device), "settings": HF_SETTINGS[args.mode]}
+    if liger:
+        out["liger_kernel"] = importlib.metadata.version("liger-kernel")
+    return out
+
+
+def failure_reason(proc: subprocess.CompletedProcess) -> str:
+    """One line: the exception a crashed run ended with (its last line naming an error), and the exit status."""
+    lines = [x.strip() for x in (proc.stderr or "").splitlines() if x.strip()]
+    errors = [x for x in lines if "Error" in x.split(":")[0] or "Exception" in x.split(":")[0]]
+    last = errors[-1] if errors else (lines[-1] if lines else "no output")
+    return f"exit {proc.returncode}: {last[:400]}"
 
 
 def run_all(args) -> None:
-    n_gpus = torch.cuda.device_count()
+    n_gpus = 0 if args.smoke else torch.cuda.device_count()
     here = Path(__file__).resolve()
     common = ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
-              "--chunk", str(args.chunk), "--warmup", str(args.warmup)]
+              "--chunk", str(args.chunk), "--warmup", str(args.warmup)] + (["--smoke"] if args.smoke else [])
     results = {}
     one = {"CUDA_VISIBLE_DEVICES": "0"}
     me = [sys.executable, str(here), "--mode"]
     fast = ["--param-dtype", "bfloat16", "--compile"]
     plan = [("hf_trainer_1gpu", me + ["hf"], one),
+            (TUNED, me + ["hf_tuned"], one),
+            ("hf_trainer_liger_1gpu", me + ["hf_liger"], one),
             ("prunekit_1gpu", me + ["prunekit"], one),
             ("prunekit_1gpu_bf16_compiled", me + ["prunekit"] + fast, one),
             ("prunekit_distill_1gpu_bf16_compiled", me + ["distill"] + fast, one)]
@@ -170,44 +238,61 @@ def run_all(args) -> None:
     for name, cmd, env in plan:
         proc = subprocess.run(cmd + common, capture_output=True, text=True, env={**os.environ, **env})
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        results[name] = json.loads(line[-1][7:]) if line else {"error": proc.stderr[-1500:]}
+        results[name] = json.loads(line[-1][7:]) if line else {"error": failure_reason(proc)}
+        if name == "hf_trainer_liger_1gpu" and not line:
+            results[name]["settings"] = HF_SETTINGS["hf_liger"]
         print(name, results[name], flush=True)
         write_results(args, n_gpus, results)
 
 
 def write_results(args, n_gpus: int, results: dict) -> None:
-    r = results
+    setup = {"model": "Qwen2.5-0.5B-shaped (random init)" if not args.smoke else "tiny Qwen2 (smoke, CPU)",
+             "teacher": "Qwen2.5-1.5B-shaped (bf16, frozen)" if not args.smoke else "tiny Qwen2 (smoke, CPU)",
+             "seq": args.seq, "micro_batch": args.batch, "steps": args.steps, "warmup_steps": args.warmup,
+             "precision": "hf_trainer_1gpu and prunekit_1gpu: bf16 autocast over fp32 weights; hf_trainer_tuned_1gpu "
+                          "and hf_trainer_liger_1gpu: the model in bf16 (under bf16 autocast), torch_compile, fused "
+                          "AdamW (+ Liger's kernels); *_bf16_compiled: bf16 weights + fused AdamW, each decoder layer "
+                          "torch.compile'd", "peak_flops": PEAK_BF16_FLOPS}
+    path = Path(args.out)
+    before = json.loads(path.read_text()) if path.is_file() else {}
+    same_setup = {k: before.get("setup", {}).get(k) for k in ("model", "seq", "micro_batch", "steps")} == \
+        {k: setup[k] for k in ("model", "seq", "micro_batch", "steps")}
+    r = {**before.get("results", {}), **results} if args.only and same_setup else results
+
     def ratio(a, b, key="tokens_per_s"):
         return r[a][key] / r[b][key] if key in r.get(a, {}) and key in r.get(b, {}) else None
-    ratios = {"prunekit_same_precision_vs_hf_trainer": ratio("prunekit_1gpu", "hf_trainer_1gpu"),
-              "prunekit_vs_hf_trainer": ratio("prunekit_1gpu_bf16_compiled", "hf_trainer_1gpu"),
+    ratios = {"prunekit_vs_hf_trainer_tuned": ratio("prunekit_1gpu_bf16_compiled", TUNED),
+              "prunekit_vs_hf_trainer_defaults": ratio("prunekit_1gpu_bf16_compiled", "hf_trainer_1gpu"),
+              "prunekit_same_precision_vs_hf_trainer_defaults": ratio("prunekit_1gpu", "hf_trainer_1gpu"),
               "two_vs_one_gpu": ratio("prunekit_2gpu_bf16_compiled", "prunekit_1gpu_bf16_compiled"),
               "distill_vs_sft_step_time": ratio("prunekit_distill_1gpu_bf16_compiled", "prunekit_1gpu_bf16_compiled",
                                                 "step_seconds"),
               "distill_teacher_own_gpu_vs_sft_step_time": ratio("prunekit_distill_teacher_own_gpu_bf16_compiled",
-                                                                "prunekit_1gpu_bf16_compiled", "step_seconds")}
+                                                                "prunekit_1gpu_bf16_compiled", "step_seconds"),
+              # tokens/s of every 1-GPU SFT row over the tuned Trainer's: the peer at its best is the reference
+              "vs_hf_trainer_tuned": {name: ratio(name, TUNED) for name in
+                                      ("hf_trainer_1gpu", "hf_trainer_liger_1gpu", "prunekit_1gpu",
+                                       "prunekit_1gpu_bf16_compiled") if ratio(name, TUNED) is not None}}
     for n in (2, 4, 8):  # parallel efficiency: n-GPU tokens/s over n x the 1-GPU (DDP) tokens/s
         for strategy, name in (("ddp", f"prunekit_{n}gpu_bf16_compiled"), ("fsdp", f"prunekit_{n}gpu_fsdp_bf16_compiled")):
             speedup = ratio(name, "prunekit_1gpu_bf16_compiled")
             if speedup is not None:
                 ratios[f"{strategy}_{n}gpu_efficiency"] = speedup / n
-    goals = {"prunekit_vs_hf_trainer": ">= 1.8", "two_vs_one_gpu": ">= 1.9", "distill_vs_sft_step_time": "<= 1.6",
+    goals = {"prunekit_vs_hf_trainer_tuned": ">= 1.5", "prunekit_1gpu_bf16_compiled_mfu": ">= 0.55",
+             "two_vs_one_gpu": ">= 1.9", "distill_vs_sft_step_time": "<= 1.6",
              "distill_teacher_own_gpu_vs_sft_step_time": "<= 1.6"}
     out = {"benchmark": "train_throughput", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": {"gpu": torch.cuda.get_device_name(0) if n_gpus else None, "gpus": n_gpus,
                        "torch": torch.__version__, "transformers": __import__("transformers").__version__},
-           "setup": {"model": "Qwen2.5-0.5B-shaped (random init)", "teacher": "Qwen2.5-1.5B-shaped (bf16, frozen)",
-                     "seq": args.seq, "micro_batch": args.batch, "steps": args.steps, "warmup_steps": args.warmup,
-                     "precision": "hf_trainer and prunekit_1gpu: bf16 autocast over fp32 weights; *_bf16_compiled: "
-                                  "bf16 weights + fused AdamW, each decoder layer torch.compile'd", "peak_flops": PEAK_BF16_FLOPS},
-           "results": results, "ratios": ratios, "goals": goals}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+           "setup": setup, "results": r, "measured_now": sorted(results), "ratios": ratios, "goals": goals,
+           **{k: before[k] for k in HISTORY if k in before}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["hf", "prunekit", "distill"])
+    p.add_argument("--mode", choices=["hf", "hf_tuned", "hf_liger", "prunekit", "distill"])
     p.add_argument("--all", action="store_true")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
@@ -220,11 +305,22 @@ def main():
     p.add_argument("--teacher-gpu", type=int, default=None, help="distill: put the teacher on this GPU index")
     p.add_argument("--only", default="", help="--all: comma-separated subset of the runs")
     p.add_argument("--profile", action="store_true", help="print a kernel-time table of 3 steady-state steps")
-    p.add_argument("--out", default="bench/results/train_throughput.json")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes and sizes: the 1-GPU rows' code paths")
+    p.add_argument("--out", default=None, help="default bench/results/train_throughput.json (--smoke: "
+                                                   "train_throughput_smoke.json)")
     args = p.parse_args()
+    if args.smoke:
+        if args.teacher_gpu is not None or args.strategy != "ddp" or args.profile:
+            p.error("--smoke: one CPU process (no --teacher-gpu, --strategy fsdp or --profile)")
+        for key, value in SMOKE_SIZES.items():
+            setattr(args, key, value)
+    args.out = args.out or f"bench/results/train_throughput{'_smoke' if args.smoke else ''}.json"
     if args.all:
         return run_all(args)
-    result = {"hf": run_hf, "prunekit": run_prunekit, "distill": lambda a: run_prunekit(a, distill=True)}[args.mode](args)
+    if not args.mode:
+        p.error("give --mode or --all")
+    result = {"hf": run_hf, "hf_tuned": run_hf, "hf_liger": run_hf, "prunekit": run_prunekit,
+              "distill": lambda a: run_prunekit(a, distill=True)}[args.mode](args)
     if result:
         print("RESULT " + json.dumps(result), flush=True)
 

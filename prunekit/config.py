@@ -279,11 +279,15 @@ class DistillConfig(KDConfig, KVMergeConfig, TrainConfig):
         return v
 
 
-class LoraTrainConfig(TrainConfig):
+class LoraSettings(Strict):
+    """The LoRA adapters (`prunekit lora`; knockout trials with `trial_mode: lora` as their `lora:` block)."""
     rank: int = 16
     alpha: int = 32
     dropout: float = 0.05
     target_modules: list[str] | None = None   # default: the text model's linear projections
+
+
+class LoraTrainConfig(LoraSettings, TrainConfig):
     lr: float = 1e-4
 
 
@@ -389,9 +393,10 @@ class KnockoutCandidates(Strict):
 
 
 class KnockoutTune(Strict):
-    """Ray Tune: one trial per candidate (one process; several share a GPU with a fractional gpus_per_trial)."""
+    """Ray Tune: one trial per candidate (one process; several share a GPU with a fractional gpus_per_trial; one
+    trial spans several GPUs with gpus_per_trial 2, 4, ...)."""
     cpus_per_trial: float = 1
-    gpus_per_trial: float = 0                 # 0: CPU trials; 0.25 packs four small trials on one GPU
+    gpus_per_trial: float = 0                 # 0: CPU trials; 0.25 packs four small trials on one GPU; 2: FSDP2 over 2
     max_concurrent_trials: int | None = None  # None: as many as the resources allow
     asha: bool = False                        # ASHA early stopping on eval loss (key layers stop early)
     asha_grace_steps: int = 10
@@ -400,6 +405,32 @@ class KnockoutTune(Strict):
     # one process runs trial after trial (imports and CUDA init once); None: on GPU trials only (a reused CPU trial
     # process keeps growing: bench/README.md, "Measured on the way")
     reuse_actors: bool | None = None
+    # processes per trial: a trial of N workers runs FSDP2 over them (Ray Train inside the Tune trial; gloo on CPU)
+    # and splits its batch_size across them. Default: gpus_per_trial when that is a whole number >= 1 (one GPU per
+    # worker), else 1. cpus_per_trial is then each worker's. Left out of dumps while unset.
+    workers_per_trial: int | None = Field(None, exclude_if=lambda v: v is None)
+
+    @model_validator(mode="after")
+    def _workers(self):
+        g, n = self.gpus_per_trial, self.workers_per_trial
+        if g > 1 and g != int(g):
+            raise ValueError(f"gpus_per_trial: above 1 it is the GPUs of a trial, a whole number (got {g:g})")
+        if n is not None and n < 1:
+            raise ValueError("workers_per_trial must be >= 1")
+        if n is not None and n > 1 and 0 < g < 1:
+            raise ValueError(f"workers_per_trial: {n} workers need a GPU each; gpus_per_trial {g:g} packs "
+                             f"single-process trials onto one GPU")
+        if n is not None and g >= 1 and n != int(g):
+            raise ValueError(f"workers_per_trial: {n} disagrees with gpus_per_trial: {g:g} (each worker of a trial "
+                             f"holds one GPU)")
+        return self
+
+    @property
+    def workers(self) -> int:
+        """Processes (Ray Train workers) each trial runs."""
+        if self.workers_per_trial is not None:
+            return self.workers_per_trial
+        return int(self.gpus_per_trial) if self.gpus_per_trial >= 1 else 1
 
 
 class TrialConfig(TrainConfig):
@@ -420,12 +451,16 @@ class KnockoutConfig(RemovalBudget, TrialConfig):
     spike_window: float = 0.25                # early-spike flag: the first this fraction of steps ...
     spike_margin: float = 0.25                # ... train loss on average more than this above the baseline's
     importance: bool = True                   # training-free scores beside the knockout (one extra Ray task)
+    # full: each trial fine-tunes every weight of the pruned model; lora: it trains LoRA adapters (`lora:` block) on
+    # the frozen pruned model. Both left out of dumps at their defaults (earlier sweeps keep their names).
+    trial_mode: Literal["full", "lora"] = Field("full", exclude_if=lambda v: v == "full")
+    lora: LoraSettings = Field(LoraSettings(), exclude_if=lambda v: v == LoraSettings())
 
     @model_validator(mode="after")
     def _knockout(self):
         if self.parallel.workers != 1 or self.parallel.strategy != "ddp" or self.ray.use_gpu:
-            raise ValueError("ray: a knockout trial is one process; set its resources with tune.cpus_per_trial / "
-                             "tune.gpus_per_trial")
+            raise ValueError("ray: a knockout trial is one process unless tune says otherwise; set its processes "
+                             "and resources with tune.gpus_per_trial / tune.workers_per_trial / tune.cpus_per_trial")
         if self.max_steps is None:
             raise ValueError("max_steps: a knockout trial needs a step count")
         if not 0 < self.max_params_fraction <= 1 or self.max_layers < 1:
@@ -434,6 +469,14 @@ class KnockoutConfig(RemovalBudget, TrialConfig):
             raise ValueError("need 0 < recoverable_ratio <= free_ratio")
         if self.tune.cpus_per_trial <= 0 or self.tune.gpus_per_trial < 0:
             raise ValueError("tune.cpus_per_trial must be > 0 and tune.gpus_per_trial >= 0")
+        workers = self.tune.workers
+        if self.batch_size % workers:
+            raise ValueError(f"batch_size {self.batch_size} must split evenly over a trial's {workers} workers "
+                             f"(tune.gpus_per_trial / tune.workers_per_trial)")
+        if self.trial_mode == "full" and self.lora != LoraSettings():
+            raise ValueError("lora: the adapters' settings need trial_mode: lora")
+        if self.lora.rank < 1 or not 0 <= self.lora.dropout < 1:
+            raise ValueError("lora: rank must be >= 1 and dropout in [0, 1)")
         return self
 
 
@@ -463,6 +506,9 @@ class WidthSearchConfig(KDConfig, TrialConfig):
         if self.parallel.workers != 1 or self.parallel.strategy != "ddp" or self.ray.use_gpu:
             raise ValueError("ray: a width-search trial is one process; set its resources with tune.cpus_per_trial / "
                              "tune.gpus_per_trial")
+        if self.tune.workers > 1:
+            raise ValueError("tune: a width-search trial is one process (at most 1 GPU: tune.gpus_per_trial <= 1, "
+                             "no tune.workers_per_trial)")
         if self.max_steps is None:
             raise ValueError("max_steps: a width-search trial needs a step count")
         given = [k for k in ("params", "params_fraction", "layer_params_removed") if getattr(self, k) is not None]

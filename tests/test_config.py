@@ -35,7 +35,7 @@ KEYS = {
         loss_chunk_size lr max_layers max_length max_params_fraction max_steps memory_check model name output_dir
         overwrite packing param_dtype ray recoverable_ratio save_interval scheduler seed spike_margin spike_window
         storage_path test_crash_at_step test_fail_candidates train trust_remote_code tune val wandb warmup_ratio
-        weight_decay""",
+        weight_decay trial_mode lora""",
     "width-search": """batch_size beta bf16 candidates compile epochs eval_interval eval_max_samples gpu_memory
         grad_accum grad_clip gradient_checkpointing importance_samples launcher layer_params_removed log_interval
         loss_chunk_size lr max_length max_steps memory_check model name output_dir overwrite packing param_dtype

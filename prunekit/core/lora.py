@@ -19,7 +19,8 @@ import torch
 
 from prunekit import PrunekitError
 from prunekit.core.families import ModelFamily, family_of, get_module
-from prunekit.core.loading import check_output_dir, resolve_model, write_atomically, write_provenance
+from prunekit.core.loading import (check_output_dir, model_from_config, quiet_transformers, resolve_model,
+                                   write_atomically, write_provenance)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -44,8 +45,8 @@ def default_target_modules(model, family: ModelFamily | None = None) -> list[str
     attn = [f"{family.attn_module}.{p}" for p in (*projs, family.o_proj)]
     missing = [a for a in attn if a not in linears]
     if missing:
-        raise PrunekitError(f"{family.name}: attention projections {', '.join(missing)} not found in "
-                            f"{family.text_layers}")
+        raise PrunekitError(f"family {family.name} has no LoRA targets: its attention projections "
+                            f"{', '.join(missing)} are not linear layers of {family.text_layers}")
     return attn + sorted(n for n in linears if n not in attn)
 
 
@@ -73,6 +74,17 @@ def target_regex(model, target_modules=None, family: ModelFamily | None = None) 
             raise PrunekitError(f"--target-modules: {', '.join(unknown)} not among the text layers' linear modules "
                                 f"({', '.join(linears)})")
     return rf"{re.escape(family.text_layers)}\.\d+\.(?:{'|'.join(re.escape(r) for r in rel)})"
+
+
+def config_target_regex(model_dir: Path, target_modules=None, trust_remote_code: bool = False) -> str:
+    """`target_regex` of the model in `model_dir`, found on a skeleton of it on the meta device: config.json only,
+    no weights, no memory (checks a run's LoRA targets before anything is loaded)."""
+    from transformers import AutoConfig
+    with quiet_transformers():
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = model_from_config(config)
+    return target_regex(model, target_modules)
 
 
 def apply_lora(model, rank: int = 16, alpha: float = 32, dropout: float = 0.05, target_modules=None):

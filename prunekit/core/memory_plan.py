@@ -55,7 +55,9 @@ the cross-entropy is compiled on GPU, 2 a C V (its logits in, its gradient out);
 
 The teacher (distillation) is not sharded by any strategy: its full weights sit beside the student (`same_gpu`) or
 on the worker's second GPU (`own_gpu`), in bf16 when `bf16: true` else float32, plus its final hidden states. A
-knockout trial is one process: `tune.gpus_per_trial` below 1 packs floor(1 / gpus_per_trial) trials on one GPU.
+knockout trial is one process: `tune.gpus_per_trial` below 1 packs floor(1 / gpus_per_trial) trials on one GPU;
+`tune.gpus_per_trial: N` (N >= 2) runs each trial as FSDP2 over N GPUs, batch_size / N rows on each. A knockout trial
+with `trial_mode: lora` trains LoRA adapters as `prunekit lora` does (P' the adapters).
 """
 from __future__ import annotations
 
@@ -221,7 +223,7 @@ def gib(n: float) -> str:
 class Settings:
     """What the engine's memory depends on (TrainConfig and friends: `settings_from_config`)."""
     stage: str = "sft"                 # sft | distill | lora | knockout
-    gpus: int = 1                      # GPUs the run's model state is spread over (workers; knockout: 1)
+    gpus: int = 1                      # GPUs the run's model state is spread over (workers; knockout: a trial's)
     strategy: str = "ddp"              # ddp | fsdp | deepspeed
     zero_stage: int = 2
     cpu_offload: bool = False
@@ -239,28 +241,39 @@ class Settings:
     lora_rank: int = 16
     lora_dropout: float = 0.0
     trials_per_gpu: int = 1            # knockout: trials sharing one GPU
+    trial_mode: str = "full"           # knockout: full | lora (LoRA adapters on the frozen pruned model)
+
+    @property
+    def lora(self) -> bool:
+        """Only LoRA adapters train (the lora stage, LoRA knockout trials)."""
+        return self.stage == "lora" or self.trial_mode == "lora"
 
 
 def settings_from_config(stage: str, cfg, gpus: int | None = None, teacher: ModelShape | None = None) -> Settings:
     """Settings of a validated stage config (TrainConfig, DistillConfig, LoraTrainConfig, KnockoutConfig).
     `gpus` (the GPUs the run uses) overrides the config's workers: `own_gpu` distillation uses two per worker."""
     per_worker = 2 if getattr(cfg, "teacher_placement", "same_gpu") == "own_gpu" else 1
+    strategy, batch, lora = cfg.parallel.strategy, cfg.batch_size, cfg
     if stage == "knockout":
         g = cfg.tune.gpus_per_trial
         trials = max(1, math.floor(1 / g + 1e-9)) if 0 < g < 1 else 1
         if cfg.tune.max_concurrent_trials:
             trials = min(trials, cfg.tune.max_concurrent_trials)
-        workers = 1
+        workers = cfg.tune.workers if g >= 1 else 1
+        if workers > 1:  # FSDP2 inside the trial, its batch split over the workers (engine/trial.py)
+            strategy, batch = "fsdp", cfg.batch_size // workers
+        lora = cfg.lora
     else:
         trials = 1
         workers = max(1, (gpus // per_worker) if gpus else cfg.parallel.workers)
     return Settings(
-        stage=stage, gpus=workers, strategy=cfg.parallel.strategy, zero_stage=cfg.parallel.zero_stage,
+        stage=stage, gpus=workers, strategy=strategy, zero_stage=cfg.parallel.zero_stage,
         cpu_offload=cfg.parallel.cpu_offload, bf16=cfg.bf16, param_dtype=cfg.param_dtype,
-        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_length=cfg.max_length, packing=cfg.packing,
+        batch_size=batch, grad_accum=cfg.grad_accum, max_length=cfg.max_length, packing=cfg.packing,
         loss_chunk_size=cfg.loss_chunk_size, gradient_checkpointing=cfg.gradient_checkpointing, compile=cfg.compile,
         teacher=teacher, teacher_placement=getattr(cfg, "teacher_placement", "same_gpu"),
-        lora_rank=getattr(cfg, "rank", 16), lora_dropout=getattr(cfg, "dropout", 0.0), trials_per_gpu=trials)
+        lora_rank=getattr(lora, "rank", 16), lora_dropout=getattr(lora, "dropout", 0.0), trials_per_gpu=trials,
+        trial_mode=getattr(cfg, "trial_mode", "full"))
 
 
 def gpus_used(s: Settings) -> int:
@@ -277,8 +290,14 @@ def precision(s: Settings) -> str:
 def describe(s: Settings) -> str:
     """'fsdp2 over 8 GPUs, bf16 weights, batch 4 x 2048 tokens, checkpointing'."""
     strategy = {"ddp": "ddp", "fsdp": "fsdp2", "deepspeed": f"ZeRO-{s.zero_stage}"}[s.strategy]
-    parts = [f"{strategy} over {s.gpus} GPU{'s' if s.gpus > 1 else ''}" if s.stage != "knockout" else
-             f"{s.trials_per_gpu} trial{'s' if s.trials_per_gpu > 1 else ''} per GPU"]
+    if s.stage != "knockout":
+        parts = [f"{strategy} over {s.gpus} GPU{'s' if s.gpus > 1 else ''}"]
+    elif s.gpus > 1:
+        parts = [f"each trial {strategy} over {s.gpus} GPUs"]
+    else:
+        parts = [f"{s.trials_per_gpu} trial{'s' if s.trials_per_gpu > 1 else ''} per GPU"]
+    if s.stage == "knockout" and s.lora:
+        parts.append(f"LoRA trials (rank {s.lora_rank})")
     if s.cpu_offload:
         parts.append("CPU offload")
     parts.append({"bf16": "bf16 weights", "autocast": "bf16 autocast over fp32 weights",
@@ -333,7 +352,7 @@ def activation_bytes_per_token_layer(shape: ModelShape, s: Settings) -> float:
         out = 26 * h + 4 * q + 4 * k + 8 * i + (6 * (q + shape.kv_dim) if shape.head_norms else 0)
     else:
         out = 24 * h + 8 * q + 8 * k + 16 * i + (8 * (q + shape.kv_dim) if shape.head_norms else 0)
-    if s.stage == "lora" and s.lora_dropout > 0:  # each LoRA input goes through its own dropout (+ a bool mask)
+    if s.lora and s.lora_dropout > 0:  # each LoRA input goes through its own dropout (+ a bool mask)
         act = 4 if mode == "fp32" else 2
         out += (act + 1) * (3 * h + q + 2 * h + i)
     return out + lse
@@ -371,23 +390,23 @@ def _loss_buffers(shape: ModelShape, s: Settings) -> float:
 def _model_states(shape: ModelShape, s: Settings) -> dict[str, float]:
     """weights, gradients (and whether they stay resident), optimizer, gathered, autocast cache: bytes per GPU."""
     p = shape.params
-    train = shape.lora_params(s.lora_rank) if s.stage == "lora" else p
+    train = shape.lora_params(s.lora_rank) if s.lora else p
     w = 2 if s.param_dtype == "bfloat16" else 4
-    n = s.gpus if s.stage != "knockout" else 1
+    n = s.gpus
     mode = precision(s)
     out = {"weights": 0.0, "gradients": 0.0, "optimizer": 0.0, "gathered": 0.0, "autocast_cache": 0.0,
            "grads_resident": 0.0}
     if mode == "autocast":
         out["autocast_cache"] = 2 * train
     strategy = s.strategy if n > 1 or s.strategy != "ddp" else "ddp"
-    if strategy == "ddp" or s.stage in ("knockout",):
+    if strategy == "ddp":
         out.update(weights=p * w, gradients=train * w, optimizer=2 * train * w)
         if n > 1:
             out["grads_resident"] = train * w
     elif strategy == "fsdp":
         root, unit = shape.root_params, shape.largest_unit
         gathered = root * w + 2 * unit * w
-        gathered_grads = (root + 2 * unit) * w if s.stage != "lora" else 0
+        gathered_grads = (root + 2 * unit) * w if not s.lora else 0
         out["gathered"] = gathered + gathered_grads
         if not s.cpu_offload:
             out.update(weights=p * w / n, gradients=train * w / n, optimizer=2 * train * w / n)
@@ -491,11 +510,12 @@ def candidate_fixes(shape: ModelShape, s: Settings, max_gpus: int) -> list[Fix]:
         knobs.append([None, ("gradient_checkpointing: true", 1.0, dict(gradient_checkpointing=True))])
     halvings = [None]
     b = s.batch_size
+    per_trial = s.gpus if s.stage == "knockout" else 1  # a knockout trial's batch_size is split over its GPUs
     k = 1
     while b // (2 ** k) >= 1:
         nb = b // (2 ** k)
         accum = math.ceil(s.grad_accum * b / nb)
-        halvings.append((f"batch_size {nb} (grad_accum {accum} keeps the global batch)", float(k),
+        halvings.append((f"batch_size {nb * per_trial} (grad_accum {accum} keeps the global batch)", float(k),
                          dict(batch_size=nb, grad_accum=accum)))
         k += 1
     knobs.append(halvings)
@@ -509,6 +529,10 @@ def candidate_fixes(shape: ModelShape, s: Settings, max_gpus: int) -> list[Fix]:
             share = "1" if t == 1 else f"{1 / t:g}"
             trials.append((f"tune.gpus_per_trial: {share} ({t} trial{'s' if t > 1 else ''} per GPU)",
                            1.0 * math.log2(s.trials_per_gpu / t), dict(trials_per_gpu=t)))
+        for n in _powers_of_two_up_to(max_gpus):  # each trial FSDP2 over n GPUs (applied below: it splits the batch)
+            if n > s.gpus:
+                trials.append((f"tune.gpus_per_trial: {n} (each trial FSDP2 over {n} GPUs)",
+                               1.5 + 0.5 * math.log2(n), dict(trial_gpus=n)))
         knobs.append(trials)
     else:
         per = 2 if s.stage == "distill" and s.teacher_placement == "own_gpu" else 1
@@ -528,7 +552,14 @@ def candidate_fixes(shape: ModelShape, s: Settings, max_gpus: int) -> list[Fix]:
         changes: dict = {}
         for _, _, kw in chosen:
             changes.update(kw)
+        trial_gpus = changes.pop("trial_gpus", None)
         new = replace(s, **changes)
+        if trial_gpus is not None:
+            trial_batch = new.batch_size * s.gpus
+            if trial_batch % trial_gpus:
+                continue  # the trial's batch does not split over that many GPUs
+            new = replace(new, gpus=trial_gpus, strategy="fsdp", trials_per_gpu=1,
+                          batch_size=trial_batch // trial_gpus)
         if new.cpu_offload and new.strategy != "fsdp":
             continue  # offload is FSDP2's: only together with fsdp
         fixes.append(Fix(new, tuple(text for text, _, _ in chosen), sum(cost for _, cost, _ in chosen),
@@ -563,6 +594,10 @@ def verdict_line(shape: ModelShape, s: Settings, gpu_bytes: float, max_gpus: int
     if fix is not None:
         return False, f"{head}; smallest fix: {fix.text} (-> {gib(fix.plan.required)} per GPU)"
     best = best_effort(shape, s, max_gpus)
+    lora = (smallest_fix(shape, replace(s, trial_mode="lora"), gpu_bytes, max_gpus)
+            if s.stage == "knockout" and not s.lora else None)
+    hint = "" if lora is None else (" (LoRA trials fit: trial_mode: lora" + (f", {lora.text}" if lora.changes else "")
+                                    + f" -> {gib(lora.plan.required)} per GPU)")
     return False, (f"{head}; it cannot fit under any strategy on {max_gpus} GPU{'s' if max_gpus > 1 else ''} of "
                    f"{gib(gpu_bytes)}: even {best.text} needs {gib(best.plan.required)} per GPU, "
-                   f"{gib(best.plan.required - gpu_bytes)} too much")
+                   f"{gib(best.plan.required - gpu_bytes)} too much{hint}")

@@ -182,7 +182,8 @@ def analyse(candidates: list[Candidate], params_removed: dict[str, int], params_
             errors: dict, importance: dict, cfg) -> list[dict]:
     """One row per candidate: its trial's token_acc against the baseline's at the same step (the ratio), the early
     loss excess, the verdict (`cfg`: max_steps, spike_window, spike_margin, free_ratio, recoverable_ratio) and the
-    training-free scores; a candidate without a result is `error` or `pending`."""
+    training-free scores, and how its trial trained (mode, workers, trained parameters); a candidate without a result
+    is `error` or `pending`."""
     base = results.get(BASELINE)
     base_acc = base["final"].get("eval/token_acc") if base else None
     base_curve = {int(s): v for s, v in base["train_loss"].items()} if base else {}
@@ -208,6 +209,9 @@ def analyse(candidates: list[Candidate], params_removed: dict[str, int], params_
         base0 = base.get("step0", {}).get("eval/token_acc") if base else None
         excess = (early_excess({int(s): v for s, v in res["train_loss"].items()}, base_curve, cfg.max_steps,
                                cfg.spike_window) if cand.size and base else None)
+        extra = res.get("extra", {})  # how the trial trained (trials written before trial_mode existed: full)
+        row.update(trial_mode=extra.get("trial_mode", "full"), workers=len(extra.get("workers", [None])),
+                   params_trainable=extra.get("params_trainable"))
         row.update(status=res["status"], eval_loss=final.get("eval/loss"), eval_token_acc=acc, ratio=ratio,
                    ratio_step0=acc0 / base0 if acc0 is not None and base0 else None, early_excess=excess,
                    early_spike=bool(excess is not None and excess > cfg.spike_margin), steps=res.get("steps"),

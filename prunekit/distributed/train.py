@@ -2,7 +2,9 @@
 RunConfig(storage_path, name), FailureConfig restarts, and resume when the same name runs again."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -94,6 +96,90 @@ def _trainer_class():
     return Trainer
 
 
+def torch_trainer(worker_fn, loop_config: dict, *, num_workers: int, use_gpu: bool, cpus_per_worker: float,
+                  gpus_per_worker: float, run_config, trainer_class=None):
+    """The Ray Train TorchTrainer every prunekit worker group runs in (a training stage's workers, a knockout
+    trial's): `worker_fn(loop_config)` on `num_workers` workers, torch.distributed set up over them (NCCL on GPUs,
+    gloo on CPU)."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    resources = {"CPU": cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = gpus_per_worker
+    return (trainer_class or TorchTrainer)(
+        worker_fn, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"), run_config=run_config)
+
+
+STATE_API_ENV = "RAY_API_SERVER_ADDRESS"
+NOWHERE = "http://127.0.0.1:1"  # no State API answers here: Ray's own clients then fail, and say so
+
+
+def own_state_api() -> str:
+    """This cluster's State API (its dashboard's HTTP server), when one runs: the address this cluster's GCS
+    records for its dashboard, used only when the server there says (asked with this cluster's token when Ray's
+    token authentication is on) that it serves this cluster's session. A cluster started without the dashboard's
+    HTTP server still records the default port, where another Ray instance on the host may listen. Else
+    `NOWHERE`."""
+    import ray
+    import requests
+    from ray._private import ray_constants
+    from ray.experimental import internal_kv
+    with contextlib.suppress(Exception):  # no address recorded, nothing answering, not a dashboard: no State API
+        from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+        address = internal_kv._internal_kv_get(ray_constants.DASHBOARD_ADDRESS,
+                                               namespace=ray_constants.KV_NAMESPACE_DASHBOARD).decode()
+        url = f"http://{address}"
+        reply = requests.get(f"{url}/api/version", timeout=5, headers=get_auth_headers_if_auth_enabled({}))
+        session = reply.json().get("session_name")
+        if session == ray._private.worker.global_worker.node.session_name:
+            return url
+    return NOWHERE
+
+
+@contextlib.contextmanager
+def controller_knows_cluster():
+    """While a fit starts its controller: RAY_API_SERVER_ADDRESS names this cluster's State API (`own_state_api`)
+    and travels to the controller with Ray Train's own environment variables. The controller starts a detached
+    placement-group cleaner that asks the State API whether the controller still lives; left to itself it finds
+    one from RAY_ADDRESS, else from the last Ray instance started on the host: on a host running several instances
+    it would ask another one, not find this run's controller there, and remove the live run's placement group (its
+    workers die mid-run). Without a State API of its own the cleaner only warns."""
+    from ray.train.v2._internal import constants
+    constants.ENV_VARS_TO_PROPAGATE.add(STATE_API_ENV)
+    before = os.environ.get(STATE_API_ENV)
+    if not before:
+        os.environ[STATE_API_ENV] = own_state_api()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(STATE_API_ENV, None)
+        else:
+            os.environ[STATE_API_ENV] = before
+
+
+def run_worker_group(worker_fn, loop_config: dict, *, num_workers: int, use_gpu: bool, cpus_per_worker: float,
+                     name: str, storage_path: Path, callbacks=()) -> None:
+    """Run `worker_fn(loop_config)` on `num_workers` workers (one GPU each on GPUs) and wait for them: no
+    checkpoints, no restarts (a knockout trial spanning several GPUs, inside its Tune trial). A failed worker
+    raises RuntimeError with one line naming its own cause."""
+    from ray.train import FailureConfig, RunConfig
+    trainer = torch_trainer(worker_fn, loop_config, num_workers=num_workers, use_gpu=use_gpu,
+                            cpus_per_worker=cpus_per_worker, gpus_per_worker=1,
+                            run_config=RunConfig(name=name, storage_path=str(storage_path), callbacks=list(callbacks),
+                                                 failure_config=FailureConfig(max_failures=0)))
+    try:
+        with controller_knows_cluster():
+            result = trainer.fit()
+        error = result.error
+    except Exception as e:  # Ray Train >= 2.50 raises WorkerGroupError / ControllerError from fit()
+        error = e
+    if error is not None:
+        raise RuntimeError(failure_cause(error).removeprefix(PRUNEKIT_CAUSE)) from None
+
+
 def remove_partial_checkpoints(run_dir: Path, since: float) -> None:
     """After an interrupted fit: checkpoint directories this fit created that are not whole (a worker stopped while
     uploading one: no manifest yet, or a file short or missing). Older checkpoints are never touched."""
@@ -114,30 +200,24 @@ def launch(stage: str, cfg, build_worker) -> tuple[Path, Path, str]:
     from prunekit.core.interrupts import StopOnSignal, interrupt_for
     from prunekit.distributed.cluster import connect, quiet_ray, stop_local
     connect(cfg.ray.address)
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     name = run_name(stage, cfg)
     storage = Path(cfg.storage_path).resolve()
     run_dir = storage / name
-    resources = {"CPU": cfg.ray.cpus_per_worker}
-    if cfg.ray.use_gpu:
-        resources["GPU"] = cfg.ray.gpus_per_worker
-    trainer = _trainer_class()(
-        _worker,
-        train_loop_config={"stage": stage, "cfg": cfg.model_dump(mode="json"), "run_dir": str(run_dir),
-                           "name": name, "build": build_worker, "fault_env": fault_env()},
-        scaling_config=ScalingConfig(num_workers=cfg.parallel.workers, use_gpu=cfg.ray.use_gpu,
-                                     resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+    trainer = torch_trainer(
+        _worker, {"stage": stage, "cfg": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "name": name,
+                  "build": build_worker, "fault_env": fault_env()},
+        num_workers=cfg.parallel.workers, use_gpu=cfg.ray.use_gpu, cpus_per_worker=cfg.ray.cpus_per_worker,
+        gpus_per_worker=cfg.ray.gpus_per_worker, trainer_class=_trainer_class(),
         run_config=RunConfig(name=name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
     trainer.stop = StopOnSignal()  # armed once the controller exists (see _trainer_class)
     started = time.time() - 1  # directory mtimes may be a little coarse
     try:
         try:
-            result = trainer.fit()
+            with controller_knows_cluster():
+                result = trainer.fit()
             error = result.error
         except (KeyboardInterrupt, PrunekitError):
             raise

@@ -2,6 +2,11 @@
 put into the object store once, per-trial resources (CPUs, a GPU or a fraction of one), max_concurrent_trials,
 optional ASHA. What a trial does is the stage's function, handed in (`distributed/` never imports `stages/`).
 
+A trial of several workers (`tune.gpus_per_trial: 2`, or `tune.workers_per_trial` on CPU) runs its function on a
+Ray Train worker group launched from inside the Tune trial (`distributed/train.py`'s launcher; torch.distributed over
+the workers, NCCL on GPUs and gloo on CPU): the Tune trial itself only waits, and every worker reports through
+`ray.train.report`, rank 0's reports reaching Tune (`TuneReportCallback`).
+
 Trials report every few steps through `tune.report`; a driver-side callback keeps each trial's curve and writes
 `trials/<candidate>/result.json` the moment the trial ends (`error.json` if it failed), so an interrupted sweep
 keeps everything that finished and the next run of the same name starts only the rest.
@@ -45,9 +50,12 @@ class TuneTrialReporter(RunLogger):
     steps (and at every eval) one `tune.report` carrying the train losses of the steps since the last one."""
     progress_bar = False  # many trials share one console
 
-    def __init__(self, run_dir: Path, run_name: str, cfg, total_steps: int):
+    keeps_checkpoints = False  # trials keep no checkpoints
+
+    def __init__(self, run_dir: Path, run_name: str, cfg, total_steps: int, report):
         super().__init__(run_dir, run_name, cfg)
         self.total = total_steps
+        self.report = report  # tune.report in a one-process trial; ray.train.report on a trial's workers (all ranks)
         self.pending_losses: list[list] = []
         self.last_eval: dict = {}
 
@@ -55,11 +63,11 @@ class TuneTrialReporter(RunLogger):
         return None  # a trial is short: an interrupted one starts again
 
     def start(self, start_step: int, total: int) -> None:
-        (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)  # an earlier, unfinished attempt's lines
+        if self.rank == 0:
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)  # an earlier, unfinished attempt's lines
         super().start(start_step, total)
 
     def log(self, step: int, metrics: dict) -> None:
-        from ray import tune
         super().log(step, metrics)
         if "train/loss" in metrics:
             self.pending_losses.append([step, metrics["train/loss"]])
@@ -69,7 +77,7 @@ class TuneTrialReporter(RunLogger):
         if fresh_eval or step % self.cfg.log_interval == 0 or step == self.total:
             out = {"step": step, "fresh_eval": fresh_eval, "train_losses": self.pending_losses, **self.last_eval}
             out.update({FORWARD[k]: v for k, v in metrics.items() if k in FORWARD and not k.startswith("eval/")})
-            tune.report(out)
+            self.report(out)
             self.pending_losses = []
 
     def finish(self) -> None:
@@ -78,9 +86,6 @@ class TuneTrialReporter(RunLogger):
         if used_wandb:  # stop wandb's service now: Ray ends trial processes abruptly, which it reports noisily
             import wandb
             wandb.teardown()
-
-    def checkpoint(self, step, metrics, write_fn, all_ranks, final) -> None:
-        pass  # trials keep no checkpoints
 
 
 class _StopOnSignal(StopOnSignal):
@@ -195,29 +200,59 @@ def _trial_error(trial) -> str:
 
 # ---- the trials ----------------------------------------------------------------------------------------------
 
+HEAD_CPUS = 0.01  # what the Tune trial of a worker group holds itself: it only waits (Tune needs a non-empty bundle)
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
 def _trial(config: dict, shared: list, trial_fn, dir_fn, load_cfg) -> None:
-    """A Tune trial: pull the shared payload, run the stage's `trial_fn` with the engine's Tune reporter."""
+    """A Tune trial: pull the shared payload, run the stage's `trial_fn` with the engine's Tune reporter, in this
+    process or on the trial's worker group."""
+    import ray
+    from ray import tune
+    job = {"candidate": config["candidate"], "shared": shared, "trial_fn": trial_fn, "dir_fn": dir_fn,
+           "load_cfg": load_cfg, "t0": time.time()}
+    cfg = load_cfg(ray.get(shared[0])["cfg"])
+    if cfg.tune.workers == 1:
+        _trial_body(job, tune.report, cfg.tune.gpus_per_trial > 0)
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+    from prunekit.distributed.train import run_worker_group
+    # the worker group waits for its resources while other trials (and the importance task) hold them
+    os.environ.setdefault(START_TIMEOUT_ENV, str(24 * 3600))
+    run_worker_group(_trial_worker, {**job, "use_gpu": cfg.tune.gpus_per_trial > 0}, num_workers=cfg.tune.workers,
+                     use_gpu=cfg.tune.gpus_per_trial > 0, cpus_per_worker=cfg.tune.cpus_per_trial, name="workers",
+                     storage_path=Path(tune.get_context().get_trial_dir()), callbacks=[TuneReportCallback()])
+
+
+def _trial_worker(job: dict) -> None:
+    """One worker of a trial's worker group (torch.distributed is set up): the same trial body, every rank
+    reporting through ray.train.report."""
+    import ray.train
+    _trial_body(job, ray.train.report, job["use_gpu"])
+
+
+def _trial_body(job: dict, report, use_gpu: bool) -> None:
     import ray
     import torch
-    from ray import tune
-    t0 = time.time()
-    payload = ray.get(shared[0])
+    payload = ray.get(job["shared"][0])
     apply_fault_env(payload.get("fault_env", {}))
-    cfg = load_cfg(payload["cfg"])
-    cid = config["candidate"]
+    cfg = job["load_cfg"](payload["cfg"])
+    cid = job["candidate"]
     torch.set_num_threads(max(1, int(cfg.tune.cpus_per_trial)))
-    device = torch.device("cuda", 0) if cfg.tune.gpus_per_trial > 0 else torch.device("cpu")
-    if device.type == "cuda":
+    device = torch.device("cpu")
+    if use_gpu:
+        device = ray.train.torch.get_device() if cfg.tune.workers > 1 else torch.device("cuda", 0)
         torch.cuda.set_device(device)
     base = ray.get(payload["base"])
-    run_dir = dir_fn(Path(payload["run_dir"]), cid)
+    run_dir = job["dir_fn"](Path(payload["run_dir"]), cid)
     run_dir.mkdir(parents=True, exist_ok=True)
-    reporter = TuneTrialReporter(run_dir, f"{payload['name']}-{run_dir.name}", cfg, cfg.max_steps)
+    reporter = TuneTrialReporter(run_dir, f"{payload['name']}-{run_dir.name}", cfg, cfg.max_steps, report)
     fetched = time.time()
-    out = trial_fn(cfg, base, payload, cid, reporter, device)
-    tune.report({"step": cfg.max_steps, "final": True, "fresh_eval": False, "train_losses": [],
-                 **reporter.last_eval, "fetch_s": fetched - t0, "setup_s": out.pop("setup_s", 0.0),
-                 "train_s": out.pop("train_s", 0.0), "trial_s": time.time() - t0, "extra_json": json.dumps(out)})
+    out = job["trial_fn"](cfg, base, payload, cid, reporter, device)
+    t0 = job["t0"]
+    report({"step": cfg.max_steps, "final": True, "fresh_eval": False, "train_losses": [],
+            **reporter.last_eval, "fetch_s": fetched - t0, "setup_s": out.pop("setup_s", 0.0),
+            "train_s": out.pop("train_s", 0.0), "trial_s": time.time() - t0, "extra_json": json.dumps(out)})
 
 
 @dataclass
@@ -246,14 +281,18 @@ def run_trials(cfg, run_dir: Path, name: str, ids: list[str], base: dict, payloa
                            "name": name, "fault_env": fault_env()})
     use_gpu = cfg.tune.gpus_per_trial > 0
     side_ref = None
-    if side_fn is not None:
-        task = ray.remote(num_cpus=cfg.tune.cpus_per_trial, num_gpus=cfg.tune.gpus_per_trial)(_side_task)
+    if side_fn is not None:  # one process (one GPU at most, whatever a trial spans)
+        task = ray.remote(num_cpus=cfg.tune.cpus_per_trial, num_gpus=min(1, cfg.tune.gpus_per_trial))(_side_task)
         side_ref = task.remote([payload_ref], side_fn, use_gpu)
     book = SweepBookkeeper(run_dir, cfg.max_steps, dir_fn=dir_fn)
     interrupt = _StopOnSignal()
     book.stopping = lambda: interrupt.signum is not None
     if ids:
         resources = {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}
+        concurrent = cfg.tune.max_concurrent_trials
+        if cfg.tune.workers > 1:  # the worker group holds the resources; as many trials as their groups fit
+            resources = {"cpu": HEAD_CPUS}
+            concurrent = concurrent or _groups_that_fit(cfg.tune)
         trainable = tune.with_resources(tune.with_parameters(_trial, shared=[payload_ref], trial_fn=trial_fn,
                                                              dir_fn=dir_fn, load_cfg=load_cfg), resources)
         scheduler = None
@@ -266,7 +305,7 @@ def run_trials(cfg, run_dir: Path, name: str, ids: list[str], base: dict, payloa
         tuner = tune.Tuner(
             trainable,
             param_space={"candidate": tune.grid_search(list(ids))},
-            tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=cfg.tune.max_concurrent_trials,
+            tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=concurrent,
                                         reuse_actors=use_gpu if cfg.tune.reuse_actors is None
                                         else cfg.tune.reuse_actors),
             run_config=tune.RunConfig(name=f"attempt-{attempt}", storage_path=str(tune_root),
@@ -292,6 +331,16 @@ def run_trials(cfg, run_dir: Path, name: str, ids: list[str], base: dict, payloa
             book.errors["side"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     del base_ref, payload_ref
     return TrialsResult(book.ran, book.errors, side)
+
+
+def _groups_that_fit(t) -> int:
+    """Trials of `t.workers` workers whose worker groups the cluster holds at once (at least 1: an autoscaling
+    cluster may not show its GPUs yet)."""
+    import ray
+    total = ray.cluster_resources()
+    if t.gpus_per_trial > 0:
+        return max(1, int(total.get("GPU", 0) // t.workers))
+    return max(1, int(total.get("CPU", 0) // (t.workers * t.cpus_per_trial + HEAD_CPUS)))
 
 
 def _side_task(shared: list, side_fn, use_gpu: bool):

@@ -243,8 +243,8 @@ def _train(model, objective, cfg, train_samples, val_samples, pad_id: int, repor
         done = step + 1
         pending = (done, copy, lr)
         evaluate_now = val_samples and (done % cfg.eval_interval == 0 or done == steps)
-        save_now = done % cfg.save_interval == 0 or done == steps
-        if evaluate_now or save_now:
+        save_now = reporter.keeps_checkpoints and (done % cfg.save_interval == 0 or done == steps)
+        if evaluate_now or save_now or done == steps:
             metrics, pending = read_metrics(*pending), None
             if evaluate_now:
                 metrics.update(evaluate_distributed(strategy, val_samples, pad_id, cfg.batch_size, device))

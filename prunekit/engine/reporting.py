@@ -29,6 +29,8 @@ def wandb_mode(mode: str) -> str:
 class RunLogger:
     """Rank-0 logging: a JSONL line per logged step, wandb (offline without an API key), and a tqdm bar."""
     progress_bar = True  # off where many runs share one console (knockout trials)
+    # off where a run keeps no checkpoints (knockout trials): the loop then never gathers a full state dict to write
+    keeps_checkpoints = True
 
     def __init__(self, run_dir: Path, run_name: str, cfg):
         self.run_dir, self.run_name, self.cfg = Path(run_dir), run_name, cfg

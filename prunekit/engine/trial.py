@@ -3,10 +3,16 @@ trial's model built from them in the trial's process (`build_trial_model`: the s
 applies), and the short training run through the one engine (`run_trial`). `knockout_trial` is what a knockout
 sweep's Ray Tune trial runs (`prunekit.distributed.tune.run_trials` is handed it); width-search builds on the same
 pieces.
+
+A trial trains every weight (`trial_mode: full`) or LoRA adapters on the frozen pruned model (`trial_mode: lora`).
+It runs in one process, or in every process of a torch.distributed group (a trial spanning several GPUs): then the
+engine shards it with FSDP2 and each process takes its share of the trial's batch (`trial_engine_config`), so the
+trial measures the same thing on any number of processes.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import warnings
 from pathlib import Path
@@ -58,12 +64,15 @@ def _no_init():
         yield
 
 
-def build_trial_model(base: dict, candidate: Candidate, device):
+def build_trial_model(base: dict, candidate: Candidate, device, frozen: bool = False):
     """The base model without the candidate's layers, on `device`, from the shared weights (never from disk).
-    Layer removal is the same surgery `prunekit prune` applies (LayerDrop + apply_to_model)."""
+    Layer removal is the same surgery `prunekit prune` applies (LayerDrop + apply_to_model). `frozen`: nothing will
+    write to the weights (LoRA trials), so on CPU they stay the object store's read-only memory, shared by every
+    trial on the node, instead of a copy per trial."""
     import torch
     from prunekit.core.surgery import apply_to_model
-    writable = torch.device(device).type == "cpu"  # object-store memory is read-only: CPU training needs a copy
+    # object-store memory is read-only: CPU training of the weights needs a copy
+    writable = torch.device(device).type == "cpu" and not frozen
     tensors = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "non-writable array": nothing writes to it
@@ -91,38 +100,80 @@ def build_trial_model(base: dict, candidate: Candidate, device):
     return model.to(device)
 
 
+def trial_engine_config(cfg):
+    """The settings the engine runs a trial with in this process: the trial's own in one process; across the N
+    processes of a torch.distributed group, FSDP2 over them and batch_size / N rows each (the trial's batch, and so
+    its data order and every step's update, stay what one process would run)."""
+    from prunekit.engine.strategy import world
+    n = world()[1]
+    if n == 1:
+        return cfg
+    if cfg.batch_size % n:
+        raise PrunekitError(f"batch_size {cfg.batch_size} must split evenly over the trial's {n} workers")
+    return cfg.model_copy(update={"batch_size": cfg.batch_size // n,
+                                  "parallel": cfg.parallel.model_copy(update={"strategy": "fsdp", "workers": n})})
+
+
 def run_trial(cfg, base: dict, candidate: Candidate, reporter, device, before_training=None) -> dict:
-    """One knockout trial in this process: build the candidate's model, short SFT with the one training engine,
-    eval at step 0, every eval_interval steps and at the end. Returns the last metrics plus timings.
+    """One knockout trial in this process: build the candidate's model, short SFT with the one training engine
+    (every weight, or LoRA adapters on the frozen model with `trial_mode: lora`), eval at step 0, every
+    eval_interval steps and at the end. Returns the last metrics plus timings and the trained parameter count.
     `before_training(model)` sees the built model first (the baseline trial computes importance there)."""
     from prunekit.engine.loop import train
     from prunekit.engine.objectives import SFTObjective
     from prunekit.engine.reporting import injected_faults
     if candidate.id in injected_faults()[1]:
         raise RuntimeError(f"PRUNEKIT_TEST_FAIL_CANDIDATES: trial {candidate.id} fails on purpose")
+    lora = cfg.trial_mode == "lora"
     t0 = time.time()
-    model = build_trial_model(base, candidate, device)
+    model = build_trial_model(base, candidate, device, frozen=lora)
     t1 = time.time()
     if before_training is not None:
         before_training(model)
     t2 = time.time()
-    metrics = train(model, SFTObjective(chunk_size=cfg.loss_chunk_size), cfg, base["train"], base["val"],
-                    base["pad_id"], reporter, device=device)
-    return {**metrics, "time/setup_s": t1 - t0, "time/train_s": time.time() - t2}
+    if lora:  # the adapters' random init from the trial's seed: every trial, process and rank starts alike
+        import torch
+        from prunekit.core.lora import apply_lora
+        torch.manual_seed(cfg.seed)
+        model = apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                           target_modules=cfg.lora.target_modules)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    metrics = train(model, SFTObjective(chunk_size=cfg.loss_chunk_size), trial_engine_config(cfg), base["train"],
+                    base["val"], base["pad_id"], reporter, device=device)
+    return {**metrics, "time/setup_s": t1 - t0, "time/train_s": time.time() - t2, "params/trainable": trainable}
+
+
+def rank_records(record: dict) -> list[dict]:
+    """`record` (plus rank and pid) from every process of the trial, in rank order: one entry in one process."""
+    from prunekit.engine.strategy import world
+    rank, n = world()
+    record = {"rank": rank, "pid": os.getpid(), **record}
+    if n == 1:
+        return [record]
+    import torch.distributed as dist
+    out: list = [None] * n
+    dist.all_gather_object(out, record)
+    return out
 
 
 def knockout_trial(cfg, base: dict, payload: dict, cid: str, reporter, device) -> dict:
     """One knockout sweep trial (run_trials' trial function): the candidate's trial; the baseline trial (nothing
-    removed) also scores training-free layer importance on the model it built, when the sweep asks for it."""
+    removed) also scores training-free layer importance on the model it built (on the first process), when the
+    sweep asks for it. Returns what the report records: timings, the trial mode, trained parameters, and per
+    process how it trained (its share of the trial's batch, the strategy)."""
+    from prunekit.engine.strategy import world
     candidate = Candidate.parse(cid)
     extra = {}
 
     def importance(model):
         model.eval()
         extra["importance"] = importance_scores(model, base, payload["importance"], device)
-    want = candidate.id == BASELINE and payload.get("importance")
+    want = candidate.id == BASELINE and payload.get("importance") and world()[0] == 0
     metrics = run_trial(cfg, base, candidate, reporter, device, before_training=importance if want else None)
-    return {**extra, "setup_s": metrics["time/setup_s"], "train_s": metrics["time/train_s"]}
+    engine = trial_engine_config(cfg)
+    return {**extra, "setup_s": metrics["time/setup_s"], "train_s": metrics["time/train_s"],
+            "trial_mode": cfg.trial_mode, "params_trainable": metrics["params/trainable"],
+            "workers": rank_records({"batch_size": engine.batch_size, "strategy": engine.parallel.strategy})}
 
 
 def importance_scores(model, base: dict, spec: dict, device) -> dict:

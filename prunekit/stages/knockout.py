@@ -96,6 +96,13 @@ def validate(cfg, resume: bool = False) -> Sweep:
     model_dir = Path(cfg.model)
     config = read_config(model_dir)
     family = family_for(config)
+    if cfg.trial_mode == "lora":  # the pruned models have the base's layer types: check the targets on the base
+        from prunekit.core.lora import config_target_regex
+        try:
+            config_target_regex(model_dir, cfg.lora.target_modules, cfg.trust_remote_code)
+        except PrunekitError as e:
+            raise PrunekitError(f"trial_mode: lora: {str(e).replace('--target-modules', 'lora.target_modules')}") \
+                from None
     from prunekit.stages.plan import check_before_training
     check_before_training("knockout", cfg)  # GPU trials: fail now, in one line, rather than out of memory later
     n_text, n_vision = family.num_text_layers(config), family.num_vision_blocks(config)
@@ -219,7 +226,16 @@ def read_trials(sweep: Sweep) -> tuple[dict[str, dict], dict[str, str]]:
 
 CSV_COLUMNS = ["id", "kind", "status", "verdict", "ratio", "eval_token_acc", "eval_loss", "ratio_step0",
                "early_excess", "early_spike", "params_removed", "params_fraction", "block_influence",
-               "angular_distance", "nll_drop", "steps", "error"]
+               "angular_distance", "nll_drop", "steps", "trial_mode", "params_trainable", "workers", "error"]
+
+
+def trial_description(cfg) -> dict:
+    """What a trial trains, for the report: every weight, or LoRA adapters on the frozen pruned model."""
+    if cfg.trial_mode == "full":
+        return {"mode": "full", "trains": "every weight of the pruned model"}
+    lora = cfg.lora
+    return {"mode": "lora", "trains": f"LoRA adapters (rank {lora.rank}, alpha {lora.alpha}) on the frozen pruned "
+                                      f"model", "lora": lora.model_dump(mode="json")}
 
 
 def write_report(sweep: Sweep, ran: list[str], errors_now: dict[str, str]) -> KnockoutResult:
@@ -231,10 +247,11 @@ def write_report(sweep: Sweep, ran: list[str], errors_now: dict[str, str]) -> Kn
     rows = analyse(sweep.candidates, sweep.params_removed, sweep.params_total, results, errors, importance, sweep.cfg)
     plan = make_plan([r for r in rows if r["size"]], sweep.params_total, sweep.n_text, sweep.n_vision,
                      cfg.max_params_fraction, cfg.max_layers)
-    plan = {**plan, "model": cfg.model, "run": sweep.name}
+    plan = {**plan, "model": cfg.model, "run": sweep.name, "trial_mode": cfg.trial_mode}
     corr = correlations(rows)
     curves = {cid: {"train_loss": r["train_loss"], "eval": r.get("eval", {})} for cid, r in results.items()}
-    record = {"run": sweep.name, "model": cfg.model, "run_dir": str(sweep.run_dir), "baseline": results.get(BASELINE, {}).get("final"),
+    record = {"run": sweep.name, "model": cfg.model, "run_dir": str(sweep.run_dir), "trial_mode": cfg.trial_mode,
+              "trial": trial_description(cfg), "baseline": results.get(BASELINE, {}).get("final"),
               "trials": len(sweep.candidates), "finished": len(results), "errors": errors, "rows": rows,
               "correlations": corr, "plan": plan, "curves": curves}
 
@@ -259,6 +276,8 @@ def summary_markdown(sweep: Sweep, rows: list[dict], corr: dict, plan: dict, err
     cfg = sweep.cfg
     base = results.get(BASELINE, {}).get("final", {})
     lines = [f"# Knockout: {Path(cfg.model).name} ({sweep.name})", "",
+             f"Trial mode: **{cfg.trial_mode}** (the verdicts below come from trials that train "
+             f"{trial_description(cfg)['trains']}).", "",
              f"{len(results)} of {len(sweep.candidates)} trials finished; each: remove the candidate, "
              f"{cfg.max_steps} SFT steps (lr {cfg.lr}, batch {cfg.batch_size}), eval on {cfg.val.name}.",
              f"Baseline (nothing removed): eval token_acc {report.cell(base.get('eval/token_acc'))}, "

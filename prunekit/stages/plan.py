@@ -154,7 +154,7 @@ def plan(model: str, stage: str, gpus: int | None = None, config: str | None = N
              f"embeddings{'' if shape.tied else ' + LM head'} {human(shape.embedding_params * (1 if shape.tied else 2))}"]
     if shape.is_vlm:
         parts.append(f"vision tower {human(shape.vision_params)}")
-    if s.stage == "lora":
+    if s.lora:
         parts.append(f"trained: LoRA rank {s.lora_rank}, {human(shape.lora_params(s.lora_rank))}")
     lines = [f"{name} ({shape.family}): {human(shape.params)} parameters ({', '.join(parts)})",
              f"{stage}: {mp.describe(s)}" + (f"; teacher {human(s.teacher.params)} parameters" if s.teacher else ""),

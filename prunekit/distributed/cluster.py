@@ -120,6 +120,11 @@ def stop_local() -> None:
         psutil.wait_procs(alive, timeout=5)
 
 
+def started_locally() -> bool:
+    """Whether the Ray instance this process uses is the local one `connect` started (it never gains resources)."""
+    return _started_local
+
+
 def connect(address: str | None = None) -> str:
     """Make sure this process is connected to Ray; returns the address it joined ('local' for a new instance)."""
     global _started_local

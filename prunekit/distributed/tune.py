@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ray.tune.schedulers import AsyncHyperBandScheduler
 
+from prunekit import PrunekitError
 from prunekit.core.interrupts import StopOnSignal, interrupt_for
 from prunekit.distributed.cluster import connect
 from prunekit.engine.reporting import RunLogger, apply_fault_env, fault_env
@@ -335,12 +336,17 @@ def run_trials(cfg, run_dir: Path, name: str, ids: list[str], base: dict, payloa
 
 def _groups_that_fit(t) -> int:
     """Trials of `t.workers` workers whose worker groups the cluster holds at once (at least 1: an autoscaling
-    cluster may not show its GPUs yet)."""
+    cluster may not show its GPUs yet). A local instance this process started never grows: one group that cannot
+    fit there would wait forever, so that is a one-line error instead."""
     import ray
+    from prunekit.distributed import cluster
     total = ray.cluster_resources()
-    if t.gpus_per_trial > 0:
-        return max(1, int(total.get("GPU", 0) // t.workers))
-    return max(1, int(total.get("CPU", 0) // (t.workers * t.cpus_per_trial + HEAD_CPUS)))
+    kind, have, need = (("GPU", total.get("GPU", 0), t.workers) if t.gpus_per_trial > 0 else
+                        ("CPU", total.get("CPU", 0), t.workers * t.cpus_per_trial + HEAD_CPUS))
+    if have < need and cluster.started_locally():
+        raise PrunekitError(f"tune: a trial of {t.workers} workers needs {need:g} {kind}s at once; the local Ray "
+                            f"instance has {have:g} (lower tune.cpus_per_trial or the workers per trial)")
+    return max(1, int(have // need))
 
 
 def _side_task(shared: list, side_fn, use_gpu: bool):

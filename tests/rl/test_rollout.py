@@ -34,3 +34,40 @@ def test_learner_and_rollout_score_the_same_tokens_and_weights_pack_exactly(tiny
     back = unpack_state(pack_state(state))
     assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in state.items())
     assert all(v.dtype == torch.bfloat16 for v in unpack_state(pack_state(state, torch.bfloat16)).values())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_grouped_decode_attention_generates_what_sdpa_generates(family):
+    """Left-padded rows, 2 query heads per KV head: greedy generation with grouped decode attention (dynamic and
+    static KV cache) gives the tokens, and the decode steps the logits, that transformers' SDPA gives; prefill goes to
+    SDPA untouched."""
+    from tests.conftest import build_tiny
+    from prunekit.rl.rollout import GROUPED_DECODE, use_grouped_decode
+    model = build_tiny(family)
+    model.set_attn_implementation("sdpa")
+    ids = torch.randint(3, 128, (3, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :4], mask[2, :7] = 0, 0
+    ids[mask == 0] = 0
+    kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12, pad_token_id=0,
+              output_logits=True, return_dict_in_generate=True)
+    want = model.generate(**kw)
+    assert use_grouped_decode(model) and model.config._attn_implementation == GROUPED_DECODE
+    for cache in (None, "static"):
+        got = model.generate(**kw, cache_implementation=cache)
+        assert torch.equal(got.sequences, want.sequences)
+        for a, b in zip(got.logits, want.logits):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert not use_grouped_decode(build_tiny(family))   # eager attention stays as it is
+
+
+def test_rollout_fast_path_uses_grouped_decode(tiny_rl_model):
+    from prunekit.rl.rollout import GROUPED_DECODE, Sampling, TransformersRollout
+    prompts = [[5, 9, 13, 2], [40, 2], [7, 8, 9, 10, 11, 2]]
+    greedy = Sampling(n=1, temperature=0.0, max_new_tokens=8)
+    plain = TransformersRollout(tiny_rl_model, fast=False, batch_size=4, eos=[1], pad_id=0)
+    fast = TransformersRollout(tiny_rl_model, fast=True, batch_size=4, eos=[1], pad_id=0)
+    assert fast.model.config._attn_implementation == GROUPED_DECODE
+    assert plain.model.config._attn_implementation != GROUPED_DECODE
+    assert [s["completion_ids"] for s in fast.generate(prompts, greedy)] == \
+        [s["completion_ids"] for s in plain.generate(prompts, greedy)]

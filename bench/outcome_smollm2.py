@@ -122,6 +122,23 @@ def sizes(args) -> dict:
             "kv": {"samples": 4, "calibration_steps": 2}}
 
 
+def reuse_corpus(report_json: Path, source: Path, corpus: Path, results: dict) -> None:
+    """The teacher corpus of an earlier run: its file, and its statistics and generation minutes from that run's
+    report, recorded as corpus_from (the corpus phase's own clock then holds only the copy)."""
+    import gzip
+    earlier = json.loads(report_json.read_text())
+    raw = gzip.decompress(source.read_bytes()) if source.suffix == ".gz" else source.read_bytes()
+    rows = raw.count(b"\n")
+    if rows != earlier["corpus"]["rows"]:
+        raise SystemExit(f"--corpus-from: {source} has {rows} rows, {report_json} generated {earlier['corpus']['rows']}")
+    tmp = corpus.with_suffix(".tmp")
+    tmp.write_bytes(raw)
+    os.replace(tmp, corpus)
+    results["corpus"] = earlier["corpus"]
+    results["corpus_from"] = {"report": str(report_json), "file": source.name, "date": earlier["date"],
+                              "command": earlier["command"], "minutes": earlier["minutes"]["corpus"]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true")
@@ -145,6 +162,10 @@ def main(argv=None) -> int:
                     help="with --report-only: an earlier report whose comparisons stand in for phases this run "
                          "skipped (kept with that report's date and command)")
     ap.add_argument("--comparisons-note", default="", help="with --comparisons-from: how those runs differ")
+    ap.add_argument("--corpus-from", nargs=2, type=Path, default=None, metavar=("REPORT_JSON", "CORPUS"),
+                    help="skip generation: CORPUS (.jsonl or .jsonl.gz) is the teacher corpus an earlier run of the "
+                         "same --rows/--max-new-tokens made; REPORT_JSON's corpus statistics and minutes count for "
+                         "it (labelled corpus_from in the report)")
     args = ap.parse_args(argv)
     if args.report_only:
         results = json.loads(args.report_only.read_text())
@@ -184,16 +205,22 @@ def main(argv=None) -> int:
     recovery = out / "recovery.jsonl"   # the recipe's train file: the teacher corpus + the general train text
 
     def make_corpus():
+        if args.corpus_from:
+            reuse_corpus(*args.corpus_from, corpus, results)
+        else:
+            generate()
+        tmp = recovery.with_suffix(".tmp")
+        tmp.write_bytes(corpus.read_bytes() + (data / "general-train.jsonl").read_bytes())
+        os.replace(tmp, recovery)
+        save()
+
+    def generate():
         from prunekit.rl.corpus import generate_corpus
         results["corpus"] = generate_corpus(
             "smollm2", corpus, prompts=data / "chat-train.jsonl", seed_prompts=True, rows=args.rows,
             max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=0.95, backend="transformers",
             device="cuda" if args.gpu else "cpu", dtype="bfloat16" if args.gpu else "float32",
             progress=True)
-        tmp = recovery.with_suffix(".tmp")
-        tmp.write_bytes(corpus.read_bytes() + (data / "general-train.jsonl").read_bytes())
-        os.replace(tmp, recovery)
-        save()
 
     def run_pipeline():
         import yaml
@@ -327,12 +354,16 @@ def write_report(results: dict, args, path: Path) -> None:
 
     stages = {"original": row(o)} | {r["id"]: row(r) for r in pipe["stages"] if "facts" in r}
     final = list(stages.values())[-1]
+    reused = results.get("corpus_from")
+    if reused:
+        results["minutes"]["corpus"] = reused["minutes"]
     end_to_end = sum(results["minutes"].get(k, 0) for k in ("corpus", "pipeline"))
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": args.machine or (torch.cuda.get_device_name(0) if args.gpu else platform.processor()),
         "command": results.get("command") or "python bench/outcome_smollm2.py" + (" --gpu" if args.gpu else " --smoke"),
         "recipe": "recipes/outcome.yaml", "status": pipe["status"], "corpus": results.get("corpus"),
+        "corpus_from": reused,
         "distill_settings_changed": results.get("fallback") or None, "non_finite": results.get("non_finite"),
         "stages": stages, "minutes": results["minutes"], "end_to_end_minutes": round(end_to_end, 2),
         "calls": results["calls"],

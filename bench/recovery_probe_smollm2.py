@@ -1,11 +1,16 @@
-"""Probe recovery settings on the outcome recipe's pruned SmolLM2 (8 layers removed, 3 KV heads) at one budget.
+"""Probe recovery settings on the outcome recipe's pruned SmolLM2 (8 layers removed) at one budget.
 
-Each variant distils the pruned model from the original for `--steps` steps on the recovery mix with the outcome
+Each variant distils a start model from the original for `--steps` steps on the recovery mix with the outcome
 recipe's distill settings (recipes/outcome.yaml) plus the variant's changes, then measures general text and the chat
-val (as bench/outcome_smollm2.py does). Variants: KV heads kept (3) or merged into 1 while distilling
-(merge_kv_heads, then the exact kv_cut), at two learning rates. Writes bench/results/recovery_probe_smollm2.json.
+val (as bench/outcome_smollm2.py does). Two sets:
+  kv        (start: the pruned model, 3 KV heads) KV heads kept or merged into 1 while distilling (merge_kv_heads,
+            then the exact kv_cut), at two learning rates -> bench/results/recovery_probe_smollm2.json
+  lr-batch  (start: the pruned model cut to 1 KV head by the calibrated cut, 100 calibration steps per layer)
+            learning rate 6e-4 / 1.2e-3 x batch 32 / 64 -> bench/results/recovery_probe_smollm2_lr_batch.json
 
     python bench/recovery_probe_smollm2.py --gpu --data /root/pkdata --corpus .gpu/corpus/teacher.jsonl.gz
+    python bench/recovery_probe_smollm2.py --gpu --data /root/pkdata --corpus .gpu/corpus/teacher.jsonl.gz \
+        --set lr-batch --steps 400
 """
 from __future__ import annotations
 
@@ -20,10 +25,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAN_FIRST_8 = [17, 14, 5, 6, 13, 19, 21, 26]   # the outcome recipe's cut: the committed knockout plan's first 8
-VARIANTS = {"merged-r0.5-lr2e-4": dict(merge_kv_heads=1, merge_kv_ramp=0.5, lr=2e-4),
-            "3kv-lr2e-4": dict(lr=2e-4),
-            "merged-r0.5-lr6e-4": dict(merge_kv_heads=1, merge_kv_ramp=0.5, lr=6e-4),
-            "3kv-lr6e-4": dict(lr=6e-4)}
+SETS = {
+    "kv": {"merged-r0.5-lr2e-4": dict(merge_kv_heads=1, merge_kv_ramp=0.5, lr=2e-4),
+           "3kv-lr2e-4": dict(lr=2e-4),
+           "merged-r0.5-lr6e-4": dict(merge_kv_heads=1, merge_kv_ramp=0.5, lr=6e-4),
+           "3kv-lr6e-4": dict(lr=6e-4)},
+    "lr-batch": {"lr6e-4-b32": dict(lr=6e-4, batch_size=32), "lr1.2e-3-b32": dict(lr=1.2e-3, batch_size=32),
+                 "lr6e-4-b64": dict(lr=6e-4, batch_size=64), "lr1.2e-3-b64": dict(lr=1.2e-3, batch_size=64)},
+}
+RESULT_FILES = {"kv": "recovery_probe_smollm2.json", "lr-batch": "recovery_probe_smollm2_lr_batch.json"}
 
 
 def main(argv=None) -> int:
@@ -33,6 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--corpus", type=Path, required=True, help="a teacher corpus (.jsonl or .jsonl.gz)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "recovery_probe")
     ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--set", choices=list(SETS), default="kv", dest="variant_set")
     args = ap.parse_args(argv)
     spec = importlib.util.spec_from_file_location("outcome", ROOT / "bench" / "outcome_smollm2.py")
     bench = importlib.util.module_from_spec(spec)
@@ -50,9 +61,17 @@ def main(argv=None) -> int:
     prune(str(resolve_model("smollm2")), pruned, drop_text=PLAN_FIRST_8, overwrite=True)
     results = {"original": bench.measure(str(resolve_model("smollm2")), args.data, settings),
                "pruned": bench.measure(str(pruned), args.data, settings)}
-    for name, extra in VARIANTS.items():
+    start_model = pruned
+    if args.variant_set == "lr-batch":
+        from prunekit.core.kv_calibration import CalibrationSettings
+        start_model = args.out / "cut"
+        kv_cut(str(pruned), start_model, 1, "mean", data=str(recovery), overwrite=True, calibrate=True,
+               max_samples=256, calibration=CalibrationSettings(steps=100), device="cuda" if args.gpu else "cpu")
+        results["cut"] = bench.measure(str(start_model), args.data, settings)
+    for name, extra in SETS[args.variant_set].items():
         start = time.time()
-        model = bench.distill(str(pruned), recovery, args.data, args.out / name, name, args.steps, settings, **extra)
+        model = bench.distill(str(start_model), recovery, args.data, args.out / name, name, args.steps, settings,
+                              **extra)
         if "merge_kv_heads" in extra:
             model = str(kv_cut(model, args.out / f"{name}-cut", 1, overwrite=True).output)
         results[name] = {"steps": args.steps, **extra, **bench.measure(model, args.data, settings),
@@ -65,7 +84,7 @@ def main(argv=None) -> int:
               "variants": {k: {"general_text_vs_original": v["eval_text"]["token_acc"] / o["eval_text"]["token_acc"],
                                "chat_val_vs_original": v["eval"]["token_acc"] / o["eval"]["token_acc"], **v}
                            for k, v in results.items()}}
-    path = ROOT / "bench" / "results" / "recovery_probe_smollm2.json"
+    path = ROOT / "bench" / "results" / RESULT_FILES[args.variant_set]
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {path}")
     return 0

@@ -28,11 +28,22 @@ from prunekit.core.surgery import LayerDrop
 def load_shared_base(cfg) -> dict:
     """Everything a trial needs that is the same for all of them: the base weights (numpy arrays, so trials on one
     node read them from the Ray object store without copies), the model class and config, and the tokenized data."""
-    import torch
     model_dir = Path(cfg.model)
     with quiet_transformers():
         model, family = load_model(model_dir, dtype="float32", trust_remote_code=cfg.trust_remote_code)
         tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
+    train_samples, val_samples = config_samples(cfg, tokenizer, family.is_vlm)
+    if not train_samples:
+        raise PrunekitError(f"train {cfg.train}: no row with supervised tokens (assistant turns or text)")
+    if not val_samples:
+        raise PrunekitError(f"val {cfg.val}: no row with supervised tokens (assistant turns or text)")
+    return {**shared_weights(model), "train": train_samples, "val": val_samples, "pad_id": pad_id(tokenizer)}
+
+
+def shared_weights(model) -> dict:
+    """The part of the shared base that is the model (`build_trial_model` rebuilds it): its weights on the host as
+    numpy arrays (tied weights once, bf16 viewed as int16), their dtypes, the model class and config."""
+    import torch
     weights, dtypes = {}, {}
     seen = {}
     for key, t in model.state_dict().items():
@@ -43,14 +54,8 @@ def load_shared_base(cfg) -> dict:
         t = t.detach().cpu().contiguous()
         dtypes[key] = str(t.dtype).removeprefix("torch.")
         weights[key] = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
-    train_samples, val_samples = config_samples(cfg, tokenizer, family.is_vlm)
-    if not train_samples:
-        raise PrunekitError(f"train {cfg.train}: no row with supervised tokens (assistant turns or text)")
-    if not val_samples:
-        raise PrunekitError(f"val {cfg.val}: no row with supervised tokens (assistant turns or text)")
     return {"model_cls": type(model), "config_cls": type(model.config), "config": model.config.to_dict(),
-            "weights": weights, "dtypes": dtypes, "train": train_samples, "val": val_samples,
-            "pad_id": pad_id(tokenizer)}
+            "weights": weights, "dtypes": dtypes}
 
 
 @contextlib.contextmanager

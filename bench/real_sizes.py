@@ -271,35 +271,21 @@ def run_knockout(row: Row, cfg, device, workdir: Path, meter: MemoryMeter, trial
 
 
 def objective_for(stage: str, cfg, device):
-    """The objective `stages.training.build_worker` builds for the stage, the teacher made here instead of loaded."""
-    from prunekit.engine.objectives import DistillObjective, SFTObjective
-    if stage != "distill":
-        return SFTObjective(chunk_size=cfg.loss_chunk_size)
-    teacher = build_model(Path(cfg.teacher), device, torch.bfloat16 if cfg.bf16 else torch.float32)
-    if cfg.compile:
-        from prunekit.engine.loop import compile_layers
-        compile_layers(teacher)
-    return DistillObjective(teacher, beta=cfg.beta, temperature=cfg.temperature, top_k=cfg.top_k,
-                            sft_alpha=cfg.sft_alpha, chunk_size=cfg.loss_chunk_size)
-
-
-def one_process_group(device) -> None:
-    """FSDP2 shards over a process group: a world of one here (Ray Train sets it up for `prunekit sft` workers)."""
-    import torch.distributed as dist
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                            world_size=1)
+    """The stage's objective as `stages.training.build_worker` makes it, with the teacher built here (random weights
+    of its shape) instead of loaded."""
+    from prunekit.stages.training import make_objective
+    teacher = None
+    if stage == "distill":
+        teacher = build_model(Path(cfg.teacher), device, torch.bfloat16 if cfg.bf16 else torch.float32)
+    return make_objective(stage, cfg, teacher)
 
 
 def run_training(row: Row, cfg, device, workdir: Path, meter: MemoryMeter) -> dict:
-    import torch.distributed as dist
     from prunekit.engine.loop import train
+    from prunekit.engine.strategy import process_group_of_one
     sizes = sizes_of(row, device.type == "cpu")
-    if cfg.parallel.strategy == "fsdp":
-        one_process_group(device)
     meter.start()
-    try:
+    with process_group_of_one(device):
         dtype = torch.bfloat16 if cfg.param_dtype == "bfloat16" else torch.float32
         model = build_model(Path(cfg.model), device, dtype)
         objective = objective_for(row.stage, cfg, device)
@@ -309,9 +295,6 @@ def run_training(row: Row, cfg, device, workdir: Path, meter: MemoryMeter) -> di
         train(model, objective, cfg, data, [], 0, BenchReporter(run_dir, row.name, cfg), device=device)
         wall = time.perf_counter() - t0
         return {"train_wall_s": wall, **step_figures(run_dir, sizes, cfg.eval_interval), **meter.read()}
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def one_line(e: BaseException) -> str:

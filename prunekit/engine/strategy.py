@@ -17,6 +17,31 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+@contextlib.contextmanager
+def process_group_of_one(device: torch.device):
+    """FSDP2 and DeepSpeed shard over a process group. Ray Train sets one up for its workers; a single process
+    (`launcher: local`, a benchmark) gets a world of one here, on an in-memory store (no port). DeepSpeed also reads
+    its rank from the environment, which is set for the duration where nothing set it."""
+    import os
+    if dist.is_initialized():
+        yield
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    added = {k: "0" for k in ("LOCAL_RANK", "RANK") if k not in os.environ}
+    if "WORLD_SIZE" not in os.environ:
+        added["WORLD_SIZE"] = "1"
+    os.environ.update(added)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                            world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        for k in added:
+            os.environ.pop(k, None)
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if world()[1] > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)

@@ -5,6 +5,7 @@ write the final model atomically with provenance. `build_worker` is what every R
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -68,7 +69,6 @@ def build_worker(stage: str, cfg, device, teacher_device=None):
     """Model (with LoRA for `lora`), objective, tokenized train/val samples and the pad id, on one worker.
     The distillation teacher goes to `teacher_device` (default: the student's)."""
     import torch
-    from prunekit.engine.objectives import DistillObjective, SFTObjective
     with quiet_transformers():
         model, family = load_model(Path(cfg.model), dtype="float32", trust_remote_code=cfg.trust_remote_code)
         tokenizer = load_tokenizer(Path(cfg.model), trust_remote_code=cfg.trust_remote_code)
@@ -76,19 +76,26 @@ def build_worker(stage: str, cfg, device, teacher_device=None):
         from prunekit.core.lora import apply_lora
         model = apply_lora(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
                            target_modules=cfg.target_modules)
+    teacher = None
     if stage == "distill":
         with quiet_transformers():
             teacher, _ = load_model(Path(cfg.teacher), dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
                                     trust_remote_code=cfg.trust_remote_code)
-        if cfg.compile:
-            from prunekit.engine.loop import compile_layers
-            compile_layers(teacher)
-        objective = DistillObjective(teacher.to(teacher_device or device), beta=cfg.beta, temperature=cfg.temperature,
-                                     top_k=cfg.top_k, sft_alpha=cfg.sft_alpha, chunk_size=cfg.loss_chunk_size)
-    else:
-        objective = SFTObjective(chunk_size=cfg.loss_chunk_size)
+        teacher = teacher.to(teacher_device or device)
     train_samples, val_samples = config_samples(cfg, tokenizer, family.is_vlm)
-    return model, objective, train_samples, val_samples, pad_id(tokenizer)
+    return model, make_objective(stage, cfg, teacher), train_samples, val_samples, pad_id(tokenizer)
+
+
+def make_objective(stage: str, cfg, teacher=None):
+    """The stage's loss: distillation from `teacher` (compiled with the student when `compile`), else SFT."""
+    from prunekit.engine.objectives import DistillObjective, SFTObjective
+    if stage != "distill":
+        return SFTObjective(chunk_size=cfg.loss_chunk_size)
+    if cfg.compile:
+        from prunekit.engine.loop import compile_layers
+        compile_layers(teacher)
+    return DistillObjective(teacher, beta=cfg.beta, temperature=cfg.temperature, top_k=cfg.top_k,
+                            sft_alpha=cfg.sft_alpha, chunk_size=cfg.loss_chunk_size)
 
 
 def validate(stage: str, cfg) -> None:
@@ -130,6 +137,7 @@ def run_in_process(stage: str, cfg) -> tuple[Path, Path, str]:
     from prunekit.distributed.train import run_name
     from prunekit.engine.loop import train
     from prunekit.engine.reporting import LocalReporter
+    from prunekit.engine.strategy import process_group_of_one
     name = run_name(stage, cfg)
     run_dir = Path(cfg.storage_path).resolve() / name
     device = torch.device("cuda" if cfg.ray.use_gpu else "cpu")
@@ -139,7 +147,9 @@ def run_in_process(stage: str, cfg) -> tuple[Path, Path, str]:
     if not train_samples:
         raise PrunekitError(f"train {cfg.train}: no row has a supervised token within max_length {cfg.max_length}")
     reporter = LocalReporter(run_dir, name, cfg)
-    train(model, objective, cfg, train_samples, val_samples, pad, reporter, device=device)
+    sharded = cfg.parallel.strategy != "ddp"
+    with process_group_of_one(device) if sharded else contextlib.nullcontext():
+        train(model, objective, cfg, train_samples, val_samples, pad, reporter, device=device)
     final = reporter.restore()
     if final is None or not (final / "hf").is_dir():
         raise PrunekitError(f"{stage} run {name} finished without a final checkpoint (in {run_dir})")

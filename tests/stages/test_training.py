@@ -83,6 +83,25 @@ def test_local_launcher_trains_in_process_and_resumes_to_nothing(tiny_chat_model
         cfg_for("sft", tiny_chat_model_dir, chat_data, tmp_path, "x", launcher="local", **{"parallel.workers": 2})
 
 
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+def test_local_launcher_runs_sharded_strategies_in_a_world_of_one(strategy, tiny_chat_model_dir, chat_data, tmp_path):
+    """launcher: local with FSDP2 or ZeRO-2 (which need a process group Ray Train would have made) trains the same
+    loss curve and weights as plain DDP in one process, and leaves no process group behind."""
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+    runs = {s: training.sft(cfg_for("sft", tiny_chat_model_dir, chat_data, tmp_path, s, max_steps=3, batch_size=2,
+                                    eval_interval=3, save_interval=3, launcher="local",
+                                    **{"parallel.strategy": s, "parallel.zero_stage": 2}))
+            for s in ("ddp", strategy)}
+    assert not dist.is_initialized()
+    a, b = (metrics_lines(runs[s].run_dir) for s in ("ddp", strategy))
+    assert [m["step"] for m in b] == [0, 1, 2, 3]
+    for x, y in zip(a[1:], b[1:]):
+        assert x["train/loss"] == pytest.approx(y["train/loss"], rel=1e-4)
+    wa, wb = (load_file(runs[s].output / "model.safetensors") for s in ("ddp", strategy))
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
 def test_distill_on_text_rows_mixed_with_chat_packed(tiny_chat_model_dir, chat_data, tmp_path):
     """Plain-text rows train beside messages rows in one file (every token supervised, packed) and as the val."""
     from prunekit.core.data import load_messages, save_messages

@@ -250,6 +250,11 @@ class SFTConfig(KVMergeConfig, TrainConfig):
     pass
 
 
+def on_policy_rows(fraction: float, batch_size: int) -> int:
+    """Rows of a micro-batch that distill's on_policy setting fills with the student's own answers."""
+    return round(fraction * batch_size)
+
+
 class KDConfig(Strict):
     """Distillation from a teacher (distill; width-search distils from the original)."""
     beta: float = 0.5                         # generalized JSD: 0 = forward KL, 1 = reverse KL
@@ -258,11 +263,45 @@ class KDConfig(Strict):
     top_k: int | None = None                  # keep only the teacher's top-k logits
 
 
+class OnPolicyConfig(Strict):
+    """distill `on_policy:` (GKD-style on-policy distillation): `fraction` of every micro-batch's rows are answers the
+    student samples itself, just before the step, to the user turns of the train file's chat rows (or of `prompts`);
+    the teacher scores them with its full distribution like any other row."""
+    fraction: float
+    max_new_tokens: int = 128
+    temperature: float = 1.0                  # 0: greedy
+    prompts: str | None = None                # a prompt file (chat rows; their user turns) instead of the train file
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"on_policy.fraction must be in (0, 1], got {self.fraction}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"on_policy.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"on_policy.temperature must be a finite number >= 0, got {self.temperature}")
+        return self
+
+
 class DistillConfig(KDConfig, KVMergeConfig, TrainConfig):
     teacher: str
     # same_gpu: teacher beside the student; own_gpu: each worker takes 2 GPUs (ray.gpus_per_worker: 2) and the
     # teacher's forward runs on the second, concurrently with the student's step
     teacher_placement: Literal["same_gpu", "own_gpu"] = "same_gpu"
+    # out of dumps when off: run names of earlier runs do not change
+    on_policy: OnPolicyConfig | None = Field(None, exclude_if=lambda v: v is None)
+
+    @model_validator(mode="after")
+    def _on_policy(self):
+        if self.on_policy is not None:
+            rows = on_policy_rows(self.on_policy.fraction, self.batch_size)
+            if rows < 1:
+                raise ValueError(f"on_policy.fraction {self.on_policy.fraction} of batch_size {self.batch_size} is "
+                                 f"no row; raise the fraction or the batch size")
+            if self.on_policy.max_new_tokens >= self.max_length:
+                raise ValueError(f"on_policy.max_new_tokens {self.on_policy.max_new_tokens} leaves no room for a "
+                                 f"prompt within max_length {self.max_length}")
+        return self
 
     @field_validator("beta")
     @classmethod

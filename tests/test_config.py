@@ -71,7 +71,7 @@ REMOVED = {"test_crash_at_step", "test_fail_candidates"}
 # added since: parallel (moved out of ray; run names hash the old layout), merge_kv_* (out of dumps at their defaults)
 ADDED = {stage: {"parallel"} for stage in KEYS}
 ADDED["sft"] |= {"merge_kv_heads", "merge_kv_ramp"}
-ADDED["distill"] |= {"merge_kv_heads", "merge_kv_ramp"}
+ADDED["distill"] |= {"merge_kv_heads", "merge_kv_ramp", "on_policy"}
 
 
 @pytest.mark.parametrize("stage", sorted(KEYS))

@@ -28,9 +28,9 @@ ROLES = ("system", "user", "assistant")
 
 # ----------------------------------------------------------------------------- prompts in
 
-def _parse_rows(path: Path) -> list[tuple[int, object]]:
+def _parse_rows(path: Path, flag: str = "--prompts") -> list[tuple[int, object]]:
     """(row number, parsed JSON) of a prompt file; one-line errors naming the flag and the file."""
-    return read_json_rows(path, label="--prompts ", missing="file not found")
+    return read_json_rows(path, label=f"{flag} ", missing="file not found")
 
 
 def _user_turn_prompts(messages, where: str) -> list[list[dict]]:
@@ -49,13 +49,13 @@ def _user_turn_prompts(messages, where: str) -> list[list[dict]]:
     return prompts
 
 
-def read_prompt_file(path: str | os.PathLike) -> list[dict]:
+def read_prompt_file(path: str | os.PathLike, flag: str = "--prompts") -> list[dict]:
     """Prompts from a file: `{"messages": [...]}` (one per user turn) or `{"text": str}`; duplicates dropped,
-    first occurrence kept, so a prompt's index depends only on the file."""
+    first occurrence kept, so a prompt's index depends only on the file. Errors name `flag`."""
     path = Path(path)
     prompts: list[dict] = []
-    for n, row in _parse_rows(path):
-        where = f"--prompts {path} row {n}"
+    for n, row in _parse_rows(path, flag):
+        where = f"{flag} {path} row {n}"
         if isinstance(row, dict) and "messages" in row:
             prompts += [{"messages": p} for p in _user_turn_prompts(row["messages"], where)]
         elif isinstance(row, dict) and "text" in row:
@@ -65,7 +65,7 @@ def read_prompt_file(path: str | os.PathLike) -> list[dict]:
         else:
             raise PrunekitError(f"{where}: expected an object with 'messages' or 'text'")
     if not prompts:
-        raise PrunekitError(f"--prompts {path}: no rows")
+        raise PrunekitError(f"{flag} {path}: no rows")
     return dedup_prompts(prompts)
 
 

@@ -194,9 +194,14 @@ def _train(model, objective, cfg, train_samples, val_samples, pad_id: int, repor
         reporter.log(0, baseline)
         check_finite(baseline, ("eval/loss",), 0)
 
+    on_policy = getattr(objective, "on_policy", None)   # distill's on_policy rows (prunekit.engine.on_policy)
+
     def host_batches(step: int) -> list[dict]:
-        return [lm_batch(mb, pad_id) for mb in step_microbatches(train_samples, order, step, cfg.batch_size,
-                                                                cfg.grad_accum, rank, world_size)]
+        micro = step_microbatches(train_samples, order, step, cfg.batch_size, cfg.grad_accum, rank, world_size)
+        if on_policy is not None:  # queued after the previous step's update: the student answers with new weights
+            micro = on_policy.fill(strategy.model, micro, step, rank, world_size, autocast, device,
+                                   fixed_length=strategy.name != "ddp")
+        return [lm_batch(mb, pad_id) for mb in micro]
 
     def global_tokens(batches: list[dict]) -> float:
         """Supervised tokens of the whole global batch, counted on the host (over gloo): no GPU sync."""

@@ -83,7 +83,39 @@ def build_worker(stage: str, cfg, device, teacher_device=None):
                                     trust_remote_code=cfg.trust_remote_code)
         teacher = teacher.to(teacher_device or device)
     train_samples, val_samples = config_samples(cfg, tokenizer, family.is_vlm)
-    return model, make_objective(stage, cfg, teacher), train_samples, val_samples, pad_id(tokenizer)
+    objective = make_objective(stage, cfg, teacher)
+    if stage == "distill" and cfg.on_policy is not None:
+        objective.on_policy = on_policy_rows(cfg, tokenizer)
+    return model, objective, train_samples, val_samples, pad_id(tokenizer)
+
+
+def on_policy_prompts(cfg, tokenizer) -> list[list[int]]:
+    """distill on_policy: the user turns of the chat rows of `on_policy.prompts` (default: the train file), with the
+    chat template's generation prompt, that leave max_new_tokens of room within max_length."""
+    from prunekit.core.corpus import read_prompt_file
+    from prunekit.rl.corpus import tokenize as tokenize_prompt
+    path = cfg.on_policy.prompts or cfg.train
+    flag = "on_policy.prompts" if cfg.on_policy.prompts else "train"
+    chats = [p for p in read_prompt_file(path, flag) if "messages" in p]
+    if not chats:
+        raise PrunekitError(f"{flag} {path}: no chat row (messages with a user turn) to take on-policy prompts from")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise PrunekitError(f"on_policy: the model {cfg.model} has no chat template to put prompts in")
+    room = cfg.max_length - cfg.on_policy.max_new_tokens
+    prompts = [ids for ids in (tokenize_prompt(tokenizer, p) for p in chats) if len(ids) <= room]
+    if not prompts:
+        raise PrunekitError(f"{flag} {path}: no prompt fits max_length {cfg.max_length} minus on_policy."
+                            f"max_new_tokens {cfg.on_policy.max_new_tokens}")
+    return prompts
+
+
+def on_policy_rows(cfg, tokenizer):
+    from prunekit.config import on_policy_rows as rows_per_batch
+    from prunekit.engine.on_policy import OnPolicyRows
+    from prunekit.rl.rollout import eos_ids
+    return OnPolicyRows(on_policy_prompts(cfg, tokenizer), rows_per_batch(cfg.on_policy.fraction, cfg.batch_size),
+                        cfg.on_policy.max_new_tokens, cfg.on_policy.temperature, eos_ids(Path(cfg.model), tokenizer),
+                        pad_id(tokenizer), cfg.seed)
 
 
 def make_objective(stage: str, cfg, teacher=None):
@@ -126,8 +158,15 @@ def validate(stage: str, cfg) -> None:
         if cfg.teacher_placement == "own_gpu" and not (cfg.ray.use_gpu and cfg.ray.gpus_per_worker >= 2):
             raise PrunekitError("teacher_placement: own_gpu needs ray.use_gpu: true and ray.gpus_per_worker: 2")
         with quiet_transformers():
-            check_same_tokenizer(load_tokenizer(Path(cfg.model)), load_tokenizer(Path(cfg.teacher)),
-                                 cfg.model, cfg.teacher)
+            student_tokenizer = load_tokenizer(Path(cfg.model))
+            check_same_tokenizer(student_tokenizer, load_tokenizer(Path(cfg.teacher)), cfg.model, cfg.teacher)
+        if cfg.on_policy is not None:
+            if cfg.on_policy.prompts:
+                cfg.on_policy.prompts = str(Path(cfg.on_policy.prompts).resolve())
+            if family_for(read_config(Path(cfg.model))).is_vlm:
+                raise PrunekitError("on_policy: text models only (the student's answers to image prompts are not "
+                                    "built)")
+            on_policy_prompts(cfg, student_tokenizer)   # the prompt errors now, before any worker starts
 
 
 def run_in_process(stage: str, cfg) -> tuple[Path, Path, str]:

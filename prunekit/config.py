@@ -271,6 +271,7 @@ class OnPolicyConfig(Strict):
     max_new_tokens: int = 128
     temperature: float = 1.0                  # 0: greedy
     prompts: str | None = None                # a prompt file (chat rows; their user turns) instead of the train file
+    every: int = 1                            # sample the answers of this many steps at once (at the block's start)
 
     @model_validator(mode="after")
     def _check(self):
@@ -280,6 +281,8 @@ class OnPolicyConfig(Strict):
             raise ValueError(f"on_policy.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"on_policy.temperature must be a finite number >= 0, got {self.temperature}")
+        if self.every < 1:
+            raise ValueError(f"on_policy.every must be >= 1, got {self.every}")
         return self
 
 
@@ -298,6 +301,9 @@ class DistillConfig(KDConfig, KVMergeConfig, TrainConfig):
             if rows < 1:
                 raise ValueError(f"on_policy.fraction {self.on_policy.fraction} of batch_size {self.batch_size} is "
                                  f"no row; raise the fraction or the batch size")
+            if self.save_interval % self.on_policy.every:   # a resumed run must start at a block's start
+                raise ValueError(f"on_policy.every {self.on_policy.every} must divide save_interval "
+                                 f"{self.save_interval}")
             if self.on_policy.max_new_tokens >= self.max_length:
                 raise ValueError(f"on_policy.max_new_tokens {self.on_policy.max_new_tokens} leaves no room for a "
                                  f"prompt within max_length {self.max_length}")

@@ -115,7 +115,7 @@ def on_policy_rows(cfg, tokenizer):
     from prunekit.rl.rollout import eos_ids
     return OnPolicyRows(on_policy_prompts(cfg, tokenizer), rows_per_batch(cfg.on_policy.fraction, cfg.batch_size),
                         cfg.on_policy.max_new_tokens, cfg.on_policy.temperature, eos_ids(Path(cfg.model), tokenizer),
-                        pad_id(tokenizer), cfg.seed)
+                        pad_id(tokenizer), cfg.seed, cfg.on_policy.every)
 
 
 def make_objective(stage: str, cfg, teacher=None):

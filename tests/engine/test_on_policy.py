@@ -17,7 +17,7 @@ from prunekit.stages import training
 from tests.stages.test_training import cfg_for, metrics_lines
 
 
-def rows_for(tokenizer, chat_data, rows: int, temperature: float, max_new_tokens: int = 6):
+def rows_for(tokenizer, chat_data, rows: int, temperature: float, max_new_tokens: int = 6, every: int = 1):
     from types import SimpleNamespace
     from prunekit.config import OnPolicyConfig
     cfg = SimpleNamespace(train=str(chat_data[0]), model="tiny", max_length=64, batch_size=4, seed=0,
@@ -25,7 +25,8 @@ def rows_for(tokenizer, chat_data, rows: int, temperature: float, max_new_tokens
                                                    temperature=temperature))
     from prunekit.engine.on_policy import OnPolicyRows
     prompts = training.on_policy_prompts(cfg, tokenizer)
-    return OnPolicyRows(prompts, rows, max_new_tokens, temperature, [tokenizer.eos_token_id], 0, seed=0)
+    return OnPolicyRows(prompts, rows, max_new_tokens, temperature, [tokenizer.eos_token_id], 0, seed=0,
+                        every=every)
 
 
 def test_rows_are_the_students_answers_to_the_prompt_stream(tiny_chat_model_dir, chat_data):
@@ -51,8 +52,9 @@ def test_rows_are_the_students_answers_to_the_prompt_stream(tiny_chat_model_dir,
             want = model.generate(input_ids=torch.tensor([prompt]), do_sample=False, max_new_tokens=6,
                                   eos_token_id=tok.eos_token_id, pad_token_id=0)[0, len(prompt):].tolist()
             assert answer == want[:len(answer)] and (len(answer) == 6 or answer[-1] == tok.eos_token_id)
-    fixed = source.fill(model, [list(dummy), list(dummy)], step=3, rank=1, world_size=2, autocast=nullcontext(),
-                        device=torch.device("cpu"), fixed_length=True)
+    fixed = rows_for(tok, chat_data, rows=2, temperature=0.0).fill(
+        model, [list(dummy), list(dummy)], step=3, rank=1, world_size=2, autocast=nullcontext(),
+        device=torch.device("cpu"), fixed_length=True)
     assert fixed == micro
     packed = [dict(s, position_ids=[0, 1, 2]) for s in dummy]
     row = source.fill(model, [packed], step=0, rank=0, world_size=1, autocast=nullcontext(),
@@ -74,6 +76,27 @@ def test_sampled_rows_repeat_for_the_same_step_and_differ_between_steps(tiny_cha
     first = rows(5)
     assert rows(5) == first and rows(6) != first
     assert torch.equal(torch.get_rng_state(), state)   # the run's own random stream is left as it was
+
+
+def test_a_block_of_steps_is_sampled_at_its_first_step(tiny_chat_model_dir, chat_data):
+    """every: 2 samples steps 4 and 5 at step 4, in one batch; the rows do not depend on which source instance asks,
+    and the weights at step 5 no longer matter for step 5's rows."""
+    from prunekit.core.loading import load_model, load_tokenizer
+    model, _ = load_model(tiny_chat_model_dir, dtype="float32")
+    tok = load_tokenizer(tiny_chat_model_dir)
+    dummy = [{"input_ids": [5], "labels": [5]}] * 2
+
+    def fill(source, step):
+        return source.fill(model, [list(dummy)], step=step, rank=0, world_size=1, autocast=nullcontext(),
+                           device=torch.device("cpu"))[0]
+    a, b = (rows_for(tok, chat_data, rows=2, temperature=1.0, max_new_tokens=8, every=2) for _ in range(2))
+    four = fill(a, 4)
+    assert fill(b, 4) == four
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    assert fill(a, 5) == fill(b, 5)              # sampled at step 4, before the weights changed
+    assert fill(a, 5)[0]["input_ids"] != four[0]["input_ids"]
 
 
 @pytest.mark.slow  # two distillations, one in a subprocess
@@ -116,6 +139,8 @@ def test_on_policy_errors_are_one_line_before_training(tiny_chat_model_dir, chat
         cfg("small", {"fraction": 0.1})
     with pytest.raises(PrunekitError, match="on_policy.max_new_tokens 64 leaves no room for a prompt"):
         cfg("long", {"fraction": 0.5, "max_new_tokens": 64})
+    with pytest.raises(PrunekitError, match="on_policy.every 3 must divide save_interval 4"):
+        cfg("every", {"fraction": 0.5, "max_new_tokens": 8, "every": 3}, save_interval=4)
     text_only = tmp_path / "text.jsonl"
     text_only.write_text(json.dumps({"text": "Plain prose, no chat turn here."}) + "\n")
     with pytest.raises(PrunekitError, match=f"on_policy.prompts {text_only}: no chat row"):

@@ -7,10 +7,14 @@ val (as bench/outcome_smollm2.py does). Two sets:
             then the exact kv_cut), at two learning rates -> bench/results/recovery_probe_smollm2.json
   lr-batch  (start: the pruned model cut to 1 KV head by the calibrated cut, 100 calibration steps per layer)
             learning rate 6e-4 / 1.2e-3 x batch 32 / 64 -> bench/results/recovery_probe_smollm2_lr_batch.json
+  on-policy (start: that cut model) the recipe's distillation without and with a quarter of every batch sampled
+            from the student (distill on_policy, 128 new tokens, sampled 40 steps at a time)
+            -> bench/results/recovery_probe_smollm2_on_policy.json
 
     python bench/recovery_probe_smollm2.py --gpu --data /root/pkdata --corpus .gpu/corpus/teacher.jsonl.gz
     python bench/recovery_probe_smollm2.py --gpu --data /root/pkdata --corpus .gpu/corpus/teacher.jsonl.gz \
         --set lr-batch --steps 400
+    python bench/recovery_probe_smollm2.py --smoke --data DATA --corpus CORPUS --set on-policy   # CPU code path
 """
 from __future__ import annotations
 
@@ -32,8 +36,11 @@ SETS = {
            "3kv-lr6e-4": dict(lr=6e-4)},
     "lr-batch": {"lr6e-4-b32": dict(lr=6e-4, batch_size=32), "lr1.2e-3-b32": dict(lr=1.2e-3, batch_size=32),
                  "lr6e-4-b64": dict(lr=6e-4, batch_size=64), "lr1.2e-3-b64": dict(lr=1.2e-3, batch_size=64)},
+    "on-policy": {"off-policy": {},
+                  "on-policy-0.25": dict(on_policy={"fraction": 0.25, "max_new_tokens": 128, "every": 40})},
 }
-RESULT_FILES = {"kv": "recovery_probe_smollm2.json", "lr-batch": "recovery_probe_smollm2_lr_batch.json"}
+RESULT_FILES = {"kv": "recovery_probe_smollm2.json", "lr-batch": "recovery_probe_smollm2_lr_batch.json",
+                "on-policy": "recovery_probe_smollm2_on_policy.json"}
 
 
 def main(argv=None) -> int:
@@ -44,7 +51,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "recovery_probe")
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--set", choices=list(SETS), default="kv", dest="variant_set")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: a check of the code path (result in --out)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.steps = 2
     spec = importlib.util.spec_from_file_location("outcome", ROOT / "bench" / "outcome_smollm2.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -56,19 +66,24 @@ def main(argv=None) -> int:
     corpus = args.corpus.read_bytes()
     recovery.write_bytes((gzip.decompress(corpus) if args.corpus.suffix == ".gz" else corpus)
                          + (args.data / "general-train.jsonl").read_bytes())
-    settings = types.SimpleNamespace(gpu=args.gpu, smoke=False, fallback={}, eval_samples=128, eval_text_samples=None)
+    settings = types.SimpleNamespace(gpu=args.gpu, smoke=args.smoke, fallback={}, plan=None,
+                                     eval_samples=4 if args.smoke else 128,
+                                     eval_text_samples=4 if args.smoke else None)
     pruned = args.out / "pruned"
     prune(str(resolve_model("smollm2")), pruned, drop_text=PLAN_FIRST_8, overwrite=True)
     results = {"original": bench.measure(str(resolve_model("smollm2")), args.data, settings),
                "pruned": bench.measure(str(pruned), args.data, settings)}
     start_model = pruned
-    if args.variant_set == "lr-batch":
+    if args.variant_set != "kv":   # the other sets start from the recipe's cut model
         from prunekit.core.kv_calibration import CalibrationSettings
         start_model = args.out / "cut"
         kv_cut(str(pruned), start_model, 1, "mean", data=str(recovery), overwrite=True, calibrate=True,
-               max_samples=256, calibration=CalibrationSettings(steps=100), device="cuda" if args.gpu else "cpu")
+               max_samples=4 if args.smoke else 256, calibration=CalibrationSettings(steps=2 if args.smoke else 100),
+               device="cuda" if args.gpu else "cpu")
         results["cut"] = bench.measure(str(start_model), args.data, settings)
     for name, extra in SETS[args.variant_set].items():
+        if args.smoke and "on_policy" in extra:   # the smoke's batch of 2 and checkpoint every 2 steps
+            extra = {**extra, "on_policy": {**extra["on_policy"], "fraction": 0.5, "every": 1, "max_new_tokens": 8}}
         start = time.time()
         model = bench.distill(str(start_model), recovery, args.data, args.out / name, name, args.steps, settings,
                               **extra)
@@ -84,7 +99,7 @@ def main(argv=None) -> int:
               "variants": {k: {"general_text_vs_original": v["eval_text"]["token_acc"] / o["eval_text"]["token_acc"],
                                "chat_val_vs_original": v["eval"]["token_acc"] / o["eval"]["token_acc"], **v}
                            for k, v in results.items()}}
-    path = ROOT / "bench" / "results" / RESULT_FILES[args.variant_set]
+    path = (args.out if args.smoke else ROOT / "bench" / "results") / RESULT_FILES[args.variant_set]
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {path}")
     return 0

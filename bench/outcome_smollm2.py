@@ -130,7 +130,8 @@ def reuse_corpus(report_json: Path, source: Path, corpus: Path, results: dict) -
     raw = gzip.decompress(source.read_bytes()) if source.suffix == ".gz" else source.read_bytes()
     rows = raw.count(b"\n")
     if rows != earlier["corpus"]["rows"]:
-        raise SystemExit(f"--corpus-from: {source} has {rows} rows, {report_json} generated {earlier['corpus']['rows']}")
+        raise SystemExit(f"--corpus-from: {source} has {rows} rows, {report_json} generated "
+                         f"{earlier['corpus']['rows']}")
     tmp = corpus.with_suffix(".tmp")
     tmp.write_bytes(raw)
     os.replace(tmp, corpus)

@@ -1,6 +1,6 @@
-"""On-policy rows for distillation (GKD, Agarwal et al. 2024): part of every micro-batch is answers the student
-samples itself, just before the step, so the teacher corrects the student where the student actually goes rather
-than only on text someone else wrote.
+"""On-policy rows for distillation (GKD, Agarwal et al. 2024): part of every micro-batch is answers the student samples
+itself, just before the step, so the teacher corrects the student where the student actually goes rather than only
+on text someone else wrote.
 
 The loop asks for a step's micro-batches as usual, then `OnPolicyRows.fill` replaces the last `rows` samples of each
 with prompt + the student's answer (labels on the answer, EOS included). Decoding costs about the same for 8 rows as
@@ -9,9 +9,10 @@ first step of their block, from the weights of that step. The prompts are read i
 global position, so a resumed run asks the same prompts at the same steps and nothing repeats early; sampling is
 seeded by (seed, block, rank), and checkpoints fall on block starts (`save_interval` is a multiple of `every`), so a
 resumed run writes the same answers from the same weights. Compiled layers run eagerly while sampling (a KV cache
-and a new length every token would recompile them until torch gives up). Sharded strategies (FSDP, DeepSpeed) gather parameters in every forward, so every rank must run the same
-number of decode steps: there generation ignores EOS until max_new_tokens and each answer is cut after its first
-EOS (the answers are the same samples; only the stopping differs).
+and a new length every token would recompile them until torch gives up). Sharded strategies (FSDP, DeepSpeed) gather
+parameters in every forward, so every rank must run the same number of decode steps: there generation ignores EOS
+until max_new_tokens and each answer is cut after its first EOS (the answers are the same samples; only the stopping
+differs).
 """
 from __future__ import annotations
 

@@ -85,7 +85,7 @@ def build_worker(stage: str, cfg, device, teacher_device=None):
     train_samples, val_samples = config_samples(cfg, tokenizer, family.is_vlm)
     objective = make_objective(stage, cfg, teacher)
     if stage == "distill" and cfg.on_policy is not None:
-        objective.on_policy = on_policy_rows(cfg, tokenizer)
+        objective.on_policy = make_on_policy_rows(cfg, tokenizer)
     return model, objective, train_samples, val_samples, pad_id(tokenizer)
 
 
@@ -109,7 +109,8 @@ def on_policy_prompts(cfg, tokenizer) -> list[list[int]]:
     return prompts
 
 
-def on_policy_rows(cfg, tokenizer):
+def make_on_policy_rows(cfg, tokenizer):
+    """The source of distill's on_policy rows (prunekit.engine.on_policy) for this worker."""
     from prunekit.config import on_policy_rows as rows_per_batch
     from prunekit.engine.on_policy import OnPolicyRows
     from prunekit.rl.rollout import eos_ids
@@ -164,8 +165,7 @@ def validate(stage: str, cfg) -> None:
             if cfg.on_policy.prompts:
                 cfg.on_policy.prompts = str(Path(cfg.on_policy.prompts).resolve())
             if family_for(read_config(Path(cfg.model))).is_vlm:
-                raise PrunekitError("on_policy: text models only (the student's answers to image prompts are not "
-                                    "built)")
+                raise PrunekitError(f"on_policy: text models only; {cfg.model} is a vision-language model")
             on_policy_prompts(cfg, student_tokenizer)   # the prompt errors now, before any worker starts
 
 

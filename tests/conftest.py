@@ -264,6 +264,23 @@ def sft_args(model, data, tmp_path, out, *extra):
             "--set", "wandb.mode=disabled", "--set", f"storage_path={tmp_path / 'runs'}", *extra]
 
 
+def distill_killed_at(cfg, step: int, tmp_path: Path) -> None:
+    """Run the distill `cfg` in its own process until the test fault kills it (os._exit) at `step`, leaving its run
+    directory as a crashed run leaves it."""
+    import os
+    import subprocess
+    import sys
+    import yaml
+    path = tmp_path / f"{cfg.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    script = (f"from prunekit.config import load_config; from prunekit.stages import training; "
+              f"training.distill(load_config('distill', {str(path)!r}))")
+    died = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PRUNEKIT_TEST_CRASH_AT_STEP": str(step)},
+                          capture_output=True, text=True)
+    assert died.returncode == 1, died.stderr
+    assert (Path(cfg.storage_path) / cfg.name / f".crashed-at-step-{step}").is_file(), died.stderr
+
+
 @pytest.fixture
 def llama_copy(tiny_model_dir, tmp_path):
     """A private copy of the tiny llama, so a test may put things next to it (or break it)."""

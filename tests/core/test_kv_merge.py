@@ -2,12 +2,7 @@
 resume, and the one-line errors."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
-import yaml
 import torch
 
 from prunekit import PrunekitError
@@ -15,7 +10,7 @@ from prunekit.core.families import family_for
 from prunekit.core.kv_merge import KVHeadMerge
 from prunekit.core.surgery import KVCut, apply_to_model
 from prunekit.stages import training
-from tests.conftest import TEXT_FAMILIES, assert_same_outputs, build_tiny, inputs_for
+from tests.conftest import TEXT_FAMILIES, assert_same_outputs, build_tiny, distill_killed_at, inputs_for
 from tests.stages.test_training import cfg_for, metrics_lines
 
 
@@ -73,12 +68,7 @@ def test_distill_with_merging_then_kv_cut_is_exact_and_resumes_to_the_same_weigh
     assert_same_outputs(trained, cut_model, {"input_ids": ids})
 
     crashed = distill_cfg(tiny_chat_model_dir, chat_data, tmp_path, "crashed")
-    (tmp_path / "crashed.yaml").write_text(yaml.safe_dump(crashed.model_dump(mode="json")))
-    script = (f"from prunekit.config import load_config; from prunekit.stages import training; "
-              f"training.distill(load_config('distill', {str(tmp_path / 'crashed.yaml')!r}))")
-    died = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PRUNEKIT_TEST_CRASH_AT_STEP": "3"},
-                          capture_output=True, text=True)  # the fault is os._exit: it needs its own process
-    assert died.returncode == 1 and (tmp_path / "runs" / "crashed" / ".crashed-at-step-3").is_file(), died.stderr
+    distill_killed_at(crashed, 3, tmp_path)
     resumed = training.distill(crashed)
     assert [m["step"] for m in metrics_lines(resumed.run_dir)][-2:] == [3, 4]  # steps 3-4 trained after resuming
     a, b = load_file(whole.output / "model.safetensors"), load_file(resumed.output / "model.safetensors")

@@ -3,17 +3,14 @@ errors."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from contextlib import nullcontext
 
 import pytest
 import torch
-import yaml
 
 from prunekit import PrunekitError
 from prunekit.stages import training
+from tests.conftest import distill_killed_at
 from tests.stages.test_training import cfg_for, metrics_lines
 
 
@@ -112,12 +109,7 @@ def test_on_policy_distillation_resumes_to_the_weights_of_an_uninterrupted_run(t
                           "launcher": "local", "on_policy": {"fraction": 0.5, "max_new_tokens": 8}, **over})
     whole = training.distill(cfg("whole"))
     crashed = cfg("crashed")
-    (tmp_path / "crashed.yaml").write_text(yaml.safe_dump(crashed.model_dump(mode="json")))
-    script = (f"from prunekit.config import load_config; from prunekit.stages import training; "
-              f"training.distill(load_config('distill', {str(tmp_path / 'crashed.yaml')!r}))")
-    died = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PRUNEKIT_TEST_CRASH_AT_STEP": "3"},
-                          capture_output=True, text=True)  # the fault is os._exit: it needs its own process
-    assert died.returncode == 1 and (tmp_path / "runs" / "crashed" / ".crashed-at-step-3").is_file(), died.stderr
+    distill_killed_at(crashed, 3, tmp_path)
     resumed = training.distill(crashed)
     assert [m["step"] for m in metrics_lines(resumed.run_dir)][-2:] == [3, 4]
     a, b = load_file(whole.output / "model.safetensors"), load_file(resumed.output / "model.safetensors")

@@ -14,19 +14,18 @@ from tests.conftest import distill_killed_at
 from tests.stages.test_training import cfg_for, metrics_lines
 
 
-def rows_for(tokenizer, chat_data, rows: int, temperature: float, max_new_tokens: int = 6, every: int = 1):
-    from types import SimpleNamespace
-    from prunekit.config import OnPolicyConfig
-    cfg = SimpleNamespace(train=str(chat_data[0]), model="tiny", max_length=64, batch_size=4, seed=0,
-                          on_policy=OnPolicyConfig(fraction=0.5, max_new_tokens=max_new_tokens,
-                                                   temperature=temperature))
-    from prunekit.engine.on_policy import OnPolicyRows
-    prompts = training.on_policy_prompts(cfg, tokenizer)
-    return OnPolicyRows(prompts, rows, max_new_tokens, temperature, [tokenizer.eos_token_id], 0, seed=0,
-                        every=every)
+def rows_for(model_dir, tokenizer, chat_data, tmp_path, rows: int, temperature: float, max_new_tokens: int = 6,
+             every: int = 1):
+    """The on-policy row source a distill worker builds (batch 4, `rows` of them the student's)."""
+    cfg = cfg_for("distill", model_dir, chat_data, tmp_path, "op", teacher=str(model_dir), batch_size=4,
+                  save_interval=2, on_policy={"fraction": rows / 4, "max_new_tokens": max_new_tokens,
+                                              "temperature": temperature, "every": every})
+    source = training.make_on_policy_rows(cfg, tokenizer)
+    assert source.rows == rows
+    return source
 
 
-def test_rows_are_the_students_answers_to_the_prompt_stream(tiny_chat_model_dir, chat_data):
+def test_rows_are_the_students_answers_to_the_prompt_stream(tiny_chat_model_dir, chat_data, tmp_path):
     """Each micro-batch's last `rows` samples become prompt + the student's greedy answer (what generate gives,
     cut after EOS), labelled on the answer only; the prompts follow the seeded stream by global position (rank and
     micro-batch included); generation that ignores EOS until max_new_tokens (sharded strategies) cuts to the same
@@ -34,7 +33,7 @@ def test_rows_are_the_students_answers_to_the_prompt_stream(tiny_chat_model_dir,
     from prunekit.core.loading import load_model, load_tokenizer
     model, _ = load_model(tiny_chat_model_dir, dtype="float32")
     tok = load_tokenizer(tiny_chat_model_dir)
-    source = rows_for(tok, chat_data, rows=2, temperature=0.0)
+    source = rows_for(tiny_chat_model_dir, tok, chat_data, tmp_path, rows=2, temperature=0.0)
     dummy = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]} for _ in range(3)]
     micro = source.fill(model, [list(dummy), list(dummy)], step=3, rank=1, world_size=2, autocast=nullcontext(),
                         device=torch.device("cpu"))
@@ -47,9 +46,9 @@ def test_rows_are_the_students_answers_to_the_prompt_stream(tiny_chat_model_dir,
             assert row["input_ids"][:len(prompt)] == prompt
             assert row["labels"] == [-100] * len(prompt) + answer and 1 <= len(answer) <= 6
             want = model.generate(input_ids=torch.tensor([prompt]), do_sample=False, max_new_tokens=6,
-                                  eos_token_id=tok.eos_token_id, pad_token_id=0)[0, len(prompt):].tolist()
-            assert answer == want[:len(answer)] and (len(answer) == 6 or answer[-1] == tok.eos_token_id)
-    fixed = rows_for(tok, chat_data, rows=2, temperature=0.0).fill(
+                                  eos_token_id=source.eos, pad_token_id=0)[0, len(prompt):].tolist()
+            assert answer == want[:len(answer)] and (len(answer) == 6 or answer[-1] in source.eos)
+    fixed = rows_for(tiny_chat_model_dir, tok, chat_data, tmp_path, rows=2, temperature=0.0).fill(
         model, [list(dummy), list(dummy)], step=3, rank=1, world_size=2, autocast=nullcontext(),
         device=torch.device("cpu"), fixed_length=True)
     assert fixed == micro
@@ -59,11 +58,12 @@ def test_rows_are_the_students_answers_to_the_prompt_stream(tiny_chat_model_dir,
     assert row["position_ids"] == list(range(len(row["input_ids"])))
 
 
-def test_sampled_rows_repeat_for_the_same_step_and_differ_between_steps(tiny_chat_model_dir, chat_data):
+def test_sampled_rows_repeat_for_the_same_step_and_differ_between_steps(tiny_chat_model_dir, chat_data, tmp_path):
     """Sampling is seeded by the step (a resumed run writes the same answers) without touching the global RNG."""
     from prunekit.core.loading import load_model, load_tokenizer
     model, _ = load_model(tiny_chat_model_dir, dtype="float32")
-    source = rows_for(load_tokenizer(tiny_chat_model_dir), chat_data, rows=4, temperature=1.0, max_new_tokens=8)
+    source = rows_for(tiny_chat_model_dir, load_tokenizer(tiny_chat_model_dir), chat_data, tmp_path, rows=4,
+                      temperature=1.0, max_new_tokens=8)
     dummy = [{"input_ids": [5], "labels": [5]}] * 4
 
     def rows(step):
@@ -75,7 +75,7 @@ def test_sampled_rows_repeat_for_the_same_step_and_differ_between_steps(tiny_cha
     assert torch.equal(torch.get_rng_state(), state)   # the run's own random stream is left as it was
 
 
-def test_a_block_of_steps_is_sampled_at_its_first_step(tiny_chat_model_dir, chat_data):
+def test_a_block_of_steps_is_sampled_at_its_first_step(tiny_chat_model_dir, chat_data, tmp_path):
     """every: 2 samples steps 4 and 5 at step 4, in one batch; the rows do not depend on which source instance asks,
     and the weights at step 5 no longer matter for step 5's rows."""
     from prunekit.core.loading import load_model, load_tokenizer
@@ -86,7 +86,8 @@ def test_a_block_of_steps_is_sampled_at_its_first_step(tiny_chat_model_dir, chat
     def fill(source, step):
         return source.fill(model, [list(dummy)], step=step, rank=0, world_size=1, autocast=nullcontext(),
                            device=torch.device("cpu"))[0]
-    a, b = (rows_for(tok, chat_data, rows=2, temperature=1.0, max_new_tokens=8, every=2) for _ in range(2))
+    a, b = (rows_for(tiny_chat_model_dir, tok, chat_data, tmp_path, rows=2, temperature=1.0, max_new_tokens=8,
+                     every=2) for _ in range(2))
     four = fill(a, 4)
     assert fill(b, 4) == four
     with torch.no_grad():

@@ -257,7 +257,11 @@ def write_results(args, n_gpus: int, results: dict) -> None:
     before = json.loads(path.read_text()) if path.is_file() else {}
     same_setup = {k: before.get("setup", {}).get(k) for k in ("model", "seq", "micro_batch", "steps")} == \
         {k: setup[k] for k in ("model", "seq", "micro_batch", "steps")}
-    r = {**before.get("results", {}), **results} if args.only and same_setup else results
+    merging = bool(args.only and same_setup)
+    r = {**before.get("results", {}), **results} if merging else results
+    # rows kept from an earlier run keep the machine and date they were measured on
+    kept = sorted(set(r) - set(results))
+    earlier = before.get("rows_from_earlier_run") or {"date": before.get("date"), "machine": before.get("machine")}
 
     def ratio(a, b, key="tokens_per_s"):
         return r[a][key] / r[b][key] if key in r.get(a, {}) and key in r.get(b, {}) else None
@@ -284,7 +288,8 @@ def write_results(args, n_gpus: int, results: dict) -> None:
     out = {"benchmark": "train_throughput", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": {"gpu": torch.cuda.get_device_name(0) if n_gpus else None, "gpus": n_gpus,
                        "torch": torch.__version__, "transformers": __import__("transformers").__version__},
-           "setup": setup, "results": r, "measured_now": sorted(results), "ratios": ratios, "goals": goals,
+           "setup": setup, "results": r, "measured_now": sorted(results),
+           **({"rows_from_earlier_run": {**earlier, "rows": kept}} if kept else {}), "ratios": ratios, "goals": goals,
            **{k: before[k] for k in HISTORY if k in before}}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")

@@ -10,6 +10,10 @@ val (as bench/outcome_smollm2.py does). Two sets:
   on-policy (start: that cut model) the recipe's distillation without and with a quarter of every batch sampled
             from the student (distill on_policy, 128 new tokens, sampled 40 steps at a time)
             -> bench/results/recovery_probe_smollm2_on_policy.json
+  recipe    (start: that cut model) the recipe's distillation alone -> bench/results/recovery_probe_smollm2_recipe.json
+`--start ffn` removes the parameters by width instead of depth before the cut: FFN 1536 -> 1024 channels in every
+layer (`prunekit width --ffn 1024`, 25.0% of the decoder-layer parameters, as bench/width_vs_depth_smollm2.py's ffn
+arm), scored on 256 rows of the recovery mix; its result file ends in _ffn.json.
 
     python bench/recovery_probe_smollm2.py --gpu --data /root/pkdata --corpus .gpu/corpus/teacher.jsonl.gz
     python bench/recovery_probe_smollm2.py --gpu --data /root/pkdata --corpus .gpu/corpus/teacher.jsonl.gz \
@@ -38,9 +42,10 @@ SETS = {
                  "lr6e-4-b64": dict(lr=6e-4, batch_size=64), "lr1.2e-3-b64": dict(lr=1.2e-3, batch_size=64)},
     "on-policy": {"off-policy": {},
                   "on-policy-0.25": dict(on_policy={"fraction": 0.25, "max_new_tokens": 128, "every": 40})},
+    "recipe": {"off-policy": {}},
 }
 RESULT_FILES = {"kv": "recovery_probe_smollm2.json", "lr-batch": "recovery_probe_smollm2_lr_batch.json",
-                "on-policy": "recovery_probe_smollm2_on_policy.json"}
+                "on-policy": "recovery_probe_smollm2_on_policy.json", "recipe": "recovery_probe_smollm2_recipe.json"}
 
 
 def main(argv=None) -> int:
@@ -51,6 +56,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "recovery_probe")
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--set", choices=list(SETS), default="kv", dest="variant_set")
+    ap.add_argument("--start", choices=["depth", "ffn"], default="depth",
+                    help="remove ~25%% of the decoder-layer parameters by depth (the recipe's 8 layers) or FFN width")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: a check of the code path (result in --out)")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -69,8 +76,15 @@ def main(argv=None) -> int:
     settings = types.SimpleNamespace(gpu=args.gpu, smoke=args.smoke, fallback={}, plan=None,
                                      eval_samples=4 if args.smoke else 128,
                                      eval_text_samples=4 if args.smoke else None)
-    pruned = args.out / "pruned"
-    prune(str(resolve_model("smollm2")), pruned, drop_text=PLAN_FIRST_8, overwrite=True)
+    if args.start == "ffn" and args.variant_set == "kv":
+        ap.error("--start ffn: the kv set starts from the depth-pruned model; pick another --set")
+    pruned = args.out / f"pruned-{args.start}"
+    if args.start == "depth":
+        prune(str(resolve_model("smollm2")), pruned, drop_text=PLAN_FIRST_8, overwrite=True)
+    else:
+        from prunekit.stages.width import width
+        width(str(resolve_model("smollm2")), pruned, recovery, ffn=1024, samples=4 if args.smoke else 256,
+              max_length=256, batch_size=16, device="cuda" if args.gpu else "cpu", overwrite=True, plot=False)
     results = {"original": bench.measure(str(resolve_model("smollm2")), args.data, settings),
                "pruned": bench.measure(str(pruned), args.data, settings)}
     start_model = pruned
@@ -99,7 +113,8 @@ def main(argv=None) -> int:
               "variants": {k: {"general_text_vs_original": v["eval_text"]["token_acc"] / o["eval_text"]["token_acc"],
                                "chat_val_vs_original": v["eval"]["token_acc"] / o["eval"]["token_acc"], **v}
                            for k, v in results.items()}}
-    path = (args.out if args.smoke else ROOT / "bench" / "results") / RESULT_FILES[args.variant_set]
+    name = RESULT_FILES[args.variant_set].replace(".json", "_ffn.json" if args.start == "ffn" else ".json")
+    path = (args.out if args.smoke else ROOT / "bench" / "results") / name
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {path}")
     return 0

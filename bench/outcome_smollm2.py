@@ -122,6 +122,11 @@ def sizes(args) -> dict:
             "kv": {"samples": 4, "calibration_steps": 2}}
 
 
+def report_path(args) -> Path:
+    width = f"_width_ffn{args.width_ffn}" if args.width_ffn else ""
+    return RESULTS / f"outcome_smollm2{width}{'_smoke' if args.smoke else ''}.json"
+
+
 def reuse_corpus(report_json: Path, source: Path, corpus: Path, results: dict) -> None:
     """The teacher corpus of an earlier run: its file, and its statistics and generation minutes from that run's
     report, recorded as corpus_from (the corpus phase's own clock then holds only the copy)."""
@@ -151,6 +156,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--plan", type=Path, default=ROOT / "bench" / "results" / "knockout_smollm2" / "plan.json")
     ap.add_argument("--compare-steps", type=int, default=300)
+    ap.add_argument("--width-ffn", type=int, default=None, metavar="N",
+                    help="remove the parameters by width instead of depth: FFN channels -> N in every layer (1024: "
+                         "25.0%% of the decoder-layer parameters); report outcome_smollm2_width_ffnN.json")
     ap.add_argument("--merge-ramp", type=float, default=0.5, help="compare_kv: merge_kv_ramp of the merged variant")
     ap.add_argument("--eval-samples", type=int, default=128, help="chat val rows per measurement")
     ap.add_argument("--eval-text-samples", type=int, default=None, help="general-text rows (default: all)")
@@ -175,7 +183,7 @@ def main(argv=None) -> int:
             clock = json.loads(clock_file.read_text())
             results["minutes"] = {k: round(v / 60, 2) for k, v in clock["phases"].items()}
             results["calls"] = clock["calls"]
-        write_report(results, args, RESULTS / "outcome_smollm2.json")
+        write_report(results, args, report_path(args))
         return 0
     data = (args.data or args.out / "data").resolve()
     if args.prepare:
@@ -192,6 +200,7 @@ def main(argv=None) -> int:
     from prunekit.core.loading import resolve_model
     original = str(resolve_model("smollm2"))
     clock = Clock(out / "bench_state.json")
+    first_cut = "r1-1-width" if args.width_ffn else "r1-1-prune"   # the pipeline's id of the round's cut
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
 
@@ -241,6 +250,11 @@ def main(argv=None) -> int:
                 recipe["stages"]["distill"].update(value)
             else:
                 recipe[key] = value
+        if args.width_ffn:  # the one round cuts FFN channels (scored on the recovery mix) instead of layers
+            recipe["rounds"] = [{"width": {"ffn": args.width_ffn, "samples": 4 if args.smoke else 256,
+                                           "batch_size": 16}}]
+            # FFN 1536 -> 1024 keeps 80.3% of all parameters (the embeddings stay): the target follows the cut
+            recipe["target"] = {"params_fraction": 0.81}
         # a GPU run whose loss turns NaN stops at once (engine/loop.check_finite); then the next, more
         # conservative distill setting is tried on the same stage (recorded in the results)
         from prunekit import PrunekitError
@@ -277,7 +291,7 @@ def main(argv=None) -> int:
         for label, train in sources.items():
             if label in runs:
                 continue
-            model = distill(stage_output("r1-1-prune"), train, data, out / "compare" / f"data-{label}",
+            model = distill(stage_output(first_cut), train, data, out / "compare" / f"data-{label}",
                             f"data-{label}", args.compare_steps, args)
             runs[label] = {"steps": args.compare_steps, "train": str(train), **measure(model, data, args)}
             save()
@@ -294,7 +308,7 @@ def main(argv=None) -> int:
         kv = {"samples": recipe_cut.get("samples", 64), "calibration_steps": recipe_cut.get("calibration_steps", 200),
               **sizes(args)["kv"]}
         runs = results.setdefault("compare_kv", {})
-        base = stage_output("r1-1-prune")
+        base = stage_output(first_cut)
         dev = "cuda" if args.gpu else "cpu"
         merged_label = f"merged while distilling (ramp {args.merge_ramp})"
         # the recipe's cut first, then the alternatives (a call that runs out of time keeps what finished)
@@ -326,8 +340,7 @@ def main(argv=None) -> int:
         if phase not in skip:
             clock.run(phase, fn)
     save()
-    name = "outcome_smollm2_smoke" if args.smoke else "outcome_smollm2"
-    write_report(results, args, RESULTS / f"{name}.json")
+    write_report(results, args, report_path(args))
     return 0
 
 

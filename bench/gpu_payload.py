@@ -10,7 +10,7 @@ split into chunks that fit one upload each (`.gpu/1/`, `.gpu/2/`, ...: carry one
 with the whole tar's sha256. On the box, `bash bench/gpu_setup.sh` stashes the parts that came with the call under
 /root/pk and, once all are there, checks, unpacks and installs them into /root/pk/site (put it on PYTHONPATH).
 
-    python bench/gpu_payload.py [-o .gpu] [--chunk-mb 56] [--ray]
+    python bench/gpu_payload.py [-o .gpu] [--chunk-mb 56] [--ray] [--wheel liger-kernel==0.8.5]
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x
              "manylinux1_x86_64"]
 
 
-def download_wheels(names: list[str], dest: Path) -> None:
-    pins = [f"{n}=={md.version(n)}" for n in names]
+def download_wheels(names: list[str], dest: Path, extra: list[str] = ()) -> None:
+    pins = [f"{n}=={md.version(n)}" for n in names] + list(extra)   # the .venv's versions, and pinned extras
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
            "3.12", "--implementation", "cp", "-d", str(dest), *[a for p in PLATFORMS for a in ("--platform", p)],
            *pins]
@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     ap.add_argument("-o", "--out", default=str(ROOT / ".gpu"))
     ap.add_argument("--chunk-mb", type=int, default=56, help="largest upload per call, after the working tree")
     ap.add_argument("--ray", action="store_true", help="also Ray 2.60 and its missing dependencies")
+    ap.add_argument("--wheel", action="append", default=[], metavar="NAME==VERSION",
+                    help="another wheel not in .venv, e.g. liger-kernel==0.8.5 (train_throughput's Liger row)")
     ap.add_argument("--site", action="append", default=[], metavar="MODULE=DIST",
                     help="another package to copy from .venv (e.g. a data package)")
     args = ap.parse_args(argv)
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
         stage = Path(tmp) / "payload"
         (stage / "wheels").mkdir(parents=True)
         (stage / "site").mkdir()
-        download_wheels(WHEELS + (RAY_WHEELS if args.ray else []), stage / "wheels")
+        download_wheels(WHEELS + (RAY_WHEELS if args.ray else []), stage / "wheels", args.wheel)
         for module, dist in site.items():
             copy_site_package(module, dist, stage / "site")
         tar_path = Path(tmp) / "payload.tar"
@@ -74,8 +76,9 @@ def main(argv=None) -> int:
             tar.add(stage, arcname=".")
         data = tar_path.read_bytes()
         wheels = sorted(p.name for p in (stage / "wheels").glob("*.whl"))
-    if out.exists():
-        shutil.rmtree(out)
+    for old in out.glob("[0-9]*"):   # the last payload's parts; other folders there (data, corpus) stay
+        if old.is_dir() and old.name.isdigit():
+            shutil.rmtree(old)
     chunk = args.chunk_mb * 1024 * 1024
     parts = [data[i:i + chunk] for i in range(0, len(data), chunk)]
     for i, part in enumerate(parts, 1):

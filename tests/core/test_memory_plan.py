@@ -127,13 +127,13 @@ def test_activation_formula_matches_the_tensors_autograd_saves(family, mode):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-@pytest.mark.parametrize("mode", ["bf16", "autocast", "fp32"])
-@pytest.mark.parametrize("dropout", [0.0, 0.05])
+# dropout under autocast is not checked here: CPU's dropout keeps float32 noise of the float32 residual stream, not
+# what CUDA's fused kernel keeps
+@pytest.mark.parametrize("mode,dropout", [("bf16", 0.0), ("autocast", 0.0), ("fp32", 0.0), ("bf16", 0.05),
+                                          ("fp32", 0.05)])
 def test_lora_activation_formula_matches_the_tensors_autograd_saves(family, mode, dropout):
     """A LoRA trial's frozen layer: less than a trained one without dropout (no inputs kept for weight gradients),
     more with it (each adapter's own dropped-out input and mask)."""
-    if dropout and mode == "autocast":
-        pytest.skip("CPU dropout keeps float32 noise of the float32 residual stream: not what CUDA keeps")
     measured, predicted = _saved_bytes_per_token(family, mode, lora_dropout=dropout)
     full = _saved_bytes_per_token(family, mode)[1]
     a = 4 if mode == "fp32" else 2

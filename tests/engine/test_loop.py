@@ -121,7 +121,8 @@ def test_tied_embeddings_stay_tied_when_the_state_comes_back_as_copies(tiny_chat
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
-def test_a_lora_trial_trains_bf16_adapters_on_a_bf16_frozen_base_with_compiled_layers():
+def test_a_lora_trial_trains_bf16_adapters_on_a_bf16_frozen_base_with_compiled_layers(tmp_path, tiny_chat_model_dir,
+                                                                                       chat_data):
     """A LoRA knockout trial's model (built from the shared float32 base, frozen) set up as a full trial's is: with
     `param_dtype: bfloat16` the frozen base is bf16 too (no float32 copy left), every decoder layer is compiled
     with `compile: true`, and the optimizer holds the adapters alone."""
@@ -131,10 +132,13 @@ def test_a_lora_trial_trains_bf16_adapters_on_a_bf16_frozen_base_with_compiled_l
     from prunekit.core.plan import Candidate
     from prunekit.engine.loop import setup_strategy
     from prunekit.engine.objectives import SFTObjective
+    from prunekit.config import load_config
     from prunekit.engine.trial import build_trial_model, shared_weights
     model = apply_lora(build_trial_model(shared_weights(build_tiny("qwen2")), Candidate(), "cpu", frozen=True))
-    cfg = SimpleNamespace(param_dtype="bfloat16", compile=True, parallel=SimpleNamespace(strategy="ddp"), lr=1e-4,
-                          weight_decay=0.0, warmup_ratio=0.0, scheduler="constant", grad_clip=1.0)
+    train, val = chat_data
+    cfg = load_config("knockout", None, {"model": str(tiny_chat_model_dir), "train": str(train), "val": str(val),
+                                         "output_dir": str(tmp_path / "ko"), "trial_mode": "lora",
+                                         "param_dtype": "bfloat16", "compile": True})
     strategy, _ = setup_strategy(model, SFTObjective(), cfg, 2, SimpleNamespace(restore=lambda: None),
                                  torch.device("cpu"))
     params = dict(model.named_parameters())

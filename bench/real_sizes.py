@@ -3,6 +3,7 @@ code on one GPU, each run's peak memory beside what `prunekit plan` predicts for
 
     python bench/real_sizes.py [--only a,b] [--trials 1] [--out bench/results/real_sizes.json]
     python bench/real_sizes.py --smoke [--only a,b]   # CPU, tiny shapes: the same code paths, numbers meaningless
+    python bench/real_sizes.py --replan [--out ...]   # today's plan for the recorded rows; runs nothing
 
 Sections (`--only` takes their names; every row of a section runs in a fresh process, so GPU memory starts clean):
   knockout_lora_1.5b  knockout_full_1.5b  knockout_lora_7b   one knockout trial each (the middle layer removed):
@@ -389,12 +390,39 @@ def assemble(row: Row, plan: dict, run: dict | None, smoke: bool) -> dict:
         flops = row_flops_per_token(row, plan, layers, sizes.seq)
         out["flops_per_token"] = flops
         out["mfu"] = run["tokens_per_s"] * flops / PEAK_BF16_FLOPS if run["device"] != "cpu" else None
-    if run.get("peak_allocated_gib") and "error" not in run:  # a failed row's peak is where it stopped
-        ratio = plan["plan_peak_gib"] / run["peak_allocated_gib"]
-        out["plan_over_measured"] = ratio
-        # judged on a GPU only: the smoke run's host RSS is not what the plan predicts
-        out["plan_within_15pct"] = abs(ratio - 1) <= PLAN_TOLERANCE if run["device"] != "cpu" else None
+    judge_plan(out)
     return out
+
+
+def judge_plan(row: dict) -> None:
+    """The plan's peak over the measured one, and whether it is within the tolerance, for a row that ran."""
+    if row.get("peak_allocated_gib") and "error" not in row:  # a failed row's peak is where it stopped
+        ratio = row["plan_peak_gib"] / row["peak_allocated_gib"]
+        row["plan_over_measured"] = ratio
+        # judged on a GPU only: the smoke run's host RSS is not what the plan predicts
+        row["plan_within_15pct"] = abs(ratio - 1) <= PLAN_TOLERANCE if row["device"] != "cpu" else None
+
+
+def replan(args) -> None:
+    """--replan: the plan's figures of every row in --out recomputed for the row's settings by today's plan, beside
+    the peak measured then (nothing runs; the verdict against the GPU's memory stays the run's)."""
+    path = Path(args.out)
+    if not path.is_file():
+        raise SystemExit(f"--replan: {path} does not exist")
+    data = json.loads(path.read_text())
+    today = datetime.date.today().isoformat()
+    with tempfile.TemporaryDirectory(prefix="real-sizes-") as tmp:
+        write_model_configs(Path(tmp), data["setup"]["smoke"])
+        for name, row in data["results"].items():
+            plan = planned(ROWS[name], data["setup"]["smoke"], Path(tmp), None)
+            row.update({k: plan[k] for k in ("plan_settings", "plan_peak_gib", "plan_required_gib")},
+                       plan_recomputed=today)
+            judge_plan(row)
+            print(f"{name}: plan {row['plan_peak_gib']:.2f} GiB" + (f", measured {row['peak_allocated_gib']:.2f} GiB "
+                  f"(x{row['plan_over_measured']:.2f})" if "plan_over_measured" in row else ""))
+    data["goals"] = goal_checks(data["results"])
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"written: {path}")
 
 
 def goal_checks(rows: dict) -> dict:
@@ -482,6 +510,8 @@ def main(argv=None) -> None:
     p.add_argument("--gpu-memory", default=None, help="one GPU's memory for the plan's verdict (default: what the "
                                                       "GPU has free; none on the CPU)")
     p.add_argument("--ignore-plan", action="store_true", help="run rows the plan says cannot fit")
+    p.add_argument("--replan", action="store_true", help="recompute the plan's figures of the rows in --out from their "
+                                                         "settings (runs nothing; marks them plan_recomputed)")
     p.add_argument("--row-timeout", type=int, default=600, help="seconds one row may take")
     p.add_argument("--workdir", default=None, help="configs, metrics.jsonl of every run (default: a temp dir)")
     p.add_argument("--out", default=None, help="default bench/results/real_sizes.json (--smoke: real_sizes_smoke.json)")
@@ -495,6 +525,8 @@ def main(argv=None) -> None:
     args.out = args.out or str(ROOT / "bench" / "results" / f"real_sizes{'_smoke' if args.smoke else ''}.json")
     if args.row:
         return child(args)
+    if args.replan:
+        return replan(args)
     drive(args)
 
 

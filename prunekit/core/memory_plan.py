@@ -57,7 +57,12 @@ The teacher (distillation) is not sharded by any strategy: its full weights sit 
 on the worker's second GPU (`own_gpu`), in bf16 when `bf16: true` else float32, plus its final hidden states. A
 knockout trial is one process: `tune.gpus_per_trial` below 1 packs floor(1 / gpus_per_trial) trials on one GPU;
 `tune.gpus_per_trial: N` (N >= 2) runs each trial as FSDP2 over N GPUs, batch_size / N rows on each. A knockout trial
-with `trial_mode: lora` trains LoRA adapters as `prunekit lora` does (P' the adapters).
+with `trial_mode: lora` trains LoRA adapters as `prunekit lora` does (P' the adapters, in the weights' dtype like
+their AdamW moments). LoRA on the frozen layers (`_lora_eager`, checked against autograd like the table): the norms
+keep no input for their frozen weights, each adapter's A output (r wide) is kept, and with `lora.dropout` > 0 each
+adapter keeps its own dropped-out input and a bool mask, a ((a + 1) (5 H + Q + I) - a (2 H + I)) per token and layer:
+more than the frozen weights save. The frozen LM head gets no gradient (the loss forms only the rows' buffers), and
+under autocast each frozen projection's bf16 cast is kept by its matmul (2 bytes a layer weight).
 """
 from __future__ import annotations
 
@@ -73,6 +78,7 @@ GiB = 1024 ** 3
 HEADROOM_BYTES = 1 * GiB      # the CUDA context, NCCL buffers ...
 HEADROOM_FRACTION = 0.05      # ... and allocator fragmentation, on top of the predicted peak
 HEAD_NORM_FAMILIES = ("qwen3", "qwen3_vl")  # per-head q_norm / k_norm inside attention
+LORA_ADAPTERS = 7             # prunekit's default targets: q, k, v, o, gate, up, down in each decoder layer
 CE_CHUNK_FACTOR = 2           # x a x C x V: the compiled cross-entropy row loss (logits in, gradient out)
 KD_CHUNK_FACTOR = 7           # x a x C x V: the compiled distillation row loss
 
@@ -122,6 +128,17 @@ class ModelShape:
     @property
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
+
+    @property
+    def layer_linear_params(self) -> int:
+        """The weights of one decoder layer's projections (no biases, no norms)."""
+        h, q, k, i = self.hidden, self.q_dim, self.kv_dim, self.intermediate
+        return 2 * h * q + 2 * h * k + 3 * h * i
+
+    @property
+    def lora_inputs(self) -> int:
+        """The input widths of a layer's adapters summed: q, k, v, gate, up read H, o reads Q, down I."""
+        return 5 * self.hidden + self.q_dim + self.intermediate
 
     def lora_params(self, rank: int) -> int:
         """LoRA A and B on every projection of every decoder layer (prunekit's default targets)."""
@@ -342,20 +359,43 @@ def activation_bytes_per_token_layer(shape: ModelShape, s: Settings) -> float:
     k = shape.kv_dim if gqa_native else q
     mode = precision(s)
     lse = 4 * shape.heads
+    a = 4 if mode == "fp32" else 2                       # activation bytes
     if s.compile:
-        a = 4 if mode == "fp32" else 2
         r = 2 if mode == "bf16" else 4
-        return 2 * r * h + a * (2 * h + 2 * q + 2 * k + 3 * i) + lse
+        out = 2 * r * h + a * (2 * h + 2 * q + 2 * k + 3 * i)
+        return out + lse + (_lora_compiled(shape, s, a) if s.lora else 0)
     if mode == "bf16":
         out = 16 * h + 4 * q + 4 * k + 8 * i + (6 * (q + shape.kv_dim) if shape.head_norms else 0)
     elif mode == "autocast":
         out = 26 * h + 4 * q + 4 * k + 8 * i + (6 * (q + shape.kv_dim) if shape.head_norms else 0)
     else:
         out = 24 * h + 8 * q + 8 * k + 16 * i + (8 * (q + shape.kv_dim) if shape.head_norms else 0)
-    if s.lora and s.lora_dropout > 0:  # each LoRA input goes through its own dropout (+ a bool mask)
-        act = 4 if mode == "fp32" else 2
-        out += (act + 1) * (3 * h + q + 2 * h + i)
-    return out + lse
+    return out + lse + (_lora_eager(shape, s, mode, a) if s.lora else 0)
+
+
+def _lora_eager(shape: ModelShape, s: Settings, mode: str, a: int) -> float:
+    """What LoRA adapters on a frozen layer change in the bytes saved per token (peft's Linear: base(x) +
+    B(A(dropout(x))) * scale). Frozen weights save no input for a weight gradient: the RMSNorms (Qwen3's per-head
+    ones too) drop their normalised input; the projections' inputs are saved by the adapters' A instead (one
+    storage shared by q/k/v and by gate/up; o's is attention's output, saved anyway, except under autocast: peft
+    casts it to the float32 adapters and A casts it back, a copy). Each A output (r wide) is saved by B. With dropout
+    each adapter saves its own dropped-out input and CUDA's bool mask, and the shared inputs are then saved by
+    nothing."""
+    h, q, i = shape.hidden, shape.q_dim, shape.intermediate
+    norm = 2 if mode == "bf16" else 4                    # the normalised input, in the residual stream's dtype
+    out = LORA_ADAPTERS * a * s.lora_rank - 2 * norm * h - (a * (q + shape.kv_dim) if shape.head_norms else 0)
+    autocast = mode == "autocast"
+    if autocast:
+        out += 2 * q
+    if s.lora_dropout > 0:  # under autocast every adapter input was its own bf16 copy
+        out += (a + 1) * shape.lora_inputs - a * (shape.lora_inputs if autocast else 2 * h + i)
+    return out
+
+
+def _lora_compiled(shape: ModelShape, s: Settings, a: int) -> float:
+    """Compiled layers keep the projections' inputs anyway (see the module docstring); LoRA adds the A outputs and,
+    with dropout, the masks (1 byte; a random op is not recomputed, the dropped-out input is)."""
+    return LORA_ADAPTERS * a * s.lora_rank + (shape.lora_inputs if s.lora_dropout > 0 else 0)
 
 
 def _activations(shape: ModelShape, s: Settings, checkpointing: bool) -> float:
@@ -382,6 +422,8 @@ def _loss_buffers(shape: ModelShape, s: Settings) -> float:
     factor = KD_CHUNK_FACTOR if s.stage == "distill" else CE_CHUNK_FACTOR
     rows = a * factor * cv
     grad_h = tokens * shape.hidden * a_h
+    if s.lora:                                            # a frozen head: no [V, H] gradient is formed
+        return grad_h + rows
     if tokens > s.loss_chunk_size:                        # float32 accumulation over chunks
         return grad_h + 4 * vh + max(rows, a * cv + (a + 4) * vh) + (w * vh if w != 4 else 0)
     return grad_h + max(rows, a * cv + a * vh)
@@ -396,8 +438,8 @@ def _model_states(shape: ModelShape, s: Settings) -> dict[str, float]:
     mode = precision(s)
     out = {"weights": 0.0, "gradients": 0.0, "optimizer": 0.0, "gathered": 0.0, "autocast_cache": 0.0,
            "grads_resident": 0.0}
-    if mode == "autocast":
-        out["autocast_cache"] = 2 * train
+    if mode == "autocast":  # LoRA: each frozen projection's bf16 cast is kept by its matmul (autocast caches none)
+        out["autocast_cache"] = 2 * (train + (shape.layers * shape.layer_linear_params if s.lora else 0))
     strategy = s.strategy if n > 1 or s.strategy != "ddp" else "ddp"
     if strategy == "ddp":
         out.update(weights=p * w, gradients=train * w, optimizer=2 * train * w)

@@ -68,9 +68,11 @@ def test_qwen25_7b_has_7_6b_parameters():
 
 # ---- activations: the formula against what autograd saves -----------------------------------------------------------
 
-def _saved_bytes_per_token(family: str, mode: str, tokens: int = 64) -> tuple[float, object]:
+def _saved_bytes_per_token(family: str, mode: str, tokens: int = 64, lora_dropout: float | None = None
+                           ) -> tuple[float, object]:
     """Bytes one HF decoder layer saves for backward per token (sdpa, batch 1, no mask), parameters and their
-    autocast copies left out (the plan counts those as weights / autocast copies)."""
+    autocast copies left out (the plan counts those as weights / autocast copies); with `lora_dropout`, the layer
+    frozen under LoRA adapters (prunekit's default targets) as a LoRA trial trains it."""
     import transformers
     cls = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config}[family]
     config = cls(vocab_size=256, hidden_size=256, intermediate_size=704, num_hidden_layers=1, num_attention_heads=4,
@@ -79,27 +81,39 @@ def _saved_bytes_per_token(family: str, mode: str, tokens: int = 64) -> tuple[fl
     from prunekit.core.loading import model_from_config
     torch.manual_seed(0)
     model = model_from_config(config)
+    if lora_dropout is not None:
+        from prunekit.core.lora import apply_lora
+        model = apply_lora(model, rank=16, dropout=lora_dropout)
     if mode == "bf16":
         model.to(torch.bfloat16)
-    layer = model.model.layers[0]
+    layer = model.get_decoder().layers[0]
     dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    # requires_grad: a layer after the first (under LoRA the first one's input needs no gradient: it saves less)
     x = torch.randn(1, tokens, 256, dtype=dtype, requires_grad=True)
-    cos, sin = model.model.rotary_emb(x, torch.arange(tokens)[None])
+    cos, sin = model.get_decoder().rotary_emb(x, torch.arange(tokens)[None])
     # the layer's input counts: its first norm saves it (the float32 residual stream under autocast / fp32)
     skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), cos, sin]}
     weight_shapes = {s for p in model.parameters() if p.dim() == 2 for s in (tuple(p.shape), tuple(p.shape)[::-1])}
     saved: dict[int, int] = {}
+    casts: dict[int, int] = {}  # autocast's bf16 weight copies
 
     def pack(t):
         ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip and not (mode == "autocast" and tuple(t.shape) in weight_shapes):
-            saved[ptr] = t.untyped_storage().nbytes()
+        if ptr not in skip:
+            (casts if mode == "autocast" and tuple(t.shape) in weight_shapes else saved)[ptr] = t.untyped_storage().nbytes()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
             layer(x, position_embeddings=(cos, sin), attention_mask=None)
-    s = Settings(bf16=mode != "fp32", param_dtype="bfloat16" if mode == "bf16" else "float32", batch_size=1)
-    return sum(saved.values()) / tokens, mp.activation_bytes_per_token_layer(model_shape(config.to_dict()), s)
+    s = Settings(bf16=mode != "fp32", param_dtype="bfloat16" if mode == "bf16" else "float32", batch_size=1,
+                 trial_mode="full" if lora_dropout is None else "lora", stage="knockout", lora_rank=16,
+                 lora_dropout=lora_dropout or 0.0)
+    shape = model_shape(config.to_dict())
+    if mode == "autocast":  # the copies are the plan's autocast cache: the projections' (LoRA: the adapters' too)
+        assert sum(casts.values()) == 2 * (shape.layer_linear_params + (shape.lora_params(16) if s.lora else 0))
+        assert mp._model_states(shape, s)["autocast_cache"] == 2 * (shape.params if not s.lora else
+                                                                    shape.layer_linear_params + shape.lora_params(16))
+    return sum(saved.values()) / tokens, mp.activation_bytes_per_token_layer(shape, s)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -110,6 +124,27 @@ def test_activation_formula_matches_the_tensors_autograd_saves(family, mode):
     if family == "llama" and mode == "bf16":
         assert predicted == 16 * 256 + 4 * 256 + 4 * 128 + 8 * 704 + 4 * 4 == 11280
     assert predicted == pytest.approx(measured, rel=0.01)  # what is left: RMSNorm's per-token rsqrt
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+# dropout under autocast is not checked here: CPU's dropout keeps float32 noise of the float32 residual stream, not
+# what CUDA's fused kernel keeps
+@pytest.mark.parametrize("mode,dropout", [("bf16", 0.0), ("autocast", 0.0), ("fp32", 0.0), ("bf16", 0.05),
+                                          ("fp32", 0.05)])
+def test_lora_activation_formula_matches_the_tensors_autograd_saves(family, mode, dropout):
+    """A LoRA trial's frozen layer: less than a trained one without dropout (no inputs kept for weight gradients),
+    more with it (each adapter's own dropped-out input and mask)."""
+    measured, predicted = _saved_bytes_per_token(family, mode, lora_dropout=dropout)
+    full = _saved_bytes_per_token(family, mode)[1]
+    a = 4 if mode == "fp32" else 2
+    if dropout:  # CPU's dropout keeps its scaled noise (a bytes) where CUDA's fused kernel keeps a bool mask (1)
+        measured -= (a - 1) * (5 * 256 + 256 + 704)
+        assert predicted > full
+    else:
+        assert predicted < full
+    if family == "llama" and mode == "bf16" and not dropout:  # - the norms' inputs 2 x 2H + 7 A outputs of r = 16
+        assert predicted == full - 4 * 256 + 7 * 2 * 16
+    assert predicted == pytest.approx(measured, rel=0.01)
 
 
 # ---- a hand calculation -----------------------------------------------------------------------------------------------

@@ -119,3 +119,31 @@ def test_tied_embeddings_stay_tied_when_the_state_comes_back_as_copies(tiny_chat
     ids = torch.tensor([[1, 5, 9, 200, 7]])
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_a_lora_trial_trains_bf16_adapters_on_a_bf16_frozen_base_with_compiled_layers(tmp_path, tiny_chat_model_dir,
+                                                                                       chat_data):
+    """A LoRA knockout trial's model (built from the shared float32 base, frozen) set up as a full trial's is: with
+    `param_dtype: bfloat16` the frozen base is bf16 too (no float32 copy left), every decoder layer is compiled
+    with `compile: true`, and the optimizer holds the adapters alone."""
+    from tests.conftest import build_tiny
+    from prunekit.core.families import family_of
+    from prunekit.core.lora import apply_lora
+    from prunekit.core.plan import Candidate
+    from prunekit.engine.loop import setup_strategy
+    from prunekit.engine.objectives import SFTObjective
+    from prunekit.config import load_config
+    from prunekit.engine.trial import build_trial_model, shared_weights
+    model = apply_lora(build_trial_model(shared_weights(build_tiny("qwen2")), Candidate(), "cpu", frozen=True))
+    train, val = chat_data
+    cfg = load_config("knockout", None, {"model": str(tiny_chat_model_dir), "train": str(train), "val": str(val),
+                                         "output_dir": str(tmp_path / "ko"), "trial_mode": "lora",
+                                         "param_dtype": "bfloat16", "compile": True})
+    strategy, _ = setup_strategy(model, SFTObjective(), cfg, 2, SimpleNamespace(restore=lambda: None),
+                                 torch.device("cpu"))
+    params = dict(model.named_parameters())
+    assert {p.dtype for p in params.values()} == {torch.bfloat16}
+    assert {n for n, p in params.items() if p.requires_grad} == {n for n in params if "lora_" in n}
+    trained = {id(p) for group in strategy.optimizer.param_groups for p in group["params"]}
+    assert trained == {id(p) for n, p in params.items() if "lora_" in n}
+    assert all(layer._compiled_call_impl is not None for layer in family_of(model).blocks(model))

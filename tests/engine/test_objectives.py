@@ -107,3 +107,34 @@ def test_rl_objective_uses_the_policy_loss_registry():
         assert seen["eps"] == 0.1 and seen["eps_high"] == 0.3 and seen["aggregation"] == "grpo"
     finally:
         POLICY_LOSSES.pop("test_logp_sum")
+
+
+def test_a_frozen_lm_head_gets_no_gradient_formed_and_the_adapters_the_same_one():
+    """LoRA freezes the LM head: the fused loss then forms no [V, H] head gradient (it was summed in float32 over
+    the chunks and kept for backward: memory and a matmul as large as the head's, for nothing), and the adapters'
+    gradients equal those of plain autograd through full logits."""
+    from tests.conftest import build_tiny
+    from prunekit.core.data import collate
+    from prunekit.core.lora import apply_lora
+    from prunekit.core.families import backbone_and_head
+    from prunekit.engine.objectives import SFTObjective
+    model = apply_lora(build_tiny("llama"), dropout=0.0)
+    g = torch.Generator().manual_seed(0)
+    batch = collate([{"input_ids": x, "labels": x} for x in torch.randint(3, 100, (2, 9), generator=g).tolist()], 0)
+    head = backbone_and_head(model)[1].weight
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = []  # shapes of what the forward saves for backward, the (frozen) weights themselves left out
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            saved.append(tuple(t.shape))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = SFTObjective(chunk_size=4)(model.train(), batch)["loss_sum"]  # 16 rows: float32 sums over chunks
+    assert not head.requires_grad and tuple(head.shape) not in saved
+    loss.backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum").backward()
+    assert fused and all(torch.allclose(fused[n], p.grad, atol=1e-5) for n, p in model.named_parameters() if n in fused)

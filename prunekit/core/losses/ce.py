@@ -128,32 +128,35 @@ def compiled_on_gpu(fn: Callable, on_gpu: bool) -> Callable:
 class FusedLinearLoss(torch.autograd.Function):
     """sum over row chunks of `row_loss(h_c @ W.T, extra_c, target_c)`, with d/dh and d/dW computed chunk by chunk
     inside forward (the fused linear-loss trick): no B*S*V logits are kept, and nothing is recomputed in backward.
-    `row_loss` returns (loss, d loss / d logits, *detached extras)."""
+    `row_loss` returns (loss, d loss / d logits, *detached extras). Only the gradients autograd asks for are formed:
+    a frozen head (LoRA) gets no d/dW, which would cost a [V, H] float32 sum and a matmul as large as the head's."""
 
     @staticmethod
     def forward(ctx, h, weight, extra, target, chunk_size, row_loss):
-        grad_h = torch.zeros_like(h)
+        want_h, want_w = ctx.needs_input_grad[:2]
+        grad_h = torch.zeros_like(h) if want_h else None
         # several chunks' weight gradients are summed in float32; a single chunk's is used as it comes
         single = len(h) <= chunk_size
-        grad_w = torch.zeros_like(weight, dtype=weight.dtype if single else torch.float32)
+        grad_w = torch.zeros_like(weight, dtype=weight.dtype if single else torch.float32) if want_w else None
         total, parts = torch.zeros((), dtype=torch.float32, device=h.device), None
         extras = extra.split(chunk_size) if extra is not None else [None] * len(range(0, len(h), chunk_size))
         for h_c, e_c, t_c, start in zip(h.split(chunk_size), extras, target.split(chunk_size),
                                         range(0, len(h), chunk_size)):
             loss, g, *rest = row_loss(h_c @ weight.T, e_c, t_c)
             g = g.to(h.dtype)
-            grad_h[start:start + len(h_c)] = g @ weight
-            if single:
+            if want_h:
+                grad_h[start:start + len(h_c)] = g @ weight
+            if want_w and single:
                 grad_w = g.T @ h_c
-            else:
+            elif want_w:
                 grad_w += (g.T @ h_c).float()
             total += loss.detach()
             parts = rest if parts is None else [p + r for p, r in zip(parts, rest)]
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_w else None)
         ctx.mark_non_differentiable(*parts)
         return (total, *parts)
 
     @staticmethod
     def backward(ctx, grad_total, *_):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_total.to(grad_h.dtype), grad_w * grad_total.to(grad_w.dtype), None, None, None, None
+        grad_h, grad_w = (None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors)
+        return grad_h, grad_w, None, None, None, None

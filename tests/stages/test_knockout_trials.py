@@ -31,10 +31,7 @@ def ko_config(model, data, tmp_path, **over):
     base = {"model": str(model), "train": str(train), "val": str(val), "output_dir": str(tmp_path / "report"),
             "storage_path": str(tmp_path / "runs"), "max_steps": STEPS, "max_length": 64, "batch_size": 4,
             "eval_interval": 4, "log_interval": 1, "eval_max_samples": 16, "lr": 1e-2, "warmup_ratio": 0.0,
-            "scheduler": "constant", "wandb.mode": "disabled", "importance": False, "candidates.text": "1,2",
-            "lora.dropout": 0.0, **over}
-    if base.get("trial_mode", "full") == "full":
-        base.pop("lora.dropout")
+            "scheduler": "constant", "wandb.mode": "disabled", "importance": False, "candidates.text": "1,2", **over}
     return load_config("knockout", None, base)
 
 
@@ -291,15 +288,15 @@ def test_memory_plan_of_lora_and_multi_gpu_trials_by_hand():
     f = mp.plan(shape, full)
     assert (f.parts["weights"], f.parts["gradients"], f.parts["optimizer"]) == (2 * P, 2 * P, 4 * P)
     # LoRA trials: the frozen model's weights, gradients and AdamW state of the adapters only
-    s = mp.settings_from_config("knockout", plan_config(trial_mode="lora", **{"tune.gpus_per_trial": 1,
-                                                                              "lora.dropout": 0.0}))
-    assert (s.lora, s.lora_rank, s.gpus, s.strategy) == (True, 16, 1, "ddp")
+    s = mp.settings_from_config("knockout", plan_config(trial_mode="lora", **{"tune.gpus_per_trial": 1}))
+    assert (s.lora, s.lora_rank, s.lora_dropout, s.gpus, s.strategy) == (True, 16, 0.0, 1, "ddp")  # trials: no dropout
     p = mp.plan(shape, s)
     assert (p.parts["weights"], p.parts["gradients"], p.parts["optimizer"]) == (2 * P, 2 * lora, 4 * lora)
     assert mp.describe(s) == "1 trial per GPU, LoRA trials (rank 16), bf16 weights, batch 4 x 32 tokens"
-    # LoRA dropout keeps each adapter input and its mask: the activations grow
-    dropout = mp.settings_from_config("knockout", plan_config(trial_mode="lora", **{"tune.gpus_per_trial": 1}))
-    assert mp.plan(shape, dropout).activations_full > p.activations_full
+    # LoRA dropout keeps each adapter input and its mask: the activations grow past a full trial's
+    dropout = mp.settings_from_config("knockout", plan_config(trial_mode="lora", **{"tune.gpus_per_trial": 1,
+                                                                                    "lora.dropout": 0.05}))
+    assert mp.plan(shape, dropout).activations_full > f.activations_full > p.activations_full
     # a trial over 2 GPUs: FSDP2 shards of the model, half the trial's batch on each
     two = mp.settings_from_config("knockout", plan_config(**{"tune.gpus_per_trial": 2}))
     assert (two.gpus, two.strategy, two.batch_size, mp.gpus_used(two)) == (2, "fsdp", 2, 2)
@@ -310,7 +307,7 @@ def test_memory_plan_of_lora_and_multi_gpu_trials_by_hand():
     assert mp.describe(two).startswith("each trial fsdp2 over 2 GPUs, bf16 weights, batch 2 x 32 tokens")
     # ... and LoRA trials over 2 GPUs gather no gradients of the frozen units
     both = mp.plan(shape, mp.settings_from_config("knockout", plan_config(
-        trial_mode="lora", **{"tune.gpus_per_trial": 2, "lora.dropout": 0.0})))
+        trial_mode="lora", **{"tune.gpus_per_trial": 2})))
     assert (both.parts["gradients"], both.parts["optimizer"]) == (2 * lora / 2, 4 * lora / 2)
     assert both.parts["gathered (fsdp/zero-3 working set)"] == 2 * (root + 2 * unit)
 

@@ -2,7 +2,7 @@
 
 Each variant distils a start model from the original for `--steps` steps on the recovery mix with the outcome
 recipe's distill settings (recipes/outcome.yaml) plus the variant's changes, then measures general text and the chat
-val (as bench/outcome_smollm2.py does). Two sets:
+val (as bench/outcome_smollm2.py does). Sets:
   kv        (start: the pruned model, 3 KV heads) KV heads kept or merged into 1 while distilling (merge_kv_heads,
             then the exact kv_cut), at two learning rates -> bench/results/recovery_probe_smollm2.json
   lr-batch  (start: the pruned model cut to 1 KV head by the calibrated cut, 100 calibration steps per layer)
@@ -11,6 +11,9 @@ val (as bench/outcome_smollm2.py does). Two sets:
             from the student (distill on_policy, 128 new tokens, sampled 40 steps at a time)
             -> bench/results/recovery_probe_smollm2_on_policy.json
   recipe    (start: that cut model) the recipe's distillation alone -> bench/results/recovery_probe_smollm2_recipe.json
+  cut-order (start: the pruned model) the same cut and the same total steps, made first (the recipe) or after half
+            of the steps on the 3-KV-head model (distil, cut the healed model, distil the rest: each half its own
+            warm-up and cosine, as two pipeline stages) -> bench/results/recovery_probe_smollm2_cut_order.json
 `--start ffn` removes the parameters by width instead of depth before the cut: FFN 1536 -> 1024 channels in every
 layer (`prunekit width --ffn 1024`, 25.0% of the decoder-layer parameters, as bench/width_vs_depth_smollm2.py's ffn
 arm), scored on 256 rows of the recovery mix; its result file ends in _ffn.json.
@@ -43,9 +46,11 @@ SETS = {
     "on-policy": {"off-policy": {},
                   "on-policy-0.25": dict(on_policy={"fraction": 0.25, "max_new_tokens": 128, "every": 40})},
     "recipe": {"off-policy": {}},
+    "cut-order": {"cut-first": {}, "cut-halfway": {"cut_after": 0.5}},
 }
 RESULT_FILES = {"kv": "recovery_probe_smollm2.json", "lr-batch": "recovery_probe_smollm2_lr_batch.json",
-                "on-policy": "recovery_probe_smollm2_on_policy.json", "recipe": "recovery_probe_smollm2_recipe.json"}
+                "on-policy": "recovery_probe_smollm2_on_policy.json", "recipe": "recovery_probe_smollm2_recipe.json",
+                "cut-order": "recovery_probe_smollm2_cut_order.json"}
 
 
 def main(argv=None) -> int:
@@ -87,23 +92,37 @@ def main(argv=None) -> int:
               max_length=256, batch_size=16, device="cuda" if args.gpu else "cpu", overwrite=True, plot=False)
     results = {"original": bench.measure(str(resolve_model("smollm2")), args.data, settings),
                "pruned": bench.measure(str(pruned), args.data, settings)}
-    start_model = pruned
-    if args.variant_set != "kv":   # the other sets start from the recipe's cut model
+
+    def calibrated_cut(model: Path | str, out: Path) -> Path:
+        """The recipe's cut: KV heads 3 -> 1 by the mean, calibrated (100 steps per layer, 256 rows)."""
         from prunekit.core.kv_calibration import CalibrationSettings
-        start_model = args.out / "cut"
-        kv_cut(str(pruned), start_model, 1, "mean", data=str(recovery), overwrite=True, calibrate=True,
+        kv_cut(str(model), out, 1, "mean", data=str(recovery), overwrite=True, calibrate=True,
                max_samples=4 if args.smoke else 256, calibration=CalibrationSettings(steps=2 if args.smoke else 100),
                device="cuda" if args.gpu else "cpu")
+        return out
+
+    start_model = pruned
+    if args.variant_set != "kv":   # the other sets start from the recipe's cut model
+        start_model = calibrated_cut(pruned, args.out / "cut")
         results["cut"] = bench.measure(str(start_model), args.data, settings)
     for name, extra in SETS[args.variant_set].items():
         if args.smoke and "on_policy" in extra:   # the smoke's batch of 2 and checkpoint every 2 steps
             extra = {**extra, "on_policy": {**extra["on_policy"], "fraction": 0.5, "every": 1, "max_new_tokens": 8}}
-        start = time.time()
-        model = bench.distill(str(start_model), recovery, args.data, args.out / name, name, args.steps, settings,
-                              **extra)
+        start, record = time.time(), {}
+        if "cut_after" in extra:   # distil the 3-KV-head model first, cut the healed model, distil the rest
+            first = max(1, int(args.steps * extra["cut_after"]))
+            healed = bench.distill(str(pruned), recovery, args.data, args.out / f"{name}-3kv", f"{name}-3kv",
+                                   first, settings)
+            cut = calibrated_cut(healed, args.out / f"{name}-cut")
+            record = {"healed_3kv": bench.measure(healed, args.data, settings),
+                      "after_cut": bench.measure(str(cut), args.data, settings)}
+            model = bench.distill(str(cut), recovery, args.data, args.out / name, name, args.steps - first, settings)
+        else:
+            model = bench.distill(str(start_model), recovery, args.data, args.out / name, name, args.steps, settings,
+                                  **extra)
         if "merge_kv_heads" in extra:
             model = str(kv_cut(model, args.out / f"{name}-cut", 1, overwrite=True).output)
-        results[name] = {"steps": args.steps, **extra, **bench.measure(model, args.data, settings),
+        results[name] = {"steps": args.steps, **extra, **record, **bench.measure(model, args.data, settings),
                          "seconds": round(time.time() - start, 1)}
     o = results["original"]
     import torch

@@ -257,11 +257,12 @@ def write_results(args, n_gpus: int, results: dict) -> None:
     before = json.loads(path.read_text()) if path.is_file() else {}
     same_setup = {k: before.get("setup", {}).get(k) for k in ("model", "seq", "micro_batch", "steps")} == \
         {k: setup[k] for k in ("model", "seq", "micro_batch", "steps")}
-    merging = bool(args.only and same_setup)
-    r = {**before.get("results", {}), **results} if merging else results
-    # rows kept from an earlier run keep the machine and date they were measured on
-    kept = sorted(set(r) - set(results))
-    earlier = before.get("rows_from_earlier_run") or {"date": before.get("date"), "machine": before.get("machine")}
+    r = {**before.get("results", {}), **results} if args.only and same_setup else results
+    # rows kept from earlier runs keep the machine and date they were measured on (row -> {date, machine})
+    last_run = {"date": before.get("date"), "machine": before.get("machine")}
+    measured_on = {**before.get("rows_from_earlier_run", {}),
+                   **{n: last_run for n in before.get("measured_now", before.get("results", {}))}}
+    kept = {n: measured_on.get(n) for n in sorted(set(r) - set(results))}
 
     def ratio(a, b, key="tokens_per_s"):
         return r[a][key] / r[b][key] if key in r.get(a, {}) and key in r.get(b, {}) else None
@@ -289,7 +290,7 @@ def write_results(args, n_gpus: int, results: dict) -> None:
            "machine": {"gpu": torch.cuda.get_device_name(0) if n_gpus else None, "gpus": n_gpus,
                        "torch": torch.__version__, "transformers": __import__("transformers").__version__},
            "setup": setup, "results": r, "measured_now": sorted(results),
-           **({"rows_from_earlier_run": {**earlier, "rows": kept}} if kept else {}), "ratios": ratios, "goals": goals,
+           **({"rows_from_earlier_run": kept} if kept else {}), "ratios": ratios, "goals": goals,
            **{k: before[k] for k in HISTORY if k in before}}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")

@@ -84,6 +84,27 @@ def prepare_data(data: Path) -> None:
         general_text(data / "general-train.jsonl", data / "general-eval.jsonl")
 
 
+PROSE_PREFIX_CHARS, PROSE_STRIDE_CHARS = 300, 500
+
+
+def prose_prompts(data: Path, path: Path) -> Path:
+    """Openings for the teacher to continue (`--prose-rows`): 300 characters of the general train text at every 500th
+    character of each document, starting and ending at a word, as {"text"} rows. Continued, they are prose the
+    teacher wrote itself, in the domain of the general eval split (whose articles are never among the prompts)."""
+    prompts = []
+    for line in (data / "general-train.jsonl").read_text().splitlines():
+        text = json.loads(line)["text"] if line.strip() else ""
+        for start in range(0, max(1, len(text) - PROSE_PREFIX_CHARS), PROSE_STRIDE_CHARS):
+            start = text.find(" ", start) + 1 if start else 0
+            piece = text[start:start + PROSE_PREFIX_CHARS].rsplit(" ", 1)[0]
+            if len(piece) >= 80:
+                prompts.append({"text": piece})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    os.replace(tmp, path)
+    return path
+
+
 def measure(model: str, data: Path, args) -> dict:
     from prunekit.stages.evaluate import evaluate_file
     from prunekit.pipeline import model_facts
@@ -129,7 +150,7 @@ def report_path(args) -> Path:
 
 def reuse_corpus(report_json: Path, source: Path, corpus: Path, results: dict) -> None:
     """The teacher corpus of an earlier run: its file, and its statistics and generation minutes from that run's
-    report, recorded as corpus_from (the corpus phase's own clock then holds only the copy)."""
+    report, recorded as corpus_from (the corpus phase's own clock then holds the copy, counted on top)."""
     import gzip
     earlier = json.loads(report_json.read_text())
     raw = gzip.decompress(source.read_bytes()) if source.suffix == ".gz" else source.read_bytes()
@@ -154,6 +175,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "outcome")
     ap.add_argument("--rows", type=int, default=16384, help="teacher-sampled corpus rows")
     ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--prose-rows", type=int, default=0, metavar="N",
+                    help="also N teacher continuations of general-train openings in the recovery mix (prose_prompts)")
     ap.add_argument("--plan", type=Path, default=ROOT / "bench" / "results" / "knockout_smollm2" / "plan.json")
     ap.add_argument("--compare-steps", type=int, default=300)
     ap.add_argument("--width-ffn", type=int, default=None, metavar="N",
@@ -192,6 +215,7 @@ def main(argv=None) -> int:
         return 0
     if args.smoke:
         args.rows, args.max_new_tokens, args.compare_steps = 8, 16, 2
+        args.prose_rows = min(args.prose_rows, 8)
         args.eval_samples, args.eval_text_samples = 4, 4
         args.out = args.out.with_name(args.out.name + "-smoke")
     out = args.out.resolve()
@@ -212,6 +236,7 @@ def main(argv=None) -> int:
         os.replace(tmp, results_path)
 
     corpus = out / "teacher.jsonl"
+    prose = out / "teacher-prose.jsonl"   # --prose-rows: the teacher's continuations of general-train openings
     recovery = out / "recovery.jsonl"   # the recipe's train file: the teacher corpus + the general train text
 
     def make_corpus():
@@ -219,18 +244,23 @@ def main(argv=None) -> int:
             reuse_corpus(*args.corpus_from, corpus, results)
         else:
             generate()
+        if args.prose_rows:
+            results["corpus_prose"] = sample(prose_prompts(data, out / "prose-prompts.jsonl"), prose,
+                                             rows=args.prose_rows, seed_prompts=False)
         tmp = recovery.with_suffix(".tmp")
-        tmp.write_bytes(corpus.read_bytes() + (data / "general-train.jsonl").read_bytes())
+        tmp.write_bytes(corpus.read_bytes() + (prose.read_bytes() if args.prose_rows else b"")
+                        + (data / "general-train.jsonl").read_bytes())
         os.replace(tmp, recovery)
         save()
 
-    def generate():
+    def sample(prompts: Path, to: Path, **target) -> dict:
         from prunekit.rl.corpus import generate_corpus
-        results["corpus"] = generate_corpus(
-            "smollm2", corpus, prompts=data / "chat-train.jsonl", seed_prompts=True, rows=args.rows,
-            max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=0.95, backend="transformers",
-            device="cuda" if args.gpu else "cpu", dtype="bfloat16" if args.gpu else "float32",
-            progress=True)
+        return generate_corpus("smollm2", to, prompts=prompts, max_new_tokens=args.max_new_tokens, temperature=1.0,
+                               top_p=0.95, backend="transformers", device="cuda" if args.gpu else "cpu",
+                               dtype="bfloat16" if args.gpu else "float32", progress=True, **target)
+
+    def generate():
+        results["corpus"] = sample(data / "chat-train.jsonl", corpus, rows=args.rows, seed_prompts=True)
 
     def run_pipeline():
         import yaml
@@ -369,15 +399,15 @@ def write_report(results: dict, args, path: Path) -> None:
     stages = {"original": row(o)} | {r["id"]: row(r) for r in pipe["stages"] if "facts" in r}
     final = list(stages.values())[-1]
     reused = results.get("corpus_from")
-    if reused:
-        results["minutes"]["corpus"] = reused["minutes"]
+    if reused:   # the reused generation's minutes, plus this run's corpus phase (the copy; prose continuations)
+        results["minutes"]["corpus"] = round(reused["minutes"] + results["minutes"].get("corpus", 0), 2)
     end_to_end = sum(results["minutes"].get(k, 0) for k in ("corpus", "pipeline"))
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": args.machine or (torch.cuda.get_device_name(0) if args.gpu else platform.processor()),
         "command": results.get("command") or "python bench/outcome_smollm2.py" + (" --gpu" if args.gpu else " --smoke"),
         "recipe": "recipes/outcome.yaml", "status": pipe["status"], "corpus": results.get("corpus"),
-        "corpus_from": reused,
+        "corpus_from": reused, **({"corpus_prose": results["corpus_prose"]} if results.get("corpus_prose") else {}),
         "distill_settings_changed": results.get("fallback") or None, "non_finite": results.get("non_finite"),
         "stages": stages, "minutes": results["minutes"], "end_to_end_minutes": round(end_to_end, 2),
         "calls": results["calls"],

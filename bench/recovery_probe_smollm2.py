@@ -14,6 +14,9 @@ val (as bench/outcome_smollm2.py does). Sets:
   cut-order (start: the pruned model) the same cut and the same total steps, made first (the recipe) or after half
             of the steps on the 3-KV-head model (distil, cut the healed model, distil the rest: each half its own
             warm-up and cosine, as two pipeline stages) -> bench/results/recovery_probe_smollm2_cut_order.json
+  prose     (start: that cut model) the recipe's distillation on the recovery mix, and on the mix plus `--prose-rows`
+            (4096) teacher continuations of general-train openings (outcome_smollm2.prose_prompts; generated here)
+            -> bench/results/recovery_probe_smollm2_prose.json
 `--start ffn` removes the parameters by width instead of depth before the cut: FFN 1536 -> 1024 channels in every
 layer (`prunekit width --ffn 1024`, 25.0% of the decoder-layer parameters, as bench/width_vs_depth_smollm2.py's ffn
 arm), scored on 256 rows of the recovery mix; its result file ends in _ffn.json.
@@ -47,10 +50,11 @@ SETS = {
                   "on-policy-0.25": dict(on_policy={"fraction": 0.25, "max_new_tokens": 128, "every": 40})},
     "recipe": {"off-policy": {}},
     "cut-order": {"cut-first": {}, "cut-halfway": {"cut_after": 0.5}},
+    "prose": {"mix": {}, "mix+prose": {"train": "mix+prose"}},
 }
 RESULT_FILES = {"kv": "recovery_probe_smollm2.json", "lr-batch": "recovery_probe_smollm2_lr_batch.json",
                 "on-policy": "recovery_probe_smollm2_on_policy.json", "recipe": "recovery_probe_smollm2_recipe.json",
-                "cut-order": "recovery_probe_smollm2_cut_order.json"}
+                "cut-order": "recovery_probe_smollm2_cut_order.json", "prose": "recovery_probe_smollm2_prose.json"}
 
 
 def main(argv=None) -> int:
@@ -63,10 +67,11 @@ def main(argv=None) -> int:
     ap.add_argument("--set", choices=list(SETS), default="kv", dest="variant_set")
     ap.add_argument("--start", choices=["depth", "ffn"], default="depth",
                     help="remove ~25%% of the decoder-layer parameters by depth (the recipe's 8 layers) or FFN width")
+    ap.add_argument("--prose-rows", type=int, default=4096, help="--set prose: teacher continuations to generate")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: a check of the code path (result in --out)")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.steps = 2
+        args.steps, args.prose_rows = 2, 8
     spec = importlib.util.spec_from_file_location("outcome", ROOT / "bench" / "outcome_smollm2.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -101,6 +106,17 @@ def main(argv=None) -> int:
                device="cuda" if args.gpu else "cpu")
         return out
 
+    train_files, prose_stats = {"mix": recovery}, None
+    if args.variant_set == "prose":   # the mix plus the teacher's continuations of general-train openings
+        from prunekit.rl.corpus import generate_corpus
+        prose = args.out / "teacher-prose.jsonl"
+        prose.unlink(missing_ok=True)
+        openings = bench.prose_prompts(args.data, args.out / "prose-prompts.jsonl")
+        prose_stats = generate_corpus("smollm2", prose, prompts=openings, seed_prompts=False, rows=args.prose_rows,
+                                      max_new_tokens=8 if args.smoke else 256, backend="transformers",
+                                      device="cuda" if args.gpu else "cpu", dtype="bfloat16" if args.gpu else "float32")
+        train_files["mix+prose"] = args.out / "recovery-prose.jsonl"
+        train_files["mix+prose"].write_bytes(recovery.read_bytes() + prose.read_bytes())
     start_model = pruned
     if args.variant_set != "kv":   # the other sets start from the recipe's cut model
         start_model = calibrated_cut(pruned, args.out / "cut")
@@ -109,26 +125,29 @@ def main(argv=None) -> int:
         if args.smoke and "on_policy" in extra:   # the smoke's batch of 2 and checkpoint every 2 steps
             extra = {**extra, "on_policy": {**extra["on_policy"], "fraction": 0.5, "every": 1, "max_new_tokens": 8}}
         start, record = time.time(), {}
+        extra = dict(extra)
+        train = train_files[extra.pop("train", "mix")]
         if "cut_after" in extra:   # distil the 3-KV-head model first, cut the healed model, distil the rest
             first = max(1, int(args.steps * extra["cut_after"]))
-            healed = bench.distill(str(pruned), recovery, args.data, args.out / f"{name}-3kv", f"{name}-3kv",
+            healed = bench.distill(str(pruned), train, args.data, args.out / f"{name}-3kv", f"{name}-3kv",
                                    first, settings)
             cut = calibrated_cut(healed, args.out / f"{name}-cut")
             record = {"healed_3kv": bench.measure(healed, args.data, settings),
                       "after_cut": bench.measure(str(cut), args.data, settings)}
-            model = bench.distill(str(cut), recovery, args.data, args.out / name, name, args.steps - first, settings)
+            model = bench.distill(str(cut), train, args.data, args.out / name, name, args.steps - first, settings)
         else:
-            model = bench.distill(str(start_model), recovery, args.data, args.out / name, name, args.steps, settings,
+            model = bench.distill(str(start_model), train, args.data, args.out / name, name, args.steps, settings,
                                   **extra)
         if "merge_kv_heads" in extra:
             model = str(kv_cut(model, args.out / f"{name}-cut", 1, overwrite=True).output)
-        results[name] = {"steps": args.steps, **extra, **record, **bench.measure(model, args.data, settings),
+        results[name] = {"steps": args.steps, "train": train.name, **extra, **record, **bench.measure(model, args.data, settings),
                          "seconds": round(time.time() - start, 1)}
     o = results["original"]
     import torch
     report = {"date": time.strftime("%Y-%m-%d"),
               "machine": torch.cuda.get_device_name(0) if args.gpu else "cpu",
               "command": "python bench/recovery_probe_smollm2.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              **({"prose_corpus": prose_stats} if prose_stats else {}),
               "variants": {k: {"general_text_vs_original": v["eval_text"]["token_acc"] / o["eval_text"]["token_acc"],
                                "chat_val_vs_original": v["eval"]["token_acc"] / o["eval"]["token_acc"], **v}
                            for k, v in results.items()}}

@@ -140,7 +140,8 @@ def main(argv=None) -> int:
                                   **extra)
         if "merge_kv_heads" in extra:
             model = str(kv_cut(model, args.out / f"{name}-cut", 1, overwrite=True).output)
-        results[name] = {"steps": args.steps, "train": train.name, **extra, **record, **bench.measure(model, args.data, settings),
+        results[name] = {"steps": args.steps, "train": train.name, **extra, **record,
+                         **bench.measure(model, args.data, settings),
                          "seconds": round(time.time() - start, 1)}
     o = results["original"]
     import torch

@@ -404,8 +404,10 @@ def judge_plan(row: dict) -> None:
 
 
 def replan(args) -> None:
-    """--replan: the plan's figures of every row in --out recomputed for the row's settings by today's plan, beside
-    the peak measured then (nothing runs; the verdict against the GPU's memory stays the run's)."""
+    """--replan: the plan's figures of every row in --out recomputed by today's plan, beside the peak measured then
+    (nothing runs; the verdict against the GPU's memory stays the run's). The rows' settings are rebuilt from this
+    file's ROWS and today's config defaults: use it after a change to the plan's formulas alone, not after a change
+    to what the rows run (such as a default)."""
     path = Path(args.out)
     if not path.is_file():
         raise SystemExit(f"--replan: {path} does not exist")

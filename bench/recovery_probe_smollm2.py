@@ -14,6 +14,9 @@ val (as bench/outcome_smollm2.py does). Sets:
   cut-order (start: the pruned model) the same cut and the same total steps, made first (the recipe) or after half
             of the steps on the 3-KV-head model (distil, cut the healed model, distil the rest: each half its own
             warm-up and cosine, as two pipeline stages) -> bench/results/recovery_probe_smollm2_cut_order.json
+  calibration (start: the pruned model) the recipe's calibrated cut fitted on the original's layer inputs (teacher
+            forcing, the default) or on the cut model's own (`calibration_sequential`, GPTQ-style), then the recipe's
+            distillation -> bench/results/recovery_probe_smollm2_calibration.json
   prose     (start: that cut model) the recipe's distillation on the recovery mix, and on the mix plus `--prose-rows`
             (4096) teacher continuations of general-train openings (outcome_smollm2.prose_prompts; generated here)
             -> bench/results/recovery_probe_smollm2_prose.json
@@ -51,10 +54,12 @@ SETS = {
     "recipe": {"off-policy": {}},
     "cut-order": {"cut-first": {}, "cut-halfway": {"cut_after": 0.5}},
     "prose": {"mix": {}, "mix+prose": {"train": "mix+prose"}},
+    "calibration": {"teacher-forced": {}, "sequential": {"sequential_calibration": True}},
 }
 RESULT_FILES = {"kv": "recovery_probe_smollm2.json", "lr-batch": "recovery_probe_smollm2_lr_batch.json",
                 "on-policy": "recovery_probe_smollm2_on_policy.json", "recipe": "recovery_probe_smollm2_recipe.json",
-                "cut-order": "recovery_probe_smollm2_cut_order.json", "prose": "recovery_probe_smollm2_prose.json"}
+                "cut-order": "recovery_probe_smollm2_cut_order.json", "prose": "recovery_probe_smollm2_prose.json",
+                "calibration": "recovery_probe_smollm2_calibration.json"}
 
 
 def main(argv=None) -> int:
@@ -98,12 +103,12 @@ def main(argv=None) -> int:
     results = {"original": bench.measure(str(resolve_model("smollm2")), args.data, settings),
                "pruned": bench.measure(str(pruned), args.data, settings)}
 
-    def calibrated_cut(model: Path | str, out: Path) -> Path:
+    def calibrated_cut(model: Path | str, out: Path, sequential: bool = False) -> Path:
         """The recipe's cut: KV heads 3 -> 1 by the mean, calibrated (100 steps per layer, 256 rows)."""
         from prunekit.core.kv_calibration import CalibrationSettings
         kv_cut(str(model), out, 1, "mean", data=str(recovery), overwrite=True, calibrate=True,
-               max_samples=4 if args.smoke else 256, calibration=CalibrationSettings(steps=2 if args.smoke else 100),
-               device="cuda" if args.gpu else "cpu")
+               max_samples=4 if args.smoke else 256, device="cuda" if args.gpu else "cpu",
+               calibration=CalibrationSettings(steps=2 if args.smoke else 100, sequential=sequential))
         return out
 
     train_files, prose_stats = {"mix": recovery}, None
@@ -127,6 +132,11 @@ def main(argv=None) -> int:
         start, record = time.time(), {}
         extra = dict(extra)
         train = train_files[extra.pop("train", "mix")]
+        variant_start = start_model
+        if extra.pop("sequential_calibration", False):   # its own cut, fitted on the cut model's own inputs
+            variant_start = calibrated_cut(pruned, args.out / f"{name}-cut", sequential=True)
+            record = {"sequential_calibration": True, "after_cut": bench.measure(str(variant_start), args.data,
+                                                                                 settings)}
         if "cut_after" in extra:   # distil the 3-KV-head model first, cut the healed model, distil the rest
             first = max(1, int(args.steps * extra["cut_after"]))
             healed = bench.distill(str(pruned), train, args.data, args.out / f"{name}-3kv", f"{name}-3kv",
@@ -136,7 +146,7 @@ def main(argv=None) -> int:
                       "after_cut": bench.measure(str(cut), args.data, settings)}
             model = bench.distill(str(cut), train, args.data, args.out / name, name, args.steps - first, settings)
         else:
-            model = bench.distill(str(start_model), train, args.data, args.out / name, name, args.steps, settings,
+            model = bench.distill(str(variant_start), train, args.data, args.out / name, name, args.steps, settings,
                                   **extra)
         if "merge_kv_heads" in extra:
             model = str(kv_cut(model, args.out / f"{name}-cut", 1, overwrite=True).output)

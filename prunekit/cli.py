@@ -53,7 +53,8 @@ def cmd_kv_cut(args) -> None:
     result = kv_cut(args.model, args.out, args.kv_heads, args.grouping, args.data, overwrite=args.overwrite,
                     streaming=args.streaming, allow_pickle=args.allow_pickle,
                     trust_remote_code=args.trust_remote_code, max_samples=args.samples, calibrate=args.calibrate,
-                    calibration=CalibrationSettings(steps=args.calibration_steps))
+                    calibration=CalibrationSettings(steps=args.calibration_steps,
+                                                    sequential=args.sequential_calibration))
     b, a = (r["kv_cache_bytes_per_token_bf16"] for r in (result.before, result.after))
     _print_surgery(result)
     print(f"KV cache bytes/token (bf16): {b:,} -> {a:,} ({b / a:.1f}x smaller)")
@@ -315,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit the merged heads layer by layer on --data so each layer's attention output matches")
     p.add_argument("--samples", type=int, default=64, help="calibration conversations taken from --data")
     p.add_argument("--calibration-steps", type=int, default=200, help="Adam steps per layer of --calibrate")
+    p.add_argument("--sequential-calibration", action="store_true",
+                   help="--calibrate each layer on the cut model's own inputs (the layers before it calibrated "
+                        "already), not the original's")
     _surgery_flags(p)
     p.set_defaults(func=cmd_kv_cut)
 

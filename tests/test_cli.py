@@ -29,6 +29,17 @@ def test_bad_prune_arguments(flags, message, llama_copy, tmp_path, capsys):
     assert tree_hash(llama_copy) == before and not (tmp_path / "out").exists()
 
 
+def test_sequential_calibration_without_calibrate_is_one_line(llama_copy, tmp_path, capsys):
+    before = tree_hash(llama_copy)
+    code, _, err = run_cli(capsys, "kv-cut", llama_copy, "--kv-heads", 1, "--sequential-calibration",
+                           "-o", tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1 and "--sequential-calibration: " in err and "add --calibrate" in err
+    assert tree_hash(llama_copy) == before and not (tmp_path / "out").exists()
+    from prunekit.config import KVCutStageConfig
+    with pytest.raises(ValueError, match="calibration_sequential: .* add calibrate: true"):
+        KVCutStageConfig(kv_heads=1, calibration_sequential=True)
+
+
 @pytest.mark.parametrize("kv,message", [(3, "does not divide the 4 attention heads"),
                                         (4, "must be between 1 and the current 2 KV heads"),
                                         (0, "must be between 1 and the current 2 KV heads"),

@@ -44,6 +44,9 @@ class CalibrationSettings:
     # ridge strengths toward the current weights (relative to the mean Gram diagonal) tried by every least-squares
     # solve; the held-out calibration batches pick one, or keep the current weights
     ridges: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
+    # sequential: each layer is fitted on the inputs the cut model itself gives it (the layers before it already
+    # calibrated), as GPTQ does, instead of the original's (teacher forcing); one forward of the cut model per layer
+    sequential: bool = False
 
 
 @dataclass
@@ -73,10 +76,15 @@ def eager_attention(model):
         model.set_attn_implementation(previous)
 
 
+class _Captured(Exception):
+    """Raised by the hook of the only layer asked for: the rest of the forward is not needed."""
+
+
 @torch.no_grad()
-def capture_attention_inputs(model, family: ModelFamily, batches: list[dict]) -> list[list[_Batch]]:
-    """One teacher-forced pass of the original model: per text layer, the inputs of its attention module for
-    every batch (dicts with input_ids and attention_mask)."""
+def capture_attention_inputs(model, family: ModelFamily, batches: list[dict],
+                             only: int | None = None) -> list[list[_Batch]]:
+    """One teacher-forced pass of `model`: per text layer, the inputs of its attention module for every batch
+    (dicts with input_ids and attention_mask). `only`: that layer's alone (the forward stops there)."""
     layers = get_module(model, family.text_layers)
     captured: list[list[_Batch]] = [[] for _ in layers]
     tokens: list[torch.Tensor] = []
@@ -87,15 +95,18 @@ def capture_attention_inputs(model, family: ModelFamily, batches: list[dict]) ->
             hidden = args[0] if args else kwargs.pop("hidden_states")
             kwargs.update(past_key_values=None, use_cache=False)
             captured[i].append(_Batch(hidden.detach().float(), _to_fp32(kwargs), tokens[-1]))
+            if i == only:
+                raise _Captured
         return hook
 
     hooks = [getattr(layer, family.attn_module).register_forward_pre_hook(recorder(i), with_kwargs=True)
-             for i, layer in enumerate(layers)]
+             for i, layer in enumerate(layers) if only is None or i == only]
     try:
         with eager_attention(model):
             for batch in batches:
                 tokens.append(batch["attention_mask"].bool())
-                model(**batch, use_cache=False)
+                with contextlib.suppress(_Captured):
+                    model(**batch, use_cache=False)
     finally:
         for h in hooks:
             h.remove()
@@ -335,19 +346,21 @@ def calibrate_kv_cut(original, cut, family: ModelFamily, batches: list[dict],
     record: samples, tokens, settings and per-layer attention-output MSE before/after."""
     settings = settings or CalibrationSettings()
     heads, kv_heads, head_dim = family.attention_shape(cut.config.to_dict())
-    captured = capture_attention_inputs(original, family, batches)
+    captured = None if settings.sequential else capture_attention_inputs(original, family, batches)
     original_layers = get_module(original, family.text_layers)
     cut_layers = get_module(cut, family.text_layers)
     per_layer = []
     for i, (o_layer, c_layer) in enumerate(zip(original_layers, cut_layers)):
+        data = captured[i] if captured is not None else capture_attention_inputs(cut, family, batches, only=i)[i]
         stats = calibrate_layer(getattr(o_layer, family.attn_module), getattr(c_layer, family.attn_module),
-                                captured[i], heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                                data, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                                 query_order=(query_orders or {}).get(i), settings=settings)
         per_layer.append({"layer": i, **stats})
-        captured[i] = []   # free this layer's inputs
+        data.clear()   # free this layer's inputs
         if progress is not None:
             progress(i, stats)
     return {"samples": sum(int(b["input_ids"].shape[0]) for b in batches),
             "tokens": sum(int(b["attention_mask"].sum()) for b in batches),
             "steps": settings.steps, "lr": settings.lr, "fit_queries": settings.fit_queries,
-            "refit_o_proj": settings.refit_o_proj, "ridges": list(settings.ridges), "layers": per_layer}
+            "refit_o_proj": settings.refit_o_proj, "ridges": list(settings.ridges), "sequential": settings.sequential,
+            "layers": per_layer}

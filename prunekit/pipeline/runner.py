@@ -249,7 +249,8 @@ class Runner:
         data = str(self.cfg.train) if s.grouping == "similarity" or s.calibrate else None
         result = kv_cut(current["output"], out, s.kv_heads, s.grouping, data, overwrite=True, streaming=s.streaming,
                         trust_remote_code=self.cfg.trust_remote_code, max_samples=s.samples, calibrate=s.calibrate,
-                        calibration=CalibrationSettings(steps=s.calibration_steps),
+                        calibration=CalibrationSettings(steps=s.calibration_steps,
+                                                        sequential=s.calibration_sequential),
                         device=self.local_device)
         return {"output": str(result.output), "kv_heads": s.kv_heads, "grouping": s.grouping,
                 "calibrate": s.calibrate}

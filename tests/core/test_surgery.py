@@ -133,8 +133,9 @@ def calibration_batches_for(family, seeds=(1, 2, 3)):
     return batches
 
 
+@pytest.mark.parametrize("sequential", [False, True])
 @pytest.mark.parametrize("family", TEXT_FAMILIES + ["qwen2_5_vl"])
-def test_calibrated_kv_cut_of_identical_heads_is_exact(family):
+def test_calibrated_kv_cut_of_identical_heads_is_exact(family, sequential):
     from prunekit.core.kv_calibration import CalibrationSettings, calibrate_kv_cut
     model = kv_family_model(family)
     model_family = MODEL_FAMILIES[family]
@@ -143,7 +144,9 @@ def test_calibrated_kv_cut_of_identical_heads_is_exact(family):
     with torch.no_grad():
         ref = model(**inputs).logits
     cut = apply_to_model(model, KVCut(model_family, model.config.to_dict(), 2))
-    record = calibrate_kv_cut(model, cut, model_family, calibration_batches_for(family), CalibrationSettings(steps=5))
+    record = calibrate_kv_cut(model, cut, model_family, calibration_batches_for(family),
+                              CalibrationSettings(steps=5, sequential=sequential))
+    assert record["sequential"] is sequential
     assert all(layer["relative_error_after"] <= 1e-10 for layer in record["layers"])
     with torch.no_grad():
         assert (model(**inputs).logits - ref).abs().max().item() == 0   # the original is untouched
@@ -174,3 +177,28 @@ def test_calibrated_kv_cut_beats_mean_pooling_on_random_heads(family, grouping):
     calibrated_errors = attention_output_errors(model, calibrated, model_family, heldout)
     assert sum(calibrated_errors) < sum(pooled_errors)
     assert heldout_kl(model, calibrated, heldout[0]) < heldout_kl(model, pooled, heldout[0])
+
+
+def test_sequential_calibration_fits_each_layer_on_the_cut_models_own_inputs():
+    """Layer 0 sees the same inputs either way; every later layer is fitted on what the cut model (its earlier
+    layers calibrated already) feeds it, not the original's, and the result still beats mean pooling."""
+    from prunekit.core.kv_calibration import (CalibrationSettings, attention_output_errors, calibrate_kv_cut,
+                                              capture_attention_inputs)
+    model, model_family = kv_family_model("llama"), MODEL_FAMILIES["llama"]
+    calib, heldout = calibration_batches_for("llama", seeds=range(1, 9)), [text_inputs(batch=4, length=48, seed=20)]
+    surgery = KVCut(model_family, model.config.to_dict(), 2)
+    pooled, forced, sequential = (apply_to_model(model, surgery) for _ in range(3))
+    runs = {name: calibrate_kv_cut(model, cut, model_family, calib, CalibrationSettings(steps=10, sequential=seq))
+            for name, cut, seq in (("forced", forced, False), ("sequential", sequential, True))}
+    first, later = ([runs[n]["layers"][i]["mse_before"] for n in runs] for i in (0, 1))
+    assert first[0] == pytest.approx(first[1], rel=1e-6) and later[0] != pytest.approx(later[1], rel=1e-3)
+    # what layer 1 was fitted on: the calibrated cut model's own inputs there (one capture stops at that layer)
+    own = capture_attention_inputs(sequential, model_family, calib, only=1)
+    assert not own[0] and len(own[1]) == len(calib)
+    every = capture_attention_inputs(sequential, model_family, calib)
+    assert all(torch.equal(a.hidden, b.hidden) for a, b in zip(own[1], every[1]))
+    teacher = capture_attention_inputs(model, model_family, calib)[1]
+    assert not torch.allclose(own[1][0].hidden, teacher[0].hidden)
+    assert sum(attention_output_errors(model, sequential, model_family, heldout)) < \
+        sum(attention_output_errors(model, pooled, model_family, heldout))
+    assert heldout_kl(model, sequential, heldout[0]) < heldout_kl(model, pooled, heldout[0])

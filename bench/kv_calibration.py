@@ -42,7 +42,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50, help="Adam steps of the Q/K/V fit per layer")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-rows", type=int, default=202, help="held-out val conversations (202 = all)")
-    ap.add_argument("--variants", default="mean,similarity,mean+calib,similarity+calib")
+    ap.add_argument("--variants", default="mean,similarity,mean+calib,similarity+calib",
+                    help="GROUPING[+calib[+seq]]: +seq fits each layer on the cut model's own inputs (sequential)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/kv_calibration.json"))
@@ -66,7 +67,6 @@ def main() -> None:
     calib_batches = [{k: v.to(args.device) for k, v in b.items()}
                      for b in padded_calibration_batches(tokenizer, train, max_samples=args.samples)]
     cfg = original.config.to_dict()
-    settings = CalibrationSettings(steps=args.steps, lr=args.lr)
 
     def measure(model) -> dict:
         metrics = evaluate(model, eval_samples, pad)
@@ -78,6 +78,8 @@ def main() -> None:
     orders = None
     for variant in args.variants.split(","):
         grouping, _, calib = variant.partition("+")
+        if calib not in ("", "calib", "calib+seq"):
+            ap.error(f"--variants: {variant}: expected GROUPING, GROUPING+calib or GROUPING+calib+seq")
         if grouping == "similarity" and orders is None:
             sim_batches = [{k: v.to(args.device) for k, v in b.items()}
                            for b in calibration_batches(tokenizer, train, args.samples)]
@@ -88,7 +90,8 @@ def main() -> None:
         if calib:
             t = time.time()
             query_orders = {i: surgery.query_head_order(i) for i in range(family.num_text_layers(cfg))}
-            record = calibrate_kv_cut(original, cut, family, calib_batches, settings, query_orders=query_orders,
+            how = CalibrationSettings(steps=args.steps, lr=args.lr, sequential=calib.endswith("+seq"))
+            record = calibrate_kv_cut(original, cut, family, calib_batches, how, query_orders=query_orders,
                                       progress=lambda i, s: print(f"  layer {i}: check error "
                                                                   f"{s['check_relative_error_before']:.3f} -> "
                                                                   f"{s['check_relative_error_after']:.3f}",
@@ -110,7 +113,7 @@ def main() -> None:
            "device": args.device, "torch_threads": torch.get_num_threads(), "model": args.model,
            "kv_heads": {"before": family.attention_shape(cfg)[1], "after": args.kv_heads},
            "calibration": {"train_rows": args.samples, "steps": args.steps, "lr": args.lr,
-                           "ridges": list(settings.ridges)},
+                           "ridges": list(CalibrationSettings().ridges)},
            "eval": {"val_rows": len(val_rows), "source": "chatterbot val split (never calibrated on)"},
            "results": results, "seconds": round(time.time() - t_start, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

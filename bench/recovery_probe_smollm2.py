@@ -15,8 +15,8 @@ val (as bench/outcome_smollm2.py does). Sets:
             of the steps on the 3-KV-head model (distil, cut the healed model, distil the rest: each half its own
             warm-up and cosine, as two pipeline stages) -> bench/results/recovery_probe_smollm2_cut_order.json
   calibration (start: the pruned model) the recipe's calibrated cut fitted on the original's layer inputs (teacher
-            forcing, the default) or on the cut model's own (`calibration_sequential`, GPTQ-style), then the recipe's
-            distillation -> bench/results/recovery_probe_smollm2_calibration.json
+            forcing, the default) or on the cut model's own towards the original's outputs (`calibration_sequential`),
+            then the recipe's distillation -> bench/results/recovery_probe_smollm2_calibration.json
   prose     (start: that cut model) the recipe's distillation on the recovery mix, and on the mix plus `--prose-rows`
             (4096) teacher continuations of general-train openings (outcome_smollm2.prose_prompts; generated here)
             -> bench/results/recovery_probe_smollm2_prose.json

@@ -317,8 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=64, help="calibration conversations taken from --data")
     p.add_argument("--calibration-steps", type=int, default=200, help="Adam steps per layer of --calibrate")
     p.add_argument("--sequential-calibration", action="store_true",
-                   help="--calibrate each layer on the cut model's own inputs (the layers before it calibrated "
-                        "already), not the original's")
+                   help="--calibrate each layer on the cut model's own inputs (its earlier layers calibrated "
+                        "already) towards the original's outputs, not on the original's inputs")
     _surgery_flags(p)
     p.set_defaults(func=cmd_kv_cut)
 

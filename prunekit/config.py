@@ -641,7 +641,8 @@ class KVCutStageConfig(Strict):
     samples: int = 64                         # calibration conversations from the train set (similarity, calibrate)
     calibrate: bool = False                   # fit the merged heads layer by layer (prunekit.core.kv_calibration)
     calibration_steps: int = 200              # Adam steps per layer of the calibration fit
-    # fit each layer on the cut model's own inputs (GPTQ-style) instead of the original's; left out of dumps when off
+    # fit each layer on the cut model's own inputs towards the original's outputs (CalibrationSettings.sequential);
+    # left out of dumps when off
     calibration_sequential: bool = Field(False, exclude_if=lambda v: v is False)
     streaming: bool | None = None
 

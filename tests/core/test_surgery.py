@@ -181,9 +181,10 @@ def test_calibrated_kv_cut_beats_mean_pooling_on_random_heads(family, grouping):
 
 def test_sequential_calibration_fits_each_layer_on_the_cut_models_own_inputs():
     """Layer 0 sees the same inputs either way; every later layer is fitted on what the cut model (its earlier
-    layers calibrated already) feeds it, not the original's, and the result still beats mean pooling."""
-    from prunekit.core.kv_calibration import (CalibrationSettings, attention_output_errors, calibrate_kv_cut,
-                                              capture_attention_inputs)
+    layers calibrated already) feeds it, towards what the original layer gives on the original's inputs, and the
+    result still beats mean pooling."""
+    from prunekit.core.kv_calibration import (CalibrationSettings, _forward, _fp32_eager_copy, _squared_error,
+                                              attention_output_errors, calibrate_kv_cut, capture_attention_inputs)
     model, model_family = kv_family_model("llama"), MODEL_FAMILIES["llama"]
     calib, heldout = calibration_batches_for("llama", seeds=range(1, 9)), [text_inputs(batch=4, length=48, seed=20)]
     surgery = KVCut(model_family, model.config.to_dict(), 2)
@@ -199,6 +200,14 @@ def test_sequential_calibration_fits_each_layer_on_the_cut_models_own_inputs():
     assert all(torch.equal(a.hidden, b.hidden) for a, b in zip(own[1], every[1]))
     teacher = capture_attention_inputs(model, model_family, calib)[1]
     assert not torch.allclose(own[1][0].hidden, teacher[0].hidden)
+    # layer 1's starting error: the merged (uncalibrated) layer on the cut model's inputs against the original
+    # layer on the original's inputs
+    merged, original = (_fp32_eager_copy(getattr(model_family.blocks(m)[1], model_family.attn_module))
+                        for m in (pooled, model))
+    before = _squared_error([_forward(merged, b)[0] for b in own[1]], [_forward(original, b)[0] for b in teacher],
+                            teacher)
+    tokens = sum(int(b.tokens.sum()) for b in teacher) * model.config.hidden_size
+    assert runs["sequential"]["layers"][1]["mse_before"] == pytest.approx(before / tokens, rel=1e-5)
     assert sum(attention_output_errors(model, sequential, model_family, heldout)) < \
         sum(attention_output_errors(model, pooled, model_family, heldout))
     assert heldout_kl(model, sequential, heldout[0]) < heldout_kl(model, pooled, heldout[0])

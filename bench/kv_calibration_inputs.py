@@ -14,8 +14,6 @@ Writes bench/results/kv_calibration_inputs.json.
 from __future__ import annotations
 
 import argparse
-import gzip
-import importlib.util
 import json
 import sys
 import time
@@ -37,18 +35,14 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "kv_calibration_inputs")
     args = ap.parse_args(argv)
-    spec = importlib.util.spec_from_file_location("outcome", ROOT / "bench" / "outcome_smollm2.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    sys.path.insert(0, str(ROOT))
+    from bench import outcome_smollm2 as bench
     from prunekit.core.kv_calibration import CalibrationSettings
     from prunekit.core.loading import resolve_model
     from prunekit.stages.kv_cut import kv_cut
     from prunekit.stages.prune import prune
     args.out.mkdir(parents=True, exist_ok=True)
-    recovery = args.out / "recovery.jsonl"
-    corpus = args.corpus.read_bytes()
-    recovery.write_bytes((gzip.decompress(corpus) if args.corpus.suffix == ".gz" else corpus)
-                         + (args.data / "general-train.jsonl").read_bytes())
+    recovery = bench.write_recovery_mix(args.data, args.corpus, args.out / "recovery.jsonl")
     settings = types.SimpleNamespace(gpu=args.device != "cpu", eval_samples=args.eval_samples,
                                      eval_text_samples=args.eval_text_samples)
     pruned = args.out / "pruned"

@@ -84,6 +84,15 @@ def prepare_data(data: Path) -> None:
         general_text(data / "general-train.jsonl", data / "general-eval.jsonl")
 
 
+def write_recovery_mix(data: Path, corpus: Path, out: Path) -> Path:
+    """The recipe's train file for the probes: a teacher corpus (.jsonl or .jsonl.gz) + the general train text."""
+    import gzip
+    raw = corpus.read_bytes()
+    text = (data / "general-train.jsonl").read_bytes()
+    out.write_bytes((gzip.decompress(raw) if corpus.suffix == ".gz" else raw) + text)
+    return out
+
+
 PROSE_PREFIX_CHARS, PROSE_STRIDE_CHARS = 300, 500
 
 

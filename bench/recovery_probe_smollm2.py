@@ -32,8 +32,6 @@ arm), scored on 256 rows of the recovery mix; its result file ends in _ffn.json.
 from __future__ import annotations
 
 import argparse
-import gzip
-import importlib.util
 import json
 import sys
 import time
@@ -77,17 +75,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.smoke:
         args.steps, args.prose_rows = 2, 8
-    spec = importlib.util.spec_from_file_location("outcome", ROOT / "bench" / "outcome_smollm2.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    sys.path.insert(0, str(ROOT))
+    from bench import outcome_smollm2 as bench
     from prunekit.core.loading import resolve_model
     from prunekit.stages.kv_cut import kv_cut
     from prunekit.stages.prune import prune
     args.out.mkdir(parents=True, exist_ok=True)
-    recovery = args.out / "recovery.jsonl"
-    corpus = args.corpus.read_bytes()
-    recovery.write_bytes((gzip.decompress(corpus) if args.corpus.suffix == ".gz" else corpus)
-                         + (args.data / "general-train.jsonl").read_bytes())
+    recovery = bench.write_recovery_mix(args.data, args.corpus, args.out / "recovery.jsonl")
     settings = types.SimpleNamespace(gpu=args.gpu, smoke=args.smoke, fallback={}, plan=None,
                                      eval_samples=4 if args.smoke else 128,
                                      eval_text_samples=4 if args.smoke else None)

@@ -504,9 +504,10 @@ class KnockoutConfig(RemovalBudget, TrialConfig):
     spike_margin: float = 0.25                # ... train loss on average more than this above the baseline's
     importance: bool = True                   # training-free scores beside the knockout (one extra Ray task)
     # full: each trial fine-tunes every weight of the pruned model; lora: it trains LoRA adapters (`lora:` block) on
-    # the frozen pruned model. Both left out of dumps at their defaults (earlier sweeps keep their names).
+    # the frozen pruned model. Full sweeps dump neither (earlier sweeps keep their names); a LoRA sweep always dumps
+    # its whole lora block, so sweeps made before trials defaulted to dropout 0 keep names of their own.
     trial_mode: Literal["full", "lora"] = Field("full", exclude_if=lambda v: v == "full")
-    lora: TrialLoraSettings = Field(TrialLoraSettings(), exclude_if=lambda v: v == TrialLoraSettings())
+    lora: TrialLoraSettings | None = Field(None, exclude_if=lambda v: v is None)   # set for trial_mode: lora
 
     @model_validator(mode="after")
     def _knockout(self):
@@ -525,9 +526,11 @@ class KnockoutConfig(RemovalBudget, TrialConfig):
         if self.batch_size % workers:
             raise ValueError(f"batch_size {self.batch_size} must split evenly over a trial's {workers} workers "
                              f"(tune.gpus_per_trial / tune.workers_per_trial)")
-        if self.trial_mode == "full" and self.lora != TrialLoraSettings():
+        if self.trial_mode == "full" and self.lora is not None:
             raise ValueError("lora: the adapters' settings need trial_mode: lora")
-        if self.lora.rank < 1 or not 0 <= self.lora.dropout < 1:
+        if self.trial_mode == "lora" and self.lora is None:
+            self.lora = TrialLoraSettings()
+        if self.lora is not None and (self.lora.rank < 1 or not 0 <= self.lora.dropout < 1):
             raise ValueError("lora: rank must be >= 1 and dropout in [0, 1)")
         return self
 

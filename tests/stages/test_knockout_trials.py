@@ -228,6 +228,17 @@ def test_lora_trials_on_a_family_without_lora_targets_fail_before_any_trial(chat
         validate(ko_config(chat4_dir, chat_data, tmp_path, trial_mode="lora", **{"lora.target_modules": ["nope"]}))
 
 
+def test_a_lora_sweep_names_its_whole_lora_block_and_a_full_one_none(chat4_dir, chat_data, tmp_path):
+    """Trials default to LoRA dropout 0 now; sweeps named before that (dropout 0.05, the block left out of the name
+    at its default) must never be resumed by a default LoRA sweep, and full sweeps keep their names."""
+    from prunekit.engine.reporting import settings_dump
+    from prunekit.stages.knockout import NOT_TRIAL_SETTINGS
+    full, lora = (ko_config(chat4_dir, chat_data, tmp_path, **over) for over in ({}, {"trial_mode": "lora"}))
+    assert full.lora is None and "lora" not in settings_dump(full, NOT_TRIAL_SETTINGS)
+    assert settings_dump(lora, NOT_TRIAL_SETTINGS)["lora"] == {"rank": 16, "alpha": 32, "dropout": 0.0,
+                                                               "target_modules": None}
+
+
 @pytest.mark.parametrize("over, message", [
     ({"lora.rank": 4}, "lora: the adapters' settings need trial_mode: lora"),
     ({"trial_mode": "lora", "lora.rank": 0}, "lora: rank must be >= 1 and dropout in [0, 1)"),

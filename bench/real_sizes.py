@@ -456,9 +456,11 @@ def write_results(args, rows: dict, fresh: list[str]) -> None:
     if args.only and before.get("setup", {}).get("smoke") == args.smoke:
         rows = {**before.get("results", {}), **rows}
     devices = sorted({r["device"] for r in rows.values() if r.get("device")})
-    out = {"benchmark": "real_sizes",
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": " ".join(["python", "bench/real_sizes.py", *sys.argv[1:]]),
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    command = " ".join(["python", "bench/real_sizes.py", *sys.argv[1:]])
+    for name in fresh:  # with --only, the rows kept from earlier runs keep the command that measured them
+        rows[name]["measured_by"] = {"date": now, "command": command}
+    out = {"benchmark": "real_sizes", "date": now, "command": command,
            "machine": {"devices": devices, "torch": torch.__version__, "transformers": transformers.__version__},
            "setup": {"smoke": args.smoke, "peak_flops": PEAK_BF16_FLOPS,
                      "mfu_formula": "tokens/s x (6 N + 12 L H S) / peak_flops; N = decoder layers + LM head "

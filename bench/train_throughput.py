@@ -23,6 +23,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -203,7 +204,8 @@ def run_hf(args) -> dict:
 def failure_reason(proc: subprocess.CompletedProcess) -> str:
     """One line: the exception a crashed run ended with (its last line naming an error), and the exit status."""
     lines = [x.strip() for x in (proc.stderr or "").splitlines() if x.strip()]
-    errors = [x for x in lines if "Error" in x.split(":")[0] or "Exception" in x.split(":")[0]]
+    # an exception's own line ("torch.AcceleratorError: ..."), not CUDA's hint that names cudaErrorIllegalAddress
+    errors = [x for x in lines if re.match(r"[\w.]*(Error|Exception): ", x)]
     last = errors[-1] if errors else (lines[-1] if lines else "no output")
     return f"exit {proc.returncode}: {last[:400]}"
 

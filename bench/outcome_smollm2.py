@@ -9,9 +9,10 @@ is measured on held-out general English text (the general eval split, never trai
 
 Phases, each resumable (re-running the same command continues; a call killed at a time limit loses nothing that
 finished): data (chatterbot + general text files; `--prepare` writes them here for an offline box) -> corpus
-(teacher-sampled, then the recovery mix: corpus + general train text) -> pipeline -> compare_data (the pruned model
-distilled for `--compare-steps` steps on each recovery data source: chatterbot, the shipped general text, the
-teacher corpus, the mix) -> compare_kv (the mean and the calibrated KV cut of the pruned model — for 3 -> 1
+(teacher-sampled, then the recovery mix: corpus + general train text) -> pipeline -> gap (the final model and the
+original on rows it trained on and on fresh samples of the same kind: memorised data or too small a student?) ->
+compare_data (the pruned model distilled for `--compare-steps` steps on each recovery data source: chatterbot, the
+shipped general text, the teacher corpus, the mix) -> compare_kv (the mean and the calibrated KV cut of the pruned model — for 3 -> 1
 similarity grouping equals the mean — right after the cut and after `--compare-steps` distillation steps) ->
 report: bench/results/outcome_smollm2.json + .png. The 20-minute goal counts data + corpus + pipeline.
 
@@ -32,7 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
-PHASES = ("corpus", "pipeline", "compare_kv", "compare_data")
+PHASES = ("corpus", "pipeline", "gap", "compare_kv", "compare_data")
+GAP_ROWS = 256   # rows per set of the generalisation-gap measurement
 FALLBACKS = [{"compile": False}, {"compile": False, "packing": False}, {"compile": False, "packing": False, "beta": 0.5}]
 
 
@@ -40,10 +42,11 @@ class Clock:
     """Wall time per phase across calls: a phase's seconds are saved every few seconds, so a call killed at its
     time limit still counts the time it spent."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, settings: dict):
         self.path = path
         self.data = json.loads(path.read_text()) if path.is_file() else {"phases": {}, "done": [], "calls": 0}
         self.data["calls"] += 1
+        self.data["settings"] = settings
         self.phase, self.t0, self.base = None, 0.0, 0.0
         self._save()
         threading.Thread(target=self._beat, daemon=True).start()
@@ -154,7 +157,9 @@ def sizes(args) -> dict:
 
 def report_path(args) -> Path:
     width = f"_width_ffn{args.width_ffn}" if args.width_ffn else ""
-    return RESULTS / f"outcome_smollm2{width}{'_smoke' if args.smoke else ''}.json"
+    extra = (f"_prose{args.prose_rows}" if args.prose_rows else "") + (f"_free{args.free_rows}" if args.free_rows
+                                                                        else "")
+    return RESULTS / f"outcome_smollm2{width}{extra}{'_smoke' if args.smoke else ''}.json"
 
 
 def reuse_corpus(report_json: Path, source: Path, corpus: Path, results: dict) -> None:
@@ -186,6 +191,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--prose-rows", type=int, default=0, metavar="N",
                     help="also N teacher continuations of general-train openings in the recovery mix (prose_prompts)")
+    ap.add_argument("--free-rows", type=int, default=0, metavar="N",
+                    help="also N unconditioned teacher samples (`data generate --unconditioned`: text from the start "
+                         "token alone) in the recovery mix; report outcome_smollm2_freeN.json")
     ap.add_argument("--plan", type=Path, default=ROOT / "bench" / "results" / "knockout_smollm2" / "plan.json")
     ap.add_argument("--compare-steps", type=int, default=300)
     ap.add_argument("--width-ffn", type=int, default=None, metavar="N",
@@ -224,7 +232,7 @@ def main(argv=None) -> int:
         return 0
     if args.smoke:
         args.rows, args.max_new_tokens, args.compare_steps = 8, 16, 2
-        args.prose_rows = min(args.prose_rows, 8)
+        args.prose_rows, args.free_rows = min(args.prose_rows, 8), min(args.free_rows, 8)
         args.eval_samples, args.eval_text_samples = 4, 4
         args.out = args.out.with_name(args.out.name + "-smoke")
     out = args.out.resolve()
@@ -232,7 +240,15 @@ def main(argv=None) -> int:
     prepare_data(data)
     from prunekit.core.loading import resolve_model
     original = str(resolve_model("smollm2"))
-    clock = Clock(out / "bench_state.json")
+    # a resumed run must be the same run: what shapes the corpus and the pipeline is kept with the phase clock
+    run_settings = {k: str(getattr(args, k)) for k in ("rows", "max_new_tokens", "prose_rows", "free_rows",
+                                                       "width_ffn", "plan", "corpus_from")}
+    state_file = out / "bench_state.json"
+    earlier = json.loads(state_file.read_text()).get("settings") if state_file.is_file() else None
+    if earlier is not None and earlier != run_settings:
+        changed = ", ".join(f"{k} {earlier.get(k)} -> {v}" for k, v in run_settings.items() if earlier.get(k) != v)
+        raise SystemExit(f"--out {out} holds a run with other settings ({changed}): give another --out")
+    clock = Clock(state_file, run_settings)
     first_cut = "r1-1-width" if args.width_ffn else "r1-1-prune"   # the pipeline's id of the round's cut
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
@@ -246,6 +262,7 @@ def main(argv=None) -> int:
 
     corpus = out / "teacher.jsonl"
     prose = out / "teacher-prose.jsonl"   # --prose-rows: the teacher's continuations of general-train openings
+    free = out / "teacher-free.jsonl"     # --free-rows: the teacher's unconditioned text
     recovery = out / "recovery.jsonl"   # the recipe's train file: the teacher corpus + the general train text
 
     def make_corpus():
@@ -256,17 +273,19 @@ def main(argv=None) -> int:
         if args.prose_rows:
             results["corpus_prose"] = sample(prose_prompts(data, out / "prose-prompts.jsonl"), prose,
                                              rows=args.prose_rows, seed_prompts=False)
+        if args.free_rows:
+            results["corpus_free"] = sample(None, free, rows=args.free_rows, seed_prompts=False, unconditioned=True)
         tmp = recovery.with_suffix(".tmp")
         tmp.write_bytes(corpus.read_bytes() + (prose.read_bytes() if args.prose_rows else b"")
-                        + (data / "general-train.jsonl").read_bytes())
+                        + (free.read_bytes() if args.free_rows else b"") + (data / "general-train.jsonl").read_bytes())
         os.replace(tmp, recovery)
         save()
 
-    def sample(prompts: Path, to: Path, **target) -> dict:
+    def sample(prompts: Path | None, to: Path, seed: int = 0, **target) -> dict:
         from prunekit.rl.corpus import generate_corpus
         return generate_corpus("smollm2", to, prompts=prompts, max_new_tokens=args.max_new_tokens, temperature=1.0,
                                top_p=0.95, backend="transformers", device="cuda" if args.gpu else "cpu",
-                               dtype="bfloat16" if args.gpu else "float32", progress=True, **target)
+                               dtype="bfloat16" if args.gpu else "float32", progress=True, seed=seed, **target)
 
     def generate():
         results["corpus"] = sample(data / "chat-train.jsonl", corpus, rows=args.rows, seed_prompts=True)
@@ -322,6 +341,35 @@ def main(argv=None) -> int:
     def stage_output(stage_id: str) -> str:
         return next(s["output"] for s in results["pipeline"]["stages"] if s["id"] == stage_id)
 
+    def gap():
+        """Is the final model short of the original because it memorised its training rows? The original and the
+        final model on rows it trained on (the first of each corpus in the mix) and on fresh samples of the same
+        kind it never saw (the same prompts and settings, another seed): a student far closer to the teacher on the
+        seen rows than on the fresh ones has run out of data, not of capacity."""
+        final = results["pipeline"]["stages"][-1]["output"]
+        n = 4 if args.smoke else GAP_ROWS
+        sets = {"seen_teacher": corpus}
+        if args.free_rows:
+            sets["seen_free"] = free
+        fresh = {"fresh_teacher": (out / "gap-teacher.jsonl", dict(prompts=data / "chat-train.jsonl",
+                                                                   seed_prompts=True))}
+        if args.free_rows:
+            fresh["fresh_free"] = (out / "gap-free.jsonl", dict(prompts=None, seed_prompts=False, unconditioned=True))
+        for label, (path, how) in fresh.items():
+            prompts = how.pop("prompts")
+            sample(prompts, path, seed=1, rows=n, **how)
+            sets[label] = path
+        from prunekit.stages.evaluate import evaluate_file
+        dev = "cuda" if args.gpu else "cpu"
+        runs = results.setdefault("gap", {})
+        for label, path in sets.items():
+            if label in runs:
+                continue
+            o, f = (evaluate_file(m, path, n, 512, device=dev) for m in (original, final))
+            runs[label] = {"rows": n, "original": o, "final": f, "nll_over_original": f["loss"] - o["loss"],
+                           "token_acc_vs_original": f["token_acc"] / o["token_acc"]}
+            save()
+
     def compare_data():
         """The pruned model, the same distillation budget, three recovery data sources."""
         sources = {"chatterbot": data / "chat-train.jsonl", "general_text": data / "general-train.jsonl",
@@ -374,7 +422,7 @@ def main(argv=None) -> int:
     results["command"] = "python bench/outcome_smollm2.py " + " ".join(argv if argv is not None else sys.argv[1:])
     skip = set(filter(None, args.skip.split(",")))
     # the KV comparison first: the KV cut is what limits the outcome (bench/results/outcome_smollm2.json)
-    for phase, fn in (("corpus", make_corpus), ("pipeline", run_pipeline), ("compare_kv", compare_kv),
+    for phase, fn in (("corpus", make_corpus), ("pipeline", run_pipeline), ("gap", gap), ("compare_kv", compare_kv),
                       ("compare_data", compare_data)):
         if phase not in skip:
             clock.run(phase, fn)
@@ -417,6 +465,10 @@ def write_report(results: dict, args, path: Path) -> None:
         "command": results.get("command") or "python bench/outcome_smollm2.py" + (" --gpu" if args.gpu else " --smoke"),
         "recipe": "recipes/outcome.yaml", "status": pipe["status"], "corpus": results.get("corpus"),
         "corpus_from": reused, **({"corpus_prose": results["corpus_prose"]} if results.get("corpus_prose") else {}),
+        **({"corpus_free": results["corpus_free"]} if results.get("corpus_free") else {}),
+        "gap": {k: {"rows": v["rows"], "token_acc_vs_original": v["token_acc_vs_original"],
+                    "nll_over_original": v["nll_over_original"], "final_token_acc": v["final"]["token_acc"],
+                    "original_token_acc": v["original"]["token_acc"]} for k, v in results.get("gap", {}).items()},
         "distill_settings_changed": results.get("fallback") or None, "non_finite": results.get("non_finite"),
         "stages": stages, "minutes": results["minutes"], "end_to_end_minutes": round(end_to_end, 2),
         "calls": results["calls"],

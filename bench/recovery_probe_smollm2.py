@@ -20,6 +20,8 @@ val (as bench/outcome_smollm2.py does). Sets:
   prose     (start: that cut model) the recipe's distillation on the recovery mix, and on the mix plus `--prose-rows`
             (4096) teacher continuations of general-train openings (outcome_smollm2.prose_prompts; generated here)
             -> bench/results/recovery_probe_smollm2_prose.json
+  free-text (start: that cut model) the same, with `--free-rows` (4096) unconditioned teacher samples instead (text
+            from the start token alone, `data generate --unconditioned`) -> recovery_probe_smollm2_free_text.json
 `--start ffn` removes the parameters by width instead of depth before the cut: FFN 1536 -> 1024 channels in every
 layer (`prunekit width --ffn 1024`, 25.0% of the decoder-layer parameters, as bench/width_vs_depth_smollm2.py's ffn
 arm), scored on 256 rows of the recovery mix; its result file ends in _ffn.json.
@@ -52,12 +54,14 @@ SETS = {
     "recipe": {"off-policy": {}},
     "cut-order": {"cut-first": {}, "cut-halfway": {"cut_after": 0.5}},
     "prose": {"mix": {}, "mix+prose": {"train": "mix+prose"}},
+    "free-text": {"mix": {}, "mix+free": {"train": "mix+free"}},
     "calibration": {"teacher-forced": {}, "sequential": {"sequential_calibration": True}},
 }
 RESULT_FILES = {"kv": "recovery_probe_smollm2.json", "lr-batch": "recovery_probe_smollm2_lr_batch.json",
                 "on-policy": "recovery_probe_smollm2_on_policy.json", "recipe": "recovery_probe_smollm2_recipe.json",
                 "cut-order": "recovery_probe_smollm2_cut_order.json", "prose": "recovery_probe_smollm2_prose.json",
-                "calibration": "recovery_probe_smollm2_calibration.json"}
+                "calibration": "recovery_probe_smollm2_calibration.json",
+                "free-text": "recovery_probe_smollm2_free_text.json"}
 
 
 def main(argv=None) -> int:
@@ -71,10 +75,11 @@ def main(argv=None) -> int:
     ap.add_argument("--start", choices=["depth", "ffn"], default="depth",
                     help="remove ~25%% of the decoder-layer parameters by depth (the recipe's 8 layers) or FFN width")
     ap.add_argument("--prose-rows", type=int, default=4096, help="--set prose: teacher continuations to generate")
+    ap.add_argument("--free-rows", type=int, default=4096, help="--set free-text: unconditioned samples to generate")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: a check of the code path (result in --out)")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.steps, args.prose_rows = 2, 8
+        args.steps, args.prose_rows, args.free_rows = 2, 8, 8
     sys.path.insert(0, str(ROOT))
     from bench import outcome_smollm2 as bench
     from prunekit.core.loading import resolve_model
@@ -105,17 +110,20 @@ def main(argv=None) -> int:
                calibration=CalibrationSettings(steps=2 if args.smoke else 100, sequential=sequential))
         return out
 
-    train_files, prose_stats = {"mix": recovery}, None
-    if args.variant_set == "prose":   # the mix plus the teacher's continuations of general-train openings
+    train_files, extra_stats = {"mix": recovery}, {}
+    if args.variant_set in ("prose", "free-text"):   # the mix plus teacher text of another kind, generated here
         from prunekit.rl.corpus import generate_corpus
-        prose = args.out / "teacher-prose.jsonl"
-        prose.unlink(missing_ok=True)
-        openings = bench.prose_prompts(args.data, args.out / "prose-prompts.jsonl")
-        prose_stats = generate_corpus("smollm2", prose, prompts=openings, seed_prompts=False, rows=args.prose_rows,
-                                      max_new_tokens=8 if args.smoke else 256, backend="transformers",
-                                      device="cuda" if args.gpu else "cpu", dtype="bfloat16" if args.gpu else "float32")
-        train_files["mix+prose"] = args.out / "recovery-prose.jsonl"
-        train_files["mix+prose"].write_bytes(recovery.read_bytes() + prose.read_bytes())
+        kind = "prose" if args.variant_set == "prose" else "free"
+        how = (dict(prompts=bench.prose_prompts(args.data, args.out / "prose-prompts.jsonl"), rows=args.prose_rows)
+               if kind == "prose" else dict(unconditioned=True, rows=args.free_rows))
+        extra_corpus = args.out / f"teacher-{kind}.jsonl"
+        extra_corpus.unlink(missing_ok=True)
+        extra_stats[f"{kind}_corpus"] = generate_corpus(
+            "smollm2", extra_corpus, seed_prompts=False, max_new_tokens=8 if args.smoke else 256,
+            backend="transformers", device="cuda" if args.gpu else "cpu", dtype="bfloat16" if args.gpu else "float32",
+            **how)
+        train_files[f"mix+{kind}"] = args.out / f"recovery-{kind}.jsonl"
+        train_files[f"mix+{kind}"].write_bytes(recovery.read_bytes() + extra_corpus.read_bytes())
     start_model = pruned
     if args.variant_set != "kv":   # the other sets start from the recipe's cut model
         start_model = calibrated_cut(pruned, args.out / "cut")
@@ -152,7 +160,7 @@ def main(argv=None) -> int:
     report = {"date": time.strftime("%Y-%m-%d"),
               "machine": torch.cuda.get_device_name(0) if args.gpu else "cpu",
               "command": "python bench/recovery_probe_smollm2.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              **({"prose_corpus": prose_stats} if prose_stats else {}),
+              **extra_stats,
               "variants": {k: {"general_text_vs_original": v["eval_text"]["token_acc"] / o["eval_text"]["token_acc"],
                                "chat_val_vs_original": v["eval"]["token_acc"] / o["eval"]["token_acc"], **v}
                            for k, v in results.items()}}

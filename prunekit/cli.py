@@ -145,7 +145,7 @@ def cmd_data_generate(args) -> None:
                      seed_prompts=args.seed_prompts, rows=args.rows, tokens=args.tokens,
                      n_per_prompt=args.n_per_prompt, temperature=args.temperature, top_p=args.top_p,
                      max_new_tokens=args.max_new_tokens, seed=args.seed, backend=args.backend, device=args.device,
-                     batch_size=args.batch_size)
+                     batch_size=args.batch_size, unconditioned=args.unconditioned)
     run = stats["runs"][-1] if stats.get("runs") else {}
     print(f"{stats.get('rows', 0):,} rows, {stats.get('tokens', 0):,} completion tokens in {stats['output']} "
           f"(mean {stats.get('mean_tokens', 0)}, median {stats.get('median_tokens', 0)}, p90 "
@@ -402,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="messages rows (each user turn is a prompt) or {\"text\"} rows (continued raw)")
     g.add_argument("--seed-prompts", nargs="?", type=int, const=True, default=None, metavar="N",
                    help="use the built-in diverse prompts (the first N); the default without --prompts")
+    g.add_argument("--unconditioned", action="store_true",
+                   help="no prompts: {\"text\"} rows sampled from the start token alone (the teacher's own varied text)")
     g.add_argument("--rows", type=int, default=None, help="stop when the corpus has this many rows")
     g.add_argument("--tokens", type=int, default=None, help="... or this many completion tokens")
     g.add_argument("--n-per-prompt", type=int, default=1, help="samples per prompt per pass")

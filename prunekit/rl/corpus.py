@@ -1,5 +1,7 @@
 """Teacher-sampled corpora (data-free distillation): sample answers from the model being compressed, in its own
-style, to prompts from a file and/or the built-in seed prompts, into an appendable `messages` JSONL.
+style, to prompts from a file and/or the built-in seed prompts, into an appendable `messages` JSONL; or, with
+`unconditioned`, text sampled from the start token alone (LLM-QAT's data-free generation): `{"text"}` rows in the
+style of what the teacher was pretrained on, far more varied than answers to a few thousand prompts.
 
 Generation runs on the RL rollout backends (`make_backend`: vLLM where installed and supported, transformers'
 static-cache fast path on GPU, plain `generate` otherwise). This module does not import Ray: `InProcess` runs one
@@ -79,9 +81,18 @@ def teacher_name(spec: str | Path, model_dir: Path) -> str:
     return str(spec) if str(spec) in ALIASES else Path(model_dir).name
 
 
-def collect_prompts(prompts: str | Path | None, seed_prompts: bool | int | None) -> tuple[list[dict], dict]:
+UNCONDITIONED = {"text": ""}   # the one "prompt" of an unconditioned corpus: the start token alone
+
+
+def collect_prompts(prompts: str | Path | None, seed_prompts: bool | int | None,
+                    unconditioned: bool = False) -> tuple[list[dict], dict]:
     """The prompt list (file prompts first, then seed prompts) and its identity for the settings record."""
     from prunekit.core.seed_prompts import seed_prompts as builtin
+    if unconditioned:
+        if prompts is not None or seed_prompts:
+            raise PrunekitError("--unconditioned samples from the start token alone: give it without --prompts and "
+                                "--seed-prompts (generate a second corpus for those)")
+        return [dict(UNCONDITIONED)], {"unconditioned": True}
     if seed_prompts is None:
         seed_prompts = prompts is None  # the built-in prompts are the default source
     items, identity = [], {}
@@ -96,7 +107,18 @@ def collect_prompts(prompts: str | Path | None, seed_prompts: bool | int | None)
     return dedup_prompts(items), identity
 
 
+def start_token(tokenizer) -> int:
+    """What an unconditioned sample starts from: the BOS token, else the end-of-text token that separates
+    pretraining documents (Qwen-style tokenizers have no BOS)."""
+    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if token is None:
+        raise PrunekitError("--unconditioned: the teacher's tokenizer has neither a BOS nor an EOS token to start from")
+    return token
+
+
 def tokenize(tokenizer, prompt: dict) -> list[int]:
+    if prompt == UNCONDITIONED:
+        return [start_token(tokenizer)]
     if "text" in prompt:
         return list(tokenizer(prompt["text"])["input_ids"])
     text = tokenizer.apply_chat_template(prompt["messages"], tokenize=False, add_generation_prompt=True)
@@ -108,12 +130,12 @@ def generate_corpus(teacher: str | Path, out: str | Path, prompts: str | Path | 
                     n_per_prompt: int = 1, temperature: float = 1.0, top_p: float = 0.95, max_new_tokens: int = 256,
                     seed: int = 0, backend: str = "auto", device: str = "auto", batch_size: int | None = None,
                     dtype: str | None = None, gpu_memory_utilization: float = 0.85, progress: bool = True,
-                    pool=None) -> dict:
+                    pool=None, unconditioned: bool = False) -> dict:
     """Sample a corpus from `teacher` into `out` (JSONL), appending only what an earlier run left missing.
 
     prompts: a messages/text JSONL or JSON file; seed_prompts: True (all), N (the first N) or False; default: the
-    built-in prompts when no file is given. Stop at `rows` rows or `tokens` completion tokens (one of them; with
-    neither, one pass over a prompt file). backend: auto | vllm | transformers; device: auto | cpu | cuda.
+    built-in prompts when no file is given; unconditioned: text from the start token alone instead of prompts.
+    Stop at `rows` rows or `tokens` completion tokens (one of them; with neither, one pass over a prompt file). backend: auto | vllm | transformers; device: auto | cpu | cuda.
     `pool`: where generation runs (default `InProcess()`; the stage passes Ray rollout actors).
     Returns the statistics written to `out.stats.json`."""
     from prunekit.core.loading import load_tokenizer, quiet_transformers, read_config, resolve_model
@@ -127,9 +149,10 @@ def generate_corpus(teacher: str | Path, out: str | Path, prompts: str | Path | 
     _validate_sampling(temperature, top_p)
     if backend not in ("auto", "vllm", "transformers"):
         raise PrunekitError(f"--backend {backend}: expected auto, vllm or transformers")
-    items, prompt_identity = collect_prompts(prompts, seed_prompts)
+    items, prompt_identity = collect_prompts(prompts, seed_prompts, unconditioned)
     if rows is None and tokens is None and prompts is None:
-        raise PrunekitError("--rows or --tokens: say how much to generate from the built-in seed prompts")
+        source_name = "the start token alone" if unconditioned else "the built-in seed prompts"
+        raise PrunekitError(f"--rows or --tokens: say how much to generate from {source_name}")
     teacher_dir = resolve_model(teacher)
     with quiet_transformers():
         tok = load_tokenizer(teacher_dir)
@@ -212,7 +235,7 @@ def _run(pool, corpus: CorpusFile, units, prompt_ids, items, tok, eos, source, s
     eos = set(eos)
     inflight = {"rows": 0}
     stalled = {"samples": 0}  # samples in a row that added nothing: a teacher that only repeats itself stops
-    stall_limit = len(prompt_ids) * n * 2
+    stall_limit = max(len(prompt_ids) * n, batch) * 2   # one unconditioned "prompt": two batches
     by_tokens = tokens is not None
     total = tokens if by_tokens else rows
     done = corpus.token_total if by_tokens else len(corpus.tokens)
@@ -279,7 +302,8 @@ def _run(pool, corpus: CorpusFile, units, prompt_ids, items, tok, eos, source, s
     finally:
         bar.close()
     if stalled["samples"] > stall_limit:
-        stats_run["stopped"] = "the teacher repeated earlier answers for two passes' worth of samples"
+        stats_run["stopped"] = ("the teacher repeated earlier answers (or gave empty ones) for two passes' (at least "
+                                "two batches') worth of samples")
 
 
 def _row(prompt: dict, ids: list[int], eos: set[int], tok, max_new_tokens: int, row_id: str,
@@ -292,8 +316,9 @@ def _row(prompt: dict, ids: list[int], eos: set[int], tok, max_new_tokens: int, 
     finish = "length" if not stopped and len(ids) >= max_new_tokens else "stop"
     text = tok.decode(ids, skip_special_tokens=True)
     meta = {"id": row_id, "source": source, "finish": finish, "tokens": len(ids)}
-    if "text" in prompt:
-        return {"text": prompt["text"] + text.rstrip(), **meta} if text.strip() else None
+    if "text" in prompt:   # a continuation keeps its prompt; an unconditioned sample is its text alone
+        continued = prompt["text"] + text.rstrip() if prompt["text"] else text.strip()
+        return {"text": continued, **meta} if text.strip() else None
     answer = text.strip()
     if not answer:
         return None

@@ -104,6 +104,31 @@ def test_prompt_file_user_turns_text_rows_and_dedup(wordy_model_dir, tiny_chat_m
     assert empty["empty_dropped"] == 9 and empty["duplicates_dropped"] == 2
 
 
+def test_unconditioned_text_rows_from_the_start_token_resume_and_dedup(wordy_model_dir, tmp_path):
+    """--unconditioned: no prompts, {"text"} rows sampled from the start token alone, ids of one prompt's passes;
+    the settings record says so, so a re-run resumes and a prompted run on the same file is refused."""
+    from prunekit.core.loading import load_tokenizer
+    from prunekit.rl.corpus import UNCONDITIONED, start_token, tokenize
+    out = tmp_path / "free.jsonl"
+    stats = generate_corpus(wordy_model_dir, out, rows=6, unconditioned=True, **FAST)
+    rows = rows_of(out)
+    assert [r["id"] for r in rows] == [f"0:{k}" for k in range(6)] and stats["rows"] == 6
+    assert all(set(r) == {"text", "id", "source", "finish", "tokens"} for r in rows)
+    assert all(r["text"] == r["text"].strip() != "" for r in rows)
+    assert len({r["text"] for r in rows}) == 6   # sampled, deduplicated
+    assert sidecar(out)["settings"]["prompts"] == {"unconditioned": True}
+    # what the model is given: its start token alone (BOS here)
+    tok = load_tokenizer(wordy_model_dir)
+    assert tokenize(tok, UNCONDITIONED) == [tok.bos_token_id] and start_token(tok) == tok.bos_token_id
+    no_bos = load_tokenizer(wordy_model_dir)
+    no_bos.bos_token = None
+    assert start_token(no_bos) == no_bos.eos_token_id   # Qwen-style tokenizers: the end-of-text separator
+    more = generate_corpus(wordy_model_dir, out, rows=8, unconditioned=True, **FAST)
+    assert rows_of(out)[:6] == rows and more["rows"] == 8 and more["runs"][-1]["generated_rows"] == 2
+    with pytest.raises(PrunekitError, match="was generated with prompts="):
+        generate_corpus(wordy_model_dir, out, rows=10, seed_prompts=True, **FAST)
+
+
 def test_resume_appends_only_missing_rows_and_repairs_a_torn_line(tiny_chat_model_dir, tmp_path):
     out = tmp_path / "corpus.jsonl"
     generate_corpus(tiny_chat_model_dir, out, rows=6, seed_prompts=50, **FAST)
@@ -160,6 +185,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_chat_model_dir, tmp_path,
         ([], "--rows or --tokens: say how much"),
         (["--rows", "5", "--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
         (["--rows", "5", "--actors", "-1"], "--actors -1"),
+        (["--unconditioned"], "--rows or --tokens: say how much to generate from the start token alone"),
+        (["--unconditioned", "--rows", "5", "--prompts", str(odd)], "--unconditioned samples from the start token"),
+        (["--unconditioned", "--rows", "5", "--seed-prompts"], "--unconditioned samples from the start token"),
     ]
     for extra, message in cases:
         rc, err = _run_cli(["--model", model, "-o", str(out), *extra], capsys)

@@ -7,6 +7,9 @@ variant in one process, so a change to it can be judged in a minute:
   prunekit              chunked_causal_lm_loss as the engine calls it (FusedLinearLoss, compiled row loss), chunk 16384
   prunekit_chunk4096    the same, chunk 4096 (4 chunks: float32 head-gradient sum, less logits memory)
   prunekit_eager_rows   the same, the row loss eager (what the compiled one saves)
+  prunekit_maxhit_rows  the same, a token counted as a hit when its logit equals the row's max (one plain max, which
+                        the logsumexp's reduction can share, instead of an argmax; ties count as hits)
+  prunekit_nohit_rows   the same without counting hits at all (what token_acc costs)
   torch_autograd        logits materialised, F.cross_entropy, autograd (the plain baseline)
   liger_flce            Liger's LigerFusedLinearCrossEntropyLoss, the peer (skipped with the reason when not installed)
 Every variant's loss and hidden-state gradient are checked against torch_autograd's (float32 reference on a slice).
@@ -28,7 +31,29 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("prunekit", "prunekit_chunk4096", "prunekit_eager_rows", "torch_autograd", "liger_flce")
+VARIANTS = ("prunekit", "prunekit_chunk4096", "prunekit_eager_rows", "prunekit_maxhit_rows", "prunekit_nohit_rows",
+            "torch_autograd", "liger_flce")
+
+
+def _ce_rows_maxhit(logits, _extra, target):
+    """prunekit's row loss (compiled path) with hits from the row max instead of an argmax."""
+    from prunekit.core.losses.ce import minus_onehot
+    x = logits.float()
+    lse, peak = torch.logsumexp(x, dim=-1), x.amax(-1)
+    picked = x.gather(-1, target[:, None]).squeeze(-1)
+    probs = torch.exp(x - lse[:, None])
+    return (lse - picked).sum(), minus_onehot(probs, target).to(logits.dtype), (picked >= peak).sum()
+
+
+def _ce_rows_nohit(logits, _extra, target):
+    """prunekit's row loss (compiled path) without the hit count."""
+    from prunekit.core.losses.ce import minus_onehot
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    picked = x.gather(-1, target[:, None]).squeeze(-1)
+    probs = torch.exp(x - lse[:, None])
+    return (lse - picked).sum(), minus_onehot(probs, target).to(logits.dtype), torch.zeros((), dtype=torch.long,
+                                                                                         device=x.device)
 
 
 def sync(device):
@@ -50,11 +75,11 @@ def loss_fn(variant: str, tokens: int):
     labels_of = lambda t: torch.cat([t.new_full((1,), ce.IGNORE_INDEX), t])[None]  # noqa: E731 - next-token labels
     if variant.startswith("prunekit"):
         chunk = 4096 if variant == "prunekit_chunk4096" else tokens
-        if variant == "prunekit_eager_rows":
-            def run(h, w, t):
-                rows = ce.FusedLinearLoss.apply(h, w, None, t, chunk, ce._ce_rows)
-                return rows[0]
-            return run
+        rows_fn = {"prunekit_eager_rows": ce._ce_rows,
+                   "prunekit_maxhit_rows": ce.compiled_on_gpu(_ce_rows_maxhit, torch.cuda.is_available()),
+                   "prunekit_nohit_rows": ce.compiled_on_gpu(_ce_rows_nohit, torch.cuda.is_available())}.get(variant)
+        if rows_fn is not None:
+            return lambda h, w, t: ce.FusedLinearLoss.apply(h, w, None, t, chunk, rows_fn)[0]
         # the engine's call: hidden [1, T+1, H] whose last position is never supervised
         return lambda h, w, t: ce.chunked_causal_lm_loss(
             torch.cat([h, h[-1:]])[None], w, labels_of(t), chunk_size=chunk)[0]

@@ -12,9 +12,10 @@ finished): data (chatterbot + general text files; `--prepare` writes them here f
 (teacher-sampled, then the recovery mix: corpus + general train text) -> pipeline -> gap (the final model and the
 original on rows it trained on and on fresh samples of the same kind: memorised data or too small a student?) ->
 compare_data (the pruned model distilled for `--compare-steps` steps on each recovery data source: chatterbot, the
-shipped general text, the teacher corpus, the mix) -> compare_kv (the mean and the calibrated KV cut of the pruned model — for 3 -> 1
-similarity grouping equals the mean — right after the cut and after `--compare-steps` distillation steps) ->
-report: bench/results/outcome_smollm2.json + .png. The 20-minute goal counts data + corpus + pipeline.
+shipped general text, the teacher corpus, the mix) -> compare_kv (the mean and the calibrated KV cut of the pruned
+model — for 3 -> 1 similarity grouping equals the mean — right after the cut and after `--compare-steps`
+distillation steps) -> report: bench/results/outcome_smollm2.json + .png. The 20-minute goal counts data + corpus +
+pipeline.
 
     python bench/outcome_smollm2.py --prepare --data .gpu/data            # here: the data files, for the GPU box
     python bench/outcome_smollm2.py --gpu --data .gpu/data --out /root/outcome   # there (resumes)

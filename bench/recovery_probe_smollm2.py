@@ -20,6 +20,9 @@ val (as bench/outcome_smollm2.py does). Sets:
   prose     (start: that cut model) the recipe's distillation on the recovery mix, and on the mix plus `--prose-rows`
             (4096) teacher continuations of general-train openings (outcome_smollm2.prose_prompts; generated here)
             -> bench/results/recovery_probe_smollm2_prose.json
+  loss      (start: that cut model) the recipe's forward KL, the generalized JSD (beta 0.5), and forward KL plus 0.2 of
+            the plain cross-entropy on the rows' own next tokens (sft_alpha: the general text's real words)
+            -> bench/results/recovery_probe_smollm2_loss.json
   free-text (start: that cut model) the same, with `--free-rows` (4096) unconditioned teacher samples instead (text
             from the start token alone, `data generate --unconditioned`) -> recovery_probe_smollm2_free_text.json
 `--start ffn` removes the parameters by width instead of depth before the cut: FFN 1536 -> 1024 channels in every
@@ -55,13 +58,14 @@ SETS = {
     "cut-order": {"cut-first": {}, "cut-halfway": {"cut_after": 0.5}},
     "prose": {"mix": {}, "mix+prose": {"train": "mix+prose"}},
     "free-text": {"mix": {}, "mix+free": {"train": "mix+free"}},
+    "loss": {"forward-kl": {}, "jsd-0.5": dict(beta=0.5), "forward-kl+ce0.2": dict(sft_alpha=0.2)},
     "calibration": {"teacher-forced": {}, "sequential": {"sequential_calibration": True}},
 }
 RESULT_FILES = {"kv": "recovery_probe_smollm2.json", "lr-batch": "recovery_probe_smollm2_lr_batch.json",
                 "on-policy": "recovery_probe_smollm2_on_policy.json", "recipe": "recovery_probe_smollm2_recipe.json",
                 "cut-order": "recovery_probe_smollm2_cut_order.json", "prose": "recovery_probe_smollm2_prose.json",
                 "calibration": "recovery_probe_smollm2_calibration.json",
-                "free-text": "recovery_probe_smollm2_free_text.json"}
+                "free-text": "recovery_probe_smollm2_free_text.json", "loss": "recovery_probe_smollm2_loss.json"}
 
 
 def main(argv=None) -> int:

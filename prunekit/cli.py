@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed-prompts", nargs="?", type=int, const=True, default=None, metavar="N",
                    help="use the built-in diverse prompts (the first N); the default without --prompts")
     g.add_argument("--unconditioned", action="store_true",
-                   help="no prompts: {\"text\"} rows sampled from the start token alone (the teacher's own varied text)")
+                   help="no prompts: {\"text\"} rows sampled from the start token alone (the teacher's own text)")
     g.add_argument("--rows", type=int, default=None, help="stop when the corpus has this many rows")
     g.add_argument("--tokens", type=int, default=None, help="... or this many completion tokens")
     g.add_argument("--n-per-prompt", type=int, default=1, help="samples per prompt per pass")

@@ -135,7 +135,8 @@ def generate_corpus(teacher: str | Path, out: str | Path, prompts: str | Path | 
 
     prompts: a messages/text JSONL or JSON file; seed_prompts: True (all), N (the first N) or False; default: the
     built-in prompts when no file is given; unconditioned: text from the start token alone instead of prompts.
-    Stop at `rows` rows or `tokens` completion tokens (one of them; with neither, one pass over a prompt file). backend: auto | vllm | transformers; device: auto | cpu | cuda.
+    Stop at `rows` rows or `tokens` completion tokens (one of them; with neither, one pass over a prompt file).
+    backend: auto | vllm | transformers; device: auto | cpu | cuda.
     `pool`: where generation runs (default `InProcess()`; the stage passes Ray rollout actors).
     Returns the statistics written to `out.stats.json`."""
     from prunekit.core.loading import load_tokenizer, quiet_transformers, read_config, resolve_model

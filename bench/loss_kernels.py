@@ -35,25 +35,18 @@ VARIANTS = ("prunekit", "prunekit_chunk4096", "prunekit_eager_rows", "prunekit_m
             "torch_autograd", "liger_flce")
 
 
-def _ce_rows_maxhit(logits, _extra, target):
-    """prunekit's row loss (compiled path) with hits from the row max instead of an argmax."""
+def _ce_rows_hits_by(hits: str):
+    """prunekit's row loss (its compiled path) with token hits counted from the row max ("max") or not at all."""
     from prunekit.core.losses.ce import minus_onehot
-    x = logits.float()
-    lse, peak = torch.logsumexp(x, dim=-1), x.amax(-1)
-    picked = x.gather(-1, target[:, None]).squeeze(-1)
-    probs = torch.exp(x - lse[:, None])
-    return (lse - picked).sum(), minus_onehot(probs, target).to(logits.dtype), (picked >= peak).sum()
 
-
-def _ce_rows_nohit(logits, _extra, target):
-    """prunekit's row loss (compiled path) without the hit count."""
-    from prunekit.core.losses.ce import minus_onehot
-    x = logits.float()
-    lse = torch.logsumexp(x, dim=-1)
-    picked = x.gather(-1, target[:, None]).squeeze(-1)
-    probs = torch.exp(x - lse[:, None])
-    return (lse - picked).sum(), minus_onehot(probs, target).to(logits.dtype), torch.zeros((), dtype=torch.long,
-                                                                                         device=x.device)
+    def rows(logits, _extra, target):
+        x = logits.float()
+        lse = torch.logsumexp(x, dim=-1)
+        picked = x.gather(-1, target[:, None]).squeeze(-1)
+        probs = torch.exp(x - lse[:, None])
+        n_hits = (picked >= x.amax(-1)).sum() if hits == "max" else torch.zeros((), dtype=torch.long, device=x.device)
+        return (lse - picked).sum(), minus_onehot(probs, target).to(logits.dtype), n_hits
+    return rows
 
 
 def sync(device):
@@ -76,8 +69,9 @@ def loss_fn(variant: str, tokens: int):
     if variant.startswith("prunekit"):
         chunk = 4096 if variant == "prunekit_chunk4096" else tokens
         rows_fn = {"prunekit_eager_rows": ce._ce_rows,
-                   "prunekit_maxhit_rows": ce.compiled_on_gpu(_ce_rows_maxhit, torch.cuda.is_available()),
-                   "prunekit_nohit_rows": ce.compiled_on_gpu(_ce_rows_nohit, torch.cuda.is_available())}.get(variant)
+                   "prunekit_maxhit_rows": ce.compiled_on_gpu(_ce_rows_hits_by("max"), torch.cuda.is_available()),
+                   "prunekit_nohit_rows": ce.compiled_on_gpu(_ce_rows_hits_by("none"), torch.cuda.is_available())
+                   }.get(variant)
         if rows_fn is not None:
             return lambda h, w, t: ce.FusedLinearLoss.apply(h, w, None, t, chunk, rows_fn)[0]
         # the engine's call: hidden [1, T+1, H] whose last position is never supervised

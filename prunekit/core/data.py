@@ -101,7 +101,8 @@ def read_json_rows(path: Path, label: str = "", missing: str = "data file not fo
         except json.JSONDecodeError as e:
             raise DataError(f"{at}: invalid JSON at line {e.lineno}: {e.msg}") from None
     numbered = []
-    for n, line in enumerate(text.splitlines(), 1):
+    # split on "\n" only: str.splitlines() also breaks at U+2028, U+2029 and U+0085, which JSON leaves raw in strings
+    for n, line in enumerate(text.split("\n"), 1):
         if line.strip():
             try:
                 numbered.append((n, json.loads(line)))

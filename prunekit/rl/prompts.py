@@ -2,34 +2,27 @@
 rewards receive (e.g. `answer`). Prompts go through the model's chat template with the generation prompt added."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from prunekit import PrunekitError
+from prunekit.core.data import read_json_rows
 
 
 def read_rows(path: Path, prompt_column: str) -> list[dict]:
     path = Path(path)
-    if not path.is_file():
-        raise PrunekitError(f"prompts {path}: not found")
-    text = path.read_text()
-    try:
-        rows = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines()
-                                                                 if line.strip()]
-    except json.JSONDecodeError as e:
-        raise PrunekitError(f"prompts {path}: line {e.lineno}: not JSON ({e.msg})") from None
-    if not rows:
+    numbered = read_json_rows(path, label="prompts ", missing="not found")
+    if not numbered:
         raise PrunekitError(f"prompts {path}: no rows")
-    for i, row in enumerate(rows):
+    for n, row in numbered:
         if not isinstance(row, dict) or prompt_column not in row:
-            raise PrunekitError(f"prompts {path}: row {i + 1}: expected an object with a {prompt_column!r} field")
+            raise PrunekitError(f"prompts {path}: row {n}: expected an object with a {prompt_column!r} field")
         p = row[prompt_column]
         ok = isinstance(p, str) or (isinstance(p, list) and p and all(
             isinstance(m, dict) and "role" in m and "content" in m for m in p))
         if not ok:
-            raise PrunekitError(f"prompts {path}: row {i + 1}: {prompt_column} must be text or a list of "
+            raise PrunekitError(f"prompts {path}: row {n}: {prompt_column} must be text or a list of "
                                 "{role, content} messages")
-    return rows
+    return [row for _, row in numbered]
 
 
 def prompt_token_ids(tokenizer, prompt, system_prompt: str | None = None) -> list[int]:

@@ -422,3 +422,11 @@ print(json.dumps({{"mb": len(big) / 1e6, "grew_kb": grew, "same": got == expecte
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["mb"] > 4 and result["n"] == 32 and result["same"], result
     assert result["grew_kb"] < 32 * 1024, result  # KB
+
+
+def test_jsonl_rows_keep_unicode_line_separators(tmp_path):
+    # json.dumps(ensure_ascii=False) leaves U+2028/U+2029/U+0085 raw; they end no JSONL row (a teacher corpus
+    # row with one broke the outcome bench's recovery file at "row 18270")
+    rows = [{"text": "one\u2028two\u2029three\x85four"}, TEXT]
+    path = _write(tmp_path / "rows.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    assert load_messages(path) == rows

@@ -7,8 +7,8 @@ variant in one process, so a change to it can be judged in a minute:
   prunekit              chunked_causal_lm_loss as the engine calls it (FusedLinearLoss, compiled row loss), chunk 16384
   prunekit_chunk4096    the same, chunk 4096 (4 chunks: float32 head-gradient sum, less logits memory)
   prunekit_eager_rows   the same, the row loss eager (what the compiled one saves)
-  prunekit_maxhit_rows  the same, a token counted as a hit when its logit equals the row's max (one plain max, which
-                        the logsumexp's reduction can share, instead of an argmax; ties count as hits)
+  prunekit_argmax_rows  the same, token hits from an argmax (the engine's way until session 11; it now takes a hit
+                        when the target's logit is the row max, a plain max the logsumexp's reduction shares)
   prunekit_nohit_rows   the same without counting hits at all (what token_acc costs)
   torch_autograd        logits materialised, F.cross_entropy, autograd (the plain baseline)
   liger_flce            Liger's LigerFusedLinearCrossEntropyLoss, the peer (skipped with the reason when not installed)
@@ -31,12 +31,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("prunekit", "prunekit_chunk4096", "prunekit_eager_rows", "prunekit_maxhit_rows", "prunekit_nohit_rows",
+VARIANTS = ("prunekit", "prunekit_chunk4096", "prunekit_eager_rows", "prunekit_argmax_rows", "prunekit_nohit_rows",
             "torch_autograd", "liger_flce")
 
 
 def _ce_rows_hits_by(hits: str):
-    """prunekit's row loss (its compiled path) with token hits counted from the row max ("max") or not at all."""
+    """prunekit's row loss (its compiled path) with token hits counted by an argmax ("argmax") or not at all."""
     from prunekit.core.losses.ce import minus_onehot
 
     def rows(logits, _extra, target):
@@ -44,7 +44,8 @@ def _ce_rows_hits_by(hits: str):
         lse = torch.logsumexp(x, dim=-1)
         picked = x.gather(-1, target[:, None]).squeeze(-1)
         probs = torch.exp(x - lse[:, None])
-        n_hits = (picked >= x.amax(-1)).sum() if hits == "max" else torch.zeros((), dtype=torch.long, device=x.device)
+        n_hits = ((x.argmax(-1) == target).sum() if hits == "argmax"
+                  else torch.zeros((), dtype=torch.long, device=x.device))
         return (lse - picked).sum(), minus_onehot(probs, target).to(logits.dtype), n_hits
     return rows
 
@@ -69,7 +70,7 @@ def loss_fn(variant: str, tokens: int):
     if variant.startswith("prunekit"):
         chunk = 4096 if variant == "prunekit_chunk4096" else tokens
         rows_fn = {"prunekit_eager_rows": ce._ce_rows,
-                   "prunekit_maxhit_rows": ce.compiled_on_gpu(_ce_rows_hits_by("max"), torch.cuda.is_available()),
+                   "prunekit_argmax_rows": ce.compiled_on_gpu(_ce_rows_hits_by("argmax"), torch.cuda.is_available()),
                    "prunekit_nohit_rows": ce.compiled_on_gpu(_ce_rows_hits_by("none"), torch.cuda.is_available())
                    }.get(variant)
         if rows_fn is not None:

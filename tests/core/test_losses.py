@@ -233,3 +233,16 @@ def test_chunked_jsd_from_hidden_equals_logits_version():
             e_loss, e_kd, *_ = chunked_generalized_jsd_loss(hs, ws, ht, wt, labels, beta=beta, temperature=2.0,
                                                             top_k=top_k, chunk_size=3, sft_alpha=0.3)
         assert torch.allclose(e_loss, loss) and torch.allclose(e_kd, kd)
+
+
+def test_row_loss_compiled_path_matches_eager():
+    # the GPU path (torch.compile'd: logsumexp + hits from the row max) against the eager path (max + argmax hits)
+    from prunekit.core.losses.ce import _ce_rows
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(64, 300, generator=g), torch.randint(0, 300, (64,), generator=g)
+    target[:8] = logits[:8].argmax(-1)   # some hits to count
+    eager = _ce_rows(logits.clone(), None, target)
+    compiled = torch.compile(_ce_rows, dynamic=True, backend="aot_eager")(logits.clone(), None, target)
+    torch.testing.assert_close(compiled[0], eager[0])
+    torch.testing.assert_close(compiled[1], eager[1])
+    assert compiled[2].item() == eager[2].item() == (logits.argmax(-1) == target).sum().item() >= 8

@@ -159,6 +159,11 @@ def main(argv=None) -> int:
         results[name] = {"steps": args.steps, "train": train.name, **extra, **record,
                          **bench.measure(model, args.data, settings),
                          "seconds": round(time.time() - start, 1)}
+        # each variant's numbers in the log too, so a run whose report does not come back still tells
+        o, v = results["original"], results[name]
+        print(f"{name}: general text token_acc {v['eval_text']['token_acc']:.4f} "
+              f"({v['eval_text']['token_acc'] / o['eval_text']['token_acc']:.1%} of the original), chat val "
+              f"{v['eval']['token_acc']:.4f} ({v['eval']['token_acc'] / o['eval']['token_acc']:.1%})", flush=True)
     o = results["original"]
     import torch
     report = {"date": time.strftime("%Y-%m-%d"),

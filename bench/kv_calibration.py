@@ -6,7 +6,7 @@ chatterbot val conversations (each layer fed the original model's inputs), and l
 the same val rows. Calibration uses train rows only (`--samples`, spread over the file); the val rows are never
 calibrated on. Runs on CPU in a few minutes with the defaults; `--steps` / `--samples` scale it up on a GPU.
 
-    python bench/kv_calibration.py [--samples 64] [--steps 50] [--eval-rows 202] [--kv-heads 1] [--device cpu]
+    python bench/kv_calibration.py [--samples 64] [--steps 50] [--eval-rows N] [--kv-heads 1] [--device cpu]
                                    [--out bench/results/kv_calibration.json]
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64, help="calibration conversations from the train split")
     ap.add_argument("--steps", type=int, default=50, help="Adam steps of the Q/K/V fit per layer")
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--eval-rows", type=int, default=202, help="held-out val conversations (202 = all)")
+    ap.add_argument("--eval-rows", type=int, default=None, help="held-out val conversations (default: all)")
     ap.add_argument("--variants", default="mean,similarity,mean+calib,similarity+calib",
                     help="GROUPING[+calib[+seq]]: +seq fits each layer on the cut model's own inputs (sequential)")
     ap.add_argument("--device", default="cpu")

@@ -82,8 +82,8 @@ def prepare_data(data: Path) -> None:
     from prunekit.core.datasets import chatterbot_to_messages
     from prunekit.core.text import general_text
     data.mkdir(parents=True, exist_ok=True)
-    if not (data / "val.jsonl").is_file():
-        chatterbot_to_messages(data / "chat-train.jsonl", val_path=data / "val.jsonl")
+    if not (data / "val.jsonl").is_file():   # a fifth of the distinct questions: ~180 rows, none asked in train
+        chatterbot_to_messages(data / "chat-train.jsonl", val_path=data / "val.jsonl", val_fraction=0.2)
     if not (data / "general-eval.jsonl").is_file():
         general_text(data / "general-train.jsonl", data / "general-eval.jsonl")
 
@@ -94,7 +94,18 @@ def write_recovery_mix(data: Path, corpus: Path, out: Path) -> Path:
     raw = corpus.read_bytes()
     text = (data / "general-train.jsonl").read_bytes()
     out.write_bytes((gzip.decompress(raw) if corpus.suffix == ".gz" else raw) + text)
-    return out
+    return check_val_held_out(data, out)
+
+
+def check_val_held_out(data: Path, train: Path) -> Path:
+    """Stop when the chat val shares rows or questions with a training file (a corpus sampled from another split's
+    prompts, or data prepared before the split kept questions apart): its numbers would be fitting, not recovery."""
+    from prunekit.core.data import load_messages, val_overlap
+    same, asked = val_overlap(load_messages(data / "val.jsonl"), load_messages(train))
+    if same or asked:
+        raise SystemExit(f"{data / 'val.jsonl'}: {same} rows are in {train} and {asked} ask its questions: prepare "
+                         f"the data again (--prepare into an empty --data) and regenerate the corpus from it")
+    return train
 
 
 PROSE_PREFIX_CHARS, PROSE_STRIDE_CHARS = 300, 500
@@ -279,7 +290,7 @@ def main(argv=None) -> int:
         tmp = recovery.with_suffix(".tmp")
         tmp.write_bytes(corpus.read_bytes() + (prose.read_bytes() if args.prose_rows else b"")
                         + (free.read_bytes() if args.free_rows else b"") + (data / "general-train.jsonl").read_bytes())
-        os.replace(tmp, recovery)
+        os.replace(check_val_held_out(data, tmp), recovery)
         save()
 
     def sample(prompts: Path | None, to: Path, seed: int = 0, **target) -> dict:

@@ -38,8 +38,11 @@ def chatterbot_to_messages(
     Each conversation's utterances alternate user/assistant, starting with the user; a trailing
     user utterance (odd count) is dropped so every row ends on an assistant turn, and entries
     with fewer than 2 utterances are skipped. Rows carry ``id`` (``"<topic>:<index>"``) and
-    ``source`` columns. With ``val_path``, a seeded shuffle sends ``round(n * val_fraction)`` rows
-    there; the split is deterministic for a given seed. Returns ``{"train": n, "val": m}``.
+    ``source`` columns. The corpus repeats itself (2,025 conversations, 898 distinct): repeats
+    (same turns up to case and spacing) are dropped. With ``val_path``, a seeded shuffle of the
+    distinct first user turns sends whole groups there until ``round(n * val_fraction)`` rows are
+    reached, so no val question is ever a train question (a random row split had put 114 of 202 val
+    rows in train verbatim); deterministic for a given seed. Returns ``{"train": n, "val": m}``.
     """
     data_dir = _package_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / "english"
     rows = []
@@ -55,19 +58,32 @@ def chatterbot_to_messages(
             rows.append({"messages": msgs, "id": f"{yml.stem}:{i}", "source": "chatterbot-corpus"})
     if not rows:
         raise DataError(f"{data_dir}: no conversations found")
+    seen: set = set()
+    rows = [r for r in rows if (key := _turns_key(r)) not in seen and not seen.add(key)]
     val: list[dict] = []
     if val_path is not None:
         if not 0 < val_fraction < 1:
             raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        order = list(range(len(rows)))
-        random.Random(seed).shuffle(order)
-        n_val = max(1, round(len(rows) * val_fraction))
-        val_idx = set(order[:n_val])
+        by_question: dict[str, list[int]] = {}
+        for k, r in enumerate(rows):
+            by_question.setdefault(_turns_key(r)[0], []).append(k)
+        questions = sorted(by_question)
+        random.Random(seed).shuffle(questions)
+        n_val, val_idx = max(1, round(len(rows) * val_fraction)), set()
+        for q in questions:
+            if len(val_idx) >= n_val:
+                break
+            val_idx.update(by_question[q])
         val = [r for k, r in enumerate(rows) if k in val_idx]
         rows = [r for k, r in enumerate(rows) if k not in val_idx]
         save_messages(val_path, val)
     save_messages(out_path, rows)
     return {"train": len(rows), "val": len(val)}
+
+
+def _turns_key(row: dict) -> tuple[str, ...]:
+    """A conversation's user/assistant turns, lower-cased with spacing collapsed (the first is the question)."""
+    return tuple(" ".join(m["content"].lower().split()) for m in row["messages"] if m["role"] != "system")
 
 
 def _easy_vqa_rows(root: Path, split: str, limit: int | None, image_dir: Path | None) -> list[dict]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from prunekit import PrunekitError
 from prunekit.core.families import family_for
-from prunekit.core.data import load_messages
+from prunekit.core.data import load_messages, val_overlap
 from prunekit.core.samples import check_no_images, config_samples, has_labels, pad_id, tokenize
 from prunekit.core.loading import (check_output_dir, check_writable, copy_side_files, load_model, load_tokenizer,
                                    quiet_transformers, read_config, resolve_model, write_atomically,
@@ -60,6 +60,10 @@ def check_supervised(cfg, train_rows: list, val_rows: list | None) -> None:
     if not supervised(train_rows, cfg.train):
         raise PrunekitError(f"train {cfg.train}: no row keeps an assistant token within max_length {cfg.max_length} "
                             f"(every prompt is longer); raise max_length or shorten the prompts")
+    if val_rows and any(overlap := val_overlap(val_rows, train_rows)):
+        print(f"prunekit: warning: val {cfg.val}: {overlap[0]} of {len(val_rows)} rows are also in train {cfg.train} "
+              f"and {overlap[1]} ask a train question: its numbers measure fitting, not held-out recovery",
+              file=sys.stderr, flush=True)
     if val_rows and not supervised(val_rows[:cfg.eval_max_samples] if cfg.eval_max_samples else val_rows, cfg.val):
         print(f"prunekit: warning: val {cfg.val}: no row keeps an assistant token within max_length "
               f"{cfg.max_length}; the run is not evaluated", file=sys.stderr, flush=True)

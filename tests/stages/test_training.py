@@ -180,6 +180,22 @@ def test_all_empty_assistant_replies_warn(tiny_chat_model_dir, tmp_path, capsys)
         f"prunekit: warning: train {train}: every assistant reply is empty; the model only learns to end its turn"]
 
 
+def test_a_val_set_that_overlaps_train_warns(tiny_chat_model_dir, tmp_path, capsys):
+    def row(q, a):
+        return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text("".join(json.dumps(row(f"question {i}", f"answer {i}")) + "\n" for i in range(4)))
+    # a train row up to case and spacing, a train question with another answer, a new question
+    val.write_text("".join(json.dumps(r) + "\n" for r in [row("Question  0", "ANSWER 0"), row("question 1", "other"),
+                                                          row("new question", "answer 2")]))
+    code, _, err = run_cli(capsys, *sft_args(tiny_chat_model_dir, (train, None), tmp_path, "out", "--val", val,
+                                             "--set", "max_length=64"))
+    assert code == 0, err
+    assert [line for line in error_lines(err) if "warning" in line] == [
+        f"prunekit: warning: val {val}: 1 of 3 rows are also in train {train} and 2 ask a train question: its numbers "
+        f"measure fitting, not held-out recovery"]
+
+
 def test_image_rows_on_a_text_only_model_are_one_line(tiny_chat_model_dir, tmp_path, capsys):
     from PIL import Image
     image = tmp_path / "x.png"

@@ -80,12 +80,14 @@ class Clock:
 
 def prepare_data(data: Path) -> None:
     from prunekit.core.datasets import chatterbot_to_messages
-    from prunekit.core.text import general_text
+    from prunekit.core.text import far_text, general_text
     data.mkdir(parents=True, exist_ok=True)
     if not (data / "val.jsonl").is_file():   # a fifth of the distinct questions: ~180 rows, none asked in train
         chatterbot_to_messages(data / "chat-train.jsonl", val_path=data / "val.jsonl", val_fraction=0.2)
     if not (data / "general-eval.jsonl").is_file():
         general_text(data / "general-train.jsonl", data / "general-eval.jsonl")
+    if not (data / "far-eval.jsonl").is_file():   # held-out English from a source nothing here trains on
+        far_text(data / "far-eval.jsonl")
 
 
 def write_recovery_mix(data: Path, corpus: Path, out: Path) -> Path:
@@ -357,12 +359,15 @@ def main(argv=None) -> int:
         """Is the final model short of the original because it memorised its training rows? The original and the
         final model on rows it trained on (the first of each corpus in the mix) and on fresh samples of the same
         kind it never saw (the same prompts and settings, another seed): a student far closer to the teacher on the
-        seen rows than on the fresh ones has run out of data, not of capacity."""
+        seen rows than on the fresh ones has run out of data, not of capacity. And both on `far_text`, English from
+        a source nothing here trains on (the general eval shares its newswire source with the general train split)."""
         final = results["pipeline"]["stages"][-1]["output"]
         n = 4 if args.smoke else GAP_ROWS
         sets = {"seen_teacher": corpus}
         if args.free_rows:
             sets["seen_free"] = free
+        if (data / "far-eval.jsonl").is_file():   # never trained on, from another source than the general eval's
+            sets["far_text"] = data / "far-eval.jsonl"
         fresh = {"fresh_teacher": (out / "gap-teacher.jsonl", dict(prompts=data / "chat-train.jsonl",
                                                                    seed_prompts=True))}
         if args.free_rows:

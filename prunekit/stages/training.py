@@ -31,7 +31,8 @@ class TrainResult:
 
 def check_supervised(cfg, train_rows: list, val_rows: list | None) -> None:
     """On the driver, before any worker starts: some training row must keep an assistant token within max_length
-    after truncation (stops at the first that does); a val set without one only warns (no eval then)."""
+    after truncation (stops at the first that does); a val set without one only warns (no eval then), as does a val
+    set that shares rows or questions with the train file (its numbers would be fitting, not recovery)."""
     import sys
     is_vlm = family_for(read_config(Path(cfg.model))).is_vlm
     with quiet_transformers():

@@ -92,3 +92,15 @@ def test_pipeline_default_eval_file_is_the_eval_split(tmp_path, monkeypatch):
     assert path.is_relative_to(tmp_path / "cache") and text.general_eval_file() == path
     text.general_text(None, tmp_path / "eval.jsonl")
     assert path.read_bytes() == (tmp_path / "eval.jsonl").read_bytes()
+
+
+def test_far_text_is_held_out_english_from_another_source(tmp_path):
+    from prunekit.core.text import FAR_SOURCE, far_text
+    assert far_text(tmp_path / "far.jsonl", rows=50) == 50
+    rows = load_messages(tmp_path / "far.jsonl")
+    assert len(rows) == 50 and {r["source"] for r in rows} == {FAR_SOURCE}
+    assert rows[0]["text"].startswith("At the first God made the heaven and the earth.")
+    assert len({r["id"] for r in rows}) == 50 and all(500 < len(r["text"]) <= 2000 for r in rows)
+    assert not any("\\" in r["text"] or "  " in r["text"] for r in rows)   # verse marks and spacing cleaned
+    far_text(tmp_path / "again.jsonl", rows=50)
+    assert (tmp_path / "again.jsonl").read_bytes() == (tmp_path / "far.jsonl").read_bytes()

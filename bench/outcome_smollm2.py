@@ -137,7 +137,9 @@ def measure(model: str, data: Path, args) -> dict:
     dev = "cuda" if args.gpu else "cpu"
     gen = evaluate_file(model, data / "general-eval.jsonl", args.eval_text_samples, 512, device=dev)
     chat = evaluate_file(model, data / "val.jsonl", args.eval_samples, 512, device=dev)
-    return {"facts": model_facts(Path(model)), "eval_text": gen, "eval": chat}
+    far = ({"far_text": evaluate_file(model, data / "far-eval.jsonl", args.eval_text_samples, 512, device=dev)}
+           if (data / "far-eval.jsonl").is_file() else {})   # data prepared before session 11 has none
+    return {"facts": model_facts(Path(model)), "eval_text": gen, "eval": chat, **far}
 
 
 def distill(model: str, train: Path, data: Path, out: Path, name: str, steps: int, args, **extra) -> str:

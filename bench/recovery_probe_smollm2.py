@@ -25,6 +25,9 @@ val (as bench/outcome_smollm2.py does). Sets:
             -> bench/results/recovery_probe_smollm2_loss.json
   free-text (start: that cut model) the same, with `--free-rows` (4096) unconditioned teacher samples instead (text
             from the start token alone, `data generate --unconditioned`) -> recovery_probe_smollm2_free_text.json
+  data-size (start: that cut model) the recipe's distillation on the whole mix, on half of its rows and on a quarter
+            (seeded samples): how much the result at a fixed step count depends on unique rows, with no generation
+            -> bench/results/recovery_probe_smollm2_data_size.json
 `--start ffn` removes the parameters by width instead of depth before the cut: FFN 1536 -> 1024 channels in every
 layer (`prunekit width --ffn 1024`, 25.0% of the decoder-layer parameters, as bench/width_vs_depth_smollm2.py's ffn
 arm), scored on 256 rows of the recovery mix; its result file ends in _ffn.json.
@@ -60,12 +63,14 @@ SETS = {
     "free-text": {"mix": {}, "mix+free": {"train": "mix+free"}},
     "loss": {"forward-kl": {}, "jsd-0.5": dict(beta=0.5), "forward-kl+ce0.2": dict(sft_alpha=0.2)},
     "calibration": {"teacher-forced": {}, "sequential": {"sequential_calibration": True}},
+    "data-size": {"mix": {}, "mix-half": {"train": "mix/2"}, "mix-quarter": {"train": "mix/4"}},
 }
 RESULT_FILES = {"kv": "recovery_probe_smollm2.json", "lr-batch": "recovery_probe_smollm2_lr_batch.json",
                 "on-policy": "recovery_probe_smollm2_on_policy.json", "recipe": "recovery_probe_smollm2_recipe.json",
                 "cut-order": "recovery_probe_smollm2_cut_order.json", "prose": "recovery_probe_smollm2_prose.json",
                 "calibration": "recovery_probe_smollm2_calibration.json",
-                "free-text": "recovery_probe_smollm2_free_text.json", "loss": "recovery_probe_smollm2_loss.json"}
+                "free-text": "recovery_probe_smollm2_free_text.json", "loss": "recovery_probe_smollm2_loss.json",
+                "data-size": "recovery_probe_smollm2_data_size.json"}
 
 
 def main(argv=None) -> int:
@@ -128,6 +133,15 @@ def main(argv=None) -> int:
             **how)
         train_files[f"mix+{kind}"] = args.out / f"recovery-{kind}.jsonl"
         train_files[f"mix+{kind}"].write_bytes(recovery.read_bytes() + extra_corpus.read_bytes())
+    if args.variant_set == "data-size":   # seeded row samples of the mix: the same kinds of rows, fewer of them
+        import random
+        lines = [line for line in recovery.read_text().split("\n") if line.strip()]
+        for k in (2, 4):
+            rows = random.Random(k).sample(lines, len(lines) // k)
+            train_files[f"mix/{k}"] = args.out / f"recovery-{k}.jsonl"
+            train_files[f"mix/{k}"].write_text("".join(line + "\n" for line in rows))
+            extra_stats[f"mix/{k}_rows"] = len(rows)
+        extra_stats["mix_rows"] = len(lines)
     start_model = pruned
     if args.variant_set != "kv":   # the other sets start from the recipe's cut model
         start_model = calibrated_cut(pruned, args.out / "cut")
@@ -161,9 +175,10 @@ def main(argv=None) -> int:
                          "seconds": round(time.time() - start, 1)}
         # each variant's numbers in the log too, so a run whose report does not come back still tells
         o, v = results["original"], results[name]
-        print(f"{name}: general text token_acc {v['eval_text']['token_acc']:.4f} "
-              f"({v['eval_text']['token_acc'] / o['eval_text']['token_acc']:.1%} of the original), chat val "
-              f"{v['eval']['token_acc']:.4f} ({v['eval']['token_acc'] / o['eval']['token_acc']:.1%})", flush=True)
+        sets = (("eval_text", "general text"), ("eval", "chat val"), ("far_text", "far text"))
+        print(f"{name}: " + ", ".join(f"{label} token_acc {v[k]['token_acc']:.4f} "
+                                      f"({v[k]['token_acc'] / o[k]['token_acc']:.1%} of the original)"
+                                      for k, label in sets if k in v), flush=True)
     o = results["original"]
     import torch
     report = {"date": time.strftime("%Y-%m-%d"),
@@ -171,7 +186,9 @@ def main(argv=None) -> int:
               "command": "python bench/recovery_probe_smollm2.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               **extra_stats,
               "variants": {k: {"general_text_vs_original": v["eval_text"]["token_acc"] / o["eval_text"]["token_acc"],
-                               "chat_val_vs_original": v["eval"]["token_acc"] / o["eval"]["token_acc"], **v}
+                               "chat_val_vs_original": v["eval"]["token_acc"] / o["eval"]["token_acc"],
+                               **({"far_text_vs_original": v["far_text"]["token_acc"] / o["far_text"]["token_acc"]}
+                                  if "far_text" in v else {}), **v}
                            for k, v in results.items()}}
     name = RESULT_FILES[args.variant_set].replace(".json", "_ffn.json" if args.start == "ffn" else ".json")
     path = (args.out if args.smoke else ROOT / "bench" / "results") / name

@@ -32,10 +32,12 @@ val (as bench/outcome_smollm2.py does). Sets:
 layer (`prunekit width --ffn 1024`, 25.0% of the decoder-layer parameters, as bench/width_vs_depth_smollm2.py's ffn
 arm), scored on 256 rows of the recovery mix; its result file ends in _ffn.json.
 
-    python bench/recovery_probe_smollm2.py --gpu --data /root/pkdata --corpus .gpu/corpus/teacher.jsonl.gz
-    python bench/recovery_probe_smollm2.py --gpu --data /root/pkdata --corpus .gpu/corpus/teacher.jsonl.gz \
+    python bench/recovery_probe_smollm2.py --gpu --data /root/pkdata --corpus OUTCOME_OUT/teacher.jsonl
+    python bench/recovery_probe_smollm2.py --gpu --data /root/pkdata --corpus OUTCOME_OUT/teacher.jsonl \
         --set lr-batch --steps 400
     python bench/recovery_probe_smollm2.py --smoke --data DATA --corpus CORPUS --set on-policy   # CPU code path
+OUTCOME_OUT/teacher.jsonl: the teacher corpus a bench/outcome_smollm2.py run generated from the same --data (a corpus
+sampled from another split's questions is refused: the chat val must not be asked in training).
 """
 from __future__ import annotations
 

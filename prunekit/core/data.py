@@ -141,7 +141,7 @@ def load_messages(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def _plain(content) -> str:
+def plain_text(content) -> str:
     """A message's text (a list of parts: its text parts), lower-cased with spacing collapsed."""
     items = content if isinstance(content, list) else [content]
     text = " ".join(i if isinstance(i, str) else str(i.get("text") or "") if isinstance(i, dict) else "" for i in items)
@@ -151,8 +151,8 @@ def _plain(content) -> str:
 def row_turns(row: dict) -> tuple[str, ...]:
     """A row's text, or its non-system turns, normalised: equal for the same row up to case and spacing."""
     if is_text_row(row):
-        return (_plain(row["text"]),)
-    return tuple(_plain(m.get("content")) for m in row["messages"] if m.get("role") != "system")
+        return (plain_text(row["text"]),)
+    return tuple(plain_text(m.get("content")) for m in row["messages"] if m.get("role") != "system")
 
 
 def val_overlap(val_rows: Sequence[dict], train_rows: Sequence[dict]) -> tuple[int, int]:
@@ -160,9 +160,8 @@ def val_overlap(val_rows: Sequence[dict], train_rows: Sequence[dict]) -> tuple[i
     either way the val measures fitting, not held-out recovery."""
     train = {row_turns(r) for r in train_rows}
     questions = {t[0] for t in train if t} - {""}
-    same = sum(row_turns(r) in train for r in val_rows)
-    asked = sum(not is_text_row(r) and bool(row_turns(r)) and row_turns(r)[0] in questions for r in val_rows)
-    return same, asked
+    val = [(row_turns(r), is_text_row(r)) for r in val_rows]
+    return sum(t in train for t, _ in val), sum(not is_text and bool(t) and t[0] in questions for t, is_text in val)
 
 
 def _umask() -> int:

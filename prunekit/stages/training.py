@@ -14,7 +14,7 @@ from pathlib import Path
 
 from prunekit import PrunekitError
 from prunekit.core.families import family_for
-from prunekit.core.data import load_messages, val_overlap
+from prunekit.core.data import load_messages, plain_text, val_overlap
 from prunekit.core.samples import check_no_images, config_samples, has_labels, pad_id, tokenize
 from prunekit.core.loading import (check_output_dir, check_writable, copy_side_files, load_model, load_tokenizer,
                                    quiet_transformers, read_config, resolve_model, write_atomically,
@@ -49,13 +49,9 @@ def check_supervised(cfg, train_rows: list, val_rows: list | None) -> None:
                 return True
             done, end = end, end * 2
         return False
-    def text(content) -> str:
-        items = content if isinstance(content, list) else [content]
-        return "".join(i if isinstance(i, str) else str(i.get("text") or "") if isinstance(i, dict) else ""
-                       for i in items).strip()
     replies = [m.get("content") for r in train_rows for m in (r.get("messages") or [])
                if m.get("role") == "assistant"]
-    if all("messages" in r for r in train_rows) and not any(text(c) for c in replies):
+    if all("messages" in r for r in train_rows) and not any(plain_text(c) for c in replies):
         print(f"prunekit: warning: train {cfg.train}: every assistant reply is empty; the model only learns to end "
               f"its turn", file=sys.stderr, flush=True)
     if not supervised(train_rows, cfg.train):

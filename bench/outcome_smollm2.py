@@ -483,6 +483,8 @@ def write_report(results: dict, args, path: Path) -> None:
         "machine": args.machine or (torch.cuda.get_device_name(0) if args.gpu else platform.processor()),
         "command": results.get("command") or "python bench/outcome_smollm2.py" + (" --gpu" if args.gpu else " --smoke"),
         "recipe": "recipes/outcome.yaml", "status": pipe["status"], "corpus": results.get("corpus"),
+        # since session 11 a run stops before training on a mix that shares val rows or questions
+        "chat_val_split": "by question: no val row or question is in the recovery mix (check_val_held_out)",
         "corpus_from": reused, **({"corpus_prose": results["corpus_prose"]} if results.get("corpus_prose") else {}),
         **({"corpus_free": results["corpus_free"]} if results.get("corpus_free") else {}),
         "gap": {k: {"rows": v["rows"], "token_acc_vs_original": v["token_acc_vs_original"],
@@ -507,8 +509,12 @@ def write_report(results: dict, args, path: Path) -> None:
         report[key] = earlier[key]
         results[key] = earlier[key]  # counts as run (by that report's command)
     if taken:
-        report["comparisons_from"] = {"phases": taken, "date": earlier["date"], "command": earlier["command"],
-                                      "note": args.comparisons_note}
+        # comparisons the earlier report itself took from a still earlier one keep that run's date and command
+        source = earlier.get("comparisons_from") or {}
+        source = source if set(taken) <= set(source.get("phases", ())) else earlier
+        note = "; ".join(n for n in (args.comparisons_note, source.get("note")) if n)
+        report["comparisons_from"] = {"phases": taken, "date": source["date"], "command": source["command"],
+                                      "note": note}
     missing = [p for p in PHASES if p not in results or (p != "corpus" and not results[p])]
     if missing:
         report["not_run"] = {p: getattr(args, "not_run_reason", None) or "not run" for p in missing}
@@ -523,7 +529,7 @@ def plot(report: dict, path: Path) -> None:
     plt = pyplot()
     names = list(report["stages"])
     x = range(len(names))
-    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5), gridspec_kw={"width_ratios": [1, 1, 1.3]})
     ax = axes[0]
     for key, label, color in (("general_text", "general English text (held out)", "tab:blue"),
                               ("chat_val", "chat val", "tab:green")):
@@ -556,7 +562,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_yticks(range(len(groups)))
         ax.set_yticklabels([g[0] for g in groups], fontsize=8)
         earlier = " (an earlier run's: see comparisons_from)" if report.get("comparisons_from") else ""
-        ax.set_title(f"comparisons{earlier}: general text, % of original", fontsize=9)
+        ax.set_title(f"comparisons{earlier}:\ngeneral text, % of original", fontsize=9)
     save_figure(fig, path)
 
 

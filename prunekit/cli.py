@@ -437,11 +437,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redo", default=None, metavar="STAGE_ID",
                    help="run this finished stage (e.g. r1-3-sft) and every later one again")
     p.set_defaults(func=cmd_pipeline)
-    p = sub.add_parser("demo", help="a small pipeline on the embedded default model: importance -> knockout -> "
-                                    "prune -> sft -> distill -> kv-cut -> sft, with a summary table")
+    p = sub.add_parser("demo", help="a small pipeline on the embedded default model, recovering on its own answers: "
+                                    "teacher corpus -> importance -> knockout -> prune -> sft -> distill -> kv-cut, "
+                                    "with a summary table")
     p.add_argument("--model", default="smollm2")
     p.add_argument("-o", "--out", default="prunekit-demo", help="directory for the demo's outputs")
-    p.add_argument("--fresh", action="store_true", help="start over instead of resuming an earlier demo run")
+    p.add_argument("--fresh", action="store_true", help="run the pipeline again instead of resuming it (the data and the "
+                                                            "teacher corpus are kept)")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("importance", help="training-free layer importance (block influence, angular, NLL-drop)")
     p.add_argument("model", metavar="MODEL")

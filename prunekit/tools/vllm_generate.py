@@ -36,6 +36,7 @@ ENV_DEFAULTS = {
     "TRANSFORMERS_OFFLINE": "1",
     "VLLM_CPU_KVCACHE_SPACE": "1",     # GiB of KV cache; vLLM's CPU default (0 -> 4 GiB or more) is far too big
     "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_LOGGING_LEVEL": "ERROR",     # its per-engine INFO lines (and warnings about settings prunekit chose) bury the progress
     "DO_NOT_TRACK": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }

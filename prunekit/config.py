@@ -293,6 +293,9 @@ class DistillConfig(KDConfig, KVMergeConfig, TrainConfig):
     teacher_placement: Literal["same_gpu", "own_gpu"] = "same_gpu"
     # out of dumps when off: run names of earlier runs do not change
     on_policy: OnPolicyConfig | None = Field(None, exclude_if=lambda v: v is None)
+    # the share of supervised input tokens replaced, in every training batch, by tokens drawn from the batch: the
+    # teacher and the student read the same noisy context, so a row seen again is a new lesson (core.data)
+    input_noise: float = Field(0.0, exclude_if=lambda v: v == 0)
 
     @model_validator(mode="after")
     def _on_policy(self):
@@ -321,6 +324,13 @@ class DistillConfig(KDConfig, KVMergeConfig, TrainConfig):
     def _temperature(cls, v):
         if not (math.isfinite(v) and v > 0):
             raise ValueError("must be a finite number > 0")
+        return v
+
+    @field_validator("input_noise")
+    @classmethod
+    def _input_noise(cls, v):
+        if not 0 <= v < 1:
+            raise ValueError("must be in [0, 1)")
         return v
 
 

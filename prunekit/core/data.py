@@ -315,6 +315,23 @@ def pack_sequences(samples: Sequence[dict], max_length: int) -> list[dict[str, l
     return packs
 
 
+def replace_tokens(batch: dict, fraction: float, generator: torch.Generator) -> dict:
+    """Input noise for distillation (`distill input_noise`): each supervised token of a collated batch is replaced,
+    with probability `fraction`, by one drawn from the batch's own supervised tokens. The labels keep the clean
+    tokens: what changes is the context every later position reads, for the teacher and the student alike, so a row
+    seen for the tenth time still asks for a function the student has not fitted yet ("function matching", Beyer et
+    al. 2022). Returns a new batch; prompts, padding and each sample's first token are left alone."""
+    supervised = batch["labels"] != IGNORE_INDEX
+    ids = batch["input_ids"]
+    hit = supervised & (torch.rand(ids.shape, generator=generator) < fraction)
+    if not fraction or not bool(hit.any()):
+        return batch
+    pool = ids[supervised]
+    noisy = ids.clone()
+    noisy[hit] = pool[torch.randint(len(pool), (int(hit.sum()),), generator=generator)]
+    return {**batch, "input_ids": noisy}
+
+
 def collate(batch: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a list of samples into ``[B, L]`` long tensors.
 

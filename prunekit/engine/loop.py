@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from prunekit import PrunekitError
+from prunekit.core.data import replace_tokens
 from prunekit.core.evaluate import TokenTotals
 from prunekit.core.samples import collate
 from prunekit.engine.manifest import write_manifest
@@ -195,13 +196,18 @@ def _train(model, objective, cfg, train_samples, val_samples, pad_id: int, repor
         check_finite(baseline, ("eval/loss",), 0)
 
     on_policy = getattr(objective, "on_policy", None)   # distill's on_policy rows (prunekit.engine.on_policy)
+    input_noise = getattr(cfg, "input_noise", 0.0)      # distill: the same noisy inputs for teacher and student
 
     def host_batches(step: int) -> list[dict]:
         micro = step_microbatches(train_samples, order, step, cfg.batch_size, cfg.grad_accum, rank, world_size)
         if on_policy is not None:  # queued after the previous step's update: the student answers with new weights
             micro = on_policy.fill(strategy.model, micro, step, rank, world_size, autocast, device,
                                    fixed_length=strategy.name != "ddp")
-        return [lm_batch(mb, pad_id) for mb in micro]
+        batches = [lm_batch(mb, pad_id) for mb in micro]
+        if input_noise:  # seeded by step and rank: a resumed run draws the noise an uninterrupted one would
+            noise = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1_009 + rank)
+            batches = [replace_tokens(b, input_noise, noise) for b in batches]
+        return batches
 
     def global_tokens(batches: list[dict]) -> float:
         """Supervised tokens of the whole global batch, counted on the host (over gloo): no GPU sync."""

@@ -447,3 +447,28 @@ def test_val_overlap_counts_shared_rows_and_questions():
            chat("new", "row"), {"text": "some prose."}]        # new; a train text row
     assert val_overlap(val, train) == (2, 2)
     assert val_overlap(val[2:3], train) == (0, 0)
+
+
+def test_replace_tokens_noises_only_supervised_inputs_from_the_batch_itself():
+    """distill input_noise: supervised input tokens are replaced at about the asked rate by tokens of the batch's
+    own supervised tokens; labels, prompts, padding and the mask stay; the same seed draws the same noise."""
+    from prunekit.core.data import IGNORE_INDEX, replace_tokens
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 1000, (8, 256), generator=g)
+    labels = ids.clone()
+    labels[:, :32] = IGNORE_INDEX          # a prompt
+    labels[:, 200:] = IGNORE_INDEX         # padding
+    ids[:, 200:] = 0
+    batch = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(256).repeat(8, 1)}
+    noisy = replace_tokens(batch, 0.25, torch.Generator().manual_seed(1))
+    changed = noisy["input_ids"] != ids
+    supervised = labels != IGNORE_INDEX
+    assert not changed[~supervised].any()                     # prompts and padding untouched
+    rate = changed.sum().item() / supervised.sum().item()
+    assert 0.2 < rate < 0.3                                   # ~25%, less the draws that hit the same token
+    assert set(noisy["input_ids"][changed].tolist()) <= set(ids[supervised].tolist())
+    assert torch.equal(noisy["labels"], labels) and noisy["position_ids"] is batch["position_ids"]
+    again = replace_tokens(batch, 0.25, torch.Generator().manual_seed(1))
+    assert torch.equal(again["input_ids"], noisy["input_ids"])
+    assert replace_tokens(batch, 0.0, torch.Generator().manual_seed(1)) is batch
+    assert torch.equal(batch["input_ids"], ids)               # the input batch is not modified

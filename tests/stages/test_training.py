@@ -233,3 +233,37 @@ def test_training_loop_on_images(stage, tiny_vlm_chat_dir, tmp_path):
     metrics = train(model, objective, cfg, train_samples, val_samples, pad_id,
                     LocalReporter(tmp_path / "runs" / "r", "r", cfg))
     assert metrics["train/tokens"] > 0 and math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["eval/loss"])
+
+
+def test_distill_input_noise_reaches_teacher_and_student_alike_and_only_in_training(tiny_chat_model_dir, chat_data,
+                                                                                    tmp_path):
+    """distill input_noise: with the student as its own teacher the first step's forward-KL is 0, so both read the
+    same noisy inputs; with another teacher the noise changes what that step learns; the step-0 eval is the clean
+    run's, and the setting names its own run."""
+    import shutil
+    from transformers import AutoModelForCausalLM
+    other = tmp_path / "other-teacher"
+    shutil.copytree(tiny_chat_model_dir, other)
+    model = AutoModelForCausalLM.from_pretrained(other)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(other)
+    runs = {}
+    for name, teacher, noise in (("self-noisy", tiny_chat_model_dir, 0.3), ("clean", other, 0.0),
+                                 ("noisy", other, 0.3)):
+        runs[name] = metrics_lines(training.distill(cfg_for(
+            "distill", tiny_chat_model_dir, chat_data, tmp_path, name, teacher=str(teacher), beta=0.0,
+            input_noise=noise, max_steps=1, batch_size=4, eval_interval=1, save_interval=1,
+            launcher="local")).run_dir)
+    assert abs(runs["self-noisy"][1]["train/loss"]) < 1e-5
+    assert runs["noisy"][0]["eval/loss"] == runs["clean"][0]["eval/loss"]
+    assert runs["noisy"][1]["train/loss"] != pytest.approx(runs["clean"][1]["train/loss"], rel=1e-3)
+    from prunekit.distributed.train import run_name
+    base = {"model": "m", "train": "t", "output_dir": "o", "teacher": "t"}
+    assert run_name("distill", load_config("distill", None, {**base, "input_noise": 0.1})) != \
+        run_name("distill", load_config("distill", None, base))
+    with pytest.raises(Exception, match="input_noise"):
+        cfg_for("distill", tiny_chat_model_dir, chat_data, tmp_path, "bad", teacher=str(tiny_chat_model_dir),
+                input_noise=1.0)

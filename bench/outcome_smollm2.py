@@ -171,10 +171,15 @@ def sizes(args) -> dict:
             "kv": {"samples": 4, "calibration_steps": 2}}
 
 
+DEFAULT_ROWS = 16384
+
+
 def report_path(args) -> Path:
     width = f"_width_ffn{args.width_ffn}" if args.width_ffn else ""
     extra = (f"_prose{args.prose_rows}" if args.prose_rows else "") + (f"_free{args.free_rows}" if args.free_rows
                                                                         else "")
+    extra += (f"_rows{args.rows}" if args.rows != DEFAULT_ROWS else "") + (
+        f"_noise{args.input_noise:g}" if args.input_noise else "")
     return RESULTS / f"outcome_smollm2{width}{extra}{'_smoke' if args.smoke else ''}.json"
 
 
@@ -203,7 +208,10 @@ def main(argv=None) -> int:
     ap.add_argument("--prepare", action="store_true", help="only write the data files to --data")
     ap.add_argument("--data", type=Path, default=None, help="data files (default OUT/data)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "outcome")
-    ap.add_argument("--rows", type=int, default=16384, help="teacher-sampled corpus rows")
+    ap.add_argument("--rows", type=int, default=DEFAULT_ROWS,
+                    help="teacher-sampled corpus rows (another count: report outcome_smollm2_rowsN.json)")
+    ap.add_argument("--input-noise", type=float, default=0.0, metavar="P",
+                    help="the distillation's input_noise (report outcome_smollm2_noiseP.json)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--prose-rows", type=int, default=0, metavar="N",
                     help="also N teacher continuations of general-train openings in the recovery mix (prose_prompts)")
@@ -258,7 +266,7 @@ def main(argv=None) -> int:
     original = str(resolve_model("smollm2"))
     # a resumed run must be the same run: what shapes the corpus and the pipeline is kept with the phase clock
     run_settings = {k: str(getattr(args, k)) for k in ("rows", "max_new_tokens", "prose_rows", "free_rows",
-                                                       "width_ffn", "plan", "corpus_from")}
+                                                       "width_ffn", "plan", "corpus_from", "input_noise")}
     state_file = out / "bench_state.json"
     earlier = json.loads(state_file.read_text()).get("settings") if state_file.is_file() else None
     if earlier is not None and earlier != run_settings:
@@ -314,6 +322,8 @@ def main(argv=None) -> int:
         recipe.update(model=original, train=str(recovery), val=str(data / "val.jsonl"),
                       eval_text=str(data / "general-eval.jsonl"), output_dir=str(out / "pipeline"))
         recipe["rounds"][0]["prune"]["plan"] = str(args.plan)
+        if args.input_noise:
+            recipe["stages"]["distill"]["input_noise"] = args.input_noise
         recipe["ray"]["use_gpu"] = args.gpu
         recipe["eval_samples"] = args.eval_samples
         if args.eval_text_samples:

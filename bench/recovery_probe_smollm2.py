@@ -28,6 +28,10 @@ val (as bench/outcome_smollm2.py does). Sets:
   data-size (start: that cut model) the recipe's distillation on the whole mix, on half of its rows and on a quarter
             (seeded samples): how much the result at a fixed step count depends on unique rows, with no generation
             -> bench/results/recovery_probe_smollm2_data_size.json
+  noise     (start: that cut model) on a quarter of the mix, so that `--steps 800` makes the recipe's ~14 passes over
+            its rows: the recipe's distillation, and with 10% / 20% of the supervised input tokens replaced by tokens
+            of the batch (distill input_noise: the teacher reads the same noisy inputs)
+            -> bench/results/recovery_probe_smollm2_noise.json
 `--start ffn` removes the parameters by width instead of depth before the cut: FFN 1536 -> 1024 channels in every
 layer (`prunekit width --ffn 1024`, 25.0% of the decoder-layer parameters, as bench/width_vs_depth_smollm2.py's ffn
 arm), scored on 256 rows of the recovery mix; its result file ends in _ffn.json.
@@ -66,13 +70,15 @@ SETS = {
     "loss": {"forward-kl": {}, "jsd-0.5": dict(beta=0.5), "forward-kl+ce0.2": dict(sft_alpha=0.2)},
     "calibration": {"teacher-forced": {}, "sequential": {"sequential_calibration": True}},
     "data-size": {"mix": {}, "mix-half": {"train": "mix/2"}, "mix-quarter": {"train": "mix/4"}},
+    "noise": {"quarter": {"train": "mix/4"}, "quarter-noise0.1": {"train": "mix/4", "input_noise": 0.1},
+              "quarter-noise0.2": {"train": "mix/4", "input_noise": 0.2}},
 }
 RESULT_FILES = {"kv": "recovery_probe_smollm2.json", "lr-batch": "recovery_probe_smollm2_lr_batch.json",
                 "on-policy": "recovery_probe_smollm2_on_policy.json", "recipe": "recovery_probe_smollm2_recipe.json",
                 "cut-order": "recovery_probe_smollm2_cut_order.json", "prose": "recovery_probe_smollm2_prose.json",
                 "calibration": "recovery_probe_smollm2_calibration.json",
                 "free-text": "recovery_probe_smollm2_free_text.json", "loss": "recovery_probe_smollm2_loss.json",
-                "data-size": "recovery_probe_smollm2_data_size.json"}
+                "data-size": "recovery_probe_smollm2_data_size.json", "noise": "recovery_probe_smollm2_noise.json"}
 
 
 def main(argv=None) -> int:
@@ -135,7 +141,7 @@ def main(argv=None) -> int:
             **how)
         train_files[f"mix+{kind}"] = args.out / f"recovery-{kind}.jsonl"
         train_files[f"mix+{kind}"].write_bytes(recovery.read_bytes() + extra_corpus.read_bytes())
-    if args.variant_set == "data-size":   # seeded row samples of the mix: the same kinds of rows, fewer of them
+    if args.variant_set in ("data-size", "noise"):   # seeded row samples of the mix: the same kinds, fewer rows
         import random
         lines = [line for line in recovery.read_text().split("\n") if line.strip()]
         for k in (2, 4):

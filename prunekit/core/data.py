@@ -321,10 +321,12 @@ def replace_tokens(batch: dict, fraction: float, generator: torch.Generator) -> 
     tokens: what changes is the context every later position reads, for the teacher and the student alike, so a row
     seen for the tenth time still asks for a function the student has not fitted yet ("function matching", Beyer et
     al. 2022). Returns a new batch; prompts, padding and each sample's first token are left alone."""
+    if fraction <= 0:
+        return batch
     supervised = batch["labels"] != IGNORE_INDEX
     ids = batch["input_ids"]
     hit = supervised & (torch.rand(ids.shape, generator=generator) < fraction)
-    if not fraction or not bool(hit.any()):
+    if not bool(hit.any()):
         return batch
     pool = ids[supervised]
     noisy = ids.clone()

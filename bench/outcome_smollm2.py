@@ -171,7 +171,7 @@ def sizes(args) -> dict:
             "kv": {"samples": 4, "calibration_steps": 2}}
 
 
-DEFAULT_ROWS = 16384
+DEFAULT_ROWS = 32768
 
 
 def report_path(args) -> Path:
@@ -213,6 +213,8 @@ def main(argv=None) -> int:
     ap.add_argument("--input-noise", type=float, default=0.0, metavar="P",
                     help="the distillation's input_noise (report outcome_smollm2_noiseP.json)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--gen-batch", type=int, default=None, metavar="B",
+                    help="rows per teacher generation batch (default: `data generate`'s)")
     ap.add_argument("--prose-rows", type=int, default=0, metavar="N",
                     help="also N teacher continuations of general-train openings in the recovery mix (prose_prompts)")
     ap.add_argument("--free-rows", type=int, default=0, metavar="N",
@@ -266,7 +268,8 @@ def main(argv=None) -> int:
     original = str(resolve_model("smollm2"))
     # a resumed run must be the same run: what shapes the corpus and the pipeline is kept with the phase clock
     run_settings = {k: str(getattr(args, k)) for k in ("rows", "max_new_tokens", "prose_rows", "free_rows",
-                                                       "width_ffn", "plan", "corpus_from", "input_noise")}
+                                                       "width_ffn", "plan", "corpus_from", "input_noise",
+                                                       "gen_batch")}
     state_file = out / "bench_state.json"
     earlier = json.loads(state_file.read_text()).get("settings") if state_file.is_file() else None
     if earlier is not None and earlier != run_settings:
@@ -309,7 +312,8 @@ def main(argv=None) -> int:
         from prunekit.rl.corpus import generate_corpus
         return generate_corpus("smollm2", to, prompts=prompts, max_new_tokens=args.max_new_tokens, temperature=1.0,
                                top_p=0.95, backend="transformers", device="cuda" if args.gpu else "cpu",
-                               dtype="bfloat16" if args.gpu else "float32", progress=True, seed=seed, **target)
+                               dtype="bfloat16" if args.gpu else "float32", progress=True, seed=seed,
+                               batch_size=args.gen_batch, **target)
 
     def generate():
         results["corpus"] = sample(data / "chat-train.jsonl", corpus, rows=args.rows, seed_prompts=True)

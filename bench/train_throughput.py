@@ -38,6 +38,11 @@ STUDENT = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, nu
                num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096)
 TEACHER = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096)
+# --shape outcome: recipes/outcome.yaml's distillation (SmolLM2-135M teacher; the student without 8 layers, 1 KV head)
+OUTCOME_TEACHER = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                       num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
+                       model_type="llama")
+OUTCOME_STUDENT = {**OUTCOME_TEACHER, "num_hidden_layers": 22, "num_key_value_heads": 1}
 # --smoke: the same code paths on CPU with tiny shapes
 SMOKE_STUDENT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True, max_position_embeddings=256)
@@ -48,7 +53,9 @@ TUNED = "hf_trainer_tuned_1gpu"
 
 
 def shapes(args) -> tuple[dict, dict]:
-    return (SMOKE_STUDENT, SMOKE_TEACHER) if args.smoke else (STUDENT, TEACHER)
+    if args.smoke:
+        return SMOKE_STUDENT, SMOKE_TEACHER
+    return (OUTCOME_STUDENT, OUTCOME_TEACHER) if args.shape == "outcome" else (STUDENT, TEACHER)
 
 
 def bench_device(args) -> torch.device:
@@ -70,12 +77,15 @@ def mfu(tokens_per_s: float, flops: float, gpus: int, device) -> float | None:
 
 
 def build(shape: dict, device):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    config = Qwen2Config(**shape)
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    shape = dict(shape)
+    config_class, model_class = ((LlamaConfig, LlamaForCausalLM) if shape.pop("model_type", "qwen2") == "llama"
+                                 else (Qwen2Config, Qwen2ForCausalLM))
+    config = config_class(**shape)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device):
-        return Qwen2ForCausalLM(config)
+        return model_class(config)
 
 
 def flops_per_token(model, seq: int) -> float:
@@ -108,10 +118,12 @@ def run_prunekit(args, distill: bool = False) -> dict:
     if distill:
         teacher_device = torch.device("cuda", args.teacher_gpu) if args.teacher_gpu is not None else device
         teacher = build(teacher_shape, teacher_device).to(torch.bfloat16)
-        if args.compile:
+        if args.compile and args.teacher_compile == "whole":   # one compiled region per forward, not one per layer
+            teacher.model.compile()
+        elif args.compile:
             from prunekit.engine.loop import compile_layers
             compile_layers(teacher)
-        objective = DistillObjective(teacher, beta=0.5, chunk_size=args.chunk)
+        objective = DistillObjective(teacher, beta=args.beta, chunk_size=args.chunk)
     tmp = tempfile.mkdtemp(prefix="bench-train-")
     stage = "distill" if distill else "sft"
     cfg = load_config(stage, None, {
@@ -310,6 +322,12 @@ def main():
     p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--compile", action="store_true")
     p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"])
+    p.add_argument("--shape", default="qwen0.5b", choices=["qwen0.5b", "outcome"],
+                   help="outcome: recipes/outcome.yaml's SmolLM2 student and teacher (use with --mode distill "
+                        "--batch 32 --seq 512 --beta 0)")
+    p.add_argument("--teacher-compile", default="layers", choices=["layers", "whole"],
+                   help="distill with --compile: the teacher compiled layer by layer (the engine's way) or whole")
+    p.add_argument("--beta", type=float, default=0.5, help="distill: the loss's beta (0: forward KL)")
     p.add_argument("--teacher-gpu", type=int, default=None, help="distill: put the teacher on this GPU index")
     p.add_argument("--only", default="", help="--all: comma-separated subset of the runs")
     p.add_argument("--profile", action="store_true", help="print a kernel-time table of 3 steady-state steps")
@@ -324,6 +342,8 @@ def main():
             setattr(args, key, value)
     args.out = args.out or f"bench/results/train_throughput{'_smoke' if args.smoke else ''}.json"
     if args.all:
+        if args.shape != "qwen0.5b":
+            p.error("--all: the committed rows are the Qwen2.5-0.5B shape; run --shape outcome with --mode")
         return run_all(args)
     if not args.mode:
         p.error("give --mode or --all")

@@ -133,7 +133,7 @@ def test_pipeline_recipe_with_its_commented_finish_stages_is_valid(tmp_path):
     recipe = tmp_path / "pipeline.yaml"
     recipe.write_text(enabled)
     _, finish = pl.check_recipe(load_config("pipeline", recipe), str(recipe))
-    assert [s for s, _ in finish] == ["kv_cut", "sft", "lora", "merge_lora", "rl"]
+    assert [s for s, _ in finish] == ["kv_cut", "distill", "lora", "merge_lora", "rl"]
     assert finish[-1][1]["rewards"] == [{"fn": "exact_match"}]
     recipe.write_text(enabled.replace("{fn: exact_match}", "{name: exact_match}"))  # the example as it was
     with pytest.raises(PrunekitError, match=r"finish\[4\]\.rl\.rewards\.0\.fn: Field required"):

@@ -178,7 +178,7 @@ def report_path(args) -> Path:
     width = f"_width_ffn{args.width_ffn}" if args.width_ffn else ""
     extra = (f"_prose{args.prose_rows}" if args.prose_rows else "") + (f"_free{args.free_rows}" if args.free_rows
                                                                         else "")
-    extra += (f"_rows{args.rows}" if args.rows != DEFAULT_ROWS else "") + (
+    extra += (f"_rows{args.rows}" if args.rows != DEFAULT_ROWS and not args.smoke else "") + (
         f"_noise{args.input_noise:g}" if args.input_noise else "")
     return RESULTS / f"outcome_smollm2{width}{extra}{'_smoke' if args.smoke else ''}.json"
 

@@ -13,7 +13,8 @@ val (as bench/outcome_smollm2.py does). Sets:
   recipe    (start: that cut model) the recipe's distillation alone -> bench/results/recovery_probe_smollm2_recipe.json
   cut-order (start: the pruned model) the same cut and the same total steps, made first (the recipe) or after half
             of the steps on the 3-KV-head model (distil, cut the healed model, distil the rest: each half its own
-            warm-up and cosine, as two pipeline stages) -> bench/results/recovery_probe_smollm2_cut_order.json
+            warm-up and cosine, as two pipeline stages), and no cut at all (3 KV heads: what the cut costs at that
+            budget) -> bench/results/recovery_probe_smollm2_cut_order.json
   calibration (start: the pruned model) the recipe's calibrated cut fitted on the original's layer inputs (teacher
             forcing, the default) or on the cut model's own towards the original's outputs (`calibration_sequential`),
             then the recipe's distillation -> bench/results/recovery_probe_smollm2_calibration.json
@@ -40,6 +41,9 @@ arm), scored on 256 rows of the recovery mix; its result file ends in _ffn.json.
     python bench/recovery_probe_smollm2.py --gpu --data /root/pkdata --corpus OUTCOME_OUT/teacher.jsonl \
         --set lr-batch --steps 400
     python bench/recovery_probe_smollm2.py --smoke --data DATA --corpus CORPUS --set on-policy   # CPU code path
+A run resumes (the same command again, e.g. after a call's time limit): the pruned and cut models and each
+finished variant's numbers are kept in --out (`probe_state.json`), and a variant's distillation resumes from its
+last checkpoint.
 OUTCOME_OUT/teacher.jsonl: the teacher corpus a bench/outcome_smollm2.py run generated from the same --data (a corpus
 sampled from another split's questions is refused: the chat val must not be asked in training).
 """
@@ -64,7 +68,7 @@ SETS = {
     "on-policy": {"off-policy": {},
                   "on-policy-0.25": dict(on_policy={"fraction": 0.25, "max_new_tokens": 128, "every": 40})},
     "recipe": {"off-policy": {}},
-    "cut-order": {"cut-first": {}, "cut-halfway": {"cut_after": 0.5}},
+    "cut-order": {"cut-first": {}, "cut-halfway": {"cut_after": 0.5}, "no-cut": {"no_cut": True}},
     "prose": {"mix": {}, "mix+prose": {"train": "mix+prose"}},
     "free-text": {"mix": {}, "mix+free": {"train": "mix+free"}},
     "loss": {"forward-kl": {}, "jsd-0.5": dict(beta=0.5), "forward-kl+ce0.2": dict(sft_alpha=0.2)},
@@ -109,15 +113,30 @@ def main(argv=None) -> int:
                                      eval_text_samples=4 if args.smoke else None)
     if args.start == "ffn" and args.variant_set == "kv":
         ap.error("--start ffn: the kv set starts from the depth-pruned model; pick another --set")
+    state_file = args.out / "probe_state.json"   # what earlier calls of this command finished
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+
+    def remember(key: str, value) -> None:
+        state[key] = value
+        tmp = state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(state_file)
+
+    source = f"{args.corpus.resolve()} ({args.corpus.stat().st_size} bytes)"
+    if state.setdefault("corpus", source) != source:
+        ap.error(f"--out {args.out} holds a probe on another corpus ({state['corpus']}): give another --out")
     pruned = args.out / f"pruned-{args.start}"
-    if args.start == "depth":
-        prune(str(resolve_model("smollm2")), pruned, drop_text=PLAN_FIRST_8, overwrite=True)
-    else:
-        from prunekit.stages.width import width
-        width(str(resolve_model("smollm2")), pruned, recovery, ffn=1024, samples=4 if args.smoke else 256,
-              max_length=256, batch_size=16, device="cuda" if args.gpu else "cpu", overwrite=True, plot=False)
-    results = {"original": bench.measure(str(resolve_model("smollm2")), args.data, settings),
-               "pruned": bench.measure(str(pruned), args.data, settings)}
+    if f"pruned-{args.start}" not in state:
+        if args.start == "depth":
+            prune(str(resolve_model("smollm2")), pruned, drop_text=PLAN_FIRST_8, overwrite=True)
+        else:
+            from prunekit.stages.width import width
+            width(str(resolve_model("smollm2")), pruned, recovery, ffn=1024, samples=4 if args.smoke else 256,
+                  max_length=256, batch_size=16, device="cuda" if args.gpu else "cpu", overwrite=True, plot=False)
+        remember(f"pruned-{args.start}", {"original": bench.measure(str(resolve_model("smollm2")), args.data,
+                                                                    settings),
+                                          "pruned": bench.measure(str(pruned), args.data, settings)})
+    results = dict(state[f"pruned-{args.start}"])
 
     def calibrated_cut(model: Path | str, out: Path, sequential: bool = False) -> Path:
         """The recipe's cut: KV heads 3 -> 1 by the mean, calibrated (100 steps per layer, 256 rows)."""
@@ -152,15 +171,23 @@ def main(argv=None) -> int:
         extra_stats["mix_rows"] = len(lines)
     start_model = pruned
     if args.variant_set != "kv":   # the other sets start from the recipe's cut model
-        start_model = calibrated_cut(pruned, args.out / "cut")
-        results["cut"] = bench.measure(str(start_model), args.data, settings)
+        start_model = args.out / f"cut-{args.start}"
+        if f"cut-{args.start}" not in state:
+            calibrated_cut(pruned, start_model)
+            remember(f"cut-{args.start}", bench.measure(str(start_model), args.data, settings))
+        results["cut"] = state[f"cut-{args.start}"]
     for name, extra in SETS[args.variant_set].items():
+        done = f"{args.variant_set}/{args.start}/{name}/{args.steps}"
+        if done in state:
+            results[name] = state[done]
+            print(f"{name}: done earlier", flush=True)
+            continue
         if args.smoke and "on_policy" in extra:   # the smoke's batch of 2 and checkpoint every 2 steps
             extra = {**extra, "on_policy": {**extra["on_policy"], "fraction": 0.5, "every": 1, "max_new_tokens": 8}}
         start, record = time.time(), {}
         extra = dict(extra)
         train = train_files[extra.pop("train", "mix")]
-        variant_start = start_model
+        variant_start = pruned if extra.pop("no_cut", False) else start_model
         if extra.pop("sequential_calibration", False):   # its own cut, fitted on the cut model's own inputs
             variant_start = calibrated_cut(pruned, args.out / f"{name}-cut", sequential=True)
             record = {"sequential_calibration": True, "after_cut": bench.measure(str(variant_start), args.data,
@@ -181,6 +208,7 @@ def main(argv=None) -> int:
         results[name] = {"steps": args.steps, "train": train.name, **extra, **record,
                          **bench.measure(model, args.data, settings),
                          "seconds": round(time.time() - start, 1)}
+        remember(done, results[name])
         # each variant's numbers in the log too, so a run whose report does not come back still tells
         o, v = results["original"], results[name]
         sets = (("eval_text", "general text"), ("eval", "chat val"), ("far_text", "far text"))

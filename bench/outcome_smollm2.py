@@ -179,7 +179,8 @@ def report_path(args) -> Path:
     extra = (f"_prose{args.prose_rows}" if args.prose_rows else "") + (f"_free{args.free_rows}" if args.free_rows
                                                                         else "")
     extra += (f"_rows{args.rows}" if args.rows != DEFAULT_ROWS and not args.smoke else "") + (
-        f"_noise{args.input_noise:g}" if args.input_noise else "")
+        f"_noise{args.input_noise:g}" if args.input_noise else "") + (
+        f"_hidden{args.hidden_weight:g}" if args.hidden_weight else "")
     return RESULTS / f"outcome_smollm2{width}{extra}{'_smoke' if args.smoke else ''}.json"
 
 
@@ -197,7 +198,7 @@ def reuse_corpus(report_json: Path, source: Path, corpus: Path, results: dict) -
     tmp.write_bytes(raw)
     os.replace(tmp, corpus)
     results["corpus"] = earlier["corpus"]
-    results["corpus_from"] = {"report": str(report_json), "file": source.name, "date": earlier["date"],
+    results["corpus_from"] = {"report": str(report_json), "file": source.name, "date": earlier.get("date"),
                               "command": earlier["command"], "minutes": earlier["minutes"]["corpus"]}
 
 
@@ -212,6 +213,8 @@ def main(argv=None) -> int:
                     help="teacher-sampled corpus rows (another count: report outcome_smollm2_rowsN.json)")
     ap.add_argument("--input-noise", type=float, default=0.0, metavar="P",
                     help="the distillation's input_noise (report outcome_smollm2_noiseP.json)")
+    ap.add_argument("--hidden-weight", type=float, default=0.0, metavar="W",
+                    help="the distillation's hidden_weight (report outcome_smollm2_hiddenW.json)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--gen-batch", type=int, default=None, metavar="B",
                     help="rows per teacher generation batch (default: `data generate`'s)")
@@ -269,7 +272,7 @@ def main(argv=None) -> int:
     # a resumed run must be the same run: what shapes the corpus and the pipeline is kept with the phase clock
     run_settings = {k: str(getattr(args, k)) for k in ("rows", "max_new_tokens", "prose_rows", "free_rows",
                                                        "width_ffn", "plan", "corpus_from", "input_noise",
-                                                       "gen_batch")}
+                                                       "gen_batch", "hidden_weight")}
     state_file = out / "bench_state.json"
     earlier = json.loads(state_file.read_text()).get("settings") if state_file.is_file() else None
     if earlier is not None and earlier != run_settings:
@@ -281,6 +284,7 @@ def main(argv=None) -> int:
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
 
     def save():
+        results.setdefault("date", time.strftime("%Y-%m-%d"))   # a corpus-only run's results stand as --corpus-from's
         results["minutes"] = {k: round(v / 60, 2) for k, v in clock.data["phases"].items()}
         results["calls"] = clock.data["calls"]
         tmp = results_path.with_suffix(".tmp")
@@ -328,6 +332,8 @@ def main(argv=None) -> int:
         recipe["rounds"][0]["prune"]["plan"] = str(args.plan)
         if args.input_noise:
             recipe["stages"]["distill"]["input_noise"] = args.input_noise
+        if args.hidden_weight:
+            recipe["stages"]["distill"]["hidden_weight"] = args.hidden_weight
         recipe["ray"]["use_gpu"] = args.gpu
         recipe["eval_samples"] = args.eval_samples
         if args.eval_text_samples:

@@ -33,6 +33,9 @@ val (as bench/outcome_smollm2.py does). Sets:
             its rows: the recipe's distillation, and with 10% / 20% of the supervised input tokens replaced by tokens
             of the batch (distill input_noise: the teacher reads the same noisy inputs)
             -> bench/results/recovery_probe_smollm2_noise.json
+  hidden    (start: that cut model) the recipe's forward KL alone, and with 0.1 / 1.0 of the hidden-state loss
+            (distill hidden_weight: each student layer's output against the teacher's hidden state where it hands
+            on, by the prune steps in its lineage) -> bench/results/recovery_probe_smollm2_hidden.json
 `--start ffn` removes the parameters by width instead of depth before the cut: FFN 1536 -> 1024 channels in every
 layer (`prunekit width --ffn 1024`, 25.0% of the decoder-layer parameters, as bench/width_vs_depth_smollm2.py's ffn
 arm), scored on 256 rows of the recovery mix; its result file ends in _ffn.json.
@@ -74,6 +77,7 @@ SETS = {
     "loss": {"forward-kl": {}, "jsd-0.5": dict(beta=0.5), "forward-kl+ce0.2": dict(sft_alpha=0.2)},
     "calibration": {"teacher-forced": {}, "sequential": {"sequential_calibration": True}},
     "data-size": {"mix": {}, "mix-half": {"train": "mix/2"}, "mix-quarter": {"train": "mix/4"}},
+    "hidden": {"forward-kl": {}, "hidden-0.1": dict(hidden_weight=0.1), "hidden-1": dict(hidden_weight=1.0)},
     "noise": {"quarter": {"train": "mix/4"}, "quarter-noise0.1": {"train": "mix/4", "input_noise": 0.1},
               "quarter-noise0.2": {"train": "mix/4", "input_noise": 0.2}},
 }
@@ -82,14 +86,15 @@ RESULT_FILES = {"kv": "recovery_probe_smollm2.json", "lr-batch": "recovery_probe
                 "cut-order": "recovery_probe_smollm2_cut_order.json", "prose": "recovery_probe_smollm2_prose.json",
                 "calibration": "recovery_probe_smollm2_calibration.json",
                 "free-text": "recovery_probe_smollm2_free_text.json", "loss": "recovery_probe_smollm2_loss.json",
-                "data-size": "recovery_probe_smollm2_data_size.json", "noise": "recovery_probe_smollm2_noise.json"}
+                "data-size": "recovery_probe_smollm2_data_size.json", "noise": "recovery_probe_smollm2_noise.json",
+                "hidden": "recovery_probe_smollm2_hidden.json"}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true")
-    ap.add_argument("--data", type=Path, required=True, help="the data files of bench/outcome_smollm2.py --prepare")
-    ap.add_argument("--corpus", type=Path, required=True, help="a teacher corpus (.jsonl or .jsonl.gz)")
+    ap.add_argument("--data", type=Path, help="the data files of bench/outcome_smollm2.py --prepare")
+    ap.add_argument("--corpus", type=Path, help="a teacher corpus (.jsonl or .jsonl.gz)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "recovery_probe")
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--set", choices=list(SETS), default="kv", dest="variant_set")
@@ -98,9 +103,25 @@ def main(argv=None) -> int:
     ap.add_argument("--prose-rows", type=int, default=4096, help="--set prose: teacher continuations to generate")
     ap.add_argument("--free-rows", type=int, default=4096, help="--set free-text: unconditioned samples to generate")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: a check of the code path (result in --out)")
+    ap.add_argument("--report-only", type=Path, default=None, metavar="STATE",
+                    help="write the set's report from a run's probe_state.json (e.g. one a GPU box sent back)")
+    ap.add_argument("--machine", default=None, help="with --report-only: the machine the run was on")
+    ap.add_argument("--command", default=None, help="with --report-only: the command that ran (default: the state's)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.steps, args.prose_rows, args.free_rows = 2, 8, 8
+    if args.report_only:
+        state = json.loads(args.report_only.read_text())
+        results = {**state[f"pruned-{args.start}"], **({"cut": state[f"cut-{args.start}"]}
+                                                       if f"cut-{args.start}" in state else {})}
+        results.update({name: state[key] for name in SETS[args.variant_set]
+                        if (key := f"{args.variant_set}/{args.start}/{name}/{args.steps}") in state})
+        header = {**state.get(f"extra_stats/{args.variant_set}", {}),
+                  "command": args.command or state.get("command"), "machine": args.machine}
+        write_report(args, results, header, [n for n in SETS[args.variant_set] if n not in results])
+        return 0
+    if args.data is None or args.corpus is None:
+        ap.error("--data and --corpus are needed (all but --report-only)")
     sys.path.insert(0, str(ROOT))
     from bench import outcome_smollm2 as bench
     from prunekit.core.loading import resolve_model
@@ -122,6 +143,10 @@ def main(argv=None) -> int:
         tmp.write_text(json.dumps(state, indent=1))
         tmp.replace(state_file)
 
+    import torch
+    machine = torch.cuda.get_device_name(0) if args.gpu else "cpu"
+    command = "python bench/recovery_probe_smollm2.py " + " ".join(str(a) for a in (argv if argv is not None
+                                                                                   else sys.argv[1:]))
     source = f"{args.corpus.resolve()} ({args.corpus.stat().st_size} bytes)"
     if state.setdefault("corpus", source) != source:
         ap.error(f"--out {args.out} holds a probe on another corpus ({state['corpus']}): give another --out")
@@ -169,6 +194,7 @@ def main(argv=None) -> int:
             train_files[f"mix/{k}"].write_text("".join(line + "\n" for line in rows))
             extra_stats[f"mix/{k}_rows"] = len(rows)
         extra_stats["mix_rows"] = len(lines)
+    remember(f"extra_stats/{args.variant_set}", extra_stats)
     start_model = pruned
     if args.variant_set != "kv":   # the other sets start from the recipe's cut model
         start_model = args.out / f"cut-{args.start}"
@@ -209,18 +235,22 @@ def main(argv=None) -> int:
                          **bench.measure(model, args.data, settings),
                          "seconds": round(time.time() - start, 1)}
         remember(done, results[name])
+        write_report(args, results, {**extra_stats, "command": command, "machine": machine},
+                     [n for n in SETS[args.variant_set] if n not in results])
         # each variant's numbers in the log too, so a run whose report does not come back still tells
         o, v = results["original"], results[name]
         sets = (("eval_text", "general text"), ("eval", "chat val"), ("far_text", "far text"))
         print(f"{name}: " + ", ".join(f"{label} token_acc {v[k]['token_acc']:.4f} "
                                       f"({v[k]['token_acc'] / o[k]['token_acc']:.1%} of the original)"
                                       for k, label in sets if k in v), flush=True)
+    write_report(args, results, {**extra_stats, "command": command, "machine": machine}, [])
+    return 0
+
+
+def write_report(args, results: dict, header: dict, not_run: list[str]) -> Path:
+    """The set's report: every variant measured so far against the original (`not_run` names the rest)."""
     o = results["original"]
-    import torch
-    report = {"date": time.strftime("%Y-%m-%d"),
-              "machine": torch.cuda.get_device_name(0) if args.gpu else "cpu",
-              "command": "python bench/recovery_probe_smollm2.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              **extra_stats,
+    report = {"date": time.strftime("%Y-%m-%d"), **header, **({"not_run": not_run} if not_run else {}),
               "variants": {k: {"general_text_vs_original": v["eval_text"]["token_acc"] / o["eval_text"]["token_acc"],
                                "chat_val_vs_original": v["eval"]["token_acc"] / o["eval"]["token_acc"],
                                **({"far_text_vs_original": v["far_text"]["token_acc"] / o["far_text"]["token_acc"]}
@@ -230,7 +260,7 @@ def main(argv=None) -> int:
     path = (args.out if args.smoke else ROOT / "bench" / "results") / name
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {path}")
-    return 0
+    return path
 
 
 if __name__ == "__main__":

@@ -296,6 +296,12 @@ class DistillConfig(KDConfig, KVMergeConfig, TrainConfig):
     # the share of supervised input tokens replaced, in every training batch, by tokens drawn from the batch: the
     # teacher and the student read the same noisy context, so a row seen again is a new lesson (core.data)
     input_noise: float = Field(0.0, exclude_if=lambda v: v == 0)
+    # intermediate-layer distillation: the weight of the hidden-state loss (core.losses.hidden_state_loss) beside
+    # the KD loss. Each student layer's output is matched to the teacher's hidden state where the student hands on
+    # (the input of the teacher layer its next layer was), read from the prune steps in the student's lineage;
+    # `hidden_targets` gives the teacher layer whose output each student layer matches instead
+    hidden_weight: float = Field(0.0, exclude_if=lambda v: v == 0)
+    hidden_targets: list[int] | None = Field(None, exclude_if=lambda v: v is None)
 
     @model_validator(mode="after")
     def _on_policy(self):
@@ -324,6 +330,13 @@ class DistillConfig(KDConfig, KVMergeConfig, TrainConfig):
     def _temperature(cls, v):
         if not (math.isfinite(v) and v > 0):
             raise ValueError("must be a finite number > 0")
+        return v
+
+    @field_validator("hidden_weight")
+    @classmethod
+    def _hidden_weight(cls, v):
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError("must be a finite number >= 0")
         return v
 
     @field_validator("input_noise")

@@ -68,11 +68,11 @@ def minimal(stage: str) -> dict:
 
 # test-only fault injection left the schema (PRUNEKIT_TEST_* environment variables, engine/reporting.py)
 REMOVED = {"test_crash_at_step", "test_fail_candidates"}
-# added since: parallel (moved out of ray; run names hash the old layout), merge_kv_*, on_policy, input_noise (out of
-# dumps at their defaults)
+# added since: parallel (moved out of ray; run names hash the old layout), merge_kv_*, on_policy, input_noise,
+# hidden_weight, hidden_targets (out of dumps at their defaults)
 ADDED = {stage: {"parallel"} for stage in KEYS}
 ADDED["sft"] |= {"merge_kv_heads", "merge_kv_ramp"}
-ADDED["distill"] |= {"merge_kv_heads", "merge_kv_ramp", "on_policy", "input_noise"}
+ADDED["distill"] |= {"merge_kv_heads", "merge_kv_ramp", "on_policy", "input_noise", "hidden_weight", "hidden_targets"}
 
 
 @pytest.mark.parametrize("stage", sorted(KEYS))

@@ -226,6 +226,25 @@ def read_provenance(model_dir: Path) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
+def layer_origins(model_dir: Path, ancestor_dir: Path, ancestor_layers: int) -> list[int] | None:
+    """Which of `ancestor_dir`'s text layers each text layer of `model_dir` was, by the prune steps in the lineage
+    (prunekit.json) since the step made from the ancestor; None when the lineage does not lead back to it."""
+    record = read_provenance(model_dir)
+    if not record:
+        return None
+    steps = record.get("history", []) + [{k: v for k, v in record.items() if k != "history"}]
+    ancestor = str(Path(ancestor_dir).expanduser().resolve())
+    starts = [i for i, step in enumerate(steps) if step.get("parent") == ancestor]
+    if not starts:
+        return None
+    kept = list(range(ancestor_layers))
+    for step in steps[starts[-1]:]:   # the latest step made from the ancestor: what came before it is not its
+        if step.get("operation") == "prune":
+            removed = set(step.get("removed", {}).get("text_layers", []))
+            kept = [layer for position, layer in enumerate(kept) if position not in removed]
+    return kept
+
+
 def write_provenance(out_dir: Path, record: dict, parent_dir: Path | None = None) -> dict:
     """Write prunekit.json: this step's record plus the parent's history, so lineage survives every stage."""
     parent = record.get("parent")

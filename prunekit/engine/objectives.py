@@ -9,8 +9,9 @@ import torch
 
 from prunekit import PrunekitError
 from prunekit.core.data import packed_attention_mask
-from prunekit.core.families import backbone_and_head
-from prunekit.core.losses import aggregate, chunked_causal_lm_loss, chunked_generalized_jsd_loss, get_policy_loss
+from prunekit.core.families import backbone_and_head, family_of
+from prunekit.core.losses import (aggregate, chunked_causal_lm_loss, chunked_generalized_jsd_loss, get_policy_loss,
+                                  hidden_state_loss)
 
 
 def compute_dtype(model) -> torch.dtype:
@@ -47,23 +48,46 @@ class SFTObjective:
 
 class DistillObjective:
     """Generalized JSD between a frozen teacher and the student over assistant tokens, plus `sft_alpha` * CE,
-    from both models' final hidden states: neither model's full B*S*V logits are ever built."""
+    from both models' final hidden states: neither model's full B*S*V logits are ever built. With `hidden_weight`,
+    plus that much of the hidden-state loss: student text layer i's output against the teacher's layer
+    `hidden_targets[i]` output (forward hooks on both models' layers keep them for the step)."""
 
     def __init__(self, teacher, beta: float = 0.5, temperature: float = 1.0, top_k: int | None = None,
-                 sft_alpha: float = 0.0, chunk_size: int = 1024):
+                 sft_alpha: float = 0.0, chunk_size: int = 1024, hidden_weight: float = 0.0,
+                 hidden_targets: list[int] | None = None):
         self.teacher = teacher.eval().requires_grad_(False)
         self.beta, self.temperature, self.top_k = beta, temperature, top_k
         self.sft_alpha, self.chunk_size = sft_alpha, chunk_size
+        self.hidden_weight, self.hidden_targets = hidden_weight, hidden_targets
+        if hidden_weight and hidden_targets is None:
+            raise PrunekitError("hidden_weight needs hidden_targets: the teacher layer each student layer matches")
+        self._teacher_layers: dict[int, torch.Tensor] = {}   # written by the hooks during the teacher's forward
+        self._student_layers: dict[int, torch.Tensor] = {}
+        self._watched = None
+        if hidden_weight:
+            _keep_layer_outputs(self.teacher, self._teacher_layers, set(hidden_targets))
         self._teacher_head_copy = None
         self._ahead: list = []  # (input_ids shape, teacher hidden) queued for the coming training batches
 
+    def watch(self, student) -> None:
+        """Hook the student's text layers (before they are compiled, so the hooks are traced with them)."""
+        if self.hidden_weight and self._watched is not student:
+            _keep_layer_outputs(student, self._student_layers, set(range(len(self.hidden_targets))))
+            self._watched = student
+
     def _teacher_hidden(self, batch: dict):
+        """The teacher's final hidden states, and with hidden_weight its layer outputs in `hidden_targets` order."""
         teacher_backbone, teacher_head = backbone_and_head(self.teacher)
         device = teacher_head.weight.device
         with torch.no_grad():
             inputs = {k: (v.pin_memory() if v.device.type == "cpu" and device.type == "cuda" else v).to(
                 device, non_blocking=True) for k, v in model_inputs(batch, compute_dtype(self.teacher)).items()}
-            return teacher_backbone(**inputs, use_cache=False).last_hidden_state
+            last = teacher_backbone(**inputs, use_cache=False).last_hidden_state
+        if not self.hidden_weight:
+            return last, None
+        layers = [self._teacher_layers[t] for t in self.hidden_targets]
+        self._teacher_layers.clear()
+        return last, layers
 
     def prefetch(self, host_batch: dict, student_device) -> None:
         """Queue the teacher's forward for the next training batch (still on the host) now. With the teacher on
@@ -76,25 +100,47 @@ class DistillObjective:
         inputs = model_inputs(batch, compute_dtype(model))
         _, teacher_head = backbone_and_head(self.teacher)
         teacher_device = teacher_head.weight.device
-        teacher_hidden = None
+        teacher = None
         if model.training and self._ahead:  # training batches come in the order they were prefetched
-            shape, teacher_hidden = self._ahead.pop(0)
+            shape, teacher = self._ahead.pop(0)
             if shape != tuple(batch["input_ids"].shape):
-                self._ahead, teacher_hidden = [], None
-        if teacher_hidden is None:  # queued before the student's forward: on its own GPU the two still overlap
-            teacher_hidden = self._teacher_hidden(batch)
+                self._ahead, teacher = [], None
+        if teacher is None:  # queued before the student's forward: on its own GPU the two still overlap
+            teacher = self._teacher_hidden(batch)
+        teacher_hidden, teacher_layers = teacher
+        self.watch(model)
         backbone, head = backbone_and_head(model)
         hidden = backbone(**inputs, use_cache=False).last_hidden_state
         teacher_weight = teacher_head.weight
         if teacher_device != hidden.device:
             teacher_hidden = teacher_hidden.to(hidden.device, non_blocking=True)
+            teacher_layers = teacher_layers and [t.to(hidden.device, non_blocking=True) for t in teacher_layers]
             if self._teacher_head_copy is None:  # the KD loss multiplies by the teacher's head on the student's GPU
                 self._teacher_head_copy = teacher_weight.detach().to(hidden.device)
             teacher_weight = self._teacher_head_copy
         loss, kd_sum, ce_sum, n_tokens, n_correct = chunked_generalized_jsd_loss(
             hidden, head.weight, teacher_hidden, teacher_weight, batch["labels"], beta=self.beta,
             temperature=self.temperature, top_k=self.top_k, chunk_size=self.chunk_size, sft_alpha=self.sft_alpha)
-        return {"loss_sum": loss, "n_tokens": n_tokens, "n_correct": n_correct, "kd_sum": kd_sum, "ce_sum": ce_sum}
+        out = {"loss_sum": loss, "n_tokens": n_tokens, "n_correct": n_correct, "kd_sum": kd_sum, "ce_sum": ce_sum}
+        if self.hidden_weight:
+            student_layers = [self._student_layers[i] for i in range(len(self.hidden_targets))]
+            self._student_layers.clear()
+            out["hidden_sum"] = hidden_state_loss(student_layers, teacher_layers, batch["labels"])
+            out["loss_sum"] = loss + self.hidden_weight * out["hidden_sum"]
+        return out
+
+
+def _keep_layer_outputs(model, store: dict, indexes: set[int]) -> None:
+    """Forward hooks that put text layer i's output (its hidden states) in store[i] for i in `indexes`."""
+    layers = family_of(model).layers(model, "text")
+
+    def keep(i):
+        def hook(_module, _args, output):
+            store[i] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    for i in sorted(indexes):
+        layers[i].register_forward_hook(keep(i))
 
 
 def check_same_tokenizer(student_tok, teacher_tok, student: str, teacher: str) -> None:

@@ -85,6 +85,8 @@ def build_worker(stage: str, cfg, device, teacher_device=None):
         teacher = teacher.to(teacher_device or device)
     train_samples, val_samples = config_samples(cfg, tokenizer, family.is_vlm)
     objective = make_objective(stage, cfg, teacher)
+    if stage == "distill":
+        objective.watch(model)   # hidden_weight: hooks on the student's layers, before the engine compiles them
     if stage == "distill" and cfg.on_policy is not None:
         objective.on_policy = make_on_policy_rows(cfg, tokenizer)
     return model, objective, train_samples, val_samples, pad_id(tokenizer)
@@ -129,7 +131,35 @@ def make_objective(stage: str, cfg, teacher=None):
         from prunekit.engine.loop import compile_layers
         compile_layers(teacher)
     return DistillObjective(teacher, beta=cfg.beta, temperature=cfg.temperature, top_k=cfg.top_k,
-                            sft_alpha=cfg.sft_alpha, chunk_size=cfg.loss_chunk_size)
+                            sft_alpha=cfg.sft_alpha, chunk_size=cfg.loss_chunk_size, hidden_weight=cfg.hidden_weight,
+                            hidden_targets=hidden_targets(cfg) if cfg.hidden_weight else None)
+
+
+def hidden_targets(cfg) -> list[int]:
+    """distill hidden_weight: the teacher layer whose output each student layer's output is matched to. A student
+    layer stands in for its own original layer and the removed ones after it, so it should hand on what the teacher
+    hands to the next layer the student kept (the last one: the teacher's last layer's output)."""
+    from prunekit.core.loading import layer_origins
+    configs = {"student": read_config(Path(cfg.model)), "teacher": read_config(Path(cfg.teacher))}
+    n_student, n_teacher = (family_for(c).num_text_layers(c) for c in configs.values())
+    width_student, width_teacher = (family_for(c).text_config(c)["hidden_size"] for c in configs.values())
+    if width_student != width_teacher:
+        raise PrunekitError(f"hidden_weight: the student's hidden size {width_student} is not the teacher's "
+                            f"{width_teacher}; hidden states can only be matched at the same width")
+    if cfg.hidden_targets is not None:
+        bad = [t for t in cfg.hidden_targets if not 0 <= t < n_teacher]
+        if len(cfg.hidden_targets) != n_student or bad:
+            raise PrunekitError(f"hidden_targets: give one teacher layer (0..{n_teacher - 1}) for each of the "
+                                f"student's {n_student} layers; got {cfg.hidden_targets}")
+        return list(cfg.hidden_targets)
+    origins = layer_origins(Path(cfg.model), Path(cfg.teacher), n_teacher)
+    if origins is None and n_student == n_teacher:
+        origins = list(range(n_student))
+    if origins is None or len(origins) != n_student:
+        raise PrunekitError(f"hidden_weight: cannot tell which of the teacher's {n_teacher} layers each of the "
+                            f"student's {n_student} stands for (the student's prunekit.json does not lead back to "
+                            f"{cfg.teacher}); give hidden_targets")
+    return [following - 1 for following in origins[1:]] + [n_teacher - 1]
 
 
 def validate(stage: str, cfg) -> None:
@@ -159,6 +189,8 @@ def validate(stage: str, cfg) -> None:
         from prunekit.engine.objectives import check_same_tokenizer
         if cfg.teacher_placement == "own_gpu" and not (cfg.ray.use_gpu and cfg.ray.gpus_per_worker >= 2):
             raise PrunekitError("teacher_placement: own_gpu needs ray.use_gpu: true and ray.gpus_per_worker: 2")
+        if cfg.hidden_weight:
+            hidden_targets(cfg)   # which teacher layer each student layer matches: known now, or one line
         with quiet_transformers():
             student_tokenizer = load_tokenizer(Path(cfg.model))
             check_same_tokenizer(student_tokenizer, load_tokenizer(Path(cfg.teacher)), cfg.model, cfg.teacher)

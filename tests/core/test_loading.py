@@ -87,3 +87,22 @@ def test_the_next_run_sweeps_stale_temp_dirs_of_a_dead_writer(llama_copy, tmp_pa
     code, _, err = run_cli(capsys, "prune", llama_copy, "--drop-text", "1", "-o", tmp_path / "out")
     assert code == 0, err
     assert not any(d.exists() for d in stale) and all(d.exists() for d in kept)
+
+
+def test_layer_origins_composes_the_prune_steps_since_the_ancestor(tmp_path):
+    """Each layer's index in the ancestor, through every prune step after the one made from it (indexes of a step
+    are its parent's); other steps keep the layers; a lineage that does not lead back to the ancestor is None."""
+    from prunekit.core.loading import PROVENANCE, layer_origins
+    original, other = tmp_path / "original", tmp_path / "other"
+    original.mkdir(), other.mkdir()
+    steps = [{"stage": "convert_gguf", "parent": "/somewhere/model.gguf"},
+             {"stage": "prune", "parent": str(original.resolve()), "operation": "prune",
+              "removed": {"text_layers": [1, 4], "vision_blocks": []}},     # 0 2 3 5 6
+             {"stage": "kv_cut", "parent": "r1-prune", "operation": "kv_cut"},
+             {"stage": "prune", "parent": "r1-kv", "operation": "prune", "removed": {"text_layers": [0, 3]}}]
+    student = tmp_path / "student"
+    student.mkdir()
+    (student / PROVENANCE).write_text(json.dumps({**steps[-1], "history": steps[:-1]}))
+    assert layer_origins(student, original, 7) == [2, 3, 6]
+    assert layer_origins(student, other, 7) is None
+    assert layer_origins(other, original, 7) is None   # no prunekit.json at all

@@ -246,3 +246,21 @@ def test_row_loss_compiled_path_matches_eager():
     torch.testing.assert_close(compiled[0], eager[0])
     torch.testing.assert_close(compiled[1], eager[1])
     assert compiled[2].item() == eager[2].item() == (logits.argmax(-1) == target).sum().item() >= 8
+
+
+def test_hidden_state_loss_compares_directions_at_supervised_positions():
+    """1 - cosine per supervised position, averaged over layer pairs and summed over positions: a student vector
+    scaled by any positive factor costs nothing (a cut model's outsized sink activation cannot swamp the loss), an
+    opposite one costs 2, and positions whose next label is ignored are left out."""
+    from prunekit.core.losses import hidden_state_loss
+    torch.manual_seed(0)
+    t = torch.randn(1, 4, 8)
+    labels = torch.tensor([[5, 6, -100, 7]])   # positions 0 and 2 predict supervised labels, 1 does not
+    scaled = t * torch.tensor([1.0, 3.0, 0.5, 1e4]).view(1, 4, 1)
+    assert hidden_state_loss([scaled], [t], labels).item() == pytest.approx(0.0, abs=1e-6)
+    flipped = t.clone()
+    flipped[0, 2] = -t[0, 2]
+    flipped[0, 1] = -t[0, 1]   # not supervised: no cost
+    assert hidden_state_loss([flipped, t], [t, t], labels).item() == pytest.approx(2.0 / 2, abs=1e-5)
+    with pytest.raises(ValueError, match="one pair per layer"):
+        hidden_state_loss([t], [], labels)

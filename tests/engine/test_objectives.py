@@ -138,3 +138,46 @@ def test_a_frozen_lm_head_gets_no_gradient_formed_and_the_adapters_the_same_one(
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum").backward()
     assert fused and all(torch.allclose(fused[n], p.grad, atol=1e-5) for n, p in model.named_parameters() if n in fused)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_hidden_state_distillation_matches_each_student_layer_to_the_teacher_layer_it_stands_for(compiled):
+    """A teacher whose layers 1 and 2 do nothing (zero output projections: the residual stream passes through) and
+    a student that is the teacher without them: student layer 0 (the teacher's 0) hands on what the teacher's layer 2
+    does, layer 1 (the teacher's 3) the teacher's last output, so the hidden-state loss against those targets is 0,
+    with eager and with compiled layers (the hooks are traced with them). A perturbed student has a positive loss
+    whose gradient reaches every layer; the total is the KD loss plus hidden_weight times it."""
+    import copy
+    from tests.conftest import build_tiny
+    from prunekit.core.data import collate
+    from prunekit.core.surgery import LayerDrop, apply_to_model
+    from prunekit.core.families import family_of
+    from prunekit.engine.loop import compile_layers
+    from prunekit.engine.objectives import DistillObjective
+    teacher = build_tiny("llama", seed=1).eval()
+    with torch.no_grad():
+        for i in (1, 2):
+            teacher.model.layers[i].self_attn.o_proj.weight.zero_()
+            teacher.model.layers[i].mlp.down_proj.weight.zero_()
+    student = apply_to_model(copy.deepcopy(teacher), LayerDrop(family_of(teacher), teacher.config.to_dict(),
+                                                               drop_text=[1, 2]))
+    g = torch.Generator().manual_seed(0)
+    batch = collate([{"input_ids": x, "labels": x} for x in torch.randint(3, 100, (3, 10), generator=g).tolist()], 0)
+    if compiled:
+        compile_layers(teacher)
+        compile_layers(student)
+    objective = DistillObjective(teacher, beta=0.0, hidden_weight=0.5, hidden_targets=[2, 3])
+    objective.watch(student)
+    exact = objective(student.train(), batch)
+    assert exact["hidden_sum"].item() == pytest.approx(0.0, abs=1e-6)
+    assert exact["kd_sum"].item() == pytest.approx(0.0, abs=1e-5)
+    wrong = DistillObjective(teacher, beta=0.0, hidden_weight=0.5, hidden_targets=[3, 3])
+    assert wrong(student.train(), batch)["hidden_sum"] > 0.01   # layer 0 does not hand on the teacher's last output
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    out = objective(student.train(), batch)
+    assert out["hidden_sum"] > 0 and torch.allclose(out["loss_sum"], out["kd_sum"] + 0.5 * out["hidden_sum"])
+    out["hidden_sum"].backward()
+    for layer in student.model.layers:
+        assert layer.mlp.up_proj.weight.grad is not None and layer.mlp.up_proj.weight.grad.abs().sum() > 0

@@ -267,3 +267,34 @@ def test_distill_input_noise_reaches_teacher_and_student_alike_and_only_in_train
     with pytest.raises(Exception, match="input_noise"):
         cfg_for("distill", tiny_chat_model_dir, chat_data, tmp_path, "bad", teacher=str(tiny_chat_model_dir),
                 input_noise=1.0)
+
+
+def test_distill_hidden_weight_finds_each_layers_teacher_through_the_prune_lineage(chat_model_dir, chat_data,
+                                                                                   tmp_path):
+    """distill hidden_weight: the teacher layer each student layer is matched to comes from the prune steps in the
+    student's prunekit.json, composed across steps (4 layers, drop 1, then drop the new 1 (the original 2): the
+    student is the original 0 and 3, so its layer 0 hands on what the teacher's layer 2 outputs); the run trains
+    with the hidden-state loss in its loss and its output loads. A teacher outside the lineage with another layer
+    count, targets of the wrong length and a negative weight are one-line errors before training."""
+    from transformers import AutoModelForCausalLM
+    from prunekit.stages.prune import prune
+    teacher = chat_model_dir(4, seed=3)
+    prune(str(teacher), tmp_path / "p1", drop_text=[1])
+    prune(str(tmp_path / "p1"), tmp_path / "p2", drop_text=[1])
+    over = dict(teacher=str(teacher), hidden_weight=1.0, beta=0.0, max_steps=2, batch_size=2, launcher="local")
+    cfg = cfg_for("distill", tmp_path / "p2", chat_data, tmp_path, "hidden", **over)
+    assert training.hidden_targets(cfg) == [2, 3]
+    plain = metrics_lines(training.distill(cfg_for("distill", tmp_path / "p2", chat_data, tmp_path, "plain",
+                                                   **{**over, "hidden_weight": 0.0})).run_dir)
+    result = training.distill(cfg)
+    hidden = metrics_lines(result.run_dir)
+    assert hidden[0]["eval/loss"] > plain[0]["eval/loss"] + 1e-3   # the hidden-state term is in the loss
+    assert math.isfinite(hidden[-1]["train/loss"])
+    assert AutoModelForCausalLM.from_pretrained(result.output).config.num_hidden_layers == 2
+    for bad, message in (({"teacher": str(chat_model_dir(3, seed=4))}, "give hidden_targets"),
+                         ({"hidden_targets": [0, 1, 2]}, "for each of the student's 2 layers")):
+        with pytest.raises(PrunekitError) as err:
+            training.distill(cfg_for("distill", tmp_path / "p2", chat_data, tmp_path, "bad", **{**over, **bad}))
+        assert message in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(Exception, match="hidden_weight"):
+        cfg_for("distill", tmp_path / "p2", chat_data, tmp_path, "bad", **{**over, "hidden_weight": -1.0})

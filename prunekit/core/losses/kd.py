@@ -194,3 +194,22 @@ def chunked_generalized_jsd_loss(
         l_c, _, k_c, c_c, n_c = kd_rows(h_c @ student_head.T, ht_c, t_c)
         loss, kd, ce, correct = loss + l_c, kd + k_c, ce + c_c, correct + n_c
     return loss, kd, ce, n_tokens, correct
+
+
+def hidden_state_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], labels: torch.Tensor,
+                      ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Intermediate-layer distillation: each student layer's output ``[B, S, H]`` against the teacher hidden state
+    it stands for, at the positions the KD loss supervises: 1 - cosine similarity per token (DistilBERT's hidden-state
+    loss), averaged over the layer pairs; returns the sum over tokens, like every loss here. Direction, not norm:
+    every sublayer reads the residual stream through an RMSNorm, and a squared error relative to the teacher's norm
+    is dominated by the few tokens where a cut model grows an attention-sink activation (norms of ~26k against ~100
+    in SmolLM2) that the teacher has elsewhere (bench/README.md)."""
+    if len(student) != len(teacher) or not student:
+        raise ValueError(f"{len(student)} student and {len(teacher)} teacher hidden states: give one pair per layer")
+    rows, _ = supervised_rows(labels, ignore_index)
+    total = student[0].new_zeros((), dtype=torch.float32)
+    for s, t in zip(student, teacher):
+        s = s.reshape(-1, s.shape[-1])[rows].float()
+        t = t.reshape(-1, t.shape[-1])[rows].float().detach()
+        total = total + (1 - F.cosine_similarity(s, t, dim=-1)).sum()
+    return total / len(student)

@@ -147,3 +147,27 @@ def test_a_lora_trial_trains_bf16_adapters_on_a_bf16_frozen_base_with_compiled_l
     trained = {id(p) for group in strategy.optimizer.param_groups for p in group["params"]}
     assert trained == {id(p) for n, p in params.items() if "lora_" in n}
     assert all(layer._compiled_call_impl is not None for layer in family_of(model).blocks(model))
+
+
+def test_compiled_layers_keep_compiling_past_torchs_eight_variants(caplog):
+    """Every decoder layer of a class shares one compiled code object, and a pipeline run in one process meets
+    more than torch's default 8 variants of it (teacher and student, training and eval, each weight shape):
+    none of them may fall back to eager. Five models of different KV-head counts / widths, with and without
+    grad: 10 variants, no recompile-limit warning, and each still compiled."""
+    import logging
+    import transformers
+    from prunekit.engine.loop import compile_layers
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    models = [transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=32, hidden_size=hidden, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=kv, head_dim=8)) for hidden, kv in ((16, 1), (16, 2), (16, 4), (24, 1), (24, 2))]
+    ids = torch.randint(0, 32, (2, 6))
+    with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
+        for model in models:
+            compile_layers(model)
+            model(ids).logits.sum().backward()
+            with torch.no_grad():
+                model(ids)
+    assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 10

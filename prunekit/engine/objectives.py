@@ -114,7 +114,8 @@ class DistillObjective:
         teacher_weight = teacher_head.weight
         if teacher_device != hidden.device:
             teacher_hidden = teacher_hidden.to(hidden.device, non_blocking=True)
-            teacher_layers = teacher_layers and [t.to(hidden.device, non_blocking=True) for t in teacher_layers]
+            if teacher_layers is not None:
+                teacher_layers = [t.to(hidden.device, non_blocking=True) for t in teacher_layers]
             if self._teacher_head_copy is None:  # the KD loss multiplies by the teacher's head on the student's GPU
                 self._teacher_head_copy = teacher_weight.detach().to(hidden.device)
             teacher_weight = self._teacher_head_copy

@@ -28,5 +28,6 @@ from prunekit.core.losses.registry import LOSSES, Registry, get_loss, register_l
 __all__ = [
     "AGGREGATIONS", "IGNORE_INDEX", "LOSSES", "POLICY_LOSSES", "Registry", "aggregate", "causal_lm_loss",
     "chunked_causal_lm_loss", "chunked_generalized_jsd_loss", "generalized_jsd_loss", "get_loss", "get_policy_loss",
-    "grpo_loss", "gspo_loss", "hidden_state_loss", "k3_kl", "policy_loss", "register_aggregation", "register_loss", "register_policy_loss",
+    "grpo_loss", "gspo_loss", "hidden_state_loss", "k3_kl", "policy_loss", "register_aggregation", "register_loss",
+    "register_policy_loss",
 ]

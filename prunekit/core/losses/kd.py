@@ -206,10 +206,9 @@ def hidden_state_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], 
     in SmolLM2) that the teacher has elsewhere (bench/README.md)."""
     if len(student) != len(teacher) or not student:
         raise ValueError(f"{len(student)} student and {len(teacher)} teacher hidden states: give one pair per layer")
-    rows, _ = supervised_rows(labels, ignore_index)
+    supervised = labels[:, 1:] != ignore_index   # a mask, not indexes: no GPU sync for nonzero()
     total = student[0].new_zeros((), dtype=torch.float32)
     for s, t in zip(student, teacher):
-        s = s.reshape(-1, s.shape[-1])[rows].float()
-        t = t.reshape(-1, t.shape[-1])[rows].float().detach()
-        total = total + (1 - F.cosine_similarity(s, t, dim=-1)).sum()
+        cos = F.cosine_similarity(s[:, :-1].float(), t[:, :-1].float().detach(), dim=-1)
+        total = total + ((1 - cos) * supervised).sum()
     return total / len(student)

@@ -274,7 +274,8 @@ def test_distill_hidden_weight_finds_each_layers_teacher_through_the_prune_linea
     """distill hidden_weight: the teacher layer each student layer is matched to comes from the prune steps in the
     student's prunekit.json, composed across steps (4 layers, drop 1, then drop the new 1 (the original 2): the
     student is the original 0 and 3, so its layer 0 hands on what the teacher's layer 2 outputs); the run trains
-    with the hidden-state loss in its loss and its output loads. A teacher outside the lineage with another layer
+    with the hidden-state loss in its loss (the same curve under FSDP2, whose layers the hooks sit on too) and its
+    output loads. A teacher outside the lineage with another layer
     count, targets of the wrong length and a negative weight are one-line errors before training."""
     from transformers import AutoModelForCausalLM
     from prunekit.stages.prune import prune
@@ -290,6 +291,9 @@ def test_distill_hidden_weight_finds_each_layers_teacher_through_the_prune_linea
     hidden = metrics_lines(result.run_dir)
     assert hidden[0]["eval/loss"] > plain[0]["eval/loss"] + 1e-3   # the hidden-state term is in the loss
     assert math.isfinite(hidden[-1]["train/loss"])
+    sharded = metrics_lines(training.distill(cfg_for("distill", tmp_path / "p2", chat_data, tmp_path, "hidden-fsdp",
+                                                     **over, **{"parallel.strategy": "fsdp"})).run_dir)
+    assert [m["train/loss"] for m in sharded[1:]] == pytest.approx([m["train/loss"] for m in hidden[1:]], rel=1e-4)
     assert AutoModelForCausalLM.from_pretrained(result.output).config.num_hidden_layers == 2
     for bad, message in (({"teacher": str(chat_model_dir(3, seed=4))}, "give hidden_targets"),
                          ({"hidden_targets": [0, 1, 2]}, "for each of the student's 2 layers")):

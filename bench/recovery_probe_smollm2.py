@@ -150,6 +150,7 @@ def main(argv=None) -> int:
     source = f"{args.corpus.resolve()} ({args.corpus.stat().st_size} bytes)"
     if state.setdefault("corpus", source) != source:
         ap.error(f"--out {args.out} holds a probe on another corpus ({state['corpus']}): give another --out")
+    remember("command", command)   # --report-only's default
     pruned = args.out / f"pruned-{args.start}"
     if f"pruned-{args.start}" not in state:
         if args.start == "depth":
@@ -258,6 +259,7 @@ def write_report(args, results: dict, header: dict, not_run: list[str]) -> Path:
                            for k, v in results.items()}}
     name = RESULT_FILES[args.variant_set].replace(".json", "_ffn.json" if args.start == "ffn" else ".json")
     path = (args.out if args.smoke else ROOT / "bench" / "results") / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {path}")
     return path

@@ -215,13 +215,14 @@ def test_image_rows_on_a_text_only_model_are_one_line(tiny_chat_model_dir, tmp_p
 @pytest.mark.parametrize("stage", ["sft", "distill"])
 def test_training_loop_on_images(stage, tiny_vlm_chat_dir, tmp_path):
     """The recipe's worker path without Ray: build_worker tokenises image rows with the processor, the loop's
-    collate batches them, and a few SFT / distillation steps run with finite losses."""
+    collate batches them, and a few SFT / distillation steps run with finite losses (distillation with the
+    hidden-state loss too: a VLM's text layers are hooked, a student that is its teacher matches layer to layer)."""
     from prunekit.config import load_config
     from prunekit.engine.loop import train
     from prunekit.engine.reporting import LocalReporter
     from prunekit.stages.training import build_worker, validate
     easy_vqa_to_messages(tmp_path / "train.jsonl", val_path=tmp_path / "val.jsonl", limit=8)
-    over = {"teacher": str(tiny_vlm_chat_dir)} if stage == "distill" else {}
+    over = {"teacher": str(tiny_vlm_chat_dir), "hidden_weight": 0.5} if stage == "distill" else {}
     cfg = load_config(stage, None, {"model": str(tiny_vlm_chat_dir), "train": str(tmp_path / "train.jsonl"),
                                     "val": str(tmp_path / "val.jsonl"), "output_dir": str(tmp_path / "out"),
                                     "storage_path": str(tmp_path / "runs"), "max_length": 128, "batch_size": 2,
@@ -230,6 +231,8 @@ def test_training_loop_on_images(stage, tiny_vlm_chat_dir, tmp_path):
     validate(stage, cfg)
     model, objective, train_samples, val_samples, pad_id = build_worker(stage, cfg, torch.device("cpu"))
     assert len(train_samples) == 8 and all("pixel_values" in s for s in train_samples + val_samples)
+    if stage == "distill":   # the student is its teacher: each text layer against the same layer
+        assert objective.hidden_targets == list(range(len(objective.hidden_targets))) and objective.hidden_targets
     metrics = train(model, objective, cfg, train_samples, val_samples, pad_id,
                     LocalReporter(tmp_path / "runs" / "r", "r", cfg))
     assert metrics["train/tokens"] > 0 and math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["eval/loss"])

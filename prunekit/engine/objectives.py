@@ -63,16 +63,21 @@ class DistillObjective:
             raise PrunekitError("hidden_weight needs hidden_targets: the teacher layer each student layer matches")
         self._teacher_layers: dict[int, torch.Tensor] = {}   # written by the hooks during the teacher's forward
         self._student_layers: dict[int, torch.Tensor] = {}
+        self._student_forward = [False]   # with gradient checkpointing: the student's hooks keep outputs only then
         self._watched = None
         if hidden_weight:
             _keep_layer_outputs(self.teacher, self._teacher_layers, set(hidden_targets))
         self._teacher_head_copy = None
         self._ahead: list = []  # (input_ids shape, teacher hidden) queued for the coming training batches
 
-    def watch(self, student) -> None:
-        """Hook the student's text layers (before they are compiled, so the hooks are traced with them)."""
+    def watch(self, student, recomputed: bool = False) -> None:
+        """Hook the student's text layers (before they are compiled, so the hooks are traced with them).
+        `recomputed` (gradient checkpointing): backward may run a layer again to its output (torch stops a
+        non-reentrant recompute early by default, not always), and those outputs must not stay referenced until the
+        next step, so the hooks keep outputs only during the objective's own forward."""
         if self.hidden_weight and self._watched is not student:
-            _keep_layer_outputs(student, self._student_layers, set(range(len(self.hidden_targets))))
+            _keep_layer_outputs(student, self._student_layers, set(range(len(self.hidden_targets))),
+                                while_true=self._student_forward if recomputed else None)
             self._watched = student
 
     def _teacher_hidden(self, batch: dict):
@@ -110,7 +115,11 @@ class DistillObjective:
         teacher_hidden, teacher_layers = teacher
         self.watch(model)
         backbone, head = backbone_and_head(model)
-        hidden = backbone(**inputs, use_cache=False).last_hidden_state
+        self._student_forward[0] = True
+        try:
+            hidden = backbone(**inputs, use_cache=False).last_hidden_state
+        finally:
+            self._student_forward[0] = False
         teacher_weight = teacher_head.weight
         if teacher_device != hidden.device:
             teacher_hidden = teacher_hidden.to(hidden.device, non_blocking=True)
@@ -131,13 +140,25 @@ class DistillObjective:
         return out
 
 
-def _keep_layer_outputs(model, store: dict, indexes: set[int]) -> None:
-    """Forward hooks that put text layer i's output (its hidden states) in store[i] for i in `indexes`."""
+def _keep_layer_outputs(model, store: dict, indexes: set[int], while_true: list[bool] | None = None) -> None:
+    """Forward hooks that put text layer i's output (its hidden states) in store[i] for i in `indexes`; with
+    `while_true`, only while while_true[0] is true. A plain hook is traced into a compiled layer; the gated one is
+    left out of it (torch._dynamo.disable: reading the gate there would compile a variant per value), at the cost of
+    a graph break per layer call."""
+    import torch._dynamo
     layers = family_of(model).layers(model, "text")
+
+    def put(i, output):
+        store[i] = output[0] if isinstance(output, tuple) else output
+
+    @torch._dynamo.disable
+    def put_while(i, output):
+        if while_true[0]:
+            put(i, output)
 
     def keep(i):
         def hook(_module, _args, output):
-            store[i] = output[0] if isinstance(output, tuple) else output
+            (put if while_true is None else put_while)(i, output)
         return hook
 
     for i in sorted(indexes):

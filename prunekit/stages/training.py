@@ -86,7 +86,8 @@ def build_worker(stage: str, cfg, device, teacher_device=None):
     train_samples, val_samples = config_samples(cfg, tokenizer, family.is_vlm)
     objective = make_objective(stage, cfg, teacher)
     if stage == "distill":
-        objective.watch(model)   # hidden_weight: hooks on the student's layers, before the engine compiles them
+        # hidden_weight: hooks on the student's layers, before the engine compiles them
+        objective.watch(model, recomputed=cfg.gradient_checkpointing)
     if stage == "distill" and cfg.on_policy is not None:
         objective.on_policy = make_on_policy_rows(cfg, tokenizer)
     return model, objective, train_samples, val_samples, pad_id(tokenizer)

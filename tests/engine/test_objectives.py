@@ -181,3 +181,34 @@ def test_hidden_state_distillation_matches_each_student_layer_to_the_teacher_lay
     out["hidden_sum"].backward()
     for layer in student.model.layers:
         assert layer.mlp.up_proj.weight.grad is not None and layer.mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_hidden_state_distillation_under_gradient_checkpointing_keeps_no_recomputed_outputs(compiled):
+    """Gradient checkpointing runs the student's layers again in backward (to their end when torch's early stop is
+    off, or with reentrant checkpointing): watched with `recomputed`, the hooks keep outputs only during the
+    objective's forward, so nothing stays referenced after backward, and the loss and gradients are those of the
+    run without checkpointing."""
+    import copy
+    from tests.conftest import build_tiny
+    from prunekit.core.data import collate
+    from prunekit.engine.loop import compile_layers
+    from prunekit.engine.objectives import DistillObjective
+    teacher, student = build_tiny("llama", seed=1), build_tiny("llama", seed=2)
+    checkpointed = copy.deepcopy(student)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    g = torch.Generator().manual_seed(0)
+    batch = collate([{"input_ids": x, "labels": x} for x in torch.randint(3, 100, (3, 10), generator=g).tolist()], 0)
+    runs = {}
+    for name, model in (("plain", student), ("checkpointed", checkpointed)):
+        objective = DistillObjective(teacher, beta=0.0, hidden_weight=1.0, hidden_targets=[0, 1, 2, 3])
+        objective.watch(model, recomputed=name == "checkpointed")
+        if compiled:
+            compile_layers(model)
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False):   # recompute each layer to its output
+            out = objective(model.train(), batch)
+            out["loss_sum"].backward()
+        assert not objective._student_layers   # nothing kept from the forward, nor from backward's recompute
+        runs[name] = (out["hidden_sum"].item(), model.model.layers[0].mlp.up_proj.weight.grad.clone())
+    assert runs["plain"][0] == pytest.approx(runs["checkpointed"][0], rel=1e-5)
+    assert torch.allclose(runs["plain"][1], runs["checkpointed"][1], atol=1e-5)

@@ -95,10 +95,21 @@ def flops_per_token(model, seq: int) -> float:
     return 6 * n + 12 * c.num_hidden_layers * c.hidden_size * seq
 
 
-def samples(n: int, seq: int, vocab: int):
+def samples(n: int, seq: int, vocab: int, packed: bool = False):
+    """n rows of seq random tokens. `packed`: rows packed from documents of 10-60% of seq as the training stages pack
+    them (position ids restarting per document, so the objectives build the block-diagonal 4D mask the real
+    recovery runs attend with), instead of one causal sequence per row."""
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (n, seq), generator=g).tolist()
-    return [{"input_ids": x, "labels": x} for x in ids]
+    if not packed:
+        ids = torch.randint(0, vocab, (n, seq), generator=g).tolist()
+        return [{"input_ids": x, "labels": x} for x in ids]
+    from prunekit.core.data import pack_sequences
+    rows: list = []
+    while len(rows) < n:
+        lengths = torch.randint(max(2, seq // 10), max(3, seq * 3 // 5), (20,), generator=g).tolist()
+        docs = [torch.randint(0, vocab, (k,), generator=g).tolist() for k in lengths]
+        rows += pack_sequences([{"input_ids": d, "labels": d} for d in docs], seq)[:-1]   # the last may be short
+    return rows[:n]
 
 
 def run_prunekit(args, distill: bool = False) -> dict:
@@ -134,7 +145,7 @@ def run_prunekit(args, distill: bool = False) -> dict:
         **({"teacher": "bench"} if distill else {})})
     reporter = LocalReporter(Path(tmp), "bench", cfg)
     reporter.checkpoint = lambda *a, **k: None  # measure training steps, not checkpoint I/O
-    data = samples(args.batch * world_size * args.steps, args.seq, student_shape["vocab_size"])
+    data = samples(args.batch * world_size * args.steps, args.seq, student_shape["vocab_size"], args.packed)
     sync(device)
     if args.profile:  # a kernel table of the steady state: where the step time goes
         from torch.profiler import ProfilerActivity, profile, schedule
@@ -330,6 +341,8 @@ def main():
     p.add_argument("--beta", type=float, default=0.5, help="distill: the loss's beta (0: forward KL)")
     p.add_argument("--teacher-gpu", type=int, default=None, help="distill: put the teacher on this GPU index")
     p.add_argument("--only", default="", help="--all: comma-separated subset of the runs")
+    p.add_argument("--packed", action="store_true",
+                   help="rows packed from documents of 10-60%% of --seq (a 4D block-diagonal mask), as recovery runs train")
     p.add_argument("--profile", action="store_true", help="print a kernel-time table of 3 steady-state steps")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes and sizes: the 1-GPU rows' code paths")
     p.add_argument("--out", default=None, help="default bench/results/train_throughput.json (--smoke: "
@@ -341,6 +354,8 @@ def main():
         for key, value in SMOKE_SIZES.items():
             setattr(args, key, value)
     args.out = args.out or f"bench/results/train_throughput{'_smoke' if args.smoke else ''}.json"
+    if args.packed and (args.all or args.mode not in ("prunekit", "distill")):
+        p.error("--packed: with --mode prunekit or distill (the committed rows are unpacked)")
     if args.all:
         if args.shape != "qwen0.5b":
             p.error("--all: the committed rows are the Qwen2.5-0.5B shape; run --shape outcome with --mode")

@@ -133,13 +133,14 @@ def run_prunekit(args, distill: bool = False) -> dict:
             teacher.model.compile()
         elif args.compile:
             from prunekit.engine.loop import compile_layers
-            compile_layers(teacher)
+            compile_layers(teacher, args.compile_mode)
         objective = DistillObjective(teacher, beta=args.beta, chunk_size=args.chunk)
     tmp = tempfile.mkdtemp(prefix="bench-train-")
     stage = "distill" if distill else "sft"
     cfg = load_config(stage, None, {
         "model": "bench", "train": "bench", "output_dir": tmp, "max_steps": args.steps, "batch_size": args.batch,
-        "max_length": args.seq, "bf16": True, "param_dtype": args.param_dtype, "compile": args.compile, "lr": 1e-5, "save_interval": 10 ** 9, "eval_interval": 10 ** 9,
+        "max_length": args.seq, "bf16": True, "param_dtype": args.param_dtype, "compile": args.compile,
+        "compile_mode": args.compile_mode, "lr": 1e-5, "save_interval": 10 ** 9, "eval_interval": 10 ** 9,
         "wandb.mode": "disabled", "parallel.workers": world_size, "ray.use_gpu": device.type == "cuda",
         "parallel.strategy": args.strategy,
         **({"teacher": "bench"} if distill else {})})
@@ -341,6 +342,9 @@ def main():
     p.add_argument("--beta", type=float, default=0.5, help="distill: the loss's beta (0: forward KL)")
     p.add_argument("--teacher-gpu", type=int, default=None, help="distill: put the teacher on this GPU index")
     p.add_argument("--only", default="", help="--all: comma-separated subset of the runs")
+    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead",
+                                                                  "max-autotune-no-cudagraphs"],
+                   help="with --compile (prunekit, distill): torch.compile's mode for the layers (compile_mode)")
     p.add_argument("--packed", action="store_true",
                    help="rows packed from documents of 10-60%% of --seq (a 4D block-diagonal mask), as recovery runs train")
     p.add_argument("--profile", action="store_true", help="print a kernel-time table of 3 steady-state steps")

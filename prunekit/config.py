@@ -146,6 +146,10 @@ class EngineConfig(Strict):
     bf16: bool = False                        # bf16 autocast over fp32 weights
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: pure bf16 weights and optimizer
     compile: bool = False                     # torch.compile each decoder layer (GPU)
+    # torch.compile's mode for those layers (and a distillation teacher's): reduce-overhead replays CUDA graphs, for
+    # steps that wait on the host launching kernels (small models: bench/README.md); out of dumps at its default
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
+        "default", exclude_if=lambda v: v == "default")
     gradient_checkpointing: bool = False
     loss_chunk_size: int = 1024               # rows of the sequence per cross-entropy chunk (no full B*S*V logits)
     seed: int = 0

@@ -78,14 +78,14 @@ def make_optimizer_factory(cfg):
 LAYER_RECOMPILE_LIMIT = 64
 
 
-def compile_layers(model) -> None:
+def compile_layers(model, mode: str = "default") -> None:
     """torch.compile every text decoder layer (and vision block) in place: the repeated blocks are where the
-    time goes, and compiling them one by one keeps graphs small and recompiles cheap."""
+    time goes, and compiling them one by one keeps graphs small and recompiles cheap. `mode`: torch.compile's."""
     import torch._dynamo
     from prunekit.core.families import family_of
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, LAYER_RECOMPILE_LIMIT)
     for layer in family_of(model).blocks(model):
-        layer.compile()
+        layer.compile(**({} if mode == "default" else {"mode": mode}))
 
 
 def make_scheduler_factory(cfg, total_steps: int):
@@ -169,7 +169,7 @@ def setup_strategy(model, objective, cfg, scheduler_steps: int, reporter, device
         model.to(torch.bfloat16)
     model.to(device).train()
     if cfg.compile:
-        compile_layers(model)
+        compile_layers(model, cfg.compile_mode)
     strategy = STRATEGIES[cfg.parallel.strategy](LossModule(model, objective), device, cfg)
     strategy.setup(make_optimizer_factory(cfg), make_scheduler_factory(cfg, scheduler_steps))
     if state is not None:
@@ -296,6 +296,7 @@ def accumulate_and_step(strategy, micro_batches: list[dict], normaliser: float, 
     are synced on the last micro-batch only. Returns the summed `stats` of the objective's outputs (on the device)
     and the pre-clip gradient norm (a tensor: reading either waits for the GPU)."""
     world_size = world()[1]
+    torch.compiler.cudagraph_mark_step_begin()   # compile_mode reduce-overhead: the last step's graph outputs are done
     sums = torch.zeros(len(stats), dtype=torch.float64, device=device)
     for i, batch in enumerate(micro_batches):
         with strategy.no_sync(i < len(micro_batches) - 1), autocast:

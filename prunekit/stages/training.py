@@ -130,7 +130,7 @@ def make_objective(stage: str, cfg, teacher=None):
         return SFTObjective(chunk_size=cfg.loss_chunk_size)
     if cfg.compile:
         from prunekit.engine.loop import compile_layers
-        compile_layers(teacher)
+        compile_layers(teacher, cfg.compile_mode)
     return DistillObjective(teacher, beta=cfg.beta, temperature=cfg.temperature, top_k=cfg.top_k,
                             sft_alpha=cfg.sft_alpha, chunk_size=cfg.loss_chunk_size, hidden_weight=cfg.hidden_weight,
                             hidden_targets=hidden_targets(cfg) if cfg.hidden_weight else None)

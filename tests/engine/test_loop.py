@@ -171,3 +171,42 @@ def test_compiled_layers_keep_compiling_past_torchs_eight_variants(caplog):
                 model(ids)
     assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 10
+
+
+def test_compile_mode_reaches_every_layer_and_trains_as_default():
+    """compile_mode is torch.compile's mode for every decoder layer: reduce-overhead (CUDA graphs on GPUs; torch
+    runs the same compiled code without them on the CPU) trains to the default mode's losses; a mode torch does
+    not have is a one-line config error naming the key."""
+    import transformers
+    from prunekit import PrunekitError
+    from prunekit.config import load_config
+    from prunekit.engine.loop import compile_layers
+    torch._dynamo.reset()
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=4)
+    ids = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(0))
+    losses, modes = {}, []
+    original = torch.nn.Module.compile
+    for mode in ("default", "reduce-overhead"):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        torch.nn.Module.compile = lambda self, *a, **k: (modes.append(k.get("mode", "default")),
+                                                         original(self, *a, **k))[1]
+        try:
+            compile_layers(model, mode)
+        finally:
+            torch.nn.Module.compile = original
+        losses[mode] = []
+        for _ in range(3):
+            torch.compiler.cudagraph_mark_step_begin()
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[mode].append(loss.item())
+    assert modes == ["default"] * 2 + ["reduce-overhead"] * 2
+    assert losses["default"][2] < losses["default"][0]
+    assert losses["reduce-overhead"] == pytest.approx(losses["default"], rel=1e-4)
+    with pytest.raises(PrunekitError, match="compile_mode"):
+        load_config("sft", None, {"model": "m", "train": "t.jsonl", "output_dir": "o", "compile_mode": "fast"})

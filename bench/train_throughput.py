@@ -345,8 +345,8 @@ def main():
     p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead",
                                                                   "max-autotune-no-cudagraphs"],
                    help="with --compile (prunekit, distill): torch.compile's mode for the layers (compile_mode)")
-    p.add_argument("--packed", action="store_true",
-                   help="rows packed from documents of 10-60%% of --seq (a 4D block-diagonal mask), as recovery runs train")
+    p.add_argument("--packed", action="store_true", help="rows packed from documents of 10-60%% of --seq (a 4D "
+                                                        "block-diagonal mask), as the recovery runs train")
     p.add_argument("--profile", action="store_true", help="print a kernel-time table of 3 steady-state steps")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes and sizes: the 1-GPU rows' code paths")
     p.add_argument("--out", default=None, help="default bench/results/train_throughput.json (--smoke: "

@@ -154,6 +154,12 @@ class EngineConfig(Strict):
     loss_chunk_size: int = 1024               # rows of the sequence per cross-entropy chunk (no full B*S*V logits)
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _compile_mode(self):
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"compile_mode: {self.compile_mode} needs compile: true")
+        return self
+
 
 class RemovalBudget(Strict):
     """At most this much removed: knockout's plan budget; a pipeline round's guardrail."""

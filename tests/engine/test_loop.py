@@ -176,7 +176,7 @@ def test_compiled_layers_keep_compiling_past_torchs_eight_variants(caplog):
 def test_compile_mode_reaches_every_layer_and_trains_as_default():
     """compile_mode is torch.compile's mode for every decoder layer: reduce-overhead (CUDA graphs on GPUs; torch
     runs the same compiled code without them on the CPU) trains to the default mode's losses; a mode torch does
-    not have is a one-line config error naming the key."""
+    not have, or a mode without compile: true, is a one-line config error naming the key."""
     import transformers
     from prunekit import PrunekitError
     from prunekit.config import load_config
@@ -208,5 +208,10 @@ def test_compile_mode_reaches_every_layer_and_trains_as_default():
     assert modes == ["default"] * 2 + ["reduce-overhead"] * 2
     assert losses["default"][2] < losses["default"][0]
     assert losses["reduce-overhead"] == pytest.approx(losses["default"], rel=1e-4)
+    minimal = {"model": "m", "train": "t.jsonl", "output_dir": "o"}
     with pytest.raises(PrunekitError, match="compile_mode"):
-        load_config("sft", None, {"model": "m", "train": "t.jsonl", "output_dir": "o", "compile_mode": "fast"})
+        load_config("sft", None, {**minimal, "compile": True, "compile_mode": "fast"})
+    with pytest.raises(PrunekitError, match="compile_mode: reduce-overhead needs compile: true"):
+        load_config("sft", None, {**minimal, "compile_mode": "reduce-overhead"})
+    assert load_config("sft", None, {**minimal, "compile": True, "compile_mode": "reduce-overhead"}).compile_mode == \
+        "reduce-overhead"

@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 PHASES = ("corpus", "pipeline", "gap", "compare_kv", "compare_data")
 GAP_ROWS = 256   # rows per set of the generalisation-gap measurement
-FALLBACKS = [{"compile": False}, {"compile": False, "packing": False}, {"compile": False, "packing": False, "beta": 0.5}]
+EAGER = {"compile": False, "compile_mode": "default"}   # compile_mode other than default needs compile
+FALLBACKS = [EAGER, {**EAGER, "packing": False}, {**EAGER, "packing": False, "beta": 0.5}]
 
 
 class Clock:
@@ -161,7 +162,7 @@ def sizes(args) -> dict:
     """The recipe as written on a GPU; tiny on --smoke (a CPU check of the code path, not a measurement)."""
     if not args.smoke:
         return {"distill": {}, "pipeline": {}, "kv": {}}  # compare_kv: the recipe's kv_cut settings
-    small = {"max_length": 64, "batch_size": 2, "bf16": False, "compile": False, "eval_interval": 2,
+    small = {"max_length": 64, "batch_size": 2, "bf16": False, **EAGER, "eval_interval": 2,
              "save_interval": 2, "eval_max_samples": 4, "loss_chunk_size": 1024}
     return {"distill": small,
             "pipeline": {"stages.distill": small, "rounds": [{"prune": {"plan": str(args.plan)}}],

@@ -334,8 +334,8 @@ def replace_tokens(batch: dict, fraction: float, generator: torch.Generator) -> 
     return {**batch, "input_ids": noisy}
 
 
-def collate(batch: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of samples into ``[B, L]`` long tensors.
+def collate(batch: Sequence[dict], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad a list of samples into ``[B, L]`` long tensors (``L``: the longest sample, or ``width`` if longer).
 
     Unpacked samples get ``input_ids``, ``labels`` (padded with -100) and a 0/1 ``attention_mask``.
     Packed samples (those with ``position_ids``) get ``position_ids`` instead of an attention
@@ -346,7 +346,7 @@ def collate(batch: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
     Text samples only: :func:`prunekit.core.samples.collate` sends batches with images to the processor's collate.
     """
-    width = max(len(s["input_ids"]) for s in batch)
+    width = max(width or 0, *(len(s["input_ids"]) for s in batch))
     packed = "position_ids" in batch[0]
 
     def pad(key: str, value: int) -> torch.Tensor:

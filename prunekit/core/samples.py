@@ -20,12 +20,13 @@ def pad_id(tokenizer) -> int:
     return 0
 
 
-def collate(batch: list[dict], pad_id: int) -> dict:  # noqa: F811  (the argument, not the function above)
-    """A padded batch: samples with images (`pixel_values`) through the processor's collate, others as text."""
+def collate(batch: list[dict], pad_id: int, width: int | None = None) -> dict:  # noqa: F811 (pad_id: the argument)
+    """A padded batch: samples with images (`pixel_values`) through the processor's collate, others as text
+    (padded to at least `width` tokens when given)."""
     if any("pixel_values" in s for s in batch):
         from prunekit.core.vision_data import collate_vlm
         return collate_vlm(batch, pad_id)
-    return text_data.collate(batch, pad_id)
+    return text_data.collate(batch, pad_id, width)
 
 
 def check_no_images(rows: list, path, model) -> None:

@@ -107,10 +107,11 @@ def total_steps(cfg, n_samples: int, world_size: int) -> int:
     return max(1, math.ceil(cfg.epochs * n_samples / (cfg.batch_size * cfg.grad_accum * world_size)))
 
 
-def lm_batch(samples, pad_id: int) -> dict:
-    """Collate samples for the LM objectives. An all-ones attention mask (no padding) is dropped: the model then
-    runs plain causal attention (flash kernels, no mask check that would sync the GPU)."""
-    batch = collate(samples, pad_id)
+def lm_batch(samples, pad_id: int, width: int | None = None) -> dict:
+    """Collate samples for the LM objectives (padded to at least `width` tokens when given). An all-ones attention
+    mask (no padding) is dropped: the model then runs plain causal attention (flash kernels, no mask check that
+    would sync the GPU)."""
+    batch = collate(samples, pad_id, width)
     mask = batch.get("attention_mask")
     if mask is not None and "pixel_values" not in batch and bool(mask.all()):
         del batch["attention_mask"]
@@ -135,6 +136,7 @@ def evaluate_distributed(strategy, samples, pad_id: int, batch_size: int, device
     totals = TokenTotals()
     batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     for b in batches[rank::world_size]:
+        torch.compiler.cudagraph_mark_step_begin()  # compile_mode reduce-overhead: the last batch's outputs are read
         out = strategy.forward(_to(lm_batch(b, pad_id), device))  # through the wrapper: FSDP unshards there
         totals.add(out["loss_sum"], out["n_tokens"], out["n_correct"])
     sums = all_reduce_sum(torch.tensor([totals.loss_sum, totals.tokens, totals.correct], dtype=torch.float64,
@@ -206,13 +208,15 @@ def _train(model, objective, cfg, train_samples, val_samples, pad_id: int, repor
 
     on_policy = getattr(objective, "on_policy", None)   # distill's on_policy rows (prunekit.engine.on_policy)
     input_noise = getattr(cfg, "input_noise", 0.0)      # distill: the same noisy inputs for teacher and student
+    # CUDA graphs are recorded per input shape: one width (max_length) records them once instead of per batch width
+    fixed_width = cfg.max_length if cfg.compile_mode == "reduce-overhead" else None
 
     def host_batches(step: int) -> list[dict]:
         micro = step_microbatches(train_samples, order, step, cfg.batch_size, cfg.grad_accum, rank, world_size)
         if on_policy is not None:  # queued after the previous step's update: the student answers with new weights
             micro = on_policy.fill(strategy.model, micro, step, rank, world_size, autocast, device,
                                    fixed_length=strategy.name != "ddp")
-        batches = [lm_batch(mb, pad_id) for mb in micro]
+        batches = [lm_batch(mb, pad_id, fixed_width) for mb in micro]
         if input_noise:  # seeded by step and rank: a resumed run draws the noise an uninterrupted one would
             noise = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1_009 + rank)
             batches = [replace_tokens(b, input_noise, noise) for b in batches]

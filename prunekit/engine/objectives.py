@@ -99,7 +99,10 @@ class DistillObjective:
         its own GPU it then runs while the student is still busy with the current step; the inputs go straight
         from the host to the teacher's GPU, never behind the student's queue."""
         if backbone_and_head(self.teacher)[1].weight.device != student_device:
-            self._ahead.append((tuple(host_batch["input_ids"].shape), self._teacher_hidden(host_batch)))
+            last, layers = self._teacher_hidden(host_batch)
+            # copies: compile_mode reduce-overhead's CUDA graphs reuse their output memory once the next step begins
+            ahead = (last.clone(), None if layers is None else [t.clone() for t in layers])
+            self._ahead.append((tuple(host_batch["input_ids"].shape), ahead))
 
     def __call__(self, model, batch: dict) -> dict:
         inputs = model_inputs(batch, compute_dtype(model))

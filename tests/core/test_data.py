@@ -189,9 +189,14 @@ def test_pack_and_collate_shapes():
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
     assert batch["labels"][1].tolist() == [-100, 7, 8, 9, -100]
     assert batch["position_ids"][1].tolist() == [0, 1, 2, 3, 0] and "attention_mask" not in batch
+    wide = collate(packs, pad_id=0, width=7)  # a fixed width (one CUDA graph shape); never narrower than a row
+    assert wide["input_ids"].tolist() == [[1, 2, 3, 4, 5, 0, 0], [6, 7, 8, 9, 0, 0, 0]]
+    assert wide["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 0, 0] and wide["labels"][0, 5:].tolist() == [-100] * 2
+    assert collate(packs, pad_id=0, width=3)["input_ids"].shape == (2, 5)
     plain = collate(samples, pad_id=0)
     assert plain["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
     assert plain["labels"][1].tolist() == [-100, 5, -100, -100]
+    assert collate(samples, pad_id=0, width=6)["attention_mask"].tolist()[2] == [1, 1, 1, 1, 0, 0]
 
 
 def test_packed_attention_mask_exact():

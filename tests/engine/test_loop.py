@@ -44,8 +44,9 @@ def test_ranks_and_micro_batches_split_one_global_batch():
 
 
 def test_two_micro_batches_step_like_one_batch(tiny_chat_model_dir, chat_data):
-    """The same samples as two micro-batches (normalised by the whole batch's token count) or as one batch:
-    the same gradient, so the same update."""
+    """The same samples as two micro-batches (normalised by the whole batch's token count), as one batch, or as one
+    batch padded to a fixed width (compile_mode reduce-overhead's batches; packed rows too): the same gradient, so
+    the same update."""
     from prunekit.core.loading import load_model, load_tokenizer
     from prunekit.core.samples import load_samples
     from prunekit.engine.loop import lm_batch
@@ -57,20 +58,27 @@ def test_two_micro_batches_step_like_one_batch(tiny_chat_model_dir, chat_data):
     # padding differs between the two ways of batching them
     cfg = SimpleNamespace(grad_clip=None)
     updated = []
-    for micro in ([samples[:1], samples[1:]], [samples]):
+    from prunekit.core.data import pack_sequences
+    width = sum(len(s["input_ids"]) for s in samples) + 7  # both fit one packed row, with room to pad
+    packed = pack_sequences(samples, max_length=width)
+    assert len(packed) == 1 and len(packed[0]["input_ids"]) < width
+    for micro, fixed_width in (([samples[:1], samples[1:]], None), ([samples], None), ([samples], width),
+                               ([packed], None), ([packed], width)):
         torch.manual_seed(0)
         model, _ = load_model(tiny_chat_model_dir)
         strategy = Strategy(LossModule(model, SFTObjective()), torch.device("cpu"), cfg)
         strategy.setup(lambda p: torch.optim.SGD(list(p), lr=1.0),
                        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
-        batches = [lm_batch(m, 0) for m in micro]
+        batches = [lm_batch(m, 0, fixed_width) for m in micro]
+        assert fixed_width is None or batches[0]["input_ids"].shape[1] == fixed_width
         tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         sums, norm = accumulate_and_step(strategy, batches, tokens, torch.autocast("cpu", enabled=False),
                                          torch.device("cpu"))
         assert int(sums[1]) == tokens and float(norm) > 0
         updated.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-    for k in updated[0]:
-        torch.testing.assert_close(updated[0][k], updated[1][k], atol=1e-6, rtol=1e-5)
+    for other in updated[1:]:
+        for k in updated[0]:
+            torch.testing.assert_close(updated[0][k], other[k], atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("scheduler", ["cosine", "linear", "constant"])

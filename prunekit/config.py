@@ -147,8 +147,8 @@ class EngineConfig(Strict):
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: pure bf16 weights and optimizer
     compile: bool = False                     # torch.compile each decoder layer (GPU)
     # torch.compile's mode for those layers (and a distillation teacher's): reduce-overhead replays CUDA graphs, for
-    # steps that wait on the host launching kernels (small models: bench/README.md), and pads every training batch
-    # to max_length (one graph shape; use packing with short rows); out of dumps at its default
+    # steps that wait on the host launching kernels (small models: bench/README.md), and pads every training and
+    # eval batch to max_length (one graph shape; use packing with short rows); out of dumps at its default
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
         "default", exclude_if=lambda v: v == "default")
     gradient_checkpointing: bool = False

@@ -126,9 +126,10 @@ def _to(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate_distributed(strategy, samples, pad_id: int, batch_size: int, device) -> dict:
+def evaluate_distributed(strategy, samples, pad_id: int, batch_size: int, device, width: int | None = None) -> dict:
     """Eval loss / token_acc over the val samples, each rank taking every world_size-th batch; summed over ranks.
-    The loss is the objective's (distillation: its KD loss), computed as in training (hidden states, chunked head)."""
+    The loss is the objective's (distillation: its KD loss), computed as in training (hidden states, chunked head).
+    `width`: pad every batch to at least that many tokens (one CUDA-graph shape, as the training batches)."""
     rank, world_size = world()
     model = strategy.model
     was_training = model.training
@@ -137,7 +138,7 @@ def evaluate_distributed(strategy, samples, pad_id: int, batch_size: int, device
     batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     for b in batches[rank::world_size]:
         torch.compiler.cudagraph_mark_step_begin()  # compile_mode reduce-overhead: the last batch's outputs are read
-        out = strategy.forward(_to(lm_batch(b, pad_id), device))  # through the wrapper: FSDP unshards there
+        out = strategy.forward(_to(lm_batch(b, pad_id, width), device))  # through the wrapper: FSDP unshards there
         totals.add(out["loss_sum"], out["n_tokens"], out["n_correct"])
     sums = all_reduce_sum(torch.tensor([totals.loss_sum, totals.tokens, totals.correct], dtype=torch.float64,
                                        device=device)).cpu()
@@ -201,15 +202,15 @@ def _train(model, objective, cfg, train_samples, val_samples, pad_id: int, repor
         from prunekit.core.kv_merge import KVHeadMerge
         kv_merge = KVHeadMerge(strategy.model, cfg.merge_kv_heads, steps, cfg.merge_kv_ramp)
     reporter.start(start_step, steps)
+    # CUDA graphs are recorded per input shape: one width (max_length) records them once instead of per batch width
+    fixed_width = cfg.max_length if cfg.compile_mode == "reduce-overhead" else None
     if val_samples and start_step == 0:  # the step-0 baseline every curve is compared against
-        baseline = evaluate_distributed(strategy, val_samples, pad_id, cfg.batch_size, device)
+        baseline = evaluate_distributed(strategy, val_samples, pad_id, cfg.batch_size, device, fixed_width)
         reporter.log(0, baseline)
         check_finite(baseline, ("eval/loss",), 0)
 
     on_policy = getattr(objective, "on_policy", None)   # distill's on_policy rows (prunekit.engine.on_policy)
     input_noise = getattr(cfg, "input_noise", 0.0)      # distill: the same noisy inputs for teacher and student
-    # CUDA graphs are recorded per input shape: one width (max_length) records them once instead of per batch width
-    fixed_width = cfg.max_length if cfg.compile_mode == "reduce-overhead" else None
 
     def host_batches(step: int) -> list[dict]:
         micro = step_microbatches(train_samples, order, step, cfg.batch_size, cfg.grad_accum, rank, world_size)
@@ -271,7 +272,7 @@ def _train(model, objective, cfg, train_samples, val_samples, pad_id: int, repor
         if evaluate_now or save_now or done == steps:
             metrics, pending = read_metrics(*pending), None
             if evaluate_now:
-                metrics.update(evaluate_distributed(strategy, val_samples, pad_id, cfg.batch_size, device))
+                metrics.update(evaluate_distributed(strategy, val_samples, pad_id, cfg.batch_size, device, fixed_width))
             reporter.log(done, metrics)
             if save_now:
                 write_checkpoint(strategy, reporter, done, metrics, final=done == steps)

@@ -40,3 +40,7 @@ def test_the_pipeline_measurement_and_the_loop_eval_agree():
     assert looped["eval/tokens"] == measured["tokens"] == 5 * 6
     assert looped["eval/token_acc"] == measured["token_acc"] > 0.5
     assert looped["eval/loss"] == pytest.approx(measured["loss"], rel=1e-6)
+    with torch.no_grad():   # padded to one width (compile_mode reduce-overhead's batches): the same measurement
+        padded = evaluate_distributed(strategy, samples, pad_id=0, batch_size=2, device=torch.device("cpu"), width=20)
+    assert padded["eval/tokens"] == looped["eval/tokens"] and padded["eval/token_acc"] == looped["eval/token_acc"]
+    assert padded["eval/loss"] == pytest.approx(looped["eval/loss"], rel=1e-5)

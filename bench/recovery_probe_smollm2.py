@@ -36,6 +36,10 @@ val (as bench/outcome_smollm2.py does). Sets:
   hidden    (start: that cut model) the recipe's forward KL alone, and with 0.1 / 1.0 of the hidden-state loss
             (distill hidden_weight: each student layer's output against the teacher's hidden state where it hands
             on, by the prune steps in its lineage) -> bench/results/recovery_probe_smollm2_hidden.json
+  time      (start: that cut model) the same device time two ways: the recipe's batch 32 for `--steps`, or batch 16
+            for 1.63x the steps (with CUDA graphs a batch-16 step takes 36.4 ms against 59.5:
+            bench/results/train_throughput_outcome_shape.json) at lr 6e-4 and at 4.2e-4 (lr scaled by sqrt(1/2))
+            -> bench/results/recovery_probe_smollm2_time.json
 `--start ffn` removes the parameters by width instead of depth before the cut: FFN 1536 -> 1024 channels in every
 layer (`prunekit width --ffn 1024`, 25.0% of the decoder-layer parameters, as bench/width_vs_depth_smollm2.py's ffn
 arm), scored on 256 rows of the recovery mix; its result file ends in _ffn.json.
@@ -78,6 +82,8 @@ SETS = {
     "calibration": {"teacher-forced": {}, "sequential": {"sequential_calibration": True}},
     "data-size": {"mix": {}, "mix-half": {"train": "mix/2"}, "mix-quarter": {"train": "mix/4"}},
     "hidden": {"forward-kl": {}, "hidden-0.1": dict(hidden_weight=0.1), "hidden-1": dict(hidden_weight=1.0)},
+    "time": {"b32": {}, "b16-lr6e-4": dict(batch_size=16, steps_scale=1.63),
+             "b16-lr4.2e-4": dict(batch_size=16, lr=4.2e-4, steps_scale=1.63)},
     "noise": {"quarter": {"train": "mix/4"}, "quarter-noise0.1": {"train": "mix/4", "input_noise": 0.1},
               "quarter-noise0.2": {"train": "mix/4", "input_noise": 0.2}},
 }
@@ -87,7 +93,7 @@ RESULT_FILES = {"kv": "recovery_probe_smollm2.json", "lr-batch": "recovery_probe
                 "calibration": "recovery_probe_smollm2_calibration.json",
                 "free-text": "recovery_probe_smollm2_free_text.json", "loss": "recovery_probe_smollm2_loss.json",
                 "data-size": "recovery_probe_smollm2_data_size.json", "noise": "recovery_probe_smollm2_noise.json",
-                "hidden": "recovery_probe_smollm2_hidden.json"}
+                "hidden": "recovery_probe_smollm2_hidden.json", "time": "recovery_probe_smollm2_time.json"}
 
 
 def main(argv=None) -> int:
@@ -214,6 +220,7 @@ def main(argv=None) -> int:
         start, record = time.time(), {}
         extra = dict(extra)
         train = train_files[extra.pop("train", "mix")]
+        steps = max(1, round(args.steps * extra.pop("steps_scale", 1.0)))   # the time set: equal time, not steps
         variant_start = pruned if extra.pop("no_cut", False) else start_model
         if extra.pop("sequential_calibration", False):   # its own cut, fitted on the cut model's own inputs
             variant_start = calibrated_cut(pruned, args.out / f"{name}-cut", sequential=True)
@@ -228,11 +235,11 @@ def main(argv=None) -> int:
                       "after_cut": bench.measure(str(cut), args.data, settings)}
             model = bench.distill(str(cut), train, args.data, args.out / name, name, args.steps - first, settings)
         else:
-            model = bench.distill(str(variant_start), train, args.data, args.out / name, name, args.steps, settings,
+            model = bench.distill(str(variant_start), train, args.data, args.out / name, name, steps, settings,
                                   **extra)
         if "merge_kv_heads" in extra:
             model = str(kv_cut(model, args.out / f"{name}-cut", 1, overwrite=True).output)
-        results[name] = {"steps": args.steps, "train": train.name, **extra, **record,
+        results[name] = {"steps": steps, "train": train.name, **extra, **record,
                          **bench.measure(model, args.data, settings),
                          "seconds": round(time.time() - start, 1)}
         remember(done, results[name])

@@ -272,7 +272,8 @@ def _train(model, objective, cfg, train_samples, val_samples, pad_id: int, repor
         if evaluate_now or save_now or done == steps:
             metrics, pending = read_metrics(*pending), None
             if evaluate_now:
-                metrics.update(evaluate_distributed(strategy, val_samples, pad_id, cfg.batch_size, device, fixed_width))
+                metrics.update(evaluate_distributed(strategy, val_samples, pad_id, cfg.batch_size, device,
+                                                    fixed_width))
             reporter.log(done, metrics)
             if save_now:
                 write_checkpoint(strategy, reporter, done, metrics, final=done == steps)

@@ -93,17 +93,19 @@ class Runner:
             out = self.out / stage_id
             try:
                 record = STAGE_RUNNERS[stage](self, stage_id, settings, rnd, current, target, out)
-            except PipelineStopped:
+                record = {"id": stage_id, "stage": stage, "round": rnd, "input": current["output"], **record}
+                if stage in MODEL_STAGES:
+                    record.update(self.measure(Path(record["output"])))
+            except BaseException as e:   # a stage finished on a later run reports the time of all its attempts
+                self.state.count_attempt(stage_id, time.time() - t0)
+                if isinstance(e, PrunekitError) and not isinstance(e, PipelineStopped):
+                    raise PrunekitError(f"stage {stage_id} ({stage}) failed: {e} — finished stages are kept in "
+                                        f"{self.state.path}; fix it and re-run the same command to continue") from None
                 raise
-            except PrunekitError as e:
-                raise PrunekitError(f"stage {stage_id} ({stage}) failed: {e} — finished stages are kept in "
-                                    f"{self.state.path}; fix it and re-run the same command to continue") from None
-            record = {"id": stage_id, "stage": stage, "round": rnd, "input": current["output"], **record}
-            if stage in MODEL_STAGES:
-                record.update(self.measure(Path(record["output"])))
             record["time_s"] = round(time.time() - t0, 1)
             self.state.add(record)
-            print(f"[{stage_id}] finished in {record['time_s']:.0f}s -> {record['output']}", flush=True)
+            attempts = f" over {record['attempts']} attempts" if record.get("attempts") else ""
+            print(f"[{stage_id}] finished in {record['time_s']:.0f}s{attempts} -> {record['output']}", flush=True)
             done = record
         else:
             print(f"\n== [{stage_id}] {stage}: finished earlier -> {done['output']}", flush=True)

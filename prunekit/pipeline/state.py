@@ -46,7 +46,20 @@ class State:
         os.replace(tmp, self.path)  # a crash mid-write never leaves a half state file
 
     def add(self, record: dict) -> None:
+        """A finished stage; its `time_s` (this attempt's) grows by what earlier attempts of it spent."""
+        earlier = self.data.get("unfinished", {}).pop(record["id"], None)
+        if earlier:
+            record["time_s"] = round(record["time_s"] + earlier["time_s"], 1)
+            record["attempts"] = earlier["attempts"] + 1
         self.data["stages"].append(record)
+        self.save()
+
+    def count_attempt(self, stage_id: str, seconds: float) -> None:
+        """An attempt at a stage that did not finish (an error, Ctrl-C, `kill`): its time counts when the stage
+        finishes on a later run. (A process killed outright, SIGKILL or a lost node, cannot say what it spent.)"""
+        spent = self.data.setdefault("unfinished", {}).setdefault(stage_id, {"time_s": 0.0, "attempts": 0})
+        spent["time_s"] = round(spent["time_s"] + seconds, 1)
+        spent["attempts"] += 1
         self.save()
 
     def redo(self, stage_id: str) -> list[str]:
@@ -56,6 +69,7 @@ class State:
             raise PrunekitError(f"--redo {stage_id}: not a finished stage (finished: {', '.join(ids) or 'none'})")
         dropped = ids[ids.index(stage_id):]
         self.data["stages"] = self.data["stages"][:ids.index(stage_id)]
+        self.data.pop("unfinished", None)   # stages after the redone one never finished on the old path
         self.save()
         return dropped
 

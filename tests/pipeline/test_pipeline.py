@@ -191,6 +191,40 @@ def test_local_pipeline_prunes_a_given_plan_without_ray(chat4, chat_data, tmp_pa
         pl.check_recipe(load_config("pipeline", None, {**bad, "rounds": [{"prune": {"plan": "nope.json"}}]}))
 
 
+def test_a_resumed_stage_reports_the_time_of_all_its_attempts(chat4, chat_data, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during a stage, then the same command again: the state keeps what the cut attempt spent, and the
+    finished stage's time_s counts both attempts (a resumed distillation reported only its last call's minutes)."""
+    import time
+    layer = pl.text_layer_params(chat4)[0]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"drop_text": [1], "order": [{"id": "text:1", "params_removed": layer}]}))
+    out = tmp_path / "out"
+    cfg = recipe(chat4, chat_data, out, launcher="local", rounds=[{"prune": {"plan": str(plan)}}], finish=[],
+                 target={"params": pl.model_facts(chat4)["params"] - layer}, max_layers=1)
+    real, calls = pipeline_runner.STAGE_RUNNERS["prune"], []
+
+    def slow_then_interrupted(runner, *args):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.5)
+            raise KeyboardInterrupt
+        return real(runner, *args)
+
+    monkeypatch.setitem(pipeline_runner.STAGE_RUNNERS, "prune", slow_then_interrupted)
+    recipe_file = write(tmp_path, cfg)
+    assert main(["pipeline", str(recipe_file)]) == 130
+    state = json.loads((out / pl.STATE_FILE).read_text())
+    assert state["stages"] == [] and state["unfinished"]["r1-1-prune"]["attempts"] == 1
+    assert state["unfinished"]["r1-1-prune"]["time_s"] >= 1.5
+    capsys.readouterr()
+    assert main(["pipeline", str(recipe_file)]) == 0
+    state = json.loads((out / pl.STATE_FILE).read_text())
+    (stage,) = state["stages"]
+    assert stage["id"] == "r1-1-prune" and stage["attempts"] == 2 and stage["time_s"] >= 1.5
+    assert state["unfinished"] == {}
+    assert f"finished in {stage['time_s']:.0f}s over 2 attempts" in capsys.readouterr().out
+
+
 def test_kv_cut_stage_calibrates_on_the_train_set(tiny_chat_model_dir, chat_data, tmp_path):
     from types import SimpleNamespace
     from prunekit.config import KVCutStageConfig

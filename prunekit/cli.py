@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=None, help="rows per generation batch (default 512 GPU, 16 CPU)")
-    g.add_argument("--backend", default="auto", choices=["auto", "vllm", "transformers"])
+    g.add_argument("--backend", default="auto", choices=["auto", "vllm", "transformers", "slots"])
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--actors", type=int, default=0,
                    help="Ray rollout actors, one GPU each (0: generate in this process, no Ray)")

@@ -405,7 +405,8 @@ class RLAlgorithmConfig(Strict):
 
 
 class RolloutConfig(Strict):
-    backend: Literal["auto", "vllm", "transformers"] = "auto"  # auto: vLLM where installed and supported
+    # auto: vLLM where installed and supported; slots: prunekit's own decode loop (prunekit.rl.decode)
+    backend: Literal["auto", "vllm", "transformers", "slots"] = "auto"
     num_actors: int = 1
     n: int = 8                                # samples per prompt (the group)
     temperature: float = 1.0

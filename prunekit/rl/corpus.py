@@ -25,6 +25,7 @@ from prunekit.core.corpus import (CorpusFile, answer_key, dedup_prompts, file_sh
 from prunekit.rl.rollout import Sampling, eos_ids, make_backend
 
 DEFAULT_BATCH = {"cuda": 512, "cpu": 16}
+JOB_BATCHES = {"slots": 8}   # rows per job, in batches: the slot decoder drains only at the end of a job
 
 
 @dataclass
@@ -136,7 +137,7 @@ def generate_corpus(teacher: str | Path, out: str | Path, prompts: str | Path | 
     prompts: a messages/text JSONL or JSON file; seed_prompts: True (all), N (the first N) or False; default: the
     built-in prompts when no file is given; unconditioned: text from the start token alone instead of prompts.
     Stop at `rows` rows or `tokens` completion tokens (one of them; with neither, one pass over a prompt file).
-    backend: auto | vllm | transformers; device: auto | cpu | cuda.
+    backend: auto | vllm | transformers | slots (prunekit.rl.decode); device: auto | cpu | cuda.
     `pool`: where generation runs (default `InProcess()`; the stage passes Ray rollout actors).
     Returns the statistics written to `out.stats.json`."""
     from prunekit.core.loading import load_tokenizer, quiet_transformers, read_config, resolve_model
@@ -148,8 +149,8 @@ def generate_corpus(teacher: str | Path, out: str | Path, prompts: str | Path | 
     _positive(max_new_tokens, "--max-new-tokens", allow_none=False)
     _positive(batch_size, "--batch-size")
     _validate_sampling(temperature, top_p)
-    if backend not in ("auto", "vllm", "transformers"):
-        raise PrunekitError(f"--backend {backend}: expected auto, vllm or transformers")
+    if backend not in ("auto", "vllm", "transformers", "slots"):
+        raise PrunekitError(f"--backend {backend}: expected auto, vllm, transformers or slots")
     items, prompt_identity = collect_prompts(prompts, seed_prompts, unconditioned)
     if rows is None and tokens is None and prompts is None:
         source_name = "the start token alone" if unconditioned else "the built-in seed prompts"
@@ -246,7 +247,8 @@ def _run(pool, corpus: CorpusFile, units, prompt_ids, items, tok, eos, source, s
     def next_job() -> Job | None:
         if finished() or stalled["samples"] > stall_limit:
             return None
-        want = batch
+        # the slot decoder refills its `batch` slots as rows finish: a job of several batches keeps them busy
+        want = batch * JOB_BATCHES.get(pool.backend_name, 1)
         if rows is not None:
             want = min(want, rows - len(corpus.tokens) - inflight["rows"])
         elif by_tokens:  # rows still needed, guessed from the mean answer length so far

@@ -172,7 +172,8 @@ class TransformersRollout:
     name = "transformers"
 
     def __init__(self, model_dir, device: str = "cpu", batch_size: int = 64, fast: bool | None = None,
-                 dtype: str = "float32", eos: list[int] | None = None, pad_id: int | None = None):
+                 dtype: str = "float32", eos: list[int] | None = None, pad_id: int | None = None,
+                 slots: bool = False):
         from prunekit.core.loading import load_model, quiet_transformers
         with quiet_transformers():
             self.model, self.family = load_model(Path(model_dir), dtype=dtype)
@@ -182,8 +183,16 @@ class TransformersRollout:
         self.pad_id = pad_id if pad_id is not None else (self.eos[0] if self.eos else 0)
         self.batch_size = batch_size
         self.fast = self.device.type == "cuda" if fast is None else fast
-        if self.fast:
+        if self.fast or slots:
             use_grouped_decode(self.model)
+        self.slots = None
+        if slots:   # prunekit's decode loop (prunekit.rl.decode): batch_size slots, refilled as rows finish
+            from prunekit.rl.decode import SlotDecoder, slots_supported
+            why = slots_supported(self.model)
+            if why:
+                raise PrunekitError(f"backend slots: {why}; use backend: transformers")
+            self.slots = SlotDecoder(self.model, batch_size, self.eos)
+            self.name = "slots"
 
     def load_weights(self, state: dict) -> None:
         missing, unexpected = self.model.load_state_dict(state, strict=False)
@@ -195,15 +204,19 @@ class TransformersRollout:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[dict]:
         expanded = [p for p in prompts for _ in range(sampling.n)]
-        order = sorted(range(len(expanded)), key=lambda i: len(expanded[i])) if self.fast else range(len(expanded))
-        order = list(order)
-        completions: list[list[int] | None] = [None] * len(expanded)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            for i, c in zip(idx, self._generate_batch([expanded[i] for i in idx], sampling)):
-                completions[i] = c
+        if self.slots is not None:
+            completions = self.slots.generate(expanded, sampling.max_new_tokens, sampling.temperature,
+                                              sampling.top_p)
+        else:
+            order = sorted(range(len(expanded)), key=lambda i: len(expanded[i])) if self.fast else \
+                list(range(len(expanded)))
+            completions: list[list[int] | None] = [None] * len(expanded)
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                for i, c in zip(idx, self._generate_batch([expanded[i] for i in idx], sampling)):
+                    completions[i] = c
         if not sampling.logprobs:
             return [{"completion_ids": c, "logprobs": None} for c in completions]
         logprobs = completion_logprobs(self.model, expanded, completions, sampling.temperature, self.pad_id,
@@ -297,8 +310,9 @@ def make_backend(backend: str, model_dir, device: str = "cpu", **kw):
             raise PrunekitError(f"rollout.backend vllm: {why}; use backend: transformers")
         return VLLMRollout(model_dir, device=device, **{k: v for k, v in kw.items() if k in (
             "max_model_len", "gpu_memory_utilization", "max_num_seqs", "enforce_eager", "eos", "seed", "dtype")})
-    return TransformersRollout(model_dir, device=device, **{k: v for k, v in kw.items() if k in (
-        "batch_size", "fast", "dtype", "eos", "pad_id")})
+    return TransformersRollout(model_dir, device=device, slots=backend == "slots", **{k: v for k, v in kw.items()
+                                                                                    if k in ("batch_size", "fast",
+                                                                                             "dtype", "eos", "pad_id")})
 
 
 class RolloutActor:

@@ -34,6 +34,31 @@ def sidecar(path):
     return json.loads(path.with_name(path.name + ".stats.json").read_text())
 
 
+def test_slots_backend_writes_the_corpus_in_jobs_of_several_batches(tiny_chat_model_dir, tmp_path):
+    """`--backend slots` (prunekit's decode loop): the same rows, ids and stats as the transformers backend, from
+    jobs of 8 batches (its slots refill across a job), and `data generate --backend slots` is accepted."""
+    from prunekit.rl import corpus as corpus_module
+    jobs = []
+    real = corpus_module.Job
+
+    def recording_job(units, *rest):
+        jobs.append(len(units))
+        return real(units, *rest)
+
+    out = tmp_path / "corpus.jsonl"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(corpus_module, "Job", recording_job)
+        stats = generate_corpus(tiny_chat_model_dir, out, rows=20, seed_prompts=True,
+                                **{**FAST, "backend": "slots", "batch_size": 2})
+    rows = rows_of(out)
+    assert len(rows) == 20 == stats["rows"] and len({r["id"] for r in rows}) == 20
+    assert all(r["finish"] in ("stop", "length") and 0 < r["tokens"] <= 6 for r in rows)
+    assert jobs[0] == 16 and sidecar(out)["runs"][0]["backend"] == "slots"
+    assert main(["data", "generate", "--model", str(tiny_chat_model_dir), "-o", str(tmp_path / "cli.jsonl"),
+                 "--rows", "3", "--max-new-tokens", "4", "--backend", "slots", "--device", "cpu"]) == 0
+    assert len(rows_of(tmp_path / "cli.jsonl")) == 3
+
+
 @pytest.fixture(scope="module")
 def prompt_file(tmp_path_factory):
     """Two conversations (a system message, two user turns -> two prompts; one turn) and a raw text row."""

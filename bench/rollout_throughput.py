@@ -263,9 +263,9 @@ def corpus_decode(args, model_dir: Path, tok, device: str) -> dict:
 
 
 def corpus_job(args, model_dir: Path, tok, device: str) -> dict:
-    """One `data generate` job of the slots backend (8 batches of 512: its slots refill as rows finish) against
-    the transformers backend's fast path on the same prompts and sampling: both warmed up on one batch first
-    (transformers compiles its decode step there, the slot decoder records its CUDA graph), then timed."""
+    """One `data generate` job of the slots backend (8 batches of 512: its slots refill as rows finish), with its
+    step's model part compiled and without, against the transformers backend's fast path on the same prompts and
+    sampling: each warmed up on one batch first (compilation, the CUDA graph's recording), then timed."""
     from prunekit.core.seed_prompts import seed_prompts
     from prunekit.rl.corpus import JOB_BATCHES, tokenize
     from prunekit.rl.rollout import Sampling, make_backend
@@ -275,11 +275,12 @@ def corpus_job(args, model_dir: Path, tok, device: str) -> dict:
     sampling = Sampling(n=1, temperature=1.0, top_p=0.95, max_new_tokens=max_new, seed=0, logprobs=False)
     out = {"rows": rows, "batch": batch, "max_new_tokens": max_new, "temperature": 1.0, "top_p": 0.95,
            "dtype": "float32" if args.smoke else "bfloat16"}
-    for name in ("transformers", "slots"):
-        backend = make_backend(name, model_dir, device=device, batch_size=batch, fast=True, dtype=out["dtype"],
-                               pad_id=tok.pad_token_id, eos=[tok.eos_token_id])
-        t0 = time.perf_counter()
-        backend.generate(prompts[:batch], sampling)
+    for name in ("transformers", "slots", "slots_compiled"):
+        backend = make_backend(name.removesuffix("_compiled"), model_dir, device=device, batch_size=batch, fast=True,
+                               dtype=out["dtype"], pad_id=tok.pad_token_id, eos=[tok.eos_token_id],
+                               slots_compile=name == "slots_compiled")
+        t0 = time.perf_counter()   # the job's longest prompt among the warm-up's: the slot decoder's cache fits it
+        backend.generate(prompts[:batch - 1] + [max(prompts[batch:], key=len)], sampling)
         warm = time.perf_counter() - t0
         if device == "cuda":
             torch.cuda.synchronize()
@@ -293,7 +294,8 @@ def corpus_job(args, model_dir: Path, tok, device: str) -> dict:
                      "tokens_per_s": round(sum(lengths) / seconds), "mean_tokens": round(statistics.mean(lengths), 1)}
         del backend
         log(f"corpus job ({rows} rows): {name} {out[name]['tokens_per_s']} tokens/s (warm-up {warm:.1f} s)")
-    out["slots_vs_transformers"] = round(out["slots"]["tokens_per_s"] / out["transformers"]["tokens_per_s"], 2)
+    for name in ("slots", "slots_compiled"):
+        out[f"{name}_vs_transformers"] = round(out[name]["tokens_per_s"] / out["transformers"]["tokens_per_s"], 2)
     return out
 
 

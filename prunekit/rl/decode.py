@@ -93,7 +93,8 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Ten
 class SlotDecoder:
     """Sample completions for many prompts through `slots` batch slots (see the module docstring)."""
 
-    def __init__(self, model, slots: int, eos: list[int], refill_every: int = 8, graph: bool | None = None):
+    def __init__(self, model, slots: int, eos: list[int], refill_every: int = 8, graph: bool | None = None,
+                 compile: bool = False):
         why = slots_supported(model)
         if why:
             raise ValueError(f"the slot decoder cannot run this model: {why}")
@@ -108,6 +109,10 @@ class SlotDecoder:
         cfg = model.config
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        # compile: the step's model part fused by inductor (default mode) before the CUDA graph records it
+        self._logits = torch.compile(self._step_logits, dynamic=False) if compile else self._step_logits
+        self.shape: tuple | None = None   # (cache length, max_new_tokens, temperature, top_p) the buffers were made for
+        self.replay = None
 
     # ---- one decode step over every slot: fixed shapes, state in place, no host sync ----------------------------
     def _layers(self, x, positions, masks, cache, last: torch.Tensor | None = None) -> torch.Tensor:
@@ -120,12 +125,14 @@ class SlotDecoder:
             x = out[0] if isinstance(out, tuple) else out
         return x[:, -1] if last is None else x[torch.arange(len(x), device=x.device), last]
 
+    def _step_logits(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.base.embed_tokens(tokens[:, None])
+        masks = _masks(self.model, positions[:, None], self.state["span"])
+        return self.model.lm_head(self.base.norm(self._layers(x, positions[:, None], masks, self.cache))).float()
+
     def _step(self) -> None:
         s = self.state
-        x = self.base.embed_tokens(s["tokens"][:, None])
-        masks = _masks(self.model, s["pos"][:, None], s["span"])
-        logits = self.model.lm_head(self.base.norm(self._layers(x, s["pos"][:, None], masks, self.cache))).float()
-        new = _sample(logits, self.temperature, self.top_p)
+        new = _sample(self._logits(s["tokens"], s["pos"]), self.temperature, self.top_p)
         live = ~s["done"]
         # a finished slot's token goes to the spare last column; its count and position stay
         column = torch.where(live, s["count"], torch.full_like(s["count"], s["out"].shape[1] - 1))
@@ -142,20 +149,9 @@ class SlotDecoder:
         """Completions (up to and including the first EOS, at most `max_new_tokens`) in the prompts' order."""
         if not prompts:
             return []
-        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        length = max(len(p) for p in prompts) + max_new_tokens
-        layers = len(self.base.layers)
-        shape = (self.slots, self.kv_heads, length, self.head_dim)
-        self.cache = _SlotCache([torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)],
-                                [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)])
-        long = dict(dtype=torch.long, device=self.device)
-        self.state = {"tokens": torch.zeros(self.slots, **long), "pos": torch.zeros(self.slots, **long),
-                      "count": torch.zeros(self.slots, **long),
-                      "done": torch.ones(self.slots, dtype=torch.bool, device=self.device),
-                      "out": torch.zeros(self.slots, max_new_tokens + 1, **long),
-                      "span": torch.arange(length, **long)}
-        self.cache.positions = self.state["pos"]
-        step = self._recorded_step() if self.graph else self._step
+        self._buffers(max(len(p) for p in prompts) + max_new_tokens, max_new_tokens, temperature, top_p)
+        self.state["done"].fill_(True)   # every slot free (a call that raised may have left some mid-answer)
+        step = self.replay or self._step
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))   # similar widths prefill together
         waiting, row_of = list(reversed(order)), [None] * self.slots
         results: list[list[int] | None] = [None] * len(prompts)
@@ -207,6 +203,29 @@ class SlotDecoder:
         s["out"][at, 0] = first
         s["count"][at] = 1
         s["done"][at] = torch.isin(first, self.eos) | (self.max_new_tokens <= 1)
+
+    def _buffers(self, length: int, max_new_tokens: int, temperature: float, top_p: float) -> None:
+        """The KV cache and the slots' state, kept from one `generate` to the next (and so is the recorded step)
+        unless this call needs a longer cache or other sampling settings; lengths go up in steps of 64."""
+        length = -(-length // 64) * 64
+        if self.shape is not None and self.shape[0] >= length and self.shape[1:] == (max_new_tokens, temperature,
+                                                                                      top_p):
+            return
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.shape, self.replay, self.cache, self.state = (length, max_new_tokens, temperature, top_p), None, None, None
+        layers = len(self.base.layers)
+        shape = (self.slots, self.kv_heads, length, self.head_dim)
+        self.cache = _SlotCache([torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)],
+                                [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)])
+        long = dict(dtype=torch.long, device=self.device)
+        self.state = {"tokens": torch.zeros(self.slots, **long), "pos": torch.zeros(self.slots, **long),
+                      "count": torch.zeros(self.slots, **long),
+                      "done": torch.ones(self.slots, dtype=torch.bool, device=self.device),
+                      "out": torch.zeros(self.slots, max_new_tokens + 1, **long),
+                      "span": torch.arange(length, **long)}
+        self.cache.positions = self.state["pos"]
+        if self.graph:
+            self.replay = self._recorded_step()
 
     def _recorded_step(self):
         """The decode step as a CUDA graph (recorded with every slot idle, then the state reset), replayed per

@@ -173,7 +173,7 @@ class TransformersRollout:
 
     def __init__(self, model_dir, device: str = "cpu", batch_size: int = 64, fast: bool | None = None,
                  dtype: str = "float32", eos: list[int] | None = None, pad_id: int | None = None,
-                 slots: bool = False):
+                 slots: bool = False, slots_compile: bool = False):
         from prunekit.core.loading import load_model, quiet_transformers
         with quiet_transformers():
             self.model, self.family = load_model(Path(model_dir), dtype=dtype)
@@ -191,7 +191,7 @@ class TransformersRollout:
             why = slots_supported(self.model)
             if why:
                 raise PrunekitError(f"backend slots: {why}; use backend: transformers")
-            self.slots = SlotDecoder(self.model, batch_size, self.eos)
+            self.slots = SlotDecoder(self.model, batch_size, self.eos, compile=slots_compile)
             self.name = "slots"
 
     def load_weights(self, state: dict) -> None:
@@ -312,7 +312,8 @@ def make_backend(backend: str, model_dir, device: str = "cpu", **kw):
             "max_model_len", "gpu_memory_utilization", "max_num_seqs", "enforce_eager", "eos", "seed", "dtype")})
     return TransformersRollout(model_dir, device=device, slots=backend == "slots", **{k: v for k, v in kw.items()
                                                                                     if k in ("batch_size", "fast",
-                                                                                             "dtype", "eos", "pad_id")})
+                                                                                             "dtype", "eos", "pad_id",
+                                                                                             "slots_compile")})
 
 
 class RolloutActor:

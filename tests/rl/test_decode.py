@@ -35,6 +35,26 @@ def test_slots_refilled_as_rows_finish_give_generates_greedy_tokens(family):
     assert got == want
 
 
+def test_buffers_are_kept_between_calls_and_the_compiled_step_decodes_alike():
+    """A second `generate` reuses the cache and state (a longer prompt set grows them, in steps of 64) and gives
+    what a fresh decoder gives; with `compile` (inductor on the step's model part) the greedy tokens are the same."""
+    from tests.conftest import build_tiny
+    from prunekit.rl.decode import SlotDecoder
+    model = build_tiny("llama").eval()
+    model.set_attn_implementation("sdpa")
+    g = torch.Generator().manual_seed(2)
+    short = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (4, 2, 6)]
+    long = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (70, 3)]
+    fresh = [SlotDecoder(model, slots=2, eos=[7]).generate(p, 8, temperature=0.0) for p in (short, long)]
+    kept = SlotDecoder(model, slots=2, eos=[7])
+    assert kept.generate(short, 8, temperature=0.0) == fresh[0]
+    cache = kept.cache.keys[0]
+    assert kept.generate(short, 8, temperature=0.0) == fresh[0] and kept.cache.keys[0] is cache
+    assert kept.generate(long, 8, temperature=0.0) == fresh[1] and kept.cache.keys[0].shape[2] == 128
+    compiled = SlotDecoder(model, slots=2, eos=[7], compile=True)
+    assert compiled.generate(short, 8, temperature=0.0) == fresh[0]
+
+
 def test_sampling_follows_transformers_top_p_nucleus():
     """T=0.8, top_p 0.6 on one prompt's first token, 6,000 draws through 512 slots: only tokens of transformers'
     nucleus appear, in its renormalised proportions."""

@@ -149,7 +149,7 @@ def distill(model: str, train: Path, data: Path, out: Path, name: str, steps: in
     from prunekit.config import load_config
     from prunekit.core.loading import resolve_model
     from prunekit.stages import training
-    settings = yaml.safe_load((ROOT / "recipes" / "outcome.yaml").read_text())["stages"]["distill"]
+    settings = yaml.safe_load(recipe_file(args).read_text())["stages"]["distill"]
     settings.update(args.fallback)
     cfg = load_config("distill", None, {**settings, **sizes(args)["distill"], "model": model, "teacher": str(
         resolve_model("smollm2")), "train": str(train), "val": str(data / "val.jsonl"), "output_dir": str(out),
@@ -175,8 +175,18 @@ def sizes(args) -> dict:
 DEFAULT_ROWS = 32768
 
 
+DEFAULT_RECIPE = ROOT / "recipes" / "outcome.yaml"
+
+
+def recipe_file(args) -> Path:
+    """The recipe this run follows: recipes/outcome.yaml, or a variant of it (`--recipe`)."""
+    return (getattr(args, "recipe", None) or DEFAULT_RECIPE).resolve()
+
+
 def report_path(args) -> Path:
     width = f"_width_ffn{args.width_ffn}" if args.width_ffn else ""
+    if recipe_file(args) != DEFAULT_RECIPE.resolve():   # a variant recipe: its own report
+        width = f"_{recipe_file(args).stem}{width}"
     extra = (f"_prose{args.prose_rows}" if args.prose_rows else "") + (f"_free{args.free_rows}" if args.free_rows
                                                                         else "")
     extra += (f"_rows{args.rows}" if args.rows != DEFAULT_ROWS and not args.smoke else "") + (
@@ -219,6 +229,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--gen-batch", type=int, default=None, metavar="B",
                     help="rows per teacher generation batch (default: `data generate`'s)")
+    ap.add_argument("--recipe", type=Path, default=None,
+                    help="a variant of recipes/outcome.yaml to run instead (report outcome_smollm2_<its stem>.json)")
     ap.add_argument("--gen-backend", default="transformers", choices=["transformers", "slots"],
                     help="the teacher's generation backend (slots: prunekit's decode loop, prunekit.rl.decode)")
     ap.add_argument("--prose-rows", type=int, default=0, metavar="N",
@@ -275,7 +287,7 @@ def main(argv=None) -> int:
     # a resumed run must be the same run: what shapes the corpus and the pipeline is kept with the phase clock
     run_settings = {k: str(getattr(args, k)) for k in ("rows", "max_new_tokens", "prose_rows", "free_rows",
                                                        "width_ffn", "plan", "corpus_from", "input_noise",
-                                                       "gen_batch", "gen_backend", "hidden_weight")}
+                                                       "gen_batch", "gen_backend", "hidden_weight", "recipe")}
     state_file = out / "bench_state.json"
     earlier = json.loads(state_file.read_text()).get("settings") if state_file.is_file() else None
     if earlier is not None and earlier != run_settings:
@@ -329,7 +341,7 @@ def main(argv=None) -> int:
         import yaml
         from prunekit.config import load_config
         from prunekit.pipeline import pipeline
-        recipe = yaml.safe_load((ROOT / "recipes" / "outcome.yaml").read_text())
+        recipe = yaml.safe_load(recipe_file(args).read_text())
         recipe.update(model=original, train=str(recovery), val=str(data / "val.jsonl"),
                       eval_text=str(data / "general-eval.jsonl"), output_dir=str(out / "pipeline"))
         recipe["rounds"][0]["prune"]["plan"] = str(args.plan)
@@ -432,7 +444,7 @@ def main(argv=None) -> int:
         import yaml
         from prunekit.core.kv_calibration import CalibrationSettings
         from prunekit.stages.kv_cut import kv_cut
-        recipe_cut = next(e["kv_cut"] for e in yaml.safe_load((ROOT / "recipes" / "outcome.yaml").read_text())[
+        recipe_cut = next(e["kv_cut"] for e in yaml.safe_load(recipe_file(args).read_text())[
             "finish"] if isinstance(e, dict) and "kv_cut" in e)
         kv = {"samples": recipe_cut.get("samples", 64), "calibration_steps": recipe_cut.get("calibration_steps", 200),
               **sizes(args)["kv"]}
@@ -505,7 +517,7 @@ def write_report(results: dict, args, path: Path) -> None:
         "date": time.strftime("%Y-%m-%d"),
         "machine": args.machine or (torch.cuda.get_device_name(0) if args.gpu else platform.processor()),
         "command": results.get("command") or "python bench/outcome_smollm2.py" + (" --gpu" if args.gpu else " --smoke"),
-        "recipe": "recipes/outcome.yaml", "status": pipe["status"], "corpus": results.get("corpus"),
+        "recipe": str(recipe_file(args).relative_to(ROOT)), "status": pipe["status"], "corpus": results.get("corpus"),
         # since session 11 a run stops before training on a mix that shares val rows or questions
         "chat_val_split": "by question: no val row or question is in the recovery mix (check_val_held_out)",
         "corpus_from": reused, **({"corpus_prose": results["corpus_prose"]} if results.get("corpus_prose") else {}),

@@ -98,7 +98,8 @@ class SlotDecoder:
         why = slots_supported(model)
         if why:
             raise ValueError(f"the slot decoder cannot run this model: {why}")
-        if model.config._attn_implementation not in ("sdpa", "prunekit_grouped_decode"):
+        from prunekit.rl.rollout import GROUPED_DECODE   # (rollout imports this module when it makes a decoder)
+        if model.config._attn_implementation not in ("sdpa", GROUPED_DECODE):
             raise ValueError("the slot decoder needs the model on SDPA attention (its masks are boolean)")
         self.model, self.slots, self.refill_every = model, slots, max(1, refill_every)
         self.base = model.model

@@ -99,7 +99,8 @@ class RLRun:
         self.actors = [actor_cls.remote(ro.backend, cfg.model, device="cuda" if on_gpu else "cpu", version=0,
                                         threads=max(1, int(ro.cpus_per_actor)), batch_size=ro.batch_size,
                                         fast=ro.fast, dtype=self.sync_dtype, pad_id=pad,
-                                        max_model_len=ro.max_model_len, gpu_memory_utilization=ro.gpu_memory_utilization,
+                                        max_model_len=ro.max_model_len,
+                                        gpu_memory_utilization=ro.gpu_memory_utilization,
                                         max_num_seqs=max(ro.batch_size, cfg.prompts_per_step * ro.n), seed=cfg.seed)
                        for _ in range(ro.num_actors)]
         ray.get([a.info.remote() for a in self.actors])  # every actor is up (a failed start raises here)

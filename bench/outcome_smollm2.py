@@ -517,7 +517,7 @@ def write_report(results: dict, args, path: Path) -> None:
         "date": time.strftime("%Y-%m-%d"),
         "machine": args.machine or (torch.cuda.get_device_name(0) if args.gpu else platform.processor()),
         "command": results.get("command") or "python bench/outcome_smollm2.py" + (" --gpu" if args.gpu else " --smoke"),
-        "recipe": str(recipe_file(args).relative_to(ROOT)), "status": pipe["status"], "corpus": results.get("corpus"),
+        "recipe": os.path.relpath(recipe_file(args), ROOT), "status": pipe["status"], "corpus": results.get("corpus"),
         # since session 11 a run stops before training on a mix that shares val rows or questions
         "chat_val_split": "by question: no val row or question is in the recovery mix (check_val_held_out)",
         "corpus_from": reused, **({"corpus_prose": results["corpus_prose"]} if results.get("corpus_prose") else {}),

@@ -6,7 +6,8 @@ Two backends with one interface (`generate`, `load_weights`):
   vLLM's in-place `reload_weights` (which re-runs the CPU backend's weight packing), then the prefix cache is reset.
 - `TransformersRollout`: transformers `generate`; on GPU the fast path uses a static KV cache (the decode step
   compiled into CUDA graphs by transformers), length-sorted prompts, large fixed-shape batches and grouped decode
-  attention (below).
+  attention (below). Backend `slots` is the same class on prunekit's own decode loop (`prunekit.rl.decode`):
+  batch slots refilled as rows finish.
 
 `RolloutActor` wraps a backend with a weight version counter: `generate` refuses to run on weights other than the
 version the driver expects, so a missed sync fails loudly instead of training on stale samples. Ray appears only

@@ -228,6 +228,18 @@ def fast_vs_plain(args, model_dir: Path, tok, device: str) -> dict:
     return out
 
 
+def warm_then_time(backend, warmup: list, prompts: list, sampling) -> tuple[float, float, list[dict]]:
+    """(seconds of the warm-up call, seconds of the timed call, its samples): the warm-up compiles or records."""
+    seconds = []
+    for batch in (warmup, prompts):
+        t0 = time.perf_counter()
+        samples = backend.generate(batch, sampling)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - t0)
+    return seconds[0], seconds[1], samples
+
+
 def corpus_decode(args, model_dir: Path, tok, device: str) -> dict:
     """Sampled generation at the corpus generator's batch: grouped decode attention vs transformers' SDPA (the
     rollout's fast path either way); the second batch of each is timed (the first compiles)."""
@@ -245,14 +257,7 @@ def corpus_decode(args, model_dir: Path, tok, device: str) -> dict:
         if label == "sdpa":
             rollout.model.set_attn_implementation("sdpa")
         assert (rollout.model.config._attn_implementation == GROUPED_DECODE) == (label == "grouped_decode")
-        rollout.generate(prompts[:batch], sampling)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        samples = rollout.generate(prompts[batch:], sampling)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+        _, seconds, samples = warm_then_time(rollout, prompts[:batch], prompts[batch:], sampling)
         tokens = sum(len(x["completion_ids"]) for x in samples)
         out[label] = {"seconds": round(seconds, 2), "tokens": tokens, "tokens_per_s": round(tokens / seconds),
                       "ms_per_decode_step": round(1000 * seconds / max_new, 1)}
@@ -279,16 +284,9 @@ def corpus_job(args, model_dir: Path, tok, device: str) -> dict:
         backend = make_backend(name.removesuffix("_compiled"), model_dir, device=device, batch_size=batch, fast=True,
                                dtype=out["dtype"], pad_id=tok.pad_token_id, eos=[tok.eos_token_id],
                                slots_compile=name == "slots_compiled")
-        t0 = time.perf_counter()   # the job's longest prompt among the warm-up's: the slot decoder's cache fits it
-        backend.generate(prompts[:batch - 1] + [max(prompts[batch:], key=len)], sampling)
-        warm = time.perf_counter() - t0
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        samples = backend.generate(prompts[batch:], sampling)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+        # the job's longest prompt among the warm-up's: the slot decoder's cache fits it from then on
+        warm, seconds, samples = warm_then_time(backend, prompts[:batch - 1] + [max(prompts[batch:], key=len)],
+                                                prompts[batch:], sampling)
         lengths = [len(x["completion_ids"]) for x in samples]
         out[name] = {"warmup_seconds": round(warm, 1), "seconds": round(seconds, 2), "tokens": sum(lengths),
                      "tokens_per_s": round(sum(lengths) / seconds), "mean_tokens": round(statistics.mean(lengths), 1)}

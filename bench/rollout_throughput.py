@@ -245,7 +245,8 @@ def corpus_decode(args, model_dir: Path, tok, device: str) -> dict:
     rollout's fast path either way); the second batch of each is timed (the first compiles)."""
     from prunekit.core.seed_prompts import seed_prompts
     from prunekit.rl.corpus import tokenize
-    from prunekit.rl.rollout import GROUPED_DECODE, Sampling, TransformersRollout
+    from prunekit.rl.decode import GROUPED_DECODE
+    from prunekit.rl.rollout import Sampling, TransformersRollout
     batch, max_new = (4, 8) if args.smoke else (512, 256)
     prompts = [tokenize(tok, {"messages": [{"role": "user", "content": q}]}) for q in seed_prompts(2 * batch)]
     sampling = Sampling(n=1, temperature=1.0, top_p=0.95, max_new_tokens=max_new, seed=0, logprobs=False)

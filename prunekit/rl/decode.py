@@ -8,7 +8,8 @@ that slot's cache rows), and the host looks at the slots only every `refill_ever
 the model's own decoder layers, temperature and transformers' top-p filter, sampling — has fixed shapes and no host
 sync, so on a GPU it is recorded once as a CUDA graph and replayed (no compilation).
 
-The decoder layers are the model's own modules, called with a cache object that writes each row at its own
+Also here: `grouped_decode_attention`, the decode-step attention both this loop and the transformers backend's fast
+path use. The decoder layers are the model's own modules, called with a cache object that writes each row at its own
 position (`_SlotCache`), so every family's attention (biases, q/k norms, RoPE) is transformers' code; supported:
 the text families whose model is `embed_tokens -> layers -> norm` with one rotary embedding, each layer's attention
 full or a sliding window (`slots_supported`).
@@ -18,6 +19,44 @@ from __future__ import annotations
 import torch
 
 from prunekit.core.families import family_for
+
+
+GROUPED_DECODE = "prunekit_grouped_decode"
+
+
+def grouped_decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """SDPA for grouped-query attention that never copies K/V per query head while decoding.
+
+    With a padding mask, transformers' SDPA path repeats every KV head for each of its query heads (the fused kernels
+    that take grouped K/V refuse masks), which at batch 512 makes attention most of a decode step. One new token's
+    query heads of a group all read the same K/V under the same mask, so they can ride as that KV head's query rows:
+    [B, H, 1, D] -> [B, KV, H/KV, D], exact. Prefill and everything else goes to transformers' own SDPA function.
+    (SmolLM2-135M on an H200, batch 512 x 256 new tokens: 23.0k -> 33.1k tokens/s.)"""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    groups = getattr(module, "num_key_value_groups", 1)
+    batch, heads, q_len, head_dim = query.shape
+    if q_len != 1 or groups == 1 or dropout:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    grouped = query.reshape(batch, heads // groups, groups, head_dim)
+    mask = attention_mask
+    if mask is not None:   # [B, 1, 1, L]: the same row for every query head of the group
+        mask = mask.expand(batch, 1, groups, mask.shape[-1])
+    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(batch, heads, 1, head_dim).transpose(1, 2), None
+
+
+def use_grouped_decode(model) -> bool:
+    """Switch a text model on transformers' SDPA attention to `grouped_decode_attention`; False (and no change) when
+    it uses another attention implementation."""
+    if model.config._attn_implementation != "sdpa":
+        return False
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(GROUPED_DECODE, grouped_decode_attention)
+    AttentionMaskInterface.register(GROUPED_DECODE, sdpa_mask)
+    model.set_attn_implementation(GROUPED_DECODE)
+    return True
 
 
 def slots_supported(model) -> str | None:
@@ -98,7 +137,6 @@ class SlotDecoder:
         why = slots_supported(model)
         if why:
             raise ValueError(f"the slot decoder cannot run this model: {why}")
-        from prunekit.rl.rollout import GROUPED_DECODE   # (rollout imports this module when it makes a decoder)
         if model.config._attn_implementation not in ("sdpa", GROUPED_DECODE):
             raise ValueError("the slot decoder needs the model on SDPA attention (its masks are boolean)")
         self.model, self.slots, self.refill_every = model, slots, max(1, refill_every)

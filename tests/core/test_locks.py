@@ -14,6 +14,7 @@ from tests.processes import finish, pause_at, start_cli, wait_for
 def test_a_second_identical_run_fails_at_once_naming_the_holder(tiny_chat_model_dir, chat_data, tmp_path, capsys):
     import os
     import socket
+    import time
     ready = tmp_path / "ready"
     first = start_cli(sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out"), tmp_path,
                       patch=pause_at("prunekit.engine.loop", "write_manifest", ready))
@@ -28,6 +29,8 @@ def test_a_second_identical_run_fails_at_once_naming_the_holder(tiny_chat_model_
     code, _, err = run_cli(capsys, *sft_args(tiny_chat_model_dir, chat_data, tmp_path, "elsewhere"))  # same --name
     assert code == 2 and err.startswith(f"prunekit sft: error: run directory {run_dir}: in use by {holder}"), err
     assert metrics.read_text() == logged and not (tmp_path / "elsewhere").exists()  # nothing trained or written
+    os.kill(first.pid, 15)   # the first SIGTERM waits for the checkpoint being written; a second stops it at once
+    time.sleep(1.0)
     os.kill(first.pid, 15)
     assert finish(first)[0] == 143
     code, out, err = run_cli(capsys, *sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out"))  # free again

@@ -42,7 +42,7 @@ def test_grouped_decode_attention_generates_what_sdpa_generates(family):
     static KV cache) gives the tokens, and the decode steps the logits, that transformers' SDPA gives; prefill goes to
     SDPA untouched."""
     from tests.conftest import build_tiny
-    from prunekit.rl.rollout import GROUPED_DECODE, use_grouped_decode
+    from prunekit.rl.decode import GROUPED_DECODE, use_grouped_decode
     model = build_tiny(family)
     model.set_attn_implementation("sdpa")
     ids = torch.randint(3, 128, (3, 10), generator=torch.Generator().manual_seed(0))
@@ -62,7 +62,8 @@ def test_grouped_decode_attention_generates_what_sdpa_generates(family):
 
 
 def test_rollout_fast_path_uses_grouped_decode(tiny_rl_model):
-    from prunekit.rl.rollout import GROUPED_DECODE, Sampling, TransformersRollout
+    from prunekit.rl.decode import GROUPED_DECODE
+    from prunekit.rl.rollout import Sampling, TransformersRollout
     prompts = [[5, 9, 13, 2], [40, 2], [7, 8, 9, 10, 11, 2]]
     greedy = Sampling(n=1, temperature=0.0, max_new_tokens=8)
     plain = TransformersRollout(tiny_rl_model, fast=False, batch_size=4, eos=[1], pad_id=0)

@@ -253,7 +253,7 @@ def _train(model, objective, cfg, train_samples, val_samples, pad_id: int, repor
     crash_at_step = injected_faults()[0]
     # one process with its loop on the main thread: the first Ctrl-C / SIGTERM is acted on after the step it lands
     # in, with a checkpoint (a chained or preempted run resumes where it stopped); a second one stops it at once
-    stop = StopOnSignal() if world_size == 1 and getattr(reporter, "checkpoint_on_stop", False) else None
+    stop = StopOnSignal() if world_size == 1 and reporter.checkpoint_on_stop else None
     if stop is not None:
         stop.arm()
     try:

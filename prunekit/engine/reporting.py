@@ -31,6 +31,7 @@ class RunLogger:
     progress_bar = True  # off where many runs share one console (knockout trials)
     # off where a run keeps no checkpoints (knockout trials): the loop then never gathers a full state dict to write
     keeps_checkpoints = True
+    checkpoint_on_stop = False  # LocalReporter: the first Ctrl-C / SIGTERM stops on a checkpoint (engine.loop)
 
     def __init__(self, run_dir: Path, run_name: str, cfg):
         self.run_dir, self.run_name, self.cfg = Path(run_dir), run_name, cfg

@@ -83,15 +83,14 @@ def _layer_kinds(model) -> list[str]:
     return ["sliding_attention" if sliding else "full_attention"] * layers
 
 
-def _masks(model, queries: torch.Tensor, keys: torch.Tensor) -> list[torch.Tensor]:
+def _masks(kinds: list[str], window: int | None, queries: torch.Tensor, keys: torch.Tensor) -> list[torch.Tensor]:
     """Each layer's boolean mask [rows, 1, q, k] (True: attend) for query positions `queries` [rows, q] over key
-    positions `keys` [k]: causal, and for a sliding layer only the last `sliding_window` positions (transformers'
+    positions `keys` [k]: causal, and for a sliding layer only the last `window` positions (transformers'
     rule: kv > q - window)."""
     q, k = queries[:, None, :, None], keys[None, None, None, :]
     causal = k <= q
-    window = getattr(model.config, "sliding_window", None)
     sliding = causal & (k > q - window) if window else causal
-    return [sliding if kind == "sliding_attention" else causal for kind in _layer_kinds(model)]
+    return [sliding if kind == "sliding_attention" else causal for kind in kinds]
 
 
 class _SlotCache:
@@ -148,9 +147,11 @@ class SlotDecoder:
         cfg = model.config
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.kinds, self.window = _layer_kinds(model), getattr(cfg, "sliding_window", None)
         # compile: the step's model part fused by inductor (default mode) before the CUDA graph records it
         self._logits = torch.compile(self._step_logits, dynamic=False) if compile else self._step_logits
-        self.shape: tuple | None = None   # (cache length, max_new_tokens, temperature, top_p) the buffers were made for
+        self.length = 0   # the cache length the buffers (and the recorded step) were made for
+        self.max_new_tokens = self.temperature = self.top_p = None
         self.replay = None
 
     # ---- one decode step over every slot: fixed shapes, state in place, no host sync ----------------------------
@@ -166,7 +167,7 @@ class SlotDecoder:
 
     def _step_logits(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.base.embed_tokens(tokens[:, None])
-        masks = _masks(self.model, positions[:, None], self.state["span"])
+        masks = _masks(self.kinds, self.window, positions[:, None], self.state["span"])
         return self.model.lm_head(self.base.norm(self._layers(x, positions[:, None], masks, self.cache))).float()
 
     def _step(self) -> None:
@@ -228,7 +229,7 @@ class SlotDecoder:
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         positions = torch.arange(width, device=self.device)[None].expand(len(prompts), -1)
         # right padding under a causal mask: a prompt's own tokens never see the padding after them
-        masks = _masks(self.model, positions[:1], positions[0])
+        masks = _masks(self.kinds, self.window, positions[:1], positions[0])
         self.cache.prefill_slots = at
         try:
             hidden = self._layers(self.base.embed_tokens(ids), positions, masks, self.cache, last)
@@ -247,11 +248,11 @@ class SlotDecoder:
         """The KV cache and the slots' state, kept from one `generate` to the next (and so is the recorded step)
         unless this call needs a longer cache or other sampling settings; lengths go up in steps of 64."""
         length = -(-length // 64) * 64
-        if self.shape is not None and self.shape[0] >= length and self.shape[1:] == (max_new_tokens, temperature,
-                                                                                      top_p):
+        sampling = (max_new_tokens, temperature, top_p)
+        if self.length >= length and (self.max_new_tokens, self.temperature, self.top_p) == sampling:
             return
-        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        self.shape, self.replay, self.cache, self.state = (length, max_new_tokens, temperature, top_p), None, None, None
+        self.max_new_tokens, self.temperature, self.top_p = sampling
+        self.length, self.replay, self.cache, self.state = length, None, None, None
         layers = len(self.base.layers)
         shape = (self.slots, self.kv_heads, length, self.head_dim)
         self.cache = _SlotCache([torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)],

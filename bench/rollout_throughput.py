@@ -434,7 +434,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="rollout-bench-") as tmp:
         workdir = Path(tmp)
         if args.gpu or args.smoke:
-            results["gpu"] = {**results.get("gpu", {}), **meta, **gpu_section(args, workdir)}
+            fresh = gpu_section(args, workdir)
+            if set(GPU_SECTIONS) - set(args.sections):   # some sections only: the header's date stays theirs
+                fresh = {k: {**v, "measured": meta} if k in args.sections and isinstance(v, dict) else v
+                         for k, v in fresh.items()}
+                results["gpu"] = {**results.get("gpu", {}), **fresh}
+            else:
+                results["gpu"] = {**results.get("gpu", {}), **meta, **fresh}
         if args.cpu or args.smoke:  # last: vLLM pins this process's threads
             results["cpu"] = {**meta, **cpu_section(args, workdir)}
     out_path.parent.mkdir(parents=True, exist_ok=True)

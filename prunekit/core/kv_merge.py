@@ -1,9 +1,9 @@
 """Merge KV heads gradually while a model trains, so that cutting them afterwards loses nothing.
 
 A KV cut (3 -> 1 heads on SmolLM2) replaces each group of K/V projections by their mean at once: the model loses
-most of what it can do and recovery starts from there (bench/results/outcome_smollm2.json: 2% of the original's
-general-text token_acc right after a mean cut, 30% after a calibrated one). Here the heads of each group are pulled
-toward the group's mean after every optimizer step instead, a little more each step: the part of each head's
+most of what it can do and recovery starts from there (bench/results/outcome_smollm2_b32_steps5000.json: 2% of the
+original's general-text token_acc right after a mean cut, 30% after a calibrated one). Here the heads of each group are
+pulled toward the group's mean after every optimizer step instead, a little more each step: the part of each head's
 deviation from the mean that training leaves alone shrinks linearly to zero over the first `ramp` of the steps, and
 the heads stay identical after that. Training adapts the rest of the model (queries, o_proj, MLPs) while the heads
 converge, and the `kv_cut` that follows (mean grouping: groups of adjacent heads, as here) is exact.

@@ -183,6 +183,14 @@ def recipe_file(args) -> Path:
     return (getattr(args, "recipe", None) or DEFAULT_RECIPE).resolve()
 
 
+def final_distill(recipe: dict) -> dict:
+    """The settings of the recipe's last finish distillation (the one that heals the KV cut)."""
+    step = [s for s in recipe["finish"] if isinstance(s, dict) and "distill" in s][-1]
+    if step["distill"] is None:
+        step["distill"] = {}
+    return step["distill"]
+
+
 def report_path(args) -> Path:
     width = f"_width_ffn{args.width_ffn}" if args.width_ffn else ""
     if recipe_file(args) != DEFAULT_RECIPE.resolve():   # a variant recipe: its own report
@@ -191,7 +199,8 @@ def report_path(args) -> Path:
                                                                         else "")
     extra += (f"_rows{args.rows}" if args.rows != DEFAULT_ROWS and not args.smoke else "") + (
         f"_noise{args.input_noise:g}" if args.input_noise else "") + (
-        f"_hidden{args.hidden_weight:g}" if args.hidden_weight else "")
+        f"_hidden{args.hidden_weight:g}" if args.hidden_weight else "") + (
+        f"_steps{args.max_steps}" if args.max_steps and not args.smoke else "")
     return RESULTS / f"outcome_smollm2{width}{extra}{'_smoke' if args.smoke else ''}.json"
 
 
@@ -227,6 +236,9 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden-weight", type=float, default=0.0, metavar="W",
                     help="the distillation's hidden_weight (report outcome_smollm2_hiddenW.json)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--max-steps", type=int, default=None, metavar="N",
+                    help="the final distillation's steps instead of the recipe's (report outcome_smollm2_stepsN.json): "
+                         "room in the 20 minutes for --prose-rows / --free-rows generation")
     ap.add_argument("--gen-batch", type=int, default=None, metavar="B",
                     help="rows per teacher generation batch (default: `data generate`'s)")
     ap.add_argument("--recipe", type=Path, default=None,
@@ -287,7 +299,8 @@ def main(argv=None) -> int:
     # a resumed run must be the same run: what shapes the corpus and the pipeline is kept with the phase clock
     run_settings = {k: str(getattr(args, k)) for k in ("rows", "max_new_tokens", "prose_rows", "free_rows",
                                                        "width_ffn", "plan", "corpus_from", "input_noise",
-                                                       "gen_batch", "gen_backend", "hidden_weight", "recipe")}
+                                                       "gen_batch", "gen_backend", "hidden_weight", "recipe",
+                                                       "max_steps")}
     state_file = out / "bench_state.json"
     earlier = json.loads(state_file.read_text()).get("settings") if state_file.is_file() else None
     if earlier is not None and earlier != run_settings:
@@ -349,6 +362,8 @@ def main(argv=None) -> int:
             recipe["stages"]["distill"]["input_noise"] = args.input_noise
         if args.hidden_weight:
             recipe["stages"]["distill"]["hidden_weight"] = args.hidden_weight
+        if args.max_steps:
+            final_distill(recipe)["max_steps"] = args.max_steps
         recipe["ray"]["use_gpu"] = args.gpu
         recipe["eval_samples"] = args.eval_samples
         if args.eval_text_samples:

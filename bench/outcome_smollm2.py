@@ -562,7 +562,8 @@ def write_report(results: dict, args, path: Path) -> None:
         # comparisons the earlier report itself took from a still earlier one keep that run's date and command
         source = earlier.get("comparisons_from") or {}
         source = source if set(taken) <= set(source.get("phases", ())) else earlier
-        note = "; ".join(n for n in (args.comparisons_note, source.get("note")) if n)
+        parts = [p for n in (args.comparisons_note, source.get("note")) if n for p in n.split("; ")]
+        note = "; ".join(dict.fromkeys(parts))   # a chain of reports repeats its notes: each part once
         report["comparisons_from"] = {"phases": taken, "date": source["date"], "command": source["command"],
                                       "note": note}
     missing = [p for p in PHASES if p not in results or (p != "corpus" and not results[p])]

@@ -10,6 +10,8 @@ variant in one process, so a change to it can be judged in a minute:
   prunekit_argmax_rows  the same, token hits from an argmax (the engine's way until session 11; it now takes a hit
                         when the target's logit is the row max, a plain max the logsumexp's reduction shares)
   prunekit_nohit_rows   the same without counting hits at all (what token_acc costs)
+  prunekit_triton_rows  the same, the row loss one Triton kernel (prunekit.core.losses.triton_rows: two passes over
+                        each row, the gradient written over the logits; not the engine's yet, this decides)
   torch_autograd        logits materialised, F.cross_entropy, autograd (the plain baseline)
   liger_flce            Liger's LigerFusedLinearCrossEntropyLoss, the peer (skipped with the reason when not installed)
 Every variant's loss and hidden-state gradient are checked against torch_autograd's (float32 reference on a slice).
@@ -32,7 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("prunekit", "prunekit_chunk4096", "prunekit_eager_rows", "prunekit_argmax_rows", "prunekit_nohit_rows",
-            "torch_autograd", "liger_flce")
+            "prunekit_triton_rows", "torch_autograd", "liger_flce")
 
 
 def _ce_rows_hits_by(hits: str):
@@ -65,14 +67,14 @@ def inputs(tokens: int, hidden: int, vocab: int, device, dtype):
 
 def loss_fn(variant: str, tokens: int):
     """(h, w, target) -> summed loss, for one variant."""
-    from prunekit.core.losses import ce
+    from prunekit.core.losses import ce, triton_rows
     labels_of = lambda t: torch.cat([t.new_full((1,), ce.IGNORE_INDEX), t])[None]  # noqa: E731 - next-token labels
     if variant.startswith("prunekit"):
         chunk = 4096 if variant == "prunekit_chunk4096" else tokens
         rows_fn = {"prunekit_eager_rows": ce._ce_rows,
                    "prunekit_argmax_rows": ce.compiled_on_gpu(_ce_rows_hits_by("argmax"), torch.cuda.is_available()),
-                   "prunekit_nohit_rows": ce.compiled_on_gpu(_ce_rows_hits_by("none"), torch.cuda.is_available())
-                   }.get(variant)
+                   "prunekit_nohit_rows": ce.compiled_on_gpu(_ce_rows_hits_by("none"), torch.cuda.is_available()),
+                   "prunekit_triton_rows": triton_rows.ce_rows_triton}.get(variant)
         if rows_fn is not None:
             return lambda h, w, t: ce.FusedLinearLoss.apply(h, w, None, t, chunk, rows_fn)[0]
         # the engine's call: hidden [1, T+1, H] whose last position is never supervised
@@ -90,6 +92,10 @@ def loss_fn(variant: str, tokens: int):
 def measure(variant: str, args, device) -> dict:
     if variant == "liger_flce" and importlib.util.find_spec("liger_kernel") is None:
         return {"skipped": "liger-kernel is not installed (pip install liger-kernel)"}
+    if variant == "prunekit_triton_rows":
+        from prunekit.core.losses.triton_rows import available
+        if available(device):
+            return {"skipped": available(device)}
     dtype = torch.float32 if args.smoke else torch.bfloat16
     h, w, t = inputs(args.tokens, args.hidden, args.vocab, device, dtype)
     fn = loss_fn(variant, args.tokens)

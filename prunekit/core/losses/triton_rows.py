@@ -10,6 +10,7 @@ runs where Triton does: CUDA, or anywhere under ``TRITON_INTERPRET=1`` (how the 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 
 import torch
@@ -25,9 +26,7 @@ def interpreted() -> bool:
 
 def available(device: torch.device) -> str | None:
     """None when the kernel can run on ``device``, else why not."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if device.type != "cuda" and not interpreted():
         return f"the Triton kernel runs on CUDA (or under TRITON_INTERPRET=1), not on {device.type}"

@@ -125,7 +125,7 @@ def run_prunekit(args, distill: bool = False) -> dict:
     device = bench_device(args)
     student_shape, teacher_shape = shapes(args)
     model = build(student_shape, device)
-    objective = SFTObjective(chunk_size=args.chunk)
+    objective = SFTObjective(chunk_size=args.chunk, row_loss=args.row_loss)
     if distill:
         teacher_device = torch.device("cuda", args.teacher_gpu) if args.teacher_gpu is not None else device
         teacher = build(teacher_shape, teacher_device).to(torch.bfloat16)
@@ -249,6 +249,9 @@ def run_all(args) -> None:
             ("prunekit_1gpu", me + ["prunekit"], one),
             ("prunekit_1gpu_bf16_compiled", me + ["prunekit"] + fast, one),
             ("prunekit_distill_1gpu_bf16_compiled", me + ["distill"] + fast, one)]
+    if not args.smoke:   # the row loss as one Triton kernel (CUDA only): the fast path with it, beside it
+        plan.insert(5, ("prunekit_1gpu_bf16_compiled_triton_rows", me + ["prunekit", "--row-loss", "triton"] + fast,
+                        one))
     def torchrun(n: int, strategy: str):
         return ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), str(here), "--mode",
                  "prunekit", "--strategy", strategy] + fast, {"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(n)))})
@@ -347,6 +350,8 @@ def main():
                    help="with --compile (prunekit, distill): torch.compile's mode for the layers (compile_mode)")
     p.add_argument("--packed", action="store_true", help="rows packed from documents of 10-60%% of --seq (a 4D "
                                                         "block-diagonal mask), as the recovery runs train")
+    p.add_argument("--row-loss", default="compiled", choices=["compiled", "triton"],
+                   help="prunekit: the cross-entropy row loss (triton: one kernel, prunekit.core.losses.triton_rows)")
     p.add_argument("--profile", action="store_true", help="print a kernel-time table of 3 steady-state steps")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes and sizes: the 1-GPU rows' code paths")
     p.add_argument("--out", default=None, help="default bench/results/train_throughput.json (--smoke: "

@@ -33,16 +33,17 @@ def model_inputs(batch: dict, dtype=torch.float32) -> dict:
 
 
 class SFTObjective:
-    """Cross-entropy on assistant tokens, computed from hidden states in chunks (no full B*S*V logits)."""
+    """Cross-entropy on assistant tokens, computed from hidden states in chunks (no full B*S*V logits); `row_loss`
+    picks how each chunk's rows are reduced (`prunekit.core.losses.ce.ROW_LOSSES`)."""
 
-    def __init__(self, chunk_size: int = 1024):
-        self.chunk_size = chunk_size
+    def __init__(self, chunk_size: int = 1024, row_loss: str = "compiled"):
+        self.chunk_size, self.row_loss = chunk_size, row_loss
 
     def __call__(self, model, batch: dict) -> dict:
         backbone, head = backbone_and_head(model)
         hidden = backbone(**model_inputs(batch, compute_dtype(model)), use_cache=False).last_hidden_state
         loss_sum, n_tokens, n_correct = chunked_causal_lm_loss(hidden, head.weight, batch["labels"],
-                                                               chunk_size=self.chunk_size)
+                                                               chunk_size=self.chunk_size, row_loss=self.row_loss)
         return {"loss_sum": loss_sum, "n_tokens": n_tokens, "n_correct": n_correct}
 
 

@@ -55,6 +55,7 @@ def chunked_causal_lm_loss(
     labels: torch.Tensor,
     chunk_size: int = 1024,
     ignore_index: int = IGNORE_INDEX,
+    row_loss: str = "compiled",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`causal_lm_loss` computed from final hidden states and the lm_head weight.
 
@@ -67,6 +68,8 @@ def chunked_causal_lm_loss(
         hidden: ``[B, S, H]`` final (post-norm) hidden states.
         lm_head_weight: ``[V, H]``.
         labels: ``[B, S]``.
+        row_loss: how a chunk's rows are reduced in training: ``compiled`` (torch.compile on GPU, eager elsewhere)
+            or ``triton`` (one kernel, ``prunekit.core.losses.triton_rows``; CUDA only).
     """
     if hidden.shape[:2] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on [batch, seq]")
@@ -75,7 +78,7 @@ def chunked_causal_lm_loss(
     n_tokens = torch.tensor(len(rows), device=hidden.device)
     if torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad):
         loss_sum, n_correct = FusedLinearLoss.apply(h, lm_head_weight, None, target, chunk_size,
-                                                     compiled_on_gpu(_ce_rows, h.is_cuda))
+                                                     ce_row_loss(row_loss, h.device))
         return loss_sum, n_tokens, n_correct
     loss_sum = hidden.new_zeros((), dtype=torch.float32)
     n_correct = torch.zeros((), dtype=torch.long, device=hidden.device)
@@ -105,6 +108,22 @@ def _ce_rows(logits: torch.Tensor, _extra, target: torch.Tensor):
         probs.div_(total[:, None])
         hits = (best == target).sum()
     return (lse - picked).sum(), minus_onehot(probs, target).to(logits.dtype), hits
+
+
+ROW_LOSSES = ("compiled", "triton")
+
+
+def ce_row_loss(name: str, device: torch.device) -> Callable:
+    """The cross-entropy row loss called ``name`` (ROW_LOSSES) for rows on ``device``."""
+    if name == "compiled":
+        return compiled_on_gpu(_ce_rows, device.type == "cuda")
+    if name == "triton":
+        from prunekit.core.losses import triton_rows
+        why_not = triton_rows.available(device)
+        if why_not:
+            raise ValueError(f"row_loss triton: {why_not}")
+        return triton_rows.ce_rows_triton
+    raise ValueError(f"row_loss: expected one of {', '.join(ROW_LOSSES)}, got {name!r}")
 
 
 def minus_onehot(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

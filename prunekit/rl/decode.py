@@ -22,6 +22,8 @@ from prunekit.core.families import family_for
 
 
 GROUPED_DECODE = "prunekit_grouped_decode"
+TRITON_DECODE = "prunekit_triton_decode"   # the decode step's attention as one Triton kernel (decode_attention.py)
+DECODE_KERNELS = {"sdpa": GROUPED_DECODE, "triton": TRITON_DECODE}
 
 
 def grouped_decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -46,16 +48,32 @@ def grouped_decode_attention(module, query, key, value, attention_mask, dropout:
     return out.reshape(batch, heads, 1, head_dim).transpose(1, 2), None
 
 
-def use_grouped_decode(model) -> bool:
-    """Switch a text model on transformers' SDPA attention to `grouped_decode_attention`; False (and no change) when
-    it uses another attention implementation."""
-    if model.config._attn_implementation != "sdpa":
+def triton_decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                            **kwargs):
+    """`grouped_decode_attention` with the decode step on the Triton kernel of `decode_attention` where it can run
+    (CUDA in bf16/fp16, or Triton's interpreter); everything else as `grouped_decode_attention` does it."""
+    from prunekit.rl import decode_attention as kernel
+    # shape and dtype tests only: this runs inside transformers' compiled decode step (no TF32 dots for float32)
+    usable = kernel.triton is not None and query.shape[-1] in kernel.HEAD_SIZES and (
+        query.dtype != torch.float32 if query.is_cuda else kernel.INTERPRETED)
+    if query.shape[2] == 1 and not dropout and usable:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return kernel.decode_attention(query, key, value, attention_mask, scale).transpose(1, 2), None
+    return grouped_decode_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                    **kwargs)
+
+
+def use_grouped_decode(model, kernel: str = "sdpa") -> bool:
+    """Switch a text model on transformers' SDPA attention to `grouped_decode_attention` (`kernel` "sdpa") or to
+    `triton_decode_attention` ("triton"); False (and no change) when it uses another attention implementation."""
+    if model.config._attn_implementation not in ("sdpa", *DECODE_KERNELS.values()):
         return False
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    AttentionInterface.register(GROUPED_DECODE, grouped_decode_attention)
-    AttentionMaskInterface.register(GROUPED_DECODE, sdpa_mask)
-    model.set_attn_implementation(GROUPED_DECODE)
+    name = DECODE_KERNELS[kernel]
+    AttentionInterface.register(name, triton_decode_attention if kernel == "triton" else grouped_decode_attention)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    model.set_attn_implementation(name)
     return True
 
 
@@ -136,7 +154,7 @@ class SlotDecoder:
         why = slots_supported(model)
         if why:
             raise ValueError(f"the slot decoder cannot run this model: {why}")
-        if model.config._attn_implementation not in ("sdpa", GROUPED_DECODE):
+        if model.config._attn_implementation not in ("sdpa", *DECODE_KERNELS.values()):
             raise ValueError("the slot decoder needs the model on SDPA attention (its masks are boolean)")
         self.model, self.slots, self.refill_every = model, slots, max(1, refill_every)
         self.base = model.model

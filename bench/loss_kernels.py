@@ -93,9 +93,9 @@ def measure(variant: str, args, device) -> dict:
     if variant == "liger_flce" and importlib.util.find_spec("liger_kernel") is None:
         return {"skipped": "liger-kernel is not installed (pip install liger-kernel)"}
     if variant == "prunekit_triton_rows":
-        from prunekit.core.losses.triton_rows import available
-        if available(device):
-            return {"skipped": available(device)}
+        from prunekit.core.triton_support import unavailable
+        if unavailable(device):
+            return {"skipped": unavailable(device)}
     dtype = torch.float32 if args.smoke else torch.bfloat16
     h, w, t = inputs(args.tokens, args.hidden, args.vocab, device, dtype)
     fn = loss_fn(variant, args.tokens)

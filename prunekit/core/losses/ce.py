@@ -118,11 +118,11 @@ def ce_row_loss(name: str, device: torch.device) -> Callable:
     if name == "compiled":
         return compiled_on_gpu(_ce_rows, device.type == "cuda")
     if name == "triton":
-        from prunekit.core.losses import triton_rows
-        why_not = triton_rows.available(device)
-        if why_not:
-            raise ValueError(f"row_loss triton: {why_not}")
-        return triton_rows.ce_rows_triton
+        from prunekit.core.losses.triton_rows import ce_rows_triton
+        from prunekit.core.triton_support import unavailable
+        if unavailable(device):
+            raise ValueError(f"row_loss triton: {unavailable(device)}")
+        return ce_rows_triton
     raise ValueError(f"row_loss: expected one of {', '.join(ROW_LOSSES)}, got {name!r}")
 
 

@@ -5,43 +5,23 @@ Why: in train_throughput's profile (Qwen2.5-0.5B shape, 16,384 tokens x 151,936 
 logits took 8.7 of the step's 128 ms, reading them at ~0.6 TB/s, and the gradient took another pass. Two reads and
 one write of the bf16 logits are ~15 GB at that shape: a few ms at the H200's bandwidth. It is the same function as
 ``prunekit.core.losses.ce._ce_rows`` (same loss, gradient, hit rule: a tie with the row max counts as a hit) and
-runs where Triton does: CUDA, or anywhere under ``TRITON_INTERPRET=1`` (how the CPU tests run it).
+runs where Triton does (``prunekit.core.triton_support``).
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
-
 import torch
+
+from prunekit.core.triton_support import tl, triton
 
 BLOCK = 4096      # logits per program step: a row of 151,936 takes 38 steps a pass
 NUM_WARPS = 8
 _FLOOR = -1.0e30  # the running max starts here, not at -inf: exp(-inf - -inf) would be NaN in lanes past the row end
 
 
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def available(device: torch.device) -> str | None:
-    """None when the kernel can run on ``device``, else why not."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if device.type != "cuda" and not interpreted():
-        return f"the Triton kernel runs on CUDA (or under TRITON_INTERPRET=1), not on {device.type}"
-    return None
-
-
-@functools.lru_cache(maxsize=2)
-def _kernel(interpret: bool):
-    """The jitted kernel; built on first use (and once per interpreter setting: triton.jit reads it when it wraps)."""
-    import triton
-    import triton.language as tl
-
+if triton is not None:
     @triton.jit
-    def ce_rows_kernel(x_ptr, target_ptr, loss_ptr, hit_ptr, n_cols, row_stride,
-                       BLOCK: tl.constexpr, FLOOR: tl.constexpr):
+    def _ce_rows_kernel(x_ptr, target_ptr, loss_ptr, hit_ptr, n_cols, row_stride,
+                        BLOCK: tl.constexpr, FLOOR: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * row_stride
         target = tl.load(target_ptr + row)
@@ -67,8 +47,6 @@ def _kernel(interpret: bool):
             grad = tl.exp(x - lse) - (cols == target).to(tl.float32)
             tl.store(x_row + cols, grad.to(x_ptr.dtype.element_ty), mask=inside)
 
-    return ce_rows_kernel
-
 
 def ce_rows_triton(logits: torch.Tensor, _extra, target: torch.Tensor):
     """``_ce_rows`` in one kernel: (summed cross-entropy, d loss / d logits in the logits' dtype, token hits). The
@@ -79,6 +57,6 @@ def ce_rows_triton(logits: torch.Tensor, _extra, target: torch.Tensor):
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     hits = torch.empty(rows, dtype=torch.int32, device=logits.device)
     if rows:
-        _kernel(interpreted())[(rows,)](logits, target.contiguous(), loss, hits, vocab, logits.stride(0),
-                                        BLOCK=BLOCK, FLOOR=_FLOOR, num_warps=NUM_WARPS)
+        _ce_rows_kernel[(rows,)](logits, target.contiguous(), loss, hits, vocab, logits.stride(0),
+                                 BLOCK=BLOCK, FLOOR=_FLOOR, num_warps=NUM_WARPS)
     return loss.sum(), logits, hits.sum(dtype=torch.long)

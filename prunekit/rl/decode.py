@@ -53,7 +53,8 @@ def triton_decode_attention(module, query, key, value, attention_mask, dropout: 
     """`grouped_decode_attention` with the decode step on the Triton kernel of `decode_attention` where it can run
     (CUDA in bf16/fp16, or Triton's interpreter); everything else as `grouped_decode_attention` does it."""
     from prunekit.rl import decode_attention as kernel
-    if query.shape[2] == 1 and not dropout and kernel.usable(query):
+    fits = key.stride(-1) == 1 and value.stride(-1) == 1 and query.shape[1] % key.shape[1] == 0
+    if query.shape[2] == 1 and not dropout and fits and kernel.usable(query):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return kernel.decode_attention(query, key, value, attention_mask, scale).transpose(1, 2), None
     return grouped_decode_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -63,6 +64,8 @@ def triton_decode_attention(module, query, key, value, attention_mask, dropout: 
 def use_grouped_decode(model, kernel: str = "sdpa") -> bool:
     """Switch a text model on transformers' SDPA attention to `grouped_decode_attention` (`kernel` "sdpa") or to
     `triton_decode_attention` ("triton"); False (and no change) when it uses another attention implementation."""
+    if kernel not in DECODE_KERNELS:
+        raise ValueError(f"decode kernel: expected one of {', '.join(DECODE_KERNELS)}, got {kernel!r}")
     if model.config._attn_implementation not in ("sdpa", *DECODE_KERNELS.values()):
         return False
     from transformers import AttentionInterface

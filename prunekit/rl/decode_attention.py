@@ -86,8 +86,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     group = heads // kv_heads
     query = query.contiguous()
     out = torch.empty_like(query)
-    if mask is not None:
-        mask = mask.reshape(batch, n_cache)
+    if mask is not None:   # [B or 1, 1, 1, N]: one row of positions per batch row
+        mask = mask.expand(batch, 1, 1, n_cache).reshape(batch, n_cache)
         if mask.is_floating_point():   # an additive mask: 0 where a position may be attended
             mask = mask == 0
         if mask.stride(-1) != 1:

@@ -33,6 +33,12 @@ def _matches_sdpa(dtype_name: str) -> None:
             out = decode_attention(q, k, v, m, dim ** -0.5)
             assert out.shape == q.shape and out.dtype == dtype
             torch.testing.assert_close(out.float(), ref, atol=atol, rtol=0)
+        shared = mask[3:4]   # one mask row for the whole batch
+        ref_shared = torch.nn.functional.scaled_dot_product_attention(
+            q.float(), k.float().repeat_interleave(heads // kv_heads, 1),
+            v.float().repeat_interleave(heads // kv_heads, 1), attn_mask=shared, scale=dim ** -0.5)
+        torch.testing.assert_close(decode_attention(q, k, v, shared, dim ** -0.5).float(), ref_shared, atol=atol,
+                                   rtol=0)
         out = decode_attention(q, k, v, None, dim ** -0.5)   # no mask: every position
         ref = torch.nn.functional.scaled_dot_product_attention(
             q.float(), k.float().repeat_interleave(heads // kv_heads, 1),
@@ -75,8 +81,11 @@ def test_triton_decode_generates_what_sdpa_generates(family):
 
 
 def test_decode_attention_says_where_it_cannot_run():
+    from prunekit.rl.decode import use_grouped_decode
     from prunekit.rl.decode_attention import available, decode_attention, usable
     assert "run on CUDA" in available(torch.zeros(1, 2, 1, 64)) and not usable(torch.zeros(1, 2, 1, 64))
     assert "head size 48" in available(torch.zeros(1, 2, 1, 48))
+    with pytest.raises(ValueError, match="decode kernel: expected one of sdpa, triton, got 'flash'"):
+        use_grouped_decode(None, kernel="flash")
     with pytest.raises(ValueError, match="one query position"):
         decode_attention(torch.zeros(1, 3, 2, 64), torch.zeros(1, 1, 5, 64), torch.zeros(1, 1, 5, 64), None, 0.125)

@@ -435,7 +435,8 @@ def main(argv=None) -> int:
             if label in runs:
                 continue
             o, f = (evaluate_file(m, path, n, 512, device=dev) for m in (original, final))
-            runs[label] = {"rows": n, "original": o, "final": f, "nll_over_original": f["loss"] - o["loss"],
+            runs[label] = {"rows": f.get("rows", n), "original": o, "final": f,   # a file may hold fewer than n
+                           "nll_over_original": f["loss"] - o["loss"],
                            "token_acc_vs_original": f["token_acc"] / o["token_acc"]}
             save()
 

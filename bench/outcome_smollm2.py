@@ -362,8 +362,6 @@ def main(argv=None) -> int:
             recipe["stages"]["distill"]["input_noise"] = args.input_noise
         if args.hidden_weight:
             recipe["stages"]["distill"]["hidden_weight"] = args.hidden_weight
-        if args.max_steps:
-            final_distill(recipe)["max_steps"] = args.max_steps
         recipe["ray"]["use_gpu"] = args.gpu
         recipe["eval_samples"] = args.eval_samples
         if args.eval_text_samples:
@@ -374,6 +372,8 @@ def main(argv=None) -> int:
                 recipe["stages"]["distill"].update(value)
             else:
                 recipe[key] = value
+        if args.max_steps:   # after the smoke sizes, so --smoke runs it too
+            final_distill(recipe)["max_steps"] = args.max_steps
         if args.width_ffn:  # the one round cuts FFN channels (scored on the recovery mix) instead of layers
             recipe["rounds"] = [{"width": {"ffn": args.width_ffn, "samples": 4 if args.smoke else 256,
                                            "batch_size": 16}}]

@@ -46,26 +46,6 @@ def _matches_sdpa(dtype_name: str) -> None:
         torch.testing.assert_close(out.float(), ref, atol=atol, rtol=0)
 
 
-def _generates_what_sdpa_generates(family: str) -> None:
-    from tests.conftest import build_tiny
-    from prunekit.rl.decode import TRITON_DECODE, use_grouped_decode
-    model = build_tiny(family)
-    model.set_attn_implementation("sdpa")
-    ids = torch.randint(3, 128, (3, 10), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[0, :4], mask[2, :7] = 0, 0
-    ids[mask == 0] = 0
-    kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12, pad_token_id=0,
-              output_logits=True, return_dict_in_generate=True)
-    want = model.generate(**kw)
-    assert use_grouped_decode(model, kernel="triton") and model.config._attn_implementation == TRITON_DECODE
-    for cache in (None, "static"):
-        got = model.generate(**kw, cache_implementation=cache)
-        assert torch.equal(got.sequences, want.sequences)
-        for a, b in zip(got.logits, want.logits):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("dtype_name", ["float32", "float16"])
 def test_decode_attention_kernel_gives_what_sdpa_gives(dtype_name):
     """3, 1 and 8 query heads per KV head; masks that leave whole blocks of the cache shut (left padding, positions
@@ -77,7 +57,8 @@ def test_decode_attention_kernel_gives_what_sdpa_gives(dtype_name):
 def test_triton_decode_generates_what_sdpa_generates(family):
     """Left-padded rows through generate with the kernel as the decode step's attention (dynamic and static KV cache;
     the tiny qwen2 has sliding-window layers): the tokens and logits SDPA gives."""
-    run_in_triton_interpreter("tests.rl.test_decode_attention", "_generates_what_sdpa_generates", family)
+    run_in_triton_interpreter("tests.rl.test_rollout", "decode_kernel_generates_what_sdpa_generates", family,
+                              "triton")
 
 
 def test_decode_attention_says_where_it_cannot_run():

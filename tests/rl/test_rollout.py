@@ -36,13 +36,11 @@ def test_learner_and_rollout_score_the_same_tokens_and_weights_pack_exactly(tiny
     assert all(v.dtype == torch.bfloat16 for v in unpack_state(pack_state(state, torch.bfloat16)).values())
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_grouped_decode_attention_generates_what_sdpa_generates(family):
-    """Left-padded rows, 2 query heads per KV head: greedy generation with grouped decode attention (dynamic and
-    static KV cache) gives the tokens, and the decode steps the logits, that transformers' SDPA gives; prefill goes to
-    SDPA untouched."""
+def decode_kernel_generates_what_sdpa_generates(family: str, kernel: str) -> None:
+    """Left-padded rows: greedy generation with the decode step's attention on `kernel` (`use_grouped_decode`),
+    dynamic and static KV cache, gives the tokens, and the decode steps the logits, that transformers' SDPA gives."""
     from tests.conftest import build_tiny
-    from prunekit.rl.decode import GROUPED_DECODE, use_grouped_decode
+    from prunekit.rl.decode import DECODE_KERNELS, use_grouped_decode
     model = build_tiny(family)
     model.set_attn_implementation("sdpa")
     ids = torch.randint(3, 128, (3, 10), generator=torch.Generator().manual_seed(0))
@@ -52,12 +50,20 @@ def test_grouped_decode_attention_generates_what_sdpa_generates(family):
     kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12, pad_token_id=0,
               output_logits=True, return_dict_in_generate=True)
     want = model.generate(**kw)
-    assert use_grouped_decode(model) and model.config._attn_implementation == GROUPED_DECODE
+    assert use_grouped_decode(model, kernel) and model.config._attn_implementation == DECODE_KERNELS[kernel]
     for cache in (None, "static"):
         got = model.generate(**kw, cache_implementation=cache)
         assert torch.equal(got.sequences, want.sequences)
         for a, b in zip(got.logits, want.logits):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_grouped_decode_attention_generates_what_sdpa_generates(family):
+    """2 query heads per KV head, prefill to SDPA untouched: the grouped decode step generates what SDPA does."""
+    from tests.conftest import build_tiny
+    from prunekit.rl.decode import use_grouped_decode
+    decode_kernel_generates_what_sdpa_generates(family, "sdpa")
     assert not use_grouped_decode(build_tiny(family))   # eager attention stays as it is
 
 

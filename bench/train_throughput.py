@@ -248,10 +248,10 @@ def run_all(args) -> None:
             ("hf_trainer_liger_1gpu", me + ["hf_liger"], one),
             ("prunekit_1gpu", me + ["prunekit"], one),
             ("prunekit_1gpu_bf16_compiled", me + ["prunekit"] + fast, one),
+            # the row loss as one Triton kernel: CUDA only, so not in the CPU smoke
+            *([] if args.smoke else [("prunekit_1gpu_bf16_compiled_triton_rows",
+                                      me + ["prunekit", "--row-loss", "triton"] + fast, one)]),
             ("prunekit_distill_1gpu_bf16_compiled", me + ["distill"] + fast, one)]
-    if not args.smoke:   # the row loss as one Triton kernel (CUDA only): the fast path with it, beside it
-        plan.insert(5, ("prunekit_1gpu_bf16_compiled_triton_rows", me + ["prunekit", "--row-loss", "triton"] + fast,
-                        one))
     def torchrun(n: int, strategy: str):
         return ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), str(here), "--mode",
                  "prunekit", "--strategy", strategy] + fast, {"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(n)))})

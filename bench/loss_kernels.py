@@ -4,14 +4,15 @@ hidden states through the LM head, at train_throughput's shape (Qwen2.5-0.5B: 8 
 The profile of train_throughput's fast path put 8.7 ms of its 128 ms step in one inductor reduction (logsumexp +
 argmax over the [16384, 151936] logits) and ~18 ms in the LM head's GEMMs. This measures the loss on its own, each
 variant in one process, so a change to it can be judged in a minute:
-  prunekit              chunked_causal_lm_loss as the engine calls it (FusedLinearLoss, compiled row loss), chunk 16384
+  prunekit              chunked_causal_lm_loss as the engine calls it (FusedLinearLoss), chunk 16384, with the compiled
+                        row loss (the engine's off CUDA; on CUDA it takes prunekit_triton_rows since session 19)
   prunekit_chunk4096    the same, chunk 4096 (4 chunks: float32 head-gradient sum, less logits memory)
   prunekit_eager_rows   the same, the row loss eager (what the compiled one saves)
   prunekit_argmax_rows  the same, token hits from an argmax (the engine's way until session 11; it now takes a hit
                         when the target's logit is the row max, a plain max the logsumexp's reduction shares)
   prunekit_nohit_rows   the same without counting hits at all (what token_acc costs)
   prunekit_triton_rows  the same, the row loss one Triton kernel (prunekit.core.losses.triton_rows: two passes over
-                        each row, the gradient written over the logits; not the engine's yet, this decides)
+                        each row, the gradient written over the logits; the engine's row loss on CUDA)
   torch_autograd        logits materialised, F.cross_entropy, autograd (the plain baseline)
   liger_flce            Liger's LigerFusedLinearCrossEntropyLoss, the peer (skipped with the reason when not installed)
 Every variant's loss and hidden-state gradient are checked against torch_autograd's (float32 reference on a slice).
@@ -79,7 +80,7 @@ def loss_fn(variant: str, tokens: int):
             return lambda h, w, t: ce.FusedLinearLoss.apply(h, w, None, t, chunk, rows_fn)[0]
         # the engine's call: hidden [1, T+1, H] whose last position is never supervised
         return lambda h, w, t: ce.chunked_causal_lm_loss(
-            torch.cat([h, h[-1:]])[None], w, labels_of(t), chunk_size=chunk)[0]
+            torch.cat([h, h[-1:]])[None], w, labels_of(t), chunk_size=chunk, row_loss="compiled")[0]
     if variant == "torch_autograd":
         return lambda h, w, t: torch.nn.functional.cross_entropy((h @ w.T).float(), t, reduction="sum")
     if variant == "liger_flce":

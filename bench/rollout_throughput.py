@@ -31,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -265,7 +266,10 @@ def corpus_decode(args, model_dir: Path, tok, device: str) -> dict:
         try:
             _, seconds, samples = warm_then_time(rollout, prompts[:batch], prompts[batch:], sampling)
         except Exception as e:  # noqa: BLE001 - a variant that fails is a result, not the end of the section
-            out[label] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+            traceback.print_exc()   # the whole of it in the log: an inductor error's cause is on its last lines
+            lines = [x for x in str(e).splitlines() if x.strip()] or [""]
+            out[label] = {"error": f"{type(e).__name__}: {lines[0][:300]}"
+                                   + (f" ... {lines[-1].strip()[:300]}" if len(lines) > 1 else "")}
             continue
         finally:
             del rollout

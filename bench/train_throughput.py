@@ -247,10 +247,8 @@ def run_all(args) -> None:
             (TUNED, me + ["hf_tuned"], one),
             ("hf_trainer_liger_1gpu", me + ["hf_liger"], one),
             ("prunekit_1gpu", me + ["prunekit"], one),
-            ("prunekit_1gpu_bf16_compiled", me + ["prunekit"] + fast, one),
-            # the row loss as one Triton kernel: CUDA only, so not in the CPU smoke
-            *([] if args.smoke else [("prunekit_1gpu_bf16_compiled_triton_rows",
-                                      me + ["prunekit", "--row-loss", "triton"] + fast, one)]),
+            ("prunekit_1gpu_bf16_compiled", me + ["prunekit"] + fast, one),   # on CUDA: the Triton row loss
+            ("prunekit_1gpu_bf16_compiled_torch_rows", me + ["prunekit", "--row-loss", "compiled"] + fast, one),
             ("prunekit_distill_1gpu_bf16_compiled", me + ["distill"] + fast, one)]
     def torchrun(n: int, strategy: str):
         return ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), str(here), "--mode",
@@ -306,7 +304,8 @@ def write_results(args, n_gpus: int, results: dict) -> None:
               # tokens/s of every 1-GPU SFT row over the tuned Trainer's: the peer at its best is the reference
               "vs_hf_trainer_tuned": {name: ratio(name, TUNED) for name in
                                       ("hf_trainer_1gpu", "hf_trainer_liger_1gpu", "prunekit_1gpu",
-                                       "prunekit_1gpu_bf16_compiled") if ratio(name, TUNED) is not None}}
+                                       "prunekit_1gpu_bf16_compiled", "prunekit_1gpu_bf16_compiled_torch_rows")
+                                      if ratio(name, TUNED) is not None}}
     for n in (2, 4, 8):  # parallel efficiency: n-GPU tokens/s over n x the 1-GPU (DDP) tokens/s
         for strategy, name in (("ddp", f"prunekit_{n}gpu_bf16_compiled"), ("fsdp", f"prunekit_{n}gpu_fsdp_bf16_compiled")):
             speedup = ratio(name, "prunekit_1gpu_bf16_compiled")
@@ -326,6 +325,7 @@ def write_results(args, n_gpus: int, results: dict) -> None:
 
 
 def main():
+    from prunekit.core.losses.ce import ROW_LOSSES
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["hf", "hf_tuned", "hf_liger", "prunekit", "distill"])
     p.add_argument("--all", action="store_true")
@@ -350,7 +350,7 @@ def main():
                    help="with --compile (prunekit, distill): torch.compile's mode for the layers (compile_mode)")
     p.add_argument("--packed", action="store_true", help="rows packed from documents of 10-60%% of --seq (a 4D "
                                                         "block-diagonal mask), as the recovery runs train")
-    p.add_argument("--row-loss", default="compiled", choices=["compiled", "triton"],
+    p.add_argument("--row-loss", default="auto", choices=ROW_LOSSES,
                    help="prunekit: the cross-entropy row loss (triton: one kernel, prunekit.core.losses.triton_rows)")
     p.add_argument("--profile", action="store_true", help="print a kernel-time table of 3 steady-state steps")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes and sizes: the 1-GPU rows' code paths")

@@ -36,7 +36,7 @@ class SFTObjective:
     """Cross-entropy on assistant tokens, computed from hidden states in chunks (no full B*S*V logits); `row_loss`
     picks how each chunk's rows are reduced (`prunekit.core.losses.ce.ROW_LOSSES`)."""
 
-    def __init__(self, chunk_size: int = 1024, row_loss: str = "compiled"):
+    def __init__(self, chunk_size: int = 1024, row_loss: str = "auto"):
         self.chunk_size, self.row_loss = chunk_size, row_loss
 
     def __call__(self, model, batch: dict) -> dict:

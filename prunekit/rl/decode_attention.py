@@ -9,6 +9,8 @@ positions are not written yet. Runs where Triton does (``prunekit.core.triton_su
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from prunekit.core.triton_support import INTERPRETED, tl, triton, unavailable
@@ -79,10 +81,20 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     multiple of KV), ``mask`` None or [B, 1, 1, N] (True or nonzero where a position may be attended). Returns
     [B, H, 1, D] in the query's dtype, what SDPA returns for the same inputs."""
     batch, heads, q_len, head_dim = query.shape
-    kv_heads, n_cache = key.shape[1], key.shape[2]
+    kv_heads = key.shape[1]
     if q_len != 1 or heads % kv_heads or key.stride(-1) != 1 or value.stride(-1) != 1:
         raise ValueError(f"decode_attention: one query position and H a multiple of KV with contiguous head "
                          f"dims, got query {tuple(query.shape)}, key {tuple(key.shape)}")
+    return torch.ops.prunekit.decode_attention(query, key, value, mask, float(scale))
+
+
+# A custom op, so that a compiled decode step (torch.compile, CUDA graphs) calls the kernel as it is: inductor's own
+# handling of a Triton kernel it finds inside a graph failed to compile this one on the H200 (session 19).
+@torch.library.custom_op("prunekit::decode_attention", mutates_args=())
+def _decode_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
+                         scale: float) -> torch.Tensor:
+    batch, heads, _, head_dim = query.shape
+    kv_heads, n_cache = key.shape[1], key.shape[2]
     group = heads // kv_heads
     query = query.contiguous()
     out = torch.empty_like(query)
@@ -100,3 +112,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK=BLOCK_N, HAS_MASK=mask is not None, FLOOR=_FLOOR, num_warps=4)
     return out
+
+
+@_decode_attention_op.register_fake
+def _(query, key, value, mask, scale):
+    return query.new_empty(query.shape)

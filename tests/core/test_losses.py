@@ -307,8 +307,20 @@ def test_row_loss_triton_kernel_says_where_it_cannot_run():
     labels = torch.tensor([[-100, 1, 2]])
     with pytest.raises(ValueError, match="row_loss triton: Triton kernels run on CUDA"):
         chunked_causal_lm_loss(hidden, weight, labels, row_loss="triton")
-    with pytest.raises(ValueError, match="row_loss: expected one of compiled, triton, got 'fused'"):
+    with pytest.raises(ValueError, match="row_loss: expected one of auto, compiled, triton, got 'fused'"):
         chunked_causal_lm_loss(hidden, weight, labels, row_loss="fused")
+
+
+def test_row_loss_auto_takes_the_kernel_on_cuda_only():
+    """The default row loss: the Triton kernel for rows on CUDA (where Triton comes with torch), the compiled rows
+    elsewhere, so a CPU run never asks for Triton."""
+    from prunekit.core.losses.ce import ce_row_loss
+    from prunekit.core.losses.triton_rows import ce_rows_triton
+    assert ce_row_loss("auto", torch.device("cuda")) is ce_rows_triton
+    assert ce_row_loss("auto", torch.device("cpu")) is not ce_rows_triton
+    hidden, weight = torch.randn(1, 3, 4, requires_grad=True), torch.randn(5, 4)
+    loss, n, hits = chunked_causal_lm_loss(hidden, weight, torch.tensor([[-100, 1, 2]]))   # the default, on CPU
+    assert n.item() == 2 and torch.isfinite(loss)
 
 
 def test_hidden_state_loss_compares_directions_at_supervised_positions():

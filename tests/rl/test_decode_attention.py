@@ -61,6 +61,24 @@ def test_triton_decode_generates_what_sdpa_generates(family):
                               "triton")
 
 
+def _compiles_into_a_graph() -> None:
+    from prunekit.rl.decode_attention import decode_attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 6, 1, 32, generator=g), *(torch.randn(2, 2, 70, 32, generator=g) for _ in range(2))
+    mask = torch.ones(2, 1, 1, 70, dtype=torch.bool)
+    mask[0, ..., :9] = False
+
+    def step(q, k, v, mask):   # the kernel between other ops, as in a compiled decode step
+        return decode_attention(q * 2.0, k, v, mask, 0.125) + 1
+    torch.testing.assert_close(torch.compile(step, fullgraph=True)(q, k, v, mask), step(q, k, v, mask))
+
+
+def test_decode_attention_compiles_into_a_graph():
+    """torch.compile(fullgraph) of a step that calls the kernel gives the eager step's output: the kernel is a custom
+    op that inductor calls as it is (its own compile of the kernel failed on the H200)."""
+    run_in_triton_interpreter("tests.rl.test_decode_attention", "_compiles_into_a_graph")
+
+
 def test_decode_attention_says_where_it_cannot_run():
     from prunekit.rl.decode import use_grouped_decode
     from prunekit.rl.decode_attention import available, decode_attention, usable

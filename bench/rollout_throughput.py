@@ -7,7 +7,7 @@ GPU section (`--gpu`):
           batches) vs plain `generate`, 256 prompts, bf16 (goal >= 3x)
     corpus_decode: `prunekit data generate`'s shape (batch 512 x 256 new tokens, T=1, top-p 0.95, seed prompts):
           the fast path with grouped decode attention vs the same path on transformers' SDPA, and with the decode
-          step's attention as one Triton kernel (prunekit.rl.decode_attention)
+          step's attention as one Triton kernel (prunekit.rl.decode_attention; the fast path's default on CUDA)
     corpus_job: one `data generate --backend slots` job (4,096 rows through 512 slots refilled as rows finish,
           prunekit.rl.decode) vs the transformers backend's fast path on the same prompts
     scale: two rollout actors on two GPUs vs one, 512 prompts (goal >= 1.8x)
@@ -259,8 +259,8 @@ def corpus_decode(args, model_dir: Path, tok, device: str) -> dict:
                                       pad_id=tok.pad_token_id)
         if label == "sdpa":
             rollout.model.set_attn_implementation("sdpa")
-        elif label == "triton_decode":   # the decode step's attention as one Triton kernel (CUDA only)
-            use_grouped_decode(rollout.model, kernel="triton")
+        else:   # the fast path's default on CUDA is the Triton kernel: each label sets its own
+            use_grouped_decode(rollout.model, kernel="triton" if label == "triton_decode" else "sdpa")
         assert rollout.model.config._attn_implementation == {"sdpa": "sdpa", "grouped_decode": GROUPED_DECODE,
                                                              "triton_decode": TRITON_DECODE}[label]
         try:

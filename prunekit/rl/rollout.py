@@ -27,7 +27,7 @@ from prunekit import PrunekitError
 from prunekit.core.families import family_for
 from prunekit.engine.objectives import response_logprobs
 from prunekit.rl.batch import collate_rl, response_slices
-from prunekit.rl.decode import SlotDecoder, slots_supported, use_grouped_decode
+from prunekit.rl.decode import SlotDecoder, default_decode_kernel, slots_supported, use_grouped_decode
 
 
 class StaleWeights(PrunekitError):
@@ -147,8 +147,8 @@ class TransformersRollout:
         self.pad_id = pad_id if pad_id is not None else (self.eos[0] if self.eos else 0)
         self.batch_size = batch_size
         self.fast = self.device.type == "cuda" if fast is None else fast
-        if self.fast or slots:
-            use_grouped_decode(self.model)
+        if self.fast or slots:   # the slot decoder keeps grouped SDPA: the Triton kernel is measured on generate
+            use_grouped_decode(self.model, "sdpa" if slots else default_decode_kernel(self.device))
         self.slots = None
         if slots:   # prunekit's decode loop (prunekit.rl.decode): batch_size slots, refilled as rows finish
             why = slots_supported(self.model)

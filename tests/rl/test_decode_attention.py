@@ -79,6 +79,15 @@ def test_decode_attention_compiles_into_a_graph():
     run_in_triton_interpreter("tests.rl.test_decode_attention", "_compiles_into_a_graph")
 
 
+def test_fast_path_takes_the_triton_kernel_on_cuda_only():
+    """transformers' fast path decodes with the Triton kernel on CUDA (where Triton comes with torch), with grouped
+    SDPA elsewhere; the slot decoder keeps grouped SDPA."""
+    from prunekit.core.triton_support import triton
+    from prunekit.rl.decode import default_decode_kernel
+    assert default_decode_kernel("cuda") == ("triton" if triton is not None else "sdpa")
+    assert default_decode_kernel(torch.device("cpu")) == "sdpa"
+
+
 def test_decode_attention_says_where_it_cannot_run():
     from prunekit.rl.decode import use_grouped_decode
     from prunekit.rl.decode_attention import available, decode_attention, usable

@@ -81,7 +81,7 @@ def test_decode_attention_compiles_into_a_graph():
 
 def test_fast_path_takes_the_triton_kernel_on_cuda_only():
     """transformers' fast path decodes with the Triton kernel on CUDA (where Triton comes with torch), with grouped
-    SDPA elsewhere; the slot decoder keeps grouped SDPA."""
+    SDPA elsewhere."""
     from prunekit.core.triton_support import triton
     from prunekit.rl.decode import default_decode_kernel
     assert default_decode_kernel("cuda") == ("triton" if triton is not None else "sdpa")

@@ -50,8 +50,9 @@ per micro-batch: T = batch_size x max_length (the worst case: packing fills ever
 Loss buffers (`prunekit/core/losses.py`, `_FusedLinearLoss`): the gradient w.r.t. the hidden states (T H a), the LM
 head's gradient accumulated in float32 over chunks (4 V H, plus a V H + 4 V H for one chunk's matmul and its float
 copy) or formed at once when T <= loss_chunk_size (a V H), and one chunk's row buffers, C = min(loss_chunk_size, T):
-the cross-entropy is compiled on GPU, 2 a C V (its logits in, its gradient out); the distillation row loss holds
-7 a C V (student and teacher logits, the gradient and float32 temporaries; calibrated on the same bench).
+the cross-entropy's Triton row loss (the engine's on CUDA) writes its gradient over the logits, a C V; compiled
+(`row_loss="compiled"`) it holds 2 a C V (its logits in, its gradient out); the distillation row loss holds 7 a C V
+(student and teacher logits, the gradient and float32 temporaries; calibrated on the same bench).
 
 The teacher (distillation) is not sharded by any strategy: its full weights sit beside the student (`same_gpu`) or
 on the worker's second GPU (`own_gpu`), in bf16 when `bf16: true` else float32, plus its final hidden states. A
@@ -79,7 +80,7 @@ HEADROOM_BYTES = 1 * GiB      # the CUDA context, NCCL buffers ...
 HEADROOM_FRACTION = 0.05      # ... and allocator fragmentation, on top of the predicted peak
 HEAD_NORM_FAMILIES = ("qwen3", "qwen3_vl")  # per-head q_norm / k_norm inside attention
 LORA_ADAPTERS = 7             # prunekit's default targets: q, k, v, o, gate, up, down in each decoder layer
-CE_CHUNK_FACTOR = 2           # x a x C x V: the compiled cross-entropy row loss (logits in, gradient out)
+CE_CHUNK_FACTOR = {"triton": 1, "compiled": 2}   # x a x C x V: the cross-entropy row loss (ce.ROW_LOSSES)
 KD_CHUNK_FACTOR = 7           # x a x C x V: the compiled distillation row loss
 
 
@@ -259,6 +260,7 @@ class Settings:
     lora_dropout: float = 0.0
     trials_per_gpu: int = 1            # knockout: trials sharing one GPU
     trial_mode: str = "full"           # knockout: full | lora (LoRA adapters on the frozen pruned model)
+    row_loss: str = "auto"             # the cross-entropy row loss (ce.ROW_LOSSES): auto is triton on a GPU
 
     @property
     def lora(self) -> bool:
@@ -419,7 +421,8 @@ def _loss_buffers(shape: ModelShape, s: Settings) -> float:
     tokens = s.batch_size * s.max_length
     chunk = min(s.loss_chunk_size, tokens)
     cv, vh = chunk * shape.vocab, shape.vocab * shape.hidden
-    factor = KD_CHUNK_FACTOR if s.stage == "distill" else CE_CHUNK_FACTOR
+    factor = KD_CHUNK_FACTOR if s.stage == "distill" else CE_CHUNK_FACTOR["compiled" if s.row_loss == "compiled"
+                                                                          else "triton"]
     rows = a * factor * cv
     grad_h = tokens * shape.hidden * a_h
     if s.lora:                                            # a frozen head: no [V, H] gradient is formed

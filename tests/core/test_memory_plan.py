@@ -163,8 +163,13 @@ def test_tiny_config_by_hand():
     assert per_tok_layer == 4624
     acts = L * T * per_tok_layer + T * H * 12 + 2 * 32 ** 2          # layers, final norm + its output, the 2D mask
     ckpt = L * T * 4 * H + T * per_tok_layer + T * H * 12 + 2 * 32 ** 2
-    loss = T * H * 4 + 4 * V * H + max(4 * 2 * 16 * V, 4 * 16 * V + 8 * V * H)  # grad_h, fp32 grad_w, one chunk
+    loss = T * H * 4 + 4 * V * H + max(4 * 1 * 16 * V, 4 * 16 * V + 8 * V * H)  # grad_h, fp32 grad_w, one chunk
     p = plan(shape, s)
+    # one chunk's rows: the Triton row loss (the default on a GPU) writes the gradient over the logits, the compiled
+    # one holds both (seen where the rows are the whole buffer: LoRA, no head gradient)
+    lora_rows = {r: plan(shape, replace(s, stage="lora", row_loss=r)).parts["loss buffers"] - T * H * 4
+                 for r in ("auto", "triton", "compiled")}
+    assert lora_rows == {"auto": 4 * 16 * V, "triton": 4 * 16 * V, "compiled": 2 * 4 * 16 * V}
     assert (p.activations_full, p.activations_checkpointed) == (acts, ckpt) == (1_234_944, 412_672)
     assert p.parts["loss buffers"] == loss == 848_384
     assert (p.parts["weights"], p.parts["gradients"], p.parts["optimizer"]) == (4 * P, 4 * P, 8 * P)
@@ -270,17 +275,19 @@ def test_plan_matches_the_measured_peaks_of_the_training_bench():
     student, teacher = model_shape(QWEN25_05B), model_shape(QWEN25_15B)
     base = Settings(bf16=True, param_dtype="bfloat16", compile=True, batch_size=8, max_length=2048,
                     loss_chunk_size=16384)
+    compiled_rows = replace(base, row_loss="compiled")   # the multi-GPU rows ran before the Triton row loss
     runs = {"prunekit_1gpu_bf16_compiled": base,
-            "prunekit_2gpu_bf16_compiled": replace(base, gpus=2),
-            "prunekit_4gpu_bf16_compiled": replace(base, gpus=4),
-            "prunekit_2gpu_fsdp_bf16_compiled": replace(base, gpus=2, strategy="fsdp"),
-            "prunekit_4gpu_fsdp_bf16_compiled": replace(base, gpus=4, strategy="fsdp")}
+            "prunekit_1gpu_bf16_compiled_torch_rows": compiled_rows,
+            "prunekit_2gpu_bf16_compiled": replace(compiled_rows, gpus=2),
+            "prunekit_4gpu_bf16_compiled": replace(compiled_rows, gpus=4),
+            "prunekit_2gpu_fsdp_bf16_compiled": replace(compiled_rows, gpus=2, strategy="fsdp"),
+            "prunekit_4gpu_fsdp_bf16_compiled": replace(compiled_rows, gpus=4, strategy="fsdp")}
     checked = 0
     for name, s in runs.items():
         if "peak_memory_gb" in bench.get(name, {}):
             assert plan(student, s).peak / 1e9 == pytest.approx(bench[name]["peak_memory_gb"], rel=0.15), name
             checked += 1
-    assert checked == 5
+    assert checked == 6
     earlier = json.loads((REPO / "bench" / "results" / "train_throughput.json").read_text())["earlier_runs"][0]
     d = earlier["results"]["prunekit_distill_1gpu_bf16_compiled"]["peak_memory_gb"]
     distill = replace(base, stage="distill", teacher=teacher)

@@ -23,3 +23,10 @@ def unavailable(device: torch.device) -> str | None:
     if device.type != "cuda" and not INTERPRETED:
         return f"Triton kernels run on CUDA (or under TRITON_INTERPRET=1), not on {device.type}"
     return None
+
+
+def default_on(device: torch.device) -> bool:
+    """Whether prunekit's Triton kernels are the default for tensors on ``device``: on CUDA where Triton is
+    installed (measured faster there: bench/results/train_throughput.json, rollout_throughput.json), never under the
+    interpreter, which is for tests."""
+    return device.type == "cuda" and unavailable(device) is None

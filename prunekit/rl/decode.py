@@ -65,9 +65,8 @@ def default_decode_kernel(device: torch.device | str) -> str:
     """The decode kernel the transformers backend's fast path takes on `device`: the Triton kernel on CUDA (1.55x the
     grouped SDPA step at the corpus generator's shape on one H200, bench/results/rollout_throughput.json
     `corpus_decode`; it falls back to grouped SDPA in float32), grouped SDPA elsewhere."""
-    from prunekit.core.triton_support import unavailable
-    device = torch.device(device)
-    return "triton" if device.type == "cuda" and not unavailable(device) else "sdpa"
+    from prunekit.core.triton_support import default_on
+    return "triton" if default_on(torch.device(device)) else "sdpa"
 
 
 def use_grouped_decode(model, kernel: str = "sdpa") -> bool:

@@ -111,27 +111,6 @@ def check_val_held_out(data: Path, train: Path) -> Path:
     return train
 
 
-PROSE_PREFIX_CHARS, PROSE_STRIDE_CHARS = 300, 500
-
-
-def prose_prompts(data: Path, path: Path) -> Path:
-    """Openings for the teacher to continue (`--prose-rows`): 300 characters of the general train text at every 500th
-    character of each document, starting and ending at a word, as {"text"} rows. Continued, they are prose the
-    teacher wrote itself, in the domain of the general eval split (whose articles are never among the prompts)."""
-    prompts = []
-    for line in (data / "general-train.jsonl").read_text().splitlines():
-        text = json.loads(line)["text"] if line.strip() else ""
-        for start in range(0, max(1, len(text) - PROSE_PREFIX_CHARS), PROSE_STRIDE_CHARS):
-            start = text.find(" ", start) + 1 if start else 0
-            piece = text[start:start + PROSE_PREFIX_CHARS].rsplit(" ", 1)[0]
-            if len(piece) >= 80:
-                prompts.append({"text": piece})
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(p) + "\n" for p in prompts))
-    os.replace(tmp, path)
-    return path
-
-
 def measure(model: str, data: Path, args) -> dict:
     from prunekit.stages.evaluate import evaluate_file
     from prunekit.pipeline import model_facts
@@ -173,6 +152,7 @@ def sizes(args) -> dict:
 
 
 DEFAULT_ROWS = 32768
+DEFAULT_PROSE_ROWS = 4096   # the teacher's continuations of general-train openings in the recipe's mix (session 20)
 
 
 DEFAULT_RECIPE = ROOT / "recipes" / "outcome.yaml"
@@ -195,8 +175,8 @@ def report_path(args) -> Path:
     width = f"_width_ffn{args.width_ffn}" if args.width_ffn else ""
     if recipe_file(args) != DEFAULT_RECIPE.resolve():   # a variant recipe: its own report
         width = f"_{recipe_file(args).stem}{width}"
-    extra = (f"_prose{args.prose_rows}" if args.prose_rows else "") + (f"_free{args.free_rows}" if args.free_rows
-                                                                        else "")
+    extra = (f"_prose{args.prose_rows}" if args.prose_rows != DEFAULT_PROSE_ROWS and not args.smoke else "") + (
+        f"_free{args.free_rows}" if args.free_rows else "")
     extra += (f"_rows{args.rows}" if args.rows != DEFAULT_ROWS and not args.smoke else "") + (
         f"_noise{args.input_noise:g}" if args.input_noise else "") + (
         f"_hidden{args.hidden_weight:g}" if args.hidden_weight else "") + (
@@ -245,8 +225,9 @@ def main(argv=None) -> int:
                     help="a variant of recipes/outcome.yaml to run instead (report outcome_smollm2_<its stem>.json)")
     ap.add_argument("--gen-backend", default="transformers", choices=["transformers", "slots"],
                     help="the teacher's generation backend (slots: prunekit's decode loop, prunekit.rl.decode)")
-    ap.add_argument("--prose-rows", type=int, default=0, metavar="N",
-                    help="also N teacher continuations of general-train openings in the recovery mix (prose_prompts)")
+    ap.add_argument("--prose-rows", type=int, default=DEFAULT_PROSE_ROWS, metavar="N",
+                    help="N teacher continuations of general-train openings (`data openings`) in the recovery mix "
+                         "(0: none; report outcome_smollm2_proseN.json when not the default)")
     ap.add_argument("--free-rows", type=int, default=0, metavar="N",
                     help="also N unconditioned teacher samples (`data generate --unconditioned`: text from the start "
                          "token alone) in the recovery mix; report outcome_smollm2_freeN.json")
@@ -330,8 +311,10 @@ def main(argv=None) -> int:
         else:
             generate()
         if args.prose_rows:
-            results["corpus_prose"] = sample(prose_prompts(data, out / "prose-prompts.jsonl"), prose,
-                                             rows=args.prose_rows, seed_prompts=False)
+            from prunekit.core.text import text_openings
+            text_openings([data / "general-train.jsonl"], out / "prose-prompts.jsonl")
+            results["corpus_prose"] = sample(out / "prose-prompts.jsonl", prose, rows=args.prose_rows,
+                                             seed_prompts=False)
         if args.free_rows:
             results["corpus_free"] = sample(None, free, rows=args.free_rows, seed_prompts=False, unconditioned=True)
         tmp = recovery.with_suffix(".tmp")

@@ -19,7 +19,7 @@ val (as bench/outcome_smollm2.py does). Sets:
             forcing, the default) or on the cut model's own towards the original's outputs (`calibration_sequential`),
             then the recipe's distillation -> bench/results/recovery_probe_smollm2_calibration.json
   prose     (start: that cut model) the recipe's distillation on the recovery mix, and on the mix plus `--prose-rows`
-            (4096) teacher continuations of general-train openings (outcome_smollm2.prose_prompts; generated here)
+            (4096) teacher continuations of general-train openings (`data openings`; generated here)
             -> bench/results/recovery_probe_smollm2_prose.json
   loss      (start: that cut model) the recipe's forward KL, the generalized JSD (beta 0.5), and forward KL plus 0.2 of
             the plain cross-entropy on the rows' own next tokens (sft_alpha: the general text's real words)
@@ -182,7 +182,10 @@ def main(argv=None) -> int:
     if args.variant_set in ("prose", "free-text"):   # the mix plus teacher text of another kind, generated here
         from prunekit.rl.corpus import generate_corpus
         kind = "prose" if args.variant_set == "prose" else "free"
-        how = (dict(prompts=bench.prose_prompts(args.data, args.out / "prose-prompts.jsonl"), rows=args.prose_rows)
+        if kind == "prose":
+            from prunekit.core.text import text_openings
+            text_openings([args.data / "general-train.jsonl"], args.out / "prose-prompts.jsonl")
+        how = (dict(prompts=args.out / "prose-prompts.jsonl", rows=args.prose_rows)
                if kind == "prose" else dict(unconditioned=True, rows=args.free_rows))
         extra_corpus = args.out / f"teacher-{kind}.jsonl"
         extra_corpus.unlink(missing_ok=True)

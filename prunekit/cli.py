@@ -160,7 +160,7 @@ def cmd_data(args) -> None:
     from pathlib import Path
     if args.source == "generate":
         return cmd_data_generate(args)
-    if args.source in ("text", "general"):
+    if args.source in ("text", "general", "openings"):
         return _cmd_data_text(args)
     out = Path(args.out)
     val = Path(args.val) if args.val else out.with_name(out.stem.replace("train", "val") + out.suffix
@@ -181,6 +181,11 @@ def _cmd_data_text(args) -> None:
         counts = text.general_text(args.out, args.eval, chunk_chars=args.chunk_chars)
         print(f"wrote {counts['train']} text rows to {args.out}" +
               (f" and {counts['eval']} held-out eval rows to {args.eval}" if args.eval else ""))
+        return
+    if args.source == "openings":
+        rows = text.text_openings(args.files, args.out, opening_chars=args.opening_chars,
+                                  stride_chars=args.stride_chars)
+        print(f"wrote {rows} openings to {args.out} (continue them with `prunekit data generate --prompts`)")
         return
     counts = text.text_files_to_rows(args.files, args.out, val_path=args.val, val_fraction=args.val_fraction,
                                      chunk_chars=args.chunk_chars)
@@ -386,16 +391,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="convert offline datasets into messages JSONL, text into {text} rows; "
                                     "`generate`: sample a corpus from a teacher model", parents=[on_ray])
-    p.add_argument("source", choices=["chatterbot", "easy-vqa", "text", "general", "generate"],
+    p.add_argument("source", choices=["chatterbot", "easy-vqa", "text", "general", "openings", "generate"],
                    help="text: chunk the UTF-8 FILEs; general: the built-in general English text (train + --eval); "
+                        "openings: openings of the {text} rows in FILEs, for `generate --prompts` to continue; "
                         "generate: a teacher-sampled corpus")
-    p.add_argument("files", nargs="*", metavar="FILE", help="text: raw UTF-8 text files")
+    p.add_argument("files", nargs="*", metavar="FILE", help="text: raw UTF-8 text files; openings: {text} rows")
     p.add_argument("-o", "--out", required=True, help="train file (.jsonl or .json); generate: the corpus .jsonl")
     p.add_argument("--val", default=None, help="val file (default: next to OUT, 'train' -> 'val'; text: none)")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--limit", type=int, default=None, help="easy-vqa: at most this many rows per split")
     p.add_argument("--chunk-chars", type=int, default=2000, help="text, general: at most this many characters a row")
     p.add_argument("--eval", default=None, help="general: the held-out eval split (never in OUT)")
+    p.add_argument("--opening-chars", type=int, default=300, help="openings: at most this many characters each")
+    p.add_argument("--stride-chars", type=int, default=500, help="openings: one opening every this many characters")
     g = p.add_argument_group("generate (teacher-sampled corpus; re-running the same command resumes)")
     g.add_argument("--model", default=None, metavar="TEACHER", help="the model to sample from (HF dir, .gguf, alias)")
     g.add_argument("--prompts", default=None, metavar="FILE",

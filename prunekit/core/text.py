@@ -118,6 +118,49 @@ def text_files_to_rows(files: list[str | os.PathLike], out_path: str | os.PathLi
     return {"train": len(rows), "val": len(val)}
 
 
+# ----------------------------------------------------------------------------- openings for a teacher to continue
+
+OPENING_CHARS, OPENING_STRIDE_CHARS, OPENING_MIN_CHARS = 300, 500, 80
+
+
+def openings(text: str, opening_chars: int = OPENING_CHARS, stride_chars: int = OPENING_STRIDE_CHARS,
+             min_chars: int = OPENING_MIN_CHARS) -> list[str]:
+    """Openings of `text` for a teacher to continue: `opening_chars` characters at every `stride_chars`-th character,
+    each starting after a space (the first at 0) and ending before one, so no word is cut; shorter than
+    `min_chars`, an opening is dropped."""
+    found = []
+    for start in range(0, max(1, len(text) - opening_chars), stride_chars):
+        start = text.find(" ", start) + 1 if start else 0
+        piece = text[start:start + opening_chars].rsplit(" ", 1)[0]
+        if len(piece) >= min_chars:
+            found.append(piece)
+    return found
+
+
+def text_openings(files: list[str | os.PathLike], out_path: str | os.PathLike, opening_chars: int = OPENING_CHARS,
+                  stride_chars: int = OPENING_STRIDE_CHARS) -> int:
+    """`prunekit data openings`: ``{"text"}`` rows of openings (:func:`openings`) of the text rows in `files`, for
+    ``data generate --prompts`` to continue: prose the teacher writes itself, in the domain of the given text but
+    not that text. Every file is read and checked before the output is written atomically; returns the rows."""
+    from prunekit.core.data import is_text_row, load_messages
+    if not files:
+        raise DataError("data openings: give at least one file of {\"text\"} rows")
+    if opening_chars < OPENING_MIN_CHARS or stride_chars < 1:
+        raise DataError(f"--opening-chars must be >= {OPENING_MIN_CHARS} and --stride-chars >= 1, got "
+                        f"{opening_chars} and {stride_chars}")
+    rows = []
+    for f in files:
+        texts = [r["text"] for r in load_messages(f) if is_text_row(r)]
+        if not texts:
+            raise DataError(f"{f}: no {{\"text\"}} rows (messages rows are prompts already: give them to "
+                            f"`data generate --prompts`)")
+        rows += [{"text": o} for t in texts for o in openings(t, opening_chars, stride_chars)]
+    if not rows:
+        raise DataError(f"{files[0]}: no text of {OPENING_MIN_CHARS} characters or more to take openings from")
+    save_messages(out_path, rows)
+    return len(rows)
+
+
 # ----------------------------------------------------------------------------- the built-in general text
 
 def general_documents() -> list[str]:

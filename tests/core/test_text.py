@@ -2,6 +2,8 @@
 English text (deterministic, train and eval disjoint), the pipeline's default eval file."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from prunekit.cli import main
@@ -104,3 +106,39 @@ def test_far_text_is_held_out_english_from_another_source(tmp_path):
     assert not any("\\" in r["text"] or "  " in r["text"] for r in rows)   # verse marks and spacing cleaned
     far_text(tmp_path / "again.jsonl", rows=50)
     assert (tmp_path / "again.jsonl").read_bytes() == (tmp_path / "far.jsonl").read_bytes()
+
+
+def test_openings_start_and_end_at_words_and_feed_generate(tmp_path, capsys):
+    words = [f"word{k}" for k in range(400)]
+    doc = " ".join(words)
+    found = text.openings(doc, opening_chars=120, stride_chars=200)
+    assert found[0].startswith("word0 ") and len(found) == len(range(0, len(doc) - 120, 200))
+    for piece in found:
+        assert 80 <= len(piece) <= 120 and " ".join(piece.split()) == piece
+        assert all(w in words for w in piece.split())          # no word cut at either end
+        assert doc.find(piece) >= 0
+    rows = tmp_path / "rows.jsonl"
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    rows.write_text("".join(json.dumps(r) + "\n" for r in ({"text": doc}, chat, {"text": "too short"})))
+    out = tmp_path / "openings.jsonl"
+    assert main(["data", "openings", str(rows), "-o", str(out), "--opening-chars", "120", "--stride-chars", "200"]) == 0
+    assert [r["text"] for r in load_messages(out)] == found   # the messages row and the short text give none
+    assert f"wrote {len(found)} openings to {out}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n',
+     "no {\"text\"} rows (messages rows are prompts already"),
+    (b'{"text": "caf\xe9"}\n', "not UTF-8"),
+    (b'{"text": "short"}\n', "no text of 80 characters or more"),
+    (b"", "empty file")])
+def test_data_openings_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, content, expected):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    out = tmp_path / "out" / "openings.jsonl"
+    assert main(["data", "openings", str(bad), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"prunekit data: error: {bad}") and expected in err[0], err
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+    assert main(["data", "openings", str(bad), "-o", str(out), "--opening-chars", "50"]) == 2
+    assert "--opening-chars must be >= 80" in capsys.readouterr().err

@@ -157,8 +157,8 @@ def run_prunekit(args, distill: bool = False) -> dict:
         with prof:
             train(model, objective, cfg, data, [], 0, reporter, device=device)
         if rank == 0:
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60),
-                  file=sys.stderr)
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.profile_rows,
+                                            max_name_column_width=90), file=sys.stderr)
     else:
         train(model, objective, cfg, data, [], 0, reporter, device=device)
     lines = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()] if rank == 0 else []
@@ -353,6 +353,7 @@ def main():
     p.add_argument("--row-loss", default="auto", choices=ROW_LOSSES,
                    help="prunekit: the cross-entropy row loss (triton: one kernel, prunekit.core.losses.triton_rows)")
     p.add_argument("--profile", action="store_true", help="print a kernel-time table of 3 steady-state steps")
+    p.add_argument("--profile-rows", type=int, default=40, help="--profile: the table's rows (by self GPU time)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes and sizes: the 1-GPU rows' code paths")
     p.add_argument("--out", default=None, help="default bench/results/train_throughput.json (--smoke: "
                                                    "train_throughput_smoke.json)")

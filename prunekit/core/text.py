@@ -20,7 +20,7 @@ import random
 import re
 from pathlib import Path
 
-from prunekit.core.data import DataError, save_messages
+from prunekit.core.data import DataError, is_text_row, load_messages, save_messages
 
 DEFAULT_CHUNK_CHARS = 2000      # ~420 SmolLM2 tokens of English prose (4.8 chars/token): fits a 512-token row
 GENERAL_EVAL_DOCS = 200         # articles in the eval split (217 rows, ~46k SmolLM2 tokens)
@@ -130,7 +130,10 @@ def openings(text: str, opening_chars: int = OPENING_CHARS, stride_chars: int = 
     `min_chars`, an opening is dropped."""
     found = []
     for start in range(0, max(1, len(text) - opening_chars), stride_chars):
-        start = text.find(" ", start) + 1 if start else 0
+        if start:
+            start = text.find(" ", start) + 1
+            if not start:   # no word starts after this point
+                break
         piece = text[start:start + opening_chars].rsplit(" ", 1)[0]
         if len(piece) >= min_chars:
             found.append(piece)
@@ -142,7 +145,6 @@ def text_openings(files: list[str | os.PathLike], out_path: str | os.PathLike, o
     """`prunekit data openings`: ``{"text"}`` rows of openings (:func:`openings`) of the text rows in `files`, for
     ``data generate --prompts`` to continue: prose the teacher writes itself, in the domain of the given text but
     not that text. Every file is read and checked before the output is written atomically; returns the rows."""
-    from prunekit.core.data import is_text_row, load_messages
     if not files:
         raise DataError("data openings: give at least one file of {\"text\"} rows")
     if opening_chars < OPENING_MIN_CHARS or stride_chars < 1:

@@ -117,6 +117,8 @@ def test_openings_start_and_end_at_words_and_feed_generate(tmp_path, capsys):
         assert 80 <= len(piece) <= 120 and " ".join(piece.split()) == piece
         assert all(w in words for w in piece.split())          # no word cut at either end
         assert doc.find(piece) >= 0
+    # no word starts after a stride point: the openings end there (before, the opening at 0 came again)
+    assert text.openings("word " * 30 + "x" * 600, 120, 200) == [("word " * 24).strip()]
     rows = tmp_path / "rows.jsonl"
     chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     rows.write_text("".join(json.dumps(r) + "\n" for r in ({"text": doc}, chat, {"text": "too short"})))

@@ -183,8 +183,9 @@ def _cmd_data_text(args) -> None:
               (f" and {counts['eval']} held-out eval rows to {args.eval}" if args.eval else ""))
         return
     if args.source == "openings":
-        rows = text.text_openings(args.files, args.out, opening_chars=args.opening_chars,
-                                  stride_chars=args.stride_chars)
+        given = {k: v for k, v in (("opening_chars", args.opening_chars), ("stride_chars", args.stride_chars))
+                 if v is not None}   # the defaults live in prunekit.core.text
+        rows = text.text_openings(args.files, args.out, **given)
         print(f"wrote {rows} openings to {args.out} (continue them with `prunekit data generate --prompts`)")
         return
     counts = text.text_files_to_rows(args.files, args.out, val_path=args.val, val_fraction=args.val_fraction,
@@ -402,8 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="easy-vqa: at most this many rows per split")
     p.add_argument("--chunk-chars", type=int, default=2000, help="text, general: at most this many characters a row")
     p.add_argument("--eval", default=None, help="general: the held-out eval split (never in OUT)")
-    p.add_argument("--opening-chars", type=int, default=300, help="openings: at most this many characters each")
-    p.add_argument("--stride-chars", type=int, default=500, help="openings: one opening every this many characters")
+    p.add_argument("--opening-chars", type=int, default=None,
+                   help="openings: at most this many characters each (default 300)")
+    p.add_argument("--stride-chars", type=int, default=None,
+                   help="openings: one opening every this many characters (default 500)")
     g = p.add_argument_group("generate (teacher-sampled corpus; re-running the same command resumes)")
     g.add_argument("--model", default=None, metavar="TEACHER", help="the model to sample from (HF dir, .gguf, alias)")
     g.add_argument("--prompts", default=None, metavar="FILE",

@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -35,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 PHASES = ("corpus", "pipeline", "gap", "compare_kv", "compare_data")
+# compare_data's recovery data sources, in the order they run
+DATA_SOURCES = ("chatterbot", "general_text", "teacher_sampled", "teacher_sampled+general_text")
 GAP_ROWS = 256   # rows per set of the generalisation-gap measurement
 EAGER = {"compile": False, "compile_mode": "default"}   # compile_mode other than default needs compile
 FALLBACKS = [EAGER, {**EAGER, "packing": False}, {**EAGER, "packing": False, "beta": 0.5}]
@@ -152,7 +155,7 @@ def sizes(args) -> dict:
 
 
 DEFAULT_ROWS = 32768
-DEFAULT_PROSE_ROWS = 4096   # the teacher's continuations of general-train openings in the recipe's mix (session 20)
+DEFAULT_PROSE_ROWS = 16384   # the teacher's continuations of general-train openings in the recipe's mix (session 21)
 
 
 DEFAULT_RECIPE = ROOT / "recipes" / "outcome.yaml"
@@ -425,8 +428,7 @@ def main(argv=None) -> int:
 
     def compare_data():
         """The pruned model, the same distillation budget, three recovery data sources."""
-        sources = {"chatterbot": data / "chat-train.jsonl", "general_text": data / "general-train.jsonl",
-                   "teacher_sampled": corpus, "teacher_sampled+general_text": recovery}
+        sources = dict(zip(DATA_SOURCES, (data / "chat-train.jsonl", data / "general-train.jsonl", corpus, recovery)))
         runs = results.setdefault("compare_data", {})
         for label, train in sources.items():
             if label in runs:
@@ -551,6 +553,8 @@ def write_report(results: dict, args, path: Path) -> None:
         report["comparisons_from"] = {"phases": taken, "date": source["date"], "command": source["command"],
                                       "note": note}
     missing = [p for p in PHASES if p not in results or (p != "corpus" and not results[p])]
+    if results.get("compare_data") and "compare_data" not in taken:   # a call stopped inside the phase
+        missing += [f"compare_data: {k}" for k in DATA_SOURCES if k not in results["compare_data"]]
     if missing:
         report["not_run"] = {p: getattr(args, "not_run_reason", None) or "not run" for p in missing}
     path.write_text(json.dumps(report, indent=1) + "\n")
@@ -595,7 +599,7 @@ def plot(report: dict, path: Path) -> None:
     else:
         ax.barh(range(len(groups)), [100 * g[1]["general_text"]["vs_original"] for g in groups], color="tab:blue")
         ax.set_yticks(range(len(groups)))
-        ax.set_yticklabels([g[0] for g in groups], fontsize=8)
+        ax.set_yticklabels([textwrap.fill(g[0], 34) for g in groups], fontsize=7)   # one gap between panels
         earlier = " (an earlier run's: see comparisons_from)" if report.get("comparisons_from") else ""
         ax.set_title(f"comparisons{earlier}:\ngeneral text, % of original", fontsize=9)
     save_figure(fig, path)

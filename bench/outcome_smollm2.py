@@ -427,7 +427,7 @@ def main(argv=None) -> int:
             save()
 
     def compare_data():
-        """The pruned model, the same distillation budget, three recovery data sources."""
+        """The pruned model, the same distillation budget, each recovery data source (DATA_SOURCES)."""
         sources = dict(zip(DATA_SOURCES, (data / "chat-train.jsonl", data / "general-train.jsonl", corpus, recovery)))
         runs = results.setdefault("compare_data", {})
         for label, train in sources.items():

@@ -24,6 +24,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -162,6 +163,7 @@ def run_prunekit(args, distill: bool = False) -> dict:
     else:
         train(model, objective, cfg, data, [], 0, reporter, device=device)
     lines = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()] if rank == 0 else []
+    shutil.rmtree(tmp, ignore_errors=True)   # the run's metrics are read: nothing of it stays in /tmp
     if rank != 0:
         return {}
     steady = [m for m in lines if m["step"] > args.warmup]

@@ -87,6 +87,7 @@ def ray_head():
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # the session we started, and only it
         log.close()
+        shutil.rmtree(temp, ignore_errors=True)   # its sessions' logs and sockets (~6 MB a run)
 
 
 def _ray_cli(args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:

@@ -5,7 +5,8 @@ decoder-layer parameters) and KV heads 3 -> 1 (calibrated), both at once, then r
 the original on a corpus the original wrote itself (`prunekit data generate`) mixed with the shipped general train
 text, end to end on one GPU: `recipes/outcome.yaml` run by `prunekit pipeline` with `launcher: local`. Every model
 is measured on held-out general English text (the general eval split, never trained on) and on the chat val
-(chatterbot, never trained on here).
+(chatterbot questions never trained on; with `--chat-repeats` the chatterbot train split is in the mix, and the chat
+val is in-domain).
 
 Phases, each resumable (re-running the same command continues; a call killed at a time limit loses nothing that
 finished): data (chatterbot + general text files; `--prepare` writes them here for an offline box) -> corpus
@@ -36,8 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 PHASES = ("corpus", "pipeline", "gap", "compare_kv", "compare_data")
-# compare_data's recovery data sources, in the order they run
+# compare_data's recovery data sources, in the order they run (with --chat-repeats, CHAT_MIX after them)
 DATA_SOURCES = ("chatterbot", "general_text", "teacher_sampled", "teacher_sampled+general_text")
+CHAT_MIX = "teacher_sampled+general_text+chatterbot"
 GAP_ROWS = 256   # rows per set of the generalisation-gap measurement
 EAGER = {"compile": False, "compile_mode": "default"}   # compile_mode other than default needs compile
 FALLBACKS = [EAGER, {**EAGER, "packing": False}, {**EAGER, "packing": False, "beta": 0.5}]
@@ -183,7 +185,8 @@ def report_path(args) -> Path:
     extra += (f"_rows{args.rows}" if args.rows != DEFAULT_ROWS and not args.smoke else "") + (
         f"_noise{args.input_noise:g}" if args.input_noise else "") + (
         f"_hidden{args.hidden_weight:g}" if args.hidden_weight else "") + (
-        f"_steps{args.max_steps}" if args.max_steps and not args.smoke else "")
+        f"_steps{args.max_steps}" if args.max_steps and not args.smoke else "") + (
+        f"_chat{args.chat_repeats}" if args.chat_repeats else "")
     return RESULTS / f"outcome_smollm2{width}{extra}{'_smoke' if args.smoke else ''}.json"
 
 
@@ -234,6 +237,9 @@ def main(argv=None) -> int:
     ap.add_argument("--free-rows", type=int, default=0, metavar="N",
                     help="also N unconditioned teacher samples (`data generate --unconditioned`: text from the start "
                          "token alone) in the recovery mix; report outcome_smollm2_freeN.json")
+    ap.add_argument("--chat-repeats", type=int, default=0, metavar="N",
+                    help="also the chatterbot train split, N times, in the recovery mix (the chat val becomes "
+                         "in-domain: its questions stay out); report outcome_smollm2_chatN.json")
     ap.add_argument("--plan", type=Path, default=ROOT / "bench" / "results" / "knockout_smollm2" / "plan.json")
     ap.add_argument("--compare-steps", type=int, default=300)
     ap.add_argument("--width-ffn", type=int, default=None, metavar="N",
@@ -284,7 +290,7 @@ def main(argv=None) -> int:
     run_settings = {k: str(getattr(args, k)) for k in ("rows", "max_new_tokens", "prose_rows", "free_rows",
                                                        "width_ffn", "plan", "corpus_from", "input_noise",
                                                        "gen_batch", "gen_backend", "hidden_weight", "recipe",
-                                                       "max_steps")}
+                                                       "max_steps", "chat_repeats")}
     state_file = out / "bench_state.json"
     earlier = json.loads(state_file.read_text()).get("settings") if state_file.is_file() else None
     if earlier is not None and earlier != run_settings:
@@ -307,6 +313,7 @@ def main(argv=None) -> int:
     prose = out / "teacher-prose.jsonl"   # --prose-rows: the teacher's continuations of general-train openings
     free = out / "teacher-free.jsonl"     # --free-rows: the teacher's unconditioned text
     recovery = out / "recovery.jsonl"   # the recipe's train file: the teacher corpus + the general train text
+    plain_mix = out / "mix.jsonl"       # with --chat-repeats: the mix without the chatterbot rows (compare_data)
 
     def make_corpus():
         if args.corpus_from:
@@ -320,9 +327,13 @@ def main(argv=None) -> int:
                                              seed_prompts=False)
         if args.free_rows:
             results["corpus_free"] = sample(None, free, rows=args.free_rows, seed_prompts=False, unconditioned=True)
+        mix = (corpus.read_bytes() + (prose.read_bytes() if args.prose_rows else b"")
+               + (free.read_bytes() if args.free_rows else b"") + (data / "general-train.jsonl").read_bytes())
+        if args.chat_repeats:
+            plain_mix.write_bytes(mix)
+            mix += (data / "chat-train.jsonl").read_bytes() * args.chat_repeats
         tmp = recovery.with_suffix(".tmp")
-        tmp.write_bytes(corpus.read_bytes() + (prose.read_bytes() if args.prose_rows else b"")
-                        + (free.read_bytes() if args.free_rows else b"") + (data / "general-train.jsonl").read_bytes())
+        tmp.write_bytes(mix)
         os.replace(check_val_held_out(data, tmp), recovery)
         save()
 
@@ -428,9 +439,12 @@ def main(argv=None) -> int:
 
     def compare_data():
         """The pruned model, the same distillation budget, each recovery data source (DATA_SOURCES)."""
-        sources = dict(zip(DATA_SOURCES, (data / "chat-train.jsonl", data / "general-train.jsonl", corpus, recovery)))
+        sources = dict(zip(DATA_SOURCES, (data / "chat-train.jsonl", data / "general-train.jsonl", corpus,
+                                          plain_mix if args.chat_repeats else recovery)))
+        if args.chat_repeats:
+            sources[CHAT_MIX] = recovery
         runs = results.setdefault("compare_data", {})
-        for label, train in sources.items():
+        for label, train in sorted(sources.items(), key=lambda kv: "+" not in kv[0]):   # the mixes first
             if label in runs:
                 continue
             model = distill(stage_output(first_cut), train, data, out / "compare" / f"data-{label}",
@@ -521,6 +535,8 @@ def write_report(results: dict, args, path: Path) -> None:
         "recipe": os.path.relpath(recipe_file(args), ROOT), "status": pipe["status"], "corpus": results.get("corpus"),
         # since session 11 a run stops before training on a mix that shares val rows or questions
         "chat_val_split": "by question: no val row or question is in the recovery mix (check_val_held_out)",
+        **({"chat_val_in_domain": f"the chatterbot train split is in the mix ({args.chat_repeats} times): the chat "
+                                  f"val's distribution, not its questions"} if args.chat_repeats else {}),
         "corpus_from": reused, **({"corpus_prose": results["corpus_prose"]} if results.get("corpus_prose") else {}),
         **({"corpus_free": results["corpus_free"]} if results.get("corpus_free") else {}),
         "gap": {k: {"rows": v["rows"], "token_acc_vs_original": v["token_acc_vs_original"],
@@ -554,7 +570,8 @@ def write_report(results: dict, args, path: Path) -> None:
                                       "note": note}
     missing = [p for p in PHASES if p not in results or (p != "corpus" and not results[p])]
     if results.get("compare_data") and "compare_data" not in taken:   # a call stopped inside the phase
-        missing += [f"compare_data: {k}" for k in DATA_SOURCES if k not in results["compare_data"]]
+        missing += [f"compare_data: {k}" for k in DATA_SOURCES + (CHAT_MIX,) * bool(args.chat_repeats)
+                    if k not in results["compare_data"]]
     if missing:
         report["not_run"] = {p: getattr(args, "not_run_reason", None) or "not run" for p in missing}
     path.write_text(json.dumps(report, indent=1) + "\n")
@@ -571,7 +588,8 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.5), gridspec_kw={"width_ratios": [1, 1, 1.3]})
     ax = axes[0]
     for key, label, color in (("general_text", "general English text (held out)", "tab:blue"),
-                              ("chat_val", "chat val", "tab:green")):
+                              ("chat_val", "chat val" + (" (in-domain)" if report.get("chat_val_in_domain") else ""),
+                               "tab:green")):
         ax.plot(x, [100 * report["stages"][n][key]["vs_original"] for n in names], marker="o", label=label,
                 color=color)
     ax.axhline(90, ls="--", color="gray", lw=0.8)

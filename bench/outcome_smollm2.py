@@ -618,7 +618,8 @@ def plot(report: dict, path: Path) -> None:
         ax.barh(range(len(groups)), [100 * g[1]["general_text"]["vs_original"] for g in groups], color="tab:blue")
         ax.set_yticks(range(len(groups)))
         ax.set_yticklabels([textwrap.fill(g[0], 34) for g in groups], fontsize=7)   # one gap between panels
-        earlier = " (an earlier run's: see comparisons_from)" if report.get("comparisons_from") else ""
+        taken = (report.get("comparisons_from") or {}).get("phases", [])
+        earlier = f" ({', '.join(taken)}: an earlier run's, see comparisons_from)" if taken else ""
         ax.set_title(f"comparisons{earlier}:\ngeneral text, % of original", fontsize=9)
     save_figure(fig, path)
 

@@ -3,15 +3,19 @@
 (exit 130) or `terminated` (exit 143).
 
 Long runs that own workers (Ray Train, Ray Tune) stop them first: `StopOnSignal` records the first signal and asks
-the workers to stop; the driver then raises `interrupt_for(signum)`. A second signal acts at once.
+the workers to stop; the driver then raises `interrupt_for(signum)`. A second signal acts at once, unless it is the
+first one delivered again: `timeout` signals its command and then the command's whole process group, so one request
+can arrive twice within microseconds.
 """
 from __future__ import annotations
 
 import contextlib
 import signal
 import threading
+import time
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+REPEAT_WINDOW_S = 0.5   # a signal this soon after the first is the same request delivered twice, not a second one
 
 
 class Terminated(KeyboardInterrupt):
@@ -69,13 +73,14 @@ def deferred():
 
 
 class StopOnSignal:
-    """The first SIGINT/SIGTERM is recorded in `signum` and calls `on_stop` (ask workers to stop); the previous
-    handlers are then back, so a second signal interrupts at once. Use as a context manager."""
+    """The first SIGINT/SIGTERM is recorded in `signum` and calls `on_stop` (ask workers to stop); a second signal
+    (after REPEAT_WINDOW_S) goes to the previous handler, i.e. interrupts at once. Use as a context manager."""
 
     def __init__(self, on_stop=None):
         self.signum: int | None = None
         self.on_stop = on_stop
         self._previous: dict | None = None
+        self._first_at = 0.0
 
     def arm(self) -> None:
         if _in_main_thread() and self._previous is None:
@@ -85,10 +90,21 @@ class StopOnSignal:
 
     def _handle(self, signum, frame):
         global last_signal
-        self.signum = last_signal = signum
+        if self.signum is None:
+            self.signum = last_signal = signum
+            self._first_at = time.monotonic()
+            if self.on_stop is not None:
+                self.on_stop()
+            return
+        if time.monotonic() - self._first_at < REPEAT_WINDOW_S:
+            return
+        last_signal = signum
+        previous = (self._previous or {}).get(signum)
         self.disarm()
-        if self.on_stop is not None:
-            self.on_stop()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:   # SIG_DFL: unwind (every `finally` runs) rather than die
+            raise interrupt_for(signum)
 
     def disarm(self) -> None:
         if self._previous is not None:

@@ -115,30 +115,31 @@ def test_signal_mid_checkpoint_keeps_the_last_complete_one(sig, tiny_chat_model_
     assert_no_survivors(marker)
 
 
-def signal_after_step(step: int, signum: int) -> str:
-    """A patch: the process sends itself `signum` once the `step`-th optimizer step has run."""
+def signal_after_step(step: int, signum: int, times: int = 1) -> str:
+    """A patch: the process sends itself `signum` (`times` times in a row) once the `step`-th optimizer step has run."""
     return (f"import os, prunekit.engine.loop as _m\n"
             f"_f = _m.accumulate_and_step; _n = [0]\n"
             f"def _step(*a, **k):\n"
             f"    out = _f(*a, **k); _n[0] += 1\n"
             f"    if _n[0] == {step}:\n"
-            f"        os.kill(os.getpid(), {signum})\n"
+            f"        for _ in range({times}): os.kill(os.getpid(), {signum})\n"
             f"    return out\n"
             f"_m.accumulate_and_step = _step\n")
 
 
 @pytest.mark.slow  # ~10 s each: two real prunekit processes
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
-def test_a_signal_stops_training_on_a_checkpoint_of_that_step(sig, tiny_chat_model_dir, chat_data, tmp_path):
+@pytest.mark.parametrize("sig, times", [("SIGTERM", 1), ("SIGINT", 1), ("SIGINT", 2)])
+def test_a_signal_stops_training_on_a_checkpoint_of_that_step(sig, times, tiny_chat_model_dir, chat_data, tmp_path):
     """launcher local: Ctrl-C or `kill` in step 3 of 5 (checkpoints every 100 steps) finishes that step and writes
     its checkpoint before the one line and 130 / 143, so a chained or preempted run loses nothing: the same command
-    then trains only steps 4 and 5 and writes a model that loads."""
+    then trains only steps 4 and 5 and writes a model that loads. The same signal twice in a row (`timeout -s INT`
+    signals its command, then the command's process group) is one request, not a second Ctrl-C."""
     from prunekit.core.loading import load_model
     from prunekit.engine.manifest import checkpoint_problem
     signum, code, word = SIGNALS[sig]
     args = sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out", "--set", "save_interval=100") + [
         "--max-steps", 5]
-    proc = start_cli(args, tmp_path, patch=signal_after_step(3, signum))
+    proc = start_cli(args, tmp_path, patch=signal_after_step(3, signum, times))
     rc, err = finish(proc)
     ckpts = tmp_path / "runs" / "run" / "checkpoints"
     assert rc == code and error_lines(err) == [

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 PHASES = ("corpus", "pipeline", "gap", "compare_kv", "compare_data")
-# compare_data's recovery data sources, in the order they run (with --chat-repeats, CHAT_MIX after them)
+# compare_data's recovery data sources (the mixes run first; with --chat-repeats also CHAT_MIX)
 DATA_SOURCES = ("chatterbot", "general_text", "teacher_sampled", "teacher_sampled+general_text")
 CHAT_MIX = "teacher_sampled+general_text+chatterbot"
 GAP_ROWS = 256   # rows per set of the generalisation-gap measurement

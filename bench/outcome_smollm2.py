@@ -36,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
+DEFAULT_PLAN = ROOT / "bench" / "results" / "knockout_smollm2" / "plan.json"   # the recipe's: its first 8 layers
 PHASES = ("corpus", "pipeline", "gap", "compare_kv", "compare_data")
 # compare_data's recovery data sources (the mixes run first; with --chat-repeats also CHAT_MIX)
 DATA_SOURCES = ("chatterbot", "general_text", "teacher_sampled", "teacher_sampled+general_text")
@@ -180,6 +181,8 @@ def report_path(args) -> Path:
     width = f"_width_ffn{args.width_ffn}" if args.width_ffn else ""
     if recipe_file(args) != DEFAULT_RECIPE.resolve():   # a variant recipe: its own report
         width = f"_{recipe_file(args).stem}{width}"
+    if args.plan.resolve() != DEFAULT_PLAN.resolve():   # another layer choice: its own report, named after the plan
+        width += f"_{args.plan.stem}"
     extra = (f"_prose{args.prose_rows}" if args.prose_rows != DEFAULT_PROSE_ROWS and not args.smoke else "") + (
         f"_free{args.free_rows}" if args.free_rows else "")
     extra += (f"_rows{args.rows}" if args.rows != DEFAULT_ROWS and not args.smoke else "") + (
@@ -240,7 +243,9 @@ def main(argv=None) -> int:
     ap.add_argument("--chat-repeats", type=int, default=0, metavar="N",
                     help="also the chatterbot train split, N times, in the recovery mix (the chat val becomes "
                          "in-domain: its questions stay out); report outcome_smollm2_chatN.json")
-    ap.add_argument("--plan", type=Path, default=ROOT / "bench" / "results" / "knockout_smollm2" / "plan.json")
+    ap.add_argument("--plan", type=Path, default=DEFAULT_PLAN,
+                    help="the layers to remove, best first (e.g. bench/layer_choice_smollm2.py's plan; "
+                         "report outcome_smollm2_STEM.json)")
     ap.add_argument("--compare-steps", type=int, default=300)
     ap.add_argument("--width-ffn", type=int, default=None, metavar="N",
                     help="remove the parameters by width instead of depth: FFN channels -> N in every layer (1024: "

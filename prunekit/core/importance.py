@@ -3,7 +3,8 @@
 Every score reads "higher = more important":
 - block influence: 1 - cos(hidden state entering a layer, hidden state leaving it) (ShortGPT);
 - angular distance of n consecutive layers: arccos(cos(entering layer i, leaving layer i+n-1)) / pi (Gromov et al.);
-- NLL-drop: calibration NLL with the layer skipped minus the full model's NLL (SLEB).
+- NLL-drop: calibration NLL with the layer skipped minus the full model's NLL (SLEB's score);
+`iterative_nll_drop` is SLEB's selection: layers removed one at a time, the rest scored again after each removal.
 
 Block influence and angular distance come from one forward pass with hooks. NLL-drop runs one pass per layer on
 the same loaded model: the layers before the skipped one replay the outputs cached in the full pass (no
@@ -142,12 +143,7 @@ def nll_drop(model, family: ModelFamily, batches, component: str = "text") -> di
                 for j in range(skip):
                     cached = outputs[j][0]
                     patches.append((layers[j], lambda *a, _c=cached, **k: _c.clone() if torch.is_tensor(_c) else _c))
-            like = outputs[skip][0]
-
-            def identity(*args, _like=like, **kwargs):
-                h = _hidden(args, kwargs)
-                return (h, *_like[1:]) if isinstance(_like, tuple) else h
-            patches.append((layers[skip], identity))
+            patches.append((layers[skip], _skipped_like(outputs[skip][0])))
             with _stack(patches):
                 s, _, _ = causal_lm_loss(model(**inputs, use_cache=False).logits.float(), labels)
             skipped[skip].add(s, n)
@@ -157,6 +153,56 @@ def nll_drop(model, family: ModelFamily, batches, component: str = "text") -> di
         return {}
     base = full.means()["loss"]
     return {"nll_drop": [t.means()["loss"] - base for t in skipped], "baseline_nll": base, "nll_tokens": full.tokens}
+
+
+def _skipped_like(output):
+    """A forward that hands its input on, shaped like the layer's real `output` (a tensor or a tuple)."""
+    def identity(*args, **kwargs):
+        h = _hidden(args, kwargs)
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+    return identity
+
+
+@torch.no_grad()
+def iterative_nll_drop(model, family: ModelFamily, batches, count: int, component: str = "text") -> dict:
+    """SLEB's selection: remove `count` layers one at a time, each time the one whose removal (with those removed
+    before it) raises the calibration NLL least; layers that are each harmless alone need not be together, which
+    one-shot scores cannot see. {"order": removal order, "nll": the NLL after each removal, "baseline_nll"}.
+    Costs about count x layers forward passes over the batches. Batches carry `labels`."""
+    layers = family.layers(model, component)
+    batches = list(batches)
+    if not 1 <= count < len(layers):
+        raise ValueError(f"iterative_nll_drop: count must be 1..{len(layers) - 1}, got {count}")
+    like: dict[int, object] = {}
+
+    def record(i):
+        def fn(_m, _args, output):
+            like.setdefault(i, output if isinstance(output, tuple) else None)   # what a skip must return
+        return fn
+
+    def nll(skipped: list[int]) -> float:
+        totals = TokenTotals()
+        with _stack([(layers[i], _skipped_like(like[i])) for i in skipped]):
+            for batch in batches:
+                loss_sum, n, _ = causal_lm_loss(model(**_model_inputs(batch), use_cache=False).logits.float(),
+                                                batch["labels"])
+                totals.add(loss_sum, n)
+        return totals.means()["loss"]
+
+    handles = [layer.register_forward_hook(record(i)) for i, layer in enumerate(layers)]
+    try:
+        baseline = nll([])
+    finally:
+        for h in handles:
+            h.remove()
+    order: list[int] = []
+    after: list[float] = []
+    for _ in range(count):
+        scores = {i: nll(order + [i]) for i in range(len(layers)) if i not in order}
+        best = min(scores, key=scores.get)
+        order.append(best)
+        after.append(scores[best])
+    return {"order": order, "nll": after, "baseline_nll": baseline}
 
 
 @contextmanager

@@ -1,12 +1,13 @@
 """Training-free importance: an identity layer ranks least important under every metric (text layers and vision
-blocks), and NLL-drop equals the NLL of the really pruned model."""
+blocks), NLL-drop equals the NLL of the really pruned model, and SLEB's iterative selection removes identity layers
+first with the NLL of the model really pruned by each prefix of its order."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from prunekit.core.families import family_for
-from prunekit.core.importance import block_influence, layer_scores, nll_drop
+from prunekit.core.importance import block_influence, iterative_nll_drop, layer_scores, nll_drop
 from prunekit.core.losses import causal_lm_loss
 from prunekit.core.surgery import LayerDrop, apply_to_model
 from tests.conftest import build_tiny, text_inputs, vlm_inputs
@@ -65,18 +66,40 @@ def test_nll_drop_equals_the_pruned_models_nll(family, component):
     model_family = family_for(model.config.to_dict())
     batches = self_labelled_batches(model, model_family.is_vlm)
 
-    def nll(m):
-        s = n = 0
-        for b in batches:
-            with torch.no_grad():
-                loss, k, _ = causal_lm_loss(m(**{k: v for k, v in b.items() if k != "labels"}).logits, b["labels"])
-            s, n = s + float(loss), n + int(k)
-        return s / n
-
     drops = nll_drop(model, model_family, batches, component)["nll_drop"]
-    base = nll(model)
+    base = nll(model, batches)
     for i in range(len(drops)):
         kw = {"drop_text": [i]} if component == "text" else {"drop_vision": [i]}
         pruned = apply_to_model(model, LayerDrop(model_family, model.config.to_dict(), **kw))
         pruned.config._attn_implementation = "eager"
-        assert drops[i] == pytest.approx(nll(pruned) - base, abs=1e-4)
+        assert drops[i] == pytest.approx(nll(pruned, batches) - base, abs=1e-4)
+
+
+def nll(model, batches) -> float:
+    s = n = 0
+    for b in batches:
+        with torch.no_grad():
+            loss, k, _ = causal_lm_loss(model(**{k: v for k, v in b.items() if k != "labels"}).logits, b["labels"])
+        s, n = s + float(loss), n + int(k)
+    return s / n
+
+
+def test_iterative_nll_drop_removes_identity_layers_first_and_matches_the_pruned_models():
+    model = build_tiny("llama")
+    model_family = family_for(model.config.to_dict())
+    n = len(model_family.layers(model, "text"))
+    identities = [1, n - 2]
+    for i in identities:
+        make_identity(model, model_family, "text", i)
+    batches = self_labelled_batches(model, False)
+    result = iterative_nll_drop(model, model_family, batches, n - 1)
+    assert sorted(result["order"][:2]) == identities, result
+    assert sorted(result["order"]) == sorted(set(result["order"])) and len(result["order"]) == n - 1
+    assert result["baseline_nll"] == pytest.approx(nll(model, batches), abs=1e-4)
+    for k, after in enumerate(result["nll"], 1):   # each step's NLL is the really pruned model's
+        pruned = apply_to_model(model, LayerDrop(model_family, model.config.to_dict(), drop_text=result["order"][:k]))
+        pruned.config._attn_implementation = "eager"
+        assert after == pytest.approx(nll(pruned, batches), abs=1e-4), k
+    assert result["nll"][1] == pytest.approx(result["baseline_nll"], abs=1e-4)   # two identities cost nothing
+    with pytest.raises(ValueError, match="count must be 1"):
+        iterative_nll_drop(model, model_family, batches, n)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PLAN_FIRST_8 = [17, 14, 5, 6, 13, 19, 21, 26]   # the outcome recipe's cut: the committed knockout plan's first 8
+KNOCKOUT_PLAN = ROOT / "bench" / "results" / "knockout_smollm2" / "plan.json"   # the outcome recipe's: its first 8
 EVAL_SETS = (("general_text", "general-eval.jsonl", 100), ("chat_val", "val.jsonl", 128),
              ("far_text", "far-eval.jsonl", 100))
 
@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     from prunekit.core.importance import iterative_nll_drop, nll_drop
     from prunekit.core.loading import load_model, load_tokenizer, quiet_transformers, resolve_model
     from prunekit.core.samples import collate, load_samples, pad_id
+    from prunekit.core.surgery import LayerDrop, apply_to_model
     from prunekit.pipeline.measure import text_layer_params
     device = "cuda" if torch.cuda.is_available() else "cpu"
     path = resolve_model("smollm2")
@@ -62,22 +63,22 @@ def main(argv=None) -> int:
     iterative = iterative_nll_drop(model, family, batches, args.drop)
     seconds = round(time.time() - start, 1)
     n_layers = len(one_shot)
-    choices = {"knockout_plan": PLAN_FIRST_8,
+    knockout_first_8 = [int(e["id"].split(":")[1]) for e in json.loads(KNOCKOUT_PLAN.read_text())["order"][:8]]
+    choices = {"knockout_plan": knockout_first_8,
                "one_shot_nll_drop": sorted(range(n_layers), key=one_shot.__getitem__)[:8],
                "iterative_nll_drop": iterative["order"][:8]}
 
-    layers = family.layers(model, "text")
     eval_rows = {key: load_samples(tokenizer, args.data / name, model=path, max_length=512, is_vlm=False,
                                    limit=2 if args.smoke else limit)
                  for key, name, limit in EVAL_SETS}
     measured = {}
     for name, drop in [("original", [])] + list(choices.items()):
-        model.model.layers = torch.nn.ModuleList([m for i, m in enumerate(layers) if i not in drop])
+        cut = apply_to_model(model, LayerDrop(family, model.config.to_dict(), drop_text=drop)).to(device) \
+            if drop else model
         measured[name] = {"drop": sorted(drop),
-                          **{key: {k: round(v, 4) for k, v in evaluate(model, rows, pad).items() if k != "tokens"}
+                          **{key: {k: round(v, 4) for k, v in evaluate(cut, rows, pad).items() if k != "tokens"}
                              for key, rows in eval_rows.items()}}
         print(json.dumps({"name": name, **measured[name]}), flush=True)
-    model.model.layers = torch.nn.ModuleList(layers)
 
     per_layer = text_layer_params(path)
     plan = {"order": [{"id": f"text:{i}", "params_removed": per_layer[i]} for i in iterative["order"]],

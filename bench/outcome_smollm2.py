@@ -125,7 +125,26 @@ def measure(model: str, data: Path, args) -> dict:
     chat = evaluate_file(model, data / "val.jsonl", args.eval_samples, 512, device=dev)
     far = ({"far_text": evaluate_file(model, data / "far-eval.jsonl", args.eval_text_samples, 512, device=dev)}
            if (data / "far-eval.jsonl").is_file() else {})   # data prepared before session 11 has none
-    return {"facts": model_facts(Path(model)), "eval_text": gen, "eval": chat, **far}
+    return {"facts": model_facts(Path(model)), "eval_text": gen, "eval": chat, **far,
+            "eval_by_kind": chat_by_kind(model, data, args)}
+
+
+def chat_by_kind(model: str, data: Path, args) -> dict:
+    """The chat val's scored rows split in two: chatterbot's `coding` rows, whose code answers are 61% of the scored
+    tokens (bench/results/chat_val_composition.json), and the other categories' short chat answers."""
+    import tempfile
+    from prunekit.stages.evaluate import evaluate_file
+    rows = [line for line in (data / "val.jsonl").read_text().splitlines() if line.strip()][:args.eval_samples]
+    parts = {"coding": [r for r in rows if json.loads(r)["id"].startswith("coding:")]}
+    parts["other"] = [r for r in rows if r not in parts["coding"]]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind, part in parts.items():
+            if part:
+                path = Path(tmp) / f"val-{kind}.jsonl"
+                path.write_text("\n".join(part) + "\n")
+                out[kind] = evaluate_file(model, path, None, 512, device="cuda" if args.gpu else "cpu")
+    return out
 
 
 def distill(model: str, train: Path, data: Path, out: Path, name: str, steps: int, args, **extra) -> str:
@@ -404,6 +423,9 @@ def main(argv=None) -> int:
                       flush=True)
         state = json.loads((out / "pipeline" / "pipeline_state.json").read_text())
         results["pipeline"] = {"status": result.status, "original": state["original"], "stages": state["stages"]}
+        # where the chat val's gap lies: the code answers or the short chat answers
+        results["chat_val_by_kind"] = {"original": chat_by_kind(original, data, args),
+                                       "final": chat_by_kind(state["stages"][-1]["output"], data, args)}
         save()
 
     def stage_output(stage_id: str) -> str:
@@ -525,7 +547,16 @@ def write_report(results: dict, args, path: Path) -> None:
                                  "vs_original": t["token_acc"] / o["eval_text"]["token_acc"]},
                 "chat_val": {"token_acc": c["token_acc"], "nll": c["loss"],
                              "vs_original": c["token_acc"] / o["eval"]["token_acc"]},
-                "minutes": round(rec.get("time_s", 0) / 60, 2)}
+                "minutes": round(rec.get("time_s", 0) / 60, 2),
+                **({"chat_val_token_acc_by_kind": {k: v["token_acc"] for k, v in rec["eval_by_kind"].items()}}
+                   if rec.get("eval_by_kind") else {})}
+
+    def by_kind(kinds):   # the final model's chat val, code answers apart from the rest
+        return {kind: {"rows": kinds["original"][kind]["rows"], "tokens": kinds["original"][kind]["tokens"],
+                       "original_token_acc": kinds["original"][kind]["token_acc"],
+                       "final_token_acc": kinds["final"][kind]["token_acc"],
+                       "vs_original": kinds["final"][kind]["token_acc"] / kinds["original"][kind]["token_acc"]}
+                for kind in kinds["original"]}
 
     stages = {"original": row(o)} | {r["id"]: row(r) for r in pipe["stages"] if "facts" in r}
     final = list(stages.values())[-1]
@@ -553,6 +584,7 @@ def write_report(results: dict, args, path: Path) -> None:
         "goals": {"general_text_vs_original >= 0.90 (aim 0.95)": final["general_text"]["vs_original"],
                   "chat_val_vs_original >= 0.95": final["chat_val"]["vs_original"],
                   "end_to_end_minutes <= 20": end_to_end},
+        **({"chat_val_by_kind": by_kind(results["chat_val_by_kind"])} if results.get("chat_val_by_kind") else {}),
         "compare_data": {k: {"steps": v["steps"], **{m: row(v)[m] for m in ("general_text", "chat_val")}}
                          for k, v in results.get("compare_data", {}).items()},
         "compare_kv": {k: {"steps": v["steps"], "after_cut": v["cut"] and {m: row(v["cut"])[m]

@@ -36,6 +36,9 @@ val (as bench/outcome_smollm2.py does). Sets:
   hidden    (start: that cut model) the recipe's forward KL alone, and with 0.1 / 1.0 of the hidden-state loss
             (distill hidden_weight: each student layer's output against the teacher's hidden state where it hands
             on, by the prune steps in its lineage) -> bench/results/recovery_probe_smollm2_hidden.json
+  code      (start: that cut model) the recipe's distillation on the mix, and on the mix plus `--code-rows` (1024) rows
+            of Python source (this interpreter's standard library, PSF licence; whole lines): the chat val is 61% code
+            answers by token (bench/results/chat_val_composition.json) -> bench/results/recovery_probe_smollm2_code.json
   time      (start: that cut model) the same device time two ways: the recipe's batch 32 for `--steps`, or batch 16
             for 1.63x the steps (with CUDA graphs a batch-16 step takes 36.4 ms against 59.5:
             bench/results/train_throughput_outcome_shape.json) at lr 6e-4 and at 4.2e-4 (lr scaled by sqrt(1/2))
@@ -82,6 +85,7 @@ SETS = {
     "calibration": {"teacher-forced": {}, "sequential": {"sequential_calibration": True}},
     "data-size": {"mix": {}, "mix-half": {"train": "mix/2"}, "mix-quarter": {"train": "mix/4"}},
     "hidden": {"forward-kl": {}, "hidden-0.1": dict(hidden_weight=0.1), "hidden-1": dict(hidden_weight=1.0)},
+    "code": {"mix": {}, "mix+code": {"train": "mix+code"}},
     "time": {"b32": {}, "b16-lr6e-4": dict(batch_size=16, steps_scale=1.63),
              "b16-lr4.2e-4": dict(batch_size=16, lr=4.2e-4, steps_scale=1.63)},
     "noise": {"quarter": {"train": "mix/4"}, "quarter-noise0.1": {"train": "mix/4", "input_noise": 0.1},
@@ -93,7 +97,29 @@ RESULT_FILES = {"kv": "recovery_probe_smollm2.json", "lr-batch": "recovery_probe
                 "calibration": "recovery_probe_smollm2_calibration.json",
                 "free-text": "recovery_probe_smollm2_free_text.json", "loss": "recovery_probe_smollm2_loss.json",
                 "data-size": "recovery_probe_smollm2_data_size.json", "noise": "recovery_probe_smollm2_noise.json",
-                "hidden": "recovery_probe_smollm2_hidden.json", "time": "recovery_probe_smollm2_time.json"}
+                "hidden": "recovery_probe_smollm2_hidden.json", "time": "recovery_probe_smollm2_time.json",
+                "code": "recovery_probe_smollm2_code.json"}
+CODE_CHUNK_CHARS = 1500   # ~430 SmolLM2 tokens of Python: a 512-token row
+
+
+def python_code_rows(out: Path, rows: int) -> dict:
+    """`rows` text rows of Python source: the standard library's public top-level modules in name order, cut at blank
+    lines into whole-line pieces of at most CODE_CHUNK_CHARS (indentation kept, unlike prose chunking)."""
+    import sysconfig
+    pieces = []
+    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("[!_]*.py")):   # no private stubs (__hello__.py)
+        current = ""
+        for block in f.read_text(encoding="utf-8", errors="replace").split("\n\n"):
+            if current and len(current) + 2 + len(block) > CODE_CHUNK_CHARS:
+                pieces.append(current)
+                current = ""
+            current = f"{current}\n\n{block}" if current else block
+        pieces += [current] if current.strip() else []
+        if len(pieces) >= rows:
+            break
+    kept = [p[:CODE_CHUNK_CHARS] for p in pieces[:rows]]
+    out.write_text("".join(json.dumps({"text": p, "source": "python-stdlib"}) + "\n" for p in kept))
+    return {"rows": len(kept), "chars": sum(map(len, kept)), "python": sys.version.split()[0]}
 
 
 def main(argv=None) -> int:
@@ -108,6 +134,7 @@ def main(argv=None) -> int:
                     help="remove ~25%% of the decoder-layer parameters by depth (the recipe's 8 layers) or FFN width")
     ap.add_argument("--prose-rows", type=int, default=4096, help="--set prose: teacher continuations to generate")
     ap.add_argument("--free-rows", type=int, default=4096, help="--set free-text: unconditioned samples to generate")
+    ap.add_argument("--code-rows", type=int, default=1024, help="--set code: rows of Python source in the mix")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: a check of the code path (result in --out)")
     ap.add_argument("--report-only", type=Path, default=None, metavar="STATE",
                     help="write the set's report from a run's probe_state.json (e.g. one a GPU box sent back)")
@@ -195,6 +222,11 @@ def main(argv=None) -> int:
             **how)
         train_files[f"mix+{kind}"] = args.out / f"recovery-{kind}.jsonl"
         train_files[f"mix+{kind}"].write_bytes(recovery.read_bytes() + extra_corpus.read_bytes())
+    if args.variant_set == "code":
+        code = args.out / "python-code.jsonl"
+        extra_stats["code"] = python_code_rows(code, 8 if args.smoke else args.code_rows)
+        train_files["mix+code"] = args.out / "recovery-code.jsonl"
+        train_files["mix+code"].write_bytes(recovery.read_bytes() + code.read_bytes())
     if args.variant_set in ("data-size", "noise"):   # seeded row samples of the mix: the same kinds, fewer rows
         import random
         lines = [line for line in recovery.read_text().split("\n") if line.strip()]
@@ -253,7 +285,9 @@ def main(argv=None) -> int:
         sets = (("eval_text", "general text"), ("eval", "chat val"), ("far_text", "far text"))
         print(f"{name}: " + ", ".join(f"{label} token_acc {v[k]['token_acc']:.4f} "
                                       f"({v[k]['token_acc'] / o[k]['token_acc']:.1%} of the original)"
-                                      for k, label in sets if k in v), flush=True)
+                                      for k, label in sets if k in v)
+              + "".join(f", chat val {kind} {m['token_acc']:.4f}" for kind, m in v.get("eval_by_kind", {}).items()),
+              flush=True)
     write_report(args, results, {**extra_stats, "command": command, "machine": machine}, [])
     return 0
 

@@ -42,6 +42,7 @@ PHASES = ("corpus", "pipeline", "gap", "compare_kv", "compare_data")
 DATA_SOURCES = ("chatterbot", "general_text", "teacher_sampled", "teacher_sampled+general_text")
 CHAT_MIX = "teacher_sampled+general_text+chatterbot"
 GAP_ROWS = 256   # rows per set of the generalisation-gap measurement
+CODE_CHUNK_CHARS = 1500   # --code-rows: ~430 SmolLM2 tokens of Python, a 512-token row
 EAGER = {"compile": False, "compile_mode": "default"}   # compile_mode other than default needs compile
 FALLBACKS = [EAGER, {**EAGER, "packing": False}, {**EAGER, "packing": False, "beta": 0.5}]
 
@@ -104,6 +105,20 @@ def write_recovery_mix(data: Path, corpus: Path, out: Path) -> Path:
     text = (data / "general-train.jsonl").read_bytes()
     out.write_bytes((gzip.decompress(raw) if corpus.suffix == ".gz" else raw) + text)
     return check_val_held_out(data, out)
+
+
+def python_code_rows(out: Path, rows: int) -> dict:
+    """The first `rows` text rows of Python source: this interpreter's standard library (PSF licence), its public
+    top-level modules in name order, chunked as `prunekit data text --keep-lines` does (whole lines, indentation
+    kept; ~430 SmolLM2 tokens a row)."""
+    import sysconfig
+    from prunekit.core.text import text_files_to_rows
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("[!_]*.py"))   # no private stubs (__hello__.py)
+    text_files_to_rows(files, out, chunk_chars=CODE_CHUNK_CHARS, keep_lines=True)
+    kept = out.read_text(encoding="utf-8").splitlines()[:rows]
+    out.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    return {"rows": len(kept), "chars": sum(len(json.loads(line)["text"]) for line in kept),
+            "python": sys.version.split()[0]}
 
 
 def check_val_held_out(data: Path, train: Path) -> Path:
@@ -208,7 +223,7 @@ def report_path(args) -> Path:
         f"_noise{args.input_noise:g}" if args.input_noise else "") + (
         f"_hidden{args.hidden_weight:g}" if args.hidden_weight else "") + (
         f"_steps{args.max_steps}" if args.max_steps and not args.smoke else "") + (
-        f"_chat{args.chat_repeats}" if args.chat_repeats else "")
+        f"_chat{args.chat_repeats}" if args.chat_repeats else "") + (f"_code{args.code_rows}" if args.code_rows else "")
     return RESULTS / f"outcome_smollm2{width}{extra}{'_smoke' if args.smoke else ''}.json"
 
 
@@ -262,6 +277,10 @@ def main(argv=None) -> int:
     ap.add_argument("--chat-repeats", type=int, default=0, metavar="N",
                     help="also the chatterbot train split, N times, in the recovery mix (the chat val becomes "
                          "in-domain: its questions stay out); report outcome_smollm2_chatN.json")
+    ap.add_argument("--code-rows", type=int, default=0, metavar="N",
+                    help="also N rows of Python source (the standard library's, `data text --keep-lines` chunks) in "
+                         "the recovery mix: the chat val is 61%% code answers by token (report "
+                         "outcome_smollm2_codeN.json)")
     ap.add_argument("--plan", type=Path, default=DEFAULT_PLAN,
                     help="the layers to remove, best first (e.g. bench/layer_choice_smollm2.py's plan; "
                          "report outcome_smollm2_STEM.json)")
@@ -314,7 +333,7 @@ def main(argv=None) -> int:
     run_settings = {k: str(getattr(args, k)) for k in ("rows", "max_new_tokens", "prose_rows", "free_rows",
                                                        "width_ffn", "plan", "corpus_from", "input_noise",
                                                        "gen_batch", "gen_backend", "hidden_weight", "recipe",
-                                                       "max_steps", "chat_repeats")}
+                                                       "max_steps", "chat_repeats", "code_rows")}
     state_file = out / "bench_state.json"
     earlier = json.loads(state_file.read_text()).get("settings") if state_file.is_file() else None
     if earlier is not None and earlier != run_settings:
@@ -336,6 +355,7 @@ def main(argv=None) -> int:
     corpus = out / "teacher.jsonl"
     prose = out / "teacher-prose.jsonl"   # --prose-rows: the teacher's continuations of general-train openings
     free = out / "teacher-free.jsonl"     # --free-rows: the teacher's unconditioned text
+    code = out / "python-code.jsonl"      # --code-rows: Python source
     recovery = out / "recovery.jsonl"   # the recipe's train file: the teacher corpus + the general train text
     plain_mix = out / "mix.jsonl"       # with --chat-repeats: the mix without the chatterbot rows (compare_data)
 
@@ -351,8 +371,11 @@ def main(argv=None) -> int:
                                              seed_prompts=False)
         if args.free_rows:
             results["corpus_free"] = sample(None, free, rows=args.free_rows, seed_prompts=False, unconditioned=True)
+        if args.code_rows:
+            results["code"] = python_code_rows(code, args.code_rows)
         mix = (corpus.read_bytes() + (prose.read_bytes() if args.prose_rows else b"")
-               + (free.read_bytes() if args.free_rows else b"") + (data / "general-train.jsonl").read_bytes())
+               + (free.read_bytes() if args.free_rows else b"") + (code.read_bytes() if args.code_rows else b"")
+               + (data / "general-train.jsonl").read_bytes())
         if args.chat_repeats:
             plain_mix.write_bytes(mix)
             mix += (data / "chat-train.jsonl").read_bytes() * args.chat_repeats
@@ -575,6 +598,7 @@ def write_report(results: dict, args, path: Path) -> None:
                                   f"val's distribution, not its questions"} if args.chat_repeats else {}),
         "corpus_from": reused, **({"corpus_prose": results["corpus_prose"]} if results.get("corpus_prose") else {}),
         **({"corpus_free": results["corpus_free"]} if results.get("corpus_free") else {}),
+        **({"code": results["code"]} if results.get("code") else {}),
         "gap": {k: {"rows": v["rows"], "token_acc_vs_original": v["token_acc_vs_original"],
                     "nll_over_original": v["nll_over_original"], "final_token_acc": v["final"]["token_acc"],
                     "original_token_acc": v["original"]["token_acc"]} for k, v in results.get("gap", {}).items()},

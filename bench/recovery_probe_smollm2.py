@@ -99,27 +99,6 @@ RESULT_FILES = {"kv": "recovery_probe_smollm2.json", "lr-batch": "recovery_probe
                 "data-size": "recovery_probe_smollm2_data_size.json", "noise": "recovery_probe_smollm2_noise.json",
                 "hidden": "recovery_probe_smollm2_hidden.json", "time": "recovery_probe_smollm2_time.json",
                 "code": "recovery_probe_smollm2_code.json"}
-CODE_CHUNK_CHARS = 1500   # ~430 SmolLM2 tokens of Python: a 512-token row
-
-
-def python_code_rows(out: Path, rows: int) -> dict:
-    """`rows` text rows of Python source: the standard library's public top-level modules in name order, cut at blank
-    lines into whole-line pieces of at most CODE_CHUNK_CHARS (indentation kept, unlike prose chunking)."""
-    import sysconfig
-    pieces = []
-    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("[!_]*.py")):   # no private stubs (__hello__.py)
-        current = ""
-        for block in f.read_text(encoding="utf-8", errors="replace").split("\n\n"):
-            if current and len(current) + 2 + len(block) > CODE_CHUNK_CHARS:
-                pieces.append(current)
-                current = ""
-            current = f"{current}\n\n{block}" if current else block
-        pieces += [current] if current.strip() else []
-        if len(pieces) >= rows:
-            break
-    kept = [p[:CODE_CHUNK_CHARS] for p in pieces[:rows]]
-    out.write_text("".join(json.dumps({"text": p, "source": "python-stdlib"}) + "\n" for p in kept))
-    return {"rows": len(kept), "chars": sum(map(len, kept)), "python": sys.version.split()[0]}
 
 
 def main(argv=None) -> int:
@@ -224,7 +203,7 @@ def main(argv=None) -> int:
         train_files[f"mix+{kind}"].write_bytes(recovery.read_bytes() + extra_corpus.read_bytes())
     if args.variant_set == "code":
         code = args.out / "python-code.jsonl"
-        extra_stats["code"] = python_code_rows(code, 8 if args.smoke else args.code_rows)
+        extra_stats["code"] = bench.python_code_rows(code, 8 if args.smoke else args.code_rows)
         train_files["mix+code"] = args.out / "recovery-code.jsonl"
         train_files["mix+code"].write_bytes(recovery.read_bytes() + code.read_bytes())
     if args.variant_set in ("data-size", "noise"):   # seeded row samples of the mix: the same kinds, fewer rows

@@ -51,15 +51,38 @@ def _split_long(piece: str, limit: int, pattern: re.Pattern) -> list[str]:
     return [p for p in parts if p]
 
 
-def chunk_text(text: str, chunk_chars: int = DEFAULT_CHUNK_CHARS) -> list[str]:
+def _split_lines(block: str, limit: int) -> list[str]:
+    """`block` in parts of at most `limit` characters, cut at line ends (a line longer than that is cut hard)."""
+    parts, current = [], ""
+    for line in block.split("\n"):
+        while len(line) > limit:
+            parts += [current] if current else []
+            parts.append(line[:limit])
+            current, line = "", line[limit:]
+        joined = f"{current}\n{line}" if current else line
+        if len(joined) <= limit:
+            current = joined
+        else:
+            parts.append(current)
+            current = line
+    return [p for p in parts + [current] if p.strip()]
+
+
+def chunk_text(text: str, chunk_chars: int = DEFAULT_CHUNK_CHARS, keep_lines: bool = False) -> list[str]:
     """Chunks of at most `chunk_chars` characters at paragraph boundaries (blank lines), else sentence boundaries.
 
     Lines inside a paragraph are joined with spaces (hard-wrapped prose reads as the sentence it is); paragraphs
-    of one chunk are joined with a blank line. A paragraph longer than a chunk is split at sentence ends."""
+    of one chunk are joined with a blank line. A paragraph longer than a chunk is split at sentence ends.
+    `keep_lines` (source code, verse, tables): a paragraph keeps its lines and their indentation, and one longer
+    than a chunk is split at line ends."""
     if chunk_chars < 1:
         raise DataError(f"--chunk-chars must be >= 1, got {chunk_chars}")
-    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
-    pieces = [s for p in paragraphs if p for s in _split_long(p, chunk_chars, _SENTENCE_END)]
+    if keep_lines:
+        blocks = [b.strip("\n").rstrip() for b in re.split(r"\n[ \t]*\n", text.replace("\r\n", "\n"))]
+        pieces = [s for b in blocks if b.strip() for s in _split_lines(b, chunk_chars)]
+    else:
+        paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
+        pieces = [s for p in paragraphs if p for s in _split_long(p, chunk_chars, _SENTENCE_END)]
     chunks, current = [], ""
     for piece in pieces:
         joined = f"{current}\n\n{piece}" if current else piece
@@ -99,14 +122,16 @@ def _split_val(rows: list[dict], val_fraction: float, seed: int) -> tuple[list[d
 
 def text_files_to_rows(files: list[str | os.PathLike], out_path: str | os.PathLike,
                        val_path: str | os.PathLike | None = None, val_fraction: float = 0.1,
-                       chunk_chars: int = DEFAULT_CHUNK_CHARS, seed: int = 0) -> dict[str, int]:
-    """`prunekit data text`: chunk UTF-8 text files into ``{"text", "source", "id"}`` rows. Every file is read and
-    checked before anything is written; each output is written atomically. Returns ``{"train": n, "val": m}``."""
+                       chunk_chars: int = DEFAULT_CHUNK_CHARS, seed: int = 0,
+                       keep_lines: bool = False) -> dict[str, int]:
+    """`prunekit data text`: chunk UTF-8 text files into ``{"text", "source", "id"}`` rows (`keep_lines`: see
+    chunk_text). Every file is read and checked before anything is written; each output is written atomically.
+    Returns ``{"train": n, "val": m}``."""
     if not files:
         raise DataError("data text: give at least one text file")
     rows = []
     for f in files:
-        chunks = chunk_text(read_text_file(f), chunk_chars)
+        chunks = chunk_text(read_text_file(f), chunk_chars, keep_lines)
         rows += [{"text": c, "source": Path(f).name, "id": f"{Path(f).name}:{k}"} for k, c in enumerate(chunks)]
     val: list[dict] = []
     if val_path is not None:

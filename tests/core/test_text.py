@@ -29,6 +29,48 @@ def test_chunks_respect_the_limit_and_keep_every_word():
         text.chunk_text("x", 0)
 
 
+CODE = '''import heapq
+
+
+def dijkstra(graph, start):
+    """Shortest distances from start."""
+    dist = {start: 0}
+    queue = [(0, start)]
+    while queue:
+        d, node = heapq.heappop(queue)
+        for nxt, w in graph[node]:
+            if d + w < dist.get(nxt, float("inf")):
+                dist[nxt] = d + w
+                heapq.heappush(queue, (d + w, nxt))
+    return dist
+
+
+class Node:
+    def __init__(self, value):
+        self.value = value
+'''
+
+
+def test_keep_lines_chunks_code_with_its_lines_and_indentation(tmp_path):
+    """--keep-lines (source code): every chunk is whole lines of the file, indentation kept, within the limit; a
+    function longer than a chunk is cut at line ends; the prose chunker would have joined the lines."""
+    lines = CODE.splitlines()
+    for limit in (120, 200, 5000):
+        chunks = text.chunk_text(CODE, limit, keep_lines=True)
+        assert all(0 < len(c) <= limit for c in chunks)
+        assert all(line in lines for c in chunks for line in c.split("\n"))   # whole lines, indentation kept
+        assert [x for c in chunks for x in c.split("\n") if x.strip()] == [x for x in lines if x.strip()]
+    assert text.chunk_text(CODE, 5000, keep_lines=True) == [CODE.strip("\n").replace("\n\n\n", "\n\n")]
+    assert 'def dijkstra(graph, start): """Shortest' in text.chunk_text(CODE, 5000)[0]   # prose: lines joined
+    code = tmp_path / "graph.py"
+    code.write_text(CODE.replace("\n", "\r\n"), encoding="utf-8")
+    out = tmp_path / "code.jsonl"
+    assert main(["data", "text", str(code), "-o", str(out), "--chunk-chars", "200", "--keep-lines"]) == 0
+    rows = load_messages(out)
+    assert [r["text"] for r in rows] == text.chunk_text(CODE, 200, keep_lines=True)
+    assert any('def dijkstra(graph, start):\n    """Shortest' in r["text"] for r in rows)   # CRLF read as lines
+
+
 def test_data_text_writes_rows_and_a_val_split(tmp_path, capsys):
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text(PROSE % tuple(range(40)), encoding="utf-8")

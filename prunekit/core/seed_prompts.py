@@ -1,5 +1,5 @@
-"""Built-in seed prompts for teacher-sampled corpora: a few thousand distinct English chat prompts, built from task
-templates x topic lists, in a fixed shuffled order (so any prefix mixes every kind of task).
+"""Built-in seed prompts for teacher-sampled corpora: a few thousand distinct English chat prompts (programming among
+them), built from task templates x topic lists, in a fixed shuffled order (so any prefix mixes every kind of task).
 
 Each task kind pairs a few phrasings with the topic list that makes sense for it (a how-to gets activities, a
 story gets subjects), so every combination reads like something a person would ask.
@@ -138,6 +138,39 @@ QUESTIONS = [
     "Why do we get goosebumps?",
 ]
 
+# programming: instruct models are asked for code as often as for anything else, and a student that never sees code
+# in its recovery corpus loses it (bench/README.md, chat_val_composition.py: the calibrated KV cut costs code most)
+PROGRAMS = [
+    "reverses a string", "checks whether a number is prime", "counts how often each word appears in a text",
+    "returns the largest number in a list", "removes duplicates from a list but keeps the order",
+    "checks whether a string is a palindrome", "converts Celsius to Fahrenheit",
+    "computes the average of a list of numbers", "merges two sorted lists into one sorted list",
+    "finds the second largest number in a list", "flattens a nested list", "checks whether two words are anagrams",
+    "counts the vowels in a string", "returns the n-th Fibonacci number", "sums the digits of a number",
+    "checks that a password has at least 8 characters and one digit", "splits a list into chunks of a given size",
+    "finds the most common element in a list", "capitalizes the first letter of every word",
+    "computes the greatest common divisor of two numbers", "converts a binary string to an integer",
+    "counts the lines of a text file", "sorts a list of dictionaries by a given key", "rotates a list by k places",
+    "checks whether a year is a leap year", "finds all pairs in a list that add up to a target",
+    "generates a random password", "calculates compound interest",
+    "formats a number of seconds as hours, minutes and seconds", "transposes a matrix given as a list of lists",
+]
+LANGUAGES = ["Python", "JavaScript"]
+PROGRAM = ["Write a {} function that {}.", "How do I write a {} program that {}?",
+           "Show me {} code that {}, with a short explanation."]
+STRUCTURES = ["a stack", "a linked list", "a binary search tree", "a class for a bank account", "a min-heap",
+              "a cache with a size limit", "a class for a to-do list", "a simple text-based menu"]
+BUILD = ["Implement {} in Python.", "Show me how to build {} in Python, with an example of using it.",
+         "Explain how {} works and give a short Python example."]
+CODE_QUESTIONS = [
+    "What is the difference between a list and a tuple in Python?", "What does the yield keyword do in Python?",
+    "How do I handle exceptions in Python?", "What is a closure in JavaScript?", "How do I read a JSON file in Python?",
+    "What is recursion? Show a small example in Python.", "How do I loop over an object's keys in JavaScript?",
+    "What do async and await do in JavaScript?", "How do I write a unit test for a Python function?",
+    "What is the difference between == and === in JavaScript?", "How do I remove an item from a dictionary in Python?",
+    "How do I use map and filter on an array in JavaScript?",
+]
+
 OBJECTS = ["apples", "books", "marbles", "cookies", "pencils", "stickers", "oranges", "coins"]
 NAMES = ["Anna", "Ben", "Carla", "David", "Emma", "Farid", "Grace", "Hiro"]
 
@@ -172,6 +205,9 @@ def _build() -> list[str]:
     prompts += [t.format(x) for t in REWRITE for x in SENTENCES]
     prompts += QUESTIONS
     prompts += _reasoning()
+    prompts += [t.format(lang, task) for t in PROGRAM for lang in LANGUAGES for task in PROGRAMS]
+    prompts += [t.format(x) for t in BUILD for x in STRUCTURES]
+    prompts += CODE_QUESTIONS
     prompts = list(dict.fromkeys(prompts))  # distinct, first occurrence kept
     random.Random(0).shuffle(prompts)
     return prompts

@@ -12,6 +12,7 @@ import torch
 from prunekit import PrunekitError
 from prunekit.cli import main
 from prunekit.core.data import load_messages
+from prunekit.core.seed_prompts import seed_prompts
 from prunekit.rl.corpus import generate_corpus
 
 FAST = dict(backend="transformers", device="cpu", max_new_tokens=6, batch_size=8, progress=False)
@@ -87,7 +88,7 @@ def test_transformers_backend_rows_ids_stats(tiny_chat_model_dir, tmp_path):
     assert load_messages(out) == rows  # sft / distill read the corpus unchanged
     side = sidecar(out)
     assert side["settings"]["temperature"] == 1.0 and side["settings"]["top_p"] == 0.95
-    assert side["settings"]["prompts"] == {"seed_prompts": 2635}
+    assert side["settings"]["prompts"] == {"seed_prompts": len(seed_prompts())}
     assert side["runs"][0]["backend"] == "transformers" and side["runs"][0]["tokens_per_s"] > 0
     assert {"mean_tokens", "median_tokens", "p90_tokens", "duplicates_dropped", "complete"} <= set(side)
 

@@ -51,21 +51,23 @@ def _split_long(piece: str, limit: int, pattern: re.Pattern) -> list[str]:
     return [p for p in parts if p]
 
 
-def _split_lines(block: str, limit: int) -> list[str]:
-    """`block` in parts of at most `limit` characters, cut at line ends (a line longer than that is cut hard)."""
+def _pack(pieces: list[str], limit: int, sep: str) -> list[str]:
+    """Consecutive pieces (each at most `limit` characters) joined with `sep` into parts of at most `limit`."""
     parts, current = [], ""
-    for line in block.split("\n"):
-        while len(line) > limit:
-            parts += [current] if current else []
-            parts.append(line[:limit])
-            current, line = "", line[limit:]
-        joined = f"{current}\n{line}" if current else line
+    for piece in pieces:
+        joined = f"{current}{sep}{piece}" if current else piece
         if len(joined) <= limit:
             current = joined
         else:
             parts.append(current)
-            current = line
-    return [p for p in parts + [current] if p.strip()]
+            current = piece
+    return parts + [current] if current else parts
+
+
+def _split_lines(block: str, limit: int) -> list[str]:
+    """`block` in parts of at most `limit` characters, cut at line ends (a line longer than that is cut hard)."""
+    lines = [line[i:i + limit] for line in block.split("\n") for i in range(0, max(len(line), 1), limit)]
+    return [p for p in _pack(lines, limit, "\n") if p.strip()]
 
 
 def chunk_text(text: str, chunk_chars: int = DEFAULT_CHUNK_CHARS, keep_lines: bool = False) -> list[str]:
@@ -83,17 +85,7 @@ def chunk_text(text: str, chunk_chars: int = DEFAULT_CHUNK_CHARS, keep_lines: bo
     else:
         paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
         pieces = [s for p in paragraphs if p for s in _split_long(p, chunk_chars, _SENTENCE_END)]
-    chunks, current = [], ""
-    for piece in pieces:
-        joined = f"{current}\n\n{piece}" if current else piece
-        if len(joined) <= chunk_chars:
-            current = joined
-        else:
-            chunks.append(current)
-            current = piece
-    if current:
-        chunks.append(current)
-    return chunks
+    return _pack(pieces, chunk_chars, "\n\n")
 
 
 def read_text_file(path: str | os.PathLike) -> str:

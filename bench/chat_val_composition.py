@@ -31,48 +31,42 @@ def category(row: dict) -> str:
 
 
 def score_by_category(model, tokenizer, path: str, rows: list[dict]) -> dict:
-    """{category: {rows, tokens, token_acc}} over the answer tokens, as the pipeline's eval tokenises and masks."""
-    import torch
-    from prunekit.core.samples import load_samples
-    hits, tokens, count = collections.Counter(), collections.Counter(), collections.Counter()
+    """{category: {rows, tokens, token_acc}} over the answer tokens: the project's eval (prunekit.core.evaluate) on
+    each category's rows, tokenised and masked as the pipeline's chat val is."""
+    from prunekit.core.evaluate import evaluate
+    from prunekit.core.samples import load_samples, pad_id
+    by_category = collections.defaultdict(list)
+    for row in rows:
+        by_category[category(row)].append(row)
+    table = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for k, row in enumerate(rows):
-            one = Path(tmp) / f"{k}.jsonl"
-            one.write_text(json.dumps(row) + "\n")
-            sample = load_samples(tokenizer, one, model=path, max_length=512)[0]
-            with torch.no_grad():
-                predicted = model(torch.tensor([sample["input_ids"]])).logits[0, :-1].argmax(-1)
-            labels = torch.tensor(sample["labels"][1:])
-            scored = labels != -100
-            cat = category(row)
-            hits[cat] += int((predicted[scored] == labels[scored]).sum())
-            tokens[cat] += int(scored.sum())
-            count[cat] += 1
-    total = sum(tokens.values())
-    table = {c: {"rows": count[c], "tokens": n, "token_share": round(n / total, 4),
-                 "token_acc": round(hits[c] / n, 4)} for c, n in tokens.most_common()}
-    rest = [c for c in tokens if c != "coding"]
-    return {"all": {"tokens": total, "token_acc": round(sum(hits.values()) / total, 4)},
-            "coding": table.get("coding"),
-            "other": {"tokens": sum(tokens[c] for c in rest),
-                      "token_acc": round(sum(hits[c] for c in rest) / max(1, sum(tokens[c] for c in rest)), 4)},
-            "by_category": table}
+        for cat, part in by_category.items():
+            file = Path(tmp) / f"{cat}.jsonl"
+            file.write_text("".join(json.dumps(r) + "\n" for r in part))
+            m = evaluate(model, load_samples(tokenizer, file, model=path, max_length=512), pad_id(tokenizer))
+            table[cat] = {"rows": len(part), "tokens": int(m["tokens"]), "token_acc": m["token_acc"]}
+    total = sum(t["tokens"] for t in table.values())
+
+    def pooled(cats):   # token-weighted, as one eval over those rows would give
+        n = sum(table[c]["tokens"] for c in cats)
+        return {"tokens": n, "token_acc": round(sum(table[c]["token_acc"] * table[c]["tokens"] for c in cats) / n, 4)}
+    order = sorted(table, key=lambda c: -table[c]["tokens"])
+    result = {"all": pooled(order), "other": pooled([c for c in order if c != "coding"])}
+    for t in table.values():
+        t.update(token_share=round(t["tokens"] / total, 4), token_acc=round(t["token_acc"], 4))
+    return {**result, "coding": table.get("coding"), "by_category": {c: table[c] for c in order}}
 
 
 def greedy_recall(model, tokenizer, rows: list[dict]) -> dict:
     """Every distinct question of the val (one-turn rows), answered greedily (≤ 40 new tokens)."""
-    import torch
+    from prunekit.core.evaluate import greedy_reply
     answers = collections.defaultdict(list)
     for row in rows:
         if len(row["messages"]) == 2:
             answers[row["messages"][0]["content"]].append(row["messages"][1]["content"].strip())
     verbatim, shared, examples = 0, 0, []
     for question, refs in answers.items():
-        inputs = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                               return_tensors="pt", return_dict=True)
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=40, do_sample=False)
-        text = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        text = greedy_reply(model, tokenizer, question, max_new_tokens=40)
         words = text.split()
         runs = {tuple(words[i:i + RUN_WORDS]) for i in range(len(words) - RUN_WORDS + 1)}
         if any(text.startswith(r) or (len(text) > 10 and r.startswith(text)) for r in refs):

@@ -3,20 +3,20 @@
 SmolLM2-135M-Instruct -> 8 of its 30 layers removed (the first 8 of the committed knockout plan: >= 25% of the
 decoder-layer parameters) and KV heads 3 -> 1 (calibrated), both at once, then recovered by one distillation from
 the original on a corpus the original wrote itself (`prunekit data generate`) mixed with the shipped general train
-text, end to end on one GPU: `recipes/outcome.yaml` run by `prunekit pipeline` with `launcher: local`. Every model
-is measured on held-out general English text (the general eval split, never trained on) and on the chat val
-(chatterbot questions never trained on; with `--chat-repeats` the chatterbot train split is in the mix, and the chat
-val is in-domain).
+text and 1,024 rows of Python source (`--code-rows`), end to end on one GPU: `recipes/outcome.yaml` run by `prunekit
+pipeline` with `launcher: local`. Every model is measured on held-out general English text (the general eval split,
+never trained on) and on the chat val (chatterbot questions never trained on; with `--chat-repeats` the chatterbot
+train split is in the mix, and the chat val is in-domain).
 
 Phases, each resumable (re-running the same command continues; a call killed at a time limit loses nothing that
 finished): data (chatterbot + general text files; `--prepare` writes them here for an offline box) -> corpus
-(teacher-sampled, then the recovery mix: corpus + general train text) -> pipeline -> gap (the final model and the
-original on rows it trained on and on fresh samples of the same kind: memorised data or too small a student?) ->
-compare_data (the pruned model distilled for `--compare-steps` steps on each recovery data source: chatterbot, the
-shipped general text, the teacher corpus, the mix) -> compare_kv (the mean and the calibrated KV cut of the pruned
-model — for 3 -> 1 similarity grouping equals the mean — right after the cut and after `--compare-steps`
-distillation steps) -> report: bench/results/outcome_smollm2.json + .png. The 20-minute goal counts data + corpus +
-pipeline.
+(teacher-sampled, then the recovery mix: corpus + general train text + Python source) -> pipeline -> gap (the final
+model and the original on rows it trained on and on fresh samples of the same kind: memorised data or too small a
+student?) -> compare_data (the pruned model distilled for `--compare-steps` steps on each recovery data source:
+chatterbot, the shipped general text, the teacher corpus, the mix) -> compare_kv (the mean and the calibrated KV cut
+of the pruned model — for 3 -> 1 similarity grouping equals the mean — right after the cut and after
+`--compare-steps` distillation steps) -> report: bench/results/outcome_smollm2.json + .png. The 20-minute goal
+counts data + corpus + pipeline.
 
     python bench/outcome_smollm2.py --prepare --data .gpu/data            # here: the data files, for the GPU box
     python bench/outcome_smollm2.py --gpu --data .gpu/data --out /root/outcome   # there (resumes)
@@ -38,9 +38,8 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_PLAN = ROOT / "bench" / "results" / "knockout_smollm2" / "plan.json"   # the recipe's: its first 8 layers
 PHASES = ("corpus", "pipeline", "gap", "compare_kv", "compare_data")
-# compare_data's recovery data sources (the mixes run first; with --chat-repeats also CHAT_MIX)
-DATA_SOURCES = ("chatterbot", "general_text", "teacher_sampled", "teacher_sampled+general_text")
-CHAT_MIX = "teacher_sampled+general_text+chatterbot"
+# compare_data's recovery data sources (the mixes run first; with --chat-repeats also the mix + chatterbot)
+DATA_SOURCES = ("chatterbot", "general_text", "teacher_sampled")
 GAP_ROWS = 256   # rows per set of the generalisation-gap measurement
 CODE_CHUNK_CHARS = 1500   # --code-rows: ~430 SmolLM2 tokens of Python, a 512-token row
 EAGER = {"compile": False, "compile_mode": "default"}   # compile_mode other than default needs compile
@@ -107,16 +106,22 @@ def write_recovery_mix(data: Path, corpus: Path, out: Path) -> Path:
     return check_val_held_out(data, out)
 
 
+def data_sources(args) -> tuple[str, ...]:
+    """compare_data's labels: DATA_SOURCES, then the recipe's mix named by its parts (and with --chat-repeats the mix
+    without chatterbot before it)."""
+    mix = "teacher_sampled+general_text" + ("+python_code" if args.code_rows else "")
+    return DATA_SOURCES + (mix,) + ((mix + "+chatterbot",) if args.chat_repeats else ())
+
+
 def python_code_rows(out: Path, rows: int) -> dict:
     """The first `rows` text rows of Python source: this interpreter's standard library (PSF licence), its public
-    top-level modules in name order, chunked as `prunekit data text --keep-lines` does (whole lines, indentation
-    kept; ~430 SmolLM2 tokens a row)."""
+    top-level modules in name order, as `prunekit data text --keep-lines --chunk-chars 1500 --limit ROWS` writes them
+    (whole lines, indentation kept; ~430 SmolLM2 tokens a row)."""
     import sysconfig
     from prunekit.core.text import text_files_to_rows
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("[!_]*.py"))   # no private stubs (__hello__.py)
-    text_files_to_rows(files, out, chunk_chars=CODE_CHUNK_CHARS, keep_lines=True)
-    kept = out.read_text(encoding="utf-8").splitlines()[:rows]
-    out.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    text_files_to_rows(files, out, chunk_chars=CODE_CHUNK_CHARS, keep_lines=True, limit=rows)
+    kept = out.read_text(encoding="utf-8").splitlines()
     return {"rows": len(kept), "chars": sum(len(json.loads(line)["text"]) for line in kept),
             "python": sys.version.split()[0]}
 
@@ -193,6 +198,7 @@ def sizes(args) -> dict:
 
 DEFAULT_ROWS = 32768
 DEFAULT_PROSE_ROWS = 16384   # the teacher's continuations of general-train openings in the recipe's mix (session 21)
+DEFAULT_CODE_ROWS = 1024     # rows of Python source in the recipe's mix (session 25)
 
 
 DEFAULT_RECIPE = ROOT / "recipes" / "outcome.yaml"
@@ -223,7 +229,8 @@ def report_path(args) -> Path:
         f"_noise{args.input_noise:g}" if args.input_noise else "") + (
         f"_hidden{args.hidden_weight:g}" if args.hidden_weight else "") + (
         f"_steps{args.max_steps}" if args.max_steps and not args.smoke else "") + (
-        f"_chat{args.chat_repeats}" if args.chat_repeats else "") + (f"_code{args.code_rows}" if args.code_rows else "")
+        f"_chat{args.chat_repeats}" if args.chat_repeats else "") + (
+        f"_code{args.code_rows}" if args.code_rows != DEFAULT_CODE_ROWS and not args.smoke else "")
     return RESULTS / f"outcome_smollm2{width}{extra}{'_smoke' if args.smoke else ''}.json"
 
 
@@ -277,10 +284,10 @@ def main(argv=None) -> int:
     ap.add_argument("--chat-repeats", type=int, default=0, metavar="N",
                     help="also the chatterbot train split, N times, in the recovery mix (the chat val becomes "
                          "in-domain: its questions stay out); report outcome_smollm2_chatN.json")
-    ap.add_argument("--code-rows", type=int, default=0, metavar="N",
-                    help="also N rows of Python source (the standard library's, `data text --keep-lines` chunks) in "
-                         "the recovery mix: the chat val is 61%% code answers by token (report "
-                         "outcome_smollm2_codeN.json)")
+    ap.add_argument("--code-rows", type=int, default=DEFAULT_CODE_ROWS, metavar="N",
+                    help="N rows of Python source (the standard library's, `data text --keep-lines` chunks) in the "
+                         "recovery mix: the chat val is 61%% code answers by token (0: none; report "
+                         "outcome_smollm2_codeN.json when not the default)")
     ap.add_argument("--plan", type=Path, default=DEFAULT_PLAN,
                     help="the layers to remove, best first (e.g. bench/layer_choice_smollm2.py's plan; "
                          "report outcome_smollm2_STEM.json)")
@@ -321,7 +328,8 @@ def main(argv=None) -> int:
         return 0
     if args.smoke:
         args.rows, args.max_new_tokens, args.compare_steps = 8, 16, 2
-        args.prose_rows, args.free_rows = min(args.prose_rows, 8), min(args.free_rows, 8)
+        args.prose_rows, args.free_rows, args.code_rows = (min(n, 8) for n in (args.prose_rows, args.free_rows,
+                                                                                args.code_rows))
         args.eval_samples, args.eval_text_samples = 4, 4
         args.out = args.out.with_name(args.out.name + "-smoke")
     out = args.out.resolve()
@@ -489,10 +497,8 @@ def main(argv=None) -> int:
 
     def compare_data():
         """The pruned model, the same distillation budget, each recovery data source (DATA_SOURCES)."""
-        sources = dict(zip(DATA_SOURCES, (data / "chat-train.jsonl", data / "general-train.jsonl", corpus,
-                                          plain_mix if args.chat_repeats else recovery)))
-        if args.chat_repeats:
-            sources[CHAT_MIX] = recovery
+        sources = dict(zip(data_sources(args), (data / "chat-train.jsonl", data / "general-train.jsonl", corpus,
+                                                plain_mix if args.chat_repeats else recovery, recovery)))
         runs = results.setdefault("compare_data", {})
         for label, train in sorted(sources.items(), key=lambda kv: "+" not in kv[0]):   # the mixes first
             if label in runs:
@@ -631,8 +637,7 @@ def write_report(results: dict, args, path: Path) -> None:
                                       "note": note}
     missing = [p for p in PHASES if p not in results or (p != "corpus" and not results[p])]
     if results.get("compare_data") and "compare_data" not in taken:   # a call stopped inside the phase
-        missing += [f"compare_data: {k}" for k in DATA_SOURCES + (CHAT_MIX,) * bool(args.chat_repeats)
-                    if k not in results["compare_data"]]
+        missing += [f"compare_data: {k}" for k in data_sources(args) if k not in results["compare_data"]]
     if missing:
         report["not_run"] = {p: getattr(args, "not_run_reason", None) or "not run" for p in missing}
     path.write_text(json.dumps(report, indent=1) + "\n")
@@ -686,4 +691,11 @@ def plot(report: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from prunekit.core import interrupts
+    with interrupts.handled(interrupts.raise_interrupt):   # Ctrl-C / kill / a call's time limit: one line, 130 / 143
+        try:
+            sys.exit(main())
+        except KeyboardInterrupt as stop:
+            word, code = interrupts.outcome(stop)
+            print(f"outcome_smollm2: {word} ({stop or 'the same command resumes'})", file=sys.stderr)
+            sys.exit(code)

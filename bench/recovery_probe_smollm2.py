@@ -39,6 +39,8 @@ val (as bench/outcome_smollm2.py does). Sets:
   code      (start: that cut model) the recipe's distillation on the mix, and on the mix plus `--code-rows` (1024) rows
             of Python source (this interpreter's standard library, PSF licence; whole lines): the chat val is 61% code
             answers by token (bench/results/chat_val_composition.json) -> bench/results/recovery_probe_smollm2_code.json
+  code-size (start: that cut model) the mix plus `--code-rows` rows of that Python source, and plus twice as many
+            -> bench/results/recovery_probe_smollm2_code_size.json
   time      (start: that cut model) the same device time two ways: the recipe's batch 32 for `--steps`, or batch 16
             for 1.63x the steps (with CUDA graphs a batch-16 step takes 36.4 ms against 59.5:
             bench/results/train_throughput_outcome_shape.json) at lr 6e-4 and at 4.2e-4 (lr scaled by sqrt(1/2))
@@ -86,6 +88,7 @@ SETS = {
     "data-size": {"mix": {}, "mix-half": {"train": "mix/2"}, "mix-quarter": {"train": "mix/4"}},
     "hidden": {"forward-kl": {}, "hidden-0.1": dict(hidden_weight=0.1), "hidden-1": dict(hidden_weight=1.0)},
     "code": {"mix": {}, "mix+code": {"train": "mix+code"}},
+    "code-size": {"mix+code": {"train": "mix+code"}, "mix+code-x2": {"train": "mix+code-x2"}},
     "time": {"b32": {}, "b16-lr6e-4": dict(batch_size=16, steps_scale=1.63),
              "b16-lr4.2e-4": dict(batch_size=16, lr=4.2e-4, steps_scale=1.63)},
     "noise": {"quarter": {"train": "mix/4"}, "quarter-noise0.1": {"train": "mix/4", "input_noise": 0.1},
@@ -98,7 +101,7 @@ RESULT_FILES = {"kv": "recovery_probe_smollm2.json", "lr-batch": "recovery_probe
                 "free-text": "recovery_probe_smollm2_free_text.json", "loss": "recovery_probe_smollm2_loss.json",
                 "data-size": "recovery_probe_smollm2_data_size.json", "noise": "recovery_probe_smollm2_noise.json",
                 "hidden": "recovery_probe_smollm2_hidden.json", "time": "recovery_probe_smollm2_time.json",
-                "code": "recovery_probe_smollm2_code.json"}
+                "code": "recovery_probe_smollm2_code.json", "code-size": "recovery_probe_smollm2_code_size.json"}
 
 
 def main(argv=None) -> int:
@@ -201,11 +204,12 @@ def main(argv=None) -> int:
             **how)
         train_files[f"mix+{kind}"] = args.out / f"recovery-{kind}.jsonl"
         train_files[f"mix+{kind}"].write_bytes(recovery.read_bytes() + extra_corpus.read_bytes())
-    if args.variant_set == "code":
-        code = args.out / "python-code.jsonl"
-        extra_stats["code"] = bench.python_code_rows(code, 8 if args.smoke else args.code_rows)
-        train_files["mix+code"] = args.out / "recovery-code.jsonl"
-        train_files["mix+code"].write_bytes(recovery.read_bytes() + code.read_bytes())
+    if args.variant_set in ("code", "code-size"):
+        for times, suffix in ((1, ""), (2, "-x2"))[:2 if args.variant_set == "code-size" else 1]:
+            code = args.out / f"python-code{suffix}.jsonl"
+            extra_stats[f"code{suffix}"] = bench.python_code_rows(code, (8 if args.smoke else args.code_rows) * times)
+            train_files[f"mix+code{suffix}"] = args.out / f"recovery-code{suffix}.jsonl"
+            train_files[f"mix+code{suffix}"].write_bytes(recovery.read_bytes() + code.read_bytes())
     if args.variant_set in ("data-size", "noise"):   # seeded row samples of the mix: the same kinds, fewer rows
         import random
         lines = [line for line in recovery.read_text().split("\n") if line.strip()]

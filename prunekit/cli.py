@@ -189,7 +189,7 @@ def _cmd_data_text(args) -> None:
         print(f"wrote {rows} openings to {args.out} (continue them with `prunekit data generate --prompts`)")
         return
     counts = text.text_files_to_rows(args.files, args.out, val_path=args.val, val_fraction=args.val_fraction,
-                                     chunk_chars=args.chunk_chars, keep_lines=args.keep_lines)
+                                     chunk_chars=args.chunk_chars, keep_lines=args.keep_lines, limit=args.limit)
     print(f"wrote {counts['train']} text rows to {args.out}" +
           (f" and {counts['val']} to {args.val}" if args.val else ""))
 
@@ -400,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, help="train file (.jsonl or .json); generate: the corpus .jsonl")
     p.add_argument("--val", default=None, help="val file (default: next to OUT, 'train' -> 'val'; text: none)")
     p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--limit", type=int, default=None, help="easy-vqa: at most this many rows per split")
+    p.add_argument("--limit", type=int, default=None,
+                   help="easy-vqa: at most this many rows per split; text: the first this many rows")
     p.add_argument("--chunk-chars", type=int, default=2000, help="text, general: at most this many characters a row")
     p.add_argument("--keep-lines", action="store_true",
                    help="text: keep lines and indentation (source code), cut long paragraphs at line ends")

@@ -115,16 +115,19 @@ def _split_val(rows: list[dict], val_fraction: float, seed: int) -> tuple[list[d
 def text_files_to_rows(files: list[str | os.PathLike], out_path: str | os.PathLike,
                        val_path: str | os.PathLike | None = None, val_fraction: float = 0.1,
                        chunk_chars: int = DEFAULT_CHUNK_CHARS, seed: int = 0,
-                       keep_lines: bool = False) -> dict[str, int]:
+                       keep_lines: bool = False, limit: int | None = None) -> dict[str, int]:
     """`prunekit data text`: chunk UTF-8 text files into ``{"text", "source", "id"}`` rows (`keep_lines`: see
-    chunk_text). Every file is read and checked before anything is written; each output is written atomically.
-    Returns ``{"train": n, "val": m}``."""
+    chunk_text), the first `limit` of them in file order when given. Every file is read and checked before anything
+    is written; each output is written atomically. Returns ``{"train": n, "val": m}``."""
     if not files:
         raise DataError("data text: give at least one text file")
+    if limit is not None and limit < 1:
+        raise DataError(f"data text: --limit {limit}: give at least 1 row")
     rows = []
     for f in files:
         chunks = chunk_text(read_text_file(f), chunk_chars, keep_lines)
         rows += [{"text": c, "source": Path(f).name, "id": f"{Path(f).name}:{k}"} for k, c in enumerate(chunks)]
+    rows = rows[:limit]
     val: list[dict] = []
     if val_path is not None:
         if len(rows) < 2:

@@ -69,6 +69,12 @@ def test_keep_lines_chunks_code_with_its_lines_and_indentation(tmp_path):
     rows = load_messages(out)
     assert [r["text"] for r in rows] == text.chunk_text(CODE, 200, keep_lines=True)
     assert any('def dijkstra(graph, start):\n    """Shortest' in r["text"] for r in rows)   # CRLF read as lines
+    first = tmp_path / "first.jsonl"
+    assert main(["data", "text", str(code), "-o", str(first), "--chunk-chars", "200", "--keep-lines",
+                 "--limit", "2"]) == 0
+    assert load_messages(first) == rows[:2]
+    assert main(["data", "text", str(code), "-o", str(tmp_path / "none.jsonl"), "--keep-lines", "--limit", "0"]) == 2
+    assert not (tmp_path / "none.jsonl").exists()
 
 
 def test_data_text_writes_rows_and_a_val_split(tmp_path, capsys):

@@ -697,5 +697,5 @@ if __name__ == "__main__":
             sys.exit(main())
         except KeyboardInterrupt as stop:
             word, code = interrupts.outcome(stop)
-            print(f"outcome_smollm2: {word} ({stop or 'the same command resumes'})", file=sys.stderr)
+            print(f"outcome_smollm2: {word} ({str(stop) or 'the same command resumes'})", file=sys.stderr)
             sys.exit(code)

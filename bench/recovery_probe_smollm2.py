@@ -41,6 +41,9 @@ val (as bench/outcome_smollm2.py does). Sets:
             answers by token (bench/results/chat_val_composition.json) -> bench/results/recovery_probe_smollm2_code.json
   code-size (start: that cut model) the mix plus `--code-rows` rows of that Python source, and plus twice as many
             -> bench/results/recovery_probe_smollm2_code_size.json
+  code-answers (start: that cut model) the mix plus `--code-rows` rows of Python source (the outcome recipe's mix),
+            and that plus `--code-answers` (2048) teacher answers to the seed prompts that ask for code (216 of them:
+            prunekit.core.seed_prompts.programming_prompts) -> bench/results/recovery_probe_smollm2_code_answers.json
   time      (start: that cut model) the same device time two ways: the recipe's batch 32 for `--steps`, or batch 16
             for 1.63x the steps (with CUDA graphs a batch-16 step takes 36.4 ms against 59.5:
             bench/results/train_throughput_outcome_shape.json) at lr 6e-4 and at 4.2e-4 (lr scaled by sqrt(1/2))
@@ -89,6 +92,7 @@ SETS = {
     "hidden": {"forward-kl": {}, "hidden-0.1": dict(hidden_weight=0.1), "hidden-1": dict(hidden_weight=1.0)},
     "code": {"mix": {}, "mix+code": {"train": "mix+code"}},
     "code-size": {"mix+code": {"train": "mix+code"}, "mix+code-x2": {"train": "mix+code-x2"}},
+    "code-answers": {"mix+code": {"train": "mix+code"}, "mix+code+answers": {"train": "mix+code+answers"}},
     "time": {"b32": {}, "b16-lr6e-4": dict(batch_size=16, steps_scale=1.63),
              "b16-lr4.2e-4": dict(batch_size=16, lr=4.2e-4, steps_scale=1.63)},
     "noise": {"quarter": {"train": "mix/4"}, "quarter-noise0.1": {"train": "mix/4", "input_noise": 0.1},
@@ -101,7 +105,8 @@ RESULT_FILES = {"kv": "recovery_probe_smollm2.json", "lr-batch": "recovery_probe
                 "free-text": "recovery_probe_smollm2_free_text.json", "loss": "recovery_probe_smollm2_loss.json",
                 "data-size": "recovery_probe_smollm2_data_size.json", "noise": "recovery_probe_smollm2_noise.json",
                 "hidden": "recovery_probe_smollm2_hidden.json", "time": "recovery_probe_smollm2_time.json",
-                "code": "recovery_probe_smollm2_code.json", "code-size": "recovery_probe_smollm2_code_size.json"}
+                "code": "recovery_probe_smollm2_code.json", "code-size": "recovery_probe_smollm2_code_size.json",
+                "code-answers": "recovery_probe_smollm2_code_answers.json"}
 
 
 def main(argv=None) -> int:
@@ -116,7 +121,9 @@ def main(argv=None) -> int:
                     help="remove ~25%% of the decoder-layer parameters by depth (the recipe's 8 layers) or FFN width")
     ap.add_argument("--prose-rows", type=int, default=4096, help="--set prose: teacher continuations to generate")
     ap.add_argument("--free-rows", type=int, default=4096, help="--set free-text: unconditioned samples to generate")
-    ap.add_argument("--code-rows", type=int, default=1024, help="--set code: rows of Python source in the mix")
+    ap.add_argument("--code-rows", type=int, default=1024, help="--set code*: rows of Python source in the mix")
+    ap.add_argument("--code-answers", type=int, default=2048,
+                    help="--set code-answers: teacher answers to the seed prompts that ask for code")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: a check of the code path (result in --out)")
     ap.add_argument("--report-only", type=Path, default=None, metavar="STATE",
                     help="write the set's report from a run's probe_state.json (e.g. one a GPU box sent back)")
@@ -124,7 +131,7 @@ def main(argv=None) -> int:
     ap.add_argument("--command", default=None, help="with --report-only: the command that ran (default: the state's)")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.steps, args.prose_rows, args.free_rows = 2, 8, 8
+        args.steps, args.prose_rows, args.free_rows, args.code_answers = 2, 8, 8, 8
     if args.report_only:
         state = json.loads(args.report_only.read_text())
         results = {**state[f"pruned-{args.start}"], **({"cut": state[f"cut-{args.start}"]}
@@ -188,28 +195,39 @@ def main(argv=None) -> int:
         return out
 
     train_files, extra_stats = {"mix": recovery}, {}
-    if args.variant_set in ("prose", "free-text"):   # the mix plus teacher text of another kind, generated here
+    if args.variant_set in ("prose", "free-text", "code-answers"):   # teacher text of another kind, generated here
         from prunekit.rl.corpus import generate_corpus
-        kind = "prose" if args.variant_set == "prose" else "free"
+        kind = {"prose": "prose", "free-text": "free", "code-answers": "code-answers"}[args.variant_set]
         if kind == "prose":
             from prunekit.core.text import text_openings
             text_openings([args.data / "general-train.jsonl"], args.out / "prose-prompts.jsonl")
-        how = (dict(prompts=args.out / "prose-prompts.jsonl", rows=args.prose_rows)
-               if kind == "prose" else dict(unconditioned=True, rows=args.free_rows))
+        if kind == "code-answers":
+            from prunekit.core.data import save_messages
+            from prunekit.core.seed_prompts import programming_prompts
+            save_messages(args.out / "code-prompts.jsonl",
+                          [{"messages": [{"role": "user", "content": p}]} for p in programming_prompts()])
+        how = {"prose": dict(prompts=args.out / "prose-prompts.jsonl", rows=args.prose_rows),
+               "free": dict(unconditioned=True, rows=args.free_rows),
+               "code-answers": dict(prompts=args.out / "code-prompts.jsonl", rows=args.code_answers)}[kind]
         extra_corpus = args.out / f"teacher-{kind}.jsonl"
         extra_corpus.unlink(missing_ok=True)
         extra_stats[f"{kind}_corpus"] = generate_corpus(
             "smollm2", extra_corpus, seed_prompts=False, max_new_tokens=8 if args.smoke else 256,
             backend="transformers", device="cuda" if args.gpu else "cpu", dtype="bfloat16" if args.gpu else "float32",
             **how)
-        train_files[f"mix+{kind}"] = args.out / f"recovery-{kind}.jsonl"
-        train_files[f"mix+{kind}"].write_bytes(recovery.read_bytes() + extra_corpus.read_bytes())
-    if args.variant_set in ("code", "code-size"):
+        if kind != "code-answers":   # that set's mixes carry the Python rows too (below)
+            train_files[f"mix+{kind}"] = args.out / f"recovery-{kind}.jsonl"
+            train_files[f"mix+{kind}"].write_bytes(recovery.read_bytes() + extra_corpus.read_bytes())
+    if args.variant_set in ("code", "code-size", "code-answers"):
         for times, suffix in ((1, ""), (2, "-x2"))[:2 if args.variant_set == "code-size" else 1]:
             code = args.out / f"python-code{suffix}.jsonl"
             extra_stats[f"code{suffix}"] = bench.python_code_rows(code, (8 if args.smoke else args.code_rows) * times)
             train_files[f"mix+code{suffix}"] = args.out / f"recovery-code{suffix}.jsonl"
             train_files[f"mix+code{suffix}"].write_bytes(recovery.read_bytes() + code.read_bytes())
+        if args.variant_set == "code-answers":   # the outcome recipe's mix (with the Python rows) + the answers
+            train_files["mix+code+answers"] = args.out / "recovery-code-answers.jsonl"
+            train_files["mix+code+answers"].write_bytes(train_files["mix+code"].read_bytes()
+                                                       + extra_corpus.read_bytes())
     if args.variant_set in ("data-size", "noise"):   # seeded row samples of the mix: the same kinds, fewer rows
         import random
         lines = [line for line in recovery.read_text().split("\n") if line.strip()]

@@ -191,6 +191,12 @@ def _reasoning() -> list[str]:
     return out
 
 
+def programming_prompts() -> list[str]:
+    """The seed prompts that ask for code (Python and JavaScript functions, data structures, questions)."""
+    return ([t.format(lang, task) for t in PROGRAM for lang in LANGUAGES for task in PROGRAMS]
+            + [t.format(x) for t in BUILD for x in STRUCTURES] + CODE_QUESTIONS)
+
+
 def _build() -> list[str]:
     prompts = [t.format(c) for t in EXPLAIN for c in CONCEPTS]
     prompts += [t.format(a) for t in HOWTO for a in ACTIVITIES]
@@ -205,9 +211,7 @@ def _build() -> list[str]:
     prompts += [t.format(x) for t in REWRITE for x in SENTENCES]
     prompts += QUESTIONS
     prompts += _reasoning()
-    prompts += [t.format(lang, task) for t in PROGRAM for lang in LANGUAGES for task in PROGRAMS]
-    prompts += [t.format(x) for t in BUILD for x in STRUCTURES]
-    prompts += CODE_QUESTIONS
+    prompts += programming_prompts()
     prompts = list(dict.fromkeys(prompts))  # distinct, first occurrence kept
     random.Random(0).shuffle(prompts)
     return prompts

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prunekit.core.data import load_messages
 from prunekit.core.datasets import chatterbot_to_messages
-from prunekit.core.seed_prompts import seed_prompts
+from prunekit.core.seed_prompts import programming_prompts, seed_prompts
 
 
 def test_seed_prompts_are_distinct_fixed_and_mix_programming_in_early(tmp_path):
@@ -15,6 +15,9 @@ def test_seed_prompts_are_distinct_fixed_and_mix_programming_in_early(tmp_path):
                                                  "How do I write a Python"))]
     assert len(code) > 100   # a share of the corpus, not a token
     assert any(p in code for p in prompts[:100])   # a prefix (a small --rows) mixes them in too
+    asks_for_code = programming_prompts()   # the recovery probe's code answers: every seed prompt that asks for code
+    assert set(code) < set(asks_for_code) < set(prompts) and len(asks_for_code) == len(set(asks_for_code))
+    assert all("Python" in p or "JavaScript" in p for p in asks_for_code)
     chatterbot_to_messages(tmp_path / "train.jsonl", val_path=tmp_path / "val.jsonl", val_fraction=0.2)
     questions = {r["messages"][0]["content"].strip().lower()
                  for f in ("train.jsonl", "val.jsonl") for r in load_messages(tmp_path / f)}

@@ -334,6 +334,13 @@ def main(argv=None) -> int:
         args.out = args.out.with_name(args.out.name + "-smoke")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    from prunekit.core import locks
+    with locks.hold((out, "--out")):   # a second copy of the same run stops here, with one line
+        return run_phases(args, data, out, argv)
+
+
+def run_phases(args, data: Path, out: Path, argv: list[str] | None) -> int:
+    """Every phase not done yet, in `out` (held by this process); each resumes where an earlier call stopped."""
     prepare_data(data)
     from prunekit.core.loading import resolve_model
     original = str(resolve_model("smollm2"))
@@ -690,12 +697,23 @@ def plot(report: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-if __name__ == "__main__":
-    from prunekit.core import interrupts
-    with interrupts.handled(interrupts.raise_interrupt):   # Ctrl-C / kill / a call's time limit: one line, 130 / 143
+def run_as_script(main, name: str) -> None:
+    """A bench's `__main__`: main() under prunekit's signal handling. Ctrl-C, `kill`, a call's time limit, or a
+    PrunekitError (bad input, --out held by another copy of the same run) end it with one line and an exit code."""
+    from prunekit import PrunekitError
+    from prunekit.core import interrupts, locks
+    locks.command = f"bench/{name}.py"   # how the lock on --out names this run to a second copy
+    with interrupts.handled(interrupts.raise_interrupt):
         try:
-            sys.exit(main())
+            code = main()
+        except PrunekitError as error:
+            print(f"{name}: error: {error}", file=sys.stderr)
+            code = 2
         except KeyboardInterrupt as stop:
             word, code = interrupts.outcome(stop)
-            print(f"outcome_smollm2: {word} ({str(stop) or 'the same command resumes'})", file=sys.stderr)
-            sys.exit(code)
+            print(f"{name}: {word} ({str(stop) or 'the same command resumes'})", file=sys.stderr)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    run_as_script(main, "outcome_smollm2")

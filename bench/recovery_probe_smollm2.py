@@ -146,16 +146,24 @@ def main(argv=None) -> int:
         ap.error("--data and --corpus are needed (all but --report-only)")
     sys.path.insert(0, str(ROOT))
     from bench import outcome_smollm2 as bench
+    if args.start == "ffn" and args.variant_set == "kv":
+        ap.error("--start ffn: the kv set starts from the depth-pruned model; pick another --set")
+    args.out.mkdir(parents=True, exist_ok=True)
+    from prunekit.core import locks
+    with locks.hold((args.out, "--out")):   # a second copy of the same probe stops here, with one line
+        return run_set(args, argv, bench)
+
+
+def run_set(args, argv: list[str] | None, bench) -> int:
+    """The set's variants not done yet, in --out (held by this process); each resumes where an earlier call stopped."""
+    from prunekit import PrunekitError
     from prunekit.core.loading import resolve_model
     from prunekit.stages.kv_cut import kv_cut
     from prunekit.stages.prune import prune
-    args.out.mkdir(parents=True, exist_ok=True)
     recovery = bench.write_recovery_mix(args.data, args.corpus, args.out / "recovery.jsonl")
     settings = types.SimpleNamespace(gpu=args.gpu, smoke=args.smoke, fallback={}, plan=None,
                                      eval_samples=4 if args.smoke else 128,
                                      eval_text_samples=4 if args.smoke else None)
-    if args.start == "ffn" and args.variant_set == "kv":
-        ap.error("--start ffn: the kv set starts from the depth-pruned model; pick another --set")
     state_file = args.out / "probe_state.json"   # what earlier calls of this command finished
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
 
@@ -171,7 +179,7 @@ def main(argv=None) -> int:
                                                                                    else sys.argv[1:]))
     source = f"{args.corpus.resolve()} ({args.corpus.stat().st_size} bytes)"
     if state.setdefault("corpus", source) != source:
-        ap.error(f"--out {args.out} holds a probe on another corpus ({state['corpus']}): give another --out")
+        raise PrunekitError(f"--out {args.out} holds a probe on another corpus ({state['corpus']}): give another --out")
     remember("command", command)   # --report-only's default
     pruned = args.out / f"pruned-{args.start}"
     if f"pruned-{args.start}" not in state:
@@ -311,4 +319,6 @@ def write_report(args, results: dict, header: dict, not_run: list[str]) -> Path:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.path.insert(0, str(ROOT))
+    from bench.outcome_smollm2 import run_as_script
+    run_as_script(main, "recovery_probe_smollm2")

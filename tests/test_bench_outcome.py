@@ -1,0 +1,55 @@
+"""bench/outcome_smollm2.py (and the probes that share its `run_as_script`): a second copy of the same run, bad input
+and Ctrl-C / kill each end it with one line and an exit code, and nothing in --out is touched by the second copy."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from prunekit import PrunekitError
+from tests.conftest import REPO
+
+sys.path.insert(0, str(REPO))
+from bench.outcome_smollm2 import run_as_script  # noqa: E402
+
+
+@pytest.mark.parametrize("raised, code, line", [
+    (PrunekitError("--out /x: in use by someone"), 2, "outcome_smollm2: error: --out /x: in use by someone\n"),
+    (KeyboardInterrupt("at step 3, checkpoint written: the same command resumes"), 130,
+     "outcome_smollm2: interrupted (at step 3, checkpoint written: the same command resumes)\n"),
+    (KeyboardInterrupt(), 130, "outcome_smollm2: interrupted (the same command resumes)\n"),
+])
+def test_a_bench_ends_with_one_line_and_an_exit_code(raised, code, line, capsys):
+    def main():
+        raise raised
+    with pytest.raises(SystemExit) as stop:
+        run_as_script(main, "outcome_smollm2")
+    assert stop.value.code == code and capsys.readouterr().err == line
+
+
+def test_a_second_copy_of_the_same_run_stops_before_touching_its_out(tmp_path):
+    from prunekit.core import locks
+    out = tmp_path / "outcome-smoke"   # --smoke writes to OUT-smoke
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom prunekit.core import locks\n"
+                               f"locks.command = 'bench/outcome_smollm2.py'\nlocks.acquire({str(out)!r}, '--out')\n"
+                               "print('held', flush=True)\ntime.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        second = subprocess.run([sys.executable, str(REPO / "bench" / "outcome_smollm2.py"), "--smoke", "--out",
+                                 str(tmp_path / "outcome"), "--data", str(tmp_path / "data")],
+                                capture_output=True, text=True, timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert second.returncode == 2, second.stderr
+    assert second.stderr == (f"outcome_smollm2: error: --out {out}: in use by bench/outcome_smollm2.py (pid "
+                             f"{holder.pid} on host {os.uname().nodename}, since ") + second.stderr.split("since ")[1]
+    assert second.stderr.endswith("; wait for it to finish or stop it\n") and second.stdout == ""
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"] and not (tmp_path / "data").exists()
+    with locks.hold((out, "--out")):   # the holder's death freed it
+        pass

@@ -109,7 +109,8 @@ def write_recovery_mix(data: Path, corpus: Path, out: Path) -> Path:
 def data_sources(args) -> tuple[str, ...]:
     """compare_data's labels: DATA_SOURCES, then the recipe's mix named by its parts (and with --chat-repeats the mix
     without chatterbot before it)."""
-    mix = "teacher_sampled+general_text" + ("+python_code" if args.code_rows else "")
+    mix = ("teacher_sampled+general_text" + ("+python_code" if args.code_rows else "")
+           + ("+code_answers" if args.code_answers else ""))
     return DATA_SOURCES + (mix,) + ((mix + "+chatterbot",) if args.chat_repeats else ())
 
 
@@ -124,6 +125,14 @@ def python_code_rows(out: Path, rows: int) -> dict:
     kept = out.read_text(encoding="utf-8").splitlines()
     return {"rows": len(kept), "chars": sum(len(json.loads(line)["text"]) for line in kept),
             "python": sys.version.split()[0]}
+
+
+def code_prompts(out: Path) -> Path:
+    """The seed prompts that ask for code (prunekit.core.seed_prompts.programming_prompts, 216) as a prompts file."""
+    from prunekit.core.data import save_messages
+    from prunekit.core.seed_prompts import programming_prompts
+    save_messages(out, [{"messages": [{"role": "user", "content": p}]} for p in programming_prompts()])
+    return out
 
 
 def check_val_held_out(data: Path, train: Path) -> Path:
@@ -230,7 +239,8 @@ def report_path(args) -> Path:
         f"_hidden{args.hidden_weight:g}" if args.hidden_weight else "") + (
         f"_steps{args.max_steps}" if args.max_steps and not args.smoke else "") + (
         f"_chat{args.chat_repeats}" if args.chat_repeats else "") + (
-        f"_code{args.code_rows}" if args.code_rows != DEFAULT_CODE_ROWS and not args.smoke else "")
+        f"_code{args.code_rows}" if args.code_rows != DEFAULT_CODE_ROWS and not args.smoke else "") + (
+        f"_answers{args.code_answers}" if args.code_answers and not args.smoke else "")
     return RESULTS / f"outcome_smollm2{width}{extra}{'_smoke' if args.smoke else ''}.json"
 
 
@@ -288,6 +298,9 @@ def main(argv=None) -> int:
                     help="N rows of Python source (the standard library's, `data text --keep-lines` chunks) in the "
                          "recovery mix: the chat val is 61%% code answers by token (0: none; report "
                          "outcome_smollm2_codeN.json when not the default)")
+    ap.add_argument("--code-answers", type=int, default=0, metavar="N",
+                    help="also N teacher answers to the seed prompts that ask for code in the recovery mix "
+                         "(report outcome_smollm2_answersN.json)")
     ap.add_argument("--plan", type=Path, default=DEFAULT_PLAN,
                     help="the layers to remove, best first (e.g. bench/layer_choice_smollm2.py's plan; "
                          "report outcome_smollm2_STEM.json)")
@@ -328,8 +341,8 @@ def main(argv=None) -> int:
         return 0
     if args.smoke:
         args.rows, args.max_new_tokens, args.compare_steps = 8, 16, 2
-        args.prose_rows, args.free_rows, args.code_rows = (min(n, 8) for n in (args.prose_rows, args.free_rows,
-                                                                                args.code_rows))
+        args.prose_rows, args.free_rows, args.code_rows, args.code_answers = (
+            min(n, 8) for n in (args.prose_rows, args.free_rows, args.code_rows, args.code_answers))
         args.eval_samples, args.eval_text_samples = 4, 4
         args.out = args.out.with_name(args.out.name + "-smoke")
     out = args.out.resolve()
@@ -348,7 +361,7 @@ def run_phases(args, data: Path, out: Path, argv: list[str] | None) -> int:
     run_settings = {k: str(getattr(args, k)) for k in ("rows", "max_new_tokens", "prose_rows", "free_rows",
                                                        "width_ffn", "plan", "corpus_from", "input_noise",
                                                        "gen_batch", "gen_backend", "hidden_weight", "recipe",
-                                                       "max_steps", "chat_repeats", "code_rows")}
+                                                       "max_steps", "chat_repeats", "code_rows", "code_answers")}
     state_file = out / "bench_state.json"
     earlier = json.loads(state_file.read_text()).get("settings") if state_file.is_file() else None
     if earlier is not None and earlier != run_settings:
@@ -371,6 +384,7 @@ def run_phases(args, data: Path, out: Path, argv: list[str] | None) -> int:
     prose = out / "teacher-prose.jsonl"   # --prose-rows: the teacher's continuations of general-train openings
     free = out / "teacher-free.jsonl"     # --free-rows: the teacher's unconditioned text
     code = out / "python-code.jsonl"      # --code-rows: Python source
+    answers = out / "teacher-code.jsonl"  # --code-answers: the teacher's answers to programming prompts
     recovery = out / "recovery.jsonl"   # the recipe's train file: the teacher corpus + the general train text
     plain_mix = out / "mix.jsonl"       # with --chat-repeats: the mix without the chatterbot rows (compare_data)
 
@@ -388,8 +402,12 @@ def run_phases(args, data: Path, out: Path, argv: list[str] | None) -> int:
             results["corpus_free"] = sample(None, free, rows=args.free_rows, seed_prompts=False, unconditioned=True)
         if args.code_rows:
             results["code"] = python_code_rows(code, args.code_rows)
+        if args.code_answers:
+            results["corpus_code_answers"] = sample(code_prompts(out / "code-prompts.jsonl"), answers,
+                                                    rows=args.code_answers, seed_prompts=False)
         mix = (corpus.read_bytes() + (prose.read_bytes() if args.prose_rows else b"")
                + (free.read_bytes() if args.free_rows else b"") + (code.read_bytes() if args.code_rows else b"")
+               + (answers.read_bytes() if args.code_answers else b"")
                + (data / "general-train.jsonl").read_bytes())
         if args.chat_repeats:
             plain_mix.write_bytes(mix)
@@ -612,6 +630,7 @@ def write_report(results: dict, args, path: Path) -> None:
         "corpus_from": reused, **({"corpus_prose": results["corpus_prose"]} if results.get("corpus_prose") else {}),
         **({"corpus_free": results["corpus_free"]} if results.get("corpus_free") else {}),
         **({"code": results["code"]} if results.get("code") else {}),
+        **({"corpus_code_answers": results["corpus_code_answers"]} if results.get("corpus_code_answers") else {}),
         "gap": {k: {"rows": v["rows"], "token_acc_vs_original": v["token_acc_vs_original"],
                     "nll_over_original": v["nll_over_original"], "final_token_acc": v["final"]["token_acc"],
                     "original_token_acc": v["original"]["token_acc"]} for k, v in results.get("gap", {}).items()},

@@ -144,6 +144,11 @@ def main(argv=None) -> int:
         return 0
     if args.data is None or args.corpus is None:
         ap.error("--data and --corpus are needed (all but --report-only)")
+    if not args.corpus.is_file():
+        ap.error(f"--corpus {args.corpus}: no such file")
+    for name in ("general-train.jsonl", "general-eval.jsonl", "val.jsonl"):
+        if not (args.data / name).is_file():
+            ap.error(f"--data {args.data}: no {name} (a folder `outcome_smollm2.py --prepare --data DIR` wrote)")
     sys.path.insert(0, str(ROOT))
     from bench import outcome_smollm2 as bench
     if args.start == "ffn" and args.variant_set == "kv":
@@ -210,10 +215,7 @@ def run_set(args, argv: list[str] | None, bench) -> int:
             from prunekit.core.text import text_openings
             text_openings([args.data / "general-train.jsonl"], args.out / "prose-prompts.jsonl")
         if kind == "code-answers":
-            from prunekit.core.data import save_messages
-            from prunekit.core.seed_prompts import programming_prompts
-            save_messages(args.out / "code-prompts.jsonl",
-                          [{"messages": [{"role": "user", "content": p}]} for p in programming_prompts()])
+            bench.code_prompts(args.out / "code-prompts.jsonl")
         how = {"prose": dict(prompts=args.out / "prose-prompts.jsonl", rows=args.prose_rows),
                "free": dict(unconditioned=True, rows=args.free_rows),
                "code-answers": dict(prompts=args.out / "code-prompts.jsonl", rows=args.code_answers)}[kind]

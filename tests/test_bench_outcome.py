@@ -53,3 +53,18 @@ def test_a_second_copy_of_the_same_run_stops_before_touching_its_out(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["results.json"] and not (tmp_path / "data").exists()
     with locks.hold((out, "--out")):   # the holder's death freed it
         pass
+
+
+def test_a_probe_without_its_data_files_stops_with_one_line_naming_the_flag(tmp_path):
+    corpus = tmp_path / "teacher.jsonl"
+    corpus.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n')
+    (tmp_path / "data").mkdir()
+    probe = [sys.executable, str(REPO / "bench" / "recovery_probe_smollm2.py"), "--smoke", "--out", str(tmp_path / "p")]
+    for flags, line in [(["--data", str(tmp_path / "data"), "--corpus", str(tmp_path / "none.jsonl")],
+                         f"--corpus {tmp_path / 'none.jsonl'}: no such file"),
+                        (["--data", str(tmp_path / "data"), "--corpus", str(corpus)],
+                         f"--data {tmp_path / 'data'}: no general-train.jsonl (a folder `outcome_smollm2.py --prepare "
+                         f"--data DIR` wrote)")]:
+        run = subprocess.run(probe + flags, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and run.stderr.splitlines()[-1] == f"recovery_probe_smollm2.py: error: {line}"
+    assert not (tmp_path / "p").exists()

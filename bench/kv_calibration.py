@@ -25,9 +25,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from prunekit.core.data import load_messages  # noqa: E402
+from prunekit.core.data import load_messages, tokenize_rows  # noqa: E402
 from prunekit.core.datasets import chatterbot_to_messages  # noqa: E402
-from prunekit.core.evaluate import evaluate, tokenize_rows  # noqa: E402
+from prunekit.core.evaluate import evaluate  # noqa: E402
 from prunekit.core.kv_calibration import CalibrationSettings, attention_output_errors, calibrate_kv_cut  # noqa: E402
 from prunekit.core.loading import load_model, load_tokenizer, quiet_transformers, resolve_model  # noqa: E402
 from prunekit.core.surgery import KVCut, apply_to_model, kv_similarity_orders  # noqa: E402
@@ -61,7 +61,7 @@ def main() -> None:
         tokenizer = load_tokenizer(path)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     val_rows = load_messages(val)[: args.eval_rows]
-    eval_samples = tokenize_rows(tokenizer, val_rows)
+    eval_samples = tokenize_rows(tokenizer, val_rows, 512)
     eval_batches = [{k: v.to(args.device) for k, v in b.items()}
                     for b in padded_calibration_batches(tokenizer, val, max_samples=len(val_rows))]
     calib_batches = [{k: v.to(args.device) for k, v in b.items()}

@@ -231,32 +231,32 @@ def cut_messages(messages: list[dict], max_chars: int) -> list[dict]:
 def tokenize_text(tokenizer, text: str, max_length: int) -> dict[str, list[int]]:
     """Tokenise a plain-text row; every token is labelled. Special tokens (BOS/EOS) are added as the tokenizer does
     for plain text (``add_special_tokens=True``); no chat template. Right-truncated to ``max_length``."""
-    ids = tokenizer(text[:char_budget(tokenizer, max_length)], add_special_tokens=True)["input_ids"][:max_length]
-    return {"input_ids": list(ids), "labels": list(ids)}
+    return tokenize_rows(tokenizer, [{"text": text}], max_length)[0]
 
 
 def tokenize_row(tokenizer, row: dict, max_length: int) -> dict[str, list[int]]:
     """A validated row (see :func:`load_messages`): plain text or a conversation."""
-    if is_text_row(row):
-        return tokenize_text(tokenizer, row["text"], max_length)
-    return tokenize_conversation(tokenizer, row["messages"], max_length)
+    return tokenize_rows(tokenizer, [row], max_length)[0]
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> dict[str, list[int]]:
     """Tokenise a conversation with the tokenizer's chat template; only assistant turns are labelled.
 
-    Each assistant turn's span is found by rendering prefixes as text: it starts where the
-    rendering of the preceding messages with ``add_generation_prompt=True`` ends, and ends where
-    the rendering including the turn ends, less trailing whitespace (so ChatML labels
-    ``content<|im_end|>`` but not the newline after it). The text is then tokenised segment by
-    segment, so the prompt/response boundary is tokenised exactly as at generation time (prompt
+    Each assistant turn's span is found by rendering prefixes as text (:func:`conversation_pieces`); the text is then
+    tokenised piece by piece, so the prompt/response boundary is tokenised exactly as at generation time (prompt
     tokenised alone, response generated after it). Special tokens come from the template only
-    (``add_special_tokens=False``, as ``apply_chat_template`` does). Right-truncated to
-    ``max_length``. Returns lists ``input_ids`` and ``labels`` (``-100`` where unsupervised).
-
-    Each message is cut by characters first (:func:`char_budget`), then the tokens to ``max_length``: what the
-    template and the tokenizer hold in memory does not grow with a message's length.
+    (``add_special_tokens=False``, as ``apply_chat_template`` does). Right-truncated to ``max_length``. Returns lists
+    ``input_ids`` and ``labels`` (``-100`` where unsupervised).
     """
+    return tokenize_rows(tokenizer, [{"messages": messages}], max_length)[0]
+
+
+def conversation_pieces(tokenizer, messages: list[dict], max_length: int) -> list[tuple[str, bool]]:
+    """A conversation's rendered text in pieces, each marked supervised or not: an assistant turn starts where the
+    rendering of the preceding messages with ``add_generation_prompt=True`` ends, and ends where the rendering
+    including the turn ends, less trailing whitespace (so ChatML labels ``content<|im_end|>`` but not the newline
+    after it). Each message is cut by characters first (:func:`char_budget`): what the template and the tokenizer
+    hold in memory does not grow with a message's length."""
     messages = cut_messages(messages, char_budget(tokenizer, max_length))
     full = _render(tokenizer, messages)
     cuts = [0]  # alternating boundaries: [prompt, response, prompt, response, ..., tail]
@@ -272,15 +272,38 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> d
             )
         cuts += [len(prompt), len(turn)]
     cuts.append(len(full))
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for k, (a, b) in enumerate(zip(cuts, cuts[1:])):
-        if a == b:
-            continue
-        ids = tokenizer(full[a:b], add_special_tokens=False)["input_ids"]
-        input_ids += ids
-        labels += ids if k % 2 == 1 else [IGNORE_INDEX] * len(ids)
-    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
+    return [(full[a:b], k % 2 == 1) for k, (a, b) in enumerate(zip(cuts, cuts[1:])) if a < b]
+
+
+TOKENIZE_CHUNK_ROWS = 2048   # rows whose text is tokenised in one batch call (bounds the strings held at once)
+
+
+def tokenize_rows(tokenizer, rows: Sequence[dict], max_length: int) -> list[dict[str, list[int]]]:
+    """Validated rows (see :func:`load_messages`) as samples: plain text (:func:`tokenize_text`) or conversations
+    (:func:`tokenize_conversation`). Templates are rendered row by row; the text is then tokenised in one batch call
+    per chunk of rows, which a fast tokenizer spreads over the CPU's cores. The ids are those of one call per piece."""
+    budget = char_budget(tokenizer, max_length)
+    samples: list[dict[str, list[int]]] = []
+    for first in range(0, len(rows), TOKENIZE_CHUNK_ROWS):
+        chunk = rows[first:first + TOKENIZE_CHUNK_ROWS]
+        plain = [r["text"][:budget] for r in chunk if is_text_row(r)]   # BOS/EOS as the tokenizer adds them
+        pieces = [[] if is_text_row(r) else conversation_pieces(tokenizer, r["messages"], max_length) for r in chunk]
+        templated = [text for row_pieces in pieces for text, _ in row_pieces]   # special tokens from the template
+        plain_ids = iter(tokenizer(plain, add_special_tokens=True)["input_ids"] if plain else [])
+        templated_ids = iter(tokenizer(templated, add_special_tokens=False)["input_ids"] if templated else [])
+        for row, row_pieces in zip(chunk, pieces):
+            if is_text_row(row):
+                ids = list(next(plain_ids))[:max_length]
+                samples.append({"input_ids": ids, "labels": list(ids)})
+                continue
+            input_ids: list[int] = []
+            labels: list[int] = []
+            for _, supervised in row_pieces:
+                ids = list(next(templated_ids))
+                input_ids += ids
+                labels += ids if supervised else [IGNORE_INDEX] * len(ids)
+            samples.append({"input_ids": input_ids[:max_length], "labels": labels[:max_length]})
+    return samples
 
 
 # ----------------------------------------------------------------------------- batching

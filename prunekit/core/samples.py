@@ -48,7 +48,7 @@ def tokenize(tokenizer, rows: list[dict], max_length: int, *, model: str | Path,
     if is_vlm:  # rows with images go through the model's processor
         from prunekit.core.vision_data import tokenize_rows_vlm
         return tokenize_rows_vlm(tokenizer, rows, max_length, str(model), trust_remote_code, source=source)
-    return [text_data.tokenize_row(tokenizer, row, max_length) for row in rows]
+    return text_data.tokenize_rows(tokenizer, rows, max_length)
 
 
 def load_samples(tokenizer, path: str | Path, *, model: str | Path, max_length: int, packing: bool = False,

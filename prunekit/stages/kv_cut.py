@@ -30,11 +30,11 @@ def padded_calibration_batches(tokenizer, data: str | Path, max_samples: int = 6
     """Conversations (chat-templated) or text rows spread evenly over a data file, right-padded into batches of
     similar length (input_ids + attention_mask). Default batch size: eight batches of at most 32 rows, so the
     calibration's held-out batches (every fourth) exist and a GPU is not starved by tiny batches."""
-    from prunekit.core.data import load_messages, tokenize_row
+    from prunekit.core.data import load_messages, tokenize_rows
     from prunekit.core.samples import collate, pad_id
     rows = load_messages(data)
     rows = rows[:: max(1, len(rows) // max_samples)][:max_samples]
-    samples = sorted((tokenize_row(tokenizer, r, max_length) for r in rows), key=lambda s: len(s["input_ids"]))
+    samples = sorted(tokenize_rows(tokenizer, rows, max_length), key=lambda s: len(s["input_ids"]))
     batch_size = batch_size or min(32, max(1, -(-len(samples) // 8)))
     batches = []
     for i in range(0, len(samples), batch_size):

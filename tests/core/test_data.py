@@ -390,6 +390,18 @@ def test_text_rows_pack_with_conversations(tokenizer):
     assert sum(x != IGNORE for x in text_labels) == len(samples[0]["input_ids"]) - 1   # every token but the first
 
 
+def test_rows_tokenised_in_batches_equal_rows_tokenised_alone(tokenizer, monkeypatch):
+    """tokenize_rows tokenises a chunk's pieces in one batch call: each row's ids and labels are those it gets alone,
+    across chunk boundaries and with text rows and conversations interleaved."""
+    from prunekit.core import data
+    rows = [TEXT, *[{"messages": c} for c in CONVERSATIONS], {"text": "Another line of text."}, GOOD, TEXT]
+    monkeypatch.setattr(data, "TOKENIZE_CHUNK_ROWS", 3)
+    together = data.tokenize_rows(tokenizer, rows, 64)
+    assert together == [data.tokenize_rows(tokenizer, [r], 64)[0] for r in rows] and len(together) == len(rows)
+    assert together[0]["input_ids"] == tokenizer(TEXT["text"])["input_ids"][:64] == together[-1]["labels"]
+    assert [s["labels"].count(IGNORE) > 0 for s in together] == [not data.is_text_row(r) for r in rows]
+
+
 # ----------------------------------------------------------------------------- bad and huge rows (issue 16)
 
 def test_a_pretty_printed_json_object_is_not_called_invalid_json(tmp_path):

@@ -43,7 +43,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-rows", type=int, default=None, help="held-out val conversations (default: all)")
     ap.add_argument("--variants", default="mean,similarity,mean+calib,similarity+calib",
-                    help="GROUPING[+calib[+seq]]: +seq fits each layer on the cut model's own inputs (sequential)")
+                    help="GROUPING[+calib[+seq][+noalign]]: +seq fits each layer on the cut model's own inputs "
+                         "(sequential); +noalign starts the fit from the mean instead of the aligned heads")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/kv_calibration.json"))
@@ -77,9 +78,11 @@ def main() -> None:
     print("original", results["original"], flush=True)
     orders = None
     for variant in args.variants.split(","):
-        grouping, _, calib = variant.partition("+")
-        if calib not in ("", "calib", "calib+seq"):
-            ap.error(f"--variants: {variant}: expected GROUPING, GROUPING+calib or GROUPING+calib+seq")
+        grouping, *flags = variant.split("+")
+        calib = "calib" in flags
+        if grouping not in ("mean", "similarity") or not set(flags) <= {"calib", "seq", "noalign"} or \
+                (flags and not calib):
+            ap.error(f"--variants: {variant}: expected GROUPING or GROUPING+calib[+seq][+noalign]")
         if grouping == "similarity" and orders is None:
             sim_batches = [{k: v.to(args.device) for k, v in b.items()}
                            for b in calibration_batches(tokenizer, train, args.samples)]
@@ -90,7 +93,8 @@ def main() -> None:
         if calib:
             t = time.time()
             query_orders = {i: surgery.query_head_order(i) for i in range(family.num_text_layers(cfg))}
-            how = CalibrationSettings(steps=args.steps, lr=args.lr, sequential=calib.endswith("+seq"))
+            how = CalibrationSettings(steps=args.steps, lr=args.lr, sequential="seq" in flags,
+                                      align="noalign" not in flags)
             record = calibrate_kv_cut(original, cut, family, calib_batches, how, query_orders=query_orders,
                                       progress=lambda i, s: print(f"  layer {i}: check error "
                                                                   f"{s['check_relative_error_before']:.3f} -> "

@@ -18,6 +18,9 @@ val (as bench/outcome_smollm2.py does). Sets:
   calibration (start: the pruned model) the recipe's calibrated cut fitted on the original's layer inputs (teacher
             forcing, the default) or on the cut model's own towards the original's outputs (`calibration_sequential`),
             then the recipe's distillation -> bench/results/recovery_probe_smollm2_calibration.json
+  align     (start: the pruned model) the recipe's calibrated cut starting from the aligned heads (the default since
+            session 27: per-frequency key merge, principal value subspace) or from their mean, then the recipe's
+            distillation -> bench/results/recovery_probe_smollm2_align.json
   prose     (start: that cut model) the recipe's distillation on the recovery mix, and on the mix plus `--prose-rows`
             (4096) teacher continuations of general-train openings (`data openings`; generated here)
             -> bench/results/recovery_probe_smollm2_prose.json
@@ -87,7 +90,8 @@ SETS = {
     "prose": {"mix": {}, "mix+prose": {"train": "mix+prose"}},
     "free-text": {"mix": {}, "mix+free": {"train": "mix+free"}},
     "loss": {"forward-kl": {}, "jsd-0.5": dict(beta=0.5), "forward-kl+ce0.2": dict(sft_alpha=0.2)},
-    "calibration": {"teacher-forced": {}, "sequential": {"sequential_calibration": True}},
+    "calibration": {"teacher-forced": {}, "sequential": {"calibration": {"sequential": True}}},
+    "align": {"aligned": {}, "mean-start": {"calibration": {"align": False}}},
     "data-size": {"mix": {}, "mix-half": {"train": "mix/2"}, "mix-quarter": {"train": "mix/4"}},
     "hidden": {"forward-kl": {}, "hidden-0.1": dict(hidden_weight=0.1), "hidden-1": dict(hidden_weight=1.0)},
     "code": {"mix": {}, "mix+code": {"train": "mix+code"}},
@@ -101,7 +105,7 @@ SETS = {
 RESULT_FILES = {"kv": "recovery_probe_smollm2.json", "lr-batch": "recovery_probe_smollm2_lr_batch.json",
                 "on-policy": "recovery_probe_smollm2_on_policy.json", "recipe": "recovery_probe_smollm2_recipe.json",
                 "cut-order": "recovery_probe_smollm2_cut_order.json", "prose": "recovery_probe_smollm2_prose.json",
-                "calibration": "recovery_probe_smollm2_calibration.json",
+                "calibration": "recovery_probe_smollm2_calibration.json", "align": "recovery_probe_smollm2_align.json",
                 "free-text": "recovery_probe_smollm2_free_text.json", "loss": "recovery_probe_smollm2_loss.json",
                 "data-size": "recovery_probe_smollm2_data_size.json", "noise": "recovery_probe_smollm2_noise.json",
                 "hidden": "recovery_probe_smollm2_hidden.json", "time": "recovery_probe_smollm2_time.json",
@@ -199,12 +203,13 @@ def run_set(args, argv: list[str] | None, bench) -> int:
                                           "pruned": bench.measure(str(pruned), args.data, settings)})
     results = dict(state[f"pruned-{args.start}"])
 
-    def calibrated_cut(model: Path | str, out: Path, sequential: bool = False) -> Path:
-        """The recipe's cut: KV heads 3 -> 1 by the mean, calibrated (100 steps per layer, 256 rows)."""
+    def calibrated_cut(model: Path | str, out: Path, **how) -> Path:
+        """The recipe's cut: KV heads 3 -> 1 by the mean, calibrated (100 steps per layer, 256 rows); `how`:
+        CalibrationSettings changes."""
         from prunekit.core.kv_calibration import CalibrationSettings
         kv_cut(str(model), out, 1, "mean", data=str(recovery), overwrite=True, calibrate=True,
                max_samples=4 if args.smoke else 256, device="cuda" if args.gpu else "cpu",
-               calibration=CalibrationSettings(steps=2 if args.smoke else 100, sequential=sequential))
+               calibration=CalibrationSettings(steps=2 if args.smoke else 100, **how))
         return out
 
     train_files, extra_stats = {"mix": recovery}, {}
@@ -268,10 +273,10 @@ def run_set(args, argv: list[str] | None, bench) -> int:
         train = train_files[extra.pop("train", "mix")]
         steps = max(1, round(args.steps * extra.pop("steps_scale", 1.0)))   # the time set: equal time, not steps
         variant_start = pruned if extra.pop("no_cut", False) else start_model
-        if extra.pop("sequential_calibration", False):   # its own cut, fitted on the cut model's own inputs
-            variant_start = calibrated_cut(pruned, args.out / f"{name}-cut", sequential=True)
-            record = {"sequential_calibration": True, "after_cut": bench.measure(str(variant_start), args.data,
-                                                                                 settings)}
+        if "calibration" in extra:   # its own cut, calibrated another way (CalibrationSettings changes)
+            how = extra.pop("calibration")
+            variant_start = calibrated_cut(pruned, args.out / f"{name}-cut", **how)
+            record = {"calibration": how, "after_cut": bench.measure(str(variant_start), args.data, settings)}
         if "cut_after" in extra:   # distil the 3-KV-head model first, cut the healed model, distil the rest
             first = max(1, int(args.steps * extra["cut_after"]))
             healed = bench.distill(str(pruned), train, args.data, args.out / f"{name}-3kv", f"{name}-3kv",

@@ -54,7 +54,8 @@ def cmd_kv_cut(args) -> None:
                     streaming=args.streaming, allow_pickle=args.allow_pickle,
                     trust_remote_code=args.trust_remote_code, max_samples=args.samples, calibrate=args.calibrate,
                     calibration=CalibrationSettings(steps=args.calibration_steps,
-                                                    sequential=args.sequential_calibration))
+                                                    sequential=args.sequential_calibration,
+                                                    align=not args.no_align))
     b, a = (r["kv_cache_bytes_per_token_bf16"] for r in (result.before, result.after))
     _print_surgery(result)
     print(f"KV cache bytes/token (bf16): {b:,} -> {a:,} ({b / a:.1f}x smaller)")
@@ -325,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequential-calibration", action="store_true",
                    help="--calibrate each layer on the cut model's own inputs (its earlier layers calibrated "
                         "already) towards the original's outputs, not on the original's inputs")
+    p.add_argument("--no-align", action="store_true",
+                   help="--calibrate from the mean of each group's heads instead of their aligned merge (keys by "
+                        "rotary frequency, values by principal subspace)")
     _surgery_flags(p)
     p.set_defaults(func=cmd_kv_cut)
 

@@ -682,12 +682,16 @@ class KVCutStageConfig(Strict):
     # fit each layer on the cut model's own inputs towards the original's outputs (CalibrationSettings.sequential);
     # left out of dumps when off
     calibration_sequential: bool = Field(False, exclude_if=lambda v: v is False)
+    # start the fit from the aligned heads, not their mean (CalibrationSettings.align); left out of dumps when on
+    calibration_align: bool = Field(True, exclude_if=lambda v: v is True)
     streaming: bool | None = None
 
     @model_validator(mode="after")
     def _sequential_needs_calibrate(self):
         if self.calibration_sequential and not self.calibrate:
             raise ValueError("calibration_sequential: it sets how calibrate fits the layers; add calibrate: true")
+        if not self.calibration_align and not self.calibrate:
+            raise ValueError("calibration_align: it sets how calibrate fits the layers; add calibrate: true")
         return self
 
 

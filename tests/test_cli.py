@@ -29,15 +29,17 @@ def test_bad_prune_arguments(flags, message, llama_copy, tmp_path, capsys):
     assert tree_hash(llama_copy) == before and not (tmp_path / "out").exists()
 
 
-def test_sequential_calibration_without_calibrate_is_one_line(llama_copy, tmp_path, capsys):
+@pytest.mark.parametrize("flag,field,value", [("--sequential-calibration", "calibration_sequential", True),
+                                              ("--no-align", "calibration_align", False)])
+def test_calibration_flags_without_calibrate_are_one_line(flag, field, value, llama_copy, tmp_path, capsys):
     before = tree_hash(llama_copy)
-    code, _, err = run_cli(capsys, "kv-cut", llama_copy, "--kv-heads", 1, "--sequential-calibration",
-                           "-o", tmp_path / "out")
-    assert code == 2 and err.count("\n") == 1 and "--sequential-calibration: " in err and "add --calibrate" in err
+    code, _, err = run_cli(capsys, "kv-cut", llama_copy, "--kv-heads", 1, flag, "-o", tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1 and f"{flag}: " in err and "add --calibrate" in err
     assert tree_hash(llama_copy) == before and not (tmp_path / "out").exists()
     from prunekit.config import KVCutStageConfig
-    with pytest.raises(ValueError, match="calibration_sequential: .* add calibrate: true"):
-        KVCutStageConfig(kv_heads=1, calibration_sequential=True)
+    with pytest.raises(ValueError, match=f"{field}: .* add calibrate: true"):
+        KVCutStageConfig(kv_heads=1, **{field: value})
+    assert field not in KVCutStageConfig(kv_heads=1, calibrate=True).model_dump()   # the default stays out of dumps
 
 
 @pytest.mark.parametrize("kv,message", [(3, "does not divide the 4 attention heads"),

@@ -4,6 +4,16 @@ Grouping (mean or similarity) only decides which heads share a merged K/V projec
 what matching the merged head's K/V *outputs* gives (the least-squares W of sum_h ||X(W_h - W)||² is the mean), and
 that ignores how the queries use the keys. Here the target is the attention module's output instead:
 
+0. Alignment, closed form: heads that compute the same thing in different bases merge badly by averaging. Before any
+   fit, each merged head starts from the best rank-`head_dim` summary of its group on the calibration data instead of
+   the mean: values are the top principal subspace of the group's value outputs (weighted by how o_proj reads each
+   head), each head's change of basis folded into its query heads' o_proj columns; keys are merged per RoPE frequency
+   (a rotary pair is a complex number, and a complex scale commutes with RoPE), the top singular direction of the
+   group's keys at that frequency (weighted by how much the queries read them), each head's complex scale folded into
+   its query heads' q_proj rows. Heads that differ only by such bases (identical heads included) merge exactly; the
+   mean is one point of what it searches, so the group's keys and values are reconstructed at least as well, and the
+   held-out batches decide whether a layer keeps it. Keys stay averaged when the attention normalises q/k per head
+   (Qwen3's q_norm / k_norm do not commute with the scales).
 1. Teacher forcing: one pass of the original model (eager attention) records every attention module's inputs
    (normed hidden states, rotary embeddings, the 4D mask with padding), so layers are calibrated independently.
    With `sequential`, each layer is fitted instead on what the cut model feeds it (one forward of the cut model,
@@ -52,6 +62,8 @@ class CalibrationSettings:
     # 30 steps), right after the cut: general-text NLL 6.89 -> 6.74, token_acc 0.091 either way; fitting to the
     # original's outputs on the cut inputs instead (GPTQ-style) was worse (7.28, 0.079). bench/README.md.
     sequential: bool = False
+    # start from the aligned merge (step 0 above) instead of the mean; kept only where it lowers the held-out error
+    align: bool = True
 
 
 @dataclass
@@ -208,6 +220,125 @@ def _keep_best_on_check(cut, linear: torch.nn.Linear, candidates: list[torch.Ten
     _set_linear_from_matrix(linear, candidates[min(range(len(errors)), key=errors.__getitem__)])
 
 
+def _augmented(linear: torch.nn.Linear) -> torch.Tensor:
+    """The Linear as an [in + 1, out] float64 matrix, the last row its bias (zeros without one)."""
+    m = linear.weight.T.double()
+    bias = linear.bias.double() if linear.bias is not None else torch.zeros_like(m[0])
+    return torch.cat([m, bias[None]])
+
+
+def _set_augmented(linear: torch.nn.Linear, m: torch.Tensor) -> None:
+    _set_linear_from_matrix(linear, m if linear.bias is not None else m[:-1])
+
+
+def _input_gram(problem: _Problem) -> torch.Tensor:
+    """[X 1]^T [X 1] over the real tokens of the fit batches (float64): every second moment of a projection."""
+    gram = 0
+    for i in problem.fit:
+        x = _with_ones(problem.data[i].hidden, True)[problem.data[i].tokens].double()
+        gram = gram + x.T @ x
+    return gram
+
+
+def _psd_sqrt(s: torch.Tensor, floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S^1/2, S^-1/2) of a symmetric PSD matrix, eigenvalues floored relative to the largest."""
+    values, vectors = torch.linalg.eigh(s)
+    root = values.clamp_min(floor * float(values.max().clamp_min(1e-300))).sqrt()
+    return (vectors * root) @ vectors.T, (vectors / root) @ vectors.T
+
+
+@torch.no_grad()
+def _align_heads(orig, cut, problem: _Problem, *, heads: int, old_kv: int, kv_heads: int, head_dim: int,
+                 query_order: list[int] | None, keys: bool) -> None:
+    """Step 0 of the module docstring: set the cut module's K/V (and, to absorb each head's basis, q_proj rows and
+    o_proj columns) from the original's weights. `query_order[h]`: the original query head of cut head h."""
+    gram = _input_gram(problem)
+    source = query_order or list(range(heads))
+    kv_of = [source[h] // (heads // old_kv) for h in range(heads)]        # original KV head of each cut query head
+    group_of = [h // (heads // kv_heads) for h in range(heads)]
+    members = [sorted({kv_of[h] for h in range(heads) if group_of[h] == g}) for g in range(kv_heads)]
+    cut_heads = {j: [h for h in range(heads) if kv_of[h] == j] for j in range(old_kv)}
+    span = [slice(j * head_dim, (j + 1) * head_dim) for j in range(max(heads, old_kv))]
+
+    w_v, w_o = _augmented(orig.v_proj), orig.o_proj.weight.double()
+    new_v = torch.zeros(w_v.shape[0], kv_heads * head_dim, dtype=torch.float64, device=w_v.device)
+    new_o = cut.o_proj.weight.double().clone()
+    for g, group in enumerate(members):
+        # o_proj reads head j's values through the columns of its query heads: weigh the error by that metric
+        roots, inverse_roots = zip(*(_psd_sqrt(sum(w_o[:, span[source[h]]].T @ w_o[:, span[source[h]]]
+                                                   for h in cut_heads[j])) for j in group))
+        z = torch.cat([w_v[:, span[j]] @ root for j, root in zip(group, roots)], 1)   # [in+1, r*hd]
+        basis = torch.linalg.eigh(z.T @ gram @ z)[1][:, -head_dim:]                   # top principal directions
+        shared = z @ basis
+        scale = math.sqrt(sum(float((w_v[:, span[j]].T @ gram @ w_v[:, span[j]]).trace()) for j in group)
+                          / len(group) / max(float((shared.T @ gram @ shared).trace()), 1e-300))
+        new_v[:, span[g]] = shared * scale
+        for k, (j, inverse_root) in enumerate(zip(group, inverse_roots)):
+            change = basis[k * head_dim:(k + 1) * head_dim].T @ inverse_root / scale   # V_j ~ V_shared @ change
+            for h in cut_heads[j]:
+                new_o[:, span[h]] = w_o[:, span[source[h]]] @ change.T
+    _set_augmented(cut.v_proj, new_v)
+    cut.o_proj.weight.copy_(new_o)
+    if not keys:
+        return
+
+    half = head_dim // 2
+    w_k, w_q = _augmented(orig.k_proj), _augmented(orig.q_proj)
+
+    def complex_rows(w, head):   # a head's rotary pairs (i, i + hd/2) as complex columns [in+1, hd/2]
+        return torch.complex(w[:, head * head_dim:head * head_dim + half], w[:, head * head_dim + half:
+                                                                               (head + 1) * head_dim])
+
+    gram_c = gram.to(torch.complex128)
+    new_k = torch.zeros(w_k.shape[0], kv_heads * head_dim, dtype=torch.float64, device=w_k.device)
+    new_q = _augmented(cut.q_proj).clone()
+    for g, group in enumerate(members):
+        k = torch.stack([complex_rows(w_k, j) for j in group], -1).permute(1, 0, 2)    # [hd/2, in+1, r]
+        moments = k.conj().transpose(1, 2) @ gram_c @ k                               # [hd/2, r, r]
+        # how much the queries read each head's keys at each frequency
+        q_energy = torch.stack([sum(((complex_rows(w_q, source[h]).conj() * (gram_c @ complex_rows(w_q, source[h])))
+                                     .sum(0).real) for h in cut_heads[j]) for j in group], -1)   # [hd/2, r]
+        weight = (q_energy / q_energy.mean(-1, keepdim=True).clamp_min(1e-300)).clamp_min(1e-6).sqrt()
+        weighted = weight[:, :, None] * moments * weight[:, None, :]
+        top = torch.linalg.eigh(weighted)[1][:, :, -1]                                # [hd/2, r]
+        shared = (k * (weight * top)[:, None, :]).sum(-1)                             # [hd/2, in+1]
+        energy = (shared.conj()[:, None, :] @ gram_c @ shared[:, :, None]).real.reshape(-1)
+        scale = (moments.diagonal(dim1=1, dim2=2).real.mean(-1) / energy.clamp_min(1e-300)).sqrt()
+        shared = shared * scale[:, None]
+        new_k[:, g * head_dim:g * head_dim + half] = shared.real.T
+        new_k[:, g * head_dim + half:(g + 1) * head_dim] = shared.imag.T
+        for k_index, j in enumerate(group):
+            factor = top[:, k_index] / (weight[:, k_index] * scale)                  # conj of head j's key scale
+            for h in cut_heads[j]:
+                q = complex_rows(w_q, source[h]) * factor[None, :]
+                new_q[:, h * head_dim:h * head_dim + half] = q.real
+                new_q[:, h * head_dim + half:(h + 1) * head_dim] = q.imag
+    _set_augmented(cut.k_proj, new_k)
+    _set_augmented(cut.q_proj, new_q)
+
+
+@torch.no_grad()
+def _try_alignment(orig, cut, problem: _Problem, check_error: float, **shape) -> bool:
+    """Align the cut module's merged heads (`_align_heads`) if that lowers the held-out error; the original contexts
+    the value solve fits are then mapped into the aligned heads' bases (through o_proj: T_h = C_h O_h O'_h^+)."""
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    saved = {n: [p.detach().clone() for p in getattr(cut, n).parameters()] for n in names}
+    old_kv = orig.k_proj.weight.shape[0] // shape["head_dim"]
+    _align_heads(orig, cut, problem, old_kv=old_kv, **shape)
+    if problem.error(cut, problem.check) >= check_error:
+        for n in names:
+            for p, value in zip(getattr(cut, n).parameters(), saved[n]):
+                p.copy_(value)
+        return False
+    heads, head_dim, source = shape["heads"], shape["head_dim"], shape["query_order"] or list(range(shape["heads"]))
+    w_o, w_cut = orig.o_proj.weight.double(), cut.o_proj.weight.double()
+    maps = torch.block_diag(*[torch.linalg.lstsq(w_cut[:, h * head_dim:(h + 1) * head_dim],
+                                                 w_o[:, source[h] * head_dim:(source[h] + 1) * head_dim]).solution.T
+                              for h in range(heads)])                     # [H*hd, H*hd], block h: X_h^T
+    problem.contexts = [(c.double() @ maps).to(c.dtype) for c in problem.contexts]
+    return True
+
+
 @torch.no_grad()
 def _solve_values(cut, problem: _Problem, heads: int, kv_heads: int, head_dim: int, ridges) -> None:
     """Least-squares V of every merged head for the cut model's own attention probabilities: for the query heads
@@ -291,9 +422,10 @@ def _replace_parameters(dst: torch.nn.Module, src: torch.nn.Module) -> None:
 
 def calibrate_layer(original_attn, cut_attn, data: list[_Batch], *, heads: int, kv_heads: int, head_dim: int,
                     query_order: list[int] | None, settings: CalibrationSettings,
-                    target_data: list[_Batch] | None = None) -> dict:
+                    target_data: list[_Batch] | None = None, align_keys: bool = True) -> dict:
     """Calibrate one cut attention module in place against the original; returns its output errors.
-    `target_data`: the original's outputs come from these inputs instead of `data` (same batches)."""
+    `target_data`: the original's outputs come from these inputs instead of `data` (same batches).
+    `align_keys`: the alignment (settings.align) may merge keys by rotary frequency (False: values only)."""
     orig, cut = _fp32_eager_copy(original_attn), _fp32_eager_copy(cut_attn)
     targets, contexts = [], []
     with torch.no_grad():
@@ -306,8 +438,11 @@ def calibrate_layer(original_attn, cut_attn, data: list[_Batch], *, heads: int, 
     problem = _Problem(data, targets, contexts, *_split(len(data)))
     every = list(range(len(data)))
     before, check_before = problem.error(cut, every), problem.error(cut, problem.check)
-    after, check_after = before, check_before
+    after, check_after, aligned = before, check_before, False
     if before / problem.energy(every) > EXACT_RELATIVE_ERROR:
+        if settings.align:
+            aligned = _try_alignment(orig, cut, problem, check_before, heads=heads, kv_heads=kv_heads,
+                                     head_dim=head_dim, query_order=query_order, keys=align_keys)
         _solve_values(cut, problem, heads, kv_heads, head_dim, settings.ridges)
         if settings.steps > 0:
             _fit_projections(cut, problem, settings)
@@ -324,7 +459,7 @@ def calibrate_layer(original_attn, cut_attn, data: list[_Batch], *, heads: int, 
     return {"mse_before": before / n, "mse_after": after / n,
             "relative_error_before": before / energy, "relative_error_after": after / energy,
             "check_relative_error_before": check_before / check_energy,
-            "check_relative_error_after": check_after / check_energy}
+            "check_relative_error_after": check_after / check_energy, "aligned": aligned}
 
 
 @torch.no_grad()
@@ -359,10 +494,12 @@ def calibrate_kv_cut(original, cut, family: ModelFamily, batches: list[dict],
     per_layer = []
     for i, (o_layer, c_layer) in enumerate(zip(original_layers, cut_layers)):
         own = capture_attention_inputs(cut, family, batches, only=i)[i] if settings.sequential else None
-        stats = calibrate_layer(getattr(o_layer, family.attn_module), getattr(c_layer, family.attn_module),
+        cut_attn = getattr(c_layer, family.attn_module)
+        stats = calibrate_layer(getattr(o_layer, family.attn_module), cut_attn,
                                 own or captured[i], heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                                 query_order=(query_orders or {}).get(i), settings=settings,
-                                target_data=captured[i] if own else None)
+                                target_data=captured[i] if own else None,
+                                align_keys=not any(getattr(cut_attn, n, None) is not None for n in family.head_norms))
         per_layer.append({"layer": i, **stats})
         captured[i] = []   # free this layer's inputs
         if progress is not None:
@@ -370,5 +507,6 @@ def calibrate_kv_cut(original, cut, family: ModelFamily, batches: list[dict],
     return {"samples": sum(int(b["input_ids"].shape[0]) for b in batches),
             "tokens": sum(int(b["attention_mask"].sum()) for b in batches),
             "steps": settings.steps, "lr": settings.lr, "fit_queries": settings.fit_queries,
-            "refit_o_proj": settings.refit_o_proj, "ridges": list(settings.ridges), "sequential": settings.sequential,
+            "refit_o_proj": settings.refit_o_proj, "align": settings.align, "ridges": list(settings.ridges),
+            "sequential": settings.sequential,
             "layers": per_layer}

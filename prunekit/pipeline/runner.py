@@ -252,7 +252,8 @@ class Runner:
         result = kv_cut(current["output"], out, s.kv_heads, s.grouping, data, overwrite=True, streaming=s.streaming,
                         trust_remote_code=self.cfg.trust_remote_code, max_samples=s.samples, calibrate=s.calibrate,
                         calibration=CalibrationSettings(steps=s.calibration_steps,
-                                                        sequential=s.calibration_sequential),
+                                                        sequential=s.calibration_sequential,
+                                                        align=s.calibration_align),
                         device=self.local_device)
         return {"output": str(result.output), "kv_heads": s.kv_heads, "grouping": s.grouping,
                 "calibrate": s.calibrate}

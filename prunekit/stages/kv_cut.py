@@ -65,6 +65,8 @@ def kv_cut(model: str, out: str | Path, kv_heads: int, grouping: str = "mean", d
         raise PrunekitError(f"--calibration-steps: {calibration.steps} must be 0 or more")
     if not calibrate and calibration is not None and calibration.sequential:
         raise PrunekitError("--sequential-calibration: it sets how --calibrate fits the layers; add --calibrate")
+    if not calibrate and calibration is not None and not calibration.align:
+        raise PrunekitError("--no-align: it sets how --calibrate fits the layers; add --calibrate")
     if grouping == "mean" and not calibrate:
         surgery = KVCut(src.family, src.config, kv_heads)
         return write_surgery_output(src, surgery, out, overwrite=overwrite, streaming=streaming,

@@ -153,6 +153,55 @@ def test_calibrated_kv_cut_of_identical_heads_is_exact(family, sequential):
         assert (cut(**inputs).logits - ref).abs().max().item() <= 1e-5
 
 
+def make_groups_equivalent(model, model_family, groups, keys: bool, seed: int = 0):
+    """Every head in a group computes its group's first head in another basis: keys scaled and turned by a random
+    complex number per rotary pair (commutes with RoPE; with `keys`, else keys identical), values through a random
+    orthogonal matrix. Averaging such heads is far off; aligning them first is exact."""
+    _, _, hd = model_family.attention_shape(model.config.to_dict())
+    half, gen = hd // 2, torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in get_module(model, model_family.text_layers):
+            attn = getattr(layer, model_family.attn_module)
+            k, v = getattr(attn, model_family.k_proj), getattr(attn, model_family.v_proj)
+            for group in groups:
+                first = slice(group[0] * hd, (group[0] + 1) * hd)
+                for h in group[1:]:
+                    rows = slice(h * hd, (h + 1) * hd)
+                    turn = torch.linalg.qr(torch.randn(hd, hd, generator=gen))[0]
+                    scale = (0.5 + 1.5 * torch.rand(half, generator=gen)) * torch.exp(
+                        2j * torch.pi * torch.rand(half, generator=gen))
+                    for p in [v.weight] + ([v.bias] if v.bias is not None else []):
+                        p[rows] = turn.T @ p[first] if p.dim() == 2 else p[first] @ turn
+                    for p in [k.weight] + ([k.bias] if k.bias is not None else []):
+                        z = torch.complex(p[first][:half], p[first][half:])
+                        if keys:
+                            z = z * (scale if z.dim() == 1 else scale[:, None])
+                        p[rows] = torch.cat([z.real, z.imag])
+
+
+@pytest.mark.parametrize("family,keys", [("llama", True), ("qwen2", True), ("qwen3", False)])
+def test_aligned_kv_cut_of_heads_in_different_bases_is_exact(family, keys):
+    """Heads equal up to a RoPE-commuting key scale and a value basis (Qwen3: values only, its k_norm does not
+    commute with key scales) merge exactly with the alignment alone (no Adam, no o_proj refit); the mean does not."""
+    from prunekit.core.kv_calibration import CalibrationSettings, calibrate_kv_cut
+    model = kv_family_model(family)
+    model_family = MODEL_FAMILIES[family]
+    make_groups_equivalent(model, model_family, [(0, 1), (2, 3)], keys=keys)
+    inputs = inputs_for(family)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    cuts = {align: apply_to_model(model, KVCut(model_family, model.config.to_dict(), 2)) for align in (True, False)}
+    records = {align: calibrate_kv_cut(model, cut, model_family, calibration_batches_for(family),
+                                       CalibrationSettings(steps=0, refit_o_proj=False, align=align))
+               for align, cut in cuts.items()}
+    assert records[True]["align"] and all(layer["aligned"] for layer in records[True]["layers"])
+    assert all(layer["relative_error_before"] > 0.05 for layer in records[True]["layers"])
+    assert all(layer["relative_error_after"] <= 1e-9 for layer in records[True]["layers"])
+    assert all(layer["relative_error_after"] > 1e-3 for layer in records[False]["layers"])
+    with torch.no_grad():
+        assert (cuts[True](**inputs).logits - ref).abs().max().item() <= 1e-4
+
+
 def heldout_kl(original, cut, inputs) -> float:
     with torch.no_grad():
         p, q = (m(**inputs).logits.float().log_softmax(-1) for m in (original, cut))

@@ -14,9 +14,9 @@ finished): data (chatterbot + general text files; `--prepare` writes them here f
 model and the original on rows it trained on and on fresh samples of the same kind: memorised data or too small a
 student?) -> compare_data (the pruned model distilled for `--compare-steps` steps on each recovery data source:
 chatterbot, the shipped general text, the teacher corpus, the mix) -> compare_kv (the mean and the calibrated KV cut
-of the pruned model — for 3 -> 1 similarity grouping equals the mean — right after the cut and after
-`--compare-steps` distillation steps) -> report: bench/results/outcome_smollm2.json + .png. The 20-minute goal
-counts data + corpus + pipeline.
+from the aligned heads and from their mean, of the pruned model — for 3 -> 1 similarity grouping equals the mean —
+right after the cut and after `--compare-steps` distillation steps) -> report: bench/results/outcome_smollm2.json +
+.png. The 20-minute goal counts data + corpus + pipeline.
 
     python bench/outcome_smollm2.py --prepare --data .gpu/data            # here: the data files, for the GPU box
     python bench/outcome_smollm2.py --gpu --data .gpu/data --out /root/outcome   # there (resumes)
@@ -535,8 +535,9 @@ def run_phases(args, data: Path, out: Path, argv: list[str] | None) -> int:
 
     def compare_kv():
         """KV heads 3 -> 1 on the pruned model, then the same distillation budget on the recovery mix: cut at once by
-        the mean (= similarity grouping here: one group) or by the calibrated cut, or merged gradually while
-        distilling (merge_kv_heads) and cut after it (exact: the heads are identical by then)."""
+        the mean (= similarity grouping here: one group), by the calibrated cut starting from the aligned heads (the
+        recipe's) or from their mean (`--no-align`), or merged gradually while distilling (merge_kv_heads) and cut
+        after it (exact: the heads are identical by then)."""
         import yaml
         from prunekit.core.kv_calibration import CalibrationSettings
         from prunekit.stages.kv_cut import kv_cut
@@ -549,7 +550,7 @@ def run_phases(args, data: Path, out: Path, argv: list[str] | None) -> int:
         dev = "cuda" if args.gpu else "cpu"
         merged_label = f"merged while distilling (ramp {args.merge_ramp})"
         # the recipe's cut first, then the alternatives (a call that runs out of time keeps what finished)
-        for label in ("mean+calibrated", merged_label, "mean"):
+        for label in ("aligned+calibrated", "mean+calibrated", merged_label, "mean"):
             if label in runs:
                 continue
             if label == merged_label:
@@ -560,8 +561,9 @@ def run_phases(args, data: Path, out: Path, argv: list[str] | None) -> int:
             else:
                 cut = out / "compare" / f"kv-{label}"
                 kv_cut(base, cut, 1, "mean", data=str(recovery), overwrite=True, calibrate=label != "mean",
-                       max_samples=kv["samples"], calibration=CalibrationSettings(steps=kv["calibration_steps"]),
-                       device=dev)
+                       max_samples=kv["samples"], device=dev,
+                       calibration=CalibrationSettings(steps=kv["calibration_steps"],
+                                                       align=label.startswith("aligned")))
                 after = distill(str(cut), recovery, data, out / "compare" / f"kv-{label}-distill", f"kv-{label}",
                                 args.compare_steps, args)
                 runs[label] = {"cut": measure(str(cut), data, args), "steps": args.compare_steps,

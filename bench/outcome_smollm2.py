@@ -563,7 +563,7 @@ def run_phases(args, data: Path, out: Path, argv: list[str] | None) -> int:
                 kv_cut(base, cut, 1, "mean", data=str(recovery), overwrite=True, calibrate=label != "mean",
                        max_samples=kv["samples"], device=dev,
                        calibration=CalibrationSettings(steps=kv["calibration_steps"],
-                                                       align=label.startswith("aligned")))
+                                                       align=label != "mean+calibrated"))
                 after = distill(str(cut), recovery, data, out / "compare" / f"kv-{label}-distill", f"kv-{label}",
                                 args.compare_steps, args)
                 runs[label] = {"cut": measure(str(cut), data, args), "steps": args.compare_steps,

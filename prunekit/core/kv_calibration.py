@@ -222,9 +222,8 @@ def _keep_best_on_check(cut, linear: torch.nn.Linear, candidates: list[torch.Ten
 
 def _augmented(linear: torch.nn.Linear) -> torch.Tensor:
     """The Linear as an [in + 1, out] float64 matrix, the last row its bias (zeros without one)."""
-    m = linear.weight.T.double()
-    bias = linear.bias.double() if linear.bias is not None else torch.zeros_like(m[0])
-    return torch.cat([m, bias[None]])
+    m = _linear_as_matrix(linear)
+    return m if linear.bias is not None else torch.cat([m, torch.zeros_like(m[:1])])
 
 
 def _set_augmented(linear: torch.nn.Linear, m: torch.Tensor) -> None:

@@ -93,8 +93,14 @@ def kv_cut(model: str, out: str | Path, kv_heads: int, grouping: str = "mean", d
             query_orders = {i: surgery.query_head_order(i) for i in range(family.num_text_layers(src.config))}
             batches = [{k: v.to(device) for k, v in b.items()}
                        for b in padded_calibration_batches(tokenizer, data, max_samples)]
-            surgery.calibration = calibrate_kv_cut(loaded, built, family, batches, calibration,
-                                                   query_orders=query_orders)
+            from tqdm.auto import tqdm
+            with tqdm(total=len(query_orders), desc="calibrate KV cut", unit="layer", dynamic_ncols=True) as bar:
+                def progress(_layer, stats):   # minutes a layer on CPU: say where it is and how well it fits
+                    bar.set_postfix(error=f"{stats['check_relative_error_before']:.3f}->"
+                                          f"{stats['check_relative_error_after']:.3f}", refresh=False)
+                    bar.update()
+                surgery.calibration = calibrate_kv_cut(loaded, built, family, batches, calibration,
+                                                       query_orders=query_orders, progress=progress)
             built.to("cpu")
         loaded.to("cpu")
         return write_surgery_output(src, surgery, out, overwrite=overwrite, streaming=False, model=loaded, built=built,

@@ -20,7 +20,7 @@ def test_kv_cut_stage_writes_config_and_provenance(tiny_model_dir, tmp_path):
 
 
 def test_calibrated_kv_cut_stage_loads_and_generates_the_same_with_and_without_cache(tiny_chat_model_dir, chat_data,
-                                                                                    tmp_path):
+                                                                                    tmp_path, capsys):
     import transformers
     from prunekit.core.kv_calibration import CalibrationSettings
     train, _ = chat_data
@@ -30,6 +30,8 @@ def test_calibrated_kv_cut_stage_loads_and_generates_the_same_with_and_without_c
     assert calibration["samples"] == 16 and calibration["tokens"] > 16 and calibration["steps"] == 3
     assert len(calibration["layers"]) == 2
     assert all(layer["mse_after"] <= layer["mse_before"] for layer in calibration["layers"])
+    bar = capsys.readouterr().err   # the per-layer progress bar, with each layer's held-out error before -> after
+    assert "calibrate KV cut: 100%" in bar and "2/2 [" in bar and "error=" in bar
     assert result.provenance["grouping"] == "similarity"
     model = transformers.AutoModelForCausalLM.from_pretrained(result.output).eval()
     assert model.config.num_key_value_heads == 1

@@ -20,10 +20,26 @@ def read_config(model_dir: Path) -> dict:
 
 
 def safetensors_header(path: Path) -> dict:
-    """The JSON header of a .safetensors file: {name: {dtype, shape, data_offsets}} (+ __metadata__)."""
+    """The JSON header of a .safetensors file: {name: {dtype, shape, data_offsets}} (+ __metadata__). A file whose
+    size disagrees with its header (cut short by a full disk or an interrupted copy) is a one-line error here, not a
+    loader traceback later."""
+    size = Path(path).stat().st_size
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n))
+        (n,) = struct.unpack("<Q", f.read(8).rjust(8, b"\0"))
+        if 8 + n > size:
+            raise PrunekitError(f"{path}: damaged ({size:,} bytes, too short for its {n:,}-byte header)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PrunekitError(f"{path}: damaged (its header is not JSON: {e})") from None
+    try:
+        need = 8 + n + max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, IndexError, ValueError):
+        raise PrunekitError(f"{path}: damaged (its header is not a safetensors tensor list)") from None
+    if size != need:
+        raise PrunekitError(f"{path}: damaged ({size:,} bytes where its header describes {need:,}: "
+                            f"{'cut short' if size < need else 'trailing bytes'})")
+    return header
 
 
 def checkpoint_shapes(model_dir: Path) -> dict[str, list[int]]:

@@ -41,6 +41,8 @@ def check_model_dir(model_dir: Path) -> None:
             raise PrunekitError(f"{where} no vision_config.{family.vision_depth_field}")
     try:
         shapes = checkpoint_shapes(model_dir)
+    except PrunekitError:   # already one line naming the file
+        raise
     except Exception as e:  # a damaged header or pickle
         raise PrunekitError(f"{model_dir}: cannot read the weights' tensor list ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None

@@ -75,3 +75,22 @@ def test_config_json_of_the_wrong_shape_is_one_line(text, message, llama_copy, t
         code, _, err = run_cli(capsys, *argv)
         assert code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda b: b[: len(b) // 2], "where its header describes"),        # cut short: a full disk, an interrupted copy
+    (lambda b: b + b"\0" * 16, "where its header describes"),           # trailing bytes
+    (lambda b: b[:6], "too short for its"),                             # not even a whole header length
+    (lambda b: b[:8] + b"{not json" + b[17:], "its header is not JSON"),
+])
+def test_damaged_weights_file_is_one_line_for_every_command(damage, message, llama_copy, chat_data, tmp_path, capsys):
+    weights = llama_copy / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    train, val = chat_data
+    for argv in (["inspect", llama_copy], ["prune", llama_copy, "--drop-text", "1", "-o", tmp_path / "out"],
+                 ["prune", llama_copy, "--drop-text", "1", "-o", tmp_path / "out", "--in-memory"],
+                 ["kv-cut", llama_copy, "--kv-heads", "1", "-o", tmp_path / "out"],
+                 ["eval", llama_copy, "--data", val]):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and message in err and str(weights) in err and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "out").exists()

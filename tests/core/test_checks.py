@@ -86,7 +86,7 @@ def test_config_json_of_the_wrong_shape_is_one_line(text, message, llama_copy, t
 def test_damaged_weights_file_is_one_line_for_every_command(damage, message, llama_copy, chat_data, tmp_path, capsys):
     weights = llama_copy / "model.safetensors"
     weights.write_bytes(damage(weights.read_bytes()))
-    train, val = chat_data
+    _, val = chat_data
     for argv in (["inspect", llama_copy], ["prune", llama_copy, "--drop-text", "1", "-o", tmp_path / "out"],
                  ["prune", llama_copy, "--drop-text", "1", "-o", tmp_path / "out", "--in-memory"],
                  ["kv-cut", llama_copy, "--kv-heads", "1", "-o", tmp_path / "out"],

@@ -6,12 +6,15 @@ import contextlib
 import json
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
 
 from prunekit.core.loading import owned_temp_dir, sweep_stale_temp_dirs
 from prunekit.engine.strategy import world
 
 METRICS_FILE = "metrics.jsonl"
+QUIET_BAR_SECONDS = 30   # a bar written to a file or a job log (not a terminal) redraws at most this often
 
 
 def wandb_mode(mode: str) -> str:
@@ -37,8 +40,11 @@ class RunLogger:
         self.run_dir, self.run_name, self.cfg = Path(run_dir), run_name, cfg
         self.rank = world()[0]
         self.bar = self.wandb = None
+        self.created = time.time()   # before the models and data load, where the caller makes it that early
+        self.started = None          # when the loop began this attempt (start)
 
     def start(self, start_step: int, total: int) -> None:
+        self.started = time.time()
         if self.rank != 0:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -55,20 +61,38 @@ class RunLogger:
         if not self.progress_bar:
             return
         from tqdm.auto import tqdm
-        self.bar = tqdm(total=total, initial=start_step, desc=self.run_name, unit="step", dynamic_ncols=True)
+        # in a log file a bar redrawn per step buries everything else (and a tail of the log keeps only the bar)
+        quiet = not sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=start_step, desc=self.run_name, unit="step", dynamic_ncols=True,
+                        mininterval=QUIET_BAR_SECONDS if quiet else 0.1)
+        self._drawn = 0.0
 
     def log(self, step: int, metrics: dict) -> None:
         if self.rank != 0:
             return
+        now = time.time()
+        if self.started is not None and "train/loss" in metrics:   # an attempt's first step: what its start cost
+            self._say(f"{self.run_name}: step {step} done {now - self.created:.0f}s after this attempt began "
+                      f"(loading the models, data and checkpoint {self.started - self.created:.0f}s, then "
+                      f"compiling and the first steps {now - self.started:.0f}s)")
+            self.started = None
         with open(self.run_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(json.dumps({"step": step, "time": round(now, 3), **metrics}) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
         if self.bar is not None:
             self.bar.n = step
             shown = {k.split("/")[-1] if k.startswith("train/") else k: v for k, v in metrics.items()
                      if k in ("train/loss", "train/token_acc", "eval/loss", "eval/token_acc")}
-            self.bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, refresh=True)
+            self.bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, refresh=False)
+            if now - self._drawn >= self.bar.mininterval or step == self.bar.total:
+                self.bar.refresh()
+                self._drawn = now
+
+    def _say(self, line: str) -> None:
+        """A line of progress news, on stdout (stderr holds the bar and errors); runs without a bar stay quiet."""
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
 
     def finish(self) -> None:
         if self.bar is not None:

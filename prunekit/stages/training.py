@@ -216,10 +216,10 @@ def run_in_process(stage: str, cfg) -> tuple[Path, Path, str]:
     device = torch.device("cuda" if cfg.ray.use_gpu else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PrunekitError("ray.use_gpu: true but this process sees no GPU (launcher: local)")
+    reporter = LocalReporter(run_dir, name, cfg)   # made first: it times the models' and data's loading
     model, objective, train_samples, val_samples, pad = build_worker(stage, cfg, device)
     if not train_samples:
         raise PrunekitError(f"train {cfg.train}: no row has a supervised token within max_length {cfg.max_length}")
-    reporter = LocalReporter(run_dir, name, cfg)
     sharded = cfg.parallel.strategy != "ddp"
     with process_group_of_one(device) if sharded else contextlib.nullcontext():
         train(model, objective, cfg, train_samples, val_samples, pad, reporter, device=device)

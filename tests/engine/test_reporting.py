@@ -39,3 +39,26 @@ def test_wandb_auto_follows_wandb_mode_and_wandb_disabled(monkeypatch, tmp_path)
     logger.log(1, {"train/loss": 1.0})
     logger.finish()
     assert logger.wandb is None and (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_a_log_file_gets_the_attempts_start_cost_once_and_a_bar_that_does_not_bury_it(tmp_path, capsys):
+    """Written to a file (a job log, `... 2>&1 | tail`), the bar redraws at most every QUIET_BAR_SECONDS instead of
+    once per step, the first training step of an attempt says on stdout what loading and compiling cost, and every metrics
+    line carries its wall-clock time (how an attempt's steps per second are read back)."""
+    import json
+    from types import SimpleNamespace
+
+    from prunekit.engine.reporting import QUIET_BAR_SECONDS, RunLogger
+    logger = RunLogger(tmp_path, "run", SimpleNamespace(wandb=SimpleNamespace(mode="disabled", project="p")))
+    logger.start(0, 3000)
+    logger.log(0, {"eval/loss": 2.0})   # the step-0 baseline is not a training step
+    for step in range(1, 3001):
+        logger.log(step, {"train/loss": 1.0 / step, "train/token_acc": 0.5})
+    logger.finish()
+    out, err = capsys.readouterr()
+    assert QUIET_BAR_SECONDS >= 10 and err.count("step/s") <= 6   # 3,000 steps in well under QUIET_BAR_SECONDS
+    assert out.count("after this attempt began") == 1 and "run: step 1 done" in out
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(3001))
+    assert all(abs(x["time"] - lines[0]["time"]) < 60 for x in lines)
+    assert all(b["time"] >= a["time"] for a, b in zip(lines, lines[1:]))

@@ -721,8 +721,12 @@ def plot(report: dict, path: Path) -> None:
 def run_as_script(main, name: str) -> None:
     """A bench's `__main__`: main() under prunekit's signal handling. Ctrl-C, `kill`, a call's time limit, or a
     PrunekitError (bad input, --out held by another copy of the same run) end it with one line and an exit code."""
+    import faulthandler
     from prunekit import PrunekitError
     from prunekit.core import interrupts, locks
+    # a death in native code (SIGSEGV, SIGABRT, ...) prints where it was: two GPU calls of this bench ended silently
+    # within a second of their time limit's SIGINT, without the interrupted line or a checkpoint
+    faulthandler.enable()
     locks.command = f"bench/{name}.py"   # how the lock on --out names this run to a second copy
     with interrupts.handled(interrupts.raise_interrupt):
         try:

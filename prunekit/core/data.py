@@ -264,7 +264,8 @@ def conversation_pieces(tokenizer, messages: list[dict], max_length: int) -> lis
         if m["role"] != "assistant":
             continue
         prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        turn = _render(tokenizer, messages[: i + 1]).rstrip()
+        # the last message's turn is the whole rendering (one template render fewer per row: most rows end there)
+        turn = (full if i == len(messages) - 1 else _render(tokenizer, messages[: i + 1])).rstrip()
         if not (full.startswith(prompt) and full.startswith(turn) and cuts[-1] <= len(prompt) <= len(turn)):
             raise ValueError(
                 f"chat template does not render messages[{i}] as a prefix of the whole conversation; "

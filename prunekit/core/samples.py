@@ -54,7 +54,20 @@ def tokenize(tokenizer, rows: list[dict], max_length: int, *, model: str | Path,
 def load_samples(tokenizer, path: str | Path, *, model: str | Path, max_length: int, packing: bool = False,
                  is_vlm: bool = False, trust_remote_code: bool = False, limit: int | None = None) -> list[dict]:
     """The first `limit` rows of a data file as training/eval samples: rows without a target after truncation are
-    dropped; `packing` packs text samples into rows of max_length. A text-only model refuses rows with images."""
+    dropped; `packing` packs text samples into rows of max_length. A text-only model refuses rows with images.
+    A text model's samples come from the on-disk cache when this file was tokenised the same way before
+    (`prunekit.core.sample_cache`)."""
+    def build():
+        return _load_samples(tokenizer, path, model=model, max_length=max_length, packing=packing, is_vlm=is_vlm,
+                             trust_remote_code=trust_remote_code, limit=limit)
+    if is_vlm:
+        return build()
+    from prunekit.core import sample_cache
+    key = sample_cache.key_for(path, tokenizer, max_length=max_length, packing=packing, limit=limit)
+    return sample_cache.cached_samples(key, build)
+
+
+def _load_samples(tokenizer, path, *, model, max_length, packing, is_vlm, trust_remote_code, limit) -> list[dict]:
     rows = text_data.load_messages(path)
     if limit:
         rows = rows[:limit]

@@ -91,19 +91,21 @@ class Runner:
                   f"{f' (round {rnd})' if rnd else ''}", flush=True)
             t0 = time.time()
             out = self.out / stage_id
-            try:
-                record = STAGE_RUNNERS[stage](self, stage_id, settings, rnd, current, target, out)
-                record = {"id": stage_id, "stage": stage, "round": rnd, "input": current["output"], **record}
-                if stage in MODEL_STAGES:
-                    record.update(self.measure(Path(record["output"])))
-            except BaseException as e:   # a stage finished on a later run reports the time of all its attempts
-                self.state.count_attempt(stage_id, time.time() - t0)
-                if isinstance(e, PrunekitError) and not isinstance(e, PipelineStopped):
-                    raise PrunekitError(f"stage {stage_id} ({stage}) failed: {e} — finished stages are kept in "
-                                        f"{self.state.path}; fix it and re-run the same command to continue") from None
-                raise
-            record["time_s"] = round(time.time() - t0, 1)
-            self.state.add(record)
+            with self.state.attempt(stage_id):   # a heartbeat: even a killed attempt's time counts
+                try:
+                    record = STAGE_RUNNERS[stage](self, stage_id, settings, rnd, current, target, out)
+                    record = {"id": stage_id, "stage": stage, "round": rnd, "input": current["output"], **record}
+                    if stage in MODEL_STAGES:
+                        record.update(self.measure(Path(record["output"])))
+                except BaseException as e:   # a stage finished on a later run reports the time of all its attempts
+                    self.state.count_attempt(stage_id, time.time() - t0)
+                    if isinstance(e, PrunekitError) and not isinstance(e, PipelineStopped):
+                        raise PrunekitError(f"stage {stage_id} ({stage}) failed: {e} — finished stages are kept in "
+                                            f"{self.state.path}; fix it and re-run the same command to continue"
+                                            ) from None
+                    raise
+                record["time_s"] = round(time.time() - t0, 1)
+                self.state.add(record)
             attempts = f" over {record['attempts']} attempts" if record.get("attempts") else ""
             print(f"[{stage_id}] finished in {record['time_s']:.0f}s{attempts} -> {record['output']}", flush=True)
             done = record

@@ -1,14 +1,19 @@
 """output_dir/pipeline_state.json: the original's measurements and every finished stage, written atomically."""
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 from prunekit import PrunekitError
 
 STATE_FILE = "pipeline_state.json"
+RUNNING_FILE = "pipeline_running.json"   # the stage attempt in progress and how long it has run (see State.attempt)
+HEARTBEAT_S = 15.0
 
 # ---- the state file --------------------------------------------------------------------------------------------
 
@@ -29,7 +34,9 @@ class State:
             if data.get("model") != model:
                 raise PrunekitError(f"output_dir {out}: holds a pipeline of {data.get('model')}, not {model}; use "
                                     f"another output_dir")
-            return cls(path, data)
+            state = cls(path, data)
+            state.count_lost_attempt()
+            return state
         if out.exists() and any(out.iterdir()):
             raise PrunekitError(f"output_dir {out}: not empty and not a pipeline's (no {STATE_FILE}); use another "
                                 f"output_dir")
@@ -56,11 +63,57 @@ class State:
 
     def count_attempt(self, stage_id: str, seconds: float) -> None:
         """An attempt at a stage that did not finish (an error, Ctrl-C, `kill`): its time counts when the stage
-        finishes on a later run. (A process killed outright, SIGKILL or a lost node, cannot say what it spent.)"""
+        finishes on a later run. (One killed outright is counted from its heartbeat: `attempt`.)"""
         spent = self.data.setdefault("unfinished", {}).setdefault(stage_id, {"time_s": 0.0, "attempts": 0})
         spent["time_s"] = round(spent["time_s"] + seconds, 1)
         spent["attempts"] += 1
         self.save()
+
+    @contextlib.contextmanager
+    def attempt(self, stage_id: str):
+        """An attempt at `stage_id`: while it runs, RUNNING_FILE says every HEARTBEAT_S how long it has run, so an
+        attempt that ends without a word (SIGKILL, a lost node, a crash in native code) still counts up to its last
+        sign of life when the pipeline next opens this state (`count_lost_attempt`). The caller records how the
+        attempt ended (add / count_attempt) inside the block; leaving it removes the file."""
+        running, t0, stop = self.path.parent / RUNNING_FILE, time.time(), threading.Event()
+
+        def beat():
+            tmp = running.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps({"id": stage_id, "time_s": round(time.time() - t0, 1)}) + "\n")
+            os.replace(tmp, running)
+
+        def beats():
+            while not stop.wait(HEARTBEAT_S):
+                with contextlib.suppress(OSError):   # a full disk costs the heartbeat, not the stage
+                    beat()
+        beat()
+        thread = threading.Thread(target=beats, name=f"pipeline-heartbeat-{stage_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            running.unlink(missing_ok=True)
+
+    def count_lost_attempt(self) -> tuple[str, float] | None:
+        """An attempt that RUNNING_FILE outlived (its process died without a word): counted as unfinished with the
+        time of its last heartbeat, and said in one line. Returns (stage id, seconds) or None."""
+        running = self.path.parent / RUNNING_FILE
+        try:
+            lost = json.loads(running.read_text())
+            stage_id, seconds = str(lost["id"]), float(lost["time_s"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):   # cut short while written: nothing to count
+            running.unlink(missing_ok=True)
+            return None
+        if stage_id not in self.finished:
+            self.count_attempt(stage_id, seconds)
+            print(f"[{stage_id}] an earlier attempt ended without a word (killed, or crashed) after at least "
+                  f"{seconds:.0f}s: counted in the stage's time", flush=True)
+        running.unlink(missing_ok=True)
+        return stage_id, seconds
 
     def redo(self, stage_id: str) -> list[str]:
         """Forget `stage_id` and every stage finished after it (they run again)."""

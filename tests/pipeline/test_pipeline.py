@@ -239,6 +239,40 @@ def test_a_resumed_stage_reports_the_time_of_all_its_attempts(chat4, chat_data, 
     assert f"finished in {stage['time_s']:.0f}s over 2 attempts" in capsys.readouterr().out
 
 
+def test_an_attempt_killed_outright_still_counts_its_time(chat4, chat_data, tmp_path, capsys):
+    """SIGKILL (or a lost node, or a crash in native code) mid-stage says nothing and runs no handler: the stage's
+    heartbeat file keeps how long the attempt ran, and the next run counts it (an outcome call that died silently at
+    its time limit had dropped 9 minutes of distillation from the stage's time)."""
+    import os
+    import signal
+    import time
+    from tests.processes import start_cli, wait_for
+    layer = pl.text_layer_params(chat4)[0]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"drop_text": [1], "order": [{"id": "text:1", "params_removed": layer}]}))
+    out = tmp_path / "out"
+    cfg = recipe(chat4, chat_data, out, launcher="local", rounds=[{"prune": {"plan": str(plan)}}], finish=[],
+                 target={"params": pl.model_facts(chat4)["params"] - layer}, max_layers=1)
+    recipe_file = write(tmp_path, cfg)
+    ready, running = tmp_path / "ready", out / pl.state.RUNNING_FILE
+    hang = (f"import pathlib, time\nfrom prunekit.pipeline import state as _s, runner as _r\n_s.HEARTBEAT_S = 0.2\n"
+            f"def _hang(*a, **k):\n    pathlib.Path({str(ready)!r}).touch()\n    time.sleep(300)\n"
+            f"_r.STAGE_RUNNERS['prune'] = _hang\n")
+    proc = start_cli(["pipeline", recipe_file], tmp_path, patch=hang)
+    wait_for(ready.exists, proc)
+    wait_for(lambda: running.is_file() and json.loads(running.read_text() or "{}").get("time_s", 0) >= 1.0, proc,
+             what="a heartbeat of a second")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    capsys.readouterr()
+    t0 = time.time()
+    assert main(["pipeline", str(recipe_file)]) == 0
+    (stage,) = json.loads((out / pl.STATE_FILE).read_text())["stages"]
+    assert stage["attempts"] == 2 and 1.0 <= stage["time_s"] <= 1.0 + (time.time() - t0) + 1
+    assert "[r1-1-prune] an earlier attempt ended without a word" in capsys.readouterr().out
+    assert not running.exists()
+
+
 def test_kv_cut_stage_calibrates_on_the_train_set(tiny_chat_model_dir, chat_data, tmp_path):
     from types import SimpleNamespace
     from prunekit.config import KVCutStageConfig

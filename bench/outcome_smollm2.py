@@ -25,6 +25,7 @@ right after the cut and after `--compare-steps` distillation steps) -> report: b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -479,6 +480,9 @@ def run_phases(args, data: Path, out: Path, argv: list[str] | None) -> int:
                       flush=True)
         state = json.loads((out / "pipeline" / "pipeline_state.json").read_text())
         results["pipeline"] = {"status": result.status, "original": state["original"], "stages": state["stages"]}
+        distill = next((s for s in state["stages"] if s["stage"] == "distill" and s.get("run")), None)
+        if distill is not None:   # where the distillation's minutes went: steps, and each attempt's start
+            results["distill_timing"] = step_timing(Path(distill["run"]) / "metrics.jsonl")
         # where the chat val's gap lies: the code answers or the short chat answers
         results["chat_val_by_kind"] = {"original": chat_by_kind(original, data, args),
                                        "final": chat_by_kind(state["stages"][-1]["output"], data, args)}
@@ -718,6 +722,30 @@ def plot(report: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def step_timing(metrics: Path) -> dict | None:
+    """From a training run's metrics.jsonl (each line's wall-clock `time`): the spread of one step's time, and each
+    attempt's stretch of steps (a new attempt starts where a step follows the one before it by more than a minute,
+    or repeats it). A run whose lines carry no time (before session 29) gives None."""
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+    lines = [x for x in lines if "time" in x and "train/loss" in x]
+    if len(lines) < 2:
+        return None
+    gaps = sorted(b["time"] - a["time"] for a, b in zip(lines, lines[1:]) if b["step"] == a["step"] + 1)
+    stretches = [[lines[0]]]
+    for a, b in zip(lines, lines[1:]):
+        if b["step"] <= a["step"] or b["time"] - a["time"] > 60:
+            stretches.append([])
+        stretches[-1].append(b)
+
+    def pct(q):
+        return round(1000 * gaps[min(len(gaps) - 1, int(q * len(gaps)))], 1)
+    return {"step_ms": {"p10": pct(0.1), "p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)},
+            "stretches": [{"steps": [s[0]["step"], s[-1]["step"]], "seconds": round(s[-1]["time"] - s[0]["time"], 1)}
+                          for s in stretches],
+            "note": "steps logged after the checkpoint an attempt resumed from are dropped by the next attempt; "
+                    "evaluations and checkpoints fall inside the stretches"}
+
+
 def run_as_script(main, name: str) -> None:
     """A bench's `__main__`: main() under prunekit's signal handling. Ctrl-C, `kill`, a call's time limit, or a
     PrunekitError (bad input, --out held by another copy of the same run) end it with one line and an exit code."""
@@ -726,7 +754,8 @@ def run_as_script(main, name: str) -> None:
     from prunekit.core import interrupts, locks
     # a death in native code (SIGSEGV, SIGABRT, ...) prints where it was: two GPU calls of this bench ended silently
     # within a second of their time limit's SIGINT, without the interrupted line or a checkpoint
-    faulthandler.enable()
+    with contextlib.suppress(AttributeError, ValueError, OSError):   # a stderr with no file behind it (captured)
+        faulthandler.enable(file=sys.__stderr__)
     locks.command = f"bench/{name}.py"   # how the lock on --out names this run to a second copy
     with interrupts.handled(interrupts.raise_interrupt):
         try:

@@ -68,3 +68,21 @@ def test_a_probe_without_its_data_files_stops_with_one_line_naming_the_flag(tmp_
         run = subprocess.run(probe + flags, capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and run.stderr.splitlines()[-1] == f"recovery_probe_smollm2.py: error: {line}"
     assert not (tmp_path / "p").exists()
+
+
+def test_step_timing_reads_each_attempts_stretch_from_the_metrics_log(tmp_path):
+    """The outcome report's distill_timing: step-time percentiles and one stretch per attempt, from the times the
+    loop writes on every metrics line (a resumed attempt repeats no step here, but starts minutes later)."""
+    import json
+    from bench.outcome_smollm2 import step_timing
+    lines = [{"step": 0, "time": 100.0, "eval/loss": 3.0}]
+    lines += [{"step": s, "time": 130.0 + 0.04 * s, "train/loss": 1.0} for s in range(1, 101)]
+    lines += [{"step": s, "time": 500.0 + 0.05 * (s - 100), "train/loss": 1.0} for s in range(101, 201)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    timing = step_timing(path)
+    assert [s["steps"] for s in timing["stretches"]] == [[1, 100], [101, 200]]
+    assert timing["stretches"][0]["seconds"] == pytest.approx(4.0)   # 3.96, to 0.1 s
+    assert timing["step_ms"]["p10"] == pytest.approx(40.0) and timing["step_ms"]["p90"] == pytest.approx(50.0)
+    path.write_text(json.dumps({"step": 1, "train/loss": 1.0}) + "\n")   # a log from before the times
+    assert step_timing(path) is None

@@ -95,3 +95,6 @@ def test_a_damaged_entry_is_rebuilt_and_old_entries_are_dropped(cache, mix, smol
     for n in range(4, 9):
         _load(tok, mix, smollm2_dir, max_length=8 * n)
     assert len(list(cache.glob("*.npz"))) == 3 and not list(cache.glob("*.tmp*"))
+    monkeypatch.setattr(sample_cache, "KEEP_BYTES", 1)   # over the byte cap: only the entry just written stays
+    _load(tok, mix, smollm2_dir, max_length=96)
+    assert len(list(cache.glob("*.npz"))) == 1

@@ -29,14 +29,6 @@ def cache_root() -> Path:
     return cache_dir() / "samples"
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 23), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def key_for(path: str | Path, tokenizer, **settings) -> str | None:
     """The cache key of `path` tokenised by `tokenizer` with `settings`; None when the tokenizer cannot be
     fingerprinted (a slow, Python-only tokenizer: such runs tokenise every time) or the file cannot be read."""
@@ -44,7 +36,8 @@ def key_for(path: str | Path, tokenizer, **settings) -> str | None:
     if backend is None:
         return None
     try:
-        data = _file_digest(Path(path))
+        from prunekit.core.corpus import file_sha256
+        data = file_sha256(Path(path))
     except OSError:   # missing or unreadable: the loader says so, in its own words
         return None
     import tokenizers

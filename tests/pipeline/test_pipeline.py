@@ -205,16 +205,21 @@ def test_local_pipeline_prunes_a_given_plan_without_ray(chat4, chat_data, tmp_pa
         pl.check_recipe(load_config("pipeline", None, {**bad, "rounds": [{"prune": {"plan": "nope.json"}}]}))
 
 
-def test_a_resumed_stage_reports_the_time_of_all_its_attempts(chat4, chat_data, tmp_path, monkeypatch, capsys):
-    """Ctrl-C during a stage, then the same command again: the state keeps what the cut attempt spent, and the
-    finished stage's time_s counts both attempts (a resumed distillation reported only its last call's minutes)."""
-    import time
+def one_prune_recipe(chat4, chat_data, tmp_path) -> tuple:
+    """(output_dir, recipe): a local pipeline whose one stage prunes layer 1 by a plan file."""
     layer = pl.text_layer_params(chat4)[0]
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"drop_text": [1], "order": [{"id": "text:1", "params_removed": layer}]}))
     out = tmp_path / "out"
-    cfg = recipe(chat4, chat_data, out, launcher="local", rounds=[{"prune": {"plan": str(plan)}}], finish=[],
-                 target={"params": pl.model_facts(chat4)["params"] - layer}, max_layers=1)
+    return out, recipe(chat4, chat_data, out, launcher="local", rounds=[{"prune": {"plan": str(plan)}}], finish=[],
+                       target={"params": pl.model_facts(chat4)["params"] - layer}, max_layers=1)
+
+
+def test_a_resumed_stage_reports_the_time_of_all_its_attempts(chat4, chat_data, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during a stage, then the same command again: the state keeps what the cut attempt spent, and the
+    finished stage's time_s counts both attempts (a resumed distillation reported only its last call's minutes)."""
+    import time
+    out, cfg = one_prune_recipe(chat4, chat_data, tmp_path)
     real, calls = pipeline_runner.STAGE_RUNNERS["prune"], []
 
     def slow_then_interrupted(runner, *args):
@@ -247,12 +252,7 @@ def test_an_attempt_killed_outright_still_counts_its_time(chat4, chat_data, tmp_
     import signal
     import time
     from tests.processes import start_cli, wait_for
-    layer = pl.text_layer_params(chat4)[0]
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"drop_text": [1], "order": [{"id": "text:1", "params_removed": layer}]}))
-    out = tmp_path / "out"
-    cfg = recipe(chat4, chat_data, out, launcher="local", rounds=[{"prune": {"plan": str(plan)}}], finish=[],
-                 target={"params": pl.model_facts(chat4)["params"] - layer}, max_layers=1)
+    out, cfg = one_prune_recipe(chat4, chat_data, tmp_path)
     recipe_file = write(tmp_path, cfg)
     ready, running = tmp_path / "ready", out / pl.state.RUNNING_FILE
     hang = (f"import pathlib, time\nfrom prunekit.pipeline import state as _s, runner as _r\n_s.HEARTBEAT_S = 0.2\n"

@@ -43,8 +43,8 @@ def test_wandb_auto_follows_wandb_mode_and_wandb_disabled(monkeypatch, tmp_path)
 
 def test_a_log_file_gets_the_attempts_start_cost_once_and_a_bar_that_does_not_bury_it(tmp_path, capsys):
     """Written to a file (a job log, `... 2>&1 | tail`), the bar redraws at most every QUIET_BAR_SECONDS instead of
-    once per step, the first training step of an attempt says on stdout what loading and compiling cost, and every metrics
-    line carries its wall-clock time (how an attempt's steps per second are read back)."""
+    once per step, the first training step of an attempt says on stdout what loading and compiling cost, and every
+    metrics line carries its wall-clock time (how an attempt's steps per second are read back)."""
     import json
     from types import SimpleNamespace
 

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from prunekit import PrunekitError
+from prunekit.core.corpus import file_sha256
 
 MANIFEST = "manifest.json"
 _CHUNK = 8 << 20
@@ -28,14 +29,6 @@ def manifest_name(rank: int) -> str:
 
 def _is_manifest(rel: str) -> bool:
     return "/" not in rel and rel.startswith("manifest") and rel.endswith(".json")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_manifest(ckpt_dir: Path, rank: int = 0) -> None:

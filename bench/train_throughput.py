@@ -130,18 +130,17 @@ def run_prunekit(args, distill: bool = False) -> dict:
     if distill:
         teacher_device = torch.device("cuda", args.teacher_gpu) if args.teacher_gpu is not None else device
         teacher = build(teacher_shape, teacher_device).to(torch.bfloat16)
-        if args.compile and args.teacher_compile == "whole":   # one compiled region per forward, not one per layer
-            teacher.model.compile()
-        elif args.compile:
-            from prunekit.engine.loop import compile_layers
-            compile_layers(teacher, args.compile_mode)
+        if args.compile:
+            from prunekit.engine.loop import compile_model
+            compile_model(teacher, args.compile_mode, args.compile_scope)
         objective = DistillObjective(teacher, beta=args.beta, chunk_size=args.chunk)
     tmp = tempfile.mkdtemp(prefix="bench-train-")
     stage = "distill" if distill else "sft"
     cfg = load_config(stage, None, {
         "model": "bench", "train": "bench", "output_dir": tmp, "max_steps": args.steps, "batch_size": args.batch,
         "max_length": args.seq, "bf16": True, "param_dtype": args.param_dtype, "compile": args.compile,
-        "compile_mode": args.compile_mode, "lr": 1e-5, "save_interval": 10 ** 9, "eval_interval": 10 ** 9,
+        "compile_mode": args.compile_mode, "compile_scope": args.compile_scope, "lr": 1e-5,
+        "save_interval": 10 ** 9, "eval_interval": 10 ** 9,
         "wandb.mode": "disabled", "parallel.workers": world_size, "ray.use_gpu": device.type == "cuda",
         "parallel.strategy": args.strategy,
         **({"teacher": "bench"} if distill else {})})
@@ -342,8 +341,9 @@ def main():
     p.add_argument("--shape", default="qwen0.5b", choices=["qwen0.5b", "outcome"],
                    help="outcome: recipes/outcome.yaml's SmolLM2 student and teacher (use with --mode distill "
                         "--batch 32 --seq 512 --beta 0)")
-    p.add_argument("--teacher-compile", default="layers", choices=["layers", "whole"],
-                   help="distill with --compile: the teacher compiled layer by layer (the engine's way) or whole")
+    p.add_argument("--compile-scope", default="layers", choices=["layers", "backbone"],
+                   help="with --compile: one compiled region per decoder layer (the default) or per backbone, for "
+                        "the student and the teacher alike (the engine's compile_scope)")
     p.add_argument("--beta", type=float, default=0.5, help="distill: the loss's beta (0: forward KL)")
     p.add_argument("--teacher-gpu", type=int, default=None, help="distill: put the teacher on this GPU index")
     p.add_argument("--only", default="", help="--all: comma-separated subset of the runs")

@@ -151,6 +151,9 @@ class EngineConfig(Strict):
     # eval batch to max_length (one graph shape; use packing with short rows); out of dumps at its default
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
         "default", exclude_if=lambda v: v == "default")
+    # what one compiled region is: each decoder layer (small graphs, cheap recompiles) or the whole text backbone
+    # (text models: one region a forward, so under reduce-overhead one CUDA graph instead of one a layer)
+    compile_scope: Literal["layers", "backbone"] = Field("layers", exclude_if=lambda v: v == "layers")
     gradient_checkpointing: bool = False
     loss_chunk_size: int = 1024               # rows of the sequence per cross-entropy chunk (no full B*S*V logits)
     seed: int = 0
@@ -159,6 +162,8 @@ class EngineConfig(Strict):
     def _compile_mode(self):
         if self.compile_mode != "default" and not self.compile:
             raise ValueError(f"compile_mode: {self.compile_mode} needs compile: true")
+        if self.compile_scope != "layers" and not self.compile:
+            raise ValueError(f"compile_scope: {self.compile_scope} needs compile: true")
         return self
 
 

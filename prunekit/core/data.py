@@ -9,6 +9,7 @@ kinds may be mixed in one file. Files are a JSON list or JSONL.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -279,6 +280,23 @@ def conversation_pieces(tokenizer, messages: list[dict], max_length: int) -> lis
 TOKENIZE_CHUNK_ROWS = 2048   # rows whose text is tokenised in one batch call (bounds the strings held at once)
 
 
+@contextlib.contextmanager
+def tokenizer_threads():
+    """A fast tokenizer's batch calls use every core while this is open. `prunekit.engine.loop` turns its threads
+    off for the process (TOKENIZERS_PARALLELISM=false: a child forked after they ran would wait on threads it does
+    not have), which left a 12M-token mix on one core: 13 s of encoding on 2 cores, ~10x that share on 16. The
+    variable is read on every call and restored after, so a later fork still runs the tokenizer serially."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
 def tokenize_rows(tokenizer, rows: Sequence[dict], max_length: int) -> list[dict[str, list[int]]]:
     """Validated rows (see :func:`load_messages`) as samples: plain text (:func:`tokenize_text`) or conversations
     (:func:`tokenize_conversation`). Templates are rendered row by row; the text is then tokenised in one batch call
@@ -290,8 +308,9 @@ def tokenize_rows(tokenizer, rows: Sequence[dict], max_length: int) -> list[dict
         plain = [r["text"][:budget] for r in chunk if is_text_row(r)]   # BOS/EOS as the tokenizer adds them
         pieces = [[] if is_text_row(r) else conversation_pieces(tokenizer, r["messages"], max_length) for r in chunk]
         templated = [text for row_pieces in pieces for text, _ in row_pieces]   # special tokens from the template
-        plain_ids = iter(tokenizer(plain, add_special_tokens=True)["input_ids"] if plain else [])
-        templated_ids = iter(tokenizer(templated, add_special_tokens=False)["input_ids"] if templated else [])
+        with tokenizer_threads():
+            plain_ids = iter(tokenizer(plain, add_special_tokens=True)["input_ids"] if plain else [])
+            templated_ids = iter(tokenizer(templated, add_special_tokens=False)["input_ids"] if templated else [])
         for row, row_pieces in zip(chunk, pieces):
             if is_text_row(row):
                 ids = list(next(plain_ids))[:max_length]

@@ -74,7 +74,8 @@ def _worker(config: dict) -> None:
     if getattr(cfg, "teacher_placement", "same_gpu") == "own_gpu":  # the worker holds 2 GPUs: the teacher takes the 2nd
         teacher_device = ray.train.torch.get_devices()[1]
     reporter = RayTrainReporter(Path(config["run_dir"]), config["name"], cfg)   # first: it times the loading
-    model, objective, train_samples, val_samples, pad_id = build_worker(config["stage"], cfg, device, teacher_device)
+    model, objective, train_samples, val_samples, pad_id = build_worker(config["stage"], cfg, device, teacher_device,
+                                                                        mark=reporter.mark)
     train(model, objective, cfg, train_samples, val_samples, pad_id, reporter, device=device)
 
 

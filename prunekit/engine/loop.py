@@ -79,14 +79,24 @@ def make_optimizer_factory(cfg):
 LAYER_RECOMPILE_LIMIT = 64
 
 
-def compile_layers(model, mode: str = "default") -> None:
-    """torch.compile every text decoder layer (and vision block) in place: the repeated blocks are where the
-    time goes, and compiling them one by one keeps graphs small and recompiles cheap. `mode`: torch.compile's."""
+def compile_model(model, mode: str = "default", scope: str = "layers") -> None:
+    """torch.compile the model in place, one region per text decoder layer (and vision block): the repeated blocks
+    are where the time goes, and compiling them one by one keeps graphs small and recompiles cheap. `scope`
+    "backbone" compiles a text model's whole backbone as one region instead: under reduce-overhead each forward
+    (and its backward) replays one CUDA graph instead of one a layer, each with its own host-side call.
+    `mode`: torch.compile's."""
     import torch._dynamo
-    from prunekit.core.families import family_of
+    from prunekit.core.families import backbone_and_head, family_of
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, LAYER_RECOMPILE_LIMIT)
+    options = {} if mode == "default" else {"mode": mode}
+    if scope == "backbone":
+        if family_of(model).is_vlm:  # image inputs change shape batch to batch: a recompile each
+            raise PrunekitError(f"compile_scope: backbone is for text models; {type(model).__name__} has a vision "
+                                f"tower (use compile_scope: layers)")
+        backbone_and_head(model)[0].compile(**options)
+        return
     for layer in family_of(model).blocks(model):
-        layer.compile(**({} if mode == "default" else {"mode": mode}))
+        layer.compile(**options)
 
 
 def make_scheduler_factory(cfg, total_steps: int):
@@ -175,7 +185,7 @@ def setup_strategy(model, objective, cfg, scheduler_steps: int, reporter, device
         model.to(torch.bfloat16)
     model.to(device).train()
     if cfg.compile:
-        compile_layers(model, cfg.compile_mode)
+        compile_model(model, cfg.compile_mode, cfg.compile_scope)
     strategy = STRATEGIES[cfg.parallel.strategy](LossModule(model, objective), device, cfg)
     strategy.setup(make_optimizer_factory(cfg), make_scheduler_factory(cfg, scheduler_steps))
     if state is not None:

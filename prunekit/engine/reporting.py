@@ -41,7 +41,12 @@ class RunLogger:
         self.rank = world()[0]
         self.bar = self.wandb = None
         self.created = time.time()   # before the models and data load, where the caller makes it that early
+        self.marks: list[tuple[str, float]] = []   # (what was loaded, when): mark() between created and started
         self.started = None          # when the loop began this attempt (start)
+
+    def mark(self, loaded: str) -> None:
+        """`loaded` is done loading now: the attempt's first-step line splits its loading time at these marks."""
+        self.marks.append((loaded, time.time()))
 
     def start(self, start_step: int, total: int) -> None:
         self.started = time.time()
@@ -72,9 +77,11 @@ class RunLogger:
             return
         now = time.time()
         if self.started is not None and "train/loss" in metrics:   # an attempt's first step: what its start cost
+            bounds = [("", self.created), *self.marks, ("checkpoint and setup", self.started)]
+            parts = ", ".join(f"{label} {end - begin:.0f}s" for (_, begin), (label, end) in zip(bounds, bounds[1:]))
             self._say(f"{self.run_name}: step {step} done {now - self.created:.0f}s after this attempt began "
-                      f"(loading the models, data and checkpoint {self.started - self.created:.0f}s, then "
-                      f"compiling and the first steps {now - self.started:.0f}s)")
+                      f"(loading {self.started - self.created:.0f}s: {parts}; then compiling and the first steps "
+                      f"{now - self.started:.0f}s)")
             self.started = None
         with open(self.run_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps({"step": step, "time": round(now, 3), **metrics}) + "\n")

@@ -66,9 +66,10 @@ def check_supervised(cfg, train_rows: list, val_rows: list | None) -> None:
               f"{cfg.max_length}; the run is not evaluated", file=sys.stderr, flush=True)
 
 
-def build_worker(stage: str, cfg, device, teacher_device=None):
+def build_worker(stage: str, cfg, device, teacher_device=None, mark=lambda loaded: None):
     """Model (with LoRA for `lora`), objective, tokenized train/val samples and the pad id, on one worker.
-    The distillation teacher goes to `teacher_device` (default: the student's)."""
+    The distillation teacher goes to `teacher_device` (default: the student's). `mark(what)` is called as the
+    models, then the samples, are loaded (the reporter's timing of an attempt's start)."""
     import torch
     with quiet_transformers():
         model, family = load_model(Path(cfg.model), dtype="float32", trust_remote_code=cfg.trust_remote_code)
@@ -83,7 +84,9 @@ def build_worker(stage: str, cfg, device, teacher_device=None):
             teacher, _ = load_model(Path(cfg.teacher), dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
                                     trust_remote_code=cfg.trust_remote_code)
         teacher = teacher.to(teacher_device or device)
+    mark("models")
     train_samples, val_samples = config_samples(cfg, tokenizer, family.is_vlm)
+    mark("data")
     objective = make_objective(stage, cfg, teacher)
     if stage == "distill":
         # hidden_weight: hooks on the student's layers, before the engine compiles them
@@ -129,8 +132,8 @@ def make_objective(stage: str, cfg, teacher=None):
     if stage != "distill":
         return SFTObjective(chunk_size=cfg.loss_chunk_size)
     if cfg.compile:
-        from prunekit.engine.loop import compile_layers
-        compile_layers(teacher, cfg.compile_mode)
+        from prunekit.engine.loop import compile_model
+        compile_model(teacher, cfg.compile_mode, cfg.compile_scope)
     return DistillObjective(teacher, beta=cfg.beta, temperature=cfg.temperature, top_k=cfg.top_k,
                             sft_alpha=cfg.sft_alpha, chunk_size=cfg.loss_chunk_size, hidden_weight=cfg.hidden_weight,
                             hidden_targets=hidden_targets(cfg) if cfg.hidden_weight else None)
@@ -217,7 +220,7 @@ def run_in_process(stage: str, cfg) -> tuple[Path, Path, str]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PrunekitError("ray.use_gpu: true but this process sees no GPU (launcher: local)")
     reporter = LocalReporter(run_dir, name, cfg)   # made first: it times the models' and data's loading
-    model, objective, train_samples, val_samples, pad = build_worker(stage, cfg, device)
+    model, objective, train_samples, val_samples, pad = build_worker(stage, cfg, device, mark=reporter.mark)
     if not train_samples:
         raise PrunekitError(f"train {cfg.train}: no row has a supervised token within max_length {cfg.max_length}")
     sharded = cfg.parallel.strategy != "ddp"

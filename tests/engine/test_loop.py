@@ -164,7 +164,7 @@ def test_compiled_layers_keep_compiling_past_torchs_eight_variants(caplog):
     grad: 10 variants, no recompile-limit warning, and each still compiled."""
     import logging
     import transformers
-    from prunekit.engine.loop import compile_layers
+    from prunekit.engine.loop import compile_model
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     models = [transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -173,7 +173,7 @@ def test_compiled_layers_keep_compiling_past_torchs_eight_variants(caplog):
     ids = torch.randint(0, 32, (2, 6))
     with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
         for model in models:
-            compile_layers(model)
+            compile_model(model)
             model(ids).logits.sum().backward()
             with torch.no_grad():
                 model(ids)
@@ -188,7 +188,7 @@ def test_compile_mode_reaches_every_layer_and_trains_as_default():
     import transformers
     from prunekit import PrunekitError
     from prunekit.config import load_config
-    from prunekit.engine.loop import compile_layers
+    from prunekit.engine.loop import compile_model
     torch._dynamo.reset()
     config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=4)
@@ -202,7 +202,7 @@ def test_compile_mode_reaches_every_layer_and_trains_as_default():
         torch.nn.Module.compile = lambda self, *a, **k: (modes.append(k.get("mode", "default")),
                                                          original(self, *a, **k))[1]
         try:
-            compile_layers(model, mode)
+            compile_model(model, mode)
         finally:
             torch.nn.Module.compile = original
         losses[mode] = []
@@ -223,3 +223,45 @@ def test_compile_mode_reaches_every_layer_and_trains_as_default():
         load_config("sft", None, {**minimal, "compile_mode": "reduce-overhead"})
     assert load_config("sft", None, {**minimal, "compile": True, "compile_mode": "reduce-overhead"}).compile_mode == \
         "reduce-overhead"
+
+
+def test_compile_scope_backbone_is_one_region_that_trains_as_layers_do():
+    """compile_scope: backbone compiles a text model's whole backbone as one region (one CUDA graph a forward under
+    reduce-overhead) instead of one per layer: no layer is compiled on its own, the losses are the layer-by-layer
+    ones, a vision-language model is refused in one line, and the scope needs compile: true."""
+    import transformers
+    from prunekit import PrunekitError
+    from prunekit.config import load_config
+    from prunekit.engine.loop import compile_model
+    torch._dynamo.reset()
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=4)
+    ids = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for scope in ("layers", "backbone"):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        compile_model(model, "reduce-overhead", scope)
+        compiled = [name for name, m in model.named_modules() if getattr(m, "_compiled_call_impl", None)]
+        assert compiled == (["model"] if scope == "backbone" else ["model.layers.0", "model.layers.1"])
+        losses[scope] = []
+        for _ in range(3):
+            torch.compiler.cudagraph_mark_step_begin()
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[scope].append(loss.item())
+    assert losses["layers"][2] < losses["layers"][0]
+    assert losses["backbone"] == pytest.approx(losses["layers"], rel=1e-4)
+    vlm = transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(
+        text_config={"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "num_key_value_heads": 1, "rope_scaling": {"type": "mrope",
+                                                                                           "mrope_section": [2, 1, 1]}},
+        vision_config={"depth": 1, "embed_dim": 16, "hidden_size": 16, "num_heads": 2, "mlp_ratio": 2}))
+    with pytest.raises(PrunekitError, match="compile_scope: backbone is for text models"):
+        compile_model(vlm, "default", "backbone")
+    minimal = {"model": "m", "train": "t.jsonl", "output_dir": "o"}
+    with pytest.raises(PrunekitError, match="compile_scope: backbone needs compile: true"):
+        load_config("sft", None, {**minimal, "compile_scope": "backbone"})

@@ -152,7 +152,7 @@ def test_hidden_state_distillation_matches_each_student_layer_to_the_teacher_lay
     from prunekit.core.data import collate
     from prunekit.core.surgery import LayerDrop, apply_to_model
     from prunekit.core.families import family_of
-    from prunekit.engine.loop import compile_layers
+    from prunekit.engine.loop import compile_model
     from prunekit.engine.objectives import DistillObjective
     teacher = build_tiny("llama", seed=1).eval()
     with torch.no_grad():
@@ -164,8 +164,8 @@ def test_hidden_state_distillation_matches_each_student_layer_to_the_teacher_lay
     g = torch.Generator().manual_seed(0)
     batch = collate([{"input_ids": x, "labels": x} for x in torch.randint(3, 100, (3, 10), generator=g).tolist()], 0)
     if compiled:
-        compile_layers(teacher)
-        compile_layers(student)
+        compile_model(teacher)
+        compile_model(student)
     objective = DistillObjective(teacher, beta=0.0, hidden_weight=0.5, hidden_targets=[2, 3])
     objective.watch(student)
     exact = objective(student.train(), batch)
@@ -192,7 +192,7 @@ def test_hidden_state_distillation_under_gradient_checkpointing_keeps_no_recompu
     import copy
     from tests.conftest import build_tiny
     from prunekit.core.data import collate
-    from prunekit.engine.loop import compile_layers
+    from prunekit.engine.loop import compile_model
     from prunekit.engine.objectives import DistillObjective
     teacher, student = build_tiny("llama", seed=1), build_tiny("llama", seed=2)
     checkpointed = copy.deepcopy(student)
@@ -204,7 +204,7 @@ def test_hidden_state_distillation_under_gradient_checkpointing_keeps_no_recompu
         objective = DistillObjective(teacher, beta=0.0, hidden_weight=1.0, hidden_targets=[0, 1, 2, 3])
         objective.watch(model, recomputed=name == "checkpointed")
         if compiled:
-            compile_layers(model)
+            compile_model(model)
         with torch.utils.checkpoint.set_checkpoint_early_stop(False):   # recompute each layer to its output
             out = objective(model.train(), batch)
             out["loss_sum"].backward()

@@ -50,6 +50,8 @@ def test_a_log_file_gets_the_attempts_start_cost_once_and_a_bar_that_does_not_bu
 
     from prunekit.engine.reporting import QUIET_BAR_SECONDS, RunLogger
     logger = RunLogger(tmp_path, "run", SimpleNamespace(wandb=SimpleNamespace(mode="disabled", project="p")))
+    logger.mark("models")
+    logger.mark("data")
     logger.start(0, 3000)
     logger.log(0, {"eval/loss": 2.0})   # the step-0 baseline is not a training step
     for step in range(1, 3001):
@@ -58,6 +60,7 @@ def test_a_log_file_gets_the_attempts_start_cost_once_and_a_bar_that_does_not_bu
     out, err = capsys.readouterr()
     assert QUIET_BAR_SECONDS >= 10 and err.count("step/s") <= 6   # 3,000 steps in well under QUIET_BAR_SECONDS
     assert out.count("after this attempt began") == 1 and "run: step 1 done" in out
+    assert "(loading 0s: models 0s, data 0s, checkpoint and setup 0s; then compiling" in out   # split at the marks
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(3001))
     assert all(abs(x["time"] - lines[0]["time"]) < 60 for x in lines)

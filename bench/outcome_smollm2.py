@@ -25,6 +25,7 @@ right after the cut and after `--compare-steps` distillation steps) -> report: b
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import os
@@ -313,6 +314,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-samples", type=int, default=128, help="chat val rows per measurement")
     ap.add_argument("--eval-text-samples", type=int, default=None, help="general-text rows (default: all)")
     ap.add_argument("--skip", default="", help="comma-separated phases to skip (e.g. compare_kv)")
+    ap.add_argument("--sample-stacks", type=Path, default=None, metavar="FILE",
+                    help="sample the main thread's stack every 10 ms into FILE (bench/stack_sampler.py reads it)")
     ap.add_argument("--report-only", type=Path, default=None, metavar="RESULTS_JSON",
                     help="write the report from a run's results.json (e.g. one fetched from a GPU box)")
     ap.add_argument("--machine", default=None, help="with --report-only: the machine the run was on")
@@ -326,6 +329,11 @@ def main(argv=None) -> int:
                          "same --rows/--max-new-tokens made; REPORT_JSON's corpus statistics and minutes count for "
                          "it (labelled corpus_from in the report)")
     args = ap.parse_args(argv)
+    if args.sample_stacks:
+        from bench.stack_sampler import StackSampler
+        sampler = StackSampler(args.sample_stacks)
+        sampler.start()
+        atexit.register(sampler.stop)
     if args.report_only:
         results = json.loads(args.report_only.read_text())
         clock_file = args.report_only.parent / "bench_state.json"  # its phase times are saved every few seconds

@@ -314,6 +314,10 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-samples", type=int, default=128, help="chat val rows per measurement")
     ap.add_argument("--eval-text-samples", type=int, default=None, help="general-text rows (default: all)")
     ap.add_argument("--skip", default="", help="comma-separated phases to skip (e.g. compare_kv)")
+    ap.add_argument("--stop-after", type=float, default=None, metavar="SECONDS",
+                    help="a distillation still running this long after the start stops on a checkpoint by itself "
+                         "($PRUNEKIT_STOP_AT), as a call's time limit would stop it; give a little less than the "
+                         "call's `timeout`, which stays the stop for every other phase")
     ap.add_argument("--sample-stacks", type=Path, default=None, metavar="FILE",
                     help="sample the main thread's stack every 10 ms into FILE (bench/stack_sampler.py reads it)")
     ap.add_argument("--report-only", type=Path, default=None, metavar="RESULTS_JSON",
@@ -329,6 +333,9 @@ def main(argv=None) -> int:
                          "same --rows/--max-new-tokens made; REPORT_JSON's corpus statistics and minutes count for "
                          "it (labelled corpus_from in the report)")
     args = ap.parse_args(argv)
+    if args.stop_after is not None:
+        from prunekit.core.interrupts import STOP_AT_ENV
+        os.environ[STOP_AT_ENV] = str(time.time() + args.stop_after)
     if args.sample_stacks:
         from bench.stack_sampler import StackSampler
         sampler = StackSampler(args.sample_stacks)

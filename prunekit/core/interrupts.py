@@ -10,11 +10,13 @@ can arrive twice within microseconds.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_AT_ENV = "PRUNEKIT_STOP_AT"   # seconds since the epoch: a training loop stops there as if interrupted
 REPEAT_WINDOW_S = 0.5   # a signal this soon after the first is the same request delivered twice, not a second one
 
 
@@ -34,6 +36,21 @@ def outcome(e: KeyboardInterrupt) -> tuple[str, int]:
     handler while it waits (ray.get) into a plain KeyboardInterrupt, so the last signal seen decides."""
     signum = signal.SIGTERM if isinstance(e, Terminated) else (last_signal or signal.SIGINT)
     return ("terminated" if signum == signal.SIGTERM else "interrupted"), 128 + signum
+
+
+def stop_time() -> float | None:
+    """When a training loop should stop on a checkpoint as if interrupted ($PRUNEKIT_STOP_AT, seconds since the
+    epoch), or None: a call of limited length (a chained GPU call, a scheduler's time slot) then ends on its own
+    terms, a little before its limit's signal, which has more than once ended a process without its handler
+    running (bench/README.md, outcome_smollm2.py)."""
+    value = os.environ.get(STOP_AT_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        from prunekit import PrunekitError
+        raise PrunekitError(f"{STOP_AT_ENV}={value!r} is not a time in seconds since the epoch") from None
 
 
 def raise_interrupt(signum, frame):

@@ -19,7 +19,7 @@ import torch
 from prunekit import PrunekitError
 from prunekit.core.data import replace_tokens
 from prunekit.core.evaluate import TokenTotals
-from prunekit.core.interrupts import StopOnSignal, interrupt_for
+from prunekit.core.interrupts import STOP_AT_ENV, StopOnSignal, interrupt_for, stop_time
 from prunekit.core.samples import collate
 from prunekit.engine.manifest import write_manifest
 from prunekit.engine.reporting import injected_faults
@@ -264,6 +264,9 @@ def _train(model, objective, cfg, train_samples, val_samples, pad_id: int, repor
     # one process with its loop on the main thread: the first Ctrl-C / SIGTERM is acted on after the step it lands
     # in, with a checkpoint (a chained or preempted run resumes where it stopped); a second one stops it at once
     stop = StopOnSignal() if world_size == 1 and reporter.checkpoint_on_stop else None
+    # $PRUNEKIT_STOP_AT: the same stop on a checkpoint at a wall-clock time, without a signal (one process only:
+    # ranks reading their own clocks could stop a step apart)
+    stop_at = stop_time() if stop is not None else None
     if stop is not None:
         stop.arm()
     try:
@@ -288,7 +291,8 @@ def _train(model, objective, cfg, train_samples, val_samples, pad_id: int, repor
             done = step + 1
             pending = (done, copy, lr)
             evaluate_now = val_samples and (done % cfg.eval_interval == 0 or done == steps)
-            stopping = stop is not None and stop.signum is not None
+            timed_out = stop_at is not None and done < steps and time.time() >= stop_at
+            stopping = timed_out or (stop is not None and stop.signum is not None)
             save_now = reporter.keeps_checkpoints and (done % cfg.save_interval == 0 or done == steps or stopping)
             if evaluate_now or save_now or done == steps:
                 metrics, pending = read_metrics(*pending), None
@@ -302,6 +306,9 @@ def _train(model, objective, cfg, train_samples, val_samples, pad_id: int, repor
             # during an evaluation without a checkpoint is acted on after the next step)
             if stop is not None and stop.signum is not None and save_now:
                 raise interrupt_for(stop.signum, f"at step {done}, checkpoint written: the same command resumes")
+            if timed_out and save_now:
+                raise KeyboardInterrupt(f"{STOP_AT_ENV} reached at step {done}, checkpoint written: the same "
+                                        f"command resumes")
     finally:
         if stop is not None:
             stop.disarm()

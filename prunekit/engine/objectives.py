@@ -32,6 +32,18 @@ def model_inputs(batch: dict, dtype=torch.float32) -> dict:
     return inputs
 
 
+def same_device(a, b) -> bool:
+    """Whether two torch devices are one: "cuda" (no index) is the current CUDA device, so it is "cuda:0" there.
+    The local launcher trains on torch.device("cuda") while loaded weights sit on "cuda:0", and a plain != between
+    them sent a same-GPU teacher down the own-GPU prefetch path: its 4D mask built on the CPU, ~7 ms a step of host
+    time in the outcome recipe (bench/README.md)."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    current = torch.cuda.current_device() if a.type == "cuda" and torch.cuda.is_available() else 0
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+
+
 class SFTObjective:
     """Cross-entropy on assistant tokens, computed from hidden states in chunks (no full B*S*V logits); `row_loss`
     picks how each chunk's rows are reduced (`prunekit.core.losses.ce.ROW_LOSSES`)."""
@@ -99,7 +111,7 @@ class DistillObjective:
         """Queue the teacher's forward for the next training batch (still on the host) now. With the teacher on
         its own GPU it then runs while the student is still busy with the current step; the inputs go straight
         from the host to the teacher's GPU, never behind the student's queue."""
-        if backbone_and_head(self.teacher)[1].weight.device != student_device:
+        if not same_device(backbone_and_head(self.teacher)[1].weight.device, student_device):
             last, layers = self._teacher_hidden(host_batch)
             # copies: compile_mode reduce-overhead's CUDA graphs reuse their output memory once the next step begins
             ahead = (last.clone(), None if layers is None else [t.clone() for t in layers])
@@ -125,7 +137,7 @@ class DistillObjective:
         finally:
             self._student_forward[0] = False
         teacher_weight = teacher_head.weight
-        if teacher_device != hidden.device:
+        if not same_device(teacher_device, hidden.device):
             teacher_hidden = teacher_hidden.to(hidden.device, non_blocking=True)
             if teacher_layers is not None:
                 teacher_layers = [t.to(hidden.device, non_blocking=True) for t in teacher_layers]

@@ -152,3 +152,27 @@ def test_a_signal_stops_training_on_a_checkpoint_of_that_step(sig, times, tiny_c
     assert steps == [1, 2, 3, 4, 5]
     load_model(tmp_path / "out")
     assert not list((tmp_path / "runs").glob(".*.lock"))
+
+
+@pytest.mark.slow  # ~10 s: two real prunekit processes
+def test_stop_at_ends_training_on_a_checkpoint_without_a_signal(tiny_chat_model_dir, chat_data, tmp_path):
+    """$PRUNEKIT_STOP_AT (a wall-clock time, here long past) stops a run after the step it finds the time reached,
+    on that step's checkpoint, with one line and 130, as Ctrl-C does; without it the same command trains the rest
+    and writes a model that loads. A value that is not a time is a one-line error naming the variable."""
+    from prunekit.core.loading import load_model
+    args = sft_args(tiny_chat_model_dir, chat_data, tmp_path, "out", "--set", "save_interval=100") + [
+        "--max-steps", 4]
+    rc, err = finish(start_cli(args, tmp_path, env={"PRUNEKIT_STOP_AT": "1"}))
+    ckpts = tmp_path / "runs" / "run" / "checkpoints"
+    assert rc == 130 and error_lines(err) == [
+        "prunekit sft: interrupted (PRUNEKIT_STOP_AT reached at step 1, checkpoint written: the same command "
+        "resumes)"], err
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000001"] and not (tmp_path / "out").exists()
+    rc, err = finish(start_cli(args, tmp_path, env={"PRUNEKIT_STOP_AT": "soon"}))
+    assert rc == 2 and error_lines(err) == [
+        "prunekit sft: error: PRUNEKIT_STOP_AT='soon' is not a time in seconds since the epoch"], err
+    rc, err = finish(start_cli(args, tmp_path))
+    assert rc == 0, err
+    steps = [json.loads(x)["step"] for x in (tmp_path / "runs" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    load_model(tmp_path / "out")

@@ -21,7 +21,9 @@ def test_distill_teacher_prefetch_is_consumed_in_order_by_training_batches_only(
     other = collate(samples[:2], pad_id=0)
     objective = DistillObjective(teacher, beta=0.5)
     direct = objective(student.train(), batch)["loss_sum"]
-    elsewhere = torch.device("cpu", 0)  # != the teacher's "cpu": stands in for a teacher on another GPU
+    objective.prefetch(batch, torch.device("cpu", 0))   # the teacher's own device, named with its index
+    assert not objective._ahead
+    elsewhere = torch.device("cpu", 1)  # not the teacher's "cpu": stands in for a teacher on another GPU
     objective.prefetch(batch, elsewhere)
     assert len(objective._ahead) == 1
     objective(student.eval(), batch)  # eval: the queued result stays for the training batch
@@ -31,6 +33,16 @@ def test_distill_teacher_prefetch_is_consumed_in_order_by_training_batches_only(
     objective.prefetch(batch, elsewhere)
     mismatched = objective(student.train(), other)["loss_sum"]  # wrong shape: recomputed, queue dropped
     assert not objective._ahead and torch.allclose(mismatched, objective(student.train(), other)["loss_sum"])
+
+
+def test_same_device_reads_a_device_without_index_as_the_current_one():
+    """The local launcher's "cuda" and a loaded model's "cuda:0" are one GPU (the current one): a teacher there is
+    not prefetched as if it had a GPU of its own."""
+    from prunekit.engine.objectives import same_device
+    assert same_device(torch.device("cuda"), torch.device("cuda", 0))
+    assert same_device("cpu", torch.device("cpu", 0))
+    assert not same_device(torch.device("cuda"), torch.device("cuda", 1))
+    assert not same_device("cuda:0", "cpu")
 
 
 def test_packed_masks_come_in_the_dtype_each_model_computes_in(tiny_chat_model_dir, chat_data):

@@ -20,6 +20,7 @@ from prunekit import PrunekitError
 from prunekit.core.data import replace_tokens
 from prunekit.core.evaluate import TokenTotals
 from prunekit.core.interrupts import STOP_AT_ENV, StopOnSignal, interrupt_for, stop_time
+from prunekit.core.losses.ce import HOST_COPY
 from prunekit.core.samples import collate
 from prunekit.engine.manifest import write_manifest
 from prunekit.engine.reporting import injected_faults
@@ -132,10 +133,14 @@ def lm_batch(samples, pad_id: int, width: int | None = None) -> dict:
 
 
 def _to(batch: dict, device) -> dict:
-    """Host batch -> device (through pinned memory on GPUs: the copy does not block the host)."""
+    """Host batch -> device (through pinned memory on GPUs: the copy does not block the host). The device labels
+    keep their host copy, so the losses find the supervised positions without waiting on the GPU (HOST_COPY)."""
     if device.type != "cuda":
         return {k: v.to(device) for k, v in batch.items()}
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    out = {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    if "labels" in batch:
+        setattr(out["labels"], HOST_COPY, batch["labels"])
+    return out
 
 
 @torch.no_grad()

@@ -340,3 +340,17 @@ def test_hidden_state_loss_compares_directions_at_supervised_positions():
     assert hidden_state_loss([flipped, t], [t, t], labels).item() == pytest.approx(2.0 / 2, abs=1e-5)
     with pytest.raises(ValueError, match="one pair per layer"):
         hidden_state_loss([t], [], labels)
+
+
+def test_supervised_rows_read_the_labels_host_copy_when_they_carry_one():
+    """Device labels that carry their host copy (engine.loop._to) are searched on the host, which a GPU would not
+    wait for: the rows and targets are those the labels themselves give; the copy is what is searched."""
+    from prunekit.core.losses.ce import HOST_COPY, supervised_rows
+    labels = torch.tensor([[5, -100, 7, 8], [-100, 9, -100, 4]])
+    rows, target = supervised_rows(labels, -100)
+    assert rows.tolist() == [1, 2, 4, 6] and target.tolist() == [7, 8, 9, 4]
+    on_device = labels.clone()
+    setattr(on_device, HOST_COPY, labels)
+    assert [t.tolist() for t in supervised_rows(on_device, -100)] == [[1, 2, 4, 6], [7, 8, 9, 4]]
+    setattr(on_device, HOST_COPY, torch.full_like(labels, -100))   # proof the copy, not the tensor, is read
+    assert supervised_rows(on_device, -100)[0].tolist() == []

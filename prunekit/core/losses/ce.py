@@ -12,15 +12,24 @@ from prunekit.core.losses.registry import register_loss
 IGNORE_INDEX = -100
 
 
+HOST_COPY = "host_copy"   # attribute of a device labels tensor: the same labels on the host (engine.loop._to)
+
+
 def supervised_rows(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat row indices (into a ``[B*S, ...]`` view) of positions whose *next* label is supervised,
-    and those next labels."""
+    and those next labels. Labels on a GPU that carry their host copy (``HOST_COPY``) are searched on the host and
+    the result copied over without waiting: ``nonzero()`` on the GPU makes the host wait for every kernel queued
+    before it (both models' forwards), so the loss, backward and optimizer launches could not run ahead."""
     if labels.dim() != 2:
         raise ValueError(f"labels must be [batch, seq], got shape {tuple(labels.shape)}")
     b, s = labels.shape
-    target = labels[:, 1:]
+    host = getattr(labels, HOST_COPY, None)
+    target = (labels if host is None else host)[:, 1:]
     pos = (target != ignore_index).nonzero()  # [N, 2] of (batch, t) with t in [0, s-1)
-    return pos[:, 0] * s + pos[:, 1], target[pos[:, 0], pos[:, 1]]
+    rows, target = pos[:, 0] * s + pos[:, 1], target[pos[:, 0], pos[:, 1]]
+    if host is not None and labels.device.type == "cuda":
+        rows, target = (t.pin_memory().to(labels.device, non_blocking=True) for t in (rows, target))
+    return rows, target
 
 
 @register_loss("causal_lm")
@@ -45,7 +54,7 @@ def causal_lm_loss(
     sel = logits.reshape(-1, logits.shape[-1])[rows].float()
     loss_sum = F.cross_entropy(sel, target, reduction="sum")
     n_correct = (sel.detach().argmax(-1) == target).sum()
-    return loss_sum, torch.tensor(len(rows), device=logits.device), n_correct
+    return loss_sum, torch.full((), len(rows), dtype=torch.long, device=logits.device), n_correct
 
 
 @register_loss("chunked_causal_lm")
@@ -76,7 +85,7 @@ def chunked_causal_lm_loss(
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on [batch, seq]")
     rows, target = supervised_rows(labels, ignore_index)
     h = hidden.reshape(-1, hidden.shape[-1])[rows]
-    n_tokens = torch.tensor(len(rows), device=hidden.device)
+    n_tokens = torch.full((), len(rows), dtype=torch.long, device=hidden.device)
     if torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad):
         loss_sum, n_correct = FusedLinearLoss.apply(h, lm_head_weight, None, target, chunk_size,
                                                      ce_row_loss(row_loss, h.device))

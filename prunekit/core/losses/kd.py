@@ -140,7 +140,7 @@ def generalized_jsd_loss(
     # Views, not copies: [B*S, V] with the padded vocab tail sliced off.
     student = student_logits.reshape(-1, student_logits.shape[-1])[:, :vocab]
     teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])[:, :vocab]
-    n_tokens = torch.tensor(len(rows), device=student_logits.device)
+    n_tokens = torch.full((), len(rows), dtype=torch.long, device=student_logits.device)
     chunk = chunk_size or max(len(rows), 1)
 
     def fn(s, t):
@@ -184,7 +184,7 @@ def chunked_generalized_jsd_loss(
         kd_ce_rows = compiled_on_gpu(_kd_ce_rows, s_logits.is_cuda)
         return kd_ce_rows(s_logits, t_logits, t_c, beta, temperature, top_k, sft_alpha)
 
-    n_tokens = torch.tensor(len(rows), device=student_hidden.device)
+    n_tokens = torch.full((), len(rows), dtype=torch.long, device=student_hidden.device)
     if torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad):
         loss, kd, ce, correct = FusedLinearLoss.apply(h_s, student_head, h_t, target, chunk_size, kd_rows)
         return loss, kd, ce, n_tokens, correct

@@ -1,10 +1,10 @@
 """Where a process's main thread spends its wall time, without a profiler on the box: a daemon thread samples the
-main thread's Python stack every `interval` seconds and keeps the microseconds spent per stack, written (atomically, every
-`flush_every` seconds and at exit) as collapsed stacks, `frame;frame;... microseconds` a line, the format flame-graph
-tools read. A step that waits on the GPU shows as samples in the wait (`_HostCopy.wait`); a step that waits on the
-host shows as samples in the Python code that launches the kernels.
+main thread's Python stack every `interval` seconds and keeps the microseconds spent per stack, written
+(atomically, every `flush_every` seconds and at exit) as collapsed stacks, `frame;frame;... microseconds` a line,
+the format flame-graph tools read. A step that waits on the GPU shows as time in the wait (`_HostCopy.wait`); a
+step that waits on the host shows as time in the Python code that launches the kernels.
 
-`python bench/stack_sampler.py FILE [--under FUNC] [--top N]` prints the frames where most samples were taken
+`python bench/stack_sampler.py FILE [--under FUNC] [--top N]` prints the frames with the most time of their own
 (self) and the share of the time under each frame (total), of the stacks that pass through FUNC.
 """
 from __future__ import annotations

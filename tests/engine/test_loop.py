@@ -181,6 +181,20 @@ def test_compiled_layers_keep_compiling_past_torchs_eight_variants(caplog):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 10
 
 
+def three_sgd_steps(model, ids) -> list[float]:
+    """The losses of three SGD steps (lr 0.5) of `model` on `ids`, each step marked for CUDA graphs."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = []
+    for _ in range(3):
+        torch.compiler.cudagraph_mark_step_begin()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def test_compile_mode_reaches_every_layer_and_trains_as_default():
     """compile_mode is torch.compile's mode for every decoder layer: reduce-overhead (CUDA graphs on GPUs; torch
     runs the same compiled code without them on the CPU) trains to the default mode's losses; a mode torch does
@@ -198,21 +212,13 @@ def test_compile_mode_reaches_every_layer_and_trains_as_default():
     for mode in ("default", "reduce-overhead"):
         torch.manual_seed(0)
         model = transformers.LlamaForCausalLM(config)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         torch.nn.Module.compile = lambda self, *a, **k: (modes.append(k.get("mode", "default")),
                                                          original(self, *a, **k))[1]
         try:
             compile_model(model, mode)
         finally:
             torch.nn.Module.compile = original
-        losses[mode] = []
-        for _ in range(3):
-            torch.compiler.cudagraph_mark_step_begin()
-            loss = model(ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses[mode].append(loss.item())
+        losses[mode] = three_sgd_steps(model, ids)
     assert modes == ["default"] * 2 + ["reduce-overhead"] * 2
     assert losses["default"][2] < losses["default"][0]
     assert losses["reduce-overhead"] == pytest.approx(losses["default"], rel=1e-4)
@@ -241,18 +247,10 @@ def test_compile_scope_backbone_is_one_region_that_trains_as_layers_do():
     for scope in ("layers", "backbone"):
         torch.manual_seed(0)
         model = transformers.LlamaForCausalLM(config)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         compile_model(model, "reduce-overhead", scope)
         compiled = [name for name, m in model.named_modules() if getattr(m, "_compiled_call_impl", None)]
         assert compiled == (["model"] if scope == "backbone" else ["model.layers.0", "model.layers.1"])
-        losses[scope] = []
-        for _ in range(3):
-            torch.compiler.cudagraph_mark_step_begin()
-            loss = model(ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses[scope].append(loss.item())
+        losses[scope] = three_sgd_steps(model, ids)
     assert losses["layers"][2] < losses["layers"][0]
     assert losses["backbone"] == pytest.approx(losses["layers"], rel=1e-4)
     vlm = transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(

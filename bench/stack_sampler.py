@@ -76,10 +76,15 @@ def summarize(path: Path, under: str | None, top: int) -> None:
         print(f"  {100 * c / max(n, 1):5.1f}%  {frame}")
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("file", type=Path)
     ap.add_argument("--under", default=None, help="only stacks through this function name (e.g. _train)")
     ap.add_argument("--top", type=int, default=30)
-    a = ap.parse_args()
-    summarize(a.file, a.under, a.top)
+    args = ap.parse_args(argv)
+    summarize(args.file, args.under, args.top)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -73,9 +73,9 @@ REMOVED = {"test_crash_at_step", "test_fail_candidates"}
 ADDED = {stage: {"parallel"} for stage in KEYS}
 ADDED["sft"] |= {"merge_kv_heads", "merge_kv_ramp"}
 ADDED["distill"] |= {"merge_kv_heads", "merge_kv_ramp", "on_policy", "input_noise", "hidden_weight", "hidden_targets"}
-for stage in KEYS:   # every stage the engine runs: torch.compile's mode for the compiled layers
+for stage in KEYS:   # every stage the engine runs: torch.compile's mode and scope for the compiled regions
     if "compile" in KEYS[stage].split():
-        ADDED[stage] |= {"compile_mode"}
+        ADDED[stage] |= {"compile_mode", "compile_scope"}
 
 
 @pytest.mark.parametrize("stage", sorted(KEYS))
@@ -142,7 +142,7 @@ def test_each_field_declared_once():
                  if o in classes and issubclass(C.TrainConfig, classes[o]) and issubclass(C.RLConfig, classes[o])]
         assert len(roots) == 1, (field, declared[field])
     assert {"lr", "scheduler", "warmup_ratio", "weight_decay", "grad_clip", "max_steps"} <= set(C.OptimConfig.model_fields)
-    assert set(C.EngineConfig.model_fields) == {"bf16", "param_dtype", "compile", "compile_mode",
+    assert set(C.EngineConfig.model_fields) == {"bf16", "param_dtype", "compile", "compile_mode", "compile_scope",
                                                 "gradient_checkpointing", "loss_chunk_size", "seed"}
     assert {"output_dir", "name", "storage_path", "overwrite", "save_interval"} <= set(C.OutputConfig.model_fields)
 

@@ -83,6 +83,8 @@ class RunLogger:
                       f"(loading {self.started - self.created:.0f}s: {parts}; then compiling and the first steps "
                       f"{now - self.started:.0f}s)")
             self.started = None
+            if self.bar is not None:   # the rate and ETA count steps from here: loading and compiling are said above
+                self.bar.initial, self.bar.start_t = step, now
         with open(self.run_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps({"step": step, "time": round(now, 3), **metrics}) + "\n")
         if self.wandb is not None:

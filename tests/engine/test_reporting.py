@@ -65,3 +65,21 @@ def test_a_log_file_gets_the_attempts_start_cost_once_and_a_bar_that_does_not_bu
     assert [x["step"] for x in lines] == list(range(3001))
     assert all(abs(x["time"] - lines[0]["time"]) < 60 for x in lines)
     assert all(b["time"] >= a["time"] for a, b in zip(lines, lines[1:]))
+
+
+def test_the_bar_times_steps_from_an_attempts_first_step(tmp_path):
+    """A resumed attempt that spent a minute loading and compiling shows the steps' own rate, not one step a minute
+    (a 40-hour ETA on a resumed GPU run before)."""
+    from types import SimpleNamespace
+
+    from prunekit.engine.reporting import RunLogger
+    logger = RunLogger(tmp_path, "run", SimpleNamespace(wandb=SimpleNamespace(mode="disabled", project="p")))
+    logger.start(3261, 14000)
+    logger.bar.start_t -= 60          # the minute before this attempt's first step
+    logger.log(3262, {"train/loss": 1.0})
+    for step in range(3263, 3363):
+        logger.log(step, {"train/loss": 1.0})
+    meter = logger.bar.format_dict
+    logger.finish()
+    assert meter["initial"] == 3262 and meter["n"] == 3362
+    assert meter["elapsed"] < 30      # the minute before the first step is not in the rate: 100 steps in < 30 s

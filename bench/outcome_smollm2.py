@@ -662,6 +662,7 @@ def write_report(results: dict, args, path: Path) -> None:
                   "chat_val_vs_original >= 0.95": final["chat_val"]["vs_original"],
                   "end_to_end_minutes <= 20": end_to_end},
         **({"chat_val_by_kind": by_kind(results["chat_val_by_kind"])} if results.get("chat_val_by_kind") else {}),
+        **({"distill_timing": results["distill_timing"]} if results.get("distill_timing") else {}),
         "compare_data": {k: {"steps": v["steps"], **{m: row(v)[m] for m in ("general_text", "chat_val")}}
                          for k, v in results.get("compare_data", {}).items()},
         "compare_kv": {k: {"steps": v["steps"], "after_cut": v["cut"] and {m: row(v["cut"])[m]
@@ -738,9 +739,10 @@ def plot(report: dict, path: Path) -> None:
 
 
 def step_timing(metrics: Path) -> dict | None:
-    """From a training run's metrics.jsonl (each line's wall-clock `time`): the spread of one step's time, and each
-    attempt's stretch of steps (a new attempt starts where a step follows the one before it by more than a minute,
-    or repeats it). A run whose lines carry no time (before session 29) gives None."""
+    """From a training run's metrics.jsonl (each line's wall-clock `time`): the spread of one step's time, each
+    attempt's start (loading and compiling), and each attempt's stretch of steps (a new attempt starts where a step
+    follows the one before it by more than a minute, or repeats it). A run whose lines carry no time (before session
+    29) gives None."""
     lines = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
     lines = [x for x in lines if "time" in x and "train/loss" in x]
     if len(lines) < 2:
@@ -757,6 +759,8 @@ def step_timing(metrics: Path) -> dict | None:
     return {"step_ms": {"p10": pct(0.1), "p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)},
             "stretches": [{"steps": [s[0]["step"], s[-1]["step"]], "seconds": round(s[-1]["time"] - s[0]["time"], 1)}
                           for s in stretches],
+            # each attempt's loading and compiling before its first step (runs since session 31 log it)
+            "attempt_starts": [{"at_step": x["step"] - 1, **x["attempt_start"]} for x in lines if "attempt_start" in x],
             "note": "steps logged after the checkpoint an attempt resumed from are dropped by the next attempt; "
                     "evaluations and checkpoints fall inside the stretches"}
 

@@ -86,3 +86,26 @@ def test_step_timing_reads_each_attempts_stretch_from_the_metrics_log(tmp_path):
     assert timing["step_ms"]["p10"] == pytest.approx(40.0) and timing["step_ms"]["p90"] == pytest.approx(50.0)
     path.write_text(json.dumps({"step": 1, "train/loss": 1.0}) + "\n")   # a log from before the times
     assert step_timing(path) is None
+
+
+def test_step_timing_reads_each_attempts_start_from_what_the_loop_logged(tmp_path):
+    """The loop's logger records an attempt's loading and compiling on its first step's metrics line; the report's
+    distill_timing reads them back, one per attempt, a resumed one included."""
+    from types import SimpleNamespace
+
+    from bench.outcome_smollm2 import step_timing
+    from prunekit.engine.reporting import RunLogger
+    cfg = SimpleNamespace(wandb=SimpleNamespace(mode="disabled", project="p"))
+    for first, last in ((1, 50), (51, 100)):   # the second attempt resumes from step 50's checkpoint
+        logger = RunLogger(tmp_path, "run", cfg)
+        logger.progress_bar = False
+        logger.mark("models")
+        logger.mark("data")
+        logger.start(first - 1, 100)
+        for step in range(first, last + 1):
+            logger.log(step, {"train/loss": 1.0})
+        logger.finish()
+    starts = step_timing(tmp_path / "metrics.jsonl")["attempt_starts"]
+    assert [s["at_step"] for s in starts] == [0, 50]
+    assert all(set(s) == {"at_step", "loading_s", "models_s", "data_s", "checkpoint_and_setup_s",
+                          "compile_and_first_steps_s"} and 0 <= s["loading_s"] < 5 for s in starts)

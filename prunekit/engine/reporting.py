@@ -79,15 +79,15 @@ class RunLogger:
         line = {"step": step, "time": round(now, 3), **metrics}
         if self.started is not None and "train/loss" in metrics:   # an attempt's first step: what its start cost
             bounds = [("", self.created), *self.marks, ("checkpoint and setup", self.started)]
-            parts = ", ".join(f"{label} {end - begin:.0f}s" for (_, begin), (label, end) in zip(bounds, bounds[1:]))
+            spans = [(label, end - begin) for (_, begin), (label, end) in zip(bounds, bounds[1:])]
+            parts = ", ".join(f"{label} {seconds:.0f}s" for label, seconds in spans)
             self._say(f"{self.run_name}: step {step} done {now - self.created:.0f}s after this attempt began "
                       f"(loading {self.started - self.created:.0f}s: {parts}; then compiling and the first steps "
                       f"{now - self.started:.0f}s)")
             # the same split in the metrics line, for reading an attempt's start back (bench step timings)
-            line["attempt_start"] = {"loading_s": round(self.started - self.created, 1), **{
-                f"{label.replace(' ', '_')}_s": round(end - begin, 1)
-                for (_, begin), (label, end) in zip(bounds, bounds[1:])},
-                "compile_and_first_steps_s": round(now - self.started, 1)}
+            line["attempt_start"] = {"loading_s": round(self.started - self.created, 1),
+                                     **{f"{label.replace(' ', '_')}_s": round(s, 1) for label, s in spans},
+                                     "compile_and_first_steps_s": round(now - self.started, 1)}
             self.started = None
             if self.bar is not None:   # the rate and ETA count steps from here: loading and compiling are said above
                 self.bar.initial, self.bar.start_t = step, now

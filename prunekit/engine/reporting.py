@@ -90,7 +90,8 @@ class RunLogger:
                                      "compile_and_first_steps_s": round(now - self.started, 1)}
             self.started = None
             if self.bar is not None:   # the rate and ETA count steps from here: loading and compiling are said above
-                self.bar.initial, self.bar.start_t = step, now
+                # (last_print_t too: tqdm's close() skips its last draw and newline for a bar drawn before start_t)
+                self.bar.initial, self.bar.start_t, self.bar.last_print_t = step, now, now
         with open(self.run_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(line) + "\n")
         if self.wandb is not None:

@@ -67,9 +67,10 @@ def test_a_log_file_gets_the_attempts_start_cost_once_and_a_bar_that_does_not_bu
     assert all(b["time"] >= a["time"] for a, b in zip(lines, lines[1:]))
 
 
-def test_the_bar_times_steps_from_an_attempts_first_step(tmp_path):
+def test_the_bar_times_steps_from_an_attempts_first_step(tmp_path, capsys):
     """A resumed attempt that spent a minute loading and compiling shows the steps' own rate, not one step a minute
-    (a 40-hour ETA on a resumed GPU run before)."""
+    (a 40-hour ETA on a resumed GPU run before), and its bar still ends with its last count and a newline, so a
+    line printed after it (`interrupted ...`) is a line of its own."""
     from types import SimpleNamespace
 
     from prunekit.engine.reporting import RunLogger
@@ -80,6 +81,8 @@ def test_the_bar_times_steps_from_an_attempts_first_step(tmp_path):
     for step in range(3263, 3363):
         logger.log(step, {"train/loss": 1.0})
     meter = logger.bar.format_dict
-    logger.finish()
+    logger.abort()
     assert meter["initial"] == 3262 and meter["n"] == 3362
+    err = capsys.readouterr().err
+    assert err.endswith("\n") and err.rsplit("\r", 1)[-1].startswith("run:  24%|") and "3362/14000" in err
     assert meter["elapsed"] < 30      # the minute before the first step is not in the rate: 100 steps in < 30 s

@@ -5,6 +5,7 @@ and the key.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 from typing import Literal
@@ -97,8 +98,16 @@ def legacy_layout(settings: dict) -> dict:
 
 class WandbConfig(Strict):
     project: str = "prunekit"
-    # auto: WANDB_DISABLED / WANDB_MODE when set, else online with WANDB_API_KEY, else offline
+    # auto: WANDB_DISABLED / WANDB_MODE when set, else online with WANDB_API_KEY, else offline; disabled where wandb
+    # is not installed
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+
+    @field_validator("mode")
+    @classmethod
+    def _installed(cls, v):
+        if v in ("online", "offline") and importlib.util.find_spec("wandb") is None:
+            raise ValueError(f"{v} needs the wandb package (pip install wandb); or set wandb.mode: disabled or auto")
+        return v
 
 
 # ---- field blocks the stage configs are composed of ------------------------------------------------------------

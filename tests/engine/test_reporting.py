@@ -41,6 +41,34 @@ def test_wandb_auto_follows_wandb_mode_and_wandb_disabled(monkeypatch, tmp_path)
     assert logger.wandb is None and (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
 
 
+def test_wandb_auto_is_disabled_where_wandb_is_not_installed(monkeypatch, tmp_path):
+    """A Ray worker image without wandb (the GPU box's: every knockout trial died importing it) trains under the
+    default `auto`; asking for online/offline there is a one-line config error, before anything runs."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    import pytest
+
+    from prunekit.config import WandbConfig
+    from prunekit.engine.reporting import RunLogger, wandb_mode
+    for var in ("WANDB_MODE", "WANDB_DISABLED", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else
+                        real_find_spec(name, *a))
+    assert wandb_mode("auto") == "disabled"
+    logger = RunLogger(tmp_path, "run", SimpleNamespace(wandb=WandbConfig()))
+    logger.progress_bar = False
+    logger.start(0, 1)
+    logger.log(1, {"train/loss": 1.0})
+    logger.finish()
+    assert logger.wandb is None and (tmp_path / "metrics.jsonl").is_file()
+    with pytest.raises(ValueError, match="offline needs the wandb package"):
+        WandbConfig(mode="offline")
+    monkeypatch.undo()
+    assert WandbConfig(mode="offline").mode == "offline"   # installed here: the explicit mode stands
+
+
 def test_a_log_file_gets_the_attempts_start_cost_once_and_a_bar_that_does_not_bury_it(tmp_path, capsys):
     """Written to a file (a job log, `... 2>&1 | tail`), the bar redraws at most every QUIET_BAR_SECONDS instead of
     once per step, the first training step of an attempt says on stdout what loading and compiling cost, and every

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -145,14 +144,14 @@ def summary_report(summary: dict, minutes: dict, args, commands: list[str], mach
                                      "in_domain": r["id"] in summary.get("in_domain", [])},
                         "minutes": round(r.get("time_s", 0) / 60, 2)}
               for r in rows}
-    final = list(stages.values())[-1]
+    last_id, last = list(stages.items())[-1]
     return {"date": time.strftime("%Y-%m-%d"), "machine": machine,
             "command": "python bench/pipeline_smollm2.py " + " ".join(args.argv),
             "recipe": "recipes/pipeline.yaml", "steps": commands, "status": summary["status"],
             "stages": stages,
-            "final": {"params_fraction": final["params"] / stages["original"]["params"],
-                      "general_text_vs_original": final["general_text"] and final["general_text"]["vs_original"],
-                      "chat_val_vs_original": final["chat_val"]["vs_original"]},
+            "last_model": {"stage": last_id, "params_fraction": last["params"] / stages["original"]["params"],
+                           "general_text_vs_original": last["general_text"] and last["general_text"]["vs_original"],
+                           "chat_val_vs_original": last["chat_val"]["vs_original"]},
             "minutes": {**minutes, "end_to_end": round(sum(minutes.values()), 2)}}
 
 
@@ -164,8 +163,21 @@ def main(argv=None) -> int:
                     help="chatterbot + general-text files made elsewhere (outcome_smollm2.py --prepare)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "pipeline")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to `prunekit pipeline`")
+    ap.add_argument("--report-only", type=Path, default=None, metavar="DIR",
+                    help="write the report from a run's pipeline_state.json and bench_state.json (e.g. fetched from "
+                         "a GPU box; a run that did not finish says in its status where it stopped)")
+    ap.add_argument("--machine", default=None, help="with --report-only: the machine the run was on")
     args = ap.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
+    if args.report_only:
+        from prunekit.pipeline.state import STATE_FILE, State
+        from prunekit.pipeline.summary import in_domain_ids, summary_rows
+        state = State(args.report_only / STATE_FILE, json.loads((args.report_only / STATE_FILE).read_text()))
+        summary = {"status": state.data["status"], "rows": summary_rows(state),
+                   "in_domain": sorted(in_domain_ids(state)), "unfinished": state.data.get("unfinished")}
+        clock = json.loads((args.report_only / "bench_state.json").read_text())
+        write_report(summary, clock, args, args.machine or "unknown", recipe_commands(RECIPE), None)
+        return 0
     if args.gpu == args.smoke:
         ap.error("give --gpu (the recipe as written) or --smoke (a CPU check)")
     out = (args.out.with_name(args.out.name + "-smoke") if args.smoke else args.out).resolve()
@@ -191,7 +203,8 @@ def run(args, out: Path) -> int:
         sets.append(f"eval_text={data / 'general-eval.jsonl'}")
     pipeline = f"prunekit pipeline {RECIPE}" + "".join(f" --set '{s}'" for s in sets)
     steps = [(step_name(c), smoke_command(c) if args.smoke else c) for c in commands] + [("pipeline", pipeline)]
-    clock = Clock(out / "bench_state.json", {"gpu": args.gpu, "data": str(args.data), "set": args.set})
+    clock = Clock(out / "bench_state.json", {"gpu": args.gpu, "data": str(args.data), "set": args.set,
+                                             "argv": args.argv})
     env = shims(out / ".bin")
     stopped = None
     for name, command in steps:
@@ -210,23 +223,33 @@ def run(args, out: Path) -> int:
                 raise
             stopped, clock.phase = error, None
     summary = json.loads((out / "out" / "pipeline" / "summary.json").read_text())
-    minutes = {k: round(v / 60, 2) for k, v in clock.data["phases"].items()}
     import torch
     machine = torch.cuda.get_device_name(0) if args.gpu and torch.cuda.is_available() else "CPU"
-    report = summary_report(summary, minutes, args, [c for _, c in steps], machine)
-    report["calls"] = clock.data["calls"]
+    write_report(summary, clock.data, args, machine, [c for _, c in steps], out / "out" / "pipeline" / "summary.png")
+    return 2 if stopped else 0
+
+
+def write_report(summary: dict, clock: dict, args, machine: str, commands: list[str], png: Path | None) -> None:
+    minutes = {k: round(v / 60, 2) for k, v in clock["phases"].items()}
+    report = summary_report(summary, minutes, args, commands, machine)
+    report["calls"] = clock["calls"]
+    if args.report_only:   # the run's own command, where its state kept it
+        argv = clock.get("settings", {}).get("argv") or ["--gpu", "--data", "DATA", "--out", "DIR"]
+        report["command"] = "python bench/pipeline_smollm2.py " + " ".join(argv)
+        report["written_with"] = "python bench/pipeline_smollm2.py " + " ".join(args.argv)
+    if summary.get("unfinished"):   # the stage attempts a run that did not finish spent
+        report["unfinished_stages"] = summary["unfinished"]
     stem = RESULTS / ("pipeline_smollm2_smoke" if args.smoke else "pipeline_smollm2")
     tmp = stem.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=1) + "\n")
     os.replace(tmp, stem.with_suffix(".json"))
-    if (out / "out" / "pipeline" / "summary.png").is_file():
-        shutil.copy2(out / "out" / "pipeline" / "summary.png", stem.with_suffix(".png"))
-    f = report["final"]
+    if png is not None and png.is_file():
+        shutil.copy2(png, stem.with_suffix(".png"))
+    f = report["last_model"]
     text = f"{f['general_text_vs_original']:.1%}" if f["general_text_vs_original"] is not None else "-"
-    print(f"pipeline_smollm2: {report['status']}; final model {f['params_fraction']:.1%} of the parameters, general "
-          f"text {text}, chat val {f['chat_val_vs_original']:.1%} of the original; "
+    print(f"pipeline_smollm2: {report['status'][:120]}; {f['stage']}: {f['params_fraction']:.1%} of the parameters, "
+          f"general text {text}, chat val {f['chat_val_vs_original']:.1%} of the original; "
           f"{report['minutes']['end_to_end']:.1f} min; {stem.with_suffix('.json')}")
-    return 2 if stopped else 0
 
 
 if __name__ == "__main__":

@@ -139,6 +139,7 @@ class SweepBookkeeper:
         self.records: dict[str, list[dict]] = {}
         self.ran: list[str] = []
         self.errors: dict[str, str] = {}
+        self.lost: list[str] = []      # failed because their worker process died (not because their code raised)
         self.stopping = lambda: False  # an interrupted sweep: trials Tune stops are not finished
         self.dir_fn = dir_fn           # (run_dir, trial id) -> the trial's directory
 
@@ -185,6 +186,25 @@ class SweepBookkeeper:
         (self._dir(cid) / "error.json").write_text(json.dumps({"candidate": cid, "error": message}, indent=2) + "\n")
         self.errors[cid] = message
         self.ran.append(cid)
+        if _worker_died(trial):
+            self.lost.append(cid)
+
+    def forget(self, ids: list[str]) -> None:
+        """Trials about to run again: their failure no longer counts."""
+        for cid in ids:
+            self.errors.pop(cid, None)
+        self.ran = [c for c in self.ran if c not in ids]
+        self.lost = [c for c in self.lost if c not in ids]
+
+
+def _worker_died(trial) -> bool:
+    """The trial's process died (a segfault, the OOM killer, a lost node) instead of its code raising an error."""
+    import cloudpickle
+    from ray.exceptions import RayActorError
+    try:   # the trial's local copy: the one in its storage path is synced later
+        return isinstance(cloudpickle.loads(Path(trial.pickled_error_file).read_bytes()), RayActorError)
+    except Exception:  # noqa: BLE001 - no pickled error, or one that does not load: not known to be a death
+        return False
 
 
 def _trial_error(trial) -> str:
@@ -296,25 +316,36 @@ def run_trials(cfg, run_dir: Path, name: str, ids: list[str], base: dict, payloa
             concurrent = concurrent or _groups_that_fit(cfg.tune)
         trainable = tune.with_resources(tune.with_parameters(_trial, shared=[payload_ref], trial_fn=trial_fn,
                                                              dir_fn=dir_fn, load_cfg=load_cfg), resources)
-        scheduler = None
-        if getattr(cfg.tune, "asha", False):
-            scheduler = KeepOneASHA(keep_running, time_attr="step", metric="eval_loss", mode="min",
-                                    max_t=cfg.max_steps, grace_period=cfg.tune.asha_grace_steps,
-                                    reduction_factor=cfg.tune.asha_reduction_factor, stop_last_trials=False)
         tune_root = run_dir / "tune"
         attempt = len(list(tune_root.glob("attempt-*"))) if tune_root.is_dir() else 0
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"candidate": tune.grid_search(list(ids))},
-            tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=concurrent,
-                                        reuse_actors=use_gpu if cfg.tune.reuse_actors is None
-                                        else cfg.tune.reuse_actors),
-            run_config=tune.RunConfig(name=f"attempt-{attempt}", storage_path=str(tune_root),
-                                      callbacks=[book.callback], verbose=0, stop=interrupt.stopper,
-                                      failure_config=tune.FailureConfig(max_failures=0)),
-        )
-        with interrupt:
-            tuner.fit()
+
+        def fit(trial_ids: list[str], attempt: int) -> None:
+            scheduler = None
+            if getattr(cfg.tune, "asha", False):
+                scheduler = KeepOneASHA(keep_running, time_attr="step", metric="eval_loss", mode="min",
+                                        max_t=cfg.max_steps, grace_period=cfg.tune.asha_grace_steps,
+                                        reduction_factor=cfg.tune.asha_reduction_factor, stop_last_trials=False)
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"candidate": tune.grid_search(list(trial_ids))},
+                tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=concurrent,
+                                            reuse_actors=use_gpu if cfg.tune.reuse_actors is None
+                                            else cfg.tune.reuse_actors),
+                run_config=tune.RunConfig(name=f"attempt-{attempt}", storage_path=str(tune_root),
+                                          callbacks=[book.callback], verbose=0, stop=interrupt.stopper,
+                                          failure_config=tune.FailureConfig(max_failures=0)),
+            )
+            with interrupt:
+                tuner.fit()
+        fit(ids, attempt)
+        # A trial whose process died (on an H200 two of 17 knockout trials segfaulted inside ray.get of the shared
+        # weights, in both rounds of a pipeline) runs once more in a fresh process; one whose code raised does not
+        lost = list(book.lost)
+        if lost and interrupt.signum is None:
+            print(f"{len(lost)} trial(s) lost their worker process ({', '.join(lost)}: "
+                  f"{book.errors[lost[0]][:160]}); running them once more", flush=True)
+            book.forget(lost)
+            fit(lost, attempt + 1)
     if interrupt.signum is not None:
         if side_ref is not None:
             with contextlib.suppress(Exception):

@@ -130,3 +130,24 @@ def test_vision_block_sweep(ray_session, tiny_vlm_chat_model_dir, tmp_path):
     assert all(sorted(map(int, c["eval"])) == [0, 2, 4] for c in curves.values())
     assert (result.output / "ratio_vision.png").stat().st_size > 1000
     assert set(result.plan) >= {"drop_text", "drop_vision"} and result.plan["drop_text"] == []
+
+
+def test_a_trial_whose_process_dies_runs_once_more(ray_session, chat4_dir, chat_data, tmp_path, capsys):
+    """A trial's worker process dying (on an H200, segfaults in 2 of 17 knockout trials) is not the trial's verdict:
+    the sweep runs such trials once more in fresh processes and finishes. A trial whose code raises is not retried
+    (test_resume_runs_only_the_unfinished_trials_and_errors_are_reported)."""
+    train, val = chat_data
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PRUNEKIT_TEST_CRASH_AT_STEP", "1")   # test-only hook: each trial's process dies at its step 1, once
+        result = knockout(ko_config(chat4_dir, train, val, tmp_path, **{"tune.max_trials": 2}))
+    line = next(x for x in capsys.readouterr().out.splitlines() if "lost their worker process" in x)
+    assert line.startswith("2 trial(s) lost their worker process (") and "running them once more" in line
+    assert "baseline" in line and "text:0" in line and "died" in line
+    assert not result.errors and sorted(result.ran) == ["baseline", "text:0"]
+    report = json.loads((result.output / "results.json").read_text())
+    rows = {r["id"]: r for r in report["rows"]}
+    assert rows["baseline"]["status"] == rows["text:0"]["status"] == "done"
+    for cid in ("baseline", "text_0"):   # each died once (the marker), then ran all its steps
+        trial = result.run_dir / "trials" / cid
+        assert (trial / ".crashed-at-step-1").is_file()
+        assert json.loads((trial / "result.json").read_text())["steps"] == STEPS

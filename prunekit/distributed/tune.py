@@ -97,13 +97,14 @@ class _StopOnSignal(StopOnSignal):
     def __init__(self):
         from ray import tune
         super().__init__()
+        self.also_stop_when = lambda: False   # another reason to stop every trial (the bookkeeper's)
 
         class _Stopper(tune.Stopper):
             def __call__(st, trial_id, result):
                 return False
 
             def stop_all(st):
-                return self.signum is not None
+                return self.signum is not None or self.also_stop_when()
         self.stopper = _Stopper()
 
     def __enter__(self):
@@ -140,6 +141,9 @@ class SweepBookkeeper:
         self.ran: list[str] = []
         self.errors: dict[str, str] = {}
         self.lost: list[str] = []      # failed because their worker process died (not because their code raised)
+        self.completed = 0
+        self.expected = 0              # trials this run starts
+        self.systemic: str | None = None   # the error every trial so far failed with: the sweep stops
         self.stopping = lambda: False  # an interrupted sweep: trials Tune stops are not finished
         self.dir_fn = dir_fn           # (run_dir, trial id) -> the trial's directory
 
@@ -179,6 +183,7 @@ class SweepBookkeeper:
         os.replace(tmp, d / "result.json")
         (d / "error.json").unlink(missing_ok=True)
         self.ran.append(cid)
+        self.completed += 1
 
     def _error(self, trial) -> None:
         cid = trial.config["candidate"]
@@ -188,6 +193,11 @@ class SweepBookkeeper:
         self.ran.append(cid)
         if _worker_died(trial):
             self.lost.append(cid)
+        # the first trials to end all raised the same error (a package missing from the worker image, every trial
+        # out of memory): the rest would too, so stop now rather than after the whole sweep
+        raised = {c: m for c, m in self.errors.items() if c not in self.lost}
+        if not self.completed and len(raised) >= min(SYSTEMIC_AFTER, self.expected) and len(set(raised.values())) == 1:
+            self.systemic = message
 
     def forget(self, ids: list[str]) -> None:
         """Trials about to run again: their failure no longer counts."""
@@ -221,6 +231,7 @@ def _trial_error(trial) -> str:
 
 # ---- the trials ----------------------------------------------------------------------------------------------
 
+SYSTEMIC_AFTER = 3   # when the first trials to end, this many, all raised the same error, the sweep stops
 HEAD_CPUS = 0.01  # what the Tune trial of a worker group holds itself: it only waits (Tune needs a non-empty bundle)
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
@@ -306,8 +317,10 @@ def run_trials(cfg, run_dir: Path, name: str, ids: list[str], base: dict, payloa
         task = ray.remote(num_cpus=cfg.tune.cpus_per_trial, num_gpus=min(1, cfg.tune.gpus_per_trial))(_side_task)
         side_ref = task.remote([payload_ref], side_fn, use_gpu)
     book = SweepBookkeeper(run_dir, cfg.max_steps, dir_fn=dir_fn)
+    book.expected = len(ids)
     interrupt = _StopOnSignal()
-    book.stopping = lambda: interrupt.signum is not None
+    book.stopping = lambda: interrupt.signum is not None or book.systemic is not None
+    interrupt.also_stop_when = lambda: book.systemic is not None
     if ids:
         resources = {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}
         concurrent = cfg.tune.max_concurrent_trials
@@ -341,15 +354,18 @@ def run_trials(cfg, run_dir: Path, name: str, ids: list[str], base: dict, payloa
         # A trial whose process died (on an H200 two of 17 knockout trials segfaulted inside ray.get of the shared
         # weights, in both rounds of a pipeline) runs once more in a fresh process; one whose code raised does not
         lost = list(book.lost)
-        if lost and interrupt.signum is None:
+        if lost and interrupt.signum is None and book.systemic is None:
             print(f"{len(lost)} trial(s) lost their worker process ({', '.join(lost)}: "
                   f"{book.errors[lost[0]][:160]}); running them once more", flush=True)
             book.forget(lost)
             fit(lost, attempt + 1)
-    if interrupt.signum is not None:
+    if interrupt.signum is not None or book.systemic is not None:
         if side_ref is not None:
             with contextlib.suppress(Exception):
                 ray.cancel(side_ref, force=True)
+    if book.systemic is not None:
+        raise PrunekitError(f"the first {len(book.errors)} trials all failed the same way, so the sweep stopped "
+                            f"(re-run the same command once it is fixed): {book.systemic}")
         done = sum((dir_fn(run_dir, i) / "result.json").is_file() for i in ids)
         message = interrupted_message() if interrupted_message else (
             f"{done} of {len(ids)} trials of this run finished, kept in {run_dir}; no report written from a "

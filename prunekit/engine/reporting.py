@@ -187,6 +187,16 @@ def injected_faults() -> tuple[int | None, list[str]]:
     return (int(crash) if crash else None), [c.strip() for c in fail.split(";") if c.strip()]
 
 
+def fail_if_injected(candidate_id: str) -> None:
+    """Test-only: a sweep trial listed in PRUNEKIT_TEST_FAIL_CANDIDATES raises; `*` there fails every trial with
+    the same error (a sweep that would fail throughout)."""
+    fail = injected_faults()[1]
+    if "*" in fail:
+        raise RuntimeError("PRUNEKIT_TEST_FAIL_CANDIDATES: every trial fails on purpose")
+    if candidate_id in fail:
+        raise RuntimeError(f"PRUNEKIT_TEST_FAIL_CANDIDATES: trial {candidate_id} fails on purpose")
+
+
 def fault_env() -> dict[str, str]:
     """The fault-injection variables set in this (driver) process, for its workers."""
     return {k: os.environ[k] for k in FAULT_ENV if k in os.environ}

@@ -126,9 +126,8 @@ def run_trial(cfg, base: dict, candidate: Candidate, reporter, device, before_tr
     `before_training(model)` sees the built model first (the baseline trial computes importance there)."""
     from prunekit.engine.loop import train
     from prunekit.engine.objectives import SFTObjective
-    from prunekit.engine.reporting import injected_faults
-    if candidate.id in injected_faults()[1]:
-        raise RuntimeError(f"PRUNEKIT_TEST_FAIL_CANDIDATES: trial {candidate.id} fails on purpose")
+    from prunekit.engine.reporting import fail_if_injected
+    fail_if_injected(candidate.id)
     lora = cfg.trial_mode == "lora"
     t0 = time.time()
     model = build_trial_model(base, candidate, device, frozen=lora)

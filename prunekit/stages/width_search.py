@@ -242,9 +242,8 @@ def run_trial(cfg, base: dict, payload: dict, cid: str, reporter, device) -> dic
     from prunekit.engine.loop import train
     from prunekit.engine.objectives import DistillObjective
     from prunekit.engine.trial import build_trial_model
-    from prunekit.engine.reporting import injected_faults
-    if cid in injected_faults()[1]:
-        raise RuntimeError(f"PRUNEKIT_TEST_FAIL_CANDIDATES: trial {cid} fails on purpose")
+    from prunekit.engine.reporting import fail_if_injected
+    fail_if_injected(cid)
     t0 = time.time()
     spec = payload["surgeries"][cid]
     family = family_for(base["config"])

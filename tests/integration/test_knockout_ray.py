@@ -151,3 +151,20 @@ def test_a_trial_whose_process_dies_runs_once_more(ray_session, chat4_dir, chat_
         trial = result.run_dir / "trials" / cid
         assert (trial / ".crashed-at-step-1").is_file()
         assert json.loads((trial / "result.json").read_text())["steps"] == STEPS
+
+
+def test_a_sweep_whose_first_trials_all_fail_the_same_way_stops(ray_session, chat4_dir, chat_data, tmp_path):
+    """Every trial raising the same error (on an H200 every knockout trial died importing wandb, which the worker
+    image lacked) stops the sweep once the first trials to end agree, in one line, instead of failing all of them."""
+    from prunekit.distributed.tune import SYSTEMIC_AFTER
+    train, val = chat_data
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PRUNEKIT_TEST_FAIL_CANDIDATES", "*")   # test-only hook: every trial raises the same error
+        with pytest.raises(PrunekitError) as e:
+            knockout(ko_config(chat4_dir, train, val, tmp_path, **{"tune.max_concurrent_trials": 1}))
+    assert str(e.value) == (f"the first {SYSTEMIC_AFTER} trials all failed the same way, so the sweep stopped (re-run "
+                            f"the same command once it is fixed): RuntimeError: PRUNEKIT_TEST_FAIL_CANDIDATES: every "
+                            f"trial fails on purpose")
+    trials = tmp_path / "runs" / "sweep" / "trials"
+    assert len(list(trials.glob("*/error.json"))) == SYSTEMIC_AFTER   # the other 2 of the 5 never ran
+    assert not list(trials.glob("*/result.json"))

@@ -366,6 +366,7 @@ def run_trials(cfg, run_dir: Path, name: str, ids: list[str], base: dict, payloa
     if book.systemic is not None:
         raise PrunekitError(f"the first {len(book.errors)} trials all failed the same way, so the sweep stopped "
                             f"(re-run the same command once it is fixed): {book.systemic}")
+    if interrupt.signum is not None:
         done = sum((dir_fn(run_dir, i) / "result.json").is_file() for i in ids)
         message = interrupted_message() if interrupted_message else (
             f"{done} of {len(ids)} trials of this run finished, kept in {run_dir}; no report written from a "

@@ -105,6 +105,7 @@ def run_step(name: str, command: str, cwd: Path, env: dict) -> None:
     exit is awaited before this process stops."""
     from prunekit import PrunekitError
     from prunekit.core import interrupts
+    print(f"$ {command}", flush=True)
     proc = subprocess.Popen(["bash", "-c", command], cwd=cwd, env=env, start_new_session=True)
     got = {"signum": None, "at": 0.0}
 
@@ -212,7 +213,6 @@ def run(args, out: Path) -> int:
         if args.data is not None and prepared:
             clock.run(name, lambda files=prepared: [shutil.copy2(args.data / f, out / "data" / f) for f in files])
             continue
-        print(f"$ {command}", flush=True)
         try:
             clock.run(name, lambda name=name, command=command: run_step(name, command, out, env))
         except PrunekitError as error:

@@ -96,6 +96,10 @@ def legacy_layout(settings: dict) -> dict:
     return settings
 
 
+def wandb_installed() -> bool:
+    return importlib.util.find_spec("wandb") is not None
+
+
 class WandbConfig(Strict):
     project: str = "prunekit"
     # auto: WANDB_DISABLED / WANDB_MODE when set, else online with WANDB_API_KEY, else offline; disabled where wandb
@@ -105,7 +109,7 @@ class WandbConfig(Strict):
     @field_validator("mode")
     @classmethod
     def _installed(cls, v):
-        if v in ("online", "offline") and importlib.util.find_spec("wandb") is None:
+        if v in ("online", "offline") and not wandb_installed():
             raise ValueError(f"{v} needs the wandb package (pip install wandb); or set wandb.mode: disabled or auto")
         return v
 

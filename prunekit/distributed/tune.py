@@ -123,7 +123,7 @@ class _StopOnSignal(StopOnSignal):
 class SweepBookkeeper:
     """Driver-side Tune callback: collect each trial's reports; on completion write its result.json atomically."""
 
-    def __init__(self, run_dir: Path, total_steps: int, dir_fn):
+    def __init__(self, run_dir: Path, total_steps: int, dir_fn, expected: int = 0):
         from ray import tune
 
         class _Callback(tune.Callback):
@@ -141,8 +141,7 @@ class SweepBookkeeper:
         self.ran: list[str] = []
         self.errors: dict[str, str] = {}
         self.lost: list[str] = []      # failed because their worker process died (not because their code raised)
-        self.completed = 0
-        self.expected = 0              # trials this run starts
+        self.expected = expected       # trials this run starts
         self.systemic: str | None = None   # the error every trial so far failed with: the sweep stops
         self.stopping = lambda: False  # an interrupted sweep: trials Tune stops are not finished
         self.dir_fn = dir_fn           # (run_dir, trial id) -> the trial's directory
@@ -183,7 +182,6 @@ class SweepBookkeeper:
         os.replace(tmp, d / "result.json")
         (d / "error.json").unlink(missing_ok=True)
         self.ran.append(cid)
-        self.completed += 1
 
     def _error(self, trial) -> None:
         cid = trial.config["candidate"]
@@ -196,7 +194,7 @@ class SweepBookkeeper:
         # the first trials to end all raised the same error (a package missing from the worker image, every trial
         # out of memory): the rest would too, so stop now rather than after the whole sweep
         raised = {c: m for c, m in self.errors.items() if c not in self.lost}
-        if not self.completed and len(raised) >= min(SYSTEMIC_AFTER, self.expected) and len(set(raised.values())) == 1:
+        if len(self.ran) == len(self.errors) and len(raised) >= min(SYSTEMIC_AFTER, self.expected) and len(set(raised.values())) == 1:
             self.systemic = message
 
     def forget(self, ids: list[str]) -> None:
@@ -316,8 +314,7 @@ def run_trials(cfg, run_dir: Path, name: str, ids: list[str], base: dict, payloa
     if side_fn is not None:  # one process (one GPU at most, whatever a trial spans)
         task = ray.remote(num_cpus=cfg.tune.cpus_per_trial, num_gpus=min(1, cfg.tune.gpus_per_trial))(_side_task)
         side_ref = task.remote([payload_ref], side_fn, use_gpu)
-    book = SweepBookkeeper(run_dir, cfg.max_steps, dir_fn=dir_fn)
-    book.expected = len(ids)
+    book = SweepBookkeeper(run_dir, cfg.max_steps, dir_fn=dir_fn, expected=len(ids))
     interrupt = _StopOnSignal()
     book.stopping = lambda: interrupt.signum is not None or book.systemic is not None
     interrupt.also_stop_when = lambda: book.systemic is not None

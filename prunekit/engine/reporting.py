@@ -3,7 +3,6 @@ a local run directory (`LocalReporter`) or through Ray Train (`prunekit.distribu
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -18,16 +17,13 @@ METRICS_FILE = "metrics.jsonl"
 QUIET_BAR_SECONDS = 30   # a bar written to a file or a job log (not a terminal) redraws at most this often
 
 
-def wandb_installed() -> bool:
-    return importlib.util.find_spec("wandb") is not None
-
-
 def wandb_mode(mode: str) -> str:
     """`auto` follows wandb's own environment convention first (WANDB_DISABLED, then WANDB_MODE), else online with
     an API key and offline without, and is `disabled` where wandb is not installed (a worker image without it then
     trains instead of failing); any other mode is the config's explicit choice."""
     if mode != "auto":
         return mode
+    from prunekit.config import wandb_installed
     if os.environ.get("WANDB_DISABLED", "").strip().lower() in ("1", "true", "yes") or not wandb_installed():
         return "disabled"
     if os.environ.get("WANDB_MODE", "").strip():

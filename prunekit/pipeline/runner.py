@@ -251,12 +251,14 @@ class Runner:
         s = self._config("kv_cut", settings, stage_id, current, out)
         from prunekit.core.kv_calibration import CalibrationSettings
         data = str(self.cfg.train) if s.grouping == "similarity" or s.calibrate else None
-        result = kv_cut(current["output"], out, s.kv_heads, s.grouping, data, overwrite=True, streaming=s.streaming,
-                        trust_remote_code=self.cfg.trust_remote_code, max_samples=s.samples, calibrate=s.calibrate,
-                        calibration=CalibrationSettings(steps=s.calibration_steps,
-                                                        sequential=s.calibration_sequential,
-                                                        align=s.calibration_align),
-                        device=self.local_device)
+        # the calibration is model-sized work: on a GPU worker, not on the driver's CPU (there a Ray pipeline's
+        # cut of SmolLM2's 18 layers ran ~130 s a layer on an H200 box's 16 cores)
+        result = self.on_worker(kv_cut, current["output"], out, s.kv_heads, s.grouping, data, overwrite=True,
+                                streaming=s.streaming, trust_remote_code=self.cfg.trust_remote_code,
+                                max_samples=s.samples, calibrate=s.calibrate,
+                                calibration=CalibrationSettings(steps=s.calibration_steps,
+                                                                sequential=s.calibration_sequential,
+                                                                align=s.calibration_align))
         return {"output": str(result.output), "kv_heads": s.kv_heads, "grouping": s.grouping,
                 "calibrate": s.calibrate}
 
@@ -343,6 +345,9 @@ def _run_pipeline(cfg, redo, rounds, finish, out: Path, storage: Path, target: i
         final = current["output"]
     except PipelineStopped as e:
         state.data["status"] = f"stopped: {e}"
+        raise
+    except KeyboardInterrupt:   # Ctrl-C, kill, a call's time limit: nothing failed, and the same command resumes
+        state.data["status"] = "interrupted: the same command resumes"
         raise
     except BaseException as e:
         state.data["status"] = f"failed: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}"

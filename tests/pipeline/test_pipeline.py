@@ -234,6 +234,7 @@ def test_a_resumed_stage_reports_the_time_of_all_its_attempts(chat4, chat_data, 
     assert main(["pipeline", str(recipe_file)]) == 130
     state = json.loads((out / pl.STATE_FILE).read_text())
     assert state["stages"] == [] and state["unfinished"]["r1-1-prune"]["attempts"] == 1
+    assert state["status"] == "interrupted: the same command resumes"   # not "failed: KeyboardInterrupt"
     assert state["unfinished"]["r1-1-prune"]["time_s"] >= 1.5
     capsys.readouterr()
     assert main(["pipeline", str(recipe_file)]) == 0
@@ -273,17 +274,43 @@ def test_an_attempt_killed_outright_still_counts_its_time(chat4, chat_data, tmp_
     assert not running.exists()
 
 
-def test_kv_cut_stage_calibrates_on_the_train_set(tiny_chat_model_dir, chat_data, tmp_path):
+def _kv_cut_runner(train, launcher: str, use_gpu: bool):
+    """A Runner with just what its kv_cut stage reads: the recipe's train file, launcher and ray.use_gpu."""
     from types import SimpleNamespace
     from prunekit.config import KVCutStageConfig
-    runner = SimpleNamespace(cfg=SimpleNamespace(train=chat_data[0], trust_remote_code=False), local_device="cpu",
-                             _config=lambda stage, settings, *_: KVCutStageConfig(**settings))
+    runner = pl.Runner.__new__(pl.Runner)
+    runner.cfg = SimpleNamespace(train=train, trust_remote_code=False, launcher=launcher,
+                                 ray=SimpleNamespace(use_gpu=use_gpu))
+    runner._config = lambda stage, settings, *_: KVCutStageConfig(**settings)
+    return runner
+
+
+def test_kv_cut_stage_calibrates_on_the_train_set(tiny_chat_model_dir, chat_data, tmp_path):
+    runner = _kv_cut_runner(chat_data[0], "local", use_gpu=False)
     settings = {"kv_heads": 1, "calibrate": True, "samples": 8, "calibration_steps": 2}
     record = pl.Runner._kv_cut(runner, "f-1-kv_cut", settings, None, {"output": str(tiny_chat_model_dir)}, None,
                                tmp_path / "out")
     assert record["calibrate"] is True and record["grouping"] == "mean"
     calibration = json.loads((tmp_path / "out" / "prunekit.json").read_text())["calibration"]
     assert calibration["samples"] == 8 and calibration["steps"] == 2 and len(calibration["layers"]) == 2
+
+
+def test_kv_cut_stage_calibrates_where_the_pipeline_runs_model_sized_work(tiny_chat_model_dir, chat_data, tmp_path):
+    """A Ray pipeline on GPUs calibrates the cut on a GPU worker (on_worker), as it evaluates: on the driver's CPU
+    the cut of SmolLM2's 18 layers took ~130 s a layer on an H200 box (session 33)."""
+    from prunekit.stages.kv_cut import kv_cut
+    runner = _kv_cut_runner(chat_data[0], "ray", use_gpu=True)
+    sent = []
+
+    def on_worker(fn, *args, **kwargs):   # what the pipeline would hand a GPU worker, run here on CPU
+        sent.append((fn, kwargs))
+        return fn(*args, **kwargs)
+    runner.on_worker = on_worker
+    settings = {"kv_heads": 1, "calibrate": True, "samples": 4, "calibration_steps": 1}
+    pl.Runner._kv_cut(runner, "f-1-kv_cut", settings, None, {"output": str(tiny_chat_model_dir)}, None,
+                      tmp_path / "out")
+    assert [fn for fn, _ in sent] == [kv_cut] and "device" not in sent[0][1]   # on_worker picks the device
+    assert (tmp_path / "out" / "prunekit.json").is_file()
 
 
 @pytest.fixture(scope="module")

@@ -194,7 +194,8 @@ class SweepBookkeeper:
         # the first trials to end all raised the same error (a package missing from the worker image, every trial
         # out of memory): the rest would too, so stop now rather than after the whole sweep
         raised = {c: m for c, m in self.errors.items() if c not in self.lost}
-        if len(self.ran) == len(self.errors) and len(raised) >= min(SYSTEMIC_AFTER, self.expected) and len(set(raised.values())) == 1:
+        none_finished = len(self.ran) == len(self.errors)
+        if none_finished and len(raised) >= min(SYSTEMIC_AFTER, self.expected) and len(set(raised.values())) == 1:
             self.systemic = message
 
     def forget(self, ids: list[str]) -> None:

@@ -68,12 +68,24 @@ def resolve_model(spec: str | os.PathLike, allow_pickle: bool = False) -> Path:
     return path
 
 
+def content_fingerprint(path: Path, edge: int = 1 << 20) -> str:
+    """A large file's identity from its content, cheaply: its size and its first and last MiB. A copy, a re-install
+    or a new mtime keeps it, so a converted GGUF's cache (and a corpus that names that cache as its teacher, to
+    resume) follows the weights rather than where or when they were unpacked."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        digest.update(f.read(edge))
+        if size > edge:
+            f.seek(max(edge, size - edge))
+            digest.update(f.read(edge))
+    return digest.hexdigest()[:16]
+
+
 def convert_gguf(gguf_path: Path) -> Path:
     """Convert a GGUF file to a cached fp32 safetensors directory (with tokenizer and chat template), once."""
     gguf_path = Path(gguf_path).resolve()
-    st = gguf_path.stat()
-    digest = hashlib.sha256(f"{gguf_path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = cache_dir() / "gguf" / f"{gguf_path.stem}-{digest}"
+    out = cache_dir() / "gguf" / f"{gguf_path.stem}-{content_fingerprint(gguf_path)}"
     if (out / "config.json").is_file():
         return out
     import torch

@@ -106,3 +106,29 @@ def test_layer_origins_composes_the_prune_steps_since_the_ancestor(tmp_path):
     assert layer_origins(student, original, 7) == [2, 3, 6]
     assert layer_origins(student, other, 7) is None
     assert layer_origins(other, original, 7) is None   # no prunekit.json at all
+
+
+def test_a_gguf_copied_or_touched_finds_its_converted_cache_and_another_file_does_not(tmp_path, monkeypatch):
+    # a corpus names its teacher by this cache directory, so a re-installed GGUF (new path, new mtime) must resume it
+    import os
+    from prunekit import PrunekitError
+    from prunekit.core.loading import content_fingerprint, convert_gguf
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
+    original = tmp_path / "a" / "model.gguf"
+    original.parent.mkdir()
+    original.write_bytes(bytes(range(256)) * 12_000)   # 3 MB: the fingerprint reads both ends
+    converted = tmp_path / "cache" / "gguf" / f"model-{content_fingerprint(original)}"
+    converted.mkdir(parents=True)
+    (converted / "config.json").write_text("{}")   # as if converted before: the fake bytes cannot be converted
+    copy = tmp_path / "b" / "model.gguf"
+    copy.parent.mkdir()
+    copy.write_bytes(original.read_bytes())
+    os.utime(copy, ns=(1, 1))
+    assert convert_gguf(original) == converted and convert_gguf(copy) == converted
+    changed = bytearray(original.read_bytes())
+    changed[-1] ^= 1   # the same name and size, other bytes at the end
+    other = tmp_path / "c" / "model.gguf"
+    other.parent.mkdir()
+    other.write_bytes(bytes(changed))
+    with pytest.raises(PrunekitError, match="cannot read GGUF"):   # not the cached model: it converts (and fails)
+        convert_gguf(other)
